@@ -1,0 +1,1 @@
+"""The agent: drivers → classifier → interval timeline → signed messages → durable outbox → MQTT."""

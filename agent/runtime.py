@@ -1,0 +1,303 @@
+"""The running agent: one poll loop per instrument, one publisher, one heartbeat, one checkpointer."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from typing import Any
+
+from labmeter.agent.classifier import Classifier
+from labmeter.agent.outbox import AgentStore, Checkpoint, Signer
+from labmeter.agent.timeline import Span, Timeline, split
+from labmeter.drivers import registry
+from labmeter.drivers.base import Driver, Reading, Sample
+
+from labmeter import __version__, signing, wire
+from labmeter.clock import Clock
+from labmeter.config import AgentConfig, InstrumentConfig
+from labmeter.mqtt import MqttLink, Will
+from labmeter.wire import State
+
+log = logging.getLogger("labmeter.agent")
+
+CLOCK_STEP_TOLERANCE_MS = 2000
+
+
+class TimeBase:
+    """Timeline time: UTC wall time taken once, then advanced by the monotonic clock.
+
+    A wall-clock step (NTP correction, manual change) does not stretch or shrink
+    an interval; it is detected, logged and written into the next interval.
+    """
+
+    def __init__(self, clock: Clock) -> None:
+        self.clock = clock
+        self.reanchor()
+
+    def reanchor(self) -> None:
+        self.wall0 = self.clock.wall_ms()
+        self.mono0 = self.clock.mono()
+
+    def now_ms(self) -> int:
+        return self.wall0 + int((self.clock.mono() - self.mono0) * 1000)
+
+    def check_step(self) -> tuple[int, int] | None:
+        expected, wall = self.now_ms(), self.clock.wall_ms()
+        if abs(wall - expected) > CLOCK_STEP_TOLERANCE_MS:
+            self.reanchor()
+            return expected, wall
+        return None
+
+
+class InstrumentRunner:
+    def __init__(self, cfg: InstrumentConfig, driver: Driver, agent: Agent) -> None:
+        self.cfg = cfg
+        self.id = cfg.id
+        self.driver = driver
+        self.agent = agent
+        self.classifier = Classifier(cfg.states)
+        self.timeline = Timeline(agent.bucket_ms, 0)
+        self.last: Reading | None = None
+        self.clock_step_ms = 0
+        self._open_sent_at = -1e18
+
+    def recover(self, now_ms: int) -> None:
+        """Close what the last run left open; the time the agent was down becomes UNKNOWN."""
+        cp = self.agent.store.load_checkpoint(self.id)
+        spans: list[Span] = []
+        start = now_ms
+        if cp is not None:
+            spans += split(cp.start_ms, cp.at_ms, cp.state, self.agent.bucket_ms)
+            start = max(now_ms, cp.at_ms)
+            spans += split(cp.at_ms, start, State.UNKNOWN, self.agent.bucket_ms, note="agent_down")
+            if spans:
+                log.info("%s: agent was down %.0f s; recorded as UNKNOWN", self.id, (start - cp.at_ms) / 1000)
+        self.timeline = Timeline(self.agent.bucket_ms, start, State.UNKNOWN)
+        self.agent.emit(self.id, spans, Checkpoint(start, State.UNKNOWN, start))
+
+    def checkpoint(self, now_ms: int) -> Checkpoint:
+        return Checkpoint(self.timeline.start, self.timeline.state, max(now_ms, self.timeline.start))
+
+    async def read(self) -> Sample:
+        try:
+            return await asyncio.wait_for(self.driver.read(), timeout=max(5.0, self.cfg.poll_s * 2))
+        except TimeoutError:
+            return Sample(error="read timed out")
+        except Exception as exc:
+            log.exception("%s: driver failed", self.id)
+            return Sample(error=f"driver error: {type(exc).__name__}: {exc}")
+
+    def step(self, sample: Sample) -> None:
+        tb = self.agent.timebase
+        now_ms = tb.now_ms()
+        reading = Reading.of(sample, self.agent.clock.mono(), now_ms)
+        if reading.error and (self.last is None or self.last.error != reading.error):
+            quiet = self.last is None and "no message yet" in reading.error
+            log.log(logging.INFO if quiet else logging.WARNING, "%s: %s", self.id, reading.error)
+        self.last = reading
+        before = self.timeline.state
+        change = self.classifier.update(reading)
+        spans = self.timeline.advance(now_ms, change.state, change.since_ms)
+        if spans:
+            self.agent.emit(self.id, spans, self.checkpoint(now_ms), self.clock_step_ms)
+            self.clock_step_ms = 0
+        if (
+            change.state is not before
+            or now_ms - self._open_sent_at >= self.agent.cfg.agent.open_every_s * 1000
+        ):
+            self._open_sent_at = now_ms
+            self.agent.publish_open(self, now_ms)
+
+    async def run(self) -> None:
+        clock = self.agent.clock
+        next_t = clock.mono()
+        while True:
+            self.step(await self.read())
+            next_t += self.cfg.poll_s
+            now = clock.mono()
+            if next_t < now:
+                next_t = now
+            await clock.sleep(next_t - now)
+
+
+class Agent:
+    def __init__(self, cfg: AgentConfig, clock: Clock | None = None) -> None:
+        self.cfg = cfg
+        self.clock = clock or Clock()
+        self.id = cfg.agent.id
+        self.bucket_ms = cfg.agent.bucket_s * 1000
+        key = signing.load_private_key(cfg.agent.key_file)
+        self.signer = Signer(self.id, key, signing.key_id(key.public_key()))
+        self.store = AgentStore(cfg.agent.state_dir / "agent.db")
+        self.timebase = TimeBase(self.clock)
+        self.kick = asyncio.Event()
+        self.runners: list[InstrumentRunner] = []
+        self.link = MqttLink(
+            cfg.broker,
+            cfg.broker.client_id or f"labmeter-agent-{self.id}",
+            will=Will(wire.status_topic(self.id), b"offline"),
+            on_message=self._on_message_thread,
+            subscriptions=((wire.ack_topic(self.id), 1),),
+        )
+        self.link.on_connect(self._on_connected)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.acked = 0
+
+    def emit(self, instrument: str, spans: list[Span], cp: Checkpoint | None, clock_step_ms: int = 0) -> None:
+        if not spans and cp is None:
+            return
+        self.store.emit(self.signer, instrument, spans, cp, clock_step_ms)
+        if spans:
+            self.kick.set()
+
+    def publish_open(self, runner: InstrumentRunner, now_ms: int) -> None:
+        """Provisional current state for live views; may be dropped, never counted."""
+        body: dict[str, Any] = {
+            "v": wire.VERSION,
+            "kind": "open",
+            "agent": self.id,
+            "instrument": runner.id,
+            "start": runner.timeline.start,
+            "state": runner.timeline.state.value,
+            "at": now_ms,
+        }
+        if runner.last is not None:
+            if runner.last.power_w is not None:
+                body["power_w"] = round(runner.last.power_w, 1)
+            if runner.last.error:
+                body["error"] = runner.last.error[:200]
+        payload = wire.seal(self.signer.key, self.signer.kid, wire.dump_body(body))
+        self.link.publish(wire.open_topic(self.id, runner.id), payload, qos=0)
+
+    def _status_payload(self) -> bytes:
+        return json.dumps(
+            {
+                "v": wire.VERSION,
+                "status": "online",
+                "at": self.timebase.now_ms(),
+                "pending": self.store.pending_count(),
+                "version": __version__,
+            },
+            separators=(",", ":"),
+        ).encode()
+
+    def _on_connected(self) -> None:
+        self.store.mark_all_unsent()
+        self.link.publish(wire.status_topic(self.id), self._status_payload(), qos=1, retain=True)
+        self.kick.set()
+
+    def _on_message_thread(self, topic: str, payload: bytes) -> None:
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._handle_ack, payload)
+
+    def _handle_ack(self, payload: bytes) -> None:
+        try:
+            msg = json.loads(payload)
+            for rej in msg.get("rejects", []):
+                if self.store.reject(rej["instrument"], int(rej["seq"]), rej["sha256"], rej["reason"]):
+                    log.error(
+                        "collector rejected %s seq %s: %s", rej["instrument"], rej["seq"], rej["reason"]
+                    )
+            for instrument, upto in msg.get("acks", {}).items():
+                self.acked += self.store.ack(instrument, int(upto))
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            log.warning("ignoring unreadable ack: %s", exc)
+
+    async def _publisher(self) -> None:
+        """Send unacknowledged rows oldest first; resend after ``resend_after_s`` without an ack."""
+        resend = self.cfg.agent.resend_after_s
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.kick.wait(), timeout=1.0)
+            self.kick.clear()
+            if not self.link.connected:
+                continue
+            now = time.time()
+            rows = self.store.unsent(now - resend)
+            sent = [r.id for r in rows if self.link.publish(r.topic, r.payload, qos=1)]
+            self.store.mark_sent(sent, now)
+            if len(rows) == 1000:
+                self.kick.set()
+
+    async def _heartbeat(self) -> None:
+        while True:
+            await self.clock.sleep(self.cfg.agent.heartbeat_s)
+            self.link.publish(wire.status_topic(self.id), self._status_payload(), qos=1, retain=True)
+
+    async def _checkpointer(self) -> None:
+        while True:
+            await self.clock.sleep(self.cfg.agent.checkpoint_s)
+            step = self.timebase.check_step()
+            if step is not None:
+                self._clock_stepped(*step)
+            now = self.timebase.now_ms()
+            self.store.checkpoint({r.id: r.checkpoint(now) for r in self.runners})
+
+    def _clock_stepped(self, expected_ms: int, wall_ms: int) -> None:
+        delta = wall_ms - expected_ms
+        log.warning(
+            "wall clock stepped by %+d ms; intervals close at the old time and resume at the new", delta
+        )
+        for r in self.runners:
+            spans = r.timeline.close(expected_ms)
+            r.timeline = Timeline(self.bucket_ms, wall_ms, r.timeline.state)
+            r.clock_step_ms = delta
+            self.emit(r.id, spans, r.checkpoint(wall_ms))
+
+    async def run(self, stop: asyncio.Event) -> None:
+        self._loop = asyncio.get_running_loop()
+        now = self.timebase.now_ms()
+        for inst in self.cfg.instrument:
+            driver = registry.build(inst, self.id, self.cfg.broker, self.clock, self.cfg.profiles_dir)
+            runner = InstrumentRunner(inst, driver, self)
+            runner.recover(now)
+            self.runners.append(runner)
+        await self.link.start()
+        for r in self.runners:
+            try:
+                await r.driver.start()
+            except Exception as exc:
+                log.warning("%s: driver start failed (%s); will keep trying", r.id, exc)
+        tasks = [asyncio.create_task(r.run(), name=f"poll-{r.id}") for r in self.runners]
+        tasks += [
+            asyncio.create_task(self._publisher(), name="publisher"),
+            asyncio.create_task(self._heartbeat(), name="heartbeat"),
+            asyncio.create_task(self._checkpointer(), name="checkpoint"),
+        ]
+        log.info("agent %s running %d instrument(s)", self.id, len(self.runners))
+        try:
+            stopped = asyncio.create_task(stop.wait())
+            done, _ = await asyncio.wait([stopped, *tasks], return_when=asyncio.FIRST_COMPLETED)
+            for t in done:
+                if t is not stopped and t.exception():
+                    log.error("task %s died: %r", t.get_name(), t.exception())
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await self._shutdown()
+
+    async def _shutdown(self) -> None:
+        now = self.timebase.now_ms()
+        for r in self.runners:
+            self.emit(r.id, r.timeline.close(now), Checkpoint(now, State.UNKNOWN, now))
+        if self.link.connected:
+            self.kick.set()
+            rows = self.store.unsent(time.time() + 1)
+            for row in rows:
+                self.link.publish(row.topic, row.payload, qos=1)
+            deadline = time.monotonic() + 2.0
+            while self.store.pending_count() and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            self.link.publish(wire.status_topic(self.id), b"offline", qos=1, retain=True)
+            await asyncio.sleep(0.1)
+        await self.link.stop()
+        for r in self.runners:
+            with contextlib.suppress(Exception):
+                await r.driver.close()
+        left = self.store.pending_count()
+        self.store.close()
+        log.info("agent %s stopped; %d message(s) wait in the outbox", self.id, left)

@@ -1,0 +1,1 @@
+"""The collector: subscribe → verify → idempotent ledger → acknowledgements, live state, reports."""

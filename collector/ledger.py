@@ -1,0 +1,252 @@
+"""The ledger: agents and their keys, instruments, enrolments, intervals, rejections.
+
+Everything the collector knows can be rebuilt from here; several collectors can
+share one ledger. Storing is idempotent: the same body twice is one row; a
+different body for the same (agent, instrument, seq) is a conflict that is kept
+beside the original, never over it.
+"""
+
+from __future__ import annotations
+
+import csv
+import sqlite3
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from labmeter.wire import MAX_INTERVAL_MS
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS agents (
+    id TEXT PRIMARY KEY, pubkey TEXT NOT NULL, kid TEXT NOT NULL, added_ms INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS instruments (
+    code TEXT PRIMARY KEY, name TEXT NOT NULL DEFAULT '', unit TEXT NOT NULL DEFAULT '',
+    category TEXT NOT NULL DEFAULT '', kind TEXT NOT NULL DEFAULT 'general', rated_hours REAL);
+CREATE TABLE IF NOT EXISTS enrolments (
+    agent TEXT NOT NULL, instrument TEXT NOT NULL, PRIMARY KEY (agent, instrument));
+CREATE TABLE IF NOT EXISTS intervals (
+    agent TEXT NOT NULL, instrument TEXT NOT NULL, seq INTEGER NOT NULL,
+    start_ms INTEGER NOT NULL, end_ms INTEGER NOT NULL, state TEXT NOT NULL,
+    prev TEXT NOT NULL, sha TEXT NOT NULL, clock_step_ms INTEGER NOT NULL DEFAULT 0, note TEXT,
+    envelope BLOB NOT NULL, received_ms INTEGER NOT NULL,
+    PRIMARY KEY (agent, instrument, seq)) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS intervals_time ON intervals (instrument, start_ms);
+CREATE TABLE IF NOT EXISTS rejections (
+    id INTEGER PRIMARY KEY, at_ms INTEGER NOT NULL, agent TEXT, instrument TEXT, seq INTEGER,
+    authentic INTEGER NOT NULL DEFAULT 0, reason TEXT NOT NULL, topic TEXT NOT NULL, payload BLOB NOT NULL);
+CREATE INDEX IF NOT EXISTS rejections_seq ON rejections (agent, instrument, seq);
+"""
+
+
+@dataclass(frozen=True)
+class StoredInterval:
+    agent: str
+    instrument: str
+    seq: int
+    start_ms: int
+    end_ms: int
+    state: str
+    prev: str
+    sha: str
+    clock_step_ms: int
+    envelope: bytes
+
+
+@dataclass(frozen=True)
+class Rejection:
+    reason: str
+    topic: str
+    payload: bytes
+    agent: str | None = None
+    instrument: str | None = None
+    seq: int | None = None
+    authentic: bool = False
+    body_sha: str | None = None
+
+
+class LedgerError(Exception):
+    pass
+
+
+class Ledger:
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=NORMAL")
+        self.db.executescript(SCHEMA)
+
+    @classmethod
+    def open(cls, url: str, data_dir: Path) -> Ledger:
+        if url == "sqlite":
+            return cls(data_dir / "ledger.sqlite")
+        if url.startswith("sqlite:///"):
+            return cls(Path(url.removeprefix("sqlite:///")))
+        raise LedgerError(f"ledger {url!r}: this build supports 'sqlite' or sqlite:///PATH")
+
+    def close(self) -> None:
+        self.db.close()
+
+    # registry -------------------------------------------------------------
+    def add_agent(self, agent: str, pubkey: str, kid: str, instruments: Iterable[str]) -> None:
+        cur = self.db.cursor()
+        cur.execute("BEGIN IMMEDIATE")
+        cur.execute(
+            "INSERT INTO agents VALUES (?,?,?,?) ON CONFLICT(id) DO UPDATE SET pubkey=excluded.pubkey, "
+            "kid=excluded.kid",
+            (agent, pubkey, kid, int(time.time() * 1000)),
+        )
+        for code in instruments:
+            cur.execute("INSERT OR IGNORE INTO instruments (code) VALUES (?)", (code,))
+            cur.execute("INSERT OR IGNORE INTO enrolments VALUES (?,?)", (agent, code))
+        cur.execute("COMMIT")
+
+    def agent_keys(self) -> dict[str, tuple[str, str]]:
+        return {r[0]: (r[1], r[2]) for r in self.db.execute("SELECT id, pubkey, kid FROM agents")}
+
+    def enrolments(self) -> set[tuple[str, str]]:
+        return {(r[0], r[1]) for r in self.db.execute("SELECT agent, instrument FROM enrolments")}
+
+    def import_instruments(self, path: Path) -> int:
+        """Rows of code,name,unit,category,kind,rated_hours; all or nothing, errors name the row."""
+        with path.open(newline="", encoding="utf-8-sig") as fh:
+            reader = csv.DictReader(fh)
+            if not reader.fieldnames or "code" not in reader.fieldnames:
+                raise LedgerError(f"{path}: needs a header row with at least a 'code' column")
+            rows = []
+            errors = []
+            for n, row in enumerate(reader, start=2):
+                code = (row.get("code") or "").strip()
+                kind = (row.get("kind") or "general").strip() or "general"
+                rated = (row.get("rated_hours") or "").strip()
+                if not code:
+                    errors.append(f"{path}:{n}: empty code")
+                    continue
+                if kind not in ("general", "special"):
+                    errors.append(f"{path}:{n}: kind {kind!r} is not 'general' or 'special'")
+                    continue
+                try:
+                    rated_v = float(rated) if rated else None
+                except ValueError:
+                    errors.append(f"{path}:{n}: rated_hours {rated!r} is not a number")
+                    continue
+                rows.append(
+                    (
+                        code,
+                        (row.get("name") or "").strip(),
+                        (row.get("unit") or "").strip(),
+                        (row.get("category") or "").strip(),
+                        kind,
+                        rated_v,
+                    )
+                )
+        if errors:
+            raise LedgerError("\n".join(errors))
+        cur = self.db.cursor()
+        cur.execute("BEGIN IMMEDIATE")
+        cur.executemany(
+            "INSERT INTO instruments VALUES (?,?,?,?,?,?) ON CONFLICT(code) DO UPDATE SET name=excluded.name, "
+            "unit=excluded.unit, category=excluded.category, kind=excluded.kind, rated_hours=excluded.rated_hours",
+            rows,
+        )
+        cur.execute("COMMIT")
+        return len(rows)
+
+    def instruments(self) -> list[dict[str, object]]:
+        cols = ("code", "name", "unit", "category", "kind", "rated_hours")
+        return [
+            dict(zip(cols, r, strict=True))
+            for r in self.db.execute(f"SELECT {','.join(cols)} FROM instruments")
+        ]
+
+    # ingest ---------------------------------------------------------------
+    def store(
+        self, intervals: Sequence[tuple[StoredInterval, str | None]], rejections: Sequence[Rejection]
+    ) -> list[Rejection]:
+        """Store a batch in one transaction; returns the conflicts found (also stored as rejections)."""
+        now = int(time.time() * 1000)
+        conflicts: list[Rejection] = []
+        cur = self.db.cursor()
+        cur.execute("BEGIN IMMEDIATE")
+        try:
+            for iv, note in intervals:
+                cur.execute(
+                    "INSERT INTO intervals VALUES (?,?,?,?,?,?,?,?,?,?,?,?) ON CONFLICT DO NOTHING",
+                    (
+                        iv.agent,
+                        iv.instrument,
+                        iv.seq,
+                        iv.start_ms,
+                        iv.end_ms,
+                        iv.state,
+                        iv.prev,
+                        iv.sha,
+                        iv.clock_step_ms,
+                        note,
+                        iv.envelope,
+                        now,
+                    ),
+                )
+                if cur.rowcount == 0:
+                    row = cur.execute(
+                        "SELECT sha FROM intervals WHERE agent=? AND instrument=? AND seq=?",
+                        (iv.agent, iv.instrument, iv.seq),
+                    ).fetchone()
+                    if row and row[0] != iv.sha:
+                        conflicts.append(
+                            Rejection(
+                                f"conflict: a different body is already stored for seq {iv.seq}",
+                                f"labmeter/v1/{iv.agent}/{iv.instrument}/interval",
+                                iv.envelope,
+                                iv.agent,
+                                iv.instrument,
+                                iv.seq,
+                                True,
+                                iv.sha,
+                            )
+                        )
+            cur.executemany(
+                "INSERT INTO rejections (at_ms, agent, instrument, seq, authentic, reason, topic, payload) "
+                "VALUES (?,?,?,?,?,?,?,?)",
+                [
+                    (now, r.agent, r.instrument, r.seq, int(r.authentic), r.reason, r.topic, r.payload)
+                    for r in [*rejections, *conflicts]
+                ],
+            )
+            cur.execute("COMMIT")
+        except BaseException:
+            cur.execute("ROLLBACK")
+            raise
+        return conflicts
+
+    def handled_seqs(self, agent: str, instrument: str, above: int = 0) -> list[int]:
+        """Seqs stored or authentically rejected: what the acknowledgement watermark may pass."""
+        return [
+            r[0]
+            for r in self.db.execute(
+                "SELECT seq FROM intervals WHERE agent=? AND instrument=? AND seq>? UNION "
+                "SELECT seq FROM rejections WHERE agent=? AND instrument=? AND authentic=1 AND seq>? ORDER BY 1",
+                (agent, instrument, above, agent, instrument, above),
+            )
+        ]
+
+    def rejection_counts(self) -> dict[str, int]:
+        return dict(self.db.execute("SELECT reason, count(*) FROM rejections GROUP BY reason").fetchall())
+
+    # reports --------------------------------------------------------------
+    def intervals_between(self, start_ms: int, end_ms: int, instrument: str | None = None) -> list[tuple]:
+        """Intervals overlapping [start, end) with a ``linked`` flag: prev matches the stored predecessor."""
+        sql = (
+            "SELECT i.instrument, i.agent, i.seq, i.start_ms, i.end_ms, i.state, "
+            "CASE WHEN (i.seq = 1 AND i.prev = ?) OR (p.sha = i.prev AND p.end_ms + i.clock_step_ms = i.start_ms) "
+            "THEN 1 ELSE 0 END "
+            "FROM intervals i LEFT JOIN intervals p ON p.agent = i.agent AND p.instrument = i.instrument "
+            "AND p.seq = i.seq - 1 WHERE i.start_ms < ? AND i.start_ms >= ? AND i.end_ms > ?"
+        )
+        args: list[object] = ["0" * 64, end_ms, start_ms - MAX_INTERVAL_MS, start_ms]
+        if instrument is not None:
+            sql += " AND i.instrument = ?"
+            args.append(instrument)
+        return self.db.execute(sql + " ORDER BY i.instrument, i.start_ms", args).fetchall()

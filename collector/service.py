@@ -1,0 +1,213 @@
+"""The running collector: MQTT in, verify, ledger commit, then acknowledgements out.
+
+Ingest is batched: messages from paho's thread pile up in a deque, the event
+loop verifies a batch, commits it in one transaction and only then acknowledges
+to the agents (cumulative per instrument), so an agent deletes nothing the ledger
+does not hold.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import Counter, defaultdict, deque
+from dataclasses import dataclass, field
+from typing import Any
+
+from labmeter.collector.broker import EmbeddedBroker
+from labmeter.collector.ledger import Ledger, Rejection
+from labmeter.collector.verify import Accepted, OpenState, Rejected, Status, Verifier
+
+from labmeter import wire
+from labmeter.clock import Clock
+from labmeter.config import CollectorConfig
+from labmeter.mqtt import MqttLink
+
+log = logging.getLogger("labmeter.collector")
+
+BATCH = 2000
+
+
+class Watermarks:
+    """Highest contiguous handled seq per (agent, instrument); rebuilt from the ledger on first use."""
+
+    def __init__(self, ledger: Ledger) -> None:
+        self.ledger = ledger
+        self.upto: dict[tuple[str, str], int] = {}
+        self.above: dict[tuple[str, str], set[int]] = defaultdict(set)
+
+    def add(self, agent: str, instrument: str, seq: int) -> int:
+        key = (agent, instrument)
+        if key not in self.upto:
+            self.upto[key] = 0
+            for s in self.ledger.handled_seqs(agent, instrument):
+                self._push(key, s)
+        self._push(key, seq)
+        return self.upto[key]
+
+    def _push(self, key: tuple[str, str], seq: int) -> None:
+        upto = self.upto[key]
+        if seq <= upto:
+            return
+        above = self.above[key]
+        above.add(seq)
+        while upto + 1 in above:
+            upto += 1
+            above.discard(upto)
+        self.upto[key] = upto
+
+
+@dataclass
+class LiveState:
+    """What is happening now; rebuilt from messages, never a source of hours."""
+
+    instruments: dict[str, dict[str, Any]] = field(default_factory=dict)
+    agents: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+class Collector:
+    def __init__(self, cfg: CollectorConfig, clock: Clock | None = None) -> None:
+        self.cfg = cfg
+        self.clock = clock or Clock()
+        self.ledger = Ledger.open(cfg.collector.ledger, cfg.collector.data_dir)
+        self.verifier = Verifier(self.ledger, self.clock, cfg.collector.max_future_s)
+        self.watermarks = Watermarks(self.ledger)
+        self.live = LiveState()
+        self.stats: Counter[str] = Counter()
+        self.rejections: Counter[str] = Counter()
+        self.inbox: deque[tuple[str, bytes]] = deque()
+        self._wake = asyncio.Event()
+        self._idle = True
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._last_log: dict[str, float] = {}
+        self.broker: EmbeddedBroker | None = None
+        self.link: MqttLink | None = None
+        self.ready = asyncio.Event()
+
+    def _on_message_thread(self, topic: str, payload: bytes) -> None:
+        self.inbox.append((topic, payload))
+        if self._idle and self._loop is not None:
+            self._idle = False
+            self._loop.call_soon_threadsafe(self._wake.set)
+
+    def process(self, batch: list[tuple[str, bytes]]) -> None:
+        """Verify and store one batch, then acknowledge. Never raises for a bad message."""
+        accepted: list[Accepted] = []
+        rejected: list[Rejection] = []
+        for topic, payload in batch:
+            try:
+                result = self.verifier.check(topic, payload)
+            except Rejected as exc:
+                rejected.append(exc.rejection)
+                continue
+            except Exception as exc:
+                log.exception("verifying a message on %s failed", topic)
+                rejected.append(Rejection(f"internal error: {type(exc).__name__}", topic, payload))
+                continue
+            if isinstance(result, Accepted):
+                accepted.append(result)
+            elif isinstance(result, OpenState):
+                self.live.instruments[result.body["instrument"]] = {
+                    **result.body,
+                    "received": self.clock.wall_ms(),
+                }
+            elif isinstance(result, Status):
+                self.live.agents[result.agent] = {
+                    "online": result.online,
+                    "received": self.clock.wall_ms(),
+                    **result.body,
+                }
+        conflicts = self.ledger.store([(a.interval, a.note) for a in accepted], rejected)
+        rejected += conflicts
+        self.stats["stored"] += len(accepted) - len(conflicts)
+        self.stats["rejected"] += len(rejected)
+        self._acknowledge(accepted, rejected)
+        for r in rejected:
+            self.rejections[r.reason.split(":")[0]] += 1
+            self._log_rejection(r)
+
+    def _acknowledge(self, accepted: list[Accepted], rejected: list[Rejection]) -> None:
+        acks: dict[str, dict[str, int]] = defaultdict(dict)
+        rejects: dict[str, list[dict[str, Any]]] = defaultdict(list)
+        for a in accepted:
+            iv = a.interval
+            acks[iv.agent][iv.instrument] = self.watermarks.add(iv.agent, iv.instrument, iv.seq)
+        for r in rejected:
+            if r.agent is None or r.instrument is None or r.seq is None or r.body_sha is None:
+                continue
+            if r.authentic:
+                acks[r.agent][r.instrument] = self.watermarks.add(r.agent, r.instrument, r.seq)
+            rejects[r.agent].append(
+                {"instrument": r.instrument, "seq": r.seq, "sha256": r.body_sha, "reason": r.reason}
+            )
+        if self.link is None:
+            return
+        for agent in set(acks) | set(rejects):
+            if wire.ID_RE.match(agent):
+                self.link.publish(
+                    wire.ack_topic(agent), wire.ack_payload(acks.get(agent, {}), rejects.get(agent, []))
+                )
+
+    def _log_rejection(self, r: Rejection) -> None:
+        key = f"{r.agent}:{r.reason}"
+        now = time.monotonic()
+        if now - self._last_log.get(key, -1e9) > 60:
+            self._last_log[key] = now
+            log.warning("rejected message on %s: %s", r.topic, r.reason)
+
+    async def _ingest(self) -> None:
+        while True:
+            self._idle = True
+            if not self.inbox:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), timeout=1.0)
+                self._wake.clear()
+                continue
+            self._idle = False
+            batch = [self.inbox.popleft() for _ in range(min(BATCH, len(self.inbox)))]
+            try:
+                self.process(batch)
+            except Exception:
+                log.exception("storing a batch of %d message(s) failed; retrying", len(batch))
+                self.inbox.extendleft(reversed(batch))
+                await asyncio.sleep(1.0)
+            await asyncio.sleep(0)
+
+    def subscriptions(self) -> tuple[tuple[str, int], ...]:
+        group = self.cfg.broker.shared_group
+        return tuple(((f"$share/{group}/{t}" if group else t), 1) for t in wire.SUBSCRIPTIONS)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        self._loop = asyncio.get_running_loop()
+        broker_cfg = self.cfg.broker
+        if broker_cfg.embedded:
+            self.broker = EmbeddedBroker(broker_cfg.listen)
+            await self.broker.start()
+            broker_cfg = broker_cfg.model_copy(update={"url": self.broker.url})
+        self.link = MqttLink(
+            broker_cfg,
+            broker_cfg.client_id or "labmeter-collector",
+            clean_session=False,
+            on_message=self._on_message_thread,
+            subscriptions=self.subscriptions(),
+            max_inflight=1000,
+        )
+        await self.link.start()
+        ingest = asyncio.create_task(self._ingest(), name="ingest")
+        self.ready.set()
+        log.info("collector running; ledger %s", self.ledger.path)
+        try:
+            await stop.wait()
+        finally:
+            ingest.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await ingest
+            if self.inbox:
+                self.process(list(self.inbox))
+                self.inbox.clear()
+            await self.link.stop()
+            if self.broker is not None:
+                await self.broker.stop()
+            self.ledger.close()

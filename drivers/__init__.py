@@ -1,0 +1,1 @@
+"""Drivers: one small module per transport, each turning a source into readings."""

@@ -1,0 +1,59 @@
+"""Device profiles: device knowledge kept as data (TOML), shipped with the package."""
+
+from __future__ import annotations
+
+import tomllib
+from importlib import resources
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+
+class Register(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    function: Literal[3, 4] = 4
+    address: int = Field(ge=0, le=0xFFFF)
+    type: Literal["float32", "int16", "uint16", "int32", "uint32"] = "float32"
+    word_order: Literal["big", "little"] = "big"
+    scale: float = 1.0
+
+
+class ModbusProfile(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    name: str
+    driver: Literal["modbus"]
+    doc: str = ""
+    power: Register
+
+
+class ProfileError(Exception):
+    pass
+
+
+def load_profile(name: str, extra_dir: Path | None = None) -> ModbusProfile:
+    """A site's own profiles directory wins over the shipped ones, so a site can fix a profile locally."""
+    text: str | None = None
+    where = ""
+    if extra_dir is not None and (extra_dir / f"{name}.toml").is_file():
+        where = str(extra_dir / f"{name}.toml")
+        text = (extra_dir / f"{name}.toml").read_text(encoding="utf-8")
+    else:
+        res = resources.files("labmeter.profiles").joinpath(f"{name}.toml")
+        if res.is_file():
+            where = f"profile {name}"
+            text = res.read_text(encoding="utf-8")
+    if text is None:
+        raise ProfileError(f"unknown profile {name!r}; shipped profiles: {', '.join(shipped_profiles())}")
+    try:
+        return ModbusProfile.model_validate(tomllib.loads(text))
+    except (tomllib.TOMLDecodeError, ValidationError) as exc:
+        raise ProfileError(f"{where}: {exc}") from None
+
+
+def shipped_profiles() -> list[str]:
+    return sorted(
+        p.name.removesuffix(".toml")
+        for p in resources.files("labmeter.profiles").iterdir()
+        if p.name.endswith(".toml")
+    )
