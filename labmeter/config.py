@@ -203,6 +203,14 @@ def _describe(
     lines = []
     for err in exc.errors():
         path = _clean_loc(err["loc"], data)
+        if err["type"] == "union_tag_invalid":
+            path = (*path, "driver")
+            ctx = err.get("ctx", {})
+            err = {
+                **err,
+                "msg": f"unknown driver; expected one of {ctx.get('expected_tags', '')}",
+                "input": ctx.get("tag"),
+            }
         key = _dotted(path)
         line = locate_line(text, path)
         where = f"{name}:{line}" if line else name

@@ -73,7 +73,7 @@ class MqttLink:
         )
         c.max_inflight_messages_set(max_inflight)
         c.max_queued_messages_set(0)
-        c.reconnect_delay_set(min_delay=1, max_delay=30)
+        c.reconnect_delay_set(min_delay=1, max_delay=8)
         if broker.username:
             password = _read_secret(broker.password_file) if broker.password_file else None
             c.username_pw_set(broker.username, password)

@@ -1,0 +1,3 @@
+from labmeter.cli import main
+
+main()

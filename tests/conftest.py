@@ -1,0 +1,92 @@
+"""Real peers for the tests: Mosquitto and the built-in broker as separate processes."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+LABMETER = [sys.executable, "-m", "labmeter"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_port(port: int, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout} s")
+
+
+def mosquitto_bin() -> str:
+    path = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+    if not os.path.exists(path):
+        pytest.fail("mosquitto is not installed; run `make deps` (apt-get install mosquitto)")
+    return path
+
+
+class BrokerProcess:
+    """A broker we can stop, kill and start again on the same port."""
+
+    def __init__(self, kind: str, workdir: Path) -> None:
+        self.kind = kind
+        self.port = free_port()
+        self.workdir = workdir
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.url = f"mqtt://127.0.0.1:{self.port}"
+
+    def command(self) -> list[str]:
+        if self.kind == "mosquitto":
+            conf = self.workdir / f"mosquitto-{self.port}.conf"
+            conf.write_text(
+                f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
+                "max_queued_messages 100000\nmax_inflight_messages 0\n"
+            )
+            return [mosquitto_bin(), "-c", str(conf)]
+        return [*LABMETER, "broker", "--listen", f"127.0.0.1:{self.port}"]
+
+    def start(self) -> None:
+        log = open(self.workdir / f"broker-{self.kind}.log", "ab")  # noqa: SIM115
+        self.proc = subprocess.Popen(self.command(), stdout=log, stderr=log, cwd=self.workdir)
+        wait_port(self.port)
+
+    def stop(self, kill: bool = False) -> None:
+        if self.proc is None:
+            return
+        if kill:
+            self.proc.kill()
+        else:
+            self.proc.terminate()
+        self.proc.wait(10)
+        self.proc = None
+
+
+@pytest.fixture(params=["mosquitto", "builtin"])
+def broker(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[BrokerProcess]:
+    b = BrokerProcess(request.param, tmp_path)
+    b.start()
+    yield b
+    b.stop()
+
+
+@pytest.fixture
+def mosquitto(tmp_path: Path) -> Iterator[BrokerProcess]:
+    b = BrokerProcess("mosquitto", tmp_path)
+    b.start()
+    yield b
+    b.stop()

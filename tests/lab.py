@@ -1,0 +1,121 @@
+"""Test helpers: a collector in a background thread, signed messages, waiting for conditions."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as paho
+
+from labmeter import config, signing, wire
+from labmeter.collector.ledger import Ledger
+from labmeter.collector.service import Collector
+
+
+def wait_for(cond: Callable[[], Any], timeout: float = 15.0, what: str = "condition") -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = cond()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+def collector_config(tmp: Path, broker_url: str, **policy: int) -> config.CollectorConfig:
+    text = f'[collector]\ndata_dir = "{tmp / "collector"}"\n[broker]\nurl = "{broker_url}"\n'
+    if policy:
+        text += "[policy]\n" + "".join(f"{k} = {v}\n" for k, v in policy.items())
+    return config.parse(text, config.CollectorConfig)
+
+
+class CollectorThread:
+    """The real Collector service on its own event loop, so a test can drive it from outside."""
+
+    def __init__(self, cfg: config.CollectorConfig) -> None:
+        self.cfg = cfg
+        self.collector: Collector | None = None
+        self._loop = asyncio.new_event_loop()
+        self._stop: asyncio.Event | None = None
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self.error: BaseException | None = None
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self._loop)
+
+        async def main() -> None:
+            self._stop = asyncio.Event()
+            self.collector = Collector(self.cfg)
+            await self.collector.run(self._stop)
+
+        try:
+            self._loop.run_until_complete(main())
+        except BaseException as exc:
+            self.error = exc
+
+    def __enter__(self) -> CollectorThread:
+        self._thread.start()
+        wait_for(
+            lambda: (
+                self.collector is not None
+                and self.collector.link is not None
+                and self.collector.link.connected
+            ),
+            what="collector connected",
+        )
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        assert self._stop is not None
+        self._loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(15)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive() and self.error is None
+
+
+class Publisher:
+    """A plain paho client standing in for an agent (or an attacker)."""
+
+    def __init__(self, url: str, client_id: str = "test-pub") -> None:
+        port = int(url.rsplit(":", 1)[1])
+        self.client = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=client_id)
+        self.received: list[tuple[str, bytes]] = []
+        self.client.on_message = lambda _c, _u, m: self.received.append((m.topic, m.payload))
+        self.client.connect("127.0.0.1", port)
+        self.client.loop_start()
+
+    def subscribe(self, topic: str) -> None:
+        self.client.subscribe(topic, 1)
+        time.sleep(0.3)
+
+    def publish(self, topic: str, payload: bytes) -> None:
+        self.client.publish(topic, payload, qos=1).wait_for_publish(10)
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+def make_agent_key(tmp: Path, name: str) -> tuple[Any, str, str]:
+    key = signing.generate_key_file(tmp / f"{name}.key")
+    pub = key.public_key()
+    return key, signing.public_key_text(pub), signing.key_id(pub)
+
+
+def interval_payload(
+    key: Any, kid: str, agent: str, instrument: str, seq: int, prev: str, start: int, end: int, state: str
+) -> tuple[bytes, str]:
+    body = wire.dump_body(wire.Interval(agent, instrument, seq, prev, start, end, state).body())
+    return wire.seal(key, kid, body), wire.body_hash(body)
+
+
+def register(cfg: config.CollectorConfig, agent: str, pubkey: str, kid: str, instruments: list[str]) -> None:
+    ledger = Ledger.open(cfg.collector.ledger, cfg.collector.data_dir)
+    ledger.add_agent(agent, pubkey, kid, instruments)
+    ledger.close()

@@ -1,0 +1,212 @@
+"""A simulated lab as separate processes on a shared scaled clock, plus its ground truth.
+
+Broker, collector, simulators and agent each run as their own process (``python -m
+labmeter ...``) with ``LABMETER_SIM_CLOCK`` set, so restarts and SIGKILLs are real.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from labmeter.clock import SIM_CLOCK_ENV, ScaledClock
+from tests.conftest import LABMETER, BrokerProcess, free_port, wait_port
+
+EPOCH_MS = 1_772_445_300_000  # 2026-03-02T09:55:00Z: the run crosses a UTC hour boundary
+SCALE = 40.0
+POLL_S = 2.0
+PLUG_EVERY_S = 1.0
+PREP_S, POST_S = 60, 30
+WINDOW = (20, 680)
+
+METER_SCHEDULE = [
+    (0, "OFF"),
+    (40, "STANDBY"),
+    (100, "RUNNING"),
+    (250, "STANDBY"),
+    (290, "RUNNING"),
+    (420, "STANDBY"),
+    (480, "OFF"),
+    (540, "STANDBY"),
+    (560, "RUNNING"),
+    (640, "OFF"),
+]
+PLUG_SCHEDULE = [
+    (0, "OFF"),
+    (60, "STANDBY"),
+    (80, "RUNNING"),
+    (200, "OFF"),
+    (230, "STANDBY"),
+    (300, "RUNNING"),
+    (500, "STANDBY"),
+    (600, "OFF"),
+]
+METER_LEVELS = {"OFF": 1.0, "STANDBY": 150.0, "RUNNING": 1200.0}
+PLUG_LEVELS = {"OFF": 0.4, "STANDBY": 30.0, "RUNNING": 140.0}
+
+
+def _toml_schedule(points: list[tuple[int, str]]) -> str:
+    return "[" + ", ".join(f'[{t}, "{s}"]' for t, s in points) + "]"
+
+
+def _toml_levels(levels: dict[str, float]) -> str:
+    return "{ " + ", ".join(f"{k} = {v}" for k, v in levels.items()) + " }"
+
+
+@dataclass
+class Lab:
+    tmp: Path
+    broker: BrokerProcess
+    clock: ScaledClock = field(init=False)
+    procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.clock = ScaledClock(epoch_ms=EPOCH_MS, origin=time.monotonic() + 4.0, scale=SCALE)
+        self.env = {**os.environ, SIM_CLOCK_ENV: self.clock.env_value(), "PYTHONUNBUFFERED": "1"}
+        self.meter_port = free_port()
+        self.write_files()
+
+    # files ---------------------------------------------------------------
+    def write_files(self) -> None:
+        t = self.tmp
+        (t / "sim.toml").write_text(
+            f"epoch_ms = {EPOCH_MS}\n"
+            f'[[meter]]\nlisten = "127.0.0.1:{self.meter_port}"\nnoise = 0.01\n'
+            f"schedule = {_toml_schedule(METER_SCHEDULE)}\nlevels = {_toml_levels(METER_LEVELS)}\n"
+            f'[[plug]]\ntopic = "tele/lab_plug/SENSOR"\nbroker = "{self.broker.url}"\nevery_s = {PLUG_EVERY_S}\n'
+            f"noise = 0.01\nschedule = {_toml_schedule(PLUG_SCHEDULE)}\nlevels = {_toml_levels(PLUG_LEVELS)}\n"
+        )
+        (t / "agent.toml").write_text(
+            '[agent]\nid = "lab-pc-01"\nkey_file = "agent.key"\nstate_dir = "agent-state"\n'
+            "checkpoint_s = 2\nresend_after_s = 2\nheartbeat_s = 30\nopen_every_s = 30\n"
+            f'[broker]\nurl = "{self.broker.url}"\n'
+            f'[[instrument]]\nid = "CZ-XRD-001"\npoll_s = {POLL_S}\nstale_after_s = 8\n'
+            f'[instrument.source]\ndriver = "modbus"\nurl = "tcp://127.0.0.1:{self.meter_port}"\n'
+            'profile = "eastron-sdm120"\ntimeout_s = 0.5\n'
+            "[instrument.states]\noff_below_w = 5\nrun_above_w = 600\n"
+            f'[[instrument]]\nid = "CZ-HPLC-002"\npoll_s = {POLL_S}\nstale_after_s = 8\n'
+            '[instrument.source]\ndriver = "mqtt"\ntopic = "tele/lab_plug/SENSOR"\n'
+            "[instrument.states]\noff_below_w = 3\nrun_above_w = 80\n"
+        )
+        (t / "collector.toml").write_text(
+            '[collector]\ndata_dir = "collector-data"\nmax_future_s = 60\n'
+            f'[broker]\nurl = "{self.broker.url}"\n'
+            f"[policy]\nprep_allowance_s = {PREP_S}\npost_allowance_s = {POST_S}\n"
+        )
+
+    def cli(self, *args: str) -> str:
+        proc = subprocess.run(
+            [*LABMETER, *args], cwd=self.tmp, env=self.env, capture_output=True, text=True, timeout=60
+        )
+        assert proc.returncode == 0, proc.stderr
+        return proc.stdout
+
+    def enroll(self) -> None:
+        out = self.cli("agent", "enroll", "--config", "agent.toml")
+        add = next(line.strip() for line in out.splitlines() if line.strip().startswith("labmeter collector"))
+        self.cli(*add.split()[1:], "--config", "collector.toml")
+
+    # processes -------------------------------------------------------------
+    def start(self, name: str) -> None:
+        args = {
+            "sim": ["sim", "sim.toml"],
+            "collector": ["collector", "run", "--config", "collector.toml"],
+            "agent": ["agent", "run", "--config", "agent.toml"],
+        }[name]
+        log = open(self.tmp / f"{name}.log", "ab")  # noqa: SIM115
+        self.procs[name] = subprocess.Popen(
+            [*LABMETER, *args], cwd=self.tmp, env=self.env, stdout=log, stderr=subprocess.STDOUT
+        )
+        if name == "sim":
+            wait_port(self.meter_port)
+
+    def stop(self, name: str, kill: bool = False) -> int:
+        proc = self.procs.pop(name)
+        proc.send_signal(signal.SIGKILL if kill else signal.SIGTERM)
+        return proc.wait(20)
+
+    def start_all(self) -> None:
+        self.enroll()
+        self.start("collector")
+        self.start("sim")
+        self.start("agent")
+
+    def sleep_until(self, sim_s: float) -> None:
+        target_ms = EPOCH_MS + sim_s * 1000
+        while self.clock.wall_ms() < target_ms:
+            time.sleep(0.02)
+
+    def finish(self) -> None:
+        self.sleep_until(WINDOW[1] + 10)
+        assert self.stop("agent") == 0, self.log("agent")
+        time.sleep(0.5)
+        assert self.stop("collector") == 0, self.log("collector")
+        self.stop("sim")
+
+    def log(self, name: str) -> str:
+        return (self.tmp / f"{name}.log").read_text(errors="replace")[-4000:]
+
+    def outbox_left(self) -> int:
+        db = sqlite3.connect(self.tmp / "agent-state" / "agent.db")
+        try:
+            return int(db.execute("SELECT count(*) FROM outbox").fetchone()[0])
+        finally:
+            db.close()
+
+    def ledger(self) -> sqlite3.Connection:
+        return sqlite3.connect(self.tmp / "collector-data" / "ledger.sqlite")
+
+
+def truth_state(schedule: list[tuple[int, str]], t: float) -> str:
+    state = "OFF"
+    for start, s in schedule:
+        if start <= t:
+            state = s
+    return state
+
+
+def truth_hours(schedule: list[tuple[int, str]], unknown: list[tuple[float, float]]) -> tuple[float, float]:
+    """Run and effective seconds in WINDOW by brute force over 0.1 s steps, seconds the ledger says UNKNOWN excluded.
+
+    Written independently of labmeter.collector.hours on purpose: a bug there must not cancel out here.
+    """
+    step = 0.1
+    lo, hi = WINDOW[0] - PREP_S - 10, WINDOW[1] + PREP_S + 10
+    n = int((hi - lo) / step)
+    times = [lo + i * step for i in range(n)]
+    states = []
+    for t in times:
+        masked = any(a <= t < b for a, b in unknown)
+        states.append("UNKNOWN" if masked else truth_state(schedule, t))
+    # distance to the next/previous RUNNING sample across contiguous STANDBY only
+    to_next = [float("inf")] * n
+    for i in range(n - 2, -1, -1):
+        if states[i + 1] == "RUNNING":
+            to_next[i] = step
+        elif states[i + 1] == "STANDBY":
+            to_next[i] = to_next[i + 1] + step
+    since_prev = [float("inf")] * n
+    for i in range(1, n):
+        if states[i - 1] == "RUNNING":
+            since_prev[i] = 0.0
+        elif states[i - 1] == "STANDBY":
+            since_prev[i] = since_prev[i - 1] + step
+    run = eff = 0.0
+    for i, t in enumerate(times):
+        if not (WINDOW[0] <= t < WINDOW[1]):
+            continue
+        if states[i] == "RUNNING":
+            run += step
+            eff += step
+        elif states[i] == "STANDBY" and (to_next[i] <= PREP_S + 1e-9 or since_prev[i] < POST_S - 1e-9):
+            eff += step
+    return run, eff
+
+
+def transitions(schedule: list[tuple[int, str]]) -> int:
+    return sum(1 for t, _ in schedule if WINDOW[0] - PREP_S <= t <= WINDOW[1])
