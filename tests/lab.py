@@ -10,10 +10,10 @@ from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as paho
-
-from labmeter import config, signing, wire
 from labmeter.collector.ledger import Ledger
 from labmeter.collector.service import Collector
+
+from labmeter import config, signing, wire
 
 
 def wait_for(cond: Callable[[], Any], timeout: float = 15.0, what: str = "condition") -> Any:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-
 from labmeter.collector.hours import compute
 
 M = 60_000

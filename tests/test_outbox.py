@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from labmeter import signing, wire
 from labmeter.agent.outbox import AgentStore, Checkpoint, Signer
 from labmeter.agent.timeline import Span
+
+from labmeter import signing, wire
 from labmeter.wire import State
 
 

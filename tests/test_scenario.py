@@ -10,9 +10,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
 from labmeter.collector.hours import compute
 from labmeter.collector.ledger import Ledger
+
 from tests.conftest import BrokerProcess
 from tests.scenario import (
     EPOCH_MS,

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import itertools
+
 from labmeter.agent.timeline import Span, Timeline, split
+
 from labmeter.wire import State
 
 H = 3_600_000
@@ -44,7 +47,7 @@ def test_spans_are_contiguous() -> None:
         spans += t.advance(i * 997, states[(i // 37) % len(states)])
     spans += t.close(400 * 997)
     assert spans[0].start == 0 and spans[-1].end == 400 * 997
-    assert all(a.end == b.start for a, b in zip(spans, spans[1:], strict=False))
+    assert all(a.end == b.start for a, b in itertools.pairwise(spans))
     assert all(s.end - s.start <= 60_000 for s in spans)
 
 
