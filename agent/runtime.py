@@ -139,11 +139,10 @@ class Agent:
             cfg.broker,
             cfg.broker.client_id or f"labmeter-agent-{self.id}",
             will=Will(wire.status_topic(self.id), b"offline"),
-            on_message=self._on_message_thread,
+            on_message=self._on_ack,
             subscriptions=((wire.ack_topic(self.id), 1),),
         )
         self.link.on_connect(self._on_connected)
-        self._loop: asyncio.AbstractEventLoop | None = None
         self.acked = 0
 
     def emit(self, instrument: str, spans: list[Span], cp: Checkpoint | None, clock_step_ms: int = 0) -> None:
@@ -189,11 +188,7 @@ class Agent:
         self.link.publish(wire.status_topic(self.id), self._status_payload(), qos=1, retain=True)
         self.kick.set()
 
-    def _on_message_thread(self, topic: str, payload: bytes) -> None:
-        if self._loop is not None:
-            self._loop.call_soon_threadsafe(self._handle_ack, payload)
-
-    def _handle_ack(self, payload: bytes) -> None:
+    def _on_ack(self, _topic: str, payload: bytes) -> None:
         try:
             msg = json.loads(payload)
             for rej in msg.get("rejects", []):
@@ -248,7 +243,6 @@ class Agent:
             self.emit(r.id, spans, r.checkpoint(wall_ms))
 
     async def run(self, stop: asyncio.Event) -> None:
-        self._loop = asyncio.get_running_loop()
         now = self.timebase.now_ms()
         for inst in self.cfg.instrument:
             driver = registry.build(inst, self.id, self.cfg.broker, self.clock, self.cfg.profiles_dir)

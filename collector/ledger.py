@@ -171,9 +171,10 @@ class Ledger:
         cur = self.db.cursor()
         cur.execute("BEGIN IMMEDIATE")
         try:
-            for iv, note in intervals:
-                cur.execute(
-                    "INSERT INTO intervals VALUES (?,?,?,?,?,?,?,?,?,?,?,?) ON CONFLICT DO NOTHING",
+            before = self.db.total_changes
+            cur.executemany(
+                "INSERT INTO intervals VALUES (?,?,?,?,?,?,?,?,?,?,?,?) ON CONFLICT DO NOTHING",
+                [
                     (
                         iv.agent,
                         iv.instrument,
@@ -187,26 +188,12 @@ class Ledger:
                         note,
                         iv.envelope,
                         now,
-                    ),
-                )
-                if cur.rowcount == 0:
-                    row = cur.execute(
-                        "SELECT sha FROM intervals WHERE agent=? AND instrument=? AND seq=?",
-                        (iv.agent, iv.instrument, iv.seq),
-                    ).fetchone()
-                    if row and row[0] != iv.sha:
-                        conflicts.append(
-                            Rejection(
-                                f"conflict: a different body is already stored for seq {iv.seq}",
-                                f"labmeter/v1/{iv.agent}/{iv.instrument}/interval",
-                                iv.envelope,
-                                iv.agent,
-                                iv.instrument,
-                                iv.seq,
-                                True,
-                                iv.sha,
-                            )
-                        )
+                    )
+                    for iv, note in intervals
+                ],
+            )
+            if self.db.total_changes - before < len(intervals):
+                conflicts = self._conflicts(cur, [iv for iv, _ in intervals])
             cur.executemany(
                 "INSERT INTO rejections (at_ms, agent, instrument, seq, authentic, reason, topic, payload) "
                 "VALUES (?,?,?,?,?,?,?,?)",
@@ -220,6 +207,30 @@ class Ledger:
             cur.execute("ROLLBACK")
             raise
         return conflicts
+
+    @staticmethod
+    def _conflicts(cur: sqlite3.Cursor, intervals: list[StoredInterval]) -> list[Rejection]:
+        """Rows that were not inserted because a different body holds their seq (same body: a harmless duplicate)."""
+        out = []
+        for iv in intervals:
+            row = cur.execute(
+                "SELECT sha FROM intervals WHERE agent=? AND instrument=? AND seq=?",
+                (iv.agent, iv.instrument, iv.seq),
+            ).fetchone()
+            if row and row[0] != iv.sha:
+                out.append(
+                    Rejection(
+                        f"conflict: a different body is already stored for seq {iv.seq}",
+                        f"labmeter/v1/{iv.agent}/{iv.instrument}/interval",
+                        iv.envelope,
+                        iv.agent,
+                        iv.instrument,
+                        iv.seq,
+                        True,
+                        iv.sha,
+                    )
+                )
+        return out
 
     def handled_seqs(self, agent: str, instrument: str, above: int = 0) -> list[int]:
         """Seqs stored or authentically rejected: what the acknowledgement watermark may pass."""

@@ -1,9 +1,10 @@
 """The running collector: MQTT in, verify, ledger commit, then acknowledgements out.
 
-Ingest is batched: messages from paho's thread pile up in a deque, the event
-loop verifies a batch, commits it in one transaction and only then acknowledges
-to the agents (cumulative per instrument), so an agent deletes nothing the ledger
-does not hold.
+Ingest is batched: messages pile up in a deque while the previous batch is being
+verified; signature checks run on two helper threads (libsodium releases the GIL)
+while the event loop keeps receiving. A batch is committed in one transaction and
+only then acknowledged to the agents (cumulative per instrument), so an agent
+deletes nothing the ledger does not hold.
 """
 
 from __future__ import annotations
@@ -13,12 +14,13 @@ import contextlib
 import logging
 import time
 from collections import Counter, defaultdict, deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
 from labmeter.collector.broker import EmbeddedBroker
 from labmeter.collector.ledger import Ledger, Rejection
-from labmeter.collector.verify import Accepted, OpenState, Rejected, Status, Verifier
+from labmeter.collector.verify import Accepted, Pending, Rejected, Status, Verifier
 
 from labmeter import wire
 from labmeter.clock import Clock
@@ -80,25 +82,26 @@ class Collector:
         self.inbox: deque[tuple[str, bytes]] = deque()
         self._wake = asyncio.Event()
         self._idle = True
-        self._loop: asyncio.AbstractEventLoop | None = None
         self._last_log: dict[str, float] = {}
         self.broker: EmbeddedBroker | None = None
         self.link: MqttLink | None = None
         self.ready = asyncio.Event()
+        self._pool = ThreadPoolExecutor(2, thread_name_prefix="verify")
 
-    def _on_message_thread(self, topic: str, payload: bytes) -> None:
+    def _on_message(self, topic: str, payload: bytes) -> None:
         self.inbox.append((topic, payload))
-        if self._idle and self._loop is not None:
+        if self._idle:
             self._idle = False
-            self._loop.call_soon_threadsafe(self._wake.set)
+            self._wake.set()
 
-    def process(self, batch: list[tuple[str, bytes]]) -> None:
+    async def process(self, batch: list[tuple[str, bytes]]) -> None:
         """Verify and store one batch, then acknowledge. Never raises for a bad message."""
         accepted: list[Accepted] = []
         rejected: list[Rejection] = []
+        pending: list[Pending] = []
         for topic, payload in batch:
             try:
-                result = self.verifier.check(topic, payload)
+                result = self.verifier.prepare(topic, payload)
             except Rejected as exc:
                 rejected.append(exc.rejection)
                 continue
@@ -106,20 +109,34 @@ class Collector:
                 log.exception("verifying a message on %s failed", topic)
                 rejected.append(Rejection(f"internal error: {type(exc).__name__}", topic, payload))
                 continue
-            if isinstance(result, Accepted):
-                accepted.append(result)
-            elif isinstance(result, OpenState):
-                self.live.instruments[result.body["instrument"]] = {
-                    **result.body,
-                    "received": self.clock.wall_ms(),
-                }
-            elif isinstance(result, Status):
+            if isinstance(result, Status):
                 self.live.agents[result.agent] = {
                     "online": result.online,
                     "received": self.clock.wall_ms(),
                     **result.body,
                 }
-        conflicts = self.ledger.store([(a.interval, a.note) for a in accepted], rejected)
+            else:
+                pending.append(result)
+        for p, ok in zip(pending, await self._check_signatures(pending), strict=True):
+            try:
+                done = self.verifier.finish(p, ok)
+            except Rejected as exc:
+                rejected.append(exc.rejection)
+                continue
+            except Exception as exc:
+                log.exception("verifying a message on %s failed", p.topic)
+                rejected.append(Rejection(f"internal error: {type(exc).__name__}", p.topic, p.payload))
+                continue
+            if isinstance(done, Accepted):
+                accepted.append(done)
+            else:
+                self.live.instruments[done.body["instrument"]] = {
+                    **done.body,
+                    "received": self.clock.wall_ms(),
+                }
+        # provisional ``open`` messages are counted when rejected, not kept: they never carry hours
+        kept = [r for r in rejected if not r.topic.endswith("/open")]
+        conflicts = self.ledger.store([(a.interval, a.note) for a in accepted], kept)
         rejected += conflicts
         self.stats["stored"] += len(accepted) - len(conflicts)
         self.stats["rejected"] += len(rejected)
@@ -127,6 +144,18 @@ class Collector:
         for r in rejected:
             self.rejections[r.reason.split(":")[0]] += 1
             self._log_rejection(r)
+
+    async def _check_signatures(self, pending: list[Pending]) -> list[bool]:
+        """Two helper threads check the batch while the event loop goes on receiving."""
+        if len(pending) < 32:
+            return [p.signature_ok() for p in pending]
+        loop = asyncio.get_running_loop()
+        half = len(pending) // 2
+        parts = await asyncio.gather(
+            loop.run_in_executor(self._pool, _check, pending[:half]),
+            loop.run_in_executor(self._pool, _check, pending[half:]),
+        )
+        return parts[0] + parts[1]
 
     def _acknowledge(self, accepted: list[Accepted], rejected: list[Rejection]) -> None:
         acks: dict[str, dict[str, int]] = defaultdict(dict)
@@ -168,7 +197,7 @@ class Collector:
             self._idle = False
             batch = [self.inbox.popleft() for _ in range(min(BATCH, len(self.inbox)))]
             try:
-                self.process(batch)
+                await self.process(batch)
             except Exception:
                 log.exception("storing a batch of %d message(s) failed; retrying", len(batch))
                 self.inbox.extendleft(reversed(batch))
@@ -180,7 +209,6 @@ class Collector:
         return tuple(((f"$share/{group}/{t}" if group else t), 1) for t in wire.SUBSCRIPTIONS)
 
     async def run(self, stop: asyncio.Event) -> None:
-        self._loop = asyncio.get_running_loop()
         broker_cfg = self.cfg.broker
         if broker_cfg.embedded:
             self.broker = EmbeddedBroker(broker_cfg.listen)
@@ -190,9 +218,8 @@ class Collector:
             broker_cfg,
             broker_cfg.client_id or "labmeter-collector",
             clean_session=False,
-            on_message=self._on_message_thread,
+            on_message=self._on_message,
             subscriptions=self.subscriptions(),
-            max_inflight=1000,
         )
         await self.link.start()
         ingest = asyncio.create_task(self._ingest(), name="ingest")
@@ -205,9 +232,14 @@ class Collector:
             with contextlib.suppress(asyncio.CancelledError):
                 await ingest
             if self.inbox:
-                self.process(list(self.inbox))
+                await self.process(list(self.inbox))
                 self.inbox.clear()
             await self.link.stop()
             if self.broker is not None:
                 await self.broker.stop()
+            self._pool.shutdown()
             self.ledger.close()
+
+
+def _check(pending: list[Pending]) -> list[bool]:
+    return [p.signature_ok() for p in pending]

@@ -8,7 +8,6 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from labmeter.collector.ledger import Ledger, Rejection, StoredInterval
 
 from labmeter import signing, wire
@@ -45,6 +44,33 @@ class Status:
     body: dict[str, Any]
 
 
+@dataclass(slots=True)
+class Pending:
+    """A message that passed the cheap checks and waits for its signature check."""
+
+    topic: str
+    payload: bytes
+    agent: str
+    instrument: str
+    kind: str
+    env: wire.Envelope
+    body: dict[str, Any] | None
+    body_error: wire.WireError | None
+    seq: int | None
+    sha: str
+    checker: signing.SignatureChecker | None = None
+
+    def signature_ok(self) -> bool:
+        return self.checker is not None and self.checker(self.env.body.encode(), self.env.sig)
+
+    def reject(self, reason: str, authentic: bool) -> Rejected:
+        return Rejected(
+            Rejection(
+                reason, self.topic, self.payload, self.agent, self.instrument, self.seq, authentic, self.sha
+            )
+        )
+
+
 class Verifier:
     """Holds the registry snapshot (keys, enrolments); refreshes it when it meets a newcomer."""
 
@@ -52,14 +78,15 @@ class Verifier:
         self.ledger = ledger
         self.clock = clock
         self.max_future_ms = int(max_future_s * 1000)
-        self.keys: dict[str, tuple[Ed25519PublicKey, str]] = {}
+        self.keys: dict[str, tuple[signing.SignatureChecker, str]] = {}
         self.enrolled: set[tuple[str, str]] = set()
         self._loaded = 0.0
         self.reload()
 
     def reload(self) -> None:
         self.keys = {
-            a: (signing.parse_public_key(k), kid) for a, (k, kid) in self.ledger.agent_keys().items()
+            a: (signing.SignatureChecker(signing.parse_public_key(k)), kid)
+            for a, (k, kid) in self.ledger.agent_keys().items()
         }
         self.enrolled = self.ledger.enrolments()
         self._loaded = time.monotonic()
@@ -69,6 +96,14 @@ class Verifier:
             self.reload()
 
     def check(self, topic: str, payload: bytes) -> Accepted | OpenState | Status:
+        """Verify one message (the batch path splits this in two around the signature checks)."""
+        p = self.prepare(topic, payload)
+        if isinstance(p, Status):
+            return p
+        return self.finish(p, p.signature_ok())
+
+    def prepare(self, topic: str, payload: bytes) -> Pending | Status:
+        """Everything before the signature check: topic, size, envelope, agent, key id."""
         try:
             t = wire.parse_topic(topic)
         except wire.WireError as exc:
@@ -81,40 +116,59 @@ class Verifier:
             env = wire.open_envelope(payload)
         except wire.WireError as exc:
             raise Rejected(Rejection(str(exc), topic, payload, t.agent, t.instrument)) from None
-        seq, sha = _peek_seq(env.body), wire.body_hash(env.body)
-
-        def reject(reason: str, authentic: bool) -> Rejected:
-            return Rejected(Rejection(reason, topic, payload, t.agent, t.instrument, seq, authentic, sha))
-
+        try:
+            body: dict[str, Any] | None = wire.load_body(env.body)
+            body_error: wire.WireError | None = None
+        except wire.WireError as exc:
+            body, body_error = None, exc
+        seq = body.get("seq") if body is not None else None
+        p = Pending(
+            topic,
+            payload,
+            t.agent,
+            t.instrument,
+            t.kind,
+            env,
+            body,
+            body_error,
+            seq if isinstance(seq, int) and not isinstance(seq, bool) else None,
+            wire.body_hash(env.body),
+        )
         if t.agent not in self.keys:
             self._maybe_reload()
             if t.agent not in self.keys:
-                raise reject(
+                raise p.reject(
                     f"unknown agent {t.agent!r}: register it with `labmeter collector add-agent`", False
                 )
-        key, kid = self.keys[t.agent]
+        p.checker, kid = self.keys[t.agent]
         if env.kid != kid:
-            raise reject(f"key id {env.kid!r} is not the key registered for agent {t.agent!r}", False)
-        if not signing.verify(key, env.body.encode(), env.sig):
-            raise reject("bad signature", False)
+            raise p.reject(f"key id {env.kid!r} is not the key registered for agent {t.agent!r}", False)
+        return p
+
+    def finish(self, p: Pending, signature_ok: bool) -> Accepted | OpenState:
+        """Everything after the signature check: schema, enrolment, time sanity."""
+        if not signature_ok:
+            raise p.reject("bad signature", False)
+        body = p.body
         try:
-            body = wire.load_body(env.body)
-            if body.get("agent") != t.agent or body.get("instrument") != t.instrument:
+            if body is None:
+                raise p.body_error or wire.WireError("body is not JSON")
+            if body.get("agent") != p.agent or body.get("instrument") != p.instrument:
                 raise wire.WireError("body agent/instrument do not match the topic")
-            if t.kind == "open":
-                return OpenState(t.agent, body)
+            if p.kind == "open":
+                return OpenState(p.agent, body)
             iv = wire.parse_interval(body)
         except wire.WireError as exc:
-            raise reject(str(exc), True) from None
-        if (t.agent, t.instrument) not in self.enrolled:
+            raise p.reject(str(exc), True) from None
+        if (p.agent, p.instrument) not in self.enrolled:
             self._maybe_reload()
-            if (t.agent, t.instrument) not in self.enrolled:
-                raise reject(f"instrument {t.instrument!r} is not enrolled for agent {t.agent!r}", True)
+            if (p.agent, p.instrument) not in self.enrolled:
+                raise p.reject(f"instrument {p.instrument!r} is not enrolled for agent {p.agent!r}", True)
         now = self.clock.wall_ms()
         if iv.start < EARLIEST_MS:
-            raise reject(f"start {iv.start} is before 2000-01-01", True)
+            raise p.reject(f"start {iv.start} is before 2000-01-01", True)
         if iv.end > now + self.max_future_ms:
-            raise reject(f"end is {(iv.end - now) / 1000:.0f} s in the future", True)
+            raise p.reject(f"end is {(iv.end - now) / 1000:.0f} s in the future", True)
         stored = StoredInterval(
             iv.agent,
             iv.instrument,
@@ -123,9 +177,9 @@ class Verifier:
             iv.end,
             iv.state,
             iv.prev,
-            sha,
+            p.sha,
             iv.clock_step_ms,
-            payload,
+            p.payload,
         )
         return Accepted(stored, iv.note)
 
@@ -141,11 +195,3 @@ class Verifier:
                 Rejection(f"status is not JSON: {exc}", wire.status_topic(agent), payload, agent)
             ) from None
         return Status(agent, body.get("status") == "online", body)
-
-
-def _peek_seq(body_text: str) -> int | None:
-    try:
-        seq = json.loads(body_text).get("seq")
-    except (ValueError, AttributeError):
-        return None
-    return seq if isinstance(seq, int) else None

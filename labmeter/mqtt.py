@@ -1,23 +1,30 @@
-"""The one MQTT client wrapper: paho's network loop on its own thread, callbacks handed to asyncio.
+"""The one MQTT client wrapper (gmqtt, asyncio-native): used by the agent, the collector,
+the plug drivers and the simulators, so TLS, credentials and reconnects behave the same.
 
-Used by the agent, the collector, the plug drivers and the simulators, so TLS,
-credentials and reconnect behave the same everywhere.
+Callbacks run on the event loop. gmqtt reconnects by itself once a first connection
+has been made; until then ``start`` keeps trying in the background.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 from urllib.parse import urlparse
 
-import paho.mqtt.client as paho
+from gmqtt import Client, Message
+from gmqtt.mqtt.constants import UNLIMITED_RECONNECTS, MQTTv311
 
 from labmeter.config import BrokerConfig
 
 log = logging.getLogger("labmeter.mqtt")
+_quiet = logging.getLogger("labmeter.mqtt.gmqtt")
+_quiet.setLevel(logging.ERROR)
 
 MessageHandler = Callable[[str, bytes], None]
 
@@ -30,18 +37,22 @@ class Will:
     qos: int = 1
 
 
-def _read_secret(path: object) -> str:
-    from pathlib import Path
-
-    p = Path(str(path))
+def _read_secret(path: Path) -> str:
     try:
-        return p.read_text(encoding="utf-8").strip()
+        return path.read_text(encoding="utf-8").strip()
     except OSError as exc:
-        raise OSError(f"{p}: cannot read password file ({exc.strerror})") from None
+        raise OSError(f"{path}: cannot read password file ({exc.strerror})") from None
+
+
+def tls_context(broker: BrokerConfig) -> ssl.SSLContext:
+    ctx = ssl.create_default_context(cafile=str(broker.ca_file) if broker.ca_file else None)
+    if broker.cert_file:
+        ctx.load_cert_chain(str(broker.cert_file), str(broker.key_file) if broker.key_file else None)
+    return ctx
 
 
 class MqttLink:
-    """One broker connection. ``on_message`` runs on paho's thread: keep it short and thread-safe."""
+    """One broker connection; ``on_message`` is called on the event loop for every message."""
 
     def __init__(
         self,
@@ -52,7 +63,6 @@ class MqttLink:
         will: Will | None = None,
         on_message: MessageHandler | None = None,
         subscriptions: tuple[tuple[str, int], ...] = (),
-        max_inflight: int = 100,
     ) -> None:
         self.broker = broker
         url = urlparse(broker.url)
@@ -63,79 +73,79 @@ class MqttLink:
         self.connected = False
         self._stopping = False
         self._on_connect_cbs: list[Callable[[], None]] = []
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._connected_event: asyncio.Event | None = None
-        c = paho.Client(
-            paho.CallbackAPIVersion.VERSION2,
-            client_id=client_id,
+        self._connected_event = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        c = Client(
+            client_id,
             clean_session=clean_session,
-            protocol=paho.MQTTv311,
+            will_message=Message(will.topic, will.payload, qos=will.qos, retain=will.retain)
+            if will
+            else None,
+            logger=_quiet,
         )
-        c.max_inflight_messages_set(max_inflight)
-        c.max_queued_messages_set(0)
-        c.reconnect_delay_set(min_delay=1, max_delay=8)
+        c.set_config({"reconnect_retries": UNLIMITED_RECONNECTS, "reconnect_delay": 1})
         if broker.username:
             password = _read_secret(broker.password_file) if broker.password_file else None
-            c.username_pw_set(broker.username, password)
-        if self.tls:
-            c.tls_set(
-                ca_certs=str(broker.ca_file) if broker.ca_file else None,
-                certfile=str(broker.cert_file) if broker.cert_file else None,
-                keyfile=str(broker.key_file) if broker.key_file else None,
-                cert_reqs=ssl.CERT_REQUIRED,
-            )
-        if will:
-            c.will_set(will.topic, will.payload, qos=will.qos, retain=will.retain)
+            c.set_auth_credentials(broker.username, password)
         c.on_connect = self._handle_connect
         c.on_disconnect = self._handle_disconnect
-        if on_message is not None:
-            handler = on_message
-            c.on_message = lambda _c, _u, m: handler(m.topic, bytes(m.payload))
+        handler = on_message
+
+        def _on_message(_c: Client, topic: str, payload: bytes, _qos: int, _props: Any) -> int:
+            if handler is not None:
+                handler(topic, payload)
+            return 0
+
+        c.on_message = _on_message
         self.client = c
 
     def on_connect(self, callback: Callable[[], None]) -> None:
-        """Run ``callback`` on the event loop after every (re)connect."""
+        """Run ``callback`` after every (re)connect."""
         self._on_connect_cbs.append(callback)
 
-    def _handle_connect(
-        self, client: paho.Client, _u: object, _f: object, rc: paho.ReasonCode, _p: object
-    ) -> None:
-        if rc.is_failure:
-            log.error("broker %s:%s refused the connection: %s", self.host, self.port, rc)
-            return
+    def _handle_connect(self, client: Client, _flags: Any, rc: int, _props: Any) -> None:
+        client.subscriptions.clear()
         for topic, qos in self.subscriptions:
-            client.subscribe(topic, qos)
+            client.subscribe(topic, qos=qos)
         self.connected = True
+        self._connected_event.set()
         log.info("connected to broker %s:%s", self.host, self.port)
-        if self._loop is not None:
-            self._loop.call_soon_threadsafe(self._after_connect)
-
-    def _after_connect(self) -> None:
-        if self._connected_event is not None:
-            self._connected_event.set()
         for cb in self._on_connect_cbs:
             try:
                 cb()
             except Exception:
                 log.exception("on_connect callback failed")
 
-    def _handle_disconnect(
-        self, _c: paho.Client, _u: object, _f: object, rc: paho.ReasonCode, _p: object
-    ) -> None:
+    def _handle_disconnect(self, _client: Client, _packet: Any, exc: Any = None) -> None:
         if self.connected and not self._stopping:
-            log.warning("lost broker %s:%s (%s); reconnecting", self.host, self.port, rc)
+            log.warning("lost broker %s:%s; reconnecting", self.host, self.port)
         self.connected = False
-        if self._loop is not None and self._connected_event is not None:
-            self._loop.call_soon_threadsafe(self._connected_event.clear)
+        self._connected_event.clear()
+
+    async def _first_connect(self) -> None:
+        delay = 0.5
+        warned = False
+        while not self._stopping:
+            try:
+                await self.client.connect(
+                    self.host,
+                    self.port,
+                    ssl=tls_context(self.broker) if self.tls else False,
+                    keepalive=self.broker.keepalive_s,
+                    version=MQTTv311,
+                )
+                return
+            except Exception as exc:
+                if not warned:
+                    log.warning("cannot reach broker %s:%s (%s); retrying", self.host, self.port, exc)
+                    warned = True
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 8.0)
 
     async def start(self) -> None:
-        self._loop = asyncio.get_running_loop()
-        self._connected_event = asyncio.Event()
-        self.client.connect_async(self.host, self.port, keepalive=self.broker.keepalive_s)
-        self.client.loop_start()
+        self._task = asyncio.create_task(self._first_connect(), name=f"mqtt-connect-{self.host}:{self.port}")
 
     async def wait_connected(self, timeout: float | None = None) -> bool:
-        assert self._connected_event is not None, "start() first"
         try:
             await asyncio.wait_for(self._connected_event.wait(), timeout)
         except TimeoutError:
@@ -146,12 +156,15 @@ class MqttLink:
         """Queue a publish; False when not connected (the caller keeps the message)."""
         if not self.connected:
             return False
-        info = self.client.publish(topic, payload, qos=qos, retain=retain)
-        return info.rc == paho.MQTT_ERR_SUCCESS
+        self.client.publish(topic, payload, qos=qos, retain=retain)
+        return True
 
     async def stop(self) -> None:
         self._stopping = True
-        try:
-            self.client.disconnect()
-        finally:
-            await asyncio.to_thread(self.client.loop_stop)
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self.client.disconnect(), timeout=2)
+        self.connected = False

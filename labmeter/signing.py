@@ -1,16 +1,23 @@
-"""Ed25519 keys and signatures: the one place that signs and verifies."""
+"""Ed25519 keys and signatures: the one place that signs and verifies.
+
+Key files are PEM/PKCS#8 (cryptography, readable by openssl). Verification, the
+collector's hot path, uses libsodium through PyNaCl: about twice as fast as
+OpenSSL's here, and it releases the GIL, so it overlaps with MQTT receive.
+"""
 
 from __future__ import annotations
 
 import base64
+import binascii
 import hashlib
 import os
 import stat
 from pathlib import Path
 
-from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from nacl.exceptions import BadSignatureError
+from nacl.signing import VerifyKey
 
 KEY_PREFIX = "ed25519:"
 
@@ -88,9 +95,19 @@ def sign(key: Ed25519PrivateKey, body: bytes) -> str:
     return base64.b64encode(key.sign(body)).decode()
 
 
+class SignatureChecker:
+    """Checks signatures of one public key; build once per key, call per message."""
+
+    def __init__(self, key: Ed25519PublicKey) -> None:
+        self._key = VerifyKey(key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw))
+
+    def __call__(self, body: bytes, sig: str) -> bool:
+        try:
+            self._key.verify(body, binascii.a2b_base64(sig, strict_mode=True))
+        except (BadSignatureError, binascii.Error, ValueError):
+            return False
+        return True
+
+
 def verify(key: Ed25519PublicKey, body: bytes, sig: str) -> bool:
-    try:
-        key.verify(base64.b64decode(sig, validate=True), body)
-    except (InvalidSignature, ValueError):
-        return False
-    return True
+    return SignatureChecker(key)(body, sig)

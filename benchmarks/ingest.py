@@ -1,0 +1,183 @@
+"""Collector ingest rate against a raw paho QoS 1 subscriber, both draining the same queued backlog.
+
+A separate process publishes N signed interval messages to Mosquitto while the
+subscriber is offline (persistent session), so the broker holds them; then the
+subscriber connects and drains them. The raw subscriber only counts messages; the
+collector verifies signatures, stores in the SQLite ledger and acknowledges.
+
+    .venv/bin/python -m benchmarks.ingest [--messages 20000] [--runs 3]
+
+Each run measures both rates afresh; the median ratio is the result.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import multiprocessing as mp
+import statistics
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import paho.mqtt.client as paho
+from labmeter.collector.ledger import Ledger
+from labmeter.collector.service import Collector
+
+from benchmarks.common import free_port, start_mosquitto
+from labmeter import config, signing, wire
+
+AGENTS, INSTRUMENTS_PER_AGENT = 10, 10
+T0 = 1_767_225_600_000  # 2026-01-01T00:00:00Z
+
+
+def make_messages(tmp: Path, n: int) -> tuple[list[tuple[str, bytes]], list[tuple[str, str, str, list[str]]]]:
+    per_instrument = max(1, n // (AGENTS * INSTRUMENTS_PER_AGENT))
+    msgs: list[tuple[str, bytes]] = []
+    registry = []
+    for a in range(AGENTS):
+        agent = f"agent-{a:02d}"
+        key = signing.generate_key_file(tmp / f"{agent}.key")
+        pub = key.public_key()
+        kid = signing.key_id(pub)
+        codes = [f"I{a:02d}{i:02d}" for i in range(INSTRUMENTS_PER_AGENT)]
+        registry.append((agent, signing.public_key_text(pub), kid, codes))
+        for code in codes:
+            prev = wire.GENESIS
+            for seq in range(1, per_instrument + 1):
+                start = T0 + (seq - 1) * 60_000
+                state = ("RUNNING", "STANDBY", "OFF")[seq % 3]
+                body = wire.dump_body(
+                    wire.Interval(agent, code, seq, prev, start, start + 60_000, state).body()
+                )
+                prev = wire.body_hash(body)
+                msgs.append((wire.interval_topic(agent, code), wire.seal(key, kid, body)))
+    return msgs, registry
+
+
+def publish_all(port: int, msgs: list[tuple[str, bytes]]) -> None:
+    """Runs in a separate process."""
+    c = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id="bench-publisher")
+    c.max_inflight_messages_set(1000)
+    c.connect("127.0.0.1", port)
+    c.loop_start()
+    infos = [c.publish(t, p, qos=1) for t, p in msgs]
+    for info in infos:
+        info.wait_for_publish(60)
+    c.disconnect()
+    c.loop_stop()
+
+
+def publish_in_child(port: int, msgs: list[tuple[str, bytes]]) -> None:
+    proc = mp.get_context("fork").Process(target=publish_all, args=(port, msgs))
+    proc.start()
+    proc.join()
+
+
+def raw_rate(port: int, msgs: list[tuple[str, bytes]]) -> float:
+    n = len(msgs)
+    got = 0
+    first = last = 0.0
+    done = threading.Event()
+
+    def on_message(_c: paho.Client, _u: object, _m: paho.MQTTMessage) -> None:
+        nonlocal got, first, last
+        got += 1
+        if got == 1:
+            first = time.perf_counter()
+        if got == n:
+            last = time.perf_counter()
+            done.set()
+
+    def client() -> paho.Client:
+        c = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id="bench-raw", clean_session=False)
+        c.on_message = on_message
+        c.on_connect = lambda cl, *_: cl.subscribe([(s, 1) for s in wire.SUBSCRIPTIONS])
+        return c
+
+    c = client()
+    c.connect("127.0.0.1", port)
+    c.loop_start()
+    time.sleep(0.5)
+    c.disconnect()
+    c.loop_stop()
+    publish_in_child(port, msgs)
+    c = client()
+    c.connect("127.0.0.1", port)
+    c.loop_start()
+    done.wait(300)
+    c.disconnect()
+    c.loop_stop()
+    assert got == n, f"raw subscriber got {got} of {n}"
+    return n / (last - first)
+
+
+def collector_rate(port: int, tmp: Path, msgs: list[tuple[str, bytes]], registry: list) -> float:
+    n = len(msgs)
+    cfg = config.parse(
+        f'[collector]\ndata_dir = "{tmp / "collector"}"\n[broker]\nurl = "mqtt://127.0.0.1:{port}"\n',
+        config.CollectorConfig,
+    )
+    ledger = Ledger.open("sqlite", cfg.collector.data_dir)
+    for agent, pub, kid, codes in registry:
+        ledger.add_agent(agent, pub, kid, codes)
+    ledger.close()
+
+    async def session(wait_all: bool) -> float:
+        stop = asyncio.Event()
+        c = Collector(cfg)
+        task = asyncio.create_task(c.run(stop))
+        await c.ready.wait()
+        first = 0.0
+        if wait_all:
+            while not c.stats["stored"] and not c.inbox:
+                await asyncio.sleep(0.0005)
+            first = time.perf_counter()
+            while c.stats["stored"] + c.stats["rejected"] < n:
+                await asyncio.sleep(0.002)
+        else:
+            await asyncio.sleep(0.5)
+        elapsed = time.perf_counter() - first
+        assert c.stats["rejected"] == 0, c.rejections
+        stop.set()
+        await task
+        return elapsed
+
+    asyncio.run(session(wait_all=False))  # creates the persistent session
+    publish_in_child(port, msgs)
+    return n / asyncio.run(session(wait_all=True))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--messages", type=int, default=20_000)
+    ap.add_argument("--runs", type=int, default=3)
+    args = ap.parse_args()
+    results = []
+    for run in range(args.runs):
+        with tempfile.TemporaryDirectory() as d:
+            tmp = Path(d)
+            msgs, registry = make_messages(tmp, args.messages)
+            port = free_port()
+            broker = start_mosquitto(tmp, port)
+            try:
+                raw = raw_rate(port, msgs)
+                coll = collector_rate(port, tmp, msgs, registry)
+            finally:
+                broker.terminate()
+                broker.wait()
+        results.append((raw, coll))
+        print(
+            f"run {run + 1}: raw paho subscriber {raw:8.0f} msg/s, collector (SQLite) {coll:8.0f} msg/s, "
+            f"ratio {coll / raw:.2f}"
+        )
+    ratios = sorted(c / r for r, c in results)
+    print(
+        f"messages per run: {len(msgs)}; median ratio {statistics.median(ratios):.2f} "
+        f"(min {ratios[0]:.2f}, max {ratios[-1]:.2f}; target >= 0.5)"
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,161 @@
+"""Modbus TCP meters against two server implementations (pymodbus and pyModbusTCP), with faults."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import struct
+from pathlib import Path
+
+import pytest
+from labmeter.agent.classifier import Classifier
+from labmeter.drivers.base import Reading
+from labmeter.drivers.modbus import ModbusDriver
+from labmeter.drivers.profiles import ProfileError, load_profile
+from pyModbusTCP.server import ModbusServer
+
+from labmeter.clock import Clock
+from labmeter.config import ModbusSource, StatesConfig
+from labmeter.sim import Schedule, SimMeter
+from labmeter.wire import State
+from tests.conftest import free_port
+
+
+def words(value: float, order: str = "big") -> list[int]:
+    hi, lo = struct.unpack(">HH", struct.pack(">f", value))
+    return [hi, lo] if order == "big" else [lo, hi]
+
+
+def source(port: int, profile: str = "eastron-sdm120", device_id: int = 1) -> ModbusSource:
+    return ModbusSource(
+        driver="modbus", url=f"tcp://127.0.0.1:{port}", profile=profile, device_id=device_id, timeout_s=0.5
+    )
+
+
+def independent_server(port: int, value: float, order: str = "big") -> ModbusServer:
+    server = ModbusServer(host="127.0.0.1", port=port, no_block=True)
+    server.data_bank.set_input_registers(0x000C, words(value, order))
+    server.start()
+    return server
+
+
+def test_reads_power_from_independent_server() -> None:
+    port = free_port()
+    server = independent_server(port, 1234.5)
+    try:
+
+        async def main() -> list[float | None]:
+            d = ModbusDriver(source(port), load_profile("eastron-sdm120"))
+            await d.start()
+            out = [(await d.read()).power_w for _ in range(3)]
+            await d.close()
+            return out
+
+        assert asyncio.run(main()) == [1234.5, 1234.5, 1234.5]
+    finally:
+        server.stop()
+
+
+def test_site_profile_with_little_word_order(tmp_path: Path) -> None:
+    (tmp_path / "meter-le.toml").write_text(
+        'name = "little-endian meter"\ndriver = "modbus"\n[power]\nfunction = 4\naddress = 12\n'
+        'type = "float32"\nword_order = "little"\nscale = 1000.0\n'
+    )
+    port = free_port()
+    server = independent_server(port, 0.75, order="little")  # kW on the wire, W after scale
+    try:
+
+        async def main() -> float | None:
+            d = ModbusDriver(source(port, "meter-le"), load_profile("meter-le", tmp_path))
+            s = await d.read()
+            await d.close()
+            return s.power_w
+
+        assert asyncio.run(main()) == pytest.approx(750.0)
+    finally:
+        server.stop()
+
+
+def test_wrong_word_order_is_reported_as_absurd() -> None:
+    port = free_port()
+    server = independent_server(port, 1234.5, order="little")
+    try:
+
+        async def main() -> str | None:
+            d = ModbusDriver(source(port), load_profile("eastron-sdm120"))
+            s = await d.read()
+            await d.close()
+            return s.error
+
+        err = asyncio.run(main())
+        assert err is not None and "word order" in err
+    finally:
+        server.stop()
+
+
+def test_unknown_profile_lists_shipped_ones() -> None:
+    with pytest.raises(ProfileError, match="eastron-sdm120"):
+        load_profile("no-such-meter")
+
+
+def test_pymodbus_server_down_then_up_then_dropping() -> None:
+    """Down at start → UNKNOWN; server appears → reads; server stops mid-run → UNKNOWN, never OFF; back → recovers."""
+    port = free_port()
+    clock = Clock()
+    cls = Classifier(StatesConfig(off_below_w=5, run_above_w=400))
+
+    async def state(d: ModbusDriver) -> State:
+        s = await d.read()
+        return cls.update(Reading.of(s, clock.mono(), clock.wall_ms())).state
+
+    async def main() -> list[State]:
+        meter = SimMeter(f"127.0.0.1:{port}", Schedule([(0, "RUNNING")], noise=0.0, epoch_ms=0), clock)
+        d = ModbusDriver(source(port), load_profile("eastron-sdm120"))
+        seen = [await state(d)]
+        await meter.start()
+        await asyncio.sleep(0.2)
+        seen.append(await state(d))
+        await meter.stop()
+        await asyncio.sleep(0.2)
+        seen.append(await state(d))
+        meter = SimMeter(f"127.0.0.1:{port}", Schedule([(0, "RUNNING")], noise=0.0, epoch_ms=0), clock)
+        await meter.start()
+        await asyncio.sleep(0.2)
+        for _ in range(5):
+            last = await state(d)
+            if last is State.RUNNING:
+                break
+            await asyncio.sleep(0.2)
+        seen.append(last)
+        await meter.stop()
+        await d.close()
+        return seen
+
+    assert asyncio.run(main()) == [State.UNKNOWN, State.RUNNING, State.UNKNOWN, State.RUNNING]
+
+
+def test_wrong_device_id_is_an_error_not_off() -> None:
+    port = free_port()
+    clock = Clock()
+
+    async def main() -> str | None:
+        meter = SimMeter(
+            f"127.0.0.1:{port}", Schedule([(0, "OFF")], noise=0.0, epoch_ms=0), clock, device_id=1
+        )
+        await meter.start()
+        d = ModbusDriver(source(port, device_id=7), load_profile("eastron-sdm120"))
+        s = await d.read()
+        await d.close()
+        await meter.stop()
+        assert s.power_w is None
+        return s.error
+
+    err = asyncio.run(main())
+    assert err is not None
+
+
+def test_sim_meter_serves_schedule_as_float32() -> None:
+    assert words(1.0) == [0x3F80, 0x0000]
+    s = Schedule([(0, "OFF"), (10, "RUNNING")], levels={"OFF": 0.5, "RUNNING": 900.0}, noise=0.0, epoch_ms=0)
+    assert s.power_at(5_000) == 0.5 and s.power_at(10_000) == 900.0
+    assert not math.isnan(s.power_at(-1))
