@@ -13,10 +13,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from labmeter.agent.timeline import Span
 
-from labmeter import wire
+from labmeter import signing, wire
 from labmeter.wire import State
 
 SCHEMA = """
@@ -52,7 +51,7 @@ class Checkpoint:
 @dataclass(frozen=True)
 class Signer:
     agent: str
-    key: Ed25519PrivateKey
+    key: signing.PrivateKey
     kid: str
 
 

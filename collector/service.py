@@ -22,7 +22,7 @@ from labmeter.collector.broker import EmbeddedBroker
 from labmeter.collector.ledger import Ledger, Rejection
 from labmeter.collector.verify import Accepted, Pending, Rejected, Status, Verifier
 
-from labmeter import wire
+from labmeter import config, wire
 from labmeter.clock import Clock
 from labmeter.config import CollectorConfig
 from labmeter.mqtt import MqttLink
@@ -213,7 +213,7 @@ class Collector:
         if broker_cfg.embedded:
             self.broker = EmbeddedBroker(broker_cfg.listen)
             await self.broker.start()
-            broker_cfg = broker_cfg.model_copy(update={"url": self.broker.url})
+            broker_cfg = config.replace(broker_cfg, url=self.broker.url)
         self.link = MqttLink(
             broker_cfg,
             broker_cfg.client_id or "labmeter-collector",

@@ -5,22 +5,21 @@ from __future__ import annotations
 import tomllib
 from importlib import resources
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+import msgspec
+from msgspec import Meta, Struct
 
 
-class Register(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+class Register(Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
     function: Literal[3, 4] = 4
-    address: int = Field(ge=0, le=0xFFFF)
+    address: Annotated[int, Meta(ge=0, le=0xFFFF)]
     type: Literal["float32", "int16", "uint16", "int32", "uint32"] = "float32"
     word_order: Literal["big", "little"] = "big"
     scale: float = 1.0
 
 
-class ModbusProfile(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+class ModbusProfile(Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
     name: str
     driver: Literal["modbus"]
     doc: str = ""
@@ -46,8 +45,8 @@ def load_profile(name: str, extra_dir: Path | None = None) -> ModbusProfile:
     if text is None:
         raise ProfileError(f"unknown profile {name!r}; shipped profiles: {', '.join(shipped_profiles())}")
     try:
-        return ModbusProfile.model_validate(tomllib.loads(text))
-    except (tomllib.TOMLDecodeError, ValidationError) as exc:
+        return msgspec.convert(tomllib.loads(text), ModbusProfile)
+    except (tomllib.TOMLDecodeError, msgspec.ValidationError) as exc:
         raise ProfileError(f"{where}: {exc}") from None
 
 

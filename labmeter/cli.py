@@ -1,4 +1,4 @@
-"""The ``labmeter`` command."""
+"""The ``labmeter`` command (click: small, and no heavy imports in a process that runs for years)."""
 
 from __future__ import annotations
 
@@ -8,35 +8,33 @@ import signal
 import sys
 import tomllib
 from collections.abc import Awaitable, Callable
-from datetime import datetime
 from pathlib import Path
-from typing import Annotated, NoReturn
+from typing import Any, NoReturn
 from zoneinfo import ZoneInfo
 
-import typer
+import click
 
-from labmeter import config, log, signing
-
-app = typer.Typer(
-    help="Verified machine hours for shared scientific instruments.",
-    no_args_is_help=True,
-    pretty_exceptions_enable=False,
-    add_completion=False,
-)
-agent_app = typer.Typer(help="Run and manage the agent beside the instruments.", no_args_is_help=True)
-collector_app = typer.Typer(help="Run the collector and manage its registry.", no_args_is_help=True)
-report_app = typer.Typer(help="Reports from the ledger.", no_args_is_help=True)
-app.add_typer(agent_app, name="agent")
-app.add_typer(collector_app, name="collector")
-app.add_typer(report_app, name="report")
-
-ConfigOpt = Annotated[Path, typer.Option("--config", "-c", help="Config file (TOML).")]
-Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")]
+from labmeter import __version__, config, log, signing
 
 
 def fail(message: str, code: int = 2) -> NoReturn:
-    typer.echo(f"error: {message}", err=True)
-    raise typer.Exit(code)
+    click.echo(f"error: {message}", err=True)
+    sys.exit(code)
+
+
+def config_option(default: str) -> Callable[[Any], Any]:
+    return click.option(
+        "--config",
+        "-c",
+        "cfg_path",
+        type=click.Path(path_type=Path),
+        default=default,
+        show_default=True,
+        help="Config file (TOML).",
+    )
+
+
+verbose_option = click.option("--verbose", "-v", is_flag=True, help="Debug logging.")
 
 
 def load_agent(path: Path) -> config.AgentConfig:
@@ -66,12 +64,32 @@ def run_until_signal(main: Callable[[asyncio.Event], Awaitable[None]]) -> None:
     asyncio.run(runner())
 
 
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="labmeter")
+def app() -> None:
+    """Verified machine hours for shared scientific instruments."""
+
+
+@app.group("agent")
+def agent_group() -> None:
+    """Run and manage the agent beside the instruments."""
+
+
+@app.group("collector")
+def collector_group() -> None:
+    """Run the collector and manage its registry."""
+
+
+@app.group("report")
+def report_group() -> None:
+    """Reports from the ledger."""
+
+
 # agent ----------------------------------------------------------------------
-@agent_app.command("enroll")
-def agent_enroll(
-    cfg_path: ConfigOpt = Path("agent.toml"),
-    force: Annotated[bool, typer.Option(help="Replace an existing key.")] = False,
-) -> None:
+@agent_group.command("enroll")
+@config_option("agent.toml")
+@click.option("--force", is_flag=True, help="Replace an existing key.")
+def agent_enroll(cfg_path: Path, force: bool) -> None:
     """Create the agent's Ed25519 key (mode 0600) and print the command that registers it."""
     cfg = load_agent(cfg_path)
     try:
@@ -79,15 +97,17 @@ def agent_enroll(
     except signing.KeyFileError as exc:
         fail(str(exc))
     pub = signing.public_key_text(key.public_key())
-    typer.echo(f"key written to {cfg.agent.key_file} (mode 0600)")
-    typer.echo(f"public key: {pub}")
+    click.echo(f"key written to {cfg.agent.key_file} (mode 0600)")
+    click.echo(f"public key: {pub}")
     inst = " ".join(f"--instrument {i.id}" for i in cfg.instrument)
-    typer.echo("register it on the collector with:")
-    typer.echo(f"  labmeter collector add-agent {cfg.agent.id} --key {pub} {inst}")
+    click.echo("register it on the collector with:")
+    click.echo(f"  labmeter collector add-agent {cfg.agent.id} --key {pub} {inst}")
 
 
-@agent_app.command("run")
-def agent_run(cfg_path: ConfigOpt = Path("agent.toml"), verbose: Verbose = False) -> None:
+@agent_group.command("run")
+@config_option("agent.toml")
+@verbose_option
+def agent_run(cfg_path: Path, verbose: bool) -> None:
     """Poll the instruments and send signed intervals to the collector."""
     from labmeter.agent.runtime import Agent
     from labmeter.clock import clock_from_env
@@ -105,11 +125,10 @@ def agent_run(cfg_path: ConfigOpt = Path("agent.toml"), verbose: Verbose = False
     run_until_signal(main)
 
 
-@agent_app.command("status")
-def agent_status(
-    cfg_path: ConfigOpt = Path("agent.toml"),
-    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
-) -> None:
+@agent_group.command("status")
+@config_option("agent.toml")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def agent_status(cfg_path: Path, as_json: bool) -> None:
     """Show the outbox: what waits for the collector's acknowledgement, and what it rejected."""
     from labmeter.agent.outbox import AgentStore
 
@@ -118,26 +137,26 @@ def agent_status(
     summary = store.summary()
     store.close()
     if as_json:
-        typer.echo(json.dumps(summary, indent=2))
+        click.echo(json.dumps(summary, indent=2))
         return
     chain = summary["chain"]
     pending = summary["pending"]
-    assert isinstance(chain, dict) and isinstance(pending, dict)
-    typer.echo(f"agent {cfg.agent.id}")
+    dead = summary["dead"]
+    assert isinstance(chain, dict) and isinstance(pending, dict) and isinstance(dead, list)
+    click.echo(f"agent {cfg.agent.id}")
     for inst in cfg.instrument:
         p = pending.get(inst.id)
         waiting = f"{p['count']} waiting for acknowledgement" if p else "all acknowledged"
-        typer.echo(f"  {inst.id}: {chain.get(inst.id, 0)} interval(s) emitted, {waiting}")
-    dead = summary["dead"]
-    assert isinstance(dead, list)
+        click.echo(f"  {inst.id}: {chain.get(inst.id, 0)} interval(s) emitted, {waiting}")
     if dead:
-        typer.echo(f"rejected by the collector ({len(dead)}); fix the cause, then `labmeter agent resend`:")
+        click.echo(f"rejected by the collector ({len(dead)}); fix the cause, then `labmeter agent resend`:")
         for d in dead[-20:]:
-            typer.echo(f"  {d['instrument']} seq {d['seq']}: {d['reason']}")
+            click.echo(f"  {d['instrument']} seq {d['seq']}: {d['reason']}")
 
 
-@agent_app.command("resend")
-def agent_resend(cfg_path: ConfigOpt = Path("agent.toml")) -> None:
+@agent_group.command("resend")
+@config_option("agent.toml")
+def agent_resend(cfg_path: Path) -> None:
     """Put rejected messages back in the outbox, once their cause is fixed."""
     from labmeter.agent.outbox import AgentStore
 
@@ -145,12 +164,14 @@ def agent_resend(cfg_path: ConfigOpt = Path("agent.toml")) -> None:
     store = AgentStore(cfg.agent.state_dir / "agent.db")
     n = store.resend_dead()
     store.close()
-    typer.echo(f"{n} message(s) queued again")
+    click.echo(f"{n} message(s) queued again")
 
 
 # collector ------------------------------------------------------------------
-@collector_app.command("run")
-def collector_run(cfg_path: ConfigOpt = Path("collector.toml"), verbose: Verbose = False) -> None:
+@collector_group.command("run")
+@config_option("collector.toml")
+@verbose_option
+def collector_run(cfg_path: Path, verbose: bool) -> None:
     """Receive, verify and store intervals (starts the built-in broker if [broker] embedded = true)."""
     from labmeter.clock import clock_from_env
     from labmeter.collector.service import Collector
@@ -164,19 +185,24 @@ def collector_run(cfg_path: ConfigOpt = Path("collector.toml"), verbose: Verbose
     run_until_signal(main)
 
 
-@collector_app.command("add-agent")
-def collector_add_agent(
-    agent_id: Annotated[str, typer.Argument(help="The agent's id, as in its agent.toml.")],
-    key: Annotated[str, typer.Option(help="Public key printed by `labmeter agent enroll` (ed25519:...).")],
-    instrument: Annotated[list[str], typer.Option(help="Instrument code this agent measures (repeat).")],
-    cfg_path: ConfigOpt = Path("collector.toml"),
-) -> None:
+@collector_group.command("add-agent")
+@click.argument("agent_id")
+@click.option("--key", required=True, help="Public key printed by `labmeter agent enroll` (ed25519:...).")
+@click.option(
+    "--instrument",
+    "instruments",
+    multiple=True,
+    required=True,
+    help="Instrument code this agent measures (repeat).",
+)
+@config_option("collector.toml")
+def collector_add_agent(agent_id: str, key: str, instruments: tuple[str, ...], cfg_path: Path) -> None:
     """Register an agent's public key and the instruments it may report."""
     from labmeter.collector.ledger import Ledger
     from labmeter.wire import ID_RE
 
     cfg = load_collector(cfg_path)
-    for name in [agent_id, *instrument]:
+    for name in [agent_id, *instruments]:
         if not ID_RE.match(name):
             fail(f"{name!r}: ids use letters, digits, '.', '_' and '-' only (at most 64)")
     try:
@@ -184,17 +210,16 @@ def collector_add_agent(
     except signing.KeyFileError as exc:
         fail(str(exc))
     ledger = Ledger.open(cfg.collector.ledger, cfg.collector.data_dir)
-    ledger.add_agent(agent_id, key, signing.key_id(pub), instrument)
+    ledger.add_agent(agent_id, key, signing.key_id(pub), instruments)
     ledger.close()
-    typer.echo(f"agent {agent_id} registered for {', '.join(instrument)}")
+    click.echo(f"agent {agent_id} registered for {', '.join(instruments)}")
 
 
-@collector_app.command("import-instruments")
-def collector_import(
-    file: Annotated[Path, typer.Argument(help="CSV with columns code,name,unit,category,kind,rated_hours.")],
-    cfg_path: ConfigOpt = Path("collector.toml"),
-) -> None:
-    """Add or update instruments from a CSV file (all rows or none)."""
+@collector_group.command("import-instruments")
+@click.argument("file", type=click.Path(path_type=Path))
+@config_option("collector.toml")
+def collector_import(file: Path, cfg_path: Path) -> None:
+    """Add or update instruments from a CSV file (code,name,unit,category,kind,rated_hours); all rows or none."""
     from labmeter.collector.ledger import Ledger, LedgerError
 
     cfg = load_collector(cfg_path)
@@ -205,32 +230,36 @@ def collector_import(
         fail(str(exc))
     finally:
         ledger.close()
-    typer.echo(f"{n} instrument(s) imported")
+    click.echo(f"{n} instrument(s) imported")
 
 
 # report ---------------------------------------------------------------------
-@report_app.command("hours")
-def report_hours(
-    start: Annotated[str, typer.Option("--from", help="First day (2026-01-01) or time, local.")],
-    end: Annotated[str, typer.Option("--to", help="Last day (inclusive) or end time, local.")],
-    cfg_path: ConfigOpt = Path("collector.toml"),
-    by: Annotated[str, typer.Option(help="instrument | unit")] = "instrument",
-    fmt: Annotated[str, typer.Option("--format", help="table | csv | json")] = "table",
-    lang: Annotated[str, typer.Option(help="en | zh (column names)")] = "en",
-    tz: Annotated[str, typer.Option(help="Time zone for dates.")] = "Asia/Shanghai",
-) -> None:
+@report_group.command("hours")
+@click.option("--from", "start", required=True, help="First day (2026-01-01) or time, local.")
+@click.option("--to", "end", required=True, help="Last day (inclusive) or end time, local.")
+@config_option("collector.toml")
+@click.option("--by", type=click.Choice(["instrument", "unit"]), default="instrument", show_default=True)
+@click.option(
+    "--format", "fmt", type=click.Choice(["table", "csv", "json"]), default="table", show_default=True
+)
+@click.option(
+    "--lang",
+    type=click.Choice(["en", "zh"]),
+    default="en",
+    show_default=True,
+    help="Language of the column names.",
+)
+@click.option("--tz", default="Asia/Shanghai", show_default=True, help="Time zone for dates.")
+def report_hours(start: str, end: str, cfg_path: Path, by: str, fmt: str, lang: str, tz: str) -> None:
     """Run, effective and unknown hours, and coverage, per instrument or unit."""
     from labmeter.collector.ledger import Ledger
     from labmeter.collector.report import PeriodError, hours_report, parse_time, render
 
-    if by not in ("instrument", "unit"):
-        fail(f"--by {by!r}: use instrument or unit")
-    if fmt not in ("table", "csv", "json"):
-        fail(f"--format {fmt!r}: use table, csv or json")
-    if lang not in ("en", "zh"):
-        fail(f"--lang {lang!r}: use en or zh")
     cfg = load_collector(cfg_path)
-    zone = ZoneInfo(tz)
+    try:
+        zone = ZoneInfo(tz)
+    except (KeyError, ValueError):
+        fail(f"--tz {tz!r}: unknown time zone")
     ledger = Ledger.open(cfg.collector.ledger, cfg.collector.data_dir)
     try:
         rows = hours_report(ledger, parse_time(start, zone), parse_time(end, zone, end=True), cfg.policy, by)
@@ -243,10 +272,9 @@ def report_hours(
 
 # broker, demo, sim ------------------------------------------------------------
 @app.command("broker")
-def broker(
-    listen: Annotated[str, typer.Option(help="host:port to listen on.")] = "127.0.0.1:1883",
-    verbose: Verbose = False,
-) -> None:
+@click.option("--listen", default="127.0.0.1:1883", show_default=True, help="host:port to listen on.")
+@verbose_option
+def broker(listen: str, verbose: bool) -> None:
     """Run the built-in MQTT broker on its own (the collector starts it itself when embedded = true)."""
     from labmeter.collector.broker import EmbeddedBroker
 
@@ -262,14 +290,17 @@ def broker(
 
 
 @app.command("demo")
-def demo(
-    duration: Annotated[
-        float, typer.Option(help="Real seconds to run; a working day is compressed into them.")
-    ] = 60,
-    directory: Annotated[Path | None, typer.Option("--dir", help="Keep configs and data here.")] = None,
-    port: Annotated[int, typer.Option(help="Port for the built-in broker.")] = 18830,
-) -> None:
-    """A simulated lab end to end: built-in broker, collector, agent, Modbus meter and Tasmota plug."""
+@click.option(
+    "--duration",
+    type=float,
+    default=60,
+    show_default=True,
+    help="Real seconds to run; a 14-hour working day is compressed into them.",
+)
+@click.option("--dir", "directory", type=click.Path(path_type=Path), help="Keep configs and data here.")
+@click.option("--port", type=int, default=0, help="Port for the built-in broker (default: a free one).")
+def demo(duration: float, directory: Path | None, port: int) -> None:
+    """A simulated lab end to end: built-in broker, collector, agent, Modbus meters and a Tasmota plug."""
     from labmeter.demo import run_demo
 
     log.setup(quiet=True)
@@ -277,7 +308,9 @@ def demo(
 
 
 @app.command("sim", hidden=True)
-def sim(spec_file: Path, verbose: Verbose = False) -> None:
+@click.argument("spec_file", type=click.Path(path_type=Path))
+@verbose_option
+def sim(spec_file: Path, verbose: bool) -> None:
     """Run simulated instruments from a TOML spec (for tests and benchmarks)."""
     from labmeter.clock import clock_from_env
     from labmeter.sim import run_sim
@@ -289,7 +322,3 @@ def sim(spec_file: Path, verbose: Verbose = False) -> None:
 
 def main() -> None:
     app()
-
-
-def local(ms: int, tz: str = "Asia/Shanghai") -> str:
-    return datetime.fromtimestamp(ms / 1000, ZoneInfo(tz)).strftime("%Y-%m-%d %H:%M")

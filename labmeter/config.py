@@ -2,6 +2,7 @@
 
 One place defines every key of ``agent.toml`` and ``collector.toml``. A bad key or
 value stops start-up with the file, the line, the key and what was expected.
+Validation is msgspec: strict, and light enough for an agent that runs for years.
 """
 
 from __future__ import annotations
@@ -12,151 +13,137 @@ import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+import msgspec
+from msgspec import Meta, Struct, field
 
 ID_PATTERN = r"^[A-Za-z0-9._-]{1,64}$"
+Id = Annotated[str, Meta(pattern=ID_PATTERN)]
 
 
 class ConfigError(Exception):
     """A config problem, already worded for the user (file, line, key, hint)."""
 
 
-class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+class Section(Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
+    pass
 
 
-class BrokerConfig(Section):
+class BrokerConfig(Section, frozen=True, kw_only=True):
     url: str = "mqtt://127.0.0.1:1883"
     username: str | None = None
     password_file: Path | None = None
     ca_file: Path | None = None
     cert_file: Path | None = None
     key_file: Path | None = None
-    keepalive_s: int = Field(30, ge=5, le=3600)
+    keepalive_s: Annotated[int, Meta(ge=5, le=3600)] = 30
     client_id: str | None = None
 
-    @field_validator("url")
-    @classmethod
-    def _url(cls, v: str) -> str:
-        if not re.match(r"^mqtts?://[^/:]+(:\d+)?/?$", v):
-            raise ValueError("expected mqtt://host[:port] or mqtts://host[:port]")
-        return v
+    def __post_init__(self) -> None:
+        if not re.match(r"^mqtts?://[^/:]+(:\d+)?/?$", self.url):
+            raise ValueError(f"url must be mqtt://host[:port] or mqtts://host[:port] (got {self.url!r})")
 
 
-class AgentSection(Section):
-    id: str = Field(pattern=ID_PATTERN)
+class AgentSection(Section, frozen=True, kw_only=True):
+    id: Id
     key_file: Path
     state_dir: Path
-    bucket_s: int = Field(3600, ge=60, le=86400)
-    checkpoint_s: float = Field(5, gt=0, le=300)
-    heartbeat_s: float = Field(30, gt=0, le=3600)
-    resend_after_s: float = Field(30, gt=0, le=3600)
-    open_every_s: float = Field(10, gt=0, le=3600)
+    bucket_s: Annotated[int, Meta(ge=60, le=86400)] = 3600
+    checkpoint_s: Annotated[float, Meta(gt=0, le=300)] = 5
+    heartbeat_s: Annotated[float, Meta(gt=0, le=3600)] = 30
+    resend_after_s: Annotated[float, Meta(gt=0, le=3600)] = 30
+    open_every_s: Annotated[float, Meta(gt=0, le=3600)] = 10
 
-    @field_validator("bucket_s")
-    @classmethod
-    def _bucket(cls, v: int) -> int:
-        if 86400 % v:
-            raise ValueError("must divide a day evenly (e.g. 900, 1800, 3600)")
-        return v
+    def __post_init__(self) -> None:
+        if 86400 % self.bucket_s:
+            raise ValueError(
+                f"bucket_s must divide a day evenly, e.g. 900, 1800 or 3600 (got {self.bucket_s})"
+            )
 
 
-class ModbusSource(Section):
-    driver: Literal["modbus"]
-    url: str = Field(description="tcp://host:port or rtu:///dev/ttyUSB0?baud=9600&parity=N")
+class ModbusSource(Section, tag_field="driver", tag="modbus", frozen=True, kw_only=True):
+    url: str
     profile: str
-    device_id: int = Field(1, ge=0, le=247)
-    timeout_s: float = Field(1.0, gt=0, le=30)
+    device_id: Annotated[int, Meta(ge=0, le=247)] = 1
+    timeout_s: Annotated[float, Meta(gt=0, le=30)] = 1.0
 
-    @field_validator("url")
-    @classmethod
-    def _url(cls, v: str) -> str:
-        if not re.match(r"^(tcp://[^/:]+(:\d+)?|rtu:///.+)$", v):
-            raise ValueError("expected tcp://host:port or rtu:///dev/ttyX?baud=9600")
-        return v
+    def __post_init__(self) -> None:
+        if not re.match(r"^(tcp://[^/:]+(:\d+)?|rtu:///.+)$", self.url):
+            raise ValueError(f"url must be tcp://host:port or rtu:///dev/ttyX?baud=9600 (got {self.url!r})")
 
 
-class MqttSource(Section):
-    driver: Literal["mqtt"]
+class MqttSource(Section, tag_field="driver", tag="mqtt", frozen=True, kw_only=True):
     topic: str
     format: Literal["tasmota"] = "tasmota"
     broker: BrokerConfig | None = None
 
 
-Source = Annotated[ModbusSource | MqttSource, Field(discriminator="driver")]
+class StatesConfig(Section, frozen=True, kw_only=True):
+    off_below_w: Annotated[float, Meta(ge=0)]
+    run_above_w: Annotated[float, Meta(gt=0)]
+    hysteresis_w: Annotated[float, Meta(ge=0)] = 0
+    min_dwell_s: Annotated[float, Meta(ge=0)] = 0
 
-
-class StatesConfig(Section):
-    off_below_w: float = Field(ge=0)
-    run_above_w: float = Field(gt=0)
-    hysteresis_w: float = Field(0, ge=0)
-    min_dwell_s: float = Field(0, ge=0)
-
-    @model_validator(mode="after")
-    def _order(self) -> StatesConfig:
+    def __post_init__(self) -> None:
         if self.run_above_w <= self.off_below_w:
             raise ValueError(
-                f"run_above_w ({self.run_above_w}) must be above off_below_w ({self.off_below_w})"
+                f"run_above_w must be above off_below_w (got {self.run_above_w:g} and {self.off_below_w:g})"
             )
-        return self
 
 
-class InstrumentConfig(Section):
-    id: str = Field(pattern=ID_PATTERN)
-    poll_s: float = Field(1, gt=0, le=3600)
-    stale_after_s: float = Field(30, gt=0)
-    source: Source
+class InstrumentConfig(Section, frozen=True, kw_only=True):
+    id: Id
+    poll_s: Annotated[float, Meta(gt=0, le=3600)] = 1
+    stale_after_s: Annotated[float, Meta(gt=0)] = 30
+    source: ModbusSource | MqttSource
     states: StatesConfig
 
 
-class AgentConfig(Section):
+class AgentConfig(Section, frozen=True, kw_only=True):
     agent: AgentSection
-    broker: BrokerConfig = BrokerConfig()
-    instrument: list[InstrumentConfig] = Field(min_length=1)
+    broker: BrokerConfig = field(default_factory=BrokerConfig)
+    instrument: Annotated[list[InstrumentConfig], Meta(min_length=1)]
     profiles_dir: Path | None = None
 
-    @model_validator(mode="after")
-    def _unique(self) -> AgentConfig:
+    def __post_init__(self) -> None:
         seen: set[str] = set()
         for inst in self.instrument:
             if inst.id in seen:
-                raise ValueError(f"instrument id {inst.id!r} appears twice")
+                raise ValueError(f"instrument ids must be unique ({inst.id!r} appears twice)")
             seen.add(inst.id)
-        return self
 
 
-class CollectorSection(Section):
+class CollectorSection(Section, frozen=True, kw_only=True):
     data_dir: Path
     ledger: str = "sqlite"
-    max_future_s: float = Field(300, ge=0)
-    ack_every_s: float = Field(0.2, gt=0, le=60)
+    max_future_s: Annotated[float, Meta(ge=0)] = 300
+    ack_every_s: Annotated[float, Meta(gt=0, le=60)] = 0.2
 
 
-class CollectorBroker(BrokerConfig):
+class CollectorBroker(BrokerConfig, frozen=True, kw_only=True):
     embedded: bool = False
     listen: str = "127.0.0.1:1883"
     shared_group: str | None = None
 
 
-class PolicyConfig(Section):
-    prep_allowance_s: int = Field(900, ge=0)
-    post_allowance_s: int = Field(600, ge=0)
-    rated_hours_general: float = Field(1400, gt=0)
-    rated_hours_special: float = Field(800, gt=0)
+class PolicyConfig(Section, frozen=True, kw_only=True):
+    prep_allowance_s: Annotated[int, Meta(ge=0)] = 900
+    post_allowance_s: Annotated[int, Meta(ge=0)] = 600
+    rated_hours_general: Annotated[float, Meta(gt=0)] = 1400
+    rated_hours_special: Annotated[float, Meta(gt=0)] = 800
 
 
-class WebConfig(Section):
+class WebConfig(Section, frozen=True, kw_only=True):
     listen: str = "127.0.0.1:8080"
 
 
-class CollectorConfig(Section):
+class CollectorConfig(Section, frozen=True, kw_only=True):
     collector: CollectorSection
-    broker: CollectorBroker = CollectorBroker()
-    policy: PolicyConfig = PolicyConfig()
+    broker: CollectorBroker = field(default_factory=CollectorBroker)
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
     web: WebConfig | None = None
 
 
-M = TypeVar("M", bound=BaseModel)
+M = TypeVar("M", bound=Struct)
 
 
 def load(path: Path, model: type[M]) -> M:
@@ -174,10 +161,20 @@ def parse(text: str, model: type[M], name: str = "<config>", base: Path | None =
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{name}: TOML syntax error: {exc}") from None
     try:
-        cfg = model.model_validate(data)
-    except ValidationError as exc:
-        raise ConfigError(_describe(exc, data, text, name, model)) from None
+        cfg = msgspec.convert(data, model, dec_hook=_dec_hook)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(_describe(str(exc), data, text, name, model)) from None
     return _rebase(cfg, base) if base is not None else cfg
+
+
+def replace(cfg: M, **changes: Any) -> M:
+    return msgspec.structs.replace(cfg, **changes)
+
+
+def _dec_hook(typ: type, obj: Any) -> Any:
+    if typ is Path and isinstance(obj, str):
+        return Path(obj)
+    raise NotImplementedError
 
 
 def _rebase(cfg: M, base: Path) -> M:
@@ -186,9 +183,9 @@ def _rebase(cfg: M, base: Path) -> M:
     def fix(obj: Any) -> Any:
         if isinstance(obj, Path):
             return obj if obj.is_absolute() else (base / obj)
-        if isinstance(obj, BaseModel):
-            updates = {k: fix(getattr(obj, k)) for k in type(obj).model_fields}
-            return obj.model_copy(update=updates)
+        if isinstance(obj, Struct):
+            changes = {k: fix(getattr(obj, k)) for k in obj.__struct_fields__}
+            return msgspec.structs.replace(obj, **changes)
         if isinstance(obj, list):
             return [fix(x) for x in obj]
         return obj
@@ -197,55 +194,72 @@ def _rebase(cfg: M, base: Path) -> M:
     return fixed
 
 
-def _describe(
-    exc: ValidationError, data: dict[str, Any], text: str, name: str, model: type[BaseModel]
-) -> str:
-    lines = []
-    for err in exc.errors():
-        path = _clean_loc(err["loc"], data)
-        if err["type"] == "union_tag_invalid":
-            path = (*path, "driver")
-            ctx = err.get("ctx", {})
-            err = {
-                **err,
-                "msg": f"unknown driver; expected one of {ctx.get('expected_tags', '')}",
-                "input": ctx.get("tag"),
-            }
-        key = _dotted(path)
-        line = locate_line(text, path)
-        where = f"{name}:{line}" if line else name
-        if err["type"] == "extra_forbidden":
-            known = _known_keys(model, path[:-1], data)
-            close = difflib.get_close_matches(str(path[-1]), known, n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else f"; known keys: {', '.join(sorted(known))}"
-            lines.append(f"{where}: unknown key {key!r}{hint}")
-        elif err["type"] == "missing":
-            lines.append(f"{where}: missing key {key!r}")
+_KINDS = {
+    "float": "a number",
+    "int": "a whole number",
+    "str": "text in quotes",
+    "bool": "true or false",
+    "array": "a list",
+    "object": "a table",
+}
+_AT = re.compile(r"^(?P<msg>.*) - at `\$(?P<path>[^`]*)`$", re.S)
+_PART = re.compile(r"\.([^.\[]+)|\[(\d+)\]")
+
+
+def _describe(error: str, data: dict[str, Any], text: str, name: str, model: type[Struct]) -> str:
+    m = _AT.match(error)
+    msg, path = (m.group("msg"), _path(m.group("path"))) if m else (error, ())
+    unknown = re.match(r"Object contains unknown field `(.+)`", msg)
+    missing = re.match(r"Object missing required field `(.+)`", msg)
+    if unknown:
+        path = (*path, unknown.group(1))
+    elif missing:
+        path = (*path, missing.group(1))
+    elif (first := msg.split(" ", 1)[0]) and _is_field(model, path, data, first):
+        path = (*path, first)  # a cross-field check names its key first
+    key = _dotted(path)
+    line = locate_line(text, path)
+    where = f"{name}:{line}" if line else name
+    if unknown:
+        known = _known_keys(model, path[:-1], data)
+        close = difflib.get_close_matches(str(path[-1]), known, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else f"; known keys: {', '.join(sorted(known))}"
+        return f"{where}: unknown key {key!r}{hint}"
+    if missing:
+        return f"{where}: missing key {key!r}"
+    got = _value_at(data, path)
+    expected = re.match(r"Expected `(\w+)`, got `\w+`$", msg)
+    if expected:
+        msg = f"expected {_KINDS.get(expected.group(1), expected.group(1))}"
+    if path and path[-1] == "driver" and msg.startswith("Invalid value"):
+        msg = "unknown driver; expected one of 'modbus', 'mqtt'"
+    msg = msg.replace("Invalid enum value", "unknown value").replace("Expected", "expected")
+    scalar = got is not None and not isinstance(got, dict | list)
+    shown = f" (got {got!r})" if scalar and repr(got) not in msg and "(got" not in msg else ""
+    if ID_PATTERN in msg:
+        msg = "use only letters, digits, '.', '_' and '-' (at most 64)"
+    if first_word_is_key := (path and msg.startswith(f"{path[-1]} ")):
+        return f"{where}: {key}: {msg.split(' ', 1)[1] if first_word_is_key else msg}"
+    return f"{where}: {key}: {msg}{shown}"
+
+
+def _is_field(model: type[Struct], path: tuple[Any, ...], data: Any, name: str) -> bool:
+    return name in _known_keys(model, path, data)
+
+
+def _path(text: str) -> tuple[Any, ...]:
+    return tuple(int(i) if i else k for k, i in _PART.findall(text))
+
+
+def _value_at(data: Any, path: tuple[Any, ...]) -> Any:
+    for part in path:
+        if (isinstance(data, dict) and part in data) or (
+            isinstance(data, list) and isinstance(part, int) and part < len(data)
+        ):
+            data = data[part]
         else:
-            got = err.get("input")
-            shown = f" (got {got!r})" if not isinstance(got, dict | list) else ""
-            lines.append(f"{where}: {key}: {err['msg']}{shown}")
-    return "\n".join(lines)
-
-
-def _clean_loc(loc: tuple[Any, ...], data: Any) -> tuple[Any, ...]:
-    """Drop pydantic's union tags from a location, keeping only keys that exist in the file's shape."""
-    out: list[Any] = []
-    cur = data
-    for part in loc:
-        if isinstance(cur, list) and isinstance(part, int):
-            out.append(part)
-            cur = cur[part] if part < len(cur) else None
-        elif isinstance(cur, dict):
-            if part in cur:
-                out.append(part)
-                cur = cur[part]
-            elif isinstance(part, str) and part[:1].isalpha() and part not in ("modbus", "mqtt", "serial"):
-                out.append(part)
-                cur = None
-        elif cur is None and isinstance(part, str) and not part.startswith("function-after"):
-            out.append(part)
-    return tuple(out)
+            return None
+    return data
 
 
 def _dotted(path: tuple[Any, ...]) -> str:
@@ -255,7 +269,7 @@ def _dotted(path: tuple[Any, ...]) -> str:
     return text or "(top level)"
 
 
-def _known_keys(model: type[BaseModel], path: tuple[Any, ...], data: Any) -> list[str]:
+def _known_keys(model: type[Struct], path: tuple[Any, ...], data: Any) -> list[str]:
     cur: Any = model
     raw = data
     for part in path:
@@ -263,30 +277,28 @@ def _known_keys(model: type[BaseModel], path: tuple[Any, ...], data: Any) -> lis
             raw = raw[part] if isinstance(raw, list) and part < len(raw) else None
             continue
         raw = raw.get(part) if isinstance(raw, dict) else None
-        field = cur.model_fields.get(part) if isinstance(cur, type) and issubclass(cur, BaseModel) else None
-        if field is None:
+        fields = {f.name: f.type for f in msgspec.structs.fields(cur)} if _is_struct(cur) else {}
+        if part not in fields:
             return []
-        cur = _model_of(field.annotation, raw)
-    if isinstance(cur, type) and issubclass(cur, BaseModel):
-        return list(cur.model_fields)
-    return []
+        cur = _struct_of(fields[part], raw)
+    return [f.name for f in msgspec.structs.fields(cur)] if _is_struct(cur) else []
 
 
-def _model_of(annotation: Any, raw: Any) -> Any:
-    """The model class behind an annotation, picking the union member the raw data's tag selects."""
-    args = getattr(annotation, "__args__", None)
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+def _is_struct(t: Any) -> bool:
+    return isinstance(t, type) and issubclass(t, Struct)
+
+
+def _struct_of(annotation: Any, raw: Any) -> Any:
+    """The struct class behind an annotation, picking the union member the raw data's tag selects."""
+    if _is_struct(annotation):
         return annotation
-    if not args:
-        return None
-    candidates = [_model_of(a, raw) for a in args]
-    candidates = [c for c in candidates if c is not None]
+    args = [a for a in getattr(annotation, "__args__", ()) if a is not type(None)]
+    structs = [s for s in (_struct_of(a, raw) for a in args) if s is not None]
     if isinstance(raw, dict) and "driver" in raw:
-        for c in candidates:
-            lit = getattr(c.model_fields.get("driver"), "annotation", None)
-            if raw["driver"] in getattr(lit, "__args__", ()):
-                return c
-    return candidates[0] if candidates else None
+        for s in structs:
+            if getattr(s, "__struct_config__", None) and s.__struct_config__.tag == raw["driver"]:
+                return s
+    return structs[0] if structs else None
 
 
 _HEADER = re.compile(r"^\s*(\[\[?)\s*([^\]]+?)\s*\]\]?\s*(#.*)?$")

@@ -1,8 +1,8 @@
-"""Ed25519 keys and signatures: the one place that signs and verifies.
+"""Ed25519 keys and signatures (libsodium through PyNaCl): the one place that signs and verifies.
 
-Key files are PEM/PKCS#8 (cryptography, readable by openssl). Verification, the
-collector's hot path, uses libsodium through PyNaCl: about twice as fast as
-OpenSSL's here, and it releases the GIL, so it overlaps with MQTT receive.
+Key files are PEM/PKCS#8, the format ``openssl pkey`` reads. libsodium verifies about
+twice as fast as OpenSSL here and releases the GIL, so the collector's signature
+checks overlap with MQTT receive; and the agent needs no second crypto library.
 """
 
 from __future__ import annotations
@@ -14,33 +14,55 @@ import os
 import stat
 from pathlib import Path
 
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from nacl.exceptions import BadSignatureError
-from nacl.signing import VerifyKey
+from nacl.signing import SigningKey, VerifyKey
 
 KEY_PREFIX = "ed25519:"
+# DER of a PKCS#8 Ed25519 private key is this fixed prefix followed by the 32-byte seed (RFC 8410).
+_PKCS8_PREFIX = bytes.fromhex("302e020100300506032b657004220420")
+_PEM_BEGIN, _PEM_END = "-----BEGIN PRIVATE KEY-----", "-----END PRIVATE KEY-----"
+
+PublicKey = VerifyKey
 
 
 class KeyFileError(Exception):
     """A key file or key text that cannot be used."""
 
 
-def generate_key_file(path: Path, force: bool = False) -> Ed25519PrivateKey:
+class PrivateKey:
+    """An agent's signing key."""
+
+    def __init__(self, seed: bytes) -> None:
+        self._key = SigningKey(seed)
+        self._seed = seed
+
+    @classmethod
+    def generate(cls) -> PrivateKey:
+        return cls(bytes(SigningKey.generate()))
+
+    def public_key(self) -> PublicKey:
+        return self._key.verify_key
+
+    def sign(self, data: bytes) -> bytes:
+        return bytes(self._key.sign(data).signature)
+
+    def pem(self) -> bytes:
+        b64 = base64.b64encode(_PKCS8_PREFIX + self._seed).decode()
+        return f"{_PEM_BEGIN}\n{b64}\n{_PEM_END}\n".encode()
+
+
+def generate_key_file(path: Path, force: bool = False) -> PrivateKey:
     """Create a private key readable by the owner only (0600), refusing to overwrite by default."""
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.exists() and not force:
         raise KeyFileError(
             f"{path}: key file exists; use --force to replace it (agents enrolled with it stop verifying)"
         )
-    key = Ed25519PrivateKey.generate()
-    pem = key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    )
+    key = PrivateKey.generate()
     tmp = path.with_suffix(path.suffix + ".tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
-        os.write(fd, pem)
+        os.write(fd, key.pem())
         os.fsync(fd)
     finally:
         os.close(fd)
@@ -49,57 +71,62 @@ def generate_key_file(path: Path, force: bool = False) -> Ed25519PrivateKey:
     return key
 
 
-def load_private_key(path: Path) -> Ed25519PrivateKey:
+def load_private_key(path: Path) -> PrivateKey:
     try:
         mode = path.stat().st_mode
-        data = path.read_bytes()
+        text = path.read_text(encoding="ascii")
     except FileNotFoundError:
         raise KeyFileError(f"{path}: no key file; create one with `labmeter agent enroll`") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise KeyFileError(f"{path}: cannot read key file ({exc})") from None
     if mode & (stat.S_IRWXG | stat.S_IRWXO):
         raise KeyFileError(
             f"{path}: private key is readable by others (mode {mode & 0o777:o}); run chmod 600 {path}"
         )
+    lines = [ln.strip() for ln in text.strip().splitlines()]
     try:
-        key = serialization.load_pem_private_key(data, password=None)
-    except ValueError as exc:
+        if lines[0] != _PEM_BEGIN or lines[-1] != _PEM_END:
+            raise ValueError("not a PEM private key")
+        der = base64.b64decode("".join(lines[1:-1]), validate=True)
+    except (IndexError, ValueError, binascii.Error) as exc:
         raise KeyFileError(f"{path}: not a PEM private key ({exc})") from None
-    if not isinstance(key, Ed25519PrivateKey):
-        raise KeyFileError(f"{path}: not an Ed25519 key")
-    return key
+    if len(der) != 48 or not der.startswith(_PKCS8_PREFIX):
+        raise KeyFileError(f"{path}: not an Ed25519 PKCS#8 key")
+    return PrivateKey(der[16:])
 
 
-def public_key_text(key: Ed25519PublicKey) -> str:
-    raw = key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-    return KEY_PREFIX + base64.b64encode(raw).decode()
+def public_key_text(key: PublicKey) -> str:
+    return KEY_PREFIX + base64.b64encode(bytes(key)).decode()
 
 
-def parse_public_key(text: str) -> Ed25519PublicKey:
+def parse_public_key(text: str) -> PublicKey:
     if not text.startswith(KEY_PREFIX):
         raise KeyFileError(
             f"public key {text!r}: expected 'ed25519:<base64>' as printed by `labmeter agent enroll`"
         )
     try:
         raw = base64.b64decode(text[len(KEY_PREFIX) :], validate=True)
-        return Ed25519PublicKey.from_public_bytes(raw)
-    except ValueError as exc:
+        if len(raw) != 32:
+            raise ValueError(f"{len(raw)} bytes, expected 32")
+        return VerifyKey(raw)
+    except (ValueError, binascii.Error) as exc:
         raise KeyFileError(f"public key {text!r}: {exc}") from None
 
 
-def key_id(key: Ed25519PublicKey) -> str:
+def key_id(key: PublicKey) -> str:
     """Short fingerprint carried in every envelope, so a collector can pick the key."""
-    raw = key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-    return hashlib.sha256(raw).hexdigest()[:16]
+    return hashlib.sha256(bytes(key)).hexdigest()[:16]
 
 
-def sign(key: Ed25519PrivateKey, body: bytes) -> str:
+def sign(key: PrivateKey, body: bytes) -> str:
     return base64.b64encode(key.sign(body)).decode()
 
 
 class SignatureChecker:
     """Checks signatures of one public key; build once per key, call per message."""
 
-    def __init__(self, key: Ed25519PublicKey) -> None:
-        self._key = VerifyKey(key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw))
+    def __init__(self, key: PublicKey) -> None:
+        self._key = key
 
     def __call__(self, body: bytes, sig: str) -> bool:
         try:
@@ -109,5 +136,5 @@ class SignatureChecker:
         return True
 
 
-def verify(key: Ed25519PublicKey, body: bytes, sig: str) -> bool:
+def verify(key: PublicKey, body: bytes, sig: str) -> bool:
     return SignatureChecker(key)(body, sig)

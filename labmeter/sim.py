@@ -70,7 +70,6 @@ class SimMeter:
         registers = [SimData(0, count=0x50, values=0, datatype=DataType.REGISTERS)]
         device = SimDevice(id=device_id, simdata=registers, action=self._action)
         self.server = ModbusTcpServer(device, address=(host, int(port)))
-        self._task: asyncio.Task[None] | None = None
 
     async def _action(
         self,
@@ -90,13 +89,10 @@ class SimMeter:
         return None
 
     async def start(self) -> None:
-        await self.server.listen()
-        self._task = asyncio.create_task(self.server.serve_forever())
+        await self.server.serve_forever(background=True)
 
     async def stop(self) -> None:
         await self.server.shutdown()
-        if self._task:
-            self._task.cancel()
 
 
 class SimPlug:

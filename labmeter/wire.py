@@ -13,8 +13,6 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-
 from labmeter import signing
 
 VERSION = 1
@@ -83,7 +81,7 @@ def body_hash(body_text: str) -> str:
     return hashlib.sha256(body_text.encode()).hexdigest()
 
 
-def seal(key: Ed25519PrivateKey, kid: str, body_text: str) -> bytes:
+def seal(key: signing.PrivateKey, kid: str, body_text: str) -> bytes:
     sig = signing.sign(key, body_text.encode())
     return json.dumps({"kid": kid, "body": body_text, "sig": sig}, separators=(",", ":")).encode()
 

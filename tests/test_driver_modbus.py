@@ -27,9 +27,7 @@ def words(value: float, order: str = "big") -> list[int]:
 
 
 def source(port: int, profile: str = "eastron-sdm120", device_id: int = 1) -> ModbusSource:
-    return ModbusSource(
-        driver="modbus", url=f"tcp://127.0.0.1:{port}", profile=profile, device_id=device_id, timeout_s=0.5
-    )
+    return ModbusSource(url=f"tcp://127.0.0.1:{port}", profile=profile, device_id=device_id, timeout_s=0.5)
 
 
 def independent_server(port: int, value: float, order: str = "big") -> ModbusServer:

@@ -44,7 +44,7 @@ def test_plug_feed_lwt_and_stale(mosquitto: BrokerProcess) -> None:
     clock = Clock()
 
     async def main() -> list[Sample]:
-        src = MqttSource(driver="mqtt", topic=topic, format="tasmota")
+        src = MqttSource(topic=topic, format="tasmota")
         d = TasmotaDriver(src, BrokerConfig(url=mosquitto.url), "agent-plug", stale_after_s=1.0, clock=clock)
         await d.start()
         assert await d.link.wait_connected(10)
