@@ -1,0 +1,203 @@
+"""Evidence bundles re-check without the ledger; every kind of tampering is named and changes the totals."""
+
+from __future__ import annotations
+
+import base64
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from labmeter.agent.outbox import AgentStore, Signer
+from labmeter.agent.timeline import Span
+from labmeter.collector.evidence import write_bundle
+from labmeter.collector.ledger import Ledger, StoredInterval
+
+from labmeter import signing, wire
+from labmeter.verify import H, verify_bundle
+from labmeter.wire import State
+
+T0 = 1_772_409_600_000  # 2026-03-02T00:00:00Z
+M = 60_000
+# one day: OFF, STANDBY, RUNNING 2 h, STANDBY, RUNNING 1 h, OFF
+DAY = [
+    (0, 480, State.OFF),
+    (480, 500, State.STANDBY),
+    (500, 620, State.RUNNING),
+    (620, 700, State.STANDBY),
+    (700, 760, State.RUNNING),
+    (760, 1440, State.OFF),
+]
+
+
+def build(tmp: Path) -> tuple[Ledger, list[int]]:
+    key = signing.generate_key_file(tmp / "agent.key")
+    pub = key.public_key()
+    signer = Signer("lab-pc", key, signing.key_id(pub))
+    store = AgentStore(tmp / "agent.db")
+    spans = []
+    for a, b, st in DAY:  # split at hours like the agent does
+        t = a
+        while t < b:
+            nxt = min(b, (t // 60 + 1) * 60)
+            spans.append(Span(T0 + t * M, T0 + nxt * M, st))
+            t = nxt
+    rows = store.emit(signer, "CZ-XRD-001", spans, None)
+    ledger = Ledger(tmp / "ledger.sqlite")
+    ledger.add_agent("lab-pc", signing.public_key_text(pub), signing.key_id(pub), ["CZ-XRD-001"])
+    stored = []
+    for r in rows:
+        env = wire.open_envelope(r.payload)
+        iv = wire.parse_interval(wire.load_body(env.body))
+        stored.append(
+            (
+                StoredInterval(
+                    iv.agent,
+                    iv.instrument,
+                    iv.seq,
+                    iv.start,
+                    iv.end,
+                    iv.state,
+                    iv.prev,
+                    wire.body_hash(env.body),
+                    0,
+                    r.payload,
+                ),
+                None,
+            )
+        )
+    ledger.store(stored, [])
+    running_seqs = [r.seq for r, s in zip(rows, spans, strict=True) if s.state is State.RUNNING]
+    return ledger, running_seqs
+
+
+@pytest.fixture
+def bundle(tmp_path: Path) -> tuple[Path, list[int]]:
+    ledger, running = build(tmp_path)
+    out = tmp_path / "bundle"
+    # the period is 06:00-18:00, so the first interval in it has a predecessor to link to
+    write_bundle(ledger, "CZ-XRD-001", T0 + 360 * M, T0 + 1080 * M, 900, 600, out)
+    ledger.close()
+    return out, running
+
+
+def lines(folder: Path) -> list[dict]:
+    return [json.loads(x) for x in (folder / "intervals.jsonl").read_text().splitlines()]
+
+
+def seq_of(env: dict) -> int:
+    return int(json.loads(env["body"])["seq"])
+
+
+def rewrite(folder: Path, envs: list[dict]) -> None:
+    (folder / "intervals.jsonl").write_text(
+        "".join(json.dumps(e, separators=(",", ":")) + "\n" for e in envs)
+    )
+
+
+def test_untouched_bundle_verifies(bundle: tuple[Path, list[int]]) -> None:
+    folder, _ = bundle
+    res = verify_bundle(folder)
+    assert res.ok, [str(f) for f in res.findings]
+    assert res.recomputed["run_ms"] == 180 * M
+    # 15 min of the 20-min standby before the first run (prep cap), 10 + 15 of the 80 min between the runs
+    assert res.recomputed["effective_ms"] == (180 + 15 + 10 + 15) * M
+    assert res.claimed == res.recomputed
+
+
+def test_edited_hours_are_named(bundle: tuple[Path, list[int]], tmp_path: Path) -> None:
+    folder, running = bundle
+    bad = tmp_path / "edited"
+    shutil.copytree(folder, bad)
+    envs = lines(bad)
+    target = running[0]
+    for e in envs:
+        if seq_of(e) == target:
+            body = json.loads(e["body"])
+            body["end"] += 30 * M  # claim half an hour more running
+            e["body"] = wire.dump_body(body)
+    rewrite(bad, envs)
+    res = verify_bundle(bad)
+    where = [f.where for f in res.findings]
+    assert any(f"seq {target})" in w for w in where), where
+    assert any("signature" in f.problem for f in res.findings)
+    # the forged 40-min interval no longer counts, and the 60-min one after it is unverified (no link)
+    assert res.recomputed["run_ms"] == (180 - 40 - 60) * M
+    assert res.recomputed["unverified_ms"] == 60 * M
+
+
+def test_dropped_interval_is_named(bundle: tuple[Path, list[int]], tmp_path: Path) -> None:
+    folder, running = bundle
+    bad = tmp_path / "dropped"
+    shutil.copytree(folder, bad)
+    target = running[1]
+    rewrite(bad, [e for e in lines(bad) if seq_of(e) != target])
+    res = verify_bundle(bad)
+    assert [str(f) for f in res.findings if "missing" in f.problem] == [
+        f"lab-pc seq {target}: missing: the chain breaks here"
+    ]
+    # the dropped hour is uncovered; the 20 min after the break are unverified
+    assert res.recomputed["run_ms"] == (180 - 60 - 20) * M
+    assert res.recomputed["uncovered_ms"] == 60 * M
+    assert res.recomputed["unverified_ms"] == 20 * M
+    assert any(f.where == "hours run" for f in res.findings)
+
+
+def test_changed_signature_is_named(bundle: tuple[Path, list[int]], tmp_path: Path) -> None:
+    folder, running = bundle
+    bad = tmp_path / "resigned"
+    shutil.copytree(folder, bad)
+    other = signing.PrivateKey.generate()
+    envs = lines(bad)
+    target = running[2]
+    for e in envs:
+        if seq_of(e) == target:
+            e["sig"] = base64.b64encode(other.sign(e["body"].encode())).decode()
+    rewrite(bad, envs)
+    res = verify_bundle(bad)
+    named = [str(f) for f in res.findings if "signature" in f.problem]
+    assert len(named) == 1 and f"seq {target})" in named[0]
+    assert res.recomputed["run_ms"] < res.claimed["run_ms"]
+
+
+def test_cli_evidence_and_verify(tmp_path: Path) -> None:
+    ledger, _ = build(tmp_path)
+    ledger.close()
+    (tmp_path / "collector.toml").write_text(
+        f'[collector]\ndata_dir = "{tmp_path}"\nledger = "sqlite:///{tmp_path / "ledger.sqlite"}"\n'
+    )
+    run = [sys.executable, "-m", "labmeter"]
+    out = subprocess.run(
+        [
+            *run,
+            "report",
+            "evidence",
+            "--instrument",
+            "CZ-XRD-001",
+            "--from",
+            "2026-03-02",
+            "--to",
+            "2026-03-02",
+            "-o",
+            str(tmp_path / "ev"),
+            "-c",
+            str(tmp_path / "collector.toml"),
+            "--tz",
+            "UTC",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 0, out.stderr
+    ok = subprocess.run([*run, "verify", str(tmp_path / "ev")], capture_output=True, text=True, timeout=60)
+    assert ok.returncode == 0 and "OK:" in ok.stdout, ok.stdout
+    assert f"claimed {3.0:10.3f} h" in ok.stdout
+    envs = lines(tmp_path / "ev")
+    rewrite(tmp_path / "ev", envs[:5] + envs[6:])
+    bad = subprocess.run([*run, "verify", str(tmp_path / "ev")], capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 1
+    assert "DISCREPANCY lab-pc seq 6: missing: the chain breaks here" in bad.stdout
+    assert H == 3_600_000
