@@ -7,10 +7,24 @@ contiguous: OFF, UNKNOWN or a gap in between breaks the link.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 
 UNVERIFIED = "UNVERIFIED"
+FIELDS = (
+    "period_ms",
+    "run_ms",
+    "standby_ms",
+    "off_ms",
+    "unknown_ms",
+    "unverified_ms",
+    "effective_ms",
+    "uncovered_ms",
+    "service_ms",
+    "external_ms",
+    "rated_ms",
+    "instruments",
+)
 
 
 @dataclass
@@ -23,8 +37,10 @@ class Hours:
     unverified_ms: int = 0
     effective_ms: int = 0
     uncovered_ms: int = 0
+    service_ms: int = 0
+    external_ms: int = 0
+    rated_ms: int = 0
     instruments: int = 0
-    extra: dict[str, object] = field(default_factory=dict)
 
     @property
     def known_ms(self) -> int:
@@ -35,17 +51,7 @@ class Hours:
         return self.known_ms / self.period_ms if self.period_ms else 0.0
 
     def add(self, other: Hours) -> None:
-        for name in (
-            "period_ms",
-            "run_ms",
-            "standby_ms",
-            "off_ms",
-            "unknown_ms",
-            "unverified_ms",
-            "effective_ms",
-            "uncovered_ms",
-            "instruments",
-        ):
+        for name in FIELDS:
             setattr(self, name, getattr(self, name) + getattr(other, name))
 
 
@@ -76,16 +82,29 @@ def _clip(start: int, end: int, a: int, b: int) -> int:
     return max(0, min(end, b) - max(start, a))
 
 
-def compute(rows: Iterable[tuple[int, int, str, bool]], a: int, b: int, prep_ms: int, post_ms: int) -> Hours:
-    """Hours in [a, b). ``rows`` should reach past both ends by the allowances, so edges are judged right."""
+def compute(
+    rows: Iterable[tuple[int, int, str, bool]],
+    a: int,
+    b: int,
+    prep_ms: int,
+    post_ms: int,
+    windows: Sequence[tuple[int, int, bool]] = (),
+) -> Hours:
+    """Hours in [a, b). ``rows`` should reach past both ends by the allowances, so edges are judged right.
+
+    ``windows`` are service records (start, end, external): service time is effective
+    time inside any of them, external service time effective time inside an external one.
+    """
     segs = merge(rows)
     h = Hours(period_ms=b - a, instruments=1)
     covered = 0
+    effective: list[tuple[int, int]] = []
     for i, s in enumerate(segs):
         n = _clip(s.start, s.end, a, b)
         covered += n
         if s.kind == "RUNNING":
             h.run_ms += n
+            effective.append((s.start, s.end))
         elif s.kind == "STANDBY":
             h.standby_ms += n
             before = i > 0 and segs[i - 1].end == s.start and segs[i - 1].kind == "RUNNING"
@@ -93,15 +112,45 @@ def compute(rows: Iterable[tuple[int, int, str, bool]], a: int, b: int, prep_ms:
             post_end = min(s.end, s.start + post_ms) if before else s.start
             prep_start = max(s.start, s.end - prep_ms) if after else s.end
             if prep_start <= post_end:
-                h.effective_ms += _clip(s.start, s.end, a, b) if (before or after) else 0
+                if before or after:
+                    effective.append((s.start, s.end))
             else:
-                h.effective_ms += _clip(s.start, post_end, a, b) + _clip(prep_start, s.end, a, b)
+                effective += [(s.start, post_end), (prep_start, s.end)]
         elif s.kind == "OFF":
             h.off_ms += n
         elif s.kind == "UNKNOWN":
             h.unknown_ms += n
         else:
             h.unverified_ms += n
-    h.effective_ms += h.run_ms
+    effective = [(max(x, a), min(y, b)) for x, y in effective if min(y, b) > max(x, a)]
+    h.effective_ms = sum(y - x for x, y in effective)
     h.uncovered_ms = max(0, h.period_ms - covered)
+    if windows:
+        h.service_ms = overlap(effective, union([(s, e) for s, e, _ in windows]))
+        h.external_ms = overlap(effective, union([(s, e) for s, e, ext in windows if ext]))
     return h
+
+
+def union(ranges: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Sorted, non-overlapping ranges covering the same time (overlapping bookings count once)."""
+    out: list[tuple[int, int]] = []
+    for s, e in sorted(ranges):
+        if out and s <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], e))
+        elif e > s:
+            out.append((s, e))
+    return out
+
+
+def overlap(xs: list[tuple[int, int]], ys: list[tuple[int, int]]) -> int:
+    """Total time in both of two lists of sorted, non-overlapping ranges."""
+    total, i, j = 0, 0, 0
+    while i < len(xs) and j < len(ys):
+        lo, hi = max(xs[i][0], ys[j][0]), min(xs[i][1], ys[j][1])
+        if hi > lo:
+            total += hi - lo
+        if xs[i][1] < ys[j][1]:
+            i += 1
+        else:
+            j += 1
+    return total

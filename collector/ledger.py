@@ -8,7 +8,6 @@ beside the original, never over it.
 
 from __future__ import annotations
 
-import csv
 import sqlite3
 import time
 from collections.abc import Iterable, Sequence
@@ -22,7 +21,14 @@ CREATE TABLE IF NOT EXISTS agents (
     id TEXT PRIMARY KEY, pubkey TEXT NOT NULL, kid TEXT NOT NULL, added_ms INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS instruments (
     code TEXT PRIMARY KEY, name TEXT NOT NULL DEFAULT '', unit TEXT NOT NULL DEFAULT '',
-    category TEXT NOT NULL DEFAULT '', kind TEXT NOT NULL DEFAULT 'general', rated_hours REAL);
+    department TEXT NOT NULL DEFAULT '', category TEXT NOT NULL DEFAULT '', kind TEXT NOT NULL DEFAULT 'general',
+    value_wan REAL, rated_hours REAL, share_mode TEXT NOT NULL DEFAULT '');
+CREATE TABLE IF NOT EXISTS service_records (
+    id INTEGER PRIMARY KEY, instrument TEXT NOT NULL, start_ms INTEGER NOT NULL, end_ms INTEGER NOT NULL,
+    applicant TEXT NOT NULL DEFAULT '', applicant_unit TEXT NOT NULL DEFAULT '',
+    service_type INTEGER NOT NULL, direction INTEGER NOT NULL DEFAULT 138, amount REAL, source TEXT NOT NULL DEFAULT '',
+    UNIQUE (instrument, start_ms, end_ms, applicant));
+CREATE INDEX IF NOT EXISTS service_time ON service_records (instrument, start_ms);
 CREATE TABLE IF NOT EXISTS enrolments (
     agent TEXT NOT NULL, instrument TEXT NOT NULL, PRIMARY KEY (agent, instrument));
 CREATE TABLE IF NOT EXISTS intervals (
@@ -37,6 +43,30 @@ CREATE TABLE IF NOT EXISTS rejections (
     authentic INTEGER NOT NULL DEFAULT 0, reason TEXT NOT NULL, topic TEXT NOT NULL, payload BLOB NOT NULL);
 CREATE INDEX IF NOT EXISTS rejections_seq ON rejections (agent, instrument, seq);
 """
+
+
+INSTRUMENT_COLUMNS = (
+    "code",
+    "name",
+    "unit",
+    "department",
+    "category",
+    "kind",
+    "value_wan",
+    "rated_hours",
+    "share_mode",
+)
+SERVICE_COLUMNS = (
+    "instrument",
+    "start_ms",
+    "end_ms",
+    "applicant",
+    "applicant_unit",
+    "service_type",
+    "direction",
+    "amount",
+    "source",
+)
 
 
 @dataclass(frozen=True)
@@ -109,53 +139,42 @@ class Ledger:
     def enrolments(self) -> set[tuple[str, str]]:
         return {(r[0], r[1]) for r in self.db.execute("SELECT agent, instrument FROM enrolments")}
 
-    def import_instruments(self, path: Path) -> int:
-        """Rows of code,name,unit,category,kind,rated_hours; all or nothing, errors name the row."""
-        with path.open(newline="", encoding="utf-8-sig") as fh:
-            reader = csv.DictReader(fh)
-            if not reader.fieldnames or "code" not in reader.fieldnames:
-                raise LedgerError(f"{path}: needs a header row with at least a 'code' column")
-            rows = []
-            errors = []
-            for n, row in enumerate(reader, start=2):
-                code = (row.get("code") or "").strip()
-                kind = (row.get("kind") or "general").strip() or "general"
-                rated = (row.get("rated_hours") or "").strip()
-                if not code:
-                    errors.append(f"{path}:{n}: empty code")
-                    continue
-                if kind not in ("general", "special"):
-                    errors.append(f"{path}:{n}: kind {kind!r} is not 'general' or 'special'")
-                    continue
-                try:
-                    rated_v = float(rated) if rated else None
-                except ValueError:
-                    errors.append(f"{path}:{n}: rated_hours {rated!r} is not a number")
-                    continue
-                rows.append(
-                    (
-                        code,
-                        (row.get("name") or "").strip(),
-                        (row.get("unit") or "").strip(),
-                        (row.get("category") or "").strip(),
-                        kind,
-                        rated_v,
-                    )
-                )
-        if errors:
-            raise LedgerError("\n".join(errors))
+    def upsert_instruments(self, rows: Sequence[dict[str, object]]) -> None:
+        cols = INSTRUMENT_COLUMNS
         cur = self.db.cursor()
         cur.execute("BEGIN IMMEDIATE")
         cur.executemany(
-            "INSERT INTO instruments VALUES (?,?,?,?,?,?) ON CONFLICT(code) DO UPDATE SET name=excluded.name, "
-            "unit=excluded.unit, category=excluded.category, kind=excluded.kind, rated_hours=excluded.rated_hours",
-            rows,
+            f"INSERT INTO instruments ({','.join(cols)}) VALUES ({','.join('?' * len(cols))}) ON CONFLICT(code) DO "
+            f"UPDATE SET {', '.join(f'{c}=excluded.{c}' for c in cols[1:])}",
+            [tuple(r.get(c) for c in cols) for r in rows],
         )
         cur.execute("COMMIT")
-        return len(rows)
+
+    def add_service_records(self, rows: Sequence[dict[str, object]]) -> int:
+        """Insert records; an identical record (instrument, start, end, applicant) already present is skipped."""
+        cols = SERVICE_COLUMNS
+        cur = self.db.cursor()
+        cur.execute("BEGIN IMMEDIATE")
+        before = self.db.total_changes
+        cur.executemany(
+            f"INSERT OR IGNORE INTO service_records ({','.join(cols)}) VALUES ({','.join('?' * len(cols))})",
+            [tuple(r.get(c) for c in cols) for r in rows],
+        )
+        added = self.db.total_changes - before
+        cur.execute("COMMIT")
+        return added
+
+    def service_windows(self, start_ms: int, end_ms: int) -> dict[str, list[tuple[int, int, bool]]]:
+        out: dict[str, list[tuple[int, int, bool]]] = {}
+        for inst, s, e, t in self.db.execute(
+            "SELECT instrument, start_ms, end_ms, service_type FROM service_records WHERE start_ms < ? AND end_ms > ?",
+            (end_ms, start_ms),
+        ):
+            out.setdefault(inst, []).append((s, e, t == 130))
+        return out
 
     def instruments(self) -> list[dict[str, object]]:
-        cols = ("code", "name", "unit", "category", "kind", "rated_hours")
+        cols = INSTRUMENT_COLUMNS
         return [
             dict(zip(cols, r, strict=True))
             for r in self.db.execute(f"SELECT {','.join(cols)} FROM instruments")

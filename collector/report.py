@@ -1,4 +1,7 @@
-"""The hours report: per instrument or per owning unit, as a table, CSV or JSON."""
+"""Hours reports: per instrument, owning unit, category or month; as a table, CSV, JSON or XLSX.
+
+Column names come in English and Chinese (the evaluation forms' own terms).
+"""
 
 from __future__ import annotations
 
@@ -8,6 +11,8 @@ import json
 from collections import defaultdict
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta
+from pathlib import Path
+from typing import Any
 from zoneinfo import ZoneInfo
 
 from labmeter.collector.hours import Hours, compute
@@ -16,21 +21,35 @@ from labmeter.collector.ledger import Ledger
 from labmeter.config import PolicyConfig
 
 H = 3_600_000
+YEAR_MS = 365 * 86_400_000
+GROUPINGS = ("instrument", "unit", "category", "month")
 
+# key, English, Chinese
+KEY_HEADERS = {
+    "instrument": ("Instrument", "仪器编号"),
+    "unit": ("Unit", "管理单位"),
+    "category": ("Category", "分类编码"),
+    "month": ("Month", "月份"),
+}
 COLUMNS: list[tuple[str, str, str]] = [
-    # key, English, Chinese
-    ("key", "Instrument", "仪器编号"),
     ("name", "Name", "仪器名称"),
     ("unit", "Unit", "管理单位"),
+    ("instruments", "Instruments", "仪器台数"),
     ("run_h", "Run hours (h)", "运行机时 (h)"),
     ("effective_h", "Effective hours (h)", "有效机时 (h)"),
+    ("service_h", "Service hours (h)", "服务机时 (h)"),
+    ("external_h", "External service hours (h)", "对外服务机时 (h)"),
+    ("rated_h", "Rated hours (h)", "定额机时 (h)"),
+    ("utilisation_pct", "Utilisation (%)", "机时利用率 (%)"),
+    ("sharing_pct", "Sharing rate (%)", "共享率 (%)"),
+    ("coverage_pct", "Coverage (%)", "数据覆盖率 (%)"),
     ("standby_h", "Standby (h)", "待机 (h)"),
     ("off_h", "Off (h)", "关机 (h)"),
     ("unknown_h", "Unknown (h)", "状态未知 (h)"),
     ("unverified_h", "Unverified (h)", "未验证 (h)"),
-    ("uncovered_h", "Uncovered (h)", "无数据 (h)"),
-    ("coverage_pct", "Coverage (%)", "覆盖率 (%)"),
+    ("uncovered_h", "No data (h)", "无数据 (h)"),
 ]
+TOTAL = ("TOTAL", "合计")
 
 
 class PeriodError(ValueError):
@@ -59,70 +78,136 @@ class Row:
     unit: str
     hours: Hours
 
-    def values(self) -> dict[str, object]:
+    def values(self) -> dict[str, Any]:
         h = self.hours
         return {
             "key": self.key,
             "name": self.name,
             "unit": self.unit,
-            "run_h": round(h.run_ms / H, 3),
-            "effective_h": round(h.effective_ms / H, 3),
-            "standby_h": round(h.standby_ms / H, 3),
-            "off_h": round(h.off_ms / H, 3),
-            "unknown_h": round(h.unknown_ms / H, 3),
-            "unverified_h": round(h.unverified_ms / H, 3),
-            "uncovered_h": round(h.uncovered_ms / H, 3),
+            "instruments": h.instruments,
+            "run_h": round(h.run_ms / H, 2),
+            "effective_h": round(h.effective_ms / H, 2),
+            "service_h": round(h.service_ms / H, 2),
+            "external_h": round(h.external_ms / H, 2),
+            "rated_h": round(h.rated_ms / H, 2),
+            "utilisation_pct": round(100 * h.effective_ms / h.rated_ms, 1) if h.rated_ms else None,
+            "sharing_pct": round(100 * h.external_ms / h.effective_ms, 1) if h.effective_ms else None,
             "coverage_pct": round(100 * h.coverage, 1),
+            "standby_h": round(h.standby_ms / H, 2),
+            "off_h": round(h.off_ms / H, 2),
+            "unknown_h": round(h.unknown_ms / H, 2),
+            "unverified_h": round(h.unverified_ms / H, 2),
+            "uncovered_h": round(h.uncovered_ms / H, 2),
         }
 
 
-def hours_report(ledger: Ledger, a: int, b: int, policy: PolicyConfig, by: str = "instrument") -> list[Row]:
-    if b <= a:
-        raise PeriodError("--to must be after --from")
+def rated_ms(info: dict[str, object], policy: PolicyConfig, period_ms: int) -> int:
+    """Rated hours (定额机时) for a year, prorated to the period."""
+    override = info.get("rated_hours")
+    if isinstance(override, int | float):
+        yearly = float(override)
+    elif info.get("kind") == "special":
+        yearly = policy.rated_hours_special
+    else:
+        yearly = policy.rated_hours_general
+    return round(yearly * H * period_ms / YEAR_MS)
+
+
+def per_instrument(ledger: Ledger, a: int, b: int, policy: PolicyConfig) -> dict[str, Hours]:
     prep, post = policy.prep_allowance_s * 1000, policy.post_allowance_s * 1000
     pad = max(prep, post)
     per: dict[str, list[tuple[int, int, str, bool]]] = defaultdict(list)
     for instrument, _agent, _seq, start, end, state, linked in ledger.intervals_between(a - pad, b + pad):
         per[instrument].append((start, end, state, bool(linked)))
+    windows = ledger.service_windows(a, b)
+    registry = {str(i["code"]): i for i in ledger.instruments()}
+    out: dict[str, Hours] = {}
+    for code in sorted(set(registry) | set(per)):
+        h = compute(per.get(code, []), a, b, prep, post, windows.get(code, ()))
+        h.rated_ms = rated_ms(registry.get(code, {}), policy, b - a)
+        out[code] = h
+    return out
+
+
+def months(a: int, b: int, tz: ZoneInfo) -> list[tuple[str, int, int]]:
+    """The local calendar months that [a, b) touches, clipped to it."""
+    out = []
+    t = datetime.fromtimestamp(a / 1000, tz)
+    first = datetime(t.year, t.month, 1, tzinfo=tz)
+    while int(first.timestamp() * 1000) < b:
+        nxt = datetime(first.year + first.month // 12, first.month % 12 + 1, 1, tzinfo=tz)
+        lo, hi = max(a, int(first.timestamp() * 1000)), min(b, int(nxt.timestamp() * 1000))
+        out.append((f"{first.year}-{first.month:02d}", lo, hi))
+        first = nxt
+    return out
+
+
+def hours_report(
+    ledger: Ledger, a: int, b: int, policy: PolicyConfig, by: str = "instrument", tz: ZoneInfo | None = None
+) -> list[Row]:
+    """Rows for one grouping, and a totals row last."""
+    if b <= a:
+        raise PeriodError("--to must be after --from")
+    if by not in GROUPINGS:
+        raise PeriodError(f"--by {by!r}: use one of {', '.join(GROUPINGS)}")
     registry = {str(i["code"]): i for i in ledger.instruments()}
     rows: list[Row] = []
-    for code in sorted(set(registry) | set(per)):
-        info = registry.get(code, {})
-        rows.append(
-            Row(
-                code,
-                str(info.get("name") or ""),
-                str(info.get("unit") or ""),
-                compute(per[code], a, b, prep, post),
-            )
-        )
-    if by == "unit":
-        units: dict[str, Row] = {}
-        for r in rows:
-            u = units.setdefault(r.unit, Row(r.unit or "-", "", r.unit, Hours()))
-            u.hours.add(r.hours)
-        rows = [units[k] for k in sorted(units)]
-    total = Row("TOTAL", "", "", Hours())
+    if by == "month":
+        for label, lo, hi in months(a, b, tz or ZoneInfo("Asia/Shanghai")):
+            row = Row(label, "", "", Hours())
+            for h in per_instrument(ledger, lo, hi, policy).values():
+                row.hours.add(h)
+            rows.append(row)
+    else:
+        hours = per_instrument(ledger, a, b, policy)
+        for code, h in hours.items():
+            info = registry.get(code, {})
+            rows.append(Row(code, str(info.get("name") or ""), str(info.get("unit") or ""), h))
+        if by in ("unit", "category"):
+            groups: dict[str, Row] = {}
+            for r in rows:
+                label = str(registry.get(r.key, {}).get(by) or "-")
+                g = groups.setdefault(label, Row(label, "", label if by == "unit" else "", Hours()))
+                g.hours.add(r.hours)
+            rows = [groups[k] for k in sorted(groups)]
+    total = Row(TOTAL[0], "", "", Hours())
     for r in rows:
         total.hours.add(r.hours)
+    if by == "month":
+        total.hours.instruments = max((r.hours.instruments for r in rows), default=0)
     return [*rows, total]
 
 
-def render(rows: list[Row], fmt: str, lang: str = "en") -> str:
-    header = {k: (zh if lang == "zh" else en) for k, en, zh in COLUMNS}
+def columns_for(by: str) -> list[tuple[str, str, str]]:
+    keep = [c for c in COLUMNS if not (by != "instrument" and c[0] in ("name", "unit"))]
+    if by == "instrument":
+        keep = [c for c in keep if c[0] != "instruments"]
+    en, zh = KEY_HEADERS[by]
+    return [("key", en, zh), *keep]
+
+
+def render(rows: list[Row], fmt: str, lang: str = "zh", by: str = "instrument") -> str:
+    cols = columns_for(by)
+    header = [zh if lang == "zh" else en for _, en, zh in cols]
     data = [r.values() for r in rows]
+    if lang == "zh" and data:
+        data[-1]["key"] = TOTAL[1]
     if fmt == "json":
-        return json.dumps([d for d in data if d["key"] != "TOTAL"], ensure_ascii=False, indent=2) + "\n"
+        return (
+            json.dumps([{k: d[k] for k, _, _ in cols} for d in data[:-1]], ensure_ascii=False, indent=2)
+            + "\n"
+        )
     if fmt == "csv":
         buf = io.StringIO()
         w = csv.writer(buf)
-        w.writerow([header[k] for k, _, _ in COLUMNS])
+        w.writerow(header)
         for d in data:
-            w.writerow([d[k] for k, _, _ in COLUMNS])
+            w.writerow(["" if d[k] is None else d[k] for k, _, _ in cols])
         return buf.getvalue()
-    cols = [k for k, _, _ in COLUMNS if k not in ("name", "unit")]
-    cells = [[header[k] for k in cols]] + [[_fmt(d[k]) for k in cols] for d in data]
-    widths = [max(_width(row[i]) for row in cells) for i in range(len(cols))]
+    shown = [c for c in cols if c[0] not in ("name", "unit", "standby_h", "off_h")]
+    cells = [[(zh if lang == "zh" else en) for _, en, zh in shown]]
+    cells += [[_fmt(d[k]) for k, _, _ in shown] for d in data]
+    widths = [max(_width(row[i]) for row in cells) for i in range(len(shown))]
     lines = []
     for n, row in enumerate(cells):
         lines.append(
@@ -133,7 +218,42 @@ def render(rows: list[Row], fmt: str, lang: str = "en") -> str:
     return "\n".join(lines) + "\n"
 
 
+def write_xlsx(path: Path, sheets: dict[str, list[Row]], lang: str = "zh") -> None:
+    """One sheet per grouping: header row frozen, units in the headers, a totals row last."""
+    from openpyxl import Workbook
+    from openpyxl.styles import Font
+    from openpyxl.utils import get_column_letter
+
+    names = {
+        "instrument": ("By instrument", "按仪器"),
+        "unit": ("By unit", "按单位"),
+        "category": ("By category", "按类别"),
+        "month": ("By month", "按月份"),
+    }
+    wb = Workbook()
+    wb.remove(wb.active)
+    for by, rows in sheets.items():
+        ws = wb.create_sheet(names[by][1] if lang == "zh" else names[by][0])
+        cols = columns_for(by)
+        ws.append([zh if lang == "zh" else en for _, en, zh in cols])
+        for cell in ws[1]:
+            cell.font = Font(bold=True)
+        data = [r.values() for r in rows]
+        if lang == "zh" and data:
+            data[-1]["key"] = TOTAL[1]
+        for d in data:
+            ws.append([d[k] for k, _, _ in cols])
+        for cell in ws[ws.max_row]:
+            cell.font = Font(bold=True)
+        ws.freeze_panes = "B2"
+        for i, (_, en, zh) in enumerate(cols, start=1):
+            ws.column_dimensions[get_column_letter(i)].width = max(10, len(zh if lang == "zh" else en) + 4)
+    wb.save(path)
+
+
 def _fmt(v: object) -> str:
+    if v is None:
+        return "-"
     return f"{v:.2f}" if isinstance(v, float) else str(v)
 
 

@@ -216,21 +216,53 @@ def collector_add_agent(agent_id: str, key: str, instruments: tuple[str, ...], c
 
 
 @collector_group.command("import-instruments")
-@click.argument("file", type=click.Path(path_type=Path))
+@click.argument("file", type=click.Path(path_type=Path, exists=True, dir_okay=False))
 @config_option("collector.toml")
 def collector_import(file: Path, cfg_path: Path) -> None:
-    """Add or update instruments from a CSV file (code,name,unit,category,kind,rated_hours); all rows or none."""
-    from labmeter.collector.ledger import Ledger, LedgerError
+    """Add or update instruments from a CSV or XLSX sheet (all rows or none).
+
+    Columns (English or Chinese headers): code 仪器编号, name 仪器名称, unit 管理单位, department 所在部门,
+    category 分类编码 (6 digits), kind 仪器类型 (general 通用 / special 专用), value_wan 原值（万元）,
+    rated_hours 定额机时, share_mode 共享模式.
+    """
+    from labmeter.collector.ledger import Ledger
+    from labmeter.collector.registry import ImportError_, import_instruments
 
     cfg = load_collector(cfg_path)
     ledger = Ledger.open(cfg.collector.ledger, cfg.collector.data_dir)
     try:
-        n = ledger.import_instruments(file)
-    except (LedgerError, OSError) as exc:
+        n = import_instruments(ledger, file)
+    except ImportError_ as exc:
         fail(str(exc))
     finally:
         ledger.close()
     click.echo(f"{n} instrument(s) imported")
+
+
+@collector_group.command("import-services")
+@click.argument("file", type=click.Path(path_type=Path, exists=True, dir_okay=False))
+@click.option("--instrument", help="Instrument the file is about (for a per-instrument sheet or calendar).")
+@config_option("collector.toml")
+@click.option("--tz", default="Asia/Shanghai", show_default=True, help="Time zone of times without one.")
+def collector_import_services(file: Path, instrument: str | None, cfg_path: Path, tz: str) -> None:
+    """Import service records (bookings, usage logs) from CSV, XLSX or iCalendar (all rows or none).
+
+    Columns: instrument 仪器编号, start 开始时间, end 结束时间, applicant 申请人, applicant_unit 申请单位,
+    service_type 服务类型 (120 internal 对内 / 130 external 对外), direction 服务方向 (135-138), amount 金额.
+    A record identical to one already imported (instrument, start, end, applicant) is skipped.
+    """
+    from labmeter.collector.ledger import Ledger
+    from labmeter.collector.registry import ImportError_, import_services
+
+    cfg = load_collector(cfg_path)
+    ledger = Ledger.open(cfg.collector.ledger, cfg.collector.data_dir)
+    try:
+        res = import_services(ledger, file, ZoneInfo(tz), instrument)
+    except ImportError_ as exc:
+        fail(str(exc))
+    finally:
+        ledger.close()
+    click.echo(f"{res.added} service record(s) imported, {res.duplicates} already present")
 
 
 # report ---------------------------------------------------------------------
@@ -238,36 +270,59 @@ def collector_import(file: Path, cfg_path: Path) -> None:
 @click.option("--from", "start", required=True, help="First day (2026-01-01) or time, local.")
 @click.option("--to", "end", required=True, help="Last day (inclusive) or end time, local.")
 @config_option("collector.toml")
-@click.option("--by", type=click.Choice(["instrument", "unit"]), default="instrument", show_default=True)
 @click.option(
-    "--format", "fmt", type=click.Choice(["table", "csv", "json"]), default="table", show_default=True
+    "--by",
+    type=click.Choice(["instrument", "unit", "category", "month"]),
+    default="instrument",
+    show_default=True,
+    help="Grouping (XLSX has a sheet for each).",
+)
+@click.option(
+    "--format", "fmt", type=click.Choice(["table", "csv", "json", "xlsx"]), default="table", show_default=True
+)
+@click.option(
+    "--output", "-o", "out", type=click.Path(path_type=Path), help="File to write (needed for xlsx)."
 )
 @click.option(
     "--lang",
-    type=click.Choice(["en", "zh"]),
-    default="en",
+    type=click.Choice(["zh", "en"]),
+    default="zh",
     show_default=True,
     help="Language of the column names.",
 )
-@click.option("--tz", default="Asia/Shanghai", show_default=True, help="Time zone for dates.")
-def report_hours(start: str, end: str, cfg_path: Path, by: str, fmt: str, lang: str, tz: str) -> None:
-    """Run, effective and unknown hours, and coverage, per instrument or unit."""
+@click.option("--tz", default="Asia/Shanghai", show_default=True, help="Time zone for days and months.")
+def report_hours(
+    start: str, end: str, cfg_path: Path, by: str, fmt: str, out: Path | None, lang: str, tz: str
+) -> None:
+    """Run, effective, service and external hours, utilisation, sharing rate and coverage."""
     from labmeter.collector.ledger import Ledger
-    from labmeter.collector.report import PeriodError, hours_report, parse_time, render
+    from labmeter.collector.report import GROUPINGS, PeriodError, hours_report, parse_time, render, write_xlsx
 
     cfg = load_collector(cfg_path)
     try:
         zone = ZoneInfo(tz)
     except (KeyError, ValueError):
         fail(f"--tz {tz!r}: unknown time zone")
+    if fmt == "xlsx" and out is None:
+        fail("--format xlsx needs --output FILE.xlsx")
     ledger = Ledger.open(cfg.collector.ledger, cfg.collector.data_dir)
     try:
-        rows = hours_report(ledger, parse_time(start, zone), parse_time(end, zone, end=True), cfg.policy, by)
+        a, b = parse_time(start, zone), parse_time(end, zone, end=True)
+        if fmt == "xlsx":
+            assert out is not None
+            write_xlsx(out, {g: hours_report(ledger, a, b, cfg.policy, g, zone) for g in GROUPINGS}, lang)
+            click.echo(f"written {out}")
+            return
+        text = render(hours_report(ledger, a, b, cfg.policy, by, zone), fmt, lang, by)
     except PeriodError as exc:
         fail(str(exc))
     finally:
         ledger.close()
-    sys.stdout.write(render(rows, fmt, lang))
+    if out is not None:
+        out.write_text(text, encoding="utf-8")
+        click.echo(f"written {out}")
+    else:
+        sys.stdout.write(text)
 
 
 @report_group.command("evidence")

@@ -21,6 +21,7 @@ from labmeter import config, signing
 from labmeter.agent.runtime import Agent
 from labmeter.clock import ScaledClock
 from labmeter.collector.ledger import Ledger
+from labmeter.collector.registry import import_instruments
 from labmeter.collector.report import hours_report, render
 from labmeter.collector.service import Collector
 from labmeter.sim import run_sim
@@ -154,7 +155,7 @@ async def run_demo(duration: float, directory: Path | None, port: int, stop: asy
 
     key = signing.generate_key_file(acfg.agent.key_file, force=True)
     ledger = Ledger.open(ccfg.collector.ledger, ccfg.collector.data_dir)
-    ledger.import_instruments(directory / "instruments.csv")
+    import_instruments(ledger, directory / "instruments.csv")
     pub = key.public_key()
     ledger.add_agent(
         acfg.agent.id, signing.public_key_text(pub), signing.key_id(pub), [i["id"] for i in INSTRUMENTS]
@@ -214,7 +215,7 @@ async def run_demo(duration: float, directory: Path | None, port: int, stop: asy
     rows = hours_report(ledger, epoch_ms, end_ms, ccfg.policy)
     ledger.close()
     print("\nReport for the simulated day (labmeter report hours):\n")
-    sys.stdout.write(render(rows, "table"))
+    sys.stdout.write(render(rows, "table", "en"))
     print("\nGround truth from the simulators' schedules (run hours):")
     for inst in INSTRUMENTS:
         print(f"  {inst['id']:<12} {truth_run_hours(inst['schedule'], DAY_HOURS * H):6.2f} h")

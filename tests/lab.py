@@ -119,3 +119,51 @@ def register(cfg: config.CollectorConfig, agent: str, pubkey: str, kid: str, ins
     ledger = Ledger.open(cfg.collector.ledger, cfg.collector.data_dir)
     ledger.add_agent(agent, pubkey, kid, instruments)
     ledger.close()
+
+
+def store_schedule(
+    tmp: Path,
+    ledger: Ledger,
+    agent: str,
+    instrument: str,
+    spans: list[tuple[int, int, str]],
+    bucket_ms: int = 3_600_000,
+) -> None:
+    """Sign ``spans`` (start_ms, end_ms, state) as an agent would (cut at bucket boundaries) and store them."""
+    from labmeter.agent.outbox import AgentStore, Signer
+    from labmeter.agent.timeline import split
+    from labmeter.collector.ledger import StoredInterval
+
+    from labmeter.wire import State
+
+    key_file = tmp / f"{agent}.key"
+    key = signing.load_private_key(key_file) if key_file.exists() else signing.generate_key_file(key_file)
+    pub = key.public_key()
+    signer = Signer(agent, key, signing.key_id(pub))
+    store = AgentStore(tmp / f"{agent}.db")
+    cut = [piece for s, e, st in spans for piece in split(s, e, State(st), bucket_ms)]
+    rows = store.emit(signer, instrument, cut, None)
+    store.close()
+    ledger.add_agent(agent, signing.public_key_text(pub), signing.key_id(pub), [instrument])
+    stored = []
+    for r in rows:
+        env = wire.open_envelope(r.payload)
+        iv = wire.parse_interval(wire.load_body(env.body))
+        stored.append(
+            (
+                StoredInterval(
+                    iv.agent,
+                    iv.instrument,
+                    iv.seq,
+                    iv.start,
+                    iv.end,
+                    iv.state,
+                    iv.prev,
+                    wire.body_hash(env.body),
+                    0,
+                    r.payload,
+                ),
+                None,
+            )
+        )
+    ledger.store(stored, [])

@@ -1,0 +1,225 @@
+"""A week computed by hand: two instruments, bookings across midnight and hour boundaries, an agent outage,
+external bookings, a duplicate and an overlapping booking. Every column is checked, in every grouping,
+and in the XLSX read back cell by cell."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from pathlib import Path
+from zoneinfo import ZoneInfo
+
+import pytest
+from labmeter.collector.ledger import Ledger
+from labmeter.collector.registry import import_instruments, import_services
+from labmeter.collector.report import hours_report, parse_time, render, write_xlsx
+from openpyxl import load_workbook
+
+from labmeter.config import PolicyConfig
+from tests.lab import store_schedule
+
+TZ = ZoneInfo("Asia/Shanghai")
+POLICY = PolicyConfig(prep_allowance_s=900, post_allowance_s=600)
+H = 3_600_000
+
+
+def t(day: int, hh: int, mm: int = 0) -> int:
+    """Local time on 2026-03-<day>."""
+    return int(datetime(2026, 3, day, hh, mm, tzinfo=TZ).timestamp() * 1000)
+
+
+WEEK = (t(2, 0), t(9, 0))
+
+
+def timeline(events: list[tuple[int, str]], end: int) -> list[tuple[int, int, str]]:
+    return [(s, e, st) for (s, st), (e, _) in zip(events, [*events[1:], (end, "")], strict=True)]
+
+
+A = timeline(
+    [
+        (t(2, 0), "OFF"),
+        (t(2, 8), "STANDBY"),
+        (t(2, 9), "RUNNING"),
+        (t(2, 12), "STANDBY"),
+        (t(2, 13), "OFF"),
+        (t(4, 22), "RUNNING"),
+        (t(5, 2), "STANDBY"),
+        (t(5, 2, 30), "OFF"),
+        (t(6, 10), "UNKNOWN"),
+        (t(6, 14), "OFF"),  # the agent was down for four hours
+    ],
+    WEEK[1],
+)
+B_EVENTS: list[tuple[int, str]] = []
+for d in range(2, 7):
+    B_EVENTS += [
+        (t(d, 0) if d == 2 else t(d, 0, 0), "OFF"),
+        (t(d, 13, 30), "STANDBY"),
+        (t(d, 14), "RUNNING"),
+        (t(d, 16), "STANDBY"),
+        (t(d, 17), "OFF"),
+    ]
+B = timeline([e for i, e in enumerate(B_EVENTS) if i == 0 or e[1] != B_EVENTS[i - 1][1]], WEEK[1])
+
+INSTRUMENTS_CSV = (
+    "仪器编号,仪器名称,管理单位,分类编码,仪器类型,原值（万元）,定额机时\n"
+    "CZ-A,X射线衍射仪,材料学院,020101,通用,350,\n"
+    "CZ-B,扫描电镜,分析测试中心,030201,专用,680,1000\n"
+)
+SERVICES_CSV = (
+    "仪器编号,开始时间,结束时间,申请人,申请单位,服务类型,服务方向,金额\n"
+    "CZ-A,2026-03-02 08:30,2026-03-02 10:30,张三,材料学院,120,135,0\n"
+    "CZ-A,2026-03-02 10:00,2026-03-02 11:00,李四,材料学院,120,137,0\n"  # overlaps the first: counted once
+    "CZ-A,2026-03-04 21:30,2026-03-05 01:30,王五,某某公司,130,136,1200\n"  # external, across midnight
+    "CZ-A,2026-03-04 21:30,2026-03-05 01:30,王五,某某公司,130,136,1200\n"  # duplicate: skipped
+    "CZ-B,2026-03-03 13:45,2026-03-03 15:15,赵六,外校,对外,科研,800\n"  # external, across the hour
+    "CZ-B,2026-03-05 15:30,2026-03-05 16:30,钱七,化学学院,对内,教学,0\n"
+)
+
+RATED_A = 1400 * 7 / 365
+RATED_B = 1000 * 7 / 365
+EFF_A = 7 + 15 / 60 + 10 / 60 + 10 / 60
+EFF_B = 5 * (2 + 15 / 60 + 10 / 60)
+EXPECTED = {
+    "CZ-A": {
+        "run_h": 7.0,
+        "effective_h": EFF_A,
+        "service_h": 1.75 + 0.5 + 3.5,
+        "external_h": 3.5,
+        "rated_h": RATED_A,
+        "utilisation_pct": 100 * EFF_A / RATED_A,
+        "sharing_pct": 100 * 3.5 / EFF_A,
+        "coverage_pct": 100 * 164 / 168,
+        "standby_h": 2.5,
+        "off_h": 154.5,
+        "unknown_h": 4.0,
+        "unverified_h": 0.0,
+        "uncovered_h": 0.0,
+    },
+    "CZ-B": {
+        "run_h": 10.0,
+        "effective_h": EFF_B,
+        "service_h": 1.5 + 0.5 + 10 / 60,
+        "external_h": 1.5,
+        "rated_h": RATED_B,
+        "utilisation_pct": 100 * EFF_B / RATED_B,
+        "sharing_pct": 100 * 1.5 / EFF_B,
+        "coverage_pct": 100.0,
+        "standby_h": 7.5,
+        "off_h": 150.5,
+        "unknown_h": 0.0,
+        "unverified_h": 0.0,
+        "uncovered_h": 0.0,
+    },
+}
+
+
+@pytest.fixture
+def ledger(tmp_path: Path) -> Ledger:
+    led = Ledger(tmp_path / "ledger.sqlite")
+    (tmp_path / "instruments.csv").write_text(INSTRUMENTS_CSV, encoding="utf-8")
+    (tmp_path / "services.csv").write_text(SERVICES_CSV, encoding="utf-8")
+    assert import_instruments(led, tmp_path / "instruments.csv") == 2
+    store_schedule(tmp_path, led, "pc-a", "CZ-A", A)
+    store_schedule(tmp_path, led, "pc-b", "CZ-B", B)
+    res = import_services(led, tmp_path / "services.csv", TZ)
+    assert (res.added, res.duplicates) == (5, 1)
+    return led
+
+
+def check(values: dict[str, object], expected: dict[str, float]) -> None:
+    for key, want in expected.items():
+        digits = 1 if key.endswith("_pct") else 2
+        assert values[key] == round(want, digits), (
+            f"{values['key']} {key}: {values[key]} != {round(want, digits)}"
+        )
+
+
+def test_every_column_by_instrument(ledger: Ledger) -> None:
+    rows = hours_report(ledger, *WEEK, POLICY, "instrument", TZ)
+    got = {r.key: r.values() for r in rows}
+    check(got["CZ-A"], EXPECTED["CZ-A"])
+    check(got["CZ-B"], EXPECTED["CZ-B"])
+    assert got["CZ-A"]["name"] == "X射线衍射仪" and got["CZ-B"]["unit"] == "分析测试中心"
+    total = got["TOTAL"]
+    eff = EFF_A + EFF_B
+    check(
+        total,
+        {
+            "run_h": 17.0,
+            "effective_h": eff,
+            "service_h": 5.75 + 2 + 10 / 60,
+            "external_h": 5.0,
+            "rated_h": RATED_A + RATED_B,
+            "utilisation_pct": 100 * eff / (RATED_A + RATED_B),
+            "sharing_pct": 100 * 5 / eff,
+            "unknown_h": 4.0,
+        },
+    )
+
+
+def test_groupings(ledger: Ledger) -> None:
+    by_unit = {r.key: r.values() for r in hours_report(ledger, *WEEK, POLICY, "unit", TZ)}
+    assert set(by_unit) == {"材料学院", "分析测试中心", "TOTAL"}
+    check(by_unit["材料学院"], EXPECTED["CZ-A"])
+    by_cat = {r.key: r.values() for r in hours_report(ledger, *WEEK, POLICY, "category", TZ)}
+    check(by_cat["030201"], EXPECTED["CZ-B"])
+    by_month = hours_report(ledger, *WEEK, POLICY, "month", TZ)
+    assert [r.key for r in by_month] == ["2026-03", "TOTAL"]
+    assert by_month[0].values()["run_h"] == 17.0 and by_month[0].values()["instruments"] == 2
+
+
+def test_days_are_local(ledger: Ledger) -> None:
+    # 2026-03-05 local holds 02:00 of running (00:00-02:00) and the 10-min post allowance
+    a, b = parse_time("2026-03-05", TZ), parse_time("2026-03-05", TZ, end=True)
+    got = {r.key: r.values() for r in hours_report(ledger, a, b, POLICY, "instrument", TZ)}
+    assert got["CZ-A"]["run_h"] == 2.0
+    assert got["CZ-A"]["external_h"] == 1.5  # the external booking ends at 01:30
+
+
+def test_xlsx_cell_by_cell(ledger: Ledger, tmp_path: Path) -> None:
+    out = tmp_path / "report.xlsx"
+    sheets = {
+        g: hours_report(ledger, *WEEK, POLICY, g, TZ) for g in ("instrument", "unit", "category", "month")
+    }
+    write_xlsx(out, sheets, "zh")
+    wb = load_workbook(out)
+    assert wb.sheetnames == ["按仪器", "按单位", "按类别", "按月份"]
+    ws = wb["按仪器"]
+    header = [c.value for c in ws[1]]
+    assert header[:8] == [
+        "仪器编号",
+        "仪器名称",
+        "管理单位",
+        "运行机时 (h)",
+        "有效机时 (h)",
+        "服务机时 (h)",
+        "对外服务机时 (h)",
+        "定额机时 (h)",
+    ]
+    assert "机时利用率 (%)" in header and "共享率 (%)" in header
+    assert ws.freeze_panes == "B2"
+    rows = {r[0]: dict(zip(header, r, strict=True)) for r in ws.iter_rows(min_row=2, values_only=True)}
+    assert list(rows) == ["CZ-A", "CZ-B", "合计"]
+    a = rows["CZ-A"]
+    assert a["运行机时 (h)"] == 7.0
+    assert a["有效机时 (h)"] == round(EFF_A, 2)
+    assert a["服务机时 (h)"] == 5.75
+    assert a["对外服务机时 (h)"] == 3.5
+    assert a["定额机时 (h)"] == round(RATED_A, 2)
+    assert a["机时利用率 (%)"] == round(100 * EFF_A / RATED_A, 1)
+    assert a["共享率 (%)"] == round(100 * 3.5 / EFF_A, 1)
+    assert a["状态未知 (h)"] == 4.0
+    assert rows["合计"]["运行机时 (h)"] == 17.0
+    assert ws.cell(ws.max_row, 1).font.bold
+    en = tmp_path / "en.xlsx"
+    write_xlsx(en, {"instrument": sheets["instrument"]}, "en")
+    ws_en = load_workbook(en)["By instrument"]
+    assert ws_en.cell(1, 4).value == "Run hours (h)" and ws_en.cell(ws_en.max_row, 1).value == "TOTAL"
+
+
+def test_csv_has_chinese_headers_by_default(ledger: Ledger) -> None:
+    text = render(hours_report(ledger, *WEEK, POLICY, "instrument", TZ), "csv", "zh", "instrument")
+    lines = text.splitlines()
+    assert lines[0].startswith("仪器编号,仪器名称,管理单位,运行机时 (h),有效机时 (h)")
+    assert lines[1].startswith("CZ-A,X射线衍射仪,材料学院,7.0,")
+    assert lines[-1].startswith("合计,")
