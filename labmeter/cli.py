@@ -325,6 +325,90 @@ def report_hours(
         sys.stdout.write(text)
 
 
+@report_group.command("national")
+@click.option("--year", type=int, required=True, help="Calendar year (local time).")
+@click.option(
+    "--output", "-o", "out", required=True, type=click.Path(path_type=Path), help="FILE.json or FILE.xlsx"
+)
+@config_option("collector.toml")
+@click.option("--tz", default="Asia/Shanghai", show_default=True)
+def report_national(year: int, out: Path, cfg_path: Path, tz: str) -> None:
+    """National sharing-platform export: runMachine and serviceMachine per instrument, and service records."""
+    from labmeter.collector.ledger import Ledger
+    from labmeter.collector.national import national_export, write_national
+
+    cfg = load_collector(cfg_path)
+    ledger = Ledger.open(cfg.collector.ledger, cfg.collector.data_dir)
+    try:
+        data = national_export(ledger, year, cfg.policy, ZoneInfo(tz))
+    finally:
+        ledger.close()
+    write_national(data, out)
+    click.echo(
+        f"{len(data['instruments'])} instrument(s), {len(data['serviceRecords'])} service record(s) -> {out}"
+    )
+
+
+@report_group.command("findings")
+@click.option("--from", "start", required=True, help="First day (2026-01-01) or time, local.")
+@click.option("--to", "end", required=True, help="Last day (inclusive) or end time, local.")
+@config_option("collector.toml")
+@click.option(
+    "--low-use",
+    "low_use",
+    type=float,
+    default=50,
+    show_default=True,
+    help="List instruments under this share (%) of their rated hours.",
+)
+@click.option(
+    "--min-coverage",
+    type=float,
+    default=90,
+    show_default=True,
+    help="List instruments whose state is known for less than this share (%) of the period.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option("--tz", default="Asia/Shanghai", show_default=True)
+def report_findings(
+    start: str, end: str, cfg_path: Path, low_use: float, min_coverage: float, as_json: bool, tz: str
+) -> None:
+    """Instruments to act on: low use, poor coverage (agents down, unknown time), no data at all."""
+    from labmeter.collector.ledger import Ledger
+    from labmeter.collector.national import findings
+    from labmeter.collector.report import PeriodError, parse_time
+
+    cfg = load_collector(cfg_path)
+    zone = ZoneInfo(tz)
+    ledger = Ledger.open(cfg.collector.ledger, cfg.collector.data_dir)
+    try:
+        res = findings(
+            ledger,
+            parse_time(start, zone),
+            parse_time(end, zone, end=True),
+            cfg.policy,
+            low_use,
+            min_coverage,
+        )
+    except PeriodError as exc:
+        fail(str(exc))
+    finally:
+        ledger.close()
+    if as_json:
+        click.echo(json.dumps(res, ensure_ascii=False, indent=2))
+        return
+    titles = {
+        "low_use": f"Low use (< {low_use:g}% of rated hours) 低使用率",
+        "poor_coverage": f"Poor coverage (< {min_coverage:g}% known) 数据覆盖不足",
+        "no_data": "No data 无数据",
+    }
+    for key, title in titles.items():
+        click.echo(f"{title}: {len(res[key])}")
+        for item in res[key]:
+            extra = ", ".join(f"{k} {v}" for k, v in item.items() if k not in ("instrument", "name", "unit"))
+            click.echo(f"  {item['instrument']}  {item['name']}  {item['unit']}  {extra}")
+
+
 @report_group.command("evidence")
 @click.option("--instrument", required=True, help="Instrument code.")
 @click.option("--from", "start", required=True, help="First day (2026-01-01) or time, local.")

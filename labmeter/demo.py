@@ -21,7 +21,7 @@ from labmeter import config, signing
 from labmeter.agent.runtime import Agent
 from labmeter.clock import ScaledClock
 from labmeter.collector.ledger import Ledger
-from labmeter.collector.registry import import_instruments
+from labmeter.collector.registry import import_instruments, import_services
 from labmeter.collector.report import hours_report, render
 from labmeter.collector.service import Collector
 from labmeter.sim import run_sim
@@ -130,6 +130,24 @@ def write_configs(d: Path, broker_port: int, meter_ports: dict[str, int]) -> tup
     return agent_toml, collector_toml
 
 
+# Bookings (service records) for the simulated day, hours after 07:00: who used what, internal or external.
+BOOKINGS = [
+    ("CZ-XRD-001", 2.0, 4.5, "Zhang Wei", "School of Materials", 120, 135),
+    ("CZ-XRD-001", 6.0, 9.0, "Acme Batteries Ltd", "Acme Batteries Ltd", 130, 136),
+    ("CZ-SEM-003", 1.0, 5.0, "Li Na", "Provincial Geology Institute", 130, 135),
+    ("CZ-SEM-003", 5.5, 8.0, "Wang Fang", "School of Physics", 120, 137),
+    ("CZ-HPLC-002", 2.0, 7.0, "Chen Jie", "School of Chemistry", 120, 135),
+]
+
+
+def write_bookings(path: Path, day_start: datetime) -> None:
+    lines = ["instrument,start,end,applicant,applicant_unit,service_type,direction,amount"]
+    for code, s, e, who, unit, st, direction in BOOKINGS:
+        start, end = day_start + timedelta(hours=s), day_start + timedelta(hours=e)
+        lines.append(f"{code},{start:%Y-%m-%d %H:%M},{end:%Y-%m-%d %H:%M},{who},{unit},{st},{direction},0")
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
 def truth_run_hours(points: list[tuple[float, str]], end_s: float) -> float:
     total = 0.0
     for (t, state), nxt in zip(points, [*points[1:], (end_s, "")], strict=True):
@@ -160,6 +178,8 @@ async def run_demo(duration: float, directory: Path | None, port: int, stop: asy
     ledger.add_agent(
         acfg.agent.id, signing.public_key_text(pub), signing.key_id(pub), [i["id"] for i in INSTRUMENTS]
     )
+    write_bookings(directory / "services.csv", today)
+    import_services(ledger, directory / "services.csv", TZ)
     ledger.close()
 
     print(f"labmeter demo: a simulated working day ({DAY_HOURS} h from {today:%H:%M}) in {duration:g} s")

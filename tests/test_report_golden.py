@@ -223,3 +223,36 @@ def test_csv_has_chinese_headers_by_default(ledger: Ledger) -> None:
     assert lines[0].startswith("仪器编号,仪器名称,管理单位,运行机时 (h),有效机时 (h)")
     assert lines[1].startswith("CZ-A,X射线衍射仪,材料学院,7.0,")
     assert lines[-1].startswith("合计,")
+
+
+def test_national_export_and_findings(ledger: Ledger, tmp_path: Path) -> None:
+    from labmeter.collector.national import findings, national_export, write_national
+
+    (tmp_path / "more.csv").write_text("code,name\nCZ-C,无人测量的仪器\n")
+    import_instruments(ledger, tmp_path / "more.csv")
+    data = national_export(ledger, 2026, POLICY, TZ)
+    inst = {i["instrumentCode"]: i for i in data["instruments"]}
+    assert inst["CZ-A"]["runMachine"] == 7.0 and inst["CZ-A"]["serviceMachine"] == 5.8  # 5.75 h to 0.1 h
+    assert inst["CZ-B"]["serviceMachine"] == round(2 + 10 / 60, 1)
+    ext = [r for r in data["serviceRecords"] if r["serviceType"] == 130]
+    assert ext[0] == {
+        "instrumentCode": "CZ-A",
+        "startTime": "2026-03-04 21:00",
+        "endTime": "2026-03-05 02:00",
+        "serviceType": 130,
+        "serviceDirection": 136,
+        "applicantUnit": "某某公司",
+        "amount": 1200.0,
+    }
+    write_national(data, tmp_path / "n.xlsx")
+    from openpyxl import load_workbook
+
+    wb = load_workbook(tmp_path / "n.xlsx")
+    assert wb["仪器机时"].cell(2, 4).value == 7.0 and wb["服务记录"].max_row == 6
+
+    res = findings(ledger, *WEEK, POLICY, low_use_pct=50, min_coverage_pct=99)
+    assert [x["instrument"] for x in res["low_use"]] == ["CZ-A"]  # 28% of rated; CZ-B is at 63%
+    assert [x["instrument"] for x in res["poor_coverage"]] == ["CZ-A"]  # four hours unknown
+    assert res["no_data"] == [
+        {"instrument": "CZ-C", "name": "无人测量的仪器", "unit": "", "reason": "no agent enrolled"}
+    ]
