@@ -54,7 +54,7 @@ class Pending:
     instrument: str
     kind: str
     env: wire.Envelope
-    body: dict[str, Any] | None
+    body: wire.Interval | dict[str, Any] | None
     body_error: wire.WireError | None
     seq: int | None
     sha: str
@@ -116,12 +116,12 @@ class Verifier:
             env = wire.open_envelope(payload)
         except wire.WireError as exc:
             raise Rejected(Rejection(str(exc), topic, payload, t.agent, t.instrument)) from None
+        body: wire.Interval | dict[str, Any] | None = None
+        body_error: wire.WireError | None = None
         try:
-            body: dict[str, Any] | None = wire.load_body(env.body)
-            body_error: wire.WireError | None = None
+            body = wire.decode_interval(env.body) if t.kind == "interval" else wire.load_body(env.body)
         except wire.WireError as exc:
-            body, body_error = None, exc
-        seq = body.get("seq") if body is not None else None
+            body_error = exc
         p = Pending(
             topic,
             payload,
@@ -131,7 +131,7 @@ class Verifier:
             env,
             body,
             body_error,
-            seq if isinstance(seq, int) and not isinstance(seq, bool) else None,
+            _seq_of(body, env.body),
             wire.body_hash(env.body),
         )
         if t.agent not in self.keys:
@@ -153,11 +153,13 @@ class Verifier:
         try:
             if body is None:
                 raise p.body_error or wire.WireError("body is not JSON")
-            if body.get("agent") != p.agent or body.get("instrument") != p.instrument:
-                raise wire.WireError("body agent/instrument do not match the topic")
-            if p.kind == "open":
+            if isinstance(body, dict):
+                if body.get("agent") != p.agent or body.get("instrument") != p.instrument:
+                    raise wire.WireError("body agent/instrument do not match the topic")
                 return OpenState(p.agent, body)
-            iv = wire.parse_interval(body)
+            iv = body
+            if iv.agent != p.agent or iv.instrument != p.instrument:
+                raise wire.WireError("body agent/instrument do not match the topic")
         except wire.WireError as exc:
             raise p.reject(str(exc), True) from None
         if (p.agent, p.instrument) not in self.enrolled:
@@ -195,3 +197,16 @@ class Verifier:
                 Rejection(f"status is not JSON: {exc}", wire.status_topic(agent), payload, agent)
             ) from None
         return Status(agent, body.get("status") == "online", body)
+
+
+def _seq_of(body: wire.Interval | dict[str, Any] | None, text: str) -> int | None:
+    """The seq a rejection is about, even from a body that failed its schema check."""
+    if isinstance(body, wire.Interval):
+        return body.seq
+    if body is None:
+        try:
+            body = json.loads(text)
+        except ValueError:
+            return None
+    seq = body.get("seq") if isinstance(body, dict) else None
+    return seq if isinstance(seq, int) and not isinstance(seq, bool) else None
