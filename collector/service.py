@@ -22,6 +22,7 @@ from typing import Any
 from labmeter.collector.broker import EmbeddedBroker
 from labmeter.collector.ledger import Ledger, Rejection
 from labmeter.collector.verify import Accepted, Pending, Rejected, Status, Verifier
+from labmeter.collector.web import LiveView
 
 from labmeter import config, wire
 from labmeter.clock import Clock
@@ -86,6 +87,7 @@ class Collector:
         self._last_log: dict[str, float] = {}
         self.broker: EmbeddedBroker | None = None
         self.link: MqttLink | None = None
+        self.web: LiveView | None = None
         self.ready = asyncio.Event()
         self._pool = ThreadPoolExecutor(2, thread_name_prefix="verify")
 
@@ -116,6 +118,7 @@ class Collector:
                     "received": self.clock.wall_ms(),
                     **result.body,
                 }
+                self._publish("agent", {"agent": result.agent, "online": result.online})
             else:
                 pending.append(result)
         for p, ok in zip(pending, await self._check_signatures(pending), strict=True):
@@ -131,10 +134,9 @@ class Collector:
             if isinstance(done, Accepted):
                 accepted.append(done)
             else:
-                self.live.instruments[done.body["instrument"]] = {
-                    **done.body,
-                    "received": self.clock.wall_ms(),
-                }
+                live = {**done.body, "received": self.clock.wall_ms()}
+                self.live.instruments[done.body["instrument"]] = live
+                self._publish("state", live)
         # provisional ``open`` messages are counted when rejected, not kept: they never carry hours
         kept = [r for r in rejected if not r.topic.endswith("/open")]
         conflicts = self.ledger.store([(a.interval, a.note) for a in accepted], kept)
@@ -157,6 +159,10 @@ class Collector:
             loop.run_in_executor(self._pool, _check, pending[half:]),
         )
         return parts[0] + parts[1]
+
+    def _publish(self, kind: str, data: dict[str, Any]) -> None:
+        if self.web is not None:
+            self.web.publish(kind, data)
 
     def _acknowledge(self, accepted: list[Accepted], rejected: list[Rejection]) -> None:
         acks: dict[str, dict[str, int]] = defaultdict(dict)
@@ -223,6 +229,14 @@ class Collector:
             subscriptions=self.subscriptions(),
         )
         await self.link.start()
+        if self.cfg.web is not None:
+            token = (
+                self.cfg.web.token_file.read_text(encoding="utf-8").strip()
+                if self.cfg.web.token_file
+                else None
+            )
+            self.web = LiveView(self, self.cfg.web.listen, self.cfg.web.timezone, token)
+            await self.web.start()
         # Ingest allocates many short-lived objects and no cycles worth chasing: keep the start-up heap out
         # of the collector's way and let generation 0 grow, instead of a full scan every few hundred messages.
         gc.freeze()
@@ -240,6 +254,8 @@ class Collector:
                 await self.process(list(self.inbox))
                 self.inbox.clear()
             await self.link.stop()
+            if self.web is not None:
+                await self.web.stop()
             if self.broker is not None:
                 await self.broker.stop()
             self._pool.shutdown()

@@ -504,6 +504,18 @@ def demo(duration: float, directory: Path | None, port: int) -> None:
     run_until_signal(lambda stop: run_demo(duration, directory, port, stop))
 
 
+@app.command("top")
+@click.option("--url", default="http://127.0.0.1:8080", show_default=True, help="The collector's live view.")
+@click.option("--token", envvar="LABMETER_TOKEN", help="Token, when the live view needs one.")
+@click.option("--every", type=float, default=2.0, show_default=True, help="Seconds between refreshes.")
+@click.option("--once", is_flag=True, help="Print once and exit.")
+def top(url: str, token: str | None, every: float, once: bool) -> None:
+    """Live instrument states in the terminal (reads the collector's JSON API)."""
+    from labmeter.top import run_top
+
+    sys.exit(run_top(url, token, every, once))
+
+
 @app.command("sim", hidden=True)
 @click.argument("spec_file", type=click.Path(path_type=Path))
 @verbose_option

@@ -134,6 +134,8 @@ class PolicyConfig(Section, frozen=True, kw_only=True):
 
 class WebConfig(Section, frozen=True, kw_only=True):
     listen: str = "127.0.0.1:8080"
+    token_file: Path | None = None
+    timezone: str = "Asia/Shanghai"
 
 
 class CollectorConfig(Section, frozen=True, kw_only=True):

@@ -88,7 +88,7 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def write_configs(d: Path, broker_port: int, meter_ports: dict[str, int]) -> tuple[Path, Path]:
+def write_configs(d: Path, broker_port: int, web_port: int, meter_ports: dict[str, int]) -> tuple[Path, Path]:
     parts = [
         "# Written by `labmeter demo`. Times are simulated: one real second is many simulated ones.\n"
         f'[agent]\nid = "demo-lab-pc"\nkey_file = "agent.key"\nstate_dir = "agent-state"\n'
@@ -119,6 +119,7 @@ def write_configs(d: Path, broker_port: int, meter_ports: dict[str, int]) -> tup
     collector_toml.write_text(
         '[collector]\ndata_dir = "collector-data"\nledger = "sqlite"\nmax_future_s = 3600\n\n'
         f'[broker]\nembedded = true\nlisten = "127.0.0.1:{broker_port}"\n\n'
+        f'[web]\nlisten = "127.0.0.1:{web_port}"\n\n'
         "[policy]\nprep_allowance_s = 900\npost_allowance_s = 600\n",
         encoding="utf-8",
     )
@@ -167,7 +168,8 @@ async def run_demo(duration: float, directory: Path | None, port: int, stop: asy
     clock = ScaledClock.start(epoch_ms, DAY_HOURS * H / duration)
     broker_port = port or free_port()
     meter_ports = {i["id"]: free_port() for i in INSTRUMENTS if i["kind"] == "meter"}
-    agent_toml, collector_toml = write_configs(directory, broker_port, meter_ports)
+    web_port = free_port()
+    agent_toml, collector_toml = write_configs(directory, broker_port, web_port, meter_ports)
     acfg = config.load(agent_toml, config.AgentConfig)
     ccfg = config.load(collector_toml, config.CollectorConfig)
 
@@ -185,8 +187,9 @@ async def run_demo(duration: float, directory: Path | None, port: int, stop: asy
     print(f"labmeter demo: a simulated working day ({DAY_HOURS} h from {today:%H:%M}) in {duration:g} s")
     print(f"  configs and data in {directory}")
     print(
-        f"  built-in broker on 127.0.0.1:{broker_port}; SDM120 meters on Modbus TCP; a Tasmota plug on MQTT\n"
+        f"  built-in broker on 127.0.0.1:{broker_port}; SDM120 meters on Modbus TCP; a Tasmota plug on MQTT"
     )
+    print(f"  live view: http://127.0.0.1:{web_port}/  (open it while the demo runs)\n")
 
     spec = {
         "epoch_ms": epoch_ms,

@@ -1,0 +1,282 @@
+"""The live view: a web page and its JSON API, served by the collector (aiohttp).
+
+Bound to 127.0.0.1 unless configured; on any other address a token is required.
+State changes reach open pages through server-sent events as the collector
+receives them. The page is one self-contained file: no CDN, works offline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+import logging
+import time
+from datetime import datetime
+from importlib import resources
+from typing import TYPE_CHECKING, Any
+from zoneinfo import ZoneInfo
+
+from aiohttp import web
+from labmeter.collector.report import GROUPINGS, hours_report, per_instrument
+
+if TYPE_CHECKING:
+    from labmeter.collector.service import Collector
+
+log = logging.getLogger("labmeter.web")
+H = 3_600_000
+DAY = 24 * H
+CACHE_S = 10.0
+AGENT_DOWN_AFTER_S = 90.0
+
+
+class BadRequest(web.HTTPBadRequest):
+    def __init__(self, message: str) -> None:
+        super().__init__(text=json.dumps({"error": message}), content_type="application/json")
+
+
+def _time_param(request: web.Request, name: str, default: int, tz: ZoneInfo) -> int:
+    raw = request.query.get(name)
+    if raw is None:
+        return default
+    if raw.isdigit():
+        return int(raw)
+    try:
+        dt = datetime.fromisoformat(raw)
+    except ValueError:
+        raise BadRequest(
+            f"{name}={raw!r}: use milliseconds since 1970 or an ISO time (2026-03-02T08:00)"
+        ) from None
+    return int((dt if dt.tzinfo else dt.replace(tzinfo=tz)).timestamp() * 1000)
+
+
+class LiveView:
+    def __init__(
+        self, collector: Collector, listen: str, tz: str = "Asia/Shanghai", token: str | None = None
+    ):
+        self.collector = collector
+        self.listen = listen
+        self.tz = ZoneInfo(tz)
+        self.token = token
+        self.listeners: set[asyncio.Queue[str]] = set()
+        self._cache: dict[str, tuple[float, Any]] = {}
+        self._runner: web.AppRunner | None = None
+        host = listen.rpartition(":")[0]
+        if host not in ("127.0.0.1", "localhost", "::1", "[::1]") and not token:
+            raise ValueError(
+                f"[web] listen = {listen!r} is not loopback: set token_file so the page needs a token"
+            )
+
+    # events ---------------------------------------------------------------
+    def publish(self, kind: str, data: dict[str, Any]) -> None:
+        """Called by the collector for every live change; slow pages drop events, never the collector."""
+        if not self.listeners:
+            return
+        msg = f"event: {kind}\ndata: {json.dumps(data, ensure_ascii=False)}\n\n"
+        for q in self.listeners:
+            with contextlib.suppress(asyncio.QueueFull):
+                q.put_nowait(msg)
+
+    # data -----------------------------------------------------------------
+    def _cached(self, key: str, make: Any) -> Any:
+        hit = self._cache.get(key)
+        now = time.monotonic()
+        if hit and now - hit[0] < CACHE_S:
+            return hit[1]
+        value = make()
+        self._cache[key] = (now, value)
+        return value
+
+    def _period_starts(self, now: int) -> dict[str, int]:
+        local = datetime.fromtimestamp(now / 1000, self.tz)
+        day = local.replace(hour=0, minute=0, second=0, microsecond=0)
+        return {
+            "today": int(day.timestamp() * 1000),
+            "month": int(day.replace(day=1).timestamp() * 1000),
+            "year": int(day.replace(month=1, day=1).timestamp() * 1000),
+        }
+
+    def instruments(self) -> list[dict[str, Any]]:
+        c = self.collector
+        now = c.clock.wall_ms()
+
+        def usage() -> dict[str, dict[str, dict[str, float | None]]]:
+            out: dict[str, dict[str, dict[str, float | None]]] = {}
+            for name, start in self._period_starts(now).items():
+                for code, h in per_instrument(c.ledger, start, max(now, start + 1), c.cfg.policy).items():
+                    out.setdefault(code, {})[name] = {
+                        "run_h": round(h.run_ms / H, 2),
+                        "effective_h": round(h.effective_ms / H, 2),
+                        "utilisation_pct": round(100 * h.effective_ms / h.rated_ms, 1)
+                        if h.rated_ms
+                        else None,
+                    }
+            return out
+
+        hours = self._cached("usage", usage)
+        registry = {str(i["code"]): i for i in c.ledger.instruments()}
+        out = []
+        for code in sorted(set(registry) | set(c.live.instruments)):
+            info = registry.get(code, {})
+            live = c.live.instruments.get(code, {})
+            agent = str(live.get("agent", ""))
+            out.append(
+                {
+                    "code": code,
+                    "name": info.get("name") or "",
+                    "unit": info.get("unit") or "",
+                    "category": info.get("category") or "",
+                    "state": live.get("state", "UNKNOWN"),
+                    "since": live.get("start"),
+                    "power_w": live.get("power_w"),
+                    "error": live.get("error"),
+                    "agent": agent,
+                    "agent_down": self._agent_down(agent, now) if agent else True,
+                    **hours.get(code, {}),
+                }
+            )
+        return out
+
+    def _agent_down(self, agent: str, now: int) -> bool:
+        a = self.collector.live.agents.get(agent)
+        if a is None or not a.get("online"):
+            return True
+        return now - int(a.get("received", 0)) > AGENT_DOWN_AFTER_S * 1000 * max(
+            1.0, self.collector.clock.scale
+        )
+
+    def agents(self) -> list[dict[str, Any]]:
+        now = self.collector.clock.wall_ms()
+        return [
+            {
+                "agent": a,
+                "online": bool(v.get("online")),
+                "last_seen": v.get("received"),
+                "pending": v.get("pending"),
+                "down": self._agent_down(a, now),
+            }
+            for a, v in sorted(self.collector.live.agents.items())
+        ]
+
+    # handlers -------------------------------------------------------------
+    @web.middleware
+    async def _auth(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        if self.token:
+            given = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
+            given = given or request.query.get("token", "") or request.cookies.get("labmeter_token", "")
+            if not hmac.compare_digest(given, self.token):
+                raise web.HTTPUnauthorized(text="token required: open /?token=...")
+            resp = await handler(request)
+            if request.query.get("token"):
+                resp.set_cookie("labmeter_token", self.token, httponly=True, samesite="Strict")
+            return resp
+        return await handler(request)
+
+    async def page(self, request: web.Request) -> web.Response:
+        html = resources.files("labmeter.collector").joinpath("live.html").read_text(encoding="utf-8")
+        return web.Response(text=html, content_type="text/html", charset="utf-8")
+
+    async def api_instruments(self, request: web.Request) -> web.Response:
+        return web.json_response(
+            {"now": self.collector.clock.wall_ms(), "instruments": self.instruments()}, dumps=_dumps
+        )
+
+    async def api_timeline(self, request: web.Request) -> web.Response:
+        code = request.match_info["code"]
+        known = {str(i["code"]) for i in self.collector.ledger.instruments()} | set(
+            self.collector.live.instruments
+        )
+        if code not in known:
+            raise web.HTTPNotFound(
+                text=json.dumps({"error": f"no instrument {code!r}"}), content_type="application/json"
+            )
+        now = self.collector.clock.wall_ms()
+        b = _time_param(request, "to", now, self.tz)
+        a = _time_param(request, "from", b - DAY, self.tz)
+        if b <= a:
+            raise BadRequest("to must be after from")
+        if b - a > 31 * DAY:
+            raise BadRequest("a timeline spans at most 31 days")
+        rows = self.collector.ledger.intervals_between(a, b, code)
+        intervals = [
+            {"start": max(r[3], a), "end": min(r[4], b), "state": r[5], "verified": bool(r[6])} for r in rows
+        ]
+        live = self.collector.live.instruments.get(code)
+        if (
+            live
+            and live.get("start", 0) < b
+            and (not intervals or live.get("start", 0) >= intervals[-1]["end"])
+        ):
+            intervals.append(
+                {"start": live["start"], "end": min(now, b), "state": live["state"], "open": True}
+            )
+        return web.json_response(
+            {"instrument": code, "from": a, "to": b, "intervals": intervals}, dumps=_dumps
+        )
+
+    async def api_utilisation(self, request: web.Request) -> web.Response:
+        by = request.query.get("by", "instrument")
+        if by not in GROUPINGS:
+            raise BadRequest(f"by={by!r}: use one of {', '.join(GROUPINGS)}")
+        now = self.collector.clock.wall_ms()
+        b = _time_param(request, "to", now, self.tz)
+        a = _time_param(request, "from", self._period_starts(now)["month"], self.tz)
+        if b <= a:
+            raise BadRequest("to must be after from")
+        rows = hours_report(self.collector.ledger, a, b, self.collector.cfg.policy, by, self.tz)
+        return web.json_response(
+            {"from": a, "to": b, "by": by, "rows": [r.values() for r in rows]}, dumps=_dumps
+        )
+
+    async def api_agents(self, request: web.Request) -> web.Response:
+        return web.json_response({"agents": self.agents()}, dumps=_dumps)
+
+    async def api_openapi(self, request: web.Request) -> web.Response:
+        spec = resources.files("labmeter.collector").joinpath("openapi.json").read_text(encoding="utf-8")
+        return web.Response(text=spec, content_type="application/json")
+
+    async def events(self, request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+        await resp.prepare(request)
+        q: asyncio.Queue[str] = asyncio.Queue(maxsize=1000)
+        self.listeners.add(q)
+        try:
+            await resp.write(b": hello\n\n")
+            while True:
+                try:
+                    msg = await asyncio.wait_for(q.get(), timeout=15)
+                except TimeoutError:
+                    msg = ": keep-alive\n\n"
+                await resp.write(msg.encode())
+        except (ConnectionResetError, asyncio.CancelledError):
+            pass
+        finally:
+            self.listeners.discard(q)
+        return resp
+
+    def app(self) -> web.Application:
+        app = web.Application(middlewares=[self._auth])
+        app.router.add_get("/", self.page)
+        app.router.add_get("/api/instruments", self.api_instruments)
+        app.router.add_get("/api/instruments/{code}/timeline", self.api_timeline)
+        app.router.add_get("/api/utilisation", self.api_utilisation)
+        app.router.add_get("/api/agents", self.api_agents)
+        app.router.add_get("/api/events", self.events)
+        app.router.add_get("/api/openapi.json", self.api_openapi)
+        return app
+
+    async def start(self) -> None:
+        host, _, port = self.listen.rpartition(":")
+        self._runner = web.AppRunner(self.app(), access_log=None, shutdown_timeout=1.0)
+        await self._runner.setup()
+        await web.TCPSite(self._runner, host.strip("[]"), int(port)).start()
+        log.info("live view on http://%s/", self.listen)
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+
+def _dumps(obj: Any) -> str:
+    return json.dumps(obj, ensure_ascii=False)

@@ -1,0 +1,71 @@
+"""``labmeter top``: the live view in a terminal, from the collector's JSON API."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+import urllib.error
+import urllib.request
+from datetime import datetime
+from typing import Any
+from zoneinfo import ZoneInfo
+
+COLOURS = {"RUNNING": "\033[32m", "STANDBY": "\033[33m", "OFF": "\033[90m", "UNKNOWN": "\033[31m"}
+
+
+def fetch(url: str, token: str | None) -> dict[str, Any]:
+    req = urllib.request.Request(url.rstrip("/") + "/api/instruments")
+    if token:
+        req.add_header("Authorization", f"Bearer {token}")
+    with urllib.request.urlopen(req, timeout=10) as r:
+        data: dict[str, Any] = json.loads(r.read())
+        return data
+
+
+def render(data: dict[str, Any], colour: bool) -> str:
+    tz = ZoneInfo(data.get("tz") or "Asia/Shanghai")
+
+    def hhmm(ms: int | None) -> str:
+        return datetime.fromtimestamp(ms / 1000, tz).strftime("%m-%d %H:%M") if ms else "-"
+
+    lines = [f"labmeter  {hhmm(data.get('now'))}  ({len(data['instruments'])} instruments)", ""]
+    head = f"{'INSTRUMENT':<16} {'UNIT':<22} {'STATE':<8} {'SINCE':<11} {'POWER W':>9} {'RUN TODAY':>9} {'EFF TODAY':>9} {'UTIL MONTH':>10}  AGENT"
+    lines.append(head)
+    for i in sorted(data["instruments"], key=lambda x: (x.get("unit") or "", x["code"])):
+        state = i.get("state", "UNKNOWN")
+        shown = f"{state:<8}"
+        if colour:
+            shown = f"{COLOURS.get(state, '')}{shown}\033[0m"
+        today = i.get("today") or {}
+        month = i.get("month") or {}
+        util = month.get("utilisation_pct")
+        power = i.get("power_w")
+        agent = (i.get("agent") or "-") + (" DOWN" if i.get("agent_down") else "")
+        lines.append(
+            f"{i['code']:<16} {(i.get('unit') or '')[:22]:<22} {shown} {hhmm(i.get('since')):<11} "
+            f"{'-' if power is None else f'{power:.1f}':>9} {today.get('run_h', 0):>9.2f} "
+            f"{today.get('effective_h', 0):>9.2f} {'-' if util is None else f'{util:.1f}%':>10}  {agent}"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def run_top(url: str, token: str | None, every: float, once: bool) -> int:
+    colour = sys.stdout.isatty()
+    while True:
+        try:
+            text = render(fetch(url, token), colour)
+        except (urllib.error.URLError, OSError, ValueError) as exc:
+            text = f"cannot read {url}/api/instruments: {exc}\n"
+            if once:
+                sys.stderr.write(text)
+                return 1
+        if once:
+            sys.stdout.write(text)
+            return 0
+        sys.stdout.write("\033[H\033[2J" + text)
+        sys.stdout.flush()
+        try:
+            time.sleep(every)
+        except KeyboardInterrupt:
+            return 0

@@ -1,0 +1,216 @@
+"""The live view in a real browser (Debian's Chromium driven by Playwright) and its JSON API.
+
+A real agent process polls a Modbus meter (pyModbusTCP) and reports through Mosquitto
+to the collector, which serves the page; changing the meter's power must show on the
+page within 2 s. Screenshots go to test-artifacts/.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+from pyModbusTCP.server import ModbusServer
+
+from labmeter import config
+from tests.conftest import LABMETER, ROOT, BrokerProcess, free_port
+from tests.lab import CollectorThread, wait_for
+from tests.test_driver_modbus import words
+
+ARTIFACTS = ROOT / "test-artifacts"
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+
+
+def get(url: str) -> tuple[int, dict]:
+    try:
+        with urllib.request.urlopen(url, timeout=10) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        raw = e.read()
+        try:
+            return e.code, json.loads(raw or b"{}")
+        except ValueError:
+            return e.code, {"error": raw.decode(errors="replace")}
+
+
+@pytest.fixture
+def lab(mosquitto: BrokerProcess, tmp_path: Path):  # type: ignore[no-untyped-def]
+    meters = {}
+    agent_cfg = (
+        '[agent]\nid = "bench-01"\nkey_file = "agent.key"\nstate_dir = "state"\nheartbeat_s = 2\nopen_every_s = 5\n'
+        f'[broker]\nurl = "{mosquitto.url}"\n'
+    )
+    for code, watts in (("CZ-NMR-001", 0.5), ("CZ-ICP-002", 900.0)):
+        port = free_port()
+        m = ModbusServer(host="127.0.0.1", port=port, no_block=True)
+        m.data_bank.set_input_registers(0x000C, words(watts))
+        m.start()
+        meters[code] = m
+        agent_cfg += (
+            f'[[instrument]]\nid = "{code}"\npoll_s = 0.2\n[instrument.source]\ndriver = "modbus"\n'
+            f'url = "tcp://127.0.0.1:{port}"\nprofile = "eastron-sdm120"\n'
+            "[instrument.states]\noff_below_w = 5\nrun_above_w = 400\n"
+        )
+    (tmp_path / "agent.toml").write_text(agent_cfg)
+    (tmp_path / "instruments.csv").write_text(
+        "code,name,unit,category\nCZ-NMR-001,核磁共振波谱仪,化学学院,020301\nCZ-ICP-002,ICP-MS,分析测试中心,020302\n"
+    )
+    web_port = free_port()
+    (tmp_path / "collector.toml").write_text(
+        f'[collector]\ndata_dir = "{tmp_path / "data"}"\n[broker]\nurl = "{mosquitto.url}"\n'
+        f'[web]\nlisten = "127.0.0.1:{web_port}"\n'
+    )
+    env = {**os.environ}
+    run = lambda *a: subprocess.run([*LABMETER, *a], cwd=tmp_path, capture_output=True, text=True, timeout=60)  # noqa: E731
+    out = run("agent", "enroll", "-c", "agent.toml").stdout
+    add = next(x.strip() for x in out.splitlines() if x.strip().startswith("labmeter collector"))
+    assert run(*add.split()[1:], "-c", "collector.toml").returncode == 0
+    assert run("collector", "import-instruments", "instruments.csv", "-c", "collector.toml").returncode == 0
+    cfg = config.load(tmp_path / "collector.toml", config.CollectorConfig)
+    with CollectorThread(cfg) as ct:
+        agent = subprocess.Popen(
+            [*LABMETER, "agent", "run", "-c", "agent.toml"],
+            cwd=tmp_path,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+            base = f"http://127.0.0.1:{web_port}"
+            wait_for(
+                lambda: len(ct.collector.live.instruments) == 2 if ct.collector else False, what="live states"
+            )
+            yield base, meters, ct
+        finally:
+            agent.terminate()
+            agent.wait(10)
+            for m in meters.values():
+                m.stop()
+
+
+def test_api_endpoints_and_bad_parameters(lab) -> None:  # type: ignore[no-untyped-def]
+    base, _meters, _ct = lab
+    status, body = get(f"{base}/api/instruments")
+    assert status == 200
+    got = {i["code"]: i for i in body["instruments"]}
+    assert got["CZ-NMR-001"]["state"] == "OFF" and got["CZ-ICP-002"]["state"] == "RUNNING"
+    assert got["CZ-NMR-001"]["unit"] == "化学学院" and got["CZ-ICP-002"]["power_w"] == 900.0
+    assert "today" in got["CZ-ICP-002"] and "year" in got["CZ-ICP-002"]
+    wait_for(lambda: get(f"{base}/api/agents")[1]["agents"], what="heartbeat")
+    agents = get(f"{base}/api/agents")[1]["agents"]
+    assert agents[0]["agent"] == "bench-01" and agents[0]["online"] is True
+    status, tl = get(f"{base}/api/instruments/CZ-ICP-002/timeline")
+    assert status == 200 and tl["intervals"] and tl["intervals"][-1]["state"] == "RUNNING"
+    status, util = get(f"{base}/api/utilisation?by=unit")
+    assert status == 200 and [r["key"] for r in util["rows"]] == ["分析测试中心", "化学学院", "TOTAL"]
+    for url, fragment in [
+        ("/api/utilisation?by=room", "by='room'"),
+        ("/api/utilisation?from=yesterday", "from='yesterday'"),
+        (
+            "/api/instruments/CZ-ICP-002/timeline?from=2026-03-02T10:00&to=2026-03-01T10:00",
+            "to must be after from",
+        ),
+        ("/api/instruments/CZ-ICP-002/timeline?from=2026-01-01&to=2026-03-01", "at most 31 days"),
+    ]:
+        status, body = get(base + url)
+        assert status == 400 and fragment in body["error"], (url, body)
+    assert get(f"{base}/api/instruments/NOPE/timeline")[0] == 404
+    status, spec = get(f"{base}/api/openapi.json")
+    assert status == 200 and "/api/instruments/{code}/timeline" in spec["paths"]
+
+
+@pytest.mark.skipif(
+    not Path(CHROMIUM).exists(), reason="Debian chromium not installed (make deps installs it)"
+)
+def test_page_in_browser(lab) -> None:  # type: ignore[no-untyped-def]
+    from playwright.sync_api import sync_playwright
+
+    base, meters, _ct = lab
+    ARTIFACTS.mkdir(exist_ok=True)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(
+            executable_path=CHROMIUM,
+            args=[
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                "--no-first-run",
+            ],
+        )
+        page = browser.new_page(viewport={"width": 1400, "height": 600})
+        page.goto(base + "/?lang=zh-CN")
+        page.wait_for_selector('[data-testid="state-CZ-NMR-001"]')
+        assert page.locator("tr[data-code]").count() == 2
+        assert page.get_attribute('[data-testid="state-CZ-NMR-001"]', "data-state") == "OFF"
+        assert page.text_content("h1") == "仪器实时状态"
+        page.screenshot(path=str(ARTIFACTS / "live-zh.png"))
+
+        meters["CZ-NMR-001"].data_bank.set_input_registers(0x000C, words(1500.0))
+        t0 = time.monotonic()
+        page.wait_for_selector('[data-testid="state-CZ-NMR-001"][data-state="RUNNING"]', timeout=2000)
+        latency = time.monotonic() - t0
+        assert latency < 2.0
+        page.screenshot(path=str(ARTIFACTS / "live-state-change.png"))
+
+        page.click("#lang")
+        page.wait_for_function("document.querySelector('h1').textContent === 'Instruments, live'")
+        assert page.text_content('[data-testid="state-CZ-NMR-001"]') == "Running"
+        assert page.evaluate("document.documentElement.lang") == "en"
+        page.select_option("#f-unit", "化学学院")
+        assert page.locator("tr[data-code]").count() == 1
+        page.screenshot(path=str(ARTIFACTS / "live-en-filtered.png"))
+        browser.close()
+
+
+def test_top_reads_the_api(lab) -> None:  # type: ignore[no-untyped-def]
+    base, _meters, _ct = lab
+    out = subprocess.run(
+        [*LABMETER, "top", "--url", base, "--once"], capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 0, out.stderr
+    rows = {line.split()[0]: line for line in out.stdout.splitlines() if line.startswith("CZ-")}
+    assert "OFF" in rows["CZ-NMR-001"] and "RUNNING" in rows["CZ-ICP-002"]
+    assert "900.0" in rows["CZ-ICP-002"] and "bench-01" in rows["CZ-ICP-002"]
+    bad = subprocess.run(
+        [*LABMETER, "top", "--url", "http://127.0.0.1:9", "--once"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert bad.returncode == 1 and "cannot read" in bad.stderr
+
+
+def test_token_required_off_loopback(tmp_path: Path) -> None:
+    import asyncio
+
+    from labmeter.collector.service import Collector
+    from labmeter.collector.web import LiveView
+
+    cfg = config.parse(f'[collector]\ndata_dir = "{tmp_path}"\n', config.CollectorConfig)
+
+    async def main() -> list[int]:
+        collector = Collector(cfg)
+        with pytest.raises(ValueError, match="set token_file"):
+            LiveView(collector, "0.0.0.0:8080")
+        port = free_port()
+        view = LiveView(collector, f"127.0.0.1:{port}", token="s3cret")
+        await view.start()
+        loop = asyncio.get_running_loop()
+        codes = []
+        for suffix in ("/api/agents", "/api/agents?token=wrong", "/api/agents?token=s3cret"):
+            codes.append(
+                await loop.run_in_executor(None, lambda s=suffix: get(f"http://127.0.0.1:{port}{s}")[0])
+            )
+        await view.stop()
+        return codes
+
+    assert asyncio.run(main()) == [401, 401, 200]
