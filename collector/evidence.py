@@ -24,21 +24,6 @@ from labmeter import wire
 FORMAT = "labmeter-evidence/1"
 
 
-def claimed_hours(
-    rows: list[tuple[int, int, str, bool]], a: int, b: int, prep_ms: int, post_ms: int
-) -> dict[str, int]:
-    h = compute(rows, a, b, prep_ms, post_ms)
-    return {
-        "run_ms": h.run_ms,
-        "effective_ms": h.effective_ms,
-        "standby_ms": h.standby_ms,
-        "off_ms": h.off_ms,
-        "unknown_ms": h.unknown_ms,
-        "unverified_ms": h.unverified_ms,
-        "uncovered_ms": h.uncovered_ms,
-    }
-
-
 def write_bundle(
     ledger: Ledger, instrument: str, a: int, b: int, prep_s: int, post_s: int, out: Path
 ) -> dict[str, Any]:
@@ -65,9 +50,9 @@ def write_bundle(
         "prep_allowance_s": prep_s,
         "post_allowance_s": post_s,
         "agents": keys,
-        "claimed": claimed_hours(
+        "claimed": compute(
             [(r[3], r[4], r[5], bool(r[6])) for r in rows], a, b, prep_s * 1000, post_s * 1000
-        ),
+        ).totals(),
         "intervals": len(envelopes),
     }
     out.mkdir(parents=True, exist_ok=True)

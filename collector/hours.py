@@ -50,6 +50,21 @@ class Hours:
     def coverage(self) -> float:
         return self.known_ms / self.period_ms if self.period_ms else 0.0
 
+    def totals(self) -> dict[str, int]:
+        """The state totals an evidence bundle claims and ``labmeter verify`` recomputes."""
+        return {
+            k: getattr(self, k)
+            for k in (
+                "run_ms",
+                "effective_ms",
+                "standby_ms",
+                "off_ms",
+                "unknown_ms",
+                "unverified_ms",
+                "uncovered_ms",
+            )
+        }
+
     def add(self, other: Hours) -> None:
         for name in FIELDS:
             setattr(self, name, getattr(self, name) + getattr(other, name))

@@ -14,7 +14,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from labmeter.wire import MAX_INTERVAL_MS
+from labmeter.wire import MAX_INTERVAL_MS, Interval
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS agents (
@@ -81,6 +81,21 @@ class StoredInterval:
     sha: str
     clock_step_ms: int
     envelope: bytes
+
+    @classmethod
+    def of(cls, iv: Interval, sha: str, envelope: bytes) -> StoredInterval:
+        return cls(
+            iv.agent,
+            iv.instrument,
+            iv.seq,
+            iv.start,
+            iv.end,
+            iv.state,
+            iv.prev,
+            sha,
+            iv.clock_step_ms,
+            envelope,
+        )
 
 
 @dataclass(frozen=True)

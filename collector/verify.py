@@ -171,18 +171,7 @@ class Verifier:
             raise p.reject(f"start {iv.start} is before 2000-01-01", True)
         if iv.end > now + self.max_future_ms:
             raise p.reject(f"end is {(iv.end - now) / 1000:.0f} s in the future", True)
-        stored = StoredInterval(
-            iv.agent,
-            iv.instrument,
-            iv.seq,
-            iv.start,
-            iv.end,
-            iv.state,
-            iv.prev,
-            p.sha,
-            iv.clock_step_ms,
-            p.payload,
-        )
+        stored = StoredInterval.of(iv, p.sha, p.payload)
         return Accepted(stored, iv.note)
 
     def _status(self, agent: str, payload: bytes) -> Status:

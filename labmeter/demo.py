@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import socket
 import sys
 import tempfile
 from datetime import datetime, timedelta
@@ -24,6 +23,7 @@ from labmeter.collector.ledger import Ledger
 from labmeter.collector.registry import import_instruments, import_services
 from labmeter.collector.report import hours_report, render
 from labmeter.collector.service import Collector
+from labmeter.netutil import free_port
 from labmeter.sim import run_sim
 
 TZ = ZoneInfo("Asia/Shanghai")
@@ -80,12 +80,6 @@ INSTRUMENTS: list[dict[str, Any]] = [
         "levels": {"OFF": 0.5, "STANDBY": 35, "RUNNING": 140},
     },
 ]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def write_configs(d: Path, broker_port: int, web_port: int, meter_ports: dict[str, int]) -> tuple[Path, Path]:

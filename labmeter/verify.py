@@ -111,15 +111,7 @@ def verify_bundle(folder: Path) -> Result:
             rows.append((iv.start, iv.end, iv.state, linked))
     a, b = int(bundle["from_ms"]), int(bundle["to_ms"])
     h = compute(rows, a, b, int(bundle["prep_allowance_s"]) * 1000, int(bundle["post_allowance_s"]) * 1000)
-    res.recomputed = {
-        "run_ms": h.run_ms,
-        "effective_ms": h.effective_ms,
-        "standby_ms": h.standby_ms,
-        "off_ms": h.off_ms,
-        "unknown_ms": h.unknown_ms,
-        "unverified_ms": h.unverified_ms,
-        "uncovered_ms": h.uncovered_ms,
-    }
+    res.recomputed = h.totals()
     for key, claimed in res.claimed.items():
         got = res.recomputed.get(key)
         if got is not None and got != claimed:

@@ -149,21 +149,5 @@ def store_schedule(
     for r in rows:
         env = wire.open_envelope(r.payload)
         iv = wire.parse_interval(wire.load_body(env.body))
-        stored.append(
-            (
-                StoredInterval(
-                    iv.agent,
-                    iv.instrument,
-                    iv.seq,
-                    iv.start,
-                    iv.end,
-                    iv.state,
-                    iv.prev,
-                    wire.body_hash(env.body),
-                    0,
-                    r.payload,
-                ),
-                None,
-            )
-        )
+        stored.append((StoredInterval.of(iv, wire.body_hash(env.body), r.payload), None))
     ledger.store(stored, [])

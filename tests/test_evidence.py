@@ -10,14 +10,13 @@ import sys
 from pathlib import Path
 
 import pytest
-from labmeter.agent.outbox import AgentStore, Signer
-from labmeter.agent.timeline import Span
 from labmeter.collector.evidence import write_bundle
-from labmeter.collector.ledger import Ledger, StoredInterval
+from labmeter.collector.ledger import Ledger
 
 from labmeter import signing, wire
 from labmeter.verify import H, verify_bundle
 from labmeter.wire import State
+from tests.lab import store_schedule
 
 T0 = 1_772_409_600_000  # 2026-03-02T00:00:00Z
 M = 60_000
@@ -33,43 +32,14 @@ DAY = [
 
 
 def build(tmp: Path) -> tuple[Ledger, list[int]]:
-    key = signing.generate_key_file(tmp / "agent.key")
-    pub = key.public_key()
-    signer = Signer("lab-pc", key, signing.key_id(pub))
-    store = AgentStore(tmp / "agent.db")
-    spans = []
-    for a, b, st in DAY:  # split at hours like the agent does
-        t = a
-        while t < b:
-            nxt = min(b, (t // 60 + 1) * 60)
-            spans.append(Span(T0 + t * M, T0 + nxt * M, st))
-            t = nxt
-    rows = store.emit(signer, "CZ-XRD-001", spans, None)
+    """The day signed by an agent (cut at hours) and stored; returns the seqs of the RUNNING intervals."""
     ledger = Ledger(tmp / "ledger.sqlite")
-    ledger.add_agent("lab-pc", signing.public_key_text(pub), signing.key_id(pub), ["CZ-XRD-001"])
-    stored = []
-    for r in rows:
-        env = wire.open_envelope(r.payload)
-        iv = wire.parse_interval(wire.load_body(env.body))
-        stored.append(
-            (
-                StoredInterval(
-                    iv.agent,
-                    iv.instrument,
-                    iv.seq,
-                    iv.start,
-                    iv.end,
-                    iv.state,
-                    iv.prev,
-                    wire.body_hash(env.body),
-                    0,
-                    r.payload,
-                ),
-                None,
-            )
-        )
-    ledger.store(stored, [])
-    running_seqs = [r.seq for r, s in zip(rows, spans, strict=True) if s.state is State.RUNNING]
+    store_schedule(
+        tmp, ledger, "lab-pc", "CZ-XRD-001", [(T0 + a * M, T0 + b * M, st.value) for a, b, st in DAY]
+    )
+    running_seqs = [
+        r[0] for r in ledger.db.execute("SELECT seq FROM intervals WHERE state='RUNNING' ORDER BY seq")
+    ]
     return ledger, running_seqs
 
 
