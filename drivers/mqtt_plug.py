@@ -83,7 +83,7 @@ class TasmotaDriver:
         age = self.clock.mono() - at
         if age > self.stale_after_s:
             return Sample(
-                error=f"{self.topic}: silent for {age:.0f} s (stale_after_s={self.stale_after_s:g})"
+                error=f"{self.topic}: silent for more than stale_after_s={self.stale_after_s:g} s"
             )
         return value
 

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import logging
+import os
 import signal
 import sys
+import threading
 import tomllib
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -51,14 +55,44 @@ def load_collector(path: Path) -> config.CollectorConfig:
         fail(str(exc))
 
 
+SHUTDOWN_GRACE_S = 15.0
+
+
 def run_until_signal(main: Callable[[asyncio.Event], Awaitable[None]]) -> None:
-    """Run a service until SIGINT or SIGTERM, then let it shut down cleanly."""
+    """Run a service until SIGINT or SIGTERM, then let it shut down cleanly.
+
+    A shutdown that hangs (a library waiting on a dead socket) must not keep a
+    service from stopping: after ``SHUTDOWN_GRACE_S``, or at a second signal, the
+    process exits. Everything durable is already committed by then.
+    """
+
+    loop_ref: list[asyncio.AbstractEventLoop] = []
+
+    def force_exit() -> None:
+        logging.getLogger("labmeter").error(
+            "shutdown took longer than %.0f s; exiting. Still running:", SHUTDOWN_GRACE_S
+        )
+        with contextlib.suppress(Exception):
+            for task in asyncio.all_tasks(loop_ref[0]):
+                task.print_stack(limit=4, file=sys.stderr)
+        sys.stderr.flush()
+        os._exit(70)
 
     async def runner() -> None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
+        loop_ref.append(loop)
+
+        def on_signal() -> None:
+            if stop.is_set():
+                os._exit(130)
+            stop.set()
+            timer = threading.Timer(SHUTDOWN_GRACE_S, force_exit)
+            timer.daemon = True
+            timer.start()
+
         for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
+            loop.add_signal_handler(sig, on_signal)
         await main(stop)
 
     asyncio.run(runner())

@@ -13,5 +13,5 @@ def setup(verbose: bool = False, quiet: bool = False) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
-    for noisy in ("amqtt", "pymodbus", "transitions", "asyncio"):
+    for noisy in ("amqtt", "pymodbus", "transitions", "asyncio", "gmqtt", "aiohttp"):
         logging.getLogger(noisy).setLevel(logging.ERROR if not verbose else logging.INFO)

@@ -154,7 +154,7 @@ class MqttLink:
 
     def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> bool:
         """Queue a publish; False when not connected (the caller keeps the message)."""
-        if not self.connected:
+        if not self.connected or not self.client.is_connected:
             return False
         self.client.publish(topic, payload, qos=qos, retain=retain)
         return True

@@ -77,5 +77,9 @@ def test_plug_feed_lwt_and_stale(mosquitto: BrokerProcess) -> None:
     assert samples[1].power_w == 1234.0
     assert samples[2].power_w is None and samples[2].error is not None and "Offline" in samples[2].error
     assert samples[3].power_w == 1234.0
-    assert samples[4].power_w is None and samples[4].error is not None and "silent" in samples[4].error
+    assert (
+        samples[4].power_w is None
+        and samples[4].error is not None
+        and "silent for more than" in samples[4].error
+    )
     assert samples[5].power_w is None and samples[5].error is not None and "unreadable" in samples[5].error
