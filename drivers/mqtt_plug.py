@@ -82,9 +82,7 @@ class TasmotaDriver:
             return Sample(error=f"{self.topic}: no message yet")
         age = self.clock.mono() - at
         if age > self.stale_after_s:
-            return Sample(
-                error=f"{self.topic}: silent for more than stale_after_s={self.stale_after_s:g} s"
-            )
+            return Sample(error=f"{self.topic}: silent for more than stale_after_s={self.stale_after_s:g} s")
         return value
 
     async def close(self) -> None:

@@ -148,6 +148,14 @@ class Lab:
         assert self.stop("collector") == 0, self.log("collector")
         self.stop("sim")
 
+    def cleanup(self) -> None:
+        """Kill whatever a failed scenario left running, so it cannot disturb the next one."""
+        for name in list(self.procs):
+            proc = self.procs.pop(name)
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(10)
+
     def log(self, name: str) -> str:
         return (self.tmp / f"{name}.log").read_text(errors="replace")[-4000:]
 

@@ -74,9 +74,12 @@ def run_variant(lab: Lab, broker: BrokerProcess, variant: str) -> dict[str, floa
 )
 def test_hours_match_ground_truth(variant: str, broker: BrokerProcess, tmp_path: Path) -> None:
     lab = Lab(tmp_path, broker)
-    lab.start_all()
-    marks = run_variant(lab, broker, variant)
-    lab.finish()
+    try:
+        lab.start_all()
+        marks = run_variant(lab, broker, variant)
+        lab.finish()
+    finally:
+        lab.cleanup()
 
     assert lab.outbox_left() == 0, "the outbox did not drain: " + lab.log("agent")
     a, b = EPOCH_MS + WINDOW[0] * 1000, EPOCH_MS + WINDOW[1] * 1000
