@@ -10,12 +10,13 @@ import logging
 from urllib.parse import parse_qs, urlparse
 
 from labmeter.drivers.base import Sample, sane_power
-from labmeter.drivers.profiles import ModbusProfile
+from labmeter.drivers.profiles import ModbusProfile, Register
 from pymodbus.client import AsyncModbusSerialClient, AsyncModbusTcpClient
 from pymodbus.client.mixin import ModbusClientMixin
 from pymodbus.exceptions import ModbusException
 
 from labmeter.config import ModbusSource
+from labmeter.wire import State
 
 log = logging.getLogger("labmeter.drivers.modbus")
 
@@ -29,9 +30,9 @@ _TYPES = {
 
 
 class ModbusDriver:
-    def __init__(self, source: ModbusSource, profile: ModbusProfile) -> None:
+    def __init__(self, source: ModbusSource, register: Register | ModbusProfile) -> None:
         self.source = source
-        self.profile = profile
+        self.register = register.power if isinstance(register, ModbusProfile) else register
         self.where = source.url
         url = urlparse(source.url)
         client: AsyncModbusTcpClient | AsyncModbusSerialClient
@@ -68,24 +69,30 @@ class ModbusDriver:
             return False
 
     async def read(self) -> Sample:
-        reg = self.profile.power
+        reg = self.register
         if not self.client.connected and not await self._connect():
             return Sample(error=f"{self.where}: cannot connect")
-        words = 1 if reg.type in ("int16", "uint16") else 2
+        words = 1 if reg.type in ("int16", "uint16", "bit") else 2
+        dev = self.source.device_id
         try:
-            if reg.function == 4:
-                rr = await self.client.read_input_registers(
-                    reg.address, count=words, device_id=self.source.device_id
-                )
+            if reg.function == 2:
+                rr = await self.client.read_discrete_inputs(reg.address, count=1, device_id=dev)
+            elif reg.function == 1:
+                rr = await self.client.read_coils(reg.address, count=1, device_id=dev)
+            elif reg.function == 4:
+                rr = await self.client.read_input_registers(reg.address, count=words, device_id=dev)
             else:
-                rr = await self.client.read_holding_registers(
-                    reg.address, count=words, device_id=self.source.device_id
-                )
+                rr = await self.client.read_holding_registers(reg.address, count=words, device_id=dev)
         except (ModbusException, OSError) as exc:
             self.client.close()
             return Sample(error=f"{self.where}: {type(exc).__name__}: {exc}")
         if rr.isError():
-            return Sample(error=f"{self.where}: device {self.source.device_id} answered {rr}")
+            return Sample(error=f"{self.where}: device {dev} answered {rr}")
+        if reg.type == "bit":
+            if not rr.bits:
+                return Sample(error=f"{self.where}: short response (no input bits)")
+            on = bool(rr.bits[0])
+            return Sample(status=State(reg.on_state if on else reg.off_state), raw=on)
         regs = list(rr.registers)
         if len(regs) < words:
             return Sample(error=f"{self.where}: short response ({len(regs)} of {words} registers)", raw=regs)

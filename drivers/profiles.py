@@ -12,11 +12,19 @@ from msgspec import Meta, Struct
 
 
 class Register(Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
-    function: Literal[3, 4] = 4
+    """Where a value lives: function 1 coils, 2 discrete inputs (type "bit"), 3 holding, 4 input registers."""
+
+    function: Literal[1, 2, 3, 4] = 4
     address: Annotated[int, Meta(ge=0, le=0xFFFF)]
-    type: Literal["float32", "int16", "uint16", "int32", "uint32"] = "float32"
+    type: Literal["float32", "int16", "uint16", "int32", "uint32", "bit"] = "float32"
     word_order: Literal["big", "little"] = "big"
     scale: float = 1.0
+    on_state: Literal["RUNNING", "STANDBY", "OFF"] = "RUNNING"
+    off_state: Literal["RUNNING", "STANDBY", "OFF"] = "OFF"
+
+    def __post_init__(self) -> None:
+        if (self.type == "bit") != (self.function in (1, 2)):
+            raise ValueError("type 'bit' goes with function 1 or 2, register types with function 3 or 4")
 
 
 class ModbusProfile(Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):

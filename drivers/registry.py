@@ -7,10 +7,17 @@ from pathlib import Path
 from labmeter.drivers.base import Driver
 from labmeter.drivers.modbus import ModbusDriver
 from labmeter.drivers.mqtt_plug import TasmotaDriver
-from labmeter.drivers.profiles import load_profile
+from labmeter.drivers.profiles import Register, load_profile
 
 from labmeter.clock import Clock
 from labmeter.config import BrokerConfig, InstrumentConfig, ModbusSource, MqttSource
+
+
+def modbus_register(src: ModbusSource, profiles: Path | None) -> Register:
+    """The register to read: the source's own ``register`` table, else its profile's."""
+    if src.register is not None:
+        return Register(**{f: getattr(src.register, f) for f in src.register.__struct_fields__})
+    return load_profile(src.profile, profiles).power
 
 
 def build(
@@ -18,7 +25,7 @@ def build(
 ) -> Driver:
     src = inst.source
     if isinstance(src, ModbusSource):
-        return ModbusDriver(src, load_profile(src.profile, profiles))
+        return ModbusDriver(src, modbus_register(src, profiles))
     if isinstance(src, MqttSource):
         return TasmotaDriver(src, broker, f"{agent_id}-{inst.id}-plug", inst.stale_after_s, clock)
     raise ValueError(f"no driver for {src!r}")

@@ -60,15 +60,30 @@ class AgentSection(Section, frozen=True, kw_only=True):
             )
 
 
+class RegisterConfig(Section, frozen=True, kw_only=True):
+    """A register given in the config instead of a profile (``profile = "generic"``)."""
+
+    function: Literal[1, 2, 3, 4] = 4
+    address: Annotated[int, Meta(ge=0, le=0xFFFF)]
+    type: Literal["float32", "int16", "uint16", "int32", "uint32", "bit"] = "float32"
+    word_order: Literal["big", "little"] = "big"
+    scale: float = 1.0
+
+
 class ModbusSource(Section, tag_field="driver", tag="modbus", frozen=True, kw_only=True):
     url: str
-    profile: str
+    profile: str = "generic"
+    register: RegisterConfig | None = None
     device_id: Annotated[int, Meta(ge=0, le=247)] = 1
     timeout_s: Annotated[float, Meta(gt=0, le=30)] = 1.0
 
     def __post_init__(self) -> None:
         if not re.match(r"^(tcp://[^/:]+(:\d+)?|rtu:///.+)$", self.url):
             raise ValueError(f"url must be tcp://host:port or rtu:///dev/ttyX?baud=9600 (got {self.url!r})")
+        if self.profile == "generic" and self.register is None:
+            raise ValueError(
+                "profile 'generic' needs an [instrument.source.register] table (function, address, type)"
+            )
 
 
 class MqttSource(Section, tag_field="driver", tag="mqtt", frozen=True, kw_only=True):
