@@ -6,13 +6,13 @@ import asyncio
 from typing import Any
 
 import pytest
-from pyModbusTCP.server import ModbusServer
-
-from labmeter.config import ModbusSource, RegisterConfig
 from labmeter.drivers.base import Sample
 from labmeter.drivers.modbus import ModbusDriver
 from labmeter.drivers.profiles import shipped_profiles
 from labmeter.drivers.registry import modbus_register
+from pyModbusTCP.server import ModbusServer
+
+from labmeter.config import ModbusSource, RegisterConfig
 from labmeter.wire import State
 from tests.conftest import free_port
 from tests.test_driver_modbus import words
@@ -42,14 +42,18 @@ def read_once(port: int, source: ModbusSource) -> Sample:
 def serve(kind: str, address: int, value: Any) -> tuple[ModbusServer, int]:
     port = free_port()
     server = ModbusServer(host="127.0.0.1", port=port, no_block=True)
-    {"input": server.data_bank.set_input_registers, "holding": server.data_bank.set_holding_registers,
-     "discrete": server.data_bank.set_discrete_inputs}[kind](address, value)
+    {
+        "input": server.data_bank.set_input_registers,
+        "holding": server.data_bank.set_holding_registers,
+        "discrete": server.data_bank.set_discrete_inputs,
+    }[kind](address, value)
     server.start()
     return server, port
 
 
-@pytest.mark.parametrize(("profile", "kind", "address", "raw", "expected"), CASES,
-                         ids=[f"{c[0]}-{c[4]}" for c in CASES])
+@pytest.mark.parametrize(
+    ("profile", "kind", "address", "raw", "expected"), CASES, ids=[f"{c[0]}-{c[4]}" for c in CASES]
+)
 def test_profile(profile: str, kind: str, address: int, raw: Any, expected: Any) -> None:
     server, port = serve(kind, address, raw)
     try:
@@ -70,8 +74,11 @@ def test_every_shipped_profile_has_a_case() -> None:
 def test_generic_register_from_config() -> None:
     server, port = serve("holding", 100, [1234])
     try:
-        src = ModbusSource(url=f"tcp://127.0.0.1:{port}", profile="generic",
-                           register=RegisterConfig(function=3, address=100, type="int16", scale=0.5))
+        src = ModbusSource(
+            url=f"tcp://127.0.0.1:{port}",
+            profile="generic",
+            register=RegisterConfig(function=3, address=100, type="int16", scale=0.5),
+        )
         s = read_once(port, src)
     finally:
         server.stop()
