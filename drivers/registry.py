@@ -6,7 +6,7 @@ from pathlib import Path
 
 from labmeter.drivers.base import Driver
 from labmeter.drivers.modbus import ModbusDriver
-from labmeter.drivers.mqtt_plug import TasmotaDriver
+from labmeter.drivers.mqtt_plug import PlugDriver
 from labmeter.drivers.profiles import Register, load_profile
 
 from labmeter.clock import Clock
@@ -27,5 +27,5 @@ def build(
     if isinstance(src, ModbusSource):
         return ModbusDriver(src, modbus_register(src, profiles))
     if isinstance(src, MqttSource):
-        return TasmotaDriver(src, broker, f"{agent_id}-{inst.id}-plug", inst.stale_after_s, clock)
+        return PlugDriver(src, broker, f"{agent_id}-{inst.id}-plug", inst.stale_after_s, clock)
     raise ValueError(f"no driver for {src!r}")

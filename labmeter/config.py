@@ -88,8 +88,16 @@ class ModbusSource(Section, tag_field="driver", tag="modbus", frozen=True, kw_on
 
 class MqttSource(Section, tag_field="driver", tag="mqtt", frozen=True, kw_only=True):
     topic: str
-    format: Literal["tasmota"] = "tasmota"
+    format: Literal["tasmota", "shelly-gen1", "shelly-gen2", "zigbee2mqtt", "esphome", "json"] = "tasmota"
+    json_path: str | None = None
+    availability_topic: str | None = None
+    payload_online: str = "online"
+    payload_offline: str = "offline"
     broker: BrokerConfig | None = None
+
+    def __post_init__(self) -> None:
+        if self.format == "json" and not self.json_path:
+            raise ValueError('json_path is needed with format = \'json\' (e.g. "ENERGY.Power" or "power")')
 
 
 class StatesConfig(Section, frozen=True, kw_only=True):
