@@ -180,6 +180,49 @@ def agent_probe(cfg_path: Path, instrument: str | None, reads: int) -> None:
     sys.exit(0 if all(r.ok for r in results) else 1)
 
 
+@agent_group.command("calibrate")
+@config_option("agent.toml")
+@click.option("--instrument", required=True, help="The instrument to record.")
+@click.option(
+    "--minutes",
+    type=float,
+    default=10,
+    show_default=True,
+    help="How long to record; run the instrument through off, standby and a measurement meanwhile.",
+)
+@click.option("--write", is_flag=True, help="Write the suggested thresholds into the config (comments kept).")
+def agent_calibrate(cfg_path: Path, instrument: str, minutes: float, write: bool) -> None:
+    """Record power, find the off/standby/running levels and suggest thresholds."""
+    from labmeter.agent.calibrate import find_levels, record, suggest, write_states
+
+    log.setup(quiet=True)
+    cfg = load_agent(cfg_path)
+    inst = next((i for i in cfg.instrument if i.id == instrument), None)
+    if inst is None:
+        fail(f"{cfg_path}: no instrument {instrument!r}")
+    click.echo(f"recording {instrument} for {minutes:g} min (every {inst.poll_s:g} s)...")
+    values, errors = asyncio.run(record(cfg, inst, minutes * 60))
+    click.echo(f"{len(values)} reading(s), {errors} failed")
+    try:
+        s = suggest(find_levels(values))
+    except ValueError as exc:
+        fail(str(exc), code=1)
+    for name, level in zip(
+        ("off", "standby", "running") if len(s.levels) == 3 else ("low", "high"), s.levels, strict=False
+    ):
+        click.echo(
+            f"  {name:<8} {level.mean_w:9.1f} W  ({level.low_w:.1f}-{level.high_w:.1f} W, "
+            f"{100 * level.share:.0f}% of the time)"
+        )
+    click.echo(
+        f"suggested: off_below_w = {s.off_below_w:g}, run_above_w = {s.run_above_w:g}, "
+        f"hysteresis_w = {s.hysteresis_w:g}"
+    )
+    if write:
+        write_states(cfg_path, instrument, s)
+        click.echo(f"written to {cfg_path}")
+
+
 @agent_group.command("status")
 @config_option("agent.toml")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
