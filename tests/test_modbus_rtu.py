@@ -1,0 +1,135 @@
+"""Modbus RTU over a socat pty pair: a pymodbus RTU server on one end, the agent's driver on the other.
+
+Also a device that answers with a broken CRC, and a port that disappears and comes back
+(socat stopped and restarted on the same link name, as a USB adapter re-plugged).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import serial
+from labmeter.drivers.base import Sample
+from labmeter.drivers.modbus import ModbusDriver
+from labmeter.drivers.profiles import load_profile
+
+from labmeter.clock import Clock
+from labmeter.config import ModbusSource
+from labmeter.sim import Schedule, SimMeter
+
+SOCAT = shutil.which("socat")
+pytestmark = pytest.mark.skipif(SOCAT is None, reason="socat is not installed (make deps installs it)")
+
+
+class PtyPair:
+    def __init__(self, tmp: Path) -> None:
+        self.a, self.b = tmp / "meter", tmp / "agent"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        assert SOCAT
+        self.proc = subprocess.Popen(
+            [SOCAT, f"pty,raw,echo=0,link={self.a}", f"pty,raw,echo=0,link={self.b}"],
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 5
+        while not (self.a.exists() and self.b.exists()):
+            assert time.monotonic() < deadline, "socat did not create the pty pair"
+            time.sleep(0.02)
+
+    def stop(self) -> None:
+        if self.proc:
+            self.proc.terminate()
+            self.proc.wait(5)
+            self.proc = None
+
+
+@pytest.fixture
+def pty(tmp_path: Path) -> Iterator[PtyPair]:
+    p = PtyPair(tmp_path)
+    p.start()
+    yield p
+    p.stop()
+
+
+def source(p: PtyPair) -> ModbusSource:
+    return ModbusSource(url=f"rtu://{p.b}?baud=9600&parity=N", profile="eastron-sdm120", timeout_s=0.5)
+
+
+def test_rtu_reads_and_survives_unplug(pty: PtyPair) -> None:
+    from pymodbus.server import ModbusSerialServer
+    from pymodbus.simulator import DataType, SimData, SimDevice
+
+    async def main() -> list[Sample]:
+        clock = Clock()
+        sched = Schedule([(0, "RUNNING")], noise=0.0, epoch_ms=0)
+        meter = SimMeter("127.0.0.1:1", sched, clock)  # reuse its register action on a serial server
+        dev = SimDevice(
+            id=1,
+            simdata=[SimData(0, count=0x50, values=0, datatype=DataType.REGISTERS)],
+            action=meter._action,
+        )
+
+        async def serve() -> ModbusSerialServer:
+            server = ModbusSerialServer(dev, port=str(pty.a), baudrate=9600)
+            await server.serve_forever(background=True)
+            return server
+
+        server = await serve()
+        d = ModbusDriver(source(pty), load_profile("eastron-sdm120"))
+        out = [await d.read()]
+        await server.shutdown()
+        pty.stop()  # the adapter is unplugged
+        out.append(await d.read())
+        pty.start()  # and plugged back in, under the same name
+        server = await serve()
+        for _ in range(20):
+            s = await d.read()
+            if s.power_w is not None:
+                break
+            await asyncio.sleep(0.2)
+        out.append(s)
+        await d.close()
+        await server.shutdown()
+        return out
+
+    got = asyncio.run(main())
+    assert got[0].power_w == pytest.approx(1200.0), got[0]
+    assert got[1].power_w is None and got[1].error is not None
+    assert got[2].power_w == pytest.approx(1200.0), got[2]
+
+
+def test_crc_error_is_an_error(pty: PtyPair) -> None:
+    """A device whose replies carry a wrong CRC (line noise): the read fails, it is never read as 0 W."""
+    stop = threading.Event()
+
+    def bad_device() -> None:
+        with serial.Serial(str(pty.a), 9600, timeout=0.1) as port:
+            while not stop.is_set():
+                req = port.read(8)
+                if len(req) == 8:
+                    # unit 1, FC04, 4 bytes of 1234.5 as float32, then a CRC that does not match
+                    port.write(bytes([0x01, 0x04, 0x04, 0x44, 0x9A, 0x50, 0x00, 0xDE, 0xAD]))
+
+    t = threading.Thread(target=bad_device, daemon=True)
+    t.start()
+
+    async def main() -> Sample:
+        d = ModbusDriver(source(pty), load_profile("eastron-sdm120"))
+        s = await d.read()
+        await d.close()
+        return s
+
+    try:
+        s = asyncio.run(main())
+    finally:
+        stop.set()
+        t.join(2)
+    assert s.power_w is None and s.error is not None
