@@ -17,7 +17,7 @@ from labmeter.drivers.base import Reading, Sample
 from labmeter.drivers.profiles import ProfileError
 
 from labmeter.clock import Clock
-from labmeter.config import AgentConfig, InstrumentConfig, ModbusSource, MqttSource
+from labmeter.config import AgentConfig, InstrumentConfig, ModbusSource, MqttSource, SerialSource
 
 FIRST_MESSAGE_WAIT_S = 10.0
 
@@ -68,15 +68,27 @@ def diagnose(inst: InstrumentConfig, error: str) -> str:
         if "silent" in e:
             return f"the feed stopped: is the plug's reporting period longer than stale_after_s ({inst.stale_after_s:g} s)?"
         return f"unreadable messages on {src.topic}: is format = {src.format!r} right for this device?"
+    if isinstance(src, SerialSource):
+        if "does not match" in e:
+            return f"the instrument answers, but not in the expected form: check regex {src.regex!r}"
+        if "no reply" in e:
+            return (
+                f"no reply in {src.timeout_s:g} s: check baud ({src.baud}), parity ({src.parity}), the command "
+                "and its terminator, and the cable (null-modem or straight)"
+            )
+        if "no status line" in e:
+            return "the instrument sends no status lines: is streaming output enabled on it?"
     return error
 
 
-def serial_checks(src: ModbusSource) -> str | None:
+def serial_checks(src: ModbusSource | SerialSource) -> str | None:
     """What can be said about a serial port before opening it."""
     url = urlparse(src.url)
-    if url.scheme != "rtu":
+    if isinstance(src, ModbusSource) and url.scheme != "rtu":
         return None
-    path = url.path
+    path = url.path if isinstance(src, ModbusSource) else src.url
+    if "://" in path:
+        return None
     if not os.path.exists(path):
         hint = " (USB adapters: prefer /dev/serial/by-id/... so a re-plug cannot change the name)"
         return f"serial port {path} does not exist: is the adapter plugged in?{hint}"
@@ -90,7 +102,7 @@ def serial_checks(src: ModbusSource) -> str | None:
 
 async def probe_instrument(cfg: AgentConfig, inst: InstrumentConfig, reads: int, clock: Clock) -> ProbeResult:
     res = ProbeResult(inst.id)
-    if isinstance(inst.source, ModbusSource) and (problem := serial_checks(inst.source)):
+    if isinstance(inst.source, ModbusSource | SerialSource) and (problem := serial_checks(inst.source)):
         res.diagnosis = problem
         return res
     try:
@@ -98,7 +110,7 @@ async def probe_instrument(cfg: AgentConfig, inst: InstrumentConfig, reads: int,
     except ProfileError as exc:
         res.diagnosis = str(exc)
         return res
-    classifier = Classifier(inst.states)
+    classifier = Classifier(inst.thresholds)
     errors: list[str] = []
     try:
         await driver.start()

@@ -58,7 +58,7 @@ class InstrumentRunner:
         self.id = cfg.id
         self.driver = driver
         self.agent = agent
-        self.classifier = Classifier(cfg.states)
+        self.classifier = Classifier(cfg.thresholds)
         self.timeline = Timeline(agent.bucket_ms, 0)
         self.last: Reading | None = None
         self.clock_step_ms = 0

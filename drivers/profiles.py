@@ -58,9 +58,30 @@ def load_profile(name: str, extra_dir: Path | None = None) -> ModbusProfile:
         raise ProfileError(f"{where}: {exc}") from None
 
 
-def shipped_profiles() -> list[str]:
-    return sorted(
+def shipped_profiles(driver: str | None = None) -> list[str]:
+    names = sorted(
         p.name.removesuffix(".toml")
         for p in resources.files("labmeter.profiles").iterdir()
         if p.name.endswith(".toml")
     )
+    if driver is None:
+        return names
+    return [n for n in names if _raw(n, None)[0].get("driver") == driver]
+
+
+def _raw(name: str, extra_dir: Path | None) -> tuple[dict[str, object], str]:
+    if extra_dir is not None and (extra_dir / f"{name}.toml").is_file():
+        path = extra_dir / f"{name}.toml"
+        return tomllib.loads(path.read_text(encoding="utf-8")), str(path)
+    res = resources.files("labmeter.profiles").joinpath(f"{name}.toml")
+    if not res.is_file():
+        raise ProfileError(f"unknown profile {name!r}; shipped profiles: {', '.join(shipped_profiles())}")
+    return tomllib.loads(res.read_text(encoding="utf-8")), f"profile {name}"
+
+
+def serial_profile(name: str, extra_dir: Path | None = None) -> dict[str, object]:
+    """A serial profile's settings (the keys of [instrument.source] it fills in)."""
+    data, where = _raw(name, extra_dir)
+    if data.get("driver") != "serial":
+        raise ProfileError(f"{where} is not a serial profile")
+    return {k: v for k, v in data.items() if k not in ("name", "driver", "doc")}

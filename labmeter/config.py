@@ -100,6 +100,32 @@ class MqttSource(Section, tag_field="driver", tag="mqtt", frozen=True, kw_only=T
             raise ValueError('json_path is needed with format = \'json\' (e.g. "ENERGY.Power" or "power")')
 
 
+class SerialSource(Section, tag_field="driver", tag="serial", frozen=True, kw_only=True):
+    """An instrument's own serial port: a query it answers, status lines it streams, or a modem-status line."""
+
+    url: str = ""
+    mode: Literal["query", "stream", "modem"] = "query"
+    profile: str | None = None
+    baud: int = 9600
+    parity: Literal["N", "E", "O"] = "N"
+    timeout_s: Annotated[float, Meta(gt=0, le=30)] = 1.0
+    command: str | None = None
+    terminator: str = "\n"
+    regex: str | None = None
+    value_map: dict[str, Literal["RUNNING", "STANDBY", "OFF"]] | None = None
+    running_mask: int | None = None
+    line: Literal["CTS", "DSR", "DCD", "RI"] = "CTS"
+
+    def __post_init__(self) -> None:
+        if not self.url:
+            raise ValueError("url is needed (/dev/serial/by-id/..., /dev/ttyUSB0 or loop://)")
+        if self.regex is not None:
+            try:
+                re.compile(self.regex)
+            except re.error as exc:
+                raise ValueError(f"regex {self.regex!r} does not compile: {exc}") from None
+
+
 class StatesConfig(Section, frozen=True, kw_only=True):
     off_below_w: Annotated[float, Meta(ge=0)]
     run_above_w: Annotated[float, Meta(gt=0)]
@@ -117,8 +143,23 @@ class InstrumentConfig(Section, frozen=True, kw_only=True):
     id: Id
     poll_s: Annotated[float, Meta(gt=0, le=3600)] = 1
     stale_after_s: Annotated[float, Meta(gt=0)] = 30
-    source: ModbusSource | MqttSource
-    states: StatesConfig
+    source: ModbusSource | MqttSource | SerialSource
+    states: StatesConfig | None = None
+
+    def __post_init__(self) -> None:
+        src = self.source
+        gives_status = isinstance(src, SerialSource) and (
+            src.mode == "modem" or src.value_map is not None or src.running_mask is not None
+        )
+        if self.states is None and not gives_status:
+            raise ValueError(
+                "states is missing: a power source needs [instrument.states] off_below_w and run_above_w"
+            )
+
+    @property
+    def thresholds(self) -> StatesConfig:
+        """The power thresholds (status sources need none; these never apply to them)."""
+        return self.states or StatesConfig(off_below_w=0.5, run_above_w=1.0)
 
 
 class AgentConfig(Section, frozen=True, kw_only=True):
@@ -257,7 +298,7 @@ def _describe(error: str, data: dict[str, Any], text: str, name: str, model: typ
     if expected:
         msg = f"expected {_KINDS.get(expected.group(1), expected.group(1))}"
     if path and path[-1] == "driver" and msg.startswith("Invalid value"):
-        msg = "unknown driver; expected one of 'modbus', 'mqtt'"
+        msg = "unknown driver; expected one of 'modbus', 'mqtt', 'serial'"
     msg = msg.replace("Invalid enum value", "unknown value").replace("Expected", "expected")
     scalar = got is not None and not isinstance(got, dict | list)
     shown = f" (got {got!r})" if scalar and repr(got) not in msg and "(got" not in msg else ""
