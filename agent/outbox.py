@@ -115,6 +115,29 @@ class AgentStore:
             raise
         return out
 
+    def emit_signin(self, signer: Signer, instrument: str, at_ms: int, user: str) -> Pending:
+        """Queue a signed sign-in as the next link of the instrument's sign-in chain."""
+        key = wire.signin_chain(instrument)
+        cur = self.db.cursor()
+        cur.execute("BEGIN IMMEDIATE")
+        try:
+            row = cur.execute("SELECT seq, hash FROM chain WHERE instrument=?", (key,)).fetchone()
+            seq, prev = (row[0] + 1, row[1]) if row else (1, wire.GENESIS)
+            body = wire.dump_body(wire.SignIn(signer.agent, instrument, seq, prev, at_ms, user).body())
+            sha = wire.body_hash(body)
+            topic = wire.signin_topic(signer.agent, instrument)
+            payload = wire.seal(signer.key, signer.kid, body)
+            cur.execute(
+                "INSERT INTO outbox (instrument, seq, topic, payload, body_sha, created_at) VALUES (?,?,?,?,?,?)",
+                (key, seq, topic, payload, sha, time.time()),
+            )
+            cur.execute("INSERT OR REPLACE INTO chain VALUES (?,?,?)", (key, seq, sha))
+            cur.execute("COMMIT")
+        except BaseException:
+            cur.execute("ROLLBACK")
+            raise
+        return Pending(cur.lastrowid or 0, key, seq, topic, payload)
+
     @staticmethod
     def _checkpoint(cur: sqlite3.Cursor, instrument: str, cp: Checkpoint) -> None:
         cur.execute(

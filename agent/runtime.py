@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import logging
+import os
 import time
+from pathlib import Path
 from typing import Any
 
 from labmeter.agent.classifier import Classifier
@@ -24,6 +27,24 @@ from labmeter.wire import State
 log = logging.getLogger("labmeter.agent")
 
 CLOCK_STEP_TOLERANCE_MS = 2000
+
+
+def pseudonym(salt: bytes, card: str) -> str:
+    """A stable user id for a card, useless without the agent's salt."""
+    return hashlib.sha256(salt + card.strip().encode()).hexdigest()[:32]
+
+
+def load_or_create_salt(path: Path) -> bytes:
+    if path.exists():
+        return path.read_bytes()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    salt = os.urandom(32)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        os.write(fd, salt)
+    finally:
+        os.close(fd)
+    return salt
 
 
 class TimeBase:
@@ -104,6 +125,10 @@ class InstrumentRunner:
         if spans:
             self.agent.emit(self.id, spans, self.checkpoint(now_ms), self.clock_step_ms)
             self.clock_step_ms = 0
+        cards: list[tuple[int, str]] | None = getattr(self.driver, "signins", None)
+        while cards:
+            at_ms, card = cards.pop(0)
+            self.agent.sign_in(self.id, at_ms, card)
         if (
             change.state is not before
             or now_ms - self._open_sent_at >= self.agent.cfg.agent.open_every_s * 1000
@@ -144,6 +169,7 @@ class Agent:
         )
         self.link.on_connect(self._on_connected)
         self.acked = 0
+        self._signin_salt: bytes | None = None
 
     def emit(self, instrument: str, spans: list[Span], cp: Checkpoint | None, clock_step_ms: int = 0) -> None:
         if not spans and cp is None:
@@ -151,6 +177,16 @@ class Agent:
         self.store.emit(self.signer, instrument, spans, cp, clock_step_ms)
         if spans:
             self.kick.set()
+
+    def sign_in(self, instrument: str, at_ms: int, card: str) -> None:
+        """Queue a sign-in under a pseudonym: the card number itself never leaves this machine."""
+        self.store.emit_signin(self.signer, instrument, at_ms, pseudonym(self._salt(), card))
+        self.kick.set()
+
+    def _salt(self) -> bytes:
+        if self._signin_salt is None:
+            self._signin_salt = load_or_create_salt(self.cfg.agent.state_dir / "signin.salt")
+        return self._signin_salt
 
     def publish_open(self, runner: InstrumentRunner, now_ms: int) -> None:
         """Provisional current state for live views; may be dropped, never counted."""

@@ -38,6 +38,10 @@ CREATE TABLE IF NOT EXISTS intervals (
     envelope BLOB NOT NULL, received_ms INTEGER NOT NULL,
     PRIMARY KEY (agent, instrument, seq)) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS intervals_time ON intervals (instrument, start_ms);
+CREATE TABLE IF NOT EXISTS signins (
+    agent TEXT NOT NULL, instrument TEXT NOT NULL, seq INTEGER NOT NULL, at_ms INTEGER NOT NULL, user TEXT NOT NULL,
+    sha TEXT NOT NULL, envelope BLOB NOT NULL, received_ms INTEGER NOT NULL,
+    PRIMARY KEY (agent, instrument, seq)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS rejections (
     id INTEGER PRIMARY KEY, at_ms INTEGER NOT NULL, agent TEXT, instrument TEXT, seq INTEGER,
     authentic INTEGER NOT NULL DEFAULT 0, reason TEXT NOT NULL, topic TEXT NOT NULL, payload BLOB NOT NULL);
@@ -266,8 +270,33 @@ class Ledger:
                 )
         return out
 
+    def store_signins(self, rows: Sequence[tuple[str, str, int, int, str, str, bytes]]) -> None:
+        """(agent, instrument, seq, at_ms, user, sha, envelope); the same seq twice is one row."""
+        now = int(time.time() * 1000)
+        with self.db:
+            self.db.executemany(
+                "INSERT INTO signins VALUES (?,?,?,?,?,?,?,?) ON CONFLICT DO NOTHING",
+                [(*r, now) for r in rows],
+            )
+
+    def recent_signins(self, instrument: str, limit: int = 20) -> list[tuple[int, str]]:
+        return self.db.execute(
+            "SELECT at_ms, user FROM signins WHERE instrument=? ORDER BY at_ms DESC LIMIT ?",
+            (instrument, limit),
+        ).fetchall()
+
     def handled_seqs(self, agent: str, instrument: str, above: int = 0) -> list[int]:
         """Seqs stored or authentically rejected: what the acknowledgement watermark may pass."""
+        if instrument.endswith("@signin"):
+            code = instrument.removesuffix("@signin")
+            return [
+                r[0]
+                for r in self.db.execute(
+                    "SELECT seq FROM signins WHERE agent=? AND instrument=? AND seq>? UNION "
+                    "SELECT seq FROM rejections WHERE agent=? AND instrument=? AND authentic=1 AND seq>? ORDER BY 1",
+                    (agent, code, above, agent, instrument, above),
+                )
+            ]
         return [
             r[0]
             for r in self.db.execute(

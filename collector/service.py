@@ -21,7 +21,7 @@ from typing import Any
 
 from labmeter.collector.broker import EmbeddedBroker
 from labmeter.collector.ledger import Ledger, Rejection
-from labmeter.collector.verify import Accepted, Pending, Rejected, Status, Verifier
+from labmeter.collector.verify import Accepted, AcceptedSignIn, Pending, Rejected, Status, Verifier
 from labmeter.collector.web import LiveView
 
 from labmeter import config, wire
@@ -102,6 +102,7 @@ class Collector:
         accepted: list[Accepted] = []
         rejected: list[Rejection] = []
         pending: list[Pending] = []
+        signins: list[AcceptedSignIn] = []
         for topic, payload in batch:
             try:
                 result = self.verifier.prepare(topic, payload)
@@ -133,6 +134,8 @@ class Collector:
                 continue
             if isinstance(done, Accepted):
                 accepted.append(done)
+            elif isinstance(done, AcceptedSignIn):
+                signins.append(done)
             else:
                 live = {**done.body, "received": self.clock.wall_ms()}
                 self.live.instruments[done.body["instrument"]] = live
@@ -140,10 +143,26 @@ class Collector:
         # provisional ``open`` messages are counted when rejected, not kept: they never carry hours
         kept = [r for r in rejected if not r.topic.endswith("/open")]
         conflicts = self.ledger.store([(a.interval, a.note) for a in accepted], kept)
+        if signins:
+            self.ledger.store_signins(
+                [
+                    (
+                        x.signin.agent,
+                        x.signin.instrument,
+                        x.signin.seq,
+                        x.signin.at,
+                        x.signin.user,
+                        x.sha,
+                        x.envelope,
+                    )
+                    for x in signins
+                ]
+            )
+            self.stats["signins"] += len(signins)
         rejected += conflicts
         self.stats["stored"] += len(accepted) - len(conflicts)
         self.stats["rejected"] += len(rejected)
-        self._acknowledge(accepted, rejected)
+        self._acknowledge(accepted, rejected, signins)
         for r in rejected:
             self.rejections[r.reason.split(":")[0]] += 1
             self._log_rejection(r)
@@ -164,12 +183,20 @@ class Collector:
         if self.web is not None:
             self.web.publish(kind, data)
 
-    def _acknowledge(self, accepted: list[Accepted], rejected: list[Rejection]) -> None:
+    def _acknowledge(
+        self,
+        accepted: list[Accepted],
+        rejected: list[Rejection],
+        signins: list[AcceptedSignIn] = (),  # type: ignore[assignment]
+    ) -> None:
         acks: dict[str, dict[str, int]] = defaultdict(dict)
         rejects: dict[str, list[dict[str, Any]]] = defaultdict(list)
         for a in accepted:
             iv = a.interval
             acks[iv.agent][iv.instrument] = self.watermarks.add(iv.agent, iv.instrument, iv.seq)
+        for x in signins:
+            key = wire.signin_chain(x.signin.instrument)
+            acks[x.signin.agent][key] = self.watermarks.add(x.signin.agent, key, x.signin.seq)
         for r in rejected:
             if r.agent is None or r.instrument is None or r.seq is None or r.body_sha is None:
                 continue

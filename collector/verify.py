@@ -32,6 +32,13 @@ class Accepted:
 
 
 @dataclass(frozen=True)
+class AcceptedSignIn:
+    signin: wire.SignIn
+    sha: str
+    envelope: bytes
+
+
+@dataclass(frozen=True)
 class OpenState:
     agent: str
     body: dict[str, Any]
@@ -54,7 +61,7 @@ class Pending:
     instrument: str
     kind: str
     env: wire.Envelope
-    body: wire.Interval | dict[str, Any] | None
+    body: wire.Interval | wire.SignIn | dict[str, Any] | None
     body_error: wire.WireError | None
     seq: int | None
     sha: str
@@ -95,7 +102,7 @@ class Verifier:
         if time.monotonic() - self._loaded > RELOAD_EVERY_S:
             self.reload()
 
-    def check(self, topic: str, payload: bytes) -> Accepted | OpenState | Status:
+    def check(self, topic: str, payload: bytes) -> Accepted | AcceptedSignIn | OpenState | Status:
         """Verify one message (the batch path splits this in two around the signature checks)."""
         p = self.prepare(topic, payload)
         if isinstance(p, Status):
@@ -110,16 +117,21 @@ class Verifier:
             raise Rejected(Rejection(str(exc), topic, payload)) from None
         if t.kind == "status" and t.instrument is None:
             return self._status(t.agent, payload)
-        if t.instrument is None or t.kind not in ("interval", "open"):
+        if t.instrument is None or t.kind not in ("interval", "open", "signin"):
             raise Rejected(Rejection(f"unknown message kind {t.kind!r}", topic, payload, t.agent))
         try:
             env = wire.open_envelope(payload)
         except wire.WireError as exc:
             raise Rejected(Rejection(str(exc), topic, payload, t.agent, t.instrument)) from None
-        body: wire.Interval | dict[str, Any] | None = None
+        body: wire.Interval | wire.SignIn | dict[str, Any] | None = None
         body_error: wire.WireError | None = None
         try:
-            body = wire.decode_interval(env.body) if t.kind == "interval" else wire.load_body(env.body)
+            if t.kind == "interval":
+                body = wire.decode_interval(env.body)
+            elif t.kind == "signin":
+                body = wire.decode_signin(env.body)
+            else:
+                body = wire.load_body(env.body)
         except wire.WireError as exc:
             body_error = exc
         p = Pending(
@@ -145,7 +157,7 @@ class Verifier:
             raise p.reject(f"key id {env.kid!r} is not the key registered for agent {t.agent!r}", False)
         return p
 
-    def finish(self, p: Pending, signature_ok: bool) -> Accepted | OpenState:
+    def finish(self, p: Pending, signature_ok: bool) -> Accepted | AcceptedSignIn | OpenState:
         """Everything after the signature check: schema, enrolment, time sanity."""
         if not signature_ok:
             raise p.reject("bad signature", False)
@@ -157,15 +169,17 @@ class Verifier:
                 if body.get("agent") != p.agent or body.get("instrument") != p.instrument:
                     raise wire.WireError("body agent/instrument do not match the topic")
                 return OpenState(p.agent, body)
-            iv = body
-            if iv.agent != p.agent or iv.instrument != p.instrument:
+            if body.agent != p.agent or body.instrument != p.instrument:
                 raise wire.WireError("body agent/instrument do not match the topic")
         except wire.WireError as exc:
             raise p.reject(str(exc), True) from None
-        if (p.agent, p.instrument) not in self.enrolled:
-            self._maybe_reload()
-            if (p.agent, p.instrument) not in self.enrolled:
-                raise p.reject(f"instrument {p.instrument!r} is not enrolled for agent {p.agent!r}", True)
+        if isinstance(body, wire.SignIn):
+            self._check_enrolled(p)
+            if body.at > self.clock.wall_ms() + self.max_future_ms or body.at < EARLIEST_MS:
+                raise p.reject(f"sign-in time {body.at} is not plausible", True)
+            return AcceptedSignIn(body, p.sha, p.payload)
+        iv = body
+        self._check_enrolled(p)
         now = self.clock.wall_ms()
         if iv.start < EARLIEST_MS:
             raise p.reject(f"start {iv.start} is before 2000-01-01", True)
@@ -173,6 +187,12 @@ class Verifier:
             raise p.reject(f"end is {(iv.end - now) / 1000:.0f} s in the future", True)
         stored = StoredInterval.of(iv, p.sha, p.payload)
         return Accepted(stored, iv.note)
+
+    def _check_enrolled(self, p: Pending) -> None:
+        if (p.agent, p.instrument) not in self.enrolled:
+            self._maybe_reload()
+            if (p.agent, p.instrument) not in self.enrolled:
+                raise p.reject(f"instrument {p.instrument!r} is not enrolled for agent {p.agent!r}", True)
 
     def _status(self, agent: str, payload: bytes) -> Status:
         if payload.strip() == b"offline":
@@ -188,9 +208,9 @@ class Verifier:
         return Status(agent, body.get("status") == "online", body)
 
 
-def _seq_of(body: wire.Interval | dict[str, Any] | None, text: str) -> int | None:
+def _seq_of(body: wire.Interval | wire.SignIn | dict[str, Any] | None, text: str) -> int | None:
     """The seq a rejection is about, even from a body that failed its schema check."""
-    if isinstance(body, wire.Interval):
+    if isinstance(body, wire.Interval | wire.SignIn):
         return body.seq
     if body is None:
         try:

@@ -38,11 +38,13 @@ class SerialDriver:
         self._at = 0.0
         self._reader: asyncio.Task[None] | None = None
         self._buffer = b""
+        self.signin = re.compile(source.signin_regex) if source.signin_regex else None
+        self.signins: list[tuple[int, str]] = []  # (UTC ms, card), taken by the agent and hashed there
 
     def _open(self) -> Any:
         if self.port is None:
             port = serial.serial_for_url(
-                self.src.url,
+                resolve_port(self.src.url),
                 baudrate=self.src.baud,
                 parity=self.src.parity,
                 timeout=self.src.timeout_s,
@@ -130,7 +132,10 @@ class SerialDriver:
             *lines, self._buffer = self._buffer.split(self.src.terminator.encode())
             for line in lines:
                 text = line.decode(errors="replace").strip()
-                if text:
+                card = self.signin.search(text) if self.signin and text else None
+                if card:
+                    self.signins.append((self.clock.wall_ms(), card.group("card")))
+                elif text:
                     self._last, self._at = self.decode(text), self.clock.mono()
 
     def _read_chunk(self) -> bytes:
@@ -157,6 +162,19 @@ class SerialDriver:
         if self._reader is not None:
             self._reader.cancel()
         self._drop()
+
+
+def resolve_port(url: str) -> str:
+    """``usb-serial://SERIALNO`` is the USB adapter with that serial number, wherever it enumerated this time."""
+    if not url.startswith("usb-serial://"):
+        return url
+    from serial.tools import list_ports
+
+    wanted = url.removeprefix("usb-serial://")
+    for p in list_ports.comports():
+        if p.serial_number == wanted:
+            return str(p.device)
+    raise serial.SerialException(f"no USB serial adapter with serial number {wanted!r} is plugged in")
 
 
 def _is_number(text: str) -> bool:

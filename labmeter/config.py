@@ -115,10 +115,15 @@ class SerialSource(Section, tag_field="driver", tag="serial", frozen=True, kw_on
     value_map: dict[str, Literal["RUNNING", "STANDBY", "OFF"]] | None = None
     running_mask: int | None = None
     line: Literal["CTS", "DSR", "DCD", "RI"] = "CTS"
+    signin_regex: str | None = None
 
     def __post_init__(self) -> None:
+        if self.signin_regex is not None and "(?P<card>" not in self.signin_regex:
+            raise ValueError("signin_regex needs a (?P<card>...) group, e.g. 'CARD:(?P<card>\\d+)'")
         if not self.url:
-            raise ValueError("url is needed (/dev/serial/by-id/..., /dev/ttyUSB0 or loop://)")
+            raise ValueError(
+                "url is needed (/dev/serial/by-id/..., usb-serial://SERIALNO, /dev/ttyUSB0 or loop://)"
+            )
         if self.regex is not None:
             try:
                 re.compile(self.regex)

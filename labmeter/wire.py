@@ -47,6 +47,15 @@ def open_topic(agent: str, instrument: str) -> str:
     return f"{ROOT}/{agent}/{instrument}/open"
 
 
+def signin_topic(agent: str, instrument: str) -> str:
+    return f"{ROOT}/{agent}/{instrument}/signin"
+
+
+def signin_chain(instrument: str) -> str:
+    """Sign-ins form their own chain per instrument, acknowledged under this key."""
+    return f"{instrument}@signin"
+
+
 def status_topic(agent: str) -> str:
     return f"{ROOT}/{agent}/status"
 
@@ -55,7 +64,7 @@ def ack_topic(agent: str) -> str:
     return f"{ROOT}/{agent}/ack"
 
 
-SUBSCRIPTIONS = (f"{ROOT}/+/+/interval", f"{ROOT}/+/+/open", f"{ROOT}/+/status")
+SUBSCRIPTIONS = (f"{ROOT}/+/+/interval", f"{ROOT}/+/+/open", f"{ROOT}/+/+/signin", f"{ROOT}/+/status")
 
 
 @dataclass(frozen=True)
@@ -158,6 +167,48 @@ class Interval(msgspec.Struct, frozen=True):
 
 
 _interval_decoder = msgspec.json.Decoder(Interval)
+
+
+class SignIn(msgspec.Struct, frozen=True):
+    """A user signed in at an instrument (card reader): ``user`` is a salted hash, never the card number."""
+
+    agent: str
+    instrument: str
+    seq: int
+    prev: str
+    at: int
+    user: str
+    v: int = VERSION
+    kind: str = "signin"
+
+    def body(self) -> dict[str, Any]:
+        return {
+            "v": VERSION,
+            "kind": "signin",
+            "agent": self.agent,
+            "instrument": self.instrument,
+            "seq": self.seq,
+            "prev": self.prev,
+            "at": self.at,
+            "user": self.user,
+        }
+
+
+_signin_decoder = msgspec.json.Decoder(SignIn)
+
+
+def decode_signin(body_text: str) -> SignIn:
+    try:
+        si = _signin_decoder.decode(body_text)
+    except msgspec.ValidationError as exc:
+        raise WireError(f"body: {exc}") from None
+    except msgspec.DecodeError as exc:
+        raise WireError(f"body is not JSON: {exc}") from None
+    if si.v != VERSION or si.kind != "signin":
+        raise WireError("body is not a version-1 signin")
+    if si.seq < 1 or len(si.prev) != 64 or not re.fullmatch(r"[0-9a-f]{16,64}", si.user):
+        raise WireError("signin needs seq >= 1, a 64-hex prev and a hex user pseudonym")
+    return si
 
 
 def load_body(body_text: str) -> dict[str, Any]:

@@ -164,3 +164,29 @@ def test_modem_status_dry_contact(loop_url: str) -> None:
 
     closed, opened = asyncio.run(main())
     assert closed.status is State.RUNNING and opened.status is State.OFF
+
+
+def test_adapter_found_by_usb_serial_number(pty: PtyPair, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: F811
+    """No USB bus here: the port listing is the one stand-in; it reports the adapter under a new name each time."""
+    from types import SimpleNamespace
+
+    from serial.tools import list_ports
+
+    names = iter([str(pty.b), "/dev/ttyUSB-gone"])
+    monkeypatch.setattr(
+        list_ports,
+        "comports",
+        lambda: [SimpleNamespace(serial_number="A10K3XYZ", device=next(names, str(pty.b)))],
+    )
+    inst = Instrument(str(pty.a), lambda req: b"12.5\n" if req == b"PWR?\n" else None)
+    try:
+        got = reads(SerialSource(url="usb-serial://A10K3XYZ", command="PWR?\n", timeout_s=0.3), 1)
+    finally:
+        inst.close()
+    assert got[0].power_w == 12.5
+    monkeypatch.setattr(list_ports, "comports", lambda: [])
+    missing = reads(SerialSource(url="usb-serial://A10K3XYZ", command="PWR?\n", timeout_s=0.3), 1)
+    assert (
+        missing[0].error is not None
+        and "no USB serial adapter with serial number 'A10K3XYZ'" in missing[0].error
+    )
