@@ -7,6 +7,7 @@ UNKNOWN); the client reconnects with backoff on the next reads.
 from __future__ import annotations
 
 import logging
+import time
 from urllib.parse import parse_qs, urlparse
 
 from labmeter.drivers.base import Sample, sane_power
@@ -57,16 +58,28 @@ class ModbusDriver:
                 reconnect_delay=0,
             )
         self.client = client
+        self._backoff = 0.5
+        self._next_try = 0.0
 
     async def start(self) -> None:
         await self._connect()
 
     async def _connect(self) -> bool:
+        """Connect, backing off (0.5 s doubling to 30 s) while the device stays unreachable."""
+        now = time.monotonic()
+        if now < self._next_try:
+            return False
         try:
-            return bool(await self.client.connect())
+            ok = bool(await self.client.connect())
         except (OSError, ModbusException) as exc:
             log.debug("%s: connect failed: %s", self.where, exc)
-            return False
+            ok = False
+        if ok:
+            self._backoff = 0.5
+        else:
+            self._next_try = now + self._backoff
+            self._backoff = min(self._backoff * 2, 30.0)
+        return ok
 
     async def read(self) -> Sample:
         reg = self.register

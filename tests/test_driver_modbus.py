@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 from labmeter.agent.classifier import Classifier
-from labmeter.drivers.base import Reading
+from labmeter.drivers.base import Reading, Sample
 from labmeter.drivers.modbus import ModbusDriver
 from labmeter.drivers.profiles import ProfileError, load_profile
 from pyModbusTCP.server import ModbusServer
@@ -111,19 +111,23 @@ def test_pymodbus_server_down_then_up_then_dropping() -> None:
         d = ModbusDriver(source(port), load_profile("eastron-sdm120"))
         seen = [await state(d)]
         await meter.start()
-        await asyncio.sleep(0.2)
-        seen.append(await state(d))
+        for _ in range(30):  # the driver retries with back-off (0.5 s, 1 s, ...)
+            first_up = await state(d)
+            if first_up is State.RUNNING:
+                break
+            await asyncio.sleep(0.1)
+        seen.append(first_up)
         await meter.stop()
         await asyncio.sleep(0.2)
         seen.append(await state(d))
         meter = SimMeter(f"127.0.0.1:{port}", Schedule([(0, "RUNNING")], noise=0.0, epoch_ms=0), clock)
         await meter.start()
         await asyncio.sleep(0.2)
-        for _ in range(5):
+        for _ in range(40):
             last = await state(d)
             if last is State.RUNNING:
                 break
-            await asyncio.sleep(0.2)
+            await asyncio.sleep(0.1)
         seen.append(last)
         await meter.stop()
         await d.close()
@@ -157,3 +161,63 @@ def test_sim_meter_serves_schedule_as_float32() -> None:
     s = Schedule([(0, "OFF"), (10, "RUNNING")], levels={"OFF": 0.5, "RUNNING": 900.0}, noise=0.0, epoch_ms=0)
     assert s.power_at(5_000) == 0.5 and s.power_at(10_000) == 900.0
     assert not math.isnan(s.power_at(-1))
+
+
+def test_short_and_garbled_responses_are_errors() -> None:
+    """A gateway that answers with too few bytes, then one that answers garbage: errors (UNKNOWN), never 0 W."""
+    import socket
+    import threading
+
+    replies = [
+        # MBAP says 5 bytes follow (unit, FC04, byte count 4 ...) but only 2 data bytes come: a short response
+        lambda tid: tid + b"\x00\x00\x00\x05\x01\x04\x04\x44\x9a",
+        lambda tid: tid + b"\x00\x00\x00\x03\x01\x84\x02",  # an exception response (illegal address)
+        lambda tid: b"\xff" * 7,  # garbage
+    ]
+    port = free_port()
+    srv = socket.socket()
+    srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    srv.bind(("127.0.0.1", port))
+    srv.listen()
+    stop = threading.Event()
+
+    def serve() -> None:
+        srv.settimeout(0.2)
+        i = 0
+        while not stop.is_set():
+            try:
+                conn, _ = srv.accept()
+            except OSError:
+                continue
+            with conn:
+                conn.settimeout(0.2)
+                while not stop.is_set():
+                    try:
+                        req = conn.recv(64)
+                    except OSError:
+                        continue
+                    if not req:
+                        break
+                    conn.sendall(replies[min(i, len(replies) - 1)](req[:2]))
+                    i += 1
+
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+
+    async def main() -> list[Sample]:
+        d = ModbusDriver(source(port), load_profile("eastron-sdm120"))
+        out = []
+        for _ in range(3):
+            out.append(await d.read())
+            d._next_try = 0.0  # no back-off wait between the cases
+        await d.close()
+        return out
+
+    try:
+        got = asyncio.run(main())
+    finally:
+        stop.set()
+        t.join(2)
+        srv.close()
+    assert all(s.power_w is None and s.error for s in got), got
+    assert "answered" in (got[1].error or "")
