@@ -294,7 +294,14 @@ def collector_run(cfg_path: Path, verbose: bool) -> None:
     help="Instrument code this agent measures (repeat).",
 )
 @config_option("collector.toml")
-def collector_add_agent(agent_id: str, key: str, instruments: tuple[str, ...], cfg_path: Path) -> None:
+@click.option(
+    "--mosquitto-dir",
+    type=click.Path(path_type=Path),
+    help="Also create the agent's broker account here (passwd, acl, secrets/ID.pass).",
+)
+def collector_add_agent(
+    agent_id: str, key: str, instruments: tuple[str, ...], cfg_path: Path, mosquitto_dir: Path | None
+) -> None:
     """Register an agent's public key and the instruments it may report."""
     from labmeter.collector.ledger import Ledger
     from labmeter.wire import ID_RE
@@ -311,6 +318,31 @@ def collector_add_agent(agent_id: str, key: str, instruments: tuple[str, ...], c
     ledger.add_agent(agent_id, key, signing.key_id(pub), instruments)
     ledger.close()
     click.echo(f"agent {agent_id} registered for {', '.join(instruments)}")
+    if mosquitto_dir is not None:
+        _broker_account(mosquitto_dir, agent_id, "agent")
+
+
+def _broker_account(directory: Path, user: str, role: str) -> None:
+    from labmeter.collector.mosquitto import add_account
+
+    secret, block = add_account(directory, user, role)
+    click.echo(
+        f"broker account {user}: password in {secret} (mode 0600; copy it to the {role}'s password_file)"
+    )
+    click.echo(f"ACL lines in {directory / 'acl'}:")
+    click.echo("".join(f"  {line}\n" for line in block.splitlines()).rstrip())
+    click.echo("reload Mosquitto to apply: systemctl reload mosquitto (or kill -HUP)")
+
+
+@collector_group.command("broker-user")
+@click.argument("user")
+@click.option(
+    "--mosquitto-dir", required=True, type=click.Path(path_type=Path), help="Where passwd and acl live."
+)
+@click.option("--role", type=click.Choice(["collector", "agent"]), default="collector", show_default=True)
+def collector_broker_user(user: str, mosquitto_dir: Path, role: str) -> None:
+    """Create a Mosquitto account (the collector's own, usually): password line, ACL block, secret file."""
+    _broker_account(mosquitto_dir, user, role)
 
 
 @collector_group.command("import-instruments")
