@@ -223,6 +223,43 @@ def agent_calibrate(cfg_path: Path, instrument: str, minutes: float, write: bool
         click.echo(f"written to {cfg_path}")
 
 
+@agent_group.command("install")
+@config_option("/etc/labmeter/agent.toml")
+@click.option("--dry-run", is_flag=True, help="Print the unit instead of installing it.")
+@click.option(
+    "--unit-dir", type=click.Path(path_type=Path), default=Path("/etc/systemd/system"), show_default=True
+)
+@click.option("--no-enable", is_flag=True, help="Write the unit but do not enable and start it.")
+def agent_install(cfg_path: Path, dry_run: bool, unit_dir: Path, no_enable: bool) -> None:
+    """Validate the config, then write, enable and start the labmeter-agent systemd unit."""
+    import shutil
+    import subprocess
+    from importlib import resources
+
+    cfg = load_agent(cfg_path)
+    if not cfg.agent.key_file.exists() and not dry_run:
+        fail(f"{cfg.agent.key_file}: no key yet; run `labmeter agent enroll --config {cfg_path}` first")
+    exe = shutil.which("labmeter") or str(Path(sys.argv[0]).resolve())
+    unit = resources.files("labmeter.systemd").joinpath("labmeter-agent.service").read_text(encoding="utf-8")
+    unit = unit.replace("/opt/labmeter/bin/labmeter", exe).replace(
+        "/etc/labmeter/agent.toml", str(cfg_path.resolve())
+    )
+    if dry_run:
+        click.echo(unit, nl=False)
+        return
+    target = unit_dir / "labmeter-agent.service"
+    target.write_text(unit, encoding="utf-8")
+    click.echo(f"written {target}")
+    if not no_enable:
+        for cmd in (
+            ["systemctl", "daemon-reload"],
+            ["systemctl", "enable", "--now", "labmeter-agent.service"],
+        ):
+            if subprocess.run(cmd).returncode != 0:
+                fail(f"`{' '.join(cmd)}` failed")
+        click.echo("labmeter-agent enabled and started; `journalctl -u labmeter-agent -f` shows its log")
+
+
 @agent_group.command("status")
 @config_option("agent.toml")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")

@@ -1,0 +1,1 @@
+"""systemd units, shipped as package data (``labmeter.systemd``) for ``labmeter agent install``."""
