@@ -104,7 +104,10 @@ class InstrumentRunner:
 
     async def read(self) -> Sample:
         try:
-            return await asyncio.wait_for(self.driver.read(), timeout=max(5.0, self.cfg.poll_s * 2))
+            # asyncio.timeout, not wait_for: in 3.11 wait_for can swallow a cancellation that races the
+            # read's completion, and then the poll loop outlives the agent's shutdown
+            async with asyncio.timeout(max(5.0, self.cfg.poll_s * 2)):
+                return await self.driver.read()
         except TimeoutError:
             return Sample(error="read timed out")
         except Exception as exc:
@@ -139,7 +142,7 @@ class InstrumentRunner:
     async def run(self) -> None:
         clock = self.agent.clock
         next_t = clock.mono()
-        while True:
+        while not self.agent.stopping:
             self.step(await self.read())
             next_t += self.cfg.poll_s
             now = clock.mono()
@@ -169,6 +172,7 @@ class Agent:
         )
         self.link.on_connect(self._on_connected)
         self.acked = 0
+        self.stopping = False
         self._signin_salt: bytes | None = None
 
     def emit(self, instrument: str, spans: list[Span], cp: Checkpoint | None, clock_step_ms: int = 0) -> None:
@@ -240,9 +244,10 @@ class Agent:
     async def _publisher(self) -> None:
         """Send unacknowledged rows oldest first; resend after ``resend_after_s`` without an ack."""
         resend = self.cfg.agent.resend_after_s
-        while True:
+        while not self.stopping:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.kick.wait(), timeout=1.0)
+                async with asyncio.timeout(1.0):
+                    await self.kick.wait()
             self.kick.clear()
             if not self.link.connected:
                 continue
@@ -254,12 +259,12 @@ class Agent:
                 self.kick.set()
 
     async def _heartbeat(self) -> None:
-        while True:
+        while not self.stopping:
             await self.clock.sleep(self.cfg.agent.heartbeat_s)
             self.link.publish(wire.status_topic(self.id), self._status_payload(), qos=1, retain=True)
 
     async def _checkpointer(self) -> None:
-        while True:
+        while not self.stopping:
             await self.clock.sleep(self.cfg.agent.checkpoint_s)
             step = self.timebase.check_step()
             if step is not None:
@@ -305,9 +310,12 @@ class Agent:
                 if t is not stopped and t.exception():
                     log.error("task %s died: %r", t.get_name(), t.exception())
         finally:
+            self.stopping = True
             for t in tasks:
                 t.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            _, stuck = await asyncio.wait(tasks, timeout=5.0)
+            for t in stuck:
+                log.error("task %s did not stop when cancelled; shutting down without it", t.get_name())
             await self._shutdown()
 
     async def _shutdown(self) -> None:

@@ -225,7 +225,8 @@ class Collector:
             self._idle = True
             if not self.inbox:
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), timeout=1.0)
+                    async with asyncio.timeout(1.0):
+                        await self._wake.wait()
                 self._wake.clear()
                 continue
             self._idle = False

@@ -245,7 +245,8 @@ class LiveView:
             await resp.write(b": hello\n\n")
             while True:
                 try:
-                    msg = await asyncio.wait_for(q.get(), timeout=15)
+                    async with asyncio.timeout(15):
+                        msg = await q.get()
                 except TimeoutError:
                     msg = ": keep-alive\n\n"
                 await resp.write(msg.encode())

@@ -147,7 +147,8 @@ class MqttLink:
 
     async def wait_connected(self, timeout: float | None = None) -> bool:
         try:
-            await asyncio.wait_for(self._connected_event.wait(), timeout)
+            async with asyncio.timeout(timeout):
+                await self._connected_event.wait()
         except TimeoutError:
             return False
         return True
@@ -166,5 +167,6 @@ class MqttLink:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
         with contextlib.suppress(Exception):
-            await asyncio.wait_for(self.client.disconnect(), timeout=2)
+            async with asyncio.timeout(2):
+                await self.client.disconnect()
         self.connected = False
