@@ -223,3 +223,29 @@ def test_garbage_is_an_error_not_off(mosquitto: BrokerProcess) -> None:
     )
     assert got[0].power_w is None and got[0].error is not None and "unreadable" in got[0].error
     assert got[1].power_w is None and got[1].error is not None and "no power" in got[1].error
+
+
+def test_plugs_on_their_own_broker(mosquitto: BrokerProcess) -> None:
+    """The plugs' broker differs from labmeter's: the source's own [broker] table is used."""
+    pub = Publisher(mosquitto.url, "own-broker-plug")
+    clock = Clock()
+
+    async def main() -> Sample:
+        src = MqttSource(topic="tele/p/SENSOR", broker=BrokerConfig(url=mosquitto.url))
+        agent_broker = BrokerConfig(url="mqtt://127.0.0.1:9")  # labmeter's broker: not where the plug is
+        d = PlugDriver(src, agent_broker, "agent-own", stale_after_s=5.0, clock=clock)
+        await d.start()
+        assert await d.link.wait_connected(10)
+        await asyncio.sleep(0.3)
+        await asyncio.get_running_loop().run_in_executor(
+            None, pub.publish, "tele/p/SENSOR", b'{"ENERGY": {"Power": 42}}'
+        )
+        await asyncio.sleep(0.3)
+        s = await d.read()
+        await d.close()
+        return s
+
+    try:
+        assert asyncio.run(main()).power_w == 42.0
+    finally:
+        pub.close()
