@@ -11,7 +11,7 @@ import json
 import re
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any
+from typing import Any, TypeVar
 
 import msgspec
 
@@ -197,13 +197,21 @@ class SignIn(msgspec.Struct, frozen=True):
 _signin_decoder = msgspec.json.Decoder(SignIn)
 
 
-def decode_signin(body_text: str) -> SignIn:
+T = TypeVar("T")
+
+
+def _decode(decoder: msgspec.json.Decoder[T], body_text: str) -> T:
+    """Typed decoding; a wrong type or missing field and broken JSON become WireErrors with msgspec's path."""
     try:
-        si = _signin_decoder.decode(body_text)
+        return decoder.decode(body_text)
     except msgspec.ValidationError as exc:
         raise WireError(f"body: {exc}") from None
     except msgspec.DecodeError as exc:
         raise WireError(f"body is not JSON: {exc}") from None
+
+
+def decode_signin(body_text: str) -> SignIn:
+    si = _decode(_signin_decoder, body_text)
     if si.v != VERSION or si.kind != "signin":
         raise WireError("body is not a version-1 signin")
     if si.seq < 1 or len(si.prev) != 64 or not re.fullmatch(r"[0-9a-f]{16,64}", si.user):
@@ -225,13 +233,7 @@ def load_body(body_text: str) -> dict[str, Any]:
 
 def decode_interval(body_text: str) -> Interval:
     """Body text to a checked Interval (the collector's hot path)."""
-    try:
-        iv = _interval_decoder.decode(body_text)
-    except msgspec.ValidationError as exc:
-        raise WireError(f"body: {exc}") from None
-    except msgspec.DecodeError as exc:
-        raise WireError(f"body is not JSON: {exc}") from None
-    return _checked(iv)
+    return _checked(_decode(_interval_decoder, body_text))
 
 
 def parse_interval(obj: dict[str, Any]) -> Interval:
