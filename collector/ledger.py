@@ -38,6 +38,8 @@ CREATE TABLE IF NOT EXISTS intervals (
     envelope BLOB NOT NULL, received_ms INTEGER NOT NULL,
     PRIMARY KEY (agent, instrument, seq)) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS intervals_time ON intervals (instrument, start_ms);
+CREATE INDEX IF NOT EXISTS intervals_received ON intervals (received_ms);
+CREATE TABLE IF NOT EXISTS sink_cursor (name TEXT PRIMARY KEY, received_ms INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS signins (
     agent TEXT NOT NULL, instrument TEXT NOT NULL, seq INTEGER NOT NULL, at_ms INTEGER NOT NULL, user TEXT NOT NULL,
     sha TEXT NOT NULL, envelope BLOB NOT NULL, received_ms INTEGER NOT NULL,
@@ -305,6 +307,22 @@ class Ledger:
                 (agent, instrument, above, agent, instrument, above),
             )
         ]
+
+    def received_between(self, after_ms: int, upto_ms: int) -> list[tuple[str, str, int, int, str]]:
+        """(instrument, agent, start, end, state) of intervals stored in (after, upto]: what a sink has not sent."""
+        return self.db.execute(
+            "SELECT instrument, agent, start_ms, end_ms, state FROM intervals WHERE received_ms > ? AND received_ms <= ? "
+            "ORDER BY received_ms",
+            (after_ms, upto_ms),
+        ).fetchall()
+
+    def sink_cursor(self, name: str) -> int:
+        row = self.db.execute("SELECT received_ms FROM sink_cursor WHERE name=?", (name,)).fetchone()
+        return int(row[0]) if row else 0
+
+    def set_sink_cursor(self, name: str, received_ms: int) -> None:
+        with self.db:
+            self.db.execute("INSERT OR REPLACE INTO sink_cursor VALUES (?,?)", (name, received_ms))
 
     def rejection_counts(self) -> dict[str, int]:
         return dict(self.db.execute("SELECT reason, count(*) FROM rejections GROUP BY reason").fetchall())

@@ -17,12 +17,15 @@ import time
 from collections import Counter, defaultdict, deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from labmeter.collector.broker import EmbeddedBroker
 from labmeter.collector.ledger import Ledger, Rejection
 from labmeter.collector.verify import Accepted, AcceptedSignIn, Pending, Rejected, Status, Verifier
 from labmeter.collector.web import LiveView
+
+if TYPE_CHECKING:
+    from labmeter.collector.sink_influx import InfluxSink
 
 from labmeter import config, wire
 from labmeter.clock import Clock
@@ -88,6 +91,7 @@ class Collector:
         self.broker: EmbeddedBroker | None = None
         self.link: MqttLink | None = None
         self.web: LiveView | None = None
+        self.sink: InfluxSink | None = None
         self.ready = asyncio.Event()
         self._pool = ThreadPoolExecutor(2, thread_name_prefix="verify")
 
@@ -257,6 +261,12 @@ class Collector:
             subscriptions=self.subscriptions(),
         )
         await self.link.start()
+        sink_task = None
+        if self.cfg.influxdb is not None:
+            from labmeter.collector.sink_influx import InfluxSink
+
+            self.sink = InfluxSink(self.cfg.influxdb, self.ledger, self.cfg.policy)
+            sink_task = asyncio.create_task(self.sink.run(), name="influx-sink")
         if self.cfg.web is not None:
             token = (
                 self.cfg.web.token_file.read_text(encoding="utf-8").strip()
@@ -278,6 +288,11 @@ class Collector:
             ingest.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await ingest
+            if sink_task is not None and self.sink is not None:
+                sink_task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await sink_task
+                await self.sink.close()
             if self.inbox:
                 await self.process(list(self.inbox))
                 self.inbox.clear()

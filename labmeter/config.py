@@ -207,11 +207,22 @@ class WebConfig(Section, frozen=True, kw_only=True):
     timezone: str = "Asia/Shanghai"
 
 
+class InfluxConfig(Section, frozen=True, kw_only=True):
+    """Any server speaking the InfluxDB v2 write API (InfluxDB 2.x/3.x, VictoriaMetrics)."""
+
+    url: str
+    org: str = "lab"
+    bucket: str = "labmeter"
+    token_file: Path | None = None
+    every_s: Annotated[float, Meta(gt=0, le=3600)] = 5.0
+
+
 class CollectorConfig(Section, frozen=True, kw_only=True):
     collector: CollectorSection
     broker: CollectorBroker = field(default_factory=CollectorBroker)
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     web: WebConfig | None = None
+    influxdb: InfluxConfig | None = None
 
 
 M = TypeVar("M", bound=Struct)

@@ -1,0 +1,117 @@
+"""The time-series sink: state changes and per-hour usage as InfluxDB line protocol.
+
+It follows the ledger, never the MQTT stream: a cursor on the time intervals were
+stored says what is not sent yet, so an outage of the time-series store never blocks
+or loses ingestion, and the sink catches up when the store is back. Points are keyed
+by series and timestamp, so sending them again overwrites instead of double counting.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import defaultdict
+from typing import cast
+
+from influxdb_client import WritePrecision
+from influxdb_client.client.influxdb_client_async import InfluxDBClientAsync
+from labmeter.collector.hours import compute
+from labmeter.collector.ledger import Ledger
+
+from labmeter.config import InfluxConfig, PolicyConfig
+
+log = logging.getLogger("labmeter.sink")
+H = 3_600_000
+STATE_CODE = {"OFF": 0, "STANDBY": 1, "RUNNING": 2, "UNKNOWN": -1}
+CURSOR = "influxdb"
+WINDOW_MS = 60_000
+SETTLE_MS = 2_000  # rows stored in the last moments wait for the next round, so none slips past the cursor
+
+
+def _tag(v: object) -> str:
+    return str(v).replace("\\", "\\\\").replace(",", "\\,").replace("=", "\\=").replace(" ", "\\ ") or "-"
+
+
+def points(ledger: Ledger, rows: list[tuple[str, str, int, int, str]], policy: PolicyConfig) -> list[str]:
+    """Line protocol for new intervals: a state point at each start, and the usage of every hour they touch."""
+    registry = {str(i["code"]): i for i in ledger.instruments()}
+    lines: list[str] = []
+    hours: dict[str, set[int]] = defaultdict(set)
+    for instrument, agent, start, end, state in rows:
+        info = registry.get(instrument, {})
+        tags = f"instrument={_tag(instrument)},agent={_tag(agent)},unit={_tag(info.get('unit'))},category={_tag(info.get('category'))}"
+        lines.append(f'labmeter_state,{tags} state_code={STATE_CODE[state]}i,state="{state}" {start}')
+        for h in range(start // H * H, end, H):
+            hours[instrument].add(h)
+    prep, post = policy.prep_allowance_s * 1000, policy.post_allowance_s * 1000
+    pad = max(prep, post)
+    for instrument, starts in hours.items():
+        info = registry.get(instrument, {})
+        tags = f"instrument={_tag(instrument)},unit={_tag(info.get('unit'))},category={_tag(info.get('category'))}"
+        lo, hi = min(starts), max(starts) + H
+        data = [
+            (r[3], r[4], r[5], bool(r[6])) for r in ledger.intervals_between(lo - pad, hi + pad, instrument)
+        ]
+        for h in sorted(starts):
+            u = compute(data, h, h + H, prep, post)
+            lines.append(
+                f"labmeter_usage,{tags} run_s={u.run_ms / 1000},standby_s={u.standby_ms / 1000},"
+                f"off_s={u.off_ms / 1000},unknown_s={(u.unknown_ms + u.unverified_ms) / 1000},"
+                f"effective_s={u.effective_ms / 1000} {h}"
+            )
+    return lines
+
+
+class InfluxSink:
+    def __init__(
+        self, cfg: InfluxConfig, ledger: Ledger, policy: PolicyConfig, settle_ms: int = SETTLE_MS
+    ) -> None:
+        self.cfg = cfg
+        self.settle_ms = settle_ms
+        self.ledger = ledger
+        self.policy = policy
+        token = cfg.token_file.read_text(encoding="utf-8").strip() if cfg.token_file else ""
+        self.client = InfluxDBClientAsync(url=cfg.url, token=token, org=cfg.org, timeout=10_000)
+        self.sent = 0
+
+    async def flush(self) -> int:
+        """Send everything stored since the cursor, a minute of ingest at a time; returns the points sent."""
+        sent = 0
+        cursor = self.ledger.sink_cursor(CURSOR)
+        now = int(time.time() * 1000) - self.settle_ms
+        while cursor < now:
+            upto = min(now, cursor + WINDOW_MS) if cursor else now
+            rows = self.ledger.received_between(cursor, upto)
+            if rows:
+                lines = points(self.ledger, rows, self.policy)
+                await self.client.write_api().write(
+                    bucket=self.cfg.bucket,
+                    org=self.cfg.org,
+                    record=lines,
+                    write_precision=cast(WritePrecision, WritePrecision.MS),
+                )
+                sent += len(lines)
+            cursor = upto
+            self.ledger.set_sink_cursor(CURSOR, cursor)
+        self.sent += sent
+        return sent
+
+    async def run(self) -> None:
+        backoff = self.cfg.every_s
+        while True:
+            try:
+                await self.flush()
+                backoff = self.cfg.every_s
+            except Exception as exc:
+                log.warning(
+                    "time-series store %s: %s; retrying in %.0f s (ingestion goes on)",
+                    self.cfg.url,
+                    str(exc).splitlines()[0][:200],
+                    backoff,
+                )
+                backoff = min(backoff * 2, 300.0)
+            await asyncio.sleep(backoff)
+
+    async def close(self) -> None:
+        await self.client.close()
