@@ -22,7 +22,8 @@ CREATE TABLE IF NOT EXISTS agents (
 CREATE TABLE IF NOT EXISTS instruments (
     code TEXT PRIMARY KEY, name TEXT NOT NULL DEFAULT '', unit TEXT NOT NULL DEFAULT '',
     department TEXT NOT NULL DEFAULT '', category TEXT NOT NULL DEFAULT '', kind TEXT NOT NULL DEFAULT 'general',
-    value_wan REAL, rated_hours REAL, share_mode TEXT NOT NULL DEFAULT '');
+    value_wan REAL, rated_hours REAL, share_mode TEXT NOT NULL DEFAULT '',
+    prep_allowance_s INTEGER, post_allowance_s INTEGER);
 CREATE TABLE IF NOT EXISTS service_records (
     id INTEGER PRIMARY KEY, instrument TEXT NOT NULL, start_ms INTEGER NOT NULL, end_ms INTEGER NOT NULL,
     applicant TEXT NOT NULL DEFAULT '', applicant_unit TEXT NOT NULL DEFAULT '',
@@ -61,6 +62,8 @@ INSTRUMENT_COLUMNS = (
     "value_wan",
     "rated_hours",
     "share_mode",
+    "prep_allowance_s",
+    "post_allowance_s",
 )
 SERVICE_COLUMNS = (
     "instrument",

@@ -32,6 +32,8 @@ INSTRUMENT_HEADERS = {
     "value_wan": ("value_wan", "value", "原值（万元）", "原值(万元)", "原值"),
     "rated_hours": ("rated_hours", "定额机时"),
     "share_mode": ("share_mode", "共享模式"),
+    "prep_allowance_s": ("prep_allowance_s", "准备时间（秒）", "准备时间(秒)"),
+    "post_allowance_s": ("post_allowance_s", "后处理时间（秒）", "后处理时间(秒)"),
 }
 SERVICE_HEADERS = {
     "instrument": ("instrument", "仪器编号"),
@@ -179,6 +181,11 @@ def import_instruments(ledger: Ledger, path: Path) -> int:
         }
         for key in ("value_wan", "rated_hours"):
             rec[key] = _number(row.get(key, ""), key, problems)
+        for key in ("prep_allowance_s", "post_allowance_s"):
+            value = _number(row.get(key, ""), key, problems)
+            if value is not None and value < 0:
+                problems.append(f"column '{key}': {row[key]!r} is negative")
+            rec[key] = None if value is None else int(value)
         return rec
 
     rows = _validate(table, cols, check)

@@ -113,16 +113,28 @@ def rated_ms(info: dict[str, object], policy: PolicyConfig, period_ms: int) -> i
     return round(yearly * H * period_ms / YEAR_MS)
 
 
+def allowances_ms(info: dict[str, object], policy: PolicyConfig) -> tuple[int, int]:
+    """Prep and post allowances: the instrument's own where the registry gives them, else the policy's."""
+    prep, post = info.get("prep_allowance_s"), info.get("post_allowance_s")
+    return (
+        int(prep if isinstance(prep, int | float) else policy.prep_allowance_s) * 1000,
+        int(post if isinstance(post, int | float) else policy.post_allowance_s) * 1000,
+    )
+
+
 def per_instrument(ledger: Ledger, a: int, b: int, policy: PolicyConfig) -> dict[str, Hours]:
-    prep, post = policy.prep_allowance_s * 1000, policy.post_allowance_s * 1000
-    pad = max(prep, post)
+    registry = {str(i["code"]): i for i in ledger.instruments()}
+    pad = max(
+        [policy.prep_allowance_s * 1000, policy.post_allowance_s * 1000]
+        + [max(allowances_ms(i, policy)) for i in registry.values()]
+    )
     per: dict[str, list[tuple[int, int, str, bool]]] = defaultdict(list)
     for instrument, _agent, _seq, start, end, state, linked in ledger.intervals_between(a - pad, b + pad):
         per[instrument].append((start, end, state, bool(linked)))
     windows = ledger.service_windows(a, b)
-    registry = {str(i["code"]): i for i in ledger.instruments()}
     out: dict[str, Hours] = {}
     for code in sorted(set(registry) | set(per)):
+        prep, post = allowances_ms(registry.get(code, {}), policy)
         h = compute(per.get(code, []), a, b, prep, post, windows.get(code, ()))
         h.rated_ms = rated_ms(registry.get(code, {}), policy, b - a)
         out[code] = h

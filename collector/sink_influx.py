@@ -18,6 +18,7 @@ from influxdb_client import WritePrecision
 from influxdb_client.client.influxdb_client_async import InfluxDBClientAsync
 from labmeter.collector.hours import compute
 from labmeter.collector.ledger import Ledger
+from labmeter.collector.report import allowances_ms
 
 from labmeter.config import InfluxConfig, PolicyConfig
 
@@ -44,10 +45,10 @@ def points(ledger: Ledger, rows: list[tuple[str, str, int, int, str]], policy: P
         lines.append(f'labmeter_state,{tags} state_code={STATE_CODE[state]}i,state="{state}" {start}')
         for h in range(start // H * H, end, H):
             hours[instrument].add(h)
-    prep, post = policy.prep_allowance_s * 1000, policy.post_allowance_s * 1000
-    pad = max(prep, post)
     for instrument, starts in hours.items():
         info = registry.get(instrument, {})
+        prep, post = allowances_ms(info, policy)
+        pad = max(prep, post)
         tags = f"instrument={_tag(instrument)},unit={_tag(info.get('unit'))},category={_tag(info.get('category'))}"
         lo, hi = min(starts), max(starts) + H
         data = [

@@ -589,16 +589,16 @@ def report_evidence(instrument: str, start: str, end: str, out: Path, cfg_path: 
     """Write the signed intervals and public keys behind an instrument's hours, for `labmeter verify`."""
     from labmeter.collector.evidence import write_bundle
     from labmeter.collector.ledger import Ledger
-    from labmeter.collector.report import PeriodError, parse_time
+    from labmeter.collector.report import PeriodError, allowances_ms, parse_time
 
     cfg = load_collector(cfg_path)
     zone = ZoneInfo(tz)
     ledger = Ledger.open(cfg.collector.ledger, cfg.collector.data_dir)
     try:
         a, b = parse_time(start, zone), parse_time(end, zone, end=True)
-        bundle = write_bundle(
-            ledger, instrument, a, b, cfg.policy.prep_allowance_s, cfg.policy.post_allowance_s, out
-        )
+        info = next((i for i in ledger.instruments() if i["code"] == instrument), {})
+        prep_ms, post_ms = allowances_ms(info, cfg.policy)
+        bundle = write_bundle(ledger, instrument, a, b, prep_ms // 1000, post_ms // 1000, out)
     except PeriodError as exc:
         fail(str(exc))
     finally:

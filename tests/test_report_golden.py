@@ -256,3 +256,16 @@ def test_national_export_and_findings(ledger: Ledger, tmp_path: Path) -> None:
     assert res["no_data"] == [
         {"instrument": "CZ-C", "name": "无人测量的仪器", "unit": "", "reason": "no agent enrolled"}
     ]
+
+
+def test_allowances_per_instrument(ledger: Ledger, tmp_path: Path) -> None:
+    """CZ-B gets its own allowances (prep 30 min, post 0): each day's 30 min of standby before the run
+    counts whole and none after it; CZ-A keeps the policy's."""
+    (tmp_path / "allow.csv").write_text(
+        "仪器编号,仪器名称,管理单位,分类编码,仪器类型,原值（万元）,定额机时,准备时间（秒）,后处理时间（秒）\n"
+        "CZ-B,扫描电镜,分析测试中心,030201,专用,680,1000,1800,0\n"
+    )
+    import_instruments(ledger, tmp_path / "allow.csv")
+    got = {r.key: r.values() for r in hours_report(ledger, *WEEK, POLICY, "instrument", TZ)}
+    assert got["CZ-B"]["effective_h"] == round(5 * (2 + 0.5), 2)
+    check(got["CZ-A"], {"effective_h": EFF_A})
