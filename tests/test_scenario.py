@@ -116,8 +116,11 @@ def test_hours_match_ground_truth(variant: str, broker: BrokerProcess, tmp_path:
             if variant in ("steady", "collector_restart"):
                 assert unknown_s <= 2 * POLL_S + 1, msg
             elif variant == "agent_sigkill":
-                # the agent's down time is UNKNOWN: at least the real gap less one checkpoint period
-                assert down - 3 <= unknown_s <= down + 80, msg
+                # the agent's down time is UNKNOWN: at least the real gap less one checkpoint period, plus the
+                # restarted agent's start-up (a process start; for the plug also a broker connection and a
+                # first message), a few real seconds at this time scale on a loaded machine
+                slack = 80 if code == "CZ-XRD-001" else 240
+                assert down - 3 <= unknown_s <= down + slack, msg
             elif code == "CZ-XRD-001":
                 assert unknown_s <= 2 * POLL_S + 1, msg  # a broker outage does not blind a Modbus meter
             else:
