@@ -273,7 +273,10 @@ class Collector:
                 if self.cfg.web.token_file
                 else None
             )
-            self.web = LiveView(self, self.cfg.web.listen, self.cfg.web.timezone, token)
+            web_cfg = self.cfg.web
+            self.web = LiveView(
+                self, web_cfg.listen, web_cfg.timezone, token, web_cfg.public, web_cfg.public_power
+            )
             await self.web.start()
         # Ingest allocates many short-lived objects and no cycles worth chasing: keep the start-up heap out
         # of the collector's way and let generation 0 grow, instead of a full scan every few hundred messages.

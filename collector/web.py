@@ -53,9 +53,17 @@ def _time_param(request: web.Request, name: str, default: int, tz: ZoneInfo) -> 
 
 class LiveView:
     def __init__(
-        self, collector: Collector, listen: str, tz: str = "Asia/Shanghai", token: str | None = None
+        self,
+        collector: Collector,
+        listen: str,
+        tz: str = "Asia/Shanghai",
+        token: str | None = None,
+        public: bool = False,
+        public_power: bool = False,
     ):
         self.collector = collector
+        self.public = public
+        self.public_power = public_power
         self.listen = listen
         self.tz = ZoneInfo(tz)
         self.token = token
@@ -162,7 +170,7 @@ class LiveView:
     # handlers -------------------------------------------------------------
     @web.middleware
     async def _auth(self, request: web.Request, handler: Any) -> web.StreamResponse:
-        if self.token:
+        if self.token and not request.path.startswith("/public"):
             given = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
             given = given or request.query.get("token", "") or request.cookies.get("labmeter_token", "")
             if not hmac.compare_digest(given, self.token):
@@ -229,6 +237,27 @@ class LiveView:
             {"from": a, "to": b, "by": by, "rows": [r.values() for r in rows]}, dumps=_dumps
         )
 
+    async def api_signins(self, request: web.Request) -> web.Response:
+        code = request.match_info["code"]
+        rows = self.collector.ledger.recent_signins(
+            code, limit=int(request.query.get("limit", "20")[:4] or 20)
+        )
+        return web.json_response({"instrument": code, "signins": [{"at": at, "user": u} for at, u in rows]})
+
+    async def instrument_page(self, request: web.Request) -> web.Response:
+        html = resources.files("labmeter.collector").joinpath("instrument.html").read_text(encoding="utf-8")
+        return web.Response(text=html, content_type="text/html", charset="utf-8")
+
+    async def public_api(self, request: web.Request) -> web.Response:
+        """What an owning unit may publish: state and utilisation; no agents, errors, sign-ins or (by default) power."""
+        keep = ["code", "name", "unit", "category", "state", "since", "today", "month", "year"]
+        if self.public_power:
+            keep.append("power_w")
+        rows = [{k: i.get(k) for k in keep} for i in self.instruments()]
+        return web.json_response(
+            {"now": self.collector.clock.wall_ms(), "tz": str(self.tz), "instruments": rows}, dumps=_dumps
+        )
+
     async def api_agents(self, request: web.Request) -> web.Response:
         return web.json_response({"agents": self.agents()}, dumps=_dumps)
 
@@ -265,6 +294,11 @@ class LiveView:
         app.router.add_get("/api/agents", self.api_agents)
         app.router.add_get("/api/events", self.events)
         app.router.add_get("/api/openapi.json", self.api_openapi)
+        app.router.add_get("/api/instruments/{code}/signins", self.api_signins)
+        app.router.add_get("/instrument/{code}", self.instrument_page)
+        if self.public:
+            app.router.add_get("/public", self.page)
+            app.router.add_get("/public/api/instruments", self.public_api)
         return app
 
     async def start(self) -> None:

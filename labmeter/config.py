@@ -205,6 +205,8 @@ class WebConfig(Section, frozen=True, kw_only=True):
     listen: str = "127.0.0.1:8080"
     token_file: Path | None = None
     timezone: str = "Asia/Shanghai"
+    public: bool = False  # a read-only /public view without login: states and utilisation, no user data
+    public_power: bool = False  # show power readings in the public view
 
 
 class InfluxConfig(Section, frozen=True, kw_only=True):

@@ -214,3 +214,77 @@ def test_token_required_off_loopback(tmp_path: Path) -> None:
         return codes
 
     assert asyncio.run(main()) == [401, 401, 200]
+
+
+def test_public_view_shows_no_private_data(tmp_path: Path) -> None:
+    import asyncio
+
+    from labmeter.collector.service import Collector
+    from labmeter.collector.web import LiveView
+
+    cfg = config.parse(f'[collector]\ndata_dir = "{tmp_path}"\n', config.CollectorConfig)
+
+    async def main() -> tuple[int, dict, int, int]:
+        collector = Collector(cfg)
+        collector.live.instruments["CZ-A"] = {
+            "instrument": "CZ-A",
+            "state": "RUNNING",
+            "start": 1,
+            "power_w": 812.0,
+            "agent": "lab-pc",
+            "error": None,
+        }
+        loop = asyncio.get_running_loop()
+        port, closed_port = free_port(), free_port()
+        view = LiveView(collector, f"127.0.0.1:{port}", token="s3cret", public=True)
+        await view.start()
+        status, body = await loop.run_in_executor(
+            None, get, f"http://127.0.0.1:{port}/public/api/instruments"
+        )
+        private = (await loop.run_in_executor(None, get, f"http://127.0.0.1:{port}/api/instruments"))[0]
+        await view.stop()
+        off = LiveView(collector, f"127.0.0.1:{closed_port}")  # public is off by default
+        await off.start()
+        disabled = (
+            await loop.run_in_executor(None, get, f"http://127.0.0.1:{closed_port}/public/api/instruments")
+        )[0]
+        await off.stop()
+        return status, body, private, disabled
+
+    status, body, private, disabled = asyncio.run(main())
+    assert status == 200 and private == 401 and disabled == 404
+    item = body["instruments"][0]
+    assert item["code"] == "CZ-A" and item["state"] == "RUNNING"
+    assert "power_w" not in item and "agent" not in item and "error" not in item
+
+
+@pytest.mark.skipif(
+    not Path(CHROMIUM).exists(), reason="Debian chromium not installed (make deps installs it)"
+)
+def test_instrument_page(lab) -> None:  # type: ignore[no-untyped-def]
+    from playwright.sync_api import sync_playwright
+
+    base, _meters, _ct = lab
+    status, si = get(f"{base}/api/instruments/CZ-ICP-002/signins")
+    assert status == 200 and si["signins"] == []
+    ARTIFACTS.mkdir(exist_ok=True)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(
+            executable_path=CHROMIUM,
+            args=[
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                "--no-first-run",
+            ],
+        )
+        page = browser.new_page(viewport={"width": 1100, "height": 500})
+        page.goto(base + "/?lang=zh-CN")
+        page.click('tr[data-code="CZ-ICP-002"] a')
+        page.wait_for_selector('[data-testid="timeline"] rect[fill="var(--run)"]')
+        assert page.text_content("#title") == "CZ-ICP-002"
+        assert float(page.text_content('[data-testid="run_h"]') or "-1") >= 0.0
+        page.screenshot(path=str(ARTIFACTS / "instrument-page.png"))
+        browser.close()
