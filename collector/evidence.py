@@ -19,8 +19,6 @@ from typing import Any
 from labmeter.collector.hours import compute
 from labmeter.collector.ledger import Ledger
 
-from labmeter import wire
-
 FORMAT = "labmeter-evidence/1"
 
 
@@ -63,7 +61,3 @@ def write_bundle(
         for env in envelopes:
             fh.write(env.rstrip(b"\n") + b"\n")
     return bundle
-
-
-def interval_of(envelope: wire.Envelope) -> wire.Interval:
-    return wire.parse_interval(wire.load_body(envelope.body))

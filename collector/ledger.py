@@ -327,9 +327,6 @@ class Ledger:
         with self.db:
             self.db.execute("INSERT OR REPLACE INTO sink_cursor VALUES (?,?)", (name, received_ms))
 
-    def rejection_counts(self) -> dict[str, int]:
-        return dict(self.db.execute("SELECT reason, count(*) FROM rejections GROUP BY reason").fetchall())
-
     # reports --------------------------------------------------------------
     def intervals_between(self, start_ms: int, end_ms: int, instrument: str | None = None) -> list[tuple]:
         """Intervals overlapping [start, end) with a ``linked`` flag: prev matches the stored predecessor."""

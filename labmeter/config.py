@@ -185,7 +185,6 @@ class CollectorSection(Section, frozen=True, kw_only=True):
     data_dir: Path
     ledger: str = "sqlite"
     max_future_s: Annotated[float, Meta(ge=0)] = 300
-    ack_every_s: Annotated[float, Meta(gt=0, le=60)] = 0.2
 
 
 class CollectorBroker(BrokerConfig, frozen=True, kw_only=True):
