@@ -15,6 +15,7 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 import pytest
 from pyModbusTCP.server import ModbusServer
@@ -26,6 +27,21 @@ from tests.test_driver_modbus import words
 
 ARTIFACTS = ROOT / "test-artifacts"
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+
+
+# Debian's Chromium, headless, with nothing reaching for the network (this machine has none)
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+
+
+def launch(p: Any) -> Any:
+    return p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
 
 
 def get(url: str) -> tuple[int, dict]:
@@ -135,17 +151,7 @@ def test_page_in_browser(lab) -> None:  # type: ignore[no-untyped-def]
     base, meters, _ct = lab
     ARTIFACTS.mkdir(exist_ok=True)
     with sync_playwright() as p:
-        browser = p.chromium.launch(
-            executable_path=CHROMIUM,
-            args=[
-                "--no-sandbox",
-                "--disable-gpu",
-                "--disable-background-networking",
-                "--disable-component-update",
-                "--disable-sync",
-                "--no-first-run",
-            ],
-        )
+        browser = launch(p)
         page = browser.new_page(viewport={"width": 1400, "height": 600})
         page.goto(base + "/?lang=zh-CN")
         page.wait_for_selector('[data-testid="state-CZ-NMR-001"]')
@@ -269,17 +275,7 @@ def test_instrument_page(lab) -> None:  # type: ignore[no-untyped-def]
     assert status == 200 and si["signins"] == []
     ARTIFACTS.mkdir(exist_ok=True)
     with sync_playwright() as p:
-        browser = p.chromium.launch(
-            executable_path=CHROMIUM,
-            args=[
-                "--no-sandbox",
-                "--disable-gpu",
-                "--disable-background-networking",
-                "--disable-component-update",
-                "--disable-sync",
-                "--no-first-run",
-            ],
-        )
+        browser = launch(p)
         page = browser.new_page(viewport={"width": 1100, "height": 500})
         page.goto(base + "/?lang=zh-CN")
         page.click('tr[data-code="CZ-ICP-002"] a')
