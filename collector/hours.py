@@ -7,8 +7,10 @@ contiguous: OFF, UNKNOWN or a gap in between breaks the link.
 
 from __future__ import annotations
 
+from bisect import bisect_right
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from itertools import pairwise
 
 UNVERIFIED = "UNVERIFIED"
 FIELDS = (
@@ -110,40 +112,91 @@ def compute(
     ``windows`` are service records (start, end, external): service time is effective
     time inside any of them, external service time effective time inside an external one.
     """
+    return compute_buckets(rows, [a, b], prep_ms, post_ms, windows)[0]
+
+
+def compute_buckets(
+    rows: Iterable[tuple[int, int, str, bool]],
+    bounds: Sequence[int],
+    prep_ms: int,
+    post_ms: int,
+    windows: Sequence[tuple[int, int, bool]] = (),
+) -> list[Hours]:
+    """Hours for each of the consecutive buckets ``[bounds[i], bounds[i+1])``, judged once for all of them.
+
+    Judging the whole stretch once and splitting afterwards is what makes rollups add up:
+    the buckets' hours sum to exactly what :func:`compute` gives for their union.
+    """
     segs = merge(rows)
-    h = Hours(period_ms=b - a, instruments=1)
-    covered = 0
-    effective: list[tuple[int, int]] = []
+    out = [Hours(period_ms=hi - lo, instruments=1) for lo, hi in pairwise(bounds)]
+    covered = [0] * len(out)
+    by_kind: dict[str, list[tuple[int, int]]] = {}
+    for s in segs:
+        by_kind.setdefault(s.kind, []).append((s.start, s.end))
+    for kind, name in KIND_FIELDS.items():
+        if kind in by_kind:
+            for i, n in enumerate(spread(by_kind[kind], bounds)):
+                if n:
+                    setattr(out[i], name, getattr(out[i], name) + n)
+                    covered[i] += n
+    effective = _effective(segs, prep_ms, post_ms)
+    for i, n in enumerate(spread(effective, bounds)):
+        out[i].effective_ms = n
+    for i, h in enumerate(out):
+        h.uncovered_ms = max(0, h.period_ms - covered[i])
+    if windows:
+        service = intersect(effective, union([(s, e) for s, e, _ in windows]))
+        external = intersect(effective, union([(s, e) for s, e, ext in windows if ext]))
+        for i, n in enumerate(spread(service, bounds)):
+            out[i].service_ms = n
+        for i, n in enumerate(spread(external, bounds)):
+            out[i].external_ms = n
+    return out
+
+
+KIND_FIELDS = {
+    "RUNNING": "run_ms",
+    "STANDBY": "standby_ms",
+    "OFF": "off_ms",
+    "UNKNOWN": "unknown_ms",
+    UNVERIFIED: "unverified_ms",
+}
+
+
+def _effective(segs: list[Segment], prep_ms: int, post_ms: int) -> list[tuple[int, int]]:
+    """Sorted effective ranges: runs, and the standby that directly precedes or follows them."""
+    out: list[tuple[int, int]] = []
     for i, s in enumerate(segs):
-        n = _clip(s.start, s.end, a, b)
-        covered += n
         if s.kind == "RUNNING":
-            h.run_ms += n
-            effective.append((s.start, s.end))
+            out.append((s.start, s.end))
         elif s.kind == "STANDBY":
-            h.standby_ms += n
             before = i > 0 and segs[i - 1].end == s.start and segs[i - 1].kind == "RUNNING"
             after = i + 1 < len(segs) and segs[i + 1].start == s.end and segs[i + 1].kind == "RUNNING"
             post_end = min(s.end, s.start + post_ms) if before else s.start
             prep_start = max(s.start, s.end - prep_ms) if after else s.end
             if prep_start <= post_end:
                 if before or after:
-                    effective.append((s.start, s.end))
+                    out.append((s.start, s.end))
             else:
-                effective += [(s.start, post_end), (prep_start, s.end)]
-        elif s.kind == "OFF":
-            h.off_ms += n
-        elif s.kind == "UNKNOWN":
-            h.unknown_ms += n
-        else:
-            h.unverified_ms += n
-    effective = [(max(x, a), min(y, b)) for x, y in effective if min(y, b) > max(x, a)]
-    h.effective_ms = sum(y - x for x, y in effective)
-    h.uncovered_ms = max(0, h.period_ms - covered)
-    if windows:
-        h.service_ms = overlap(effective, union([(s, e) for s, e, _ in windows]))
-        h.external_ms = overlap(effective, union([(s, e) for s, e, ext in windows if ext]))
-    return h
+                out += [(s.start, post_end), (prep_start, s.end)]
+    return [(x, y) for x, y in out if y > x]
+
+
+def spread(ranges: Iterable[tuple[int, int]], bounds: Sequence[int]) -> list[int]:
+    """How much of the (sorted) ranges falls in each bucket between consecutive bounds."""
+    out = [0] * (len(bounds) - 1)
+    if not out:
+        return out
+    lo, hi = bounds[0], bounds[-1]
+    for s, e in ranges:
+        s, e = max(s, lo), min(e, hi)
+        if e <= s:
+            continue
+        i = bisect_right(bounds, s) - 1
+        while i < len(out) and bounds[i] < e:
+            out[i] += min(e, bounds[i + 1]) - max(s, bounds[i])
+            i += 1
+    return out
 
 
 def union(ranges: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
@@ -157,15 +210,15 @@ def union(ranges: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
     return out
 
 
-def overlap(xs: list[tuple[int, int]], ys: list[tuple[int, int]]) -> int:
-    """Total time in both of two lists of sorted, non-overlapping ranges."""
-    total, i, j = 0, 0, 0
+def intersect(xs: list[tuple[int, int]], ys: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """The time in both of two lists of sorted, non-overlapping ranges."""
+    out, i, j = [], 0, 0
     while i < len(xs) and j < len(ys):
         lo, hi = max(xs[i][0], ys[j][0]), min(xs[i][1], ys[j][1])
         if hi > lo:
-            total += hi - lo
+            out.append((lo, hi))
         if xs[i][1] < ys[j][1]:
             i += 1
         else:
             j += 1
-    return total
+    return out

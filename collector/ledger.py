@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import sqlite3
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from labmeter.wire import MAX_INTERVAL_MS, Interval
 
@@ -49,7 +51,28 @@ CREATE TABLE IF NOT EXISTS rejections (
     id INTEGER PRIMARY KEY, at_ms INTEGER NOT NULL, agent TEXT, instrument TEXT, seq INTEGER,
     authentic INTEGER NOT NULL DEFAULT 0, reason TEXT NOT NULL, topic TEXT NOT NULL, payload BLOB NOT NULL);
 CREATE INDEX IF NOT EXISTS rejections_seq ON rejections (agent, instrument, seq);
+CREATE TABLE IF NOT EXISTS rollups (
+    instrument TEXT NOT NULL, span INTEGER NOT NULL, start_ms INTEGER NOT NULL,
+    run_ms INTEGER NOT NULL, standby_ms INTEGER NOT NULL, off_ms INTEGER NOT NULL, unknown_ms INTEGER NOT NULL,
+    unverified_ms INTEGER NOT NULL, effective_ms INTEGER NOT NULL, covered_ms INTEGER NOT NULL,
+    service_ms INTEGER NOT NULL, external_ms INTEGER NOT NULL,
+    PRIMARY KEY (instrument, span, start_ms)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS rollup_dirty (
+    id INTEGER PRIMARY KEY, instrument TEXT NOT NULL, from_ms INTEGER NOT NULL, to_ms INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS rollup_basis (instrument TEXT PRIMARY KEY, basis TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
 """
+ROLLUP_VALUES = (
+    "run_ms",
+    "standby_ms",
+    "off_ms",
+    "unknown_ms",
+    "unverified_ms",
+    "effective_ms",
+    "covered_ms",
+    "service_ms",
+    "external_ms",
+)
 
 
 INSTRUMENT_COLUMNS = (
@@ -131,6 +154,10 @@ class Ledger:
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=NORMAL")
         self.db.executescript(SCHEMA)
+        self.db.execute(  # once, for a ledger written before this was kept
+            "INSERT INTO meta SELECT 'longest_interval_ms', MAX(end_ms - start_ms) FROM intervals "
+            "WHERE NOT EXISTS (SELECT 1 FROM meta WHERE key = 'longest_interval_ms') HAVING COUNT(*) > 0"
+        )
 
     @classmethod
     def open(cls, url: str, data_dir: Path) -> Ledger:
@@ -185,15 +212,35 @@ class Ledger:
             [tuple(r.get(c) for c in cols) for r in rows],
         )
         added = self.db.total_changes - before
+        self._mark(cur, [(str(r["instrument"]), int(r["start_ms"]), int(r["end_ms"])) for r in rows])  # type: ignore[call-overload]
         cur.execute("COMMIT")
         return added
 
-    def service_windows(self, start_ms: int, end_ms: int) -> dict[str, list[tuple[int, int, bool]]]:
+    @staticmethod
+    def _mark(cur: sqlite3.Cursor, spans: Iterable[tuple[str, int, int]]) -> None:
+        """Note the time whose rollups are stale, in the transaction that makes them so."""
+        merged: dict[str, list[list[int]]] = {}
+        for code, start, end in sorted(spans):
+            ranges = merged.setdefault(code, [])
+            if ranges and start <= ranges[-1][1]:
+                ranges[-1][1] = max(ranges[-1][1], end)
+            else:
+                ranges.append([start, end])
+        cur.executemany(
+            "INSERT INTO rollup_dirty (instrument, from_ms, to_ms) VALUES (?,?,?)",
+            [(code, a, b) for code, ranges in merged.items() for a, b in ranges],
+        )
+
+    def service_windows(
+        self, start_ms: int, end_ms: int, instrument: str | None = None
+    ) -> dict[str, list[tuple[int, int, bool]]]:
         out: dict[str, list[tuple[int, int, bool]]] = {}
-        for inst, s, e, t in self.db.execute(
-            "SELECT instrument, start_ms, end_ms, service_type FROM service_records WHERE start_ms < ? AND end_ms > ?",
-            (end_ms, start_ms),
-        ):
+        sql = "SELECT instrument, start_ms, end_ms, service_type FROM service_records WHERE start_ms < ? AND end_ms > ?"
+        args: tuple[object, ...] = (end_ms, start_ms)
+        if instrument is not None:
+            sql += " AND instrument = ?"
+            args += (instrument,)
+        for inst, s, e, t in self.db.execute(sql, args):
             out.setdefault(inst, []).append((s, e, t == 130))
         return out
 
@@ -237,6 +284,24 @@ class Ledger:
             )
             if self.db.total_changes - before < len(intervals):
                 conflicts = self._conflicts(cur, [iv for iv, _ in intervals])
+            self._mark(cur, [(iv.instrument, iv.start_ms, iv.end_ms) for iv, _ in intervals])
+            cur.executemany(
+                "INSERT INTO instruments (code) VALUES (?) ON CONFLICT DO NOTHING",
+                [(code,) for code in {iv.instrument for iv, _ in intervals}],
+            )
+            if intervals:
+                cur.execute(
+                    "INSERT INTO meta VALUES ('longest_interval_ms', ?) "
+                    "ON CONFLICT(key) DO UPDATE SET value = CASE WHEN excluded.value > meta.value "
+                    "THEN excluded.value ELSE meta.value END",
+                    (max(iv.end_ms - iv.start_ms for iv, _ in intervals),),
+                )
+            # A successor stored before its predecessor turns from unverified to verified now.
+            cur.executemany(
+                "INSERT INTO rollup_dirty (instrument, from_ms, to_ms) SELECT instrument, start_ms, end_ms "
+                "FROM intervals WHERE agent=? AND instrument=? AND seq=?",
+                [(iv.agent, iv.instrument, iv.seq + 1) for iv, _ in intervals],
+            )
             cur.executemany(
                 "INSERT INTO rejections (at_ms, agent, instrument, seq, authentic, reason, topic, payload) "
                 "VALUES (?,?,?,?,?,?,?,?)",
@@ -337,8 +402,95 @@ class Ledger:
             "FROM intervals i LEFT JOIN intervals p ON p.agent = i.agent AND p.instrument = i.instrument "
             "AND p.seq = i.seq - 1 WHERE i.start_ms < ? AND i.start_ms >= ? AND i.end_ms > ?"
         )
-        args: list[object] = ["0" * 64, end_ms, start_ms - MAX_INTERVAL_MS, start_ms]
+        args: list[object] = ["0" * 64, end_ms, start_ms - self.longest_interval_ms(), start_ms]
         if instrument is not None:
             sql += " AND i.instrument = ?"
             args.append(instrument)
+        else:  # instrument by instrument along the time index, never a scan of the whole table
+            sql = sql.replace("FROM intervals i", "FROM instruments c CROSS JOIN intervals i", 1)
+            sql += " AND i.instrument = c.code"
         return self.db.execute(sql + " ORDER BY i.instrument, i.start_ms", args).fetchall()
+
+    def longest_interval_ms(self) -> int:
+        """How far before a period an interval reaching into it can start."""
+        row = self.db.execute("SELECT value FROM meta WHERE key='longest_interval_ms'").fetchone()
+        return int(row[0]) if row else MAX_INTERVAL_MS
+
+    # rollups -------------------------------------------------------------
+    @contextmanager
+    def exclusive(self) -> Iterator[sqlite3.Cursor]:
+        """One writer at a time, across processes sharing the ledger: rollups are refreshed under it."""
+        cur = self.db.cursor()
+        cur.execute("BEGIN IMMEDIATE")
+        try:
+            yield cur
+        except BaseException:
+            cur.execute("ROLLBACK")
+            raise
+        cur.execute("COMMIT")
+
+    def rollup_basis(self) -> dict[str, str]:
+        return {r[0]: r[1] for r in self.db.execute("SELECT instrument, basis FROM rollup_basis")}
+
+    def rebase_rollups(self, cur: sqlite3.Cursor, instrument: str, basis: str) -> None:
+        """Forget an instrument's rollups (its allowances or the calendar changed) and mark its whole history stale."""
+        cur.execute("DELETE FROM rollups WHERE instrument=?", (instrument,))
+        cur.execute(
+            "INSERT INTO rollup_basis VALUES (?,?) ON CONFLICT(instrument) DO UPDATE SET basis=excluded.basis",
+            (instrument, basis),
+        )
+        cur.execute(
+            "INSERT INTO rollup_dirty (instrument, from_ms, to_ms) SELECT ?, MIN(a), MAX(b) FROM ("
+            "SELECT MIN(start_ms) AS a, MAX(end_ms) AS b FROM intervals WHERE instrument=? UNION ALL "
+            "SELECT MIN(start_ms), MAX(end_ms) FROM service_records WHERE instrument=?) AS x HAVING MIN(a) IS NOT NULL",
+            (instrument, instrument, instrument),
+        )
+
+    def dirty(self, cur: sqlite3.Cursor, limit: int) -> list[tuple[int, str, int, int]]:
+        return cur.execute(
+            "SELECT id, instrument, from_ms, to_ms FROM rollup_dirty ORDER BY id LIMIT ?", (limit,)
+        ).fetchall()
+
+    def clear_dirty(self, cur: sqlite3.Cursor, ids: Sequence[int]) -> None:
+        cur.executemany("DELETE FROM rollup_dirty WHERE id=?", [(i,) for i in ids])
+
+    def write_rollups(
+        self,
+        cur: sqlite3.Cursor,
+        instrument: str,
+        span: int,
+        lo: int,
+        hi: int,
+        rows: Sequence[tuple[int, Sequence[int]]],
+    ) -> None:
+        """Replace an instrument's rollups of one span in [lo, hi) by ``rows`` of (start, ROLLUP_VALUES)."""
+        cur.execute(
+            "DELETE FROM rollups WHERE instrument=? AND span=? AND start_ms>=? AND start_ms<?",
+            (instrument, span, lo, hi),
+        )
+        cur.executemany(
+            f"INSERT INTO rollups VALUES (?,?,?,{','.join('?' * len(ROLLUP_VALUES))})",
+            [(instrument, span, start, *values) for start, values in rows],
+        )
+
+    def sum_rollups(
+        self, cur: sqlite3.Cursor, instrument: str, span: int, into: int, lo: int, hi: int
+    ) -> None:
+        """Make the ``into``-span rollup at ``lo`` the sum of the ``span`` rollups in [lo, hi)."""
+        cur.execute(
+            "DELETE FROM rollups WHERE instrument=? AND span=? AND start_ms=?", (instrument, into, lo)
+        )
+        cur.execute(
+            f"INSERT INTO rollups SELECT instrument, ?, ?, {','.join(f'SUM({c})' for c in ROLLUP_VALUES)} "
+            "FROM rollups WHERE instrument=? AND span=? AND start_ms>=? AND start_ms<? GROUP BY instrument",
+            (into, lo, instrument, span, lo, hi),
+        )
+
+    def rollup_totals(self, span: int, lo: int, hi: int) -> list[tuple[Any, ...]]:
+        """(instrument, ROLLUP_VALUES summed) over the ``span`` rollups starting in [lo, hi)."""
+        return self.db.execute(
+            f"SELECT b.instrument, {','.join(f'SUM(r.{c})' for c in ROLLUP_VALUES)} FROM rollup_basis b "
+            "JOIN rollups r ON r.instrument = b.instrument AND r.span = ? AND r.start_ms >= ? AND r.start_ms < ? "
+            "GROUP BY b.instrument",
+            (span, lo, hi),
+        ).fetchall()

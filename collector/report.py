@@ -8,15 +8,15 @@ from __future__ import annotations
 import csv
 import io
 import json
-from collections import defaultdict
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta
 from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
 
-from labmeter.collector.hours import Hours, compute
+from labmeter.collector.hours import Hours
 from labmeter.collector.ledger import Ledger
+from labmeter.collector.rollup import Rollups
 
 from labmeter.config import PolicyConfig
 
@@ -113,32 +113,13 @@ def rated_ms(info: dict[str, object], policy: PolicyConfig, period_ms: int) -> i
     return round(yearly * H * period_ms / YEAR_MS)
 
 
-def allowances_ms(info: dict[str, object], policy: PolicyConfig) -> tuple[int, int]:
-    """Prep and post allowances: the instrument's own where the registry gives them, else the policy's."""
-    prep, post = info.get("prep_allowance_s"), info.get("post_allowance_s")
-    return (
-        int(prep if isinstance(prep, int | float) else policy.prep_allowance_s) * 1000,
-        int(post if isinstance(post, int | float) else policy.post_allowance_s) * 1000,
-    )
-
-
 def per_instrument(ledger: Ledger, a: int, b: int, policy: PolicyConfig) -> dict[str, Hours]:
+    """Hours and rated hours per instrument in [a, b), from rollups and the intervals at the edges."""
     registry = {str(i["code"]): i for i in ledger.instruments()}
-    pad = max(
-        [policy.prep_allowance_s * 1000, policy.post_allowance_s * 1000]
-        + [max(allowances_ms(i, policy)) for i in registry.values()]
-    )
-    per: dict[str, list[tuple[int, int, str, bool]]] = defaultdict(list)
-    for instrument, _agent, _seq, start, end, state, linked in ledger.intervals_between(a - pad, b + pad):
-        per[instrument].append((start, end, state, bool(linked)))
-    windows = ledger.service_windows(a, b)
-    out: dict[str, Hours] = {}
-    for code in sorted(set(registry) | set(per)):
-        prep, post = allowances_ms(registry.get(code, {}), policy)
-        h = compute(per.get(code, []), a, b, prep, post, windows.get(code, ()))
+    out = Rollups(ledger, policy).hours(a, b)
+    for code, h in out.items():
         h.rated_ms = rated_ms(registry.get(code, {}), policy, b - a)
-        out[code] = h
-    return out
+    return dict(sorted(out.items()))
 
 
 def months(a: int, b: int, tz: ZoneInfo) -> list[tuple[str, int, int]]:

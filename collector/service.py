@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from labmeter.collector.broker import EmbeddedBroker
 from labmeter.collector.ledger import Ledger, Rejection
+from labmeter.collector.rollup import Rollups
 from labmeter.collector.verify import Accepted, AcceptedSignIn, Pending, Rejected, Status, Verifier
 from labmeter.collector.web import LiveView
 
@@ -35,6 +36,7 @@ from labmeter.mqtt import MqttLink
 log = logging.getLogger("labmeter.collector")
 
 BATCH = 2000
+ROLLUP_EVERY_S = 2.0
 
 
 class Watermarks:
@@ -243,6 +245,17 @@ class Collector:
                 await asyncio.sleep(1.0)
             await asyncio.sleep(0)
 
+    async def _rollups(self) -> None:
+        """Keep report rollups current between reports, a short transaction at a time."""
+        rollups = Rollups(self.ledger, self.cfg.policy)
+        while True:
+            try:
+                while rollups.refresh(steps=1):
+                    await asyncio.sleep(0)
+            except Exception:
+                log.exception("refreshing rollups failed; retrying")
+            await asyncio.sleep(ROLLUP_EVERY_S)
+
     def subscriptions(self) -> tuple[tuple[str, int], ...]:
         group = self.cfg.broker.shared_group
         return tuple(((f"$share/{group}/{t}" if group else t), 1) for t in wire.SUBSCRIPTIONS)
@@ -283,14 +296,16 @@ class Collector:
         gc.freeze()
         gc.set_threshold(50_000, 20, 20)
         ingest = asyncio.create_task(self._ingest(), name="ingest")
+        rollup_task = asyncio.create_task(self._rollups(), name="rollups")
         self.ready.set()
         log.info("collector running; ledger %s", self.ledger.path)
         try:
             await stop.wait()
         finally:
-            ingest.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await ingest
+            for task in (ingest, rollup_task):
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
             if sink_task is not None and self.sink is not None:
                 sink_task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):

@@ -18,7 +18,7 @@ from influxdb_client import WritePrecision
 from influxdb_client.client.influxdb_client_async import InfluxDBClientAsync
 from labmeter.collector.hours import compute
 from labmeter.collector.ledger import Ledger
-from labmeter.collector.report import allowances_ms
+from labmeter.collector.rollup import allowances_ms
 
 from labmeter.config import InfluxConfig, PolicyConfig
 

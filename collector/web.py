@@ -19,7 +19,8 @@ from typing import TYPE_CHECKING, Any
 from zoneinfo import ZoneInfo
 
 from aiohttp import web
-from labmeter.collector.report import GROUPINGS, hours_report, per_instrument
+from labmeter.collector.report import GROUPINGS, hours_report, rated_ms
+from labmeter.collector.rollup import Rollups
 
 if TYPE_CHECKING:
     from labmeter.collector.service import Collector
@@ -111,14 +112,17 @@ class LiveView:
 
         def usage() -> dict[str, dict[str, dict[str, float | None]]]:
             out: dict[str, dict[str, dict[str, float | None]]] = {}
-            for name, start in self._period_starts(now).items():
-                for code, h in per_instrument(c.ledger, start, max(now, start + 1), c.cfg.policy).items():
+            starts = self._period_starts(now)
+            policy = c.cfg.policy
+            registry = {str(i["code"]): i for i in c.ledger.instruments()}
+            per_period = Rollups(c.ledger, policy).hours_since(list(starts.values()), now)
+            for name, hours in zip(starts, per_period, strict=True):
+                for code, h in hours.items():
+                    rated = rated_ms(registry.get(code, {}), policy, h.period_ms)
                     out.setdefault(code, {})[name] = {
                         "run_h": round(h.run_ms / H, 2),
                         "effective_h": round(h.effective_ms / H, 2),
-                        "utilisation_pct": round(100 * h.effective_ms / h.rated_ms, 1)
-                        if h.rated_ms
-                        else None,
+                        "utilisation_pct": round(100 * h.effective_ms / rated, 1) if rated else None,
                     }
             return out
 

@@ -589,7 +589,8 @@ def report_evidence(instrument: str, start: str, end: str, out: Path, cfg_path: 
     """Write the signed intervals and public keys behind an instrument's hours, for `labmeter verify`."""
     from labmeter.collector.evidence import write_bundle
     from labmeter.collector.ledger import Ledger
-    from labmeter.collector.report import PeriodError, allowances_ms, parse_time
+    from labmeter.collector.report import PeriodError, parse_time
+    from labmeter.collector.rollup import allowances_ms
 
     cfg = load_collector(cfg_path)
     zone = ZoneInfo(tz)

@@ -12,6 +12,7 @@ import re
 import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import msgspec
 from msgspec import Meta, Struct, field
@@ -198,6 +199,17 @@ class PolicyConfig(Section, frozen=True, kw_only=True):
     post_allowance_s: Annotated[int, Meta(ge=0)] = 600
     rated_hours_general: Annotated[float, Meta(gt=0)] = 1400
     rated_hours_special: Annotated[float, Meta(gt=0)] = 800
+    timezone: str = "Asia/Shanghai"  # local days and months of the rollups behind reports
+
+    def __post_init__(self) -> None:
+        _check_zone(self.timezone)
+
+
+def _check_zone(name: str) -> None:
+    try:
+        ZoneInfo(name)
+    except (ValueError, ZoneInfoNotFoundError):
+        raise ValueError(f"timezone {name!r} is not a known time zone (e.g. 'Asia/Shanghai')") from None
 
 
 class WebConfig(Section, frozen=True, kw_only=True):
@@ -206,6 +218,9 @@ class WebConfig(Section, frozen=True, kw_only=True):
     timezone: str = "Asia/Shanghai"
     public: bool = False  # a read-only /public view without login: states and utilisation, no user data
     public_power: bool = False  # show power readings in the public view
+
+    def __post_init__(self) -> None:
+        _check_zone(self.timezone)
 
 
 class InfluxConfig(Section, frozen=True, kw_only=True):

@@ -1,0 +1,297 @@
+"""Rollups: per-instrument hours by local hour, day and month, kept beside the ledger for fast reports.
+
+A report over [a, b) is cut into the largest calendar buckets it covers (months, then
+days, then hours) read from rollups, and the few minutes left at its edges, computed
+from intervals. Rollups are judged the same way a direct computation is (see
+:func:`~labmeter.collector.hours.compute_buckets`), so both give the same hours.
+
+Ingest notes which time went stale in the same transaction that stores intervals or
+service records; :meth:`Rollups.refresh` recomputes that time. Reports refresh first,
+so they never read a stale rollup. Changing an instrument's allowances, or the
+calendar's time zone, rebuilds that instrument's rollups.
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_right
+from collections import defaultdict
+from collections.abc import Sequence
+from datetime import date, datetime, timedelta
+from typing import Any
+from zoneinfo import ZoneInfo
+
+from labmeter.collector.hours import Hours, compute, compute_buckets
+from labmeter.collector.ledger import ROLLUP_VALUES, Ledger
+
+from labmeter.config import PolicyConfig
+
+H = 3_600_000
+HOUR, DAY, MONTH = 0, 1, 2
+CHUNK_DAYS = 31  # the longest stretch judged at once when rebuilding
+ADDED = (*(v for v in ROLLUP_VALUES if v != "covered_ms"), "uncovered_ms")
+STEP = 500  # stale marks taken per transaction, so ingest never waits long
+
+
+class Calendar:
+    """Local hour, day and month buckets in one time zone."""
+
+    def __init__(self, tz: ZoneInfo) -> None:
+        self.tz = tz
+        offset = datetime(2001, 1, 1, tzinfo=tz).utcoffset()
+        self.phase = -int(offset.total_seconds() * 1000) % H if offset else 0
+
+    def hour_floor(self, t: int) -> int:
+        return t - (t - self.phase) % H
+
+    def hour_ceil(self, t: int) -> int:
+        f = self.hour_floor(t)
+        return f if f == t else f + H
+
+    def _ms(self, d: date) -> int:
+        return int(datetime(d.year, d.month, d.day, tzinfo=self.tz).timestamp() * 1000)
+
+    def _date(self, t: int) -> date:
+        return datetime.fromtimestamp(t / 1000, self.tz).date()
+
+    def day_floor(self, t: int) -> int:
+        return self._ms(self._date(t))
+
+    def day_ceil(self, t: int) -> int:
+        f = self.day_floor(t)
+        return f if f == t else self._ms(self._date(t) + timedelta(days=1))
+
+    def next_day(self, t: int) -> int:
+        return self._ms(self._date(t) + timedelta(days=1))
+
+    def month_floor(self, t: int) -> int:
+        return self._ms(self._date(t).replace(day=1))
+
+    def next_month(self, t: int) -> int:
+        d = self._date(t)
+        return self._ms(date(d.year + d.month // 12, d.month % 12 + 1, 1))
+
+    def month_ceil(self, t: int) -> int:
+        f = self.month_floor(t)
+        return f if f == t else self.next_month(t)
+
+    def plan(self, a: int, b: int) -> tuple[list[tuple[int, int]], list[tuple[int, int, int]]]:
+        """[a, b) as raw edges to compute, and (span, lo, hi) stretches of whole buckets to read."""
+        ha, hb = self.hour_ceil(a), self.hour_floor(b)
+        if ha >= hb:
+            return [(a, b)], []
+        raw = [r for r in ((a, ha), (hb, b)) if r[0] < r[1]]
+        da, db = self.day_ceil(ha), self.day_floor(hb)
+        if da >= db:
+            return raw, [(HOUR, ha, hb)]
+        pieces = [(HOUR, lo, hi) for lo, hi in ((ha, da), (db, hb)) if lo < hi]
+        ma, mb = self.month_ceil(da), self.month_floor(db)
+        if ma >= mb:
+            return raw, [*pieces, (DAY, da, db)]
+        pieces += [(DAY, lo, hi) for lo, hi in ((da, ma), (mb, db)) if lo < hi]
+        return raw, [*pieces, (MONTH, ma, mb)]
+
+
+def allowances_ms(info: dict[str, object], policy: PolicyConfig) -> tuple[int, int]:
+    """Prep and post allowances: the instrument's own where the registry gives them, else the policy's."""
+    prep, post = info.get("prep_allowance_s"), info.get("post_allowance_s")
+    return (
+        int(prep if isinstance(prep, int | float) else policy.prep_allowance_s) * 1000,
+        int(post if isinstance(post, int | float) else policy.post_allowance_s) * 1000,
+    )
+
+
+def _values(h: Hours) -> tuple[int, ...]:
+    covered = h.period_ms - h.uncovered_ms
+    return (
+        h.run_ms,
+        h.standby_ms,
+        h.off_ms,
+        h.unknown_ms,
+        h.unverified_ms,
+        h.effective_ms,
+        covered,
+        h.service_ms,
+        h.external_ms,
+    )
+
+
+class Rollups:
+    def __init__(self, ledger: Ledger, policy: PolicyConfig) -> None:
+        self.ledger = ledger
+        self.policy = policy
+        self.calendar = Calendar(ZoneInfo(policy.timezone))
+
+    def _registry(self) -> dict[str, dict[str, object]]:
+        return {str(i["code"]): i for i in self.ledger.instruments()}
+
+    def _basis(self, info: dict[str, object]) -> str:
+        prep, post = allowances_ms(info, self.policy)
+        return f"{self.policy.timezone}|{prep}|{post}"
+
+    def refresh(self, steps: int | None = None) -> int:
+        """Bring stale rollups up to date (all, or ``steps`` transactions' worth); returns the marks worked off."""
+        registry = self._registry()
+        known = self.ledger.rollup_basis()
+        stale = [code for code, info in registry.items() if known.get(code) != self._basis(info)]
+        if stale:
+            with self.ledger.exclusive() as cur:
+                for code in stale:
+                    known[code] = self._basis(registry[code])
+                    self.ledger.rebase_rollups(cur, code, known[code])
+        done = 0
+        while steps is None or steps > 0:
+            steps = None if steps is None else steps - 1
+            with self.ledger.exclusive() as cur:
+                marks = self.ledger.dirty(cur, STEP)
+                if not marks:
+                    return done
+                spans: dict[str, list[tuple[int, int]]] = defaultdict(list)
+                for _id, code, lo, hi in marks:
+                    spans[code].append((lo, hi))
+                for code in set(spans) - set(known):  # data for an instrument the registry does not list
+                    self.ledger.rebase_rollups(cur, code, self._basis({}))
+                    known[code] = self._basis({})
+                for code, ranges in spans.items():
+                    self._recompute(cur, code, registry.get(code, {}), ranges)
+                self.ledger.clear_dirty(cur, [m[0] for m in marks])
+                done += len(marks)
+        return done
+
+    def _recompute(self, cur: Any, code: str, info: dict[str, object], ranges: list[tuple[int, int]]) -> None:
+        prep, post = allowances_ms(info, self.policy)
+        pad = max(prep, post)
+        cal = self.calendar
+        # Stale time reaches the allowances beyond what changed: standby next to a run is effective.
+        runs: list[list[int]] = []
+        for lo, hi in sorted((cal.hour_floor(lo - pad), cal.hour_ceil(hi + pad)) for lo, hi in ranges):
+            if runs and lo <= runs[-1][1]:
+                runs[-1][1] = max(runs[-1][1], hi)
+            else:
+                runs.append([lo, hi])
+        for run_lo, run_hi in runs:
+            lo = run_lo
+            while lo < run_hi:
+                hi = cal.day_floor(lo)
+                for _ in range(CHUNK_DAYS):
+                    hi = cal.next_day(hi)
+                hi = min(hi, run_hi)
+                self._stretch(cur, code, lo, hi, prep, post)
+                lo = hi
+            # Days the run only partly covers are summed from the stored hours, and so are the months.
+            for d in {cal.day_floor(run_lo), cal.day_floor(run_hi - 1)}:
+                if d < run_lo or cal.next_day(d) > run_hi:
+                    self.ledger.sum_rollups(cur, code, HOUR, DAY, d, cal.next_day(d))
+            m = cal.month_floor(run_lo)
+            while m < run_hi:
+                self.ledger.sum_rollups(cur, code, DAY, MONTH, m, cal.next_month(m))
+                m = cal.next_month(m)
+
+    def _stretch(self, cur: Any, code: str, lo: int, hi: int, prep: int, post: int) -> None:
+        """Recompute the hours of [lo, hi), and the days wholly inside it."""
+        cal = self.calendar
+        pad = max(prep, post)
+        rows = [
+            (r[3], r[4], r[5], bool(r[6])) for r in self.ledger.intervals_between(lo - pad, hi + pad, code)
+        ]
+        windows = self.ledger.service_windows(lo, hi, code).get(code, [])
+        bounds = list(range(lo, hi + 1, H))
+        hours = compute_buckets(rows, bounds, prep, post, windows) if rows else []
+        values = [
+            (s, _values(h)) for s, h in zip(bounds, hours, strict=False) if h.uncovered_ms < h.period_ms
+        ]
+        self.ledger.write_rollups(cur, code, HOUR, lo, hi, values)
+        d0 = cal.day_ceil(lo)
+        days: dict[int, list[int]] = {}
+        d = d0
+        while cal.next_day(d) <= hi:
+            days[d] = [0] * len(ROLLUP_VALUES)
+            d = cal.next_day(d)
+        if not days:
+            return
+        starts = list(days)
+        for s, v in values:
+            i = bisect_right(starts, s) - 1
+            if i >= 0 and s < d:
+                total = days[starts[i]]
+                for k, x in enumerate(v):
+                    total[k] += x
+        self.ledger.write_rollups(cur, code, DAY, d0, d, [(k, tuple(v)) for k, v in days.items() if any(v)])
+
+    def hours_since(self, starts: Sequence[int], b: int) -> list[dict[str, Hours]]:
+        """Hours in [s, b) for each start: periods ending together (today, this month, this year) share the work."""
+        self.refresh()
+        registry = self._registry()
+        found: dict[int, dict[str, Hours]] = {}
+        total: dict[str, Hours] = {}
+        upto = b
+        for s in sorted(set(starts), reverse=True):
+            part = self.hours(s, upto, registry) if s < upto else {}
+            total = {code: _joined(total.get(code), part.get(code), b - s) for code in set(total) | set(part)}
+            found[s] = total
+            upto = min(upto, s)
+        return [found[s] for s in starts]
+
+    def hours(self, a: int, b: int, registry: dict[str, dict[str, object]] | None = None) -> dict[str, Hours]:
+        """Hours per instrument in [a, b): registered instruments and any with data; rated hours not set.
+
+        Given ``registry``, the caller has refreshed the rollups already.
+        """
+        if registry is None:
+            self.refresh()
+            registry = self._registry()
+        raw, pieces = self.calendar.plan(a, b)
+        out: dict[str, Hours] = {code: Hours(period_ms=b - a, instruments=1) for code in registry}
+        covered: dict[str, int] = defaultdict(int)
+        for span, lo, hi in pieces:
+            for code, *values in self.ledger.rollup_totals(span, lo, hi):
+                h = out.setdefault(code, Hours(period_ms=b - a, instruments=1))
+                for name, v in zip(ROLLUP_VALUES, values, strict=True):
+                    if name == "covered_ms":
+                        covered[code] += v
+                    else:
+                        setattr(h, name, getattr(h, name) + v)
+        for lo, hi in raw:
+            for code, part in direct(self.ledger, lo, hi, self.policy, registry).items():
+                h = out.setdefault(code, Hours(period_ms=b - a, instruments=1))
+                covered[code] += part.period_ms - part.uncovered_ms
+                for name in ROLLUP_VALUES:
+                    if name != "covered_ms":
+                        setattr(h, name, getattr(h, name) + getattr(part, name))
+        for code, h in out.items():
+            h.uncovered_ms = max(0, h.period_ms - covered[code])
+        return out
+
+
+def _joined(x: Hours | None, y: Hours | None, period_ms: int) -> Hours:
+    """One instrument's hours over two adjoining periods."""
+    out = Hours(period_ms=period_ms, instruments=1)
+    for h in (x, y):
+        if h is not None:
+            for name in ADDED:
+                setattr(out, name, getattr(out, name) + getattr(h, name))
+    return out
+
+
+def direct(
+    ledger: Ledger,
+    a: int,
+    b: int,
+    policy: PolicyConfig,
+    registry: dict[str, dict[str, object]] | None = None,
+) -> dict[str, Hours]:
+    """Hours per instrument in [a, b) computed from the intervals themselves, without rollups."""
+    if registry is None:
+        registry = {str(i["code"]): i for i in ledger.instruments()}
+    pad = max(
+        [policy.prep_allowance_s * 1000, policy.post_allowance_s * 1000]
+        + [max(allowances_ms(i, policy)) for i in registry.values()]
+    )
+    per: dict[str, list[tuple[int, int, str, bool]]] = defaultdict(list)
+    for instrument, _agent, _seq, start, end, state, linked in ledger.intervals_between(a - pad, b + pad):
+        per[instrument].append((start, end, state, bool(linked)))
+    windows = ledger.service_windows(a, b)
+    out: dict[str, Hours] = {}
+    for code in sorted(set(registry) | set(per)):
+        prep, post = allowances_ms(registry.get(code, {}), policy)
+        out[code] = compute(per.get(code, []), a, b, prep, post, windows.get(code, ()))
+    return out
