@@ -3,9 +3,10 @@
 A separate process publishes N signed interval messages to Mosquitto while the
 subscriber is offline (persistent session), so the broker holds them; then the
 subscriber connects and drains them. The raw subscriber only counts messages; the
-collector verifies signatures, stores in the SQLite ledger and acknowledges.
+collector verifies signatures, stores in the ledger (SQLite, and PostgreSQL on a
+throwaway local server) and acknowledges.
 
-    .venv/bin/python -m benchmarks.ingest [--messages 20000] [--runs 3]
+    .venv/bin/python -m benchmarks.ingest [--messages 20000] [--runs 3] [--ledgers sqlite,postgresql]
 
 Each run measures both rates afresh; the median ratio is the result.
 """
@@ -113,13 +114,16 @@ def raw_rate(port: int, msgs: list[tuple[str, bytes]]) -> float:
     return n / (last - first)
 
 
-def collector_rate(port: int, tmp: Path, msgs: list[tuple[str, bytes]], registry: list) -> float:
+def collector_rate(
+    port: int, tmp: Path, msgs: list[tuple[str, bytes]], registry: list, ledger_url: str = "sqlite"
+) -> float:
     n = len(msgs)
     cfg = config.parse(
-        f'[collector]\ndata_dir = "{tmp / "collector"}"\n[broker]\nurl = "mqtt://127.0.0.1:{port}"\n',
+        f'[collector]\ndata_dir = "{tmp / "collector"}"\nledger = "{ledger_url}"\n'
+        f'[broker]\nurl = "mqtt://127.0.0.1:{port}"\n',
         config.CollectorConfig,
     )
-    ledger = Ledger.open("sqlite", cfg.collector.data_dir)
+    ledger = Ledger.open(ledger_url, cfg.collector.data_dir)
     for agent, pub, kid, codes in registry:
         ledger.add_agent(agent, pub, kid, codes)
     ledger.close()
@@ -153,30 +157,50 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--messages", type=int, default=20_000)
     ap.add_argument("--runs", type=int, default=3)
-    args = ap.parse_args()
-    results = []
-    for run in range(args.runs):
-        with tempfile.TemporaryDirectory() as d:
-            tmp = Path(d)
-            msgs, registry = make_messages(tmp, args.messages)
-            port = free_port()
-            broker = start_mosquitto(tmp, port)
-            try:
-                raw = raw_rate(port, msgs)
-                coll = collector_rate(port, tmp, msgs, registry)
-            finally:
-                broker.terminate()
-                broker.wait()
-        results.append((raw, coll))
-        print(
-            f"run {run + 1}: raw paho subscriber {raw:8.0f} msg/s, collector (SQLite) {coll:8.0f} msg/s, "
-            f"ratio {coll / raw:.2f}"
-        )
-    ratios = sorted(c / r for r, c in results)
-    print(
-        f"messages per run: {len(msgs)}; median ratio {statistics.median(ratios):.2f} "
-        f"(min {ratios[0]:.2f}, max {ratios[-1]:.2f}; target >= 0.5)"
+    ap.add_argument(
+        "--ledgers",
+        default="sqlite,postgresql",
+        help="comma-separated: sqlite, postgresql (a throwaway server)",
     )
+    args = ap.parse_args()
+    kinds = args.ledgers.split(",")
+    pg = None
+    if "postgresql" in kinds:
+        from tests.postgres import PostgresServer
+
+        pg = PostgresServer().start()
+    results: dict[str, list[tuple[float, float]]] = {k: [] for k in kinds}
+    try:
+        for run in range(args.runs):
+            for kind in kinds:
+                with tempfile.TemporaryDirectory() as d:
+                    tmp = Path(d)
+                    msgs, registry = make_messages(tmp, args.messages)
+                    url = pg.new_database() if kind == "postgresql" and pg else "sqlite"
+                    port = free_port()
+                    broker = start_mosquitto(tmp, port)
+                    try:
+                        raw = raw_rate(port, msgs)
+                        coll = collector_rate(port, tmp, msgs, registry, url)
+                    finally:
+                        broker.terminate()
+                        broker.wait()
+                results[kind].append((raw, coll))
+                print(
+                    f"run {run + 1}: raw paho subscriber {raw:8.0f} msg/s, collector ({kind}) {coll:8.0f} msg/s, "
+                    f"ratio {coll / raw:.2f}",
+                    flush=True,
+                )
+    finally:
+        if pg is not None:
+            pg.stop()
+    for kind, pairs in results.items():
+        ratios = sorted(c / r for r, c in pairs)
+        print(
+            f"{kind}: {args.messages} messages per run; collector median {statistics.median(c for _, c in pairs):.0f} "
+            f"msg/s; median ratio {statistics.median(ratios):.2f} (min {ratios[0]:.2f}, max {ratios[-1]:.2f}; "
+            "target >= 0.5)"
+        )
 
 
 if __name__ == "__main__":

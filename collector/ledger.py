@@ -44,7 +44,7 @@ CREATE INDEX IF NOT EXISTS intervals_time ON intervals (instrument, start_ms);
 CREATE INDEX IF NOT EXISTS intervals_received ON intervals (received_ms);
 CREATE TABLE IF NOT EXISTS sink_cursor (name TEXT PRIMARY KEY, received_ms INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS signins (
-    agent TEXT NOT NULL, instrument TEXT NOT NULL, seq INTEGER NOT NULL, at_ms INTEGER NOT NULL, user TEXT NOT NULL,
+    agent TEXT NOT NULL, instrument TEXT NOT NULL, seq INTEGER NOT NULL, at_ms INTEGER NOT NULL, "user" TEXT NOT NULL,
     sha TEXT NOT NULL, envelope BLOB NOT NULL, received_ms INTEGER NOT NULL,
     PRIMARY KEY (agent, instrument, seq)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS rejections (
@@ -73,6 +73,7 @@ ROLLUP_VALUES = (
     "service_ms",
     "external_ms",
 )
+SUMS = ", ".join(f"CAST(SUM({c}) AS INTEGER)" for c in ROLLUP_VALUES)
 
 
 INSTRUMENT_COLUMNS = (
@@ -99,6 +100,8 @@ SERVICE_COLUMNS = (
     "amount",
     "source",
 )
+
+SERVICE_DEFAULTS: dict[str, object] = {"applicant": "", "applicant_unit": "", "direction": 138, "source": ""}
 
 
 @dataclass(frozen=True)
@@ -149,15 +152,23 @@ class LedgerError(Exception):
 class Ledger:
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        self.path = path
-        self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA synchronous=NORMAL")
+        db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=NORMAL")
+        self.path: Path | None = path
+        self._setup(db, str(path))
+
+    def _setup(self, db: Any, name: str) -> None:
+        self.db = db
+        self.name = name
+        self._codes: set[str] = set()  # instruments known to be listed
         self.db.executescript(SCHEMA)
         self.db.execute(  # once, for a ledger written before this was kept
             "INSERT INTO meta SELECT 'longest_interval_ms', MAX(end_ms - start_ms) FROM intervals "
             "WHERE NOT EXISTS (SELECT 1 FROM meta WHERE key = 'longest_interval_ms') HAVING COUNT(*) > 0"
         )
+        row = self.db.execute("SELECT value FROM meta WHERE key='longest_interval_ms'").fetchone()
+        self._longest = int(row[0]) if row else 0
 
     @classmethod
     def open(cls, url: str, data_dir: Path) -> Ledger:
@@ -165,7 +176,20 @@ class Ledger:
             return cls(data_dir / "ledger.sqlite")
         if url.startswith("sqlite:///"):
             return cls(Path(url.removeprefix("sqlite:///")))
-        raise LedgerError(f"ledger {url!r}: this build supports 'sqlite' or sqlite:///PATH")
+        if url.startswith(("postgresql://", "postgres://")):
+            from labmeter.collector import pg
+
+            try:
+                db = pg.Database(url)
+            except pg.MissingDriver as exc:
+                raise LedgerError(str(exc)) from None
+            except Exception as exc:
+                raise LedgerError(f"ledger {pg.redact(url)}: {str(exc).strip()}") from None
+            ledger = cls.__new__(cls)
+            ledger.path = None
+            ledger._setup(db, pg.redact(url))
+            return ledger
+        raise LedgerError(f"ledger {url!r}: use 'sqlite', sqlite:///PATH or postgresql://USER@HOST/DB")
 
     def close(self) -> None:
         self.db.close()
@@ -180,8 +204,8 @@ class Ledger:
             (agent, pubkey, kid, int(time.time() * 1000)),
         )
         for code in instruments:
-            cur.execute("INSERT OR IGNORE INTO instruments (code) VALUES (?)", (code,))
-            cur.execute("INSERT OR IGNORE INTO enrolments VALUES (?,?)", (agent, code))
+            cur.execute("INSERT INTO instruments (code) VALUES (?) ON CONFLICT DO NOTHING", (code,))
+            cur.execute("INSERT INTO enrolments VALUES (?,?) ON CONFLICT DO NOTHING", (agent, code))
         cur.execute("COMMIT")
 
     def agent_keys(self) -> dict[str, tuple[str, str]]:
@@ -206,18 +230,18 @@ class Ledger:
         cols = SERVICE_COLUMNS
         cur = self.db.cursor()
         cur.execute("BEGIN IMMEDIATE")
-        before = self.db.total_changes
         cur.executemany(
-            f"INSERT OR IGNORE INTO service_records ({','.join(cols)}) VALUES ({','.join('?' * len(cols))})",
-            [tuple(r.get(c) for c in cols) for r in rows],
+            f"INSERT INTO service_records ({','.join(cols)}) VALUES ({','.join('?' * len(cols))}) "
+            "ON CONFLICT DO NOTHING",
+            [tuple(r.get(c, SERVICE_DEFAULTS.get(c)) for c in cols) for r in rows],
         )
-        added = self.db.total_changes - before
+        added = cur.rowcount
         self._mark(cur, [(str(r["instrument"]), int(r["start_ms"]), int(r["end_ms"])) for r in rows])  # type: ignore[call-overload]
         cur.execute("COMMIT")
         return added
 
     @staticmethod
-    def _mark(cur: sqlite3.Cursor, spans: Iterable[tuple[str, int, int]]) -> None:
+    def _mark(cur: Any, spans: Iterable[tuple[str, int, int]]) -> None:
         """Note the time whose rollups are stale, in the transaction that makes them so."""
         merged: dict[str, list[list[int]]] = {}
         for code, start, end in sorted(spans):
@@ -261,7 +285,6 @@ class Ledger:
         cur = self.db.cursor()
         cur.execute("BEGIN IMMEDIATE")
         try:
-            before = self.db.total_changes
             cur.executemany(
                 "INSERT INTO intervals VALUES (?,?,?,?,?,?,?,?,?,?,?,?) ON CONFLICT DO NOTHING",
                 [
@@ -282,19 +305,20 @@ class Ledger:
                     for iv, note in intervals
                 ],
             )
-            if self.db.total_changes - before < len(intervals):
+            if cur.rowcount < len(intervals):
                 conflicts = self._conflicts(cur, [iv for iv, _ in intervals])
             self._mark(cur, [(iv.instrument, iv.start_ms, iv.end_ms) for iv, _ in intervals])
+            new_codes = {iv.instrument for iv, _ in intervals} - self._codes
             cur.executemany(
-                "INSERT INTO instruments (code) VALUES (?) ON CONFLICT DO NOTHING",
-                [(code,) for code in {iv.instrument for iv, _ in intervals}],
+                "INSERT INTO instruments (code) VALUES (?) ON CONFLICT DO NOTHING", [(c,) for c in new_codes]
             )
-            if intervals:
+            longest = max((iv.end_ms - iv.start_ms for iv, _ in intervals), default=0)
+            if longest > self._longest:
                 cur.execute(
                     "INSERT INTO meta VALUES ('longest_interval_ms', ?) "
                     "ON CONFLICT(key) DO UPDATE SET value = CASE WHEN excluded.value > meta.value "
                     "THEN excluded.value ELSE meta.value END",
-                    (max(iv.end_ms - iv.start_ms for iv, _ in intervals),),
+                    (longest,),
                 )
             # A successor stored before its predecessor turns from unverified to verified now.
             cur.executemany(
@@ -314,10 +338,12 @@ class Ledger:
         except BaseException:
             cur.execute("ROLLBACK")
             raise
+        self._codes |= new_codes
+        self._longest = max(self._longest, longest)
         return conflicts
 
     @staticmethod
-    def _conflicts(cur: sqlite3.Cursor, intervals: list[StoredInterval]) -> list[Rejection]:
+    def _conflicts(cur: Any, intervals: list[StoredInterval]) -> list[Rejection]:
         """Rows that were not inserted because a different body holds their seq (same body: a harmless duplicate)."""
         out = []
         for iv in intervals:
@@ -343,15 +369,15 @@ class Ledger:
     def store_signins(self, rows: Sequence[tuple[str, str, int, int, str, str, bytes]]) -> None:
         """(agent, instrument, seq, at_ms, user, sha, envelope); the same seq twice is one row."""
         now = int(time.time() * 1000)
-        with self.db:
-            self.db.executemany(
+        with self.transaction() as cur:
+            cur.executemany(
                 "INSERT INTO signins VALUES (?,?,?,?,?,?,?,?) ON CONFLICT DO NOTHING",
                 [(*r, now) for r in rows],
             )
 
     def recent_signins(self, instrument: str, limit: int = 20) -> list[tuple[int, str]]:
         return self.db.execute(
-            "SELECT at_ms, user FROM signins WHERE instrument=? ORDER BY at_ms DESC LIMIT ?",
+            'SELECT at_ms, "user" FROM signins WHERE instrument=? ORDER BY at_ms DESC LIMIT ?',
             (instrument, limit),
         ).fetchall()
 
@@ -389,8 +415,10 @@ class Ledger:
         return int(row[0]) if row else 0
 
     def set_sink_cursor(self, name: str, received_ms: int) -> None:
-        with self.db:
-            self.db.execute("INSERT OR REPLACE INTO sink_cursor VALUES (?,?)", (name, received_ms))
+        self.db.execute(
+            "INSERT INTO sink_cursor VALUES (?,?) ON CONFLICT(name) DO UPDATE SET received_ms=excluded.received_ms",
+            (name, received_ms),
+        )
 
     # reports --------------------------------------------------------------
     def intervals_between(self, start_ms: int, end_ms: int, instrument: str | None = None) -> list[tuple]:
@@ -418,10 +446,21 @@ class Ledger:
 
     # rollups -------------------------------------------------------------
     @contextmanager
-    def exclusive(self) -> Iterator[sqlite3.Cursor]:
-        """One writer at a time, across processes sharing the ledger: rollups are refreshed under it."""
+    def transaction(self) -> Iterator[Any]:
         cur = self.db.cursor()
         cur.execute("BEGIN IMMEDIATE")
+        try:
+            yield cur
+        except BaseException:
+            cur.execute("ROLLBACK")
+            raise
+        cur.execute("COMMIT")
+
+    @contextmanager
+    def exclusive(self) -> Iterator[Any]:
+        """One such transaction at a time, across collectors sharing the ledger: rollups are refreshed under it."""
+        cur = self.db.cursor()
+        cur.execute("BEGIN EXCLUSIVE")
         try:
             yield cur
         except BaseException:
@@ -432,7 +471,7 @@ class Ledger:
     def rollup_basis(self) -> dict[str, str]:
         return {r[0]: r[1] for r in self.db.execute("SELECT instrument, basis FROM rollup_basis")}
 
-    def rebase_rollups(self, cur: sqlite3.Cursor, instrument: str, basis: str) -> None:
+    def rebase_rollups(self, cur: Any, instrument: str, basis: str) -> None:
         """Forget an instrument's rollups (its allowances or the calendar changed) and mark its whole history stale."""
         cur.execute("DELETE FROM rollups WHERE instrument=?", (instrument,))
         cur.execute(
@@ -440,23 +479,23 @@ class Ledger:
             (instrument, basis),
         )
         cur.execute(
-            "INSERT INTO rollup_dirty (instrument, from_ms, to_ms) SELECT ?, MIN(a), MAX(b) FROM ("
+            "INSERT INTO rollup_dirty (instrument, from_ms, to_ms) SELECT CAST(? AS TEXT), MIN(a), MAX(b) FROM ("
             "SELECT MIN(start_ms) AS a, MAX(end_ms) AS b FROM intervals WHERE instrument=? UNION ALL "
             "SELECT MIN(start_ms), MAX(end_ms) FROM service_records WHERE instrument=?) AS x HAVING MIN(a) IS NOT NULL",
             (instrument, instrument, instrument),
         )
 
-    def dirty(self, cur: sqlite3.Cursor, limit: int) -> list[tuple[int, str, int, int]]:
+    def dirty(self, cur: Any, limit: int) -> list[tuple[int, str, int, int]]:
         return cur.execute(
             "SELECT id, instrument, from_ms, to_ms FROM rollup_dirty ORDER BY id LIMIT ?", (limit,)
         ).fetchall()
 
-    def clear_dirty(self, cur: sqlite3.Cursor, ids: Sequence[int]) -> None:
+    def clear_dirty(self, cur: Any, ids: Sequence[int]) -> None:
         cur.executemany("DELETE FROM rollup_dirty WHERE id=?", [(i,) for i in ids])
 
     def write_rollups(
         self,
-        cur: sqlite3.Cursor,
+        cur: Any,
         instrument: str,
         span: int,
         lo: int,
@@ -473,15 +512,13 @@ class Ledger:
             [(instrument, span, start, *values) for start, values in rows],
         )
 
-    def sum_rollups(
-        self, cur: sqlite3.Cursor, instrument: str, span: int, into: int, lo: int, hi: int
-    ) -> None:
+    def sum_rollups(self, cur: Any, instrument: str, span: int, into: int, lo: int, hi: int) -> None:
         """Make the ``into``-span rollup at ``lo`` the sum of the ``span`` rollups in [lo, hi)."""
         cur.execute(
             "DELETE FROM rollups WHERE instrument=? AND span=? AND start_ms=?", (instrument, into, lo)
         )
         cur.execute(
-            f"INSERT INTO rollups SELECT instrument, ?, ?, {','.join(f'SUM({c})' for c in ROLLUP_VALUES)} "
+            f"INSERT INTO rollups SELECT instrument, CAST(? AS INTEGER), CAST(? AS INTEGER), {SUMS} "
             "FROM rollups WHERE instrument=? AND span=? AND start_ms>=? AND start_ms<? GROUP BY instrument",
             (into, lo, instrument, span, lo, hi),
         )
@@ -489,7 +526,7 @@ class Ledger:
     def rollup_totals(self, span: int, lo: int, hi: int) -> list[tuple[Any, ...]]:
         """(instrument, ROLLUP_VALUES summed) over the ``span`` rollups starting in [lo, hi)."""
         return self.db.execute(
-            f"SELECT b.instrument, {','.join(f'SUM(r.{c})' for c in ROLLUP_VALUES)} FROM rollup_basis b "
+            f"SELECT b.instrument, {SUMS} FROM rollup_basis b "
             "JOIN rollups r ON r.instrument = b.instrument AND r.span = ? AND r.start_ms >= ? AND r.start_ms < ? "
             "GROUP BY b.instrument",
             (span, lo, hi),

@@ -56,6 +56,15 @@ class Watermarks:
         self._push(key, seq)
         return self.upto[key]
 
+    def fill_gaps(self, agent: str, instrument: str) -> int:
+        """Look in the ledger for seqs missing above the watermark (with a shared subscription another
+        collector stores them); only a stream with a gap pays for the query."""
+        key = (agent, instrument)
+        if self.above[key]:
+            for s in self.ledger.handled_seqs(agent, instrument, above=self.upto[key]):
+                self._push(key, s)
+        return self.upto[key]
+
     def _push(self, key: tuple[str, str], seq: int) -> None:
         upto = self.upto[key]
         if seq <= upto:
@@ -211,6 +220,10 @@ class Collector:
             rejects[r.agent].append(
                 {"instrument": r.instrument, "seq": r.seq, "sha256": r.body_sha, "reason": r.reason}
             )
+        if self.cfg.broker.shared_group:
+            for agent, chains in acks.items():
+                for chain in chains:
+                    chains[chain] = self.watermarks.fill_gaps(agent, chain)
         if self.link is None:
             return
         for agent in set(acks) | set(rejects):
@@ -257,8 +270,12 @@ class Collector:
             await asyncio.sleep(ROLLUP_EVERY_S)
 
     def subscriptions(self) -> tuple[tuple[str, int], ...]:
+        """With a shared group, what goes to the ledger is split between collectors; live state goes to all."""
         group = self.cfg.broker.shared_group
-        return tuple(((f"$share/{group}/{t}" if group else t), 1) for t in wire.SUBSCRIPTIONS)
+        return tuple(
+            ((f"$share/{group}/{t}" if group and t in wire.LEDGER_TOPICS else t), 1)
+            for t in wire.SUBSCRIPTIONS
+        )
 
     async def run(self, stop: asyncio.Event) -> None:
         broker_cfg = self.cfg.broker
@@ -269,7 +286,9 @@ class Collector:
         self.link = MqttLink(
             broker_cfg,
             broker_cfg.client_id or "labmeter-collector",
-            clean_session=False,
+            # A shared group's member keeps no session: the broker must not queue a dead member's share for it.
+            # Nothing in flight is lost either way, since agents resend whatever is not acknowledged.
+            clean_session=bool(broker_cfg.shared_group),
             on_message=self._on_message,
             subscriptions=self.subscriptions(),
         )
@@ -298,7 +317,7 @@ class Collector:
         ingest = asyncio.create_task(self._ingest(), name="ingest")
         rollup_task = asyncio.create_task(self._rollups(), name="rollups")
         self.ready.set()
-        log.info("collector running; ledger %s", self.ledger.path)
+        log.info("collector running; ledger %s", self.ledger.name)
         try:
             await stop.wait()
         finally:
@@ -321,6 +340,12 @@ class Collector:
                 await self.broker.stop()
             self._pool.shutdown()
             self.ledger.close()
+            log.info(
+                "collector stopped: stored %d interval(s) and %d sign-in(s), rejected %d message(s)",
+                self.stats["stored"],
+                self.stats["signins"],
+                self.stats["rejected"],
+            )
 
 
 def _check(pending: list[Pending]) -> list[bool]:

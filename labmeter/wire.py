@@ -65,6 +65,7 @@ def ack_topic(agent: str) -> str:
 
 
 SUBSCRIPTIONS = (f"{ROOT}/+/+/interval", f"{ROOT}/+/+/open", f"{ROOT}/+/+/signin", f"{ROOT}/+/status")
+LEDGER_TOPICS = (f"{ROOT}/+/+/interval", f"{ROOT}/+/+/signin")
 
 
 @dataclass(frozen=True)

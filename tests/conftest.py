@@ -8,6 +8,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -76,3 +77,28 @@ def mosquitto(tmp_path: Path) -> Iterator[BrokerProcess]:
     b.start()
     yield b
     b.stop()
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[Any]:
+    """One PostgreSQL server for the session (Debian's package); each test takes a fresh database."""
+    from tests.postgres import PostgresServer, binaries
+
+    if binaries() is None:
+        pytest.fail("PostgreSQL is not installed; run `make deps` (apt-get install postgresql)")
+    server = PostgresServer().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def any_ledger(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Any]:
+    """The ledger on each backend it supports: SQLite (embedded default) and PostgreSQL (scale-out)."""
+    from labmeter.collector.ledger import Ledger
+
+    if request.param == "sqlite":
+        ledger = Ledger(tmp_path / "ledger.sqlite")
+    else:
+        ledger = Ledger.open(request.getfixturevalue("postgres").new_database(), tmp_path)
+    yield ledger
+    ledger.close()

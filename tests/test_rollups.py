@@ -12,7 +12,6 @@ import hashlib
 import random
 from datetime import datetime
 from itertools import pairwise
-from pathlib import Path
 from zoneinfo import ZoneInfo
 
 import pytest
@@ -59,11 +58,11 @@ def same(got: dict, want: dict, where: str) -> None:
 
 
 @pytest.mark.parametrize("zone", ["Asia/Shanghai", "Asia/Kolkata", "America/New_York"])
-def test_rollups_equal_direct_computation(tmp_path: Path, zone: str) -> None:
+def test_rollups_equal_direct_computation(any_ledger: Ledger, zone: str) -> None:
     rng = random.Random(zone)
     tz = ZoneInfo(zone)
     policy = PolicyConfig(prep_allowance_s=900, post_allowance_s=600, timezone=zone)
-    ledger = Ledger(tmp_path / "ledger.sqlite")
+    ledger = any_ledger
     t0 = int(
         datetime(2026, 2, 20, 5, 17, tzinfo=tz).timestamp() * 1000
     )  # crosses a month and DST in New York

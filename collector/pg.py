@@ -1,0 +1,117 @@
+"""The ledger on PostgreSQL: the few things SQLite and PostgreSQL spell differently, in one place.
+
+The ledger's SQL is written once, in the common subset of both (``ON CONFLICT``,
+``CAST``, no ``INSERT OR``); this adapter turns ``?`` parameters into ``%s``, the
+schema's types into PostgreSQL's, and SQLite's ``BEGIN IMMEDIATE`` into a transaction
+holding an advisory lock, so that several collectors sharing one database take turns
+where they must (schema creation, rollup refresh) and nowhere else.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Sequence
+from functools import lru_cache
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+EXCLUSIVE_LOCK = 0x6C61626D  # "labm": the advisory lock for schema creation and rollup refresh
+
+
+class MissingDriver(Exception):
+    pass
+
+
+@lru_cache(maxsize=256)
+def translate(sql: str) -> str:
+    return sql.replace("%", "%%").replace("?", "%s").replace(" AS INTEGER)", " AS BIGINT)")
+
+
+def schema(script: str) -> list[str]:
+    """SQLite's schema statements as PostgreSQL statements."""
+    out = []
+    for stmt in script.split(";"):
+        if not stmt.strip():
+            continue
+        stmt = stmt.replace(") WITHOUT ROWID", ")")
+        stmt = stmt.replace("INTEGER PRIMARY KEY", "BIGSERIAL PRIMARY KEY")
+        stmt = re.sub(r"\bINTEGER\b", "BIGINT", stmt)
+        stmt = re.sub(r"\bREAL\b", "DOUBLE PRECISION", stmt)
+        stmt = stmt.replace("BLOB", "BYTEA")
+        out.append(stmt)
+    return out
+
+
+def redact(url: str) -> str:
+    """The URL without its password, for logs."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+class Cursor:
+    def __init__(self, cur: Any) -> None:
+        self._cur = cur
+
+    def execute(self, sql: str, args: Sequence[Any] = ()) -> Cursor:
+        if sql == "BEGIN IMMEDIATE":
+            self._cur.execute("BEGIN")
+        elif sql == "BEGIN EXCLUSIVE":
+            self._cur.execute("BEGIN")
+            self._cur.execute("SELECT pg_advisory_xact_lock(%s)", (EXCLUSIVE_LOCK,))
+        else:
+            self._cur.execute(translate(sql), args)
+        return self
+
+    def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> Cursor:
+        rows = list(rows)
+        if rows:
+            self._cur.executemany(translate(sql), rows)
+        return self
+
+    @property
+    def rowcount(self) -> int:
+        return int(self._cur.rowcount)
+
+    def fetchone(self) -> Any:
+        return self._cur.fetchone()
+
+    def fetchall(self) -> list[Any]:
+        return list(self._cur.fetchall())
+
+    def __iter__(self) -> Any:
+        return iter(self._cur)
+
+
+class Database:
+    """The part of sqlite3's connection the ledger uses, on a psycopg connection in autocommit mode."""
+
+    def __init__(self, url: str) -> None:
+        try:
+            import psycopg
+        except ImportError:
+            raise MissingDriver(
+                "a postgresql:// ledger needs psycopg: pip install 'labmeter[postgresql]'"
+            ) from None
+        self.conn = psycopg.connect(url, autocommit=True, connect_timeout=10)
+
+    def cursor(self) -> Cursor:
+        return Cursor(self.conn.cursor())
+
+    def execute(self, sql: str, args: Sequence[Any] = ()) -> Cursor:
+        return self.cursor().execute(sql, args)
+
+    def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> Cursor:
+        return self.cursor().executemany(sql, rows)
+
+    def executescript(self, script: str) -> None:
+        """Create the schema once, even when several collectors start together."""
+        with self.conn.transaction():
+            self.conn.execute("SELECT pg_advisory_xact_lock(%s)", (EXCLUSIVE_LOCK,))
+            for stmt in schema(script):
+                self.conn.execute(stmt)
+
+    def close(self) -> None:
+        self.conn.close()

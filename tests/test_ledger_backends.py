@@ -1,0 +1,83 @@
+"""The ledger keeps the same promises on SQLite and PostgreSQL: idempotent storing, conflicts kept beside
+the original, duplicates of service records and sign-ins skipped, the linked flag, the sink's cursor."""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+import pytest
+from labmeter.collector.ledger import Ledger, LedgerError, Rejection, StoredInterval
+
+H = 3_600_000
+T0 = 1_772_409_600_000  # 2026-03-02T00:00:00Z
+
+
+def iv(
+    seq: int, start: int, end: int, state: str = "RUNNING", prev: str | None = None, body: str = ""
+) -> StoredInterval:
+    sha = hashlib.sha256(f"{seq}{body}".encode()).hexdigest()
+    if prev is None:
+        prev = "0" * 64 if seq == 1 else hashlib.sha256(f"{seq - 1}".encode()).hexdigest()
+    return StoredInterval("a1", "XRD", seq, start, end, state, prev, sha, 0, f"env{seq}{body}".encode())
+
+
+def test_storing_is_idempotent_and_conflicts_are_kept(any_ledger: Ledger) -> None:
+    ledger = any_ledger
+    ledger.add_agent("a1", "ed25519:x", "kid", ["XRD"])
+    first = [(iv(1, T0, T0 + H), None), (iv(2, T0 + H, T0 + 2 * H), None)]
+    assert ledger.store(first, []) == []
+    assert ledger.store(first, []) == []  # the same bodies again: nothing new, no conflict
+    conflicts = ledger.store([(iv(2, T0 + H, T0 + 2 * H, "OFF", body="forged"), None)], [])
+    assert [c.seq for c in conflicts] == [2]
+    rows = ledger.intervals_between(T0, T0 + 2 * H, "XRD")
+    assert [(r[2], r[5], r[6]) for r in rows] == [(1, "RUNNING", 1), (2, "RUNNING", 1)]
+    count = ledger.db.execute("SELECT COUNT(*) FROM rejections WHERE reason LIKE 'conflict%'").fetchone()[0]
+    assert count == 1
+    ledger.store([], [Rejection("bad signature", "t", b"p", "a1", "XRD", 7, True, "s")])
+    assert ledger.handled_seqs("a1", "XRD") == [1, 2, 7]
+    assert ledger.handled_seqs("a1", "XRD", above=1) == [2, 7]
+
+
+def test_linked_flag_and_long_intervals(any_ledger: Ledger) -> None:
+    ledger = any_ledger
+    ledger.store(
+        [
+            (iv(1, T0, T0 + 5 * H, "OFF"), None),
+            (iv(2, T0 + 5 * H, T0 + 6 * H, prev="f" * 64), None),  # does not link to seq 1
+        ],
+        [],
+    )
+    rows = ledger.intervals_between(T0 + 4 * H, T0 + 7 * H)  # seq 1 started 4 h before the period
+    assert [(r[0], r[2], r[6]) for r in rows] == [("XRD", 1, 1), ("XRD", 2, 0)]
+    assert ledger.longest_interval_ms() == 5 * H
+
+
+def test_service_records_signins_and_sink_cursor(any_ledger: Ledger) -> None:
+    ledger = any_ledger
+    rec: dict[str, Any] = {
+        "instrument": "XRD",
+        "start_ms": T0,
+        "end_ms": T0 + H,
+        "service_type": 130,
+        "applicant": "li",
+    }
+    assert ledger.add_service_records([rec]) == 1
+    assert ledger.add_service_records([rec, {**rec, "applicant": "wang"}]) == 1
+    assert ledger.service_windows(T0, T0 + 2 * H) == {"XRD": [(T0, T0 + H, True), (T0, T0 + H, True)]}
+    signin = ("a1", "XRD", 1, T0 + 60_000, "u:4f2a", "sha", b"env")
+    ledger.store_signins([signin])
+    ledger.store_signins([signin])
+    assert ledger.recent_signins("XRD") == [(T0 + 60_000, "u:4f2a")]
+    assert ledger.sink_cursor("influxdb") == 0
+    ledger.set_sink_cursor("influxdb", 5)
+    ledger.set_sink_cursor("influxdb", 9)
+    assert ledger.sink_cursor("influxdb") == 9
+
+
+def test_unknown_ledger_url_is_refused(tmp_path: Any) -> None:
+    with pytest.raises(LedgerError, match="mysql://x"):
+        Ledger.open("mysql://x", tmp_path)
+    with pytest.raises(LedgerError, match=r"postgresql://u:\*\*\*@127.0.0.1:1/db") as exc:
+        Ledger.open("postgresql://u:secret@127.0.0.1:1/db", tmp_path)
+    assert "secret" not in str(exc.value)
