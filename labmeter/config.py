@@ -240,6 +240,14 @@ class CollectorConfig(Section, frozen=True, kw_only=True):
     web: WebConfig | None = None
     influxdb: InfluxConfig | None = None
 
+    def __post_init__(self) -> None:
+        if self.broker.shared_group and not self.collector.ledger.startswith(("postgresql://", "postgres://")):
+            raise ValueError(
+                f"broker shared_group = {self.broker.shared_group!r} needs a PostgreSQL ledger "
+                "(collector.ledger = 'postgresql://...'): it splits messages between collectors, "
+                "which must then share one ledger"
+            )
+
 
 M = TypeVar("M", bound=Struct)
 

@@ -14,10 +14,14 @@ CASES = sorted((Path(__file__).parent / "testcases" / "config").iterdir())
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
-def test_bad_agent_config(case: Path) -> None:
+def test_bad_config(case: Path) -> None:
     expected = (case / "expected_error.txt").read_text().strip()
+    collector = case / "collector.toml"
     with pytest.raises(config.ConfigError) as err:
-        config.load(case / "agent.toml", config.AgentConfig)
+        if collector.exists():
+            config.load(collector, config.CollectorConfig)
+        else:
+            config.load(case / "agent.toml", config.AgentConfig)
     shown = str(err.value).replace(str(case) + "/", "")
     assert expected in shown, shown
 
