@@ -191,7 +191,8 @@ class LiveView:
 
     async def api_instruments(self, request: web.Request) -> web.Response:
         return web.json_response(
-            {"now": self.collector.clock.wall_ms(), "instruments": self.instruments()}, dumps=_dumps
+            {"now": self.collector.clock.wall_ms(), "tz": str(self.tz), "instruments": self.instruments()},
+            dumps=_dumps,
         )
 
     async def api_timeline(self, request: web.Request) -> web.Response:

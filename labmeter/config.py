@@ -241,7 +241,9 @@ class CollectorConfig(Section, frozen=True, kw_only=True):
     influxdb: InfluxConfig | None = None
 
     def __post_init__(self) -> None:
-        if self.broker.shared_group and not self.collector.ledger.startswith(("postgresql://", "postgres://")):
+        if self.broker.shared_group and not self.collector.ledger.startswith(
+            ("postgresql://", "postgres://")
+        ):
             raise ValueError(
                 f"broker shared_group = {self.broker.shared_group!r} needs a PostgreSQL ledger "
                 "(collector.ledger = 'postgresql://...'): it splits messages between collectors, "

@@ -14,8 +14,10 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
+from datetime import datetime
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import pytest
 from pyModbusTCP.server import ModbusServer
@@ -276,9 +278,13 @@ def test_instrument_page(lab) -> None:  # type: ignore[no-untyped-def]
     ARTIFACTS.mkdir(exist_ok=True)
     with sync_playwright() as p:
         browser = launch(p)
-        page = browser.new_page(viewport={"width": 1100, "height": 500})
+        # a browser far from the collector's zone: the page's days are still the collector's local days
+        page = browser.new_page(viewport={"width": 1100, "height": 500}, timezone_id="America/New_York")
         page.goto(base + "/?lang=zh-CN")
-        page.click('tr[data-code="CZ-ICP-002"] a')
+        with page.expect_response(lambda r: "/timeline?" in r.url and "/instrument/" in r.frame.url) as resp:
+            page.click('tr[data-code="CZ-ICP-002"] a')
+        start = datetime.fromtimestamp(resp.value.json()["from"] / 1000, ZoneInfo("Asia/Shanghai"))
+        assert (start.hour, start.minute) == (0, 0), start
         page.wait_for_selector('[data-testid="timeline"] rect[fill="var(--run)"]')
         assert page.text_content("#title") == "CZ-ICP-002"
         assert float(page.text_content('[data-testid="run_h"]') or "-1") >= 0.0
