@@ -8,6 +8,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta
 from pathlib import Path
@@ -135,10 +136,24 @@ def months(a: int, b: int, tz: ZoneInfo) -> list[tuple[str, int, int]]:
     return out
 
 
+def hours_reports(
+    ledger: Ledger, a: int, b: int, policy: PolicyConfig, groupings: Sequence[str], tz: ZoneInfo | None = None
+) -> dict[str, list[Row]]:
+    """Several groupings of one period, computing the per-instrument hours once."""
+    hours = per_instrument(ledger, a, b, policy) if b > a else None
+    return {by: hours_report(ledger, a, b, policy, by, tz, hours) for by in groupings}
+
+
 def hours_report(
-    ledger: Ledger, a: int, b: int, policy: PolicyConfig, by: str = "instrument", tz: ZoneInfo | None = None
+    ledger: Ledger,
+    a: int,
+    b: int,
+    policy: PolicyConfig,
+    by: str = "instrument",
+    tz: ZoneInfo | None = None,
+    hours: dict[str, Hours] | None = None,
 ) -> list[Row]:
-    """Rows for one grouping, and a totals row last."""
+    """Rows for one grouping, and a totals row last; ``hours`` per instrument if already computed."""
     if b <= a:
         raise PeriodError("--to must be after --from")
     if by not in GROUPINGS:
@@ -152,7 +167,8 @@ def hours_report(
                 row.hours.add(h)
             rows.append(row)
     else:
-        hours = per_instrument(ledger, a, b, policy)
+        if hours is None:
+            hours = per_instrument(ledger, a, b, policy)
         for code, h in hours.items():
             info = registry.get(code, {})
             rows.append(Row(code, str(info.get("name") or ""), str(info.get("unit") or ""), h))

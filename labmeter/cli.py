@@ -463,7 +463,15 @@ def report_hours(
 ) -> None:
     """Run, effective, service and external hours, utilisation, sharing rate and coverage."""
     from labmeter.collector.ledger import Ledger
-    from labmeter.collector.report import GROUPINGS, PeriodError, hours_report, parse_time, render, write_xlsx
+    from labmeter.collector.report import (
+        GROUPINGS,
+        PeriodError,
+        hours_report,
+        hours_reports,
+        parse_time,
+        render,
+        write_xlsx,
+    )
 
     cfg = load_collector(cfg_path)
     try:
@@ -477,7 +485,7 @@ def report_hours(
         a, b = parse_time(start, zone), parse_time(end, zone, end=True)
         if fmt == "xlsx":
             assert out is not None
-            write_xlsx(out, {g: hours_report(ledger, a, b, cfg.policy, g, zone) for g in GROUPINGS}, lang)
+            write_xlsx(out, hours_reports(ledger, a, b, cfg.policy, GROUPINGS, zone), lang)
             click.echo(f"written {out}")
             return
         text = render(hours_report(ledger, a, b, cfg.policy, by, zone), fmt, lang, by)

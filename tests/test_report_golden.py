@@ -11,7 +11,7 @@ from zoneinfo import ZoneInfo
 import pytest
 from labmeter.collector.ledger import Ledger
 from labmeter.collector.registry import import_instruments, import_services
-from labmeter.collector.report import hours_report, parse_time, render, write_xlsx
+from labmeter.collector.report import hours_report, hours_reports, parse_time, render, write_xlsx
 from openpyxl import load_workbook
 
 from labmeter.config import PolicyConfig
@@ -178,9 +178,7 @@ def test_days_are_local(ledger: Ledger) -> None:
 
 def test_xlsx_cell_by_cell(ledger: Ledger, tmp_path: Path) -> None:
     out = tmp_path / "report.xlsx"
-    sheets = {
-        g: hours_report(ledger, *WEEK, POLICY, g, TZ) for g in ("instrument", "unit", "category", "month")
-    }
+    sheets = hours_reports(ledger, *WEEK, POLICY, ("instrument", "unit", "category", "month"), TZ)
     write_xlsx(out, sheets, "zh")
     wb = load_workbook(out)
     assert wb.sheetnames == ["按仪器", "按单位", "按类别", "按月份"]
