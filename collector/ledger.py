@@ -32,6 +32,7 @@ CREATE TABLE IF NOT EXISTS service_records (
     service_type INTEGER NOT NULL, direction INTEGER NOT NULL DEFAULT 138, amount REAL, source TEXT NOT NULL DEFAULT '',
     UNIQUE (instrument, start_ms, end_ms, applicant));
 CREATE INDEX IF NOT EXISTS service_time ON service_records (instrument, start_ms);
+CREATE INDEX IF NOT EXISTS service_end ON service_records (end_ms);
 CREATE TABLE IF NOT EXISTS enrolments (
     agent TEXT NOT NULL, instrument TEXT NOT NULL, PRIMARY KEY (agent, instrument));
 CREATE TABLE IF NOT EXISTS intervals (
@@ -163,11 +164,13 @@ class Ledger:
         self.name = name
         self._codes: set[str] = set()  # instruments known to be listed
         self.db.executescript(SCHEMA)
-        self.db.execute(  # once, for a ledger written before this was kept
-            "INSERT INTO meta SELECT 'longest_interval_ms', MAX(end_ms - start_ms) FROM intervals "
-            "WHERE NOT EXISTS (SELECT 1 FROM meta WHERE key = 'longest_interval_ms') HAVING COUNT(*) > 0"
-        )
         row = self.db.execute("SELECT value FROM meta WHERE key='longest_interval_ms'").fetchone()
+        if row is None:  # once, for a ledger written before this was kept
+            self.db.execute(
+                "INSERT INTO meta SELECT 'longest_interval_ms', MAX(end_ms - start_ms) FROM intervals "
+                "HAVING COUNT(*) > 0 ON CONFLICT DO NOTHING"
+            )
+            row = self.db.execute("SELECT value FROM meta WHERE key='longest_interval_ms'").fetchone()
         self._longest = int(row[0]) if row else 0
 
     @classmethod
@@ -523,10 +526,13 @@ class Ledger:
             (into, lo, instrument, span, lo, hi),
         )
 
-    def rollup_totals(self, span: int, lo: int, hi: int) -> list[tuple[Any, ...]]:
-        """(instrument, ROLLUP_VALUES summed) over the ``span`` rollups starting in [lo, hi)."""
+    def rollup_totals(
+        self, span: int, lo: int, hi: int, columns: Sequence[str] = ROLLUP_VALUES
+    ) -> list[tuple[Any, ...]]:
+        """(instrument, ``columns`` summed) over the ``span`` rollups starting in [lo, hi)."""
+        sums = ", ".join(f"CAST(SUM({c}) AS INTEGER)" for c in columns if c in ROLLUP_VALUES)
         return self.db.execute(
-            f"SELECT b.instrument, {SUMS} FROM rollup_basis b "
+            f"SELECT b.instrument, {sums} FROM rollup_basis b "
             "JOIN rollups r ON r.instrument = b.instrument AND r.span = ? AND r.start_ms >= ? AND r.start_ms < ? "
             "GROUP BY b.instrument",
             (span, lo, hi),

@@ -116,8 +116,9 @@ def rated_ms(info: dict[str, object], policy: PolicyConfig, period_ms: int) -> i
 
 def per_instrument(ledger: Ledger, a: int, b: int, policy: PolicyConfig) -> dict[str, Hours]:
     """Hours and rated hours per instrument in [a, b), from rollups and the intervals at the edges."""
-    registry = {str(i["code"]): i for i in ledger.instruments()}
-    out = Rollups(ledger, policy).hours(a, b)
+    rollups = Rollups(ledger, policy)
+    out = rollups.hours(a, b)
+    registry = rollups.registry()
     for code, h in out.items():
         h.rated_ms = rated_ms(registry.get(code, {}), policy, b - a)
     return dict(sorted(out.items()))

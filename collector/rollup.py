@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from bisect import bisect_right
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from datetime import date, datetime, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -28,7 +28,6 @@ from labmeter.config import PolicyConfig
 H = 3_600_000
 HOUR, DAY, MONTH = 0, 1, 2
 CHUNK_DAYS = 31  # the longest stretch judged at once when rebuilding
-ADDED = (*(v for v in ROLLUP_VALUES if v != "covered_ms"), "uncovered_ms")
 STEP = 500  # stale marks taken per transaction, so ingest never waits long
 
 
@@ -116,13 +115,20 @@ def _values(h: Hours) -> tuple[int, ...]:
 
 
 class Rollups:
-    def __init__(self, ledger: Ledger, policy: PolicyConfig) -> None:
+    def __init__(
+        self, ledger: Ledger, policy: PolicyConfig, registry: dict[str, dict[str, object]] | None = None
+    ) -> None:
         self.ledger = ledger
         self.policy = policy
         self.calendar = Calendar(ZoneInfo(policy.timezone))
+        self._given = registry  # the caller's fresh read of the instruments table
+        self._registry: dict[str, dict[str, object]] | None = None
 
-    def _registry(self) -> dict[str, dict[str, object]]:
-        return {str(i["code"]): i for i in self.ledger.instruments()}
+    def registry(self) -> dict[str, dict[str, object]]:
+        """The instruments table as of the last refresh (read once per report or page refresh)."""
+        if self._registry is None:
+            self._registry = {str(i["code"]): i for i in self.ledger.instruments()}
+        return self._registry
 
     def _basis(self, info: dict[str, object]) -> str:
         prep, post = allowances_ms(info, self.policy)
@@ -130,7 +136,8 @@ class Rollups:
 
     def refresh(self, steps: int | None = None) -> int:
         """Bring stale rollups up to date (all, or ``steps`` transactions' worth); returns the marks worked off."""
-        registry = self._registry()
+        self._registry, self._given = self._given, None
+        registry = self.registry()
         known = self.ledger.rollup_basis()
         stale = [code for code, info in registry.items() if known.get(code) != self._basis(info)]
         if stale:
@@ -217,59 +224,52 @@ class Rollups:
                     total[k] += x
         self.ledger.write_rollups(cur, code, DAY, d0, d, [(k, tuple(v)) for k, v in days.items() if any(v)])
 
-    def hours_since(self, starts: Sequence[int], b: int) -> list[dict[str, Hours]]:
-        """Hours in [s, b) for each start: periods ending together (today, this month, this year) share the work."""
+    def hours(self, a: int, b: int) -> dict[str, Hours]:
+        """Hours per instrument in [a, b): registered instruments and any with data; rated hours not set."""
         self.refresh()
-        registry = self._registry()
-        found: dict[int, dict[str, Hours]] = {}
-        total: dict[str, Hours] = {}
-        upto = b
-        for s in sorted(set(starts), reverse=True):
-            part = self.hours(s, upto, registry) if s < upto else {}
-            total = {code: _joined(total.get(code), part.get(code), b - s) for code in set(total) | set(part)}
-            found[s] = total
-            upto = min(upto, s)
-        return [found[s] for s in starts]
+        return self._as_hours(self.totals(a, b), b - a)
 
-    def hours(self, a: int, b: int, registry: dict[str, dict[str, object]] | None = None) -> dict[str, Hours]:
-        """Hours per instrument in [a, b): registered instruments and any with data; rated hours not set.
+    def totals(self, a: int, b: int, columns: Sequence[str] = ROLLUP_VALUES) -> dict[str, list[int]]:
+        """``columns`` per instrument with data in [a, b): whole buckets from rollups, the edges computed.
 
-        Given ``registry``, the caller has refreshed the rollups already.
+        Reads what the last :meth:`refresh` left; call that first.
         """
-        if registry is None:
-            self.refresh()
-            registry = self._registry()
         raw, pieces = self.calendar.plan(a, b)
-        out: dict[str, Hours] = {code: Hours(period_ms=b - a, instruments=1) for code in registry}
-        covered: dict[str, int] = defaultdict(int)
+        out: dict[str, list[int]] = {}
         for span, lo, hi in pieces:
-            for code, *values in self.ledger.rollup_totals(span, lo, hi):
-                h = out.setdefault(code, Hours(period_ms=b - a, instruments=1))
-                for name, v in zip(ROLLUP_VALUES, values, strict=True):
-                    if name == "covered_ms":
-                        covered[code] += v
-                    else:
-                        setattr(h, name, getattr(h, name) + v)
+            _add(out, ((row[0], row[1:]) for row in self.ledger.rollup_totals(span, lo, hi, columns)))
+        pick = [ROLLUP_VALUES.index(c) for c in columns]
         for lo, hi in raw:
-            for code, part in direct(self.ledger, lo, hi, self.policy, registry).items():
-                h = out.setdefault(code, Hours(period_ms=b - a, instruments=1))
-                covered[code] += part.period_ms - part.uncovered_ms
-                for name in ROLLUP_VALUES:
-                    if name != "covered_ms":
-                        setattr(h, name, getattr(h, name) + getattr(part, name))
-        for code, h in out.items():
-            h.uncovered_ms = max(0, h.period_ms - covered[code])
+            found = direct(self.ledger, lo, hi, self.policy, self.registry(), with_data_only=True)
+            _add(out, ((code, [_values(h)[i] for i in pick]) for code, h in found.items()))
         return out
 
+    def _as_hours(self, totals: dict[str, list[int]], period_ms: int) -> dict[str, Hours]:
+        zero = [0] * len(ROLLUP_VALUES)
+        return {code: _hours(totals.get(code, zero), period_ms) for code in {*self.registry(), *totals}}
 
-def _joined(x: Hours | None, y: Hours | None, period_ms: int) -> Hours:
-    """One instrument's hours over two adjoining periods."""
-    out = Hours(period_ms=period_ms, instruments=1)
-    for h in (x, y):
-        if h is not None:
-            for name in ADDED:
-                setattr(out, name, getattr(out, name) + getattr(h, name))
-    return out
+
+def _add(into: dict[str, list[int]], rows: Iterable[tuple[str, Sequence[int]]]) -> None:
+    for code, values in rows:
+        have = into.get(code)
+        into[code] = list(values) if have is None else [x + y for x, y in zip(have, values, strict=True)]
+
+
+def _hours(v: Sequence[int], period_ms: int) -> Hours:
+    run, standby, off, unknown, unverified, effective, covered, service, external = v
+    return Hours(
+        period_ms=period_ms,
+        run_ms=run,
+        standby_ms=standby,
+        off_ms=off,
+        unknown_ms=unknown,
+        unverified_ms=unverified,
+        effective_ms=effective,
+        uncovered_ms=max(0, period_ms - covered),
+        service_ms=service,
+        external_ms=external,
+        instruments=1,
+    )
 
 
 def direct(
@@ -278,8 +278,12 @@ def direct(
     b: int,
     policy: PolicyConfig,
     registry: dict[str, dict[str, object]] | None = None,
+    with_data_only: bool = False,
 ) -> dict[str, Hours]:
-    """Hours per instrument in [a, b) computed from the intervals themselves, without rollups."""
+    """Hours per instrument in [a, b) computed from the intervals themselves, without rollups.
+
+    Every registered instrument, or (``with_data_only``) those with intervals or service records in reach.
+    """
     if registry is None:
         registry = {str(i["code"]): i for i in ledger.instruments()}
     pad = max(
@@ -291,7 +295,8 @@ def direct(
         per[instrument].append((start, end, state, bool(linked)))
     windows = ledger.service_windows(a, b)
     out: dict[str, Hours] = {}
-    for code in sorted(set(registry) | set(per)):
+    codes = set(per) | set(windows) if with_data_only else set(registry) | set(per)
+    for code in sorted(codes):
         prep, post = allowances_ms(registry.get(code, {}), policy)
         out[code] = compute(per.get(code, []), a, b, prep, post, windows.get(code, ()))
     return out

@@ -18,8 +18,9 @@ from importlib import resources
 from typing import TYPE_CHECKING, Any
 from zoneinfo import ZoneInfo
 
+import msgspec
 from aiohttp import web
-from labmeter.collector.report import GROUPINGS, hours_report, rated_ms
+from labmeter.collector.report import GROUPINGS, YEAR_MS, hours_report, rated_ms
 from labmeter.collector.rollup import Rollups
 
 if TYPE_CHECKING:
@@ -109,25 +110,33 @@ class LiveView:
     def instruments(self) -> list[dict[str, Any]]:
         c = self.collector
         now = c.clock.wall_ms()
+        registry = {str(i["code"]): i for i in c.ledger.instruments()}
 
         def usage() -> dict[str, dict[str, dict[str, float | None]]]:
+            """Hours so far today, this month and this year. Intervals end in the past, so the rollup of
+            the whole current day or month holds exactly what has happened in it so far."""
             out: dict[str, dict[str, dict[str, float | None]]] = {}
-            starts = self._period_starts(now)
             policy = c.cfg.policy
-            registry = {str(i["code"]): i for i in c.ledger.instruments()}
-            per_period = Rollups(c.ledger, policy).hours_since(list(starts.values()), now)
-            for name, hours in zip(starts, per_period, strict=True):
-                for code, h in hours.items():
-                    rated = rated_ms(registry.get(code, {}), policy, h.period_ms)
+            rollups = Rollups(c.ledger, policy, registry)
+            rollups.refresh()
+            cal = rollups.calendar
+            yearly = {code: rated_ms(info, policy, YEAR_MS) for code, info in registry.items()}
+            default = rated_ms({}, policy, YEAR_MS)
+            starts = self._period_starts(now)
+            ends = {"today": cal.next_day(starts["today"]), "month": cal.next_month(starts["month"])}
+            for name, start in starts.items():
+                totals = rollups.totals(start, ends.get(name, ends["month"]), ("run_ms", "effective_ms"))
+                share = max(1, now - start) / YEAR_MS
+                for code, (run, effective) in totals.items():
+                    rated = yearly.get(code, default) * share
                     out.setdefault(code, {})[name] = {
-                        "run_h": round(h.run_ms / H, 2),
-                        "effective_h": round(h.effective_ms / H, 2),
-                        "utilisation_pct": round(100 * h.effective_ms / rated, 1) if rated else None,
+                        "run_h": round(run / H, 2),
+                        "effective_h": round(effective / H, 2),
+                        "utilisation_pct": round(100 * effective / rated, 1) if rated else None,
                     }
             return out
 
         hours = self._cached("usage", usage)
-        registry = {str(i["code"]): i for i in c.ledger.instruments()}
         out = []
         for code in sorted(set(registry) | set(c.live.instruments)):
             info = registry.get(code, {})
@@ -319,4 +328,5 @@ class LiveView:
 
 
 def _dumps(obj: Any) -> str:
-    return json.dumps(obj, ensure_ascii=False)
+    """UTF-8 JSON without escapes; msgspec, because the instruments list of a province is megabytes."""
+    return msgspec.json.encode(obj).decode()

@@ -290,3 +290,36 @@ def test_instrument_page(lab) -> None:  # type: ignore[no-untyped-def]
         assert float(page.text_content('[data-testid="run_h"]') or "-1") >= 0.0
         page.screenshot(path=str(ARTIFACTS / "instrument-page.png"))
         browser.close()
+
+
+def test_usage_so_far_equals_the_report(tmp_path: Path) -> None:
+    """Today's, this month's and this year's hours on the page equal the report's for [start, now)."""
+    from labmeter.collector.report import per_instrument
+    from labmeter.collector.service import Collector
+    from labmeter.collector.web import LiveView
+
+    from tests.lab import store_schedule
+
+    cfg = config.CollectorConfig(
+        collector=config.CollectorSection(data_dir=tmp_path / "data"), web=config.WebConfig()
+    )
+    collector = Collector(cfg)
+    now = int(time.time() * 1000)
+    t0 = now - 40 * 86_400_000
+    states = ["OFF", "STANDBY", "RUNNING", "STANDBY", "RUNNING", "OFF"]
+    spans = [
+        (s, min(s + 97 * 60_000, now - 600_000), states[i % 6])
+        for i, s in enumerate(range(t0, now - 600_000, 97 * 60_000))
+    ]
+    store_schedule(tmp_path, collector.ledger, "a1", "CZ-XRD-001", spans)
+    view = LiveView(collector, "127.0.0.1:0")
+    got = {i["code"]: i for i in view.instruments()}["CZ-XRD-001"]
+    for name, start in view._period_starts(collector.clock.wall_ms()).items():
+        h = per_instrument(collector.ledger, start, now, cfg.policy)["CZ-XRD-001"]
+        assert got[name]["run_h"] == round(h.run_ms / 3_600_000, 2), name
+        assert got[name]["effective_h"] == round(h.effective_ms / 3_600_000, 2), name
+        assert got[name]["utilisation_pct"] == pytest.approx(100 * h.effective_ms / h.rated_ms, abs=0.15), (
+            name
+        )
+    assert got["year"]["run_h"] > 0  # (the schedule's 40 days reach into this year unless it is 1 January)
+    collector.ledger.close()
