@@ -245,17 +245,18 @@ class Ledger:
 
     @staticmethod
     def _mark(cur: Any, spans: Iterable[tuple[str, int, int]]) -> None:
-        """Note the time whose rollups are stale, in the transaction that makes them so."""
-        merged: dict[str, list[list[int]]] = {}
-        for code, start, end in sorted(spans):
-            ranges = merged.setdefault(code, [])
-            if ranges and start <= ranges[-1][1]:
-                ranges[-1][1] = max(ranges[-1][1], end)
-            else:
-                ranges.append([start, end])
+        """Note the time whose rollups are stale, in the transaction that makes them so: one stretch per
+        instrument, from its earliest start to its latest end (time between is recomputed too, harmlessly)."""
+        stretch: dict[str, tuple[int, int]] = {}
+        for code, start, end in spans:
+            have = stretch.get(code)
+            if have is None:
+                stretch[code] = (start, end)
+            elif start < have[0] or end > have[1]:
+                stretch[code] = (min(start, have[0]), max(end, have[1]))
         cur.executemany(
             "INSERT INTO rollup_dirty (instrument, from_ms, to_ms) VALUES (?,?,?)",
-            [(code, a, b) for code, ranges in merged.items() for a, b in ranges],
+            [(code, a, b) for code, (a, b) in stretch.items()],
         )
 
     def service_windows(
@@ -323,11 +324,13 @@ class Ledger:
                     "THEN excluded.value ELSE meta.value END",
                     (longest,),
                 )
-            # A successor stored before its predecessor turns from unverified to verified now.
+            # A successor stored before its predecessor turns from unverified to verified now; successors
+            # in this batch are marked already, so only the ends of its runs of seqs need a look.
+            seqs = {(iv.agent, iv.instrument, iv.seq) for iv, _ in intervals}
             cur.executemany(
                 "INSERT INTO rollup_dirty (instrument, from_ms, to_ms) SELECT instrument, start_ms, end_ms "
                 "FROM intervals WHERE agent=? AND instrument=? AND seq=?",
-                [(iv.agent, iv.instrument, iv.seq + 1) for iv, _ in intervals],
+                [(a, i, n + 1) for a, i, n in seqs if (a, i, n + 1) not in seqs],
             )
             cur.executemany(
                 "INSERT INTO rejections (at_ms, agent, instrument, seq, authentic, reason, topic, payload) "

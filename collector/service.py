@@ -37,6 +37,7 @@ log = logging.getLogger("labmeter.collector")
 
 BATCH = 2000
 ROLLUP_EVERY_S = 2.0
+ROLLUP_DEFER_S = 30.0
 
 
 class Watermarks:
@@ -259,14 +260,18 @@ class Collector:
             await asyncio.sleep(0)
 
     async def _rollups(self) -> None:
-        """Keep report rollups current between reports, a short transaction at a time."""
+        """Keep report rollups current between reports, a short transaction at a time. During a burst of
+        ingest this waits (up to ROLLUP_DEFER_S): reports refresh for themselves, so nothing reads stale."""
         rollups = Rollups(self.ledger, self.cfg.policy)
+        last = time.monotonic()
         while True:
-            try:
-                while rollups.refresh(steps=1):
-                    await asyncio.sleep(0)
-            except Exception:
-                log.exception("refreshing rollups failed; retrying")
+            if self._idle or time.monotonic() - last > ROLLUP_DEFER_S:
+                try:
+                    while rollups.refresh(steps=1):
+                        await asyncio.sleep(0)
+                except Exception:
+                    log.exception("refreshing rollups failed; retrying")
+                last = time.monotonic()
             await asyncio.sleep(ROLLUP_EVERY_S)
 
     def subscriptions(self) -> tuple[tuple[str, int], ...]:
