@@ -199,17 +199,15 @@ class Ledger:
 
     # registry -------------------------------------------------------------
     def add_agent(self, agent: str, pubkey: str, kid: str, instruments: Iterable[str]) -> None:
-        cur = self.db.cursor()
-        cur.execute("BEGIN IMMEDIATE")
-        cur.execute(
-            "INSERT INTO agents VALUES (?,?,?,?) ON CONFLICT(id) DO UPDATE SET pubkey=excluded.pubkey, "
-            "kid=excluded.kid",
-            (agent, pubkey, kid, int(time.time() * 1000)),
-        )
-        for code in instruments:
-            cur.execute("INSERT INTO instruments (code) VALUES (?) ON CONFLICT DO NOTHING", (code,))
-            cur.execute("INSERT INTO enrolments VALUES (?,?) ON CONFLICT DO NOTHING", (agent, code))
-        cur.execute("COMMIT")
+        with self.transaction() as cur:
+            cur.execute(
+                "INSERT INTO agents VALUES (?,?,?,?) ON CONFLICT(id) DO UPDATE SET pubkey=excluded.pubkey, "
+                "kid=excluded.kid",
+                (agent, pubkey, kid, int(time.time() * 1000)),
+            )
+            for code in instruments:
+                cur.execute("INSERT INTO instruments (code) VALUES (?) ON CONFLICT DO NOTHING", (code,))
+                cur.execute("INSERT INTO enrolments VALUES (?,?) ON CONFLICT DO NOTHING", (agent, code))
 
     def agent_keys(self) -> dict[str, tuple[str, str]]:
         return {r[0]: (r[1], r[2]) for r in self.db.execute("SELECT id, pubkey, kid FROM agents")}
@@ -219,28 +217,24 @@ class Ledger:
 
     def upsert_instruments(self, rows: Sequence[dict[str, object]]) -> None:
         cols = INSTRUMENT_COLUMNS
-        cur = self.db.cursor()
-        cur.execute("BEGIN IMMEDIATE")
-        cur.executemany(
-            f"INSERT INTO instruments ({','.join(cols)}) VALUES ({','.join('?' * len(cols))}) ON CONFLICT(code) DO "
-            f"UPDATE SET {', '.join(f'{c}=excluded.{c}' for c in cols[1:])}",
-            [tuple(r.get(c) for c in cols) for r in rows],
-        )
-        cur.execute("COMMIT")
+        with self.transaction() as cur:
+            cur.executemany(
+                f"INSERT INTO instruments ({','.join(cols)}) VALUES ({','.join('?' * len(cols))}) ON CONFLICT(code) DO "
+                f"UPDATE SET {', '.join(f'{c}=excluded.{c}' for c in cols[1:])}",
+                [tuple(r.get(c) for c in cols) for r in rows],
+            )
 
     def add_service_records(self, rows: Sequence[dict[str, object]]) -> int:
         """Insert records; an identical record (instrument, start, end, applicant) already present is skipped."""
         cols = SERVICE_COLUMNS
-        cur = self.db.cursor()
-        cur.execute("BEGIN IMMEDIATE")
-        cur.executemany(
-            f"INSERT INTO service_records ({','.join(cols)}) VALUES ({','.join('?' * len(cols))}) "
-            "ON CONFLICT DO NOTHING",
-            [tuple(r.get(c, SERVICE_DEFAULTS.get(c)) for c in cols) for r in rows],
-        )
-        added = cur.rowcount
-        self._mark(cur, [(str(r["instrument"]), int(r["start_ms"]), int(r["end_ms"])) for r in rows])  # type: ignore[call-overload]
-        cur.execute("COMMIT")
+        with self.transaction() as cur:
+            cur.executemany(
+                f"INSERT INTO service_records ({','.join(cols)}) VALUES ({','.join('?' * len(cols))}) "
+                "ON CONFLICT DO NOTHING",
+                [tuple(r.get(c, SERVICE_DEFAULTS.get(c)) for c in cols) for r in rows],
+            )
+            added = cur.rowcount
+            self._mark(cur, [(str(r["instrument"]), int(r["start_ms"]), int(r["end_ms"])) for r in rows])  # type: ignore[call-overload]
         return added
 
     @staticmethod
@@ -286,9 +280,7 @@ class Ledger:
         """Store a batch in one transaction; returns the conflicts found (also stored as rejections)."""
         now = int(time.time() * 1000)
         conflicts: list[Rejection] = []
-        cur = self.db.cursor()
-        cur.execute("BEGIN IMMEDIATE")
-        try:
+        with self.transaction() as cur:
             cur.executemany(
                 "INSERT INTO intervals VALUES (?,?,?,?,?,?,?,?,?,?,?,?) ON CONFLICT DO NOTHING",
                 [
@@ -340,10 +332,6 @@ class Ledger:
                     for r in [*rejections, *conflicts]
                 ],
             )
-            cur.execute("COMMIT")
-        except BaseException:
-            cur.execute("ROLLBACK")
-            raise
         self._codes |= new_codes
         self._longest = max(self._longest, longest)
         return conflicts
@@ -452,21 +440,11 @@ class Ledger:
 
     # rollups -------------------------------------------------------------
     @contextmanager
-    def transaction(self) -> Iterator[Any]:
+    def transaction(self, exclusive: bool = False) -> Iterator[Any]:
+        """A write transaction; ``exclusive``: one such at a time across collectors sharing the ledger
+        (rollups are refreshed under it)."""
         cur = self.db.cursor()
-        cur.execute("BEGIN IMMEDIATE")
-        try:
-            yield cur
-        except BaseException:
-            cur.execute("ROLLBACK")
-            raise
-        cur.execute("COMMIT")
-
-    @contextmanager
-    def exclusive(self) -> Iterator[Any]:
-        """One such transaction at a time, across collectors sharing the ledger: rollups are refreshed under it."""
-        cur = self.db.cursor()
-        cur.execute("BEGIN EXCLUSIVE")
+        cur.execute("BEGIN EXCLUSIVE" if exclusive else "BEGIN IMMEDIATE")
         try:
             yield cur
         except BaseException:

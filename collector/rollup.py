@@ -141,14 +141,14 @@ class Rollups:
         known = self.ledger.rollup_basis()
         stale = [code for code, info in registry.items() if known.get(code) != self._basis(info)]
         if stale:
-            with self.ledger.exclusive() as cur:
+            with self.ledger.transaction(exclusive=True) as cur:
                 for code in stale:
                     known[code] = self._basis(registry[code])
                     self.ledger.rebase_rollups(cur, code, known[code])
         done = 0
         while steps is None or steps > 0:
             steps = None if steps is None else steps - 1
-            with self.ledger.exclusive() as cur:
+            with self.ledger.transaction(exclusive=True) as cur:
                 marks = self.ledger.dirty(cur, STEP)
                 if not marks:
                     return done
