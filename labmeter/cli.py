@@ -14,7 +14,7 @@ import tomllib
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, NoReturn
-from zoneinfo import ZoneInfo
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import click
 
@@ -53,6 +53,14 @@ def load_collector(path: Path) -> config.CollectorConfig:
         return config.load(path, config.CollectorConfig)
     except config.ConfigError as exc:
         fail(str(exc))
+
+
+def zone_for(tz: str | None, cfg: config.CollectorConfig) -> ZoneInfo:
+    """--tz if given, else the collector's [policy] timezone (the one its rollups use)."""
+    try:
+        return ZoneInfo(tz or cfg.policy.timezone)
+    except (ValueError, ZoneInfoNotFoundError):
+        fail(f"--tz {tz!r}: unknown time zone (e.g. Asia/Shanghai)")
 
 
 SHUTDOWN_GRACE_S = 15.0
@@ -410,8 +418,8 @@ def collector_import(file: Path, cfg_path: Path) -> None:
 @click.argument("file", type=click.Path(path_type=Path, exists=True, dir_okay=False))
 @click.option("--instrument", help="Instrument the file is about (for a per-instrument sheet or calendar).")
 @config_option("collector.toml")
-@click.option("--tz", default="Asia/Shanghai", show_default=True, help="Time zone of times without one.")
-def collector_import_services(file: Path, instrument: str | None, cfg_path: Path, tz: str) -> None:
+@click.option("--tz", help="Time zone of times without one (default: the config's [policy] timezone).")
+def collector_import_services(file: Path, instrument: str | None, cfg_path: Path, tz: str | None) -> None:
     """Import service records (bookings, usage logs) from CSV, XLSX or iCalendar (all rows or none).
 
     Columns: instrument 仪器编号, start 开始时间, end 结束时间, applicant 申请人, applicant_unit 申请单位,
@@ -424,7 +432,7 @@ def collector_import_services(file: Path, instrument: str | None, cfg_path: Path
     cfg = load_collector(cfg_path)
     ledger = Ledger.open(cfg.collector.ledger, cfg.collector.data_dir)
     try:
-        res = import_services(ledger, file, ZoneInfo(tz), instrument)
+        res = import_services(ledger, file, zone_for(tz, cfg), instrument)
     except ImportError_ as exc:
         fail(str(exc))
     finally:
@@ -457,9 +465,9 @@ def collector_import_services(file: Path, instrument: str | None, cfg_path: Path
     show_default=True,
     help="Language of the column names.",
 )
-@click.option("--tz", default="Asia/Shanghai", show_default=True, help="Time zone for days and months.")
+@click.option("--tz", help="Time zone for days and months (default: the config's [policy] timezone).")
 def report_hours(
-    start: str, end: str, cfg_path: Path, by: str, fmt: str, out: Path | None, lang: str, tz: str
+    start: str, end: str, cfg_path: Path, by: str, fmt: str, out: Path | None, lang: str, tz: str | None
 ) -> None:
     """Run, effective, service and external hours, utilisation, sharing rate and coverage."""
     from labmeter.collector.ledger import Ledger
@@ -474,10 +482,7 @@ def report_hours(
     )
 
     cfg = load_collector(cfg_path)
-    try:
-        zone = ZoneInfo(tz)
-    except (KeyError, ValueError):
-        fail(f"--tz {tz!r}: unknown time zone")
+    zone = zone_for(tz, cfg)
     if fmt == "xlsx" and out is None:
         fail("--format xlsx needs --output FILE.xlsx")
     ledger = Ledger.open(cfg.collector.ledger, cfg.collector.data_dir)
@@ -506,8 +511,8 @@ def report_hours(
     "--output", "-o", "out", required=True, type=click.Path(path_type=Path), help="FILE.json or FILE.xlsx"
 )
 @config_option("collector.toml")
-@click.option("--tz", default="Asia/Shanghai", show_default=True)
-def report_national(year: int, out: Path, cfg_path: Path, tz: str) -> None:
+@click.option("--tz", help="Time zone for days and months (default: the config's [policy] timezone).")
+def report_national(year: int, out: Path, cfg_path: Path, tz: str | None) -> None:
     """National sharing-platform export: runMachine and serviceMachine per instrument, and service records."""
     from labmeter.collector.ledger import Ledger
     from labmeter.collector.national import national_export, write_national
@@ -515,7 +520,7 @@ def report_national(year: int, out: Path, cfg_path: Path, tz: str) -> None:
     cfg = load_collector(cfg_path)
     ledger = Ledger.open(cfg.collector.ledger, cfg.collector.data_dir)
     try:
-        data = national_export(ledger, year, cfg.policy, ZoneInfo(tz))
+        data = national_export(ledger, year, cfg.policy, zone_for(tz, cfg))
     finally:
         ledger.close()
     write_national(data, out)
@@ -544,9 +549,9 @@ def report_national(year: int, out: Path, cfg_path: Path, tz: str) -> None:
     help="List instruments whose state is known for less than this share (%) of the period.",
 )
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-@click.option("--tz", default="Asia/Shanghai", show_default=True)
+@click.option("--tz", help="Time zone for days and months (default: the config's [policy] timezone).")
 def report_findings(
-    start: str, end: str, cfg_path: Path, low_use: float, min_coverage: float, as_json: bool, tz: str
+    start: str, end: str, cfg_path: Path, low_use: float, min_coverage: float, as_json: bool, tz: str | None
 ) -> None:
     """Instruments to act on: low use, poor coverage (agents down, unknown time), no data at all."""
     from labmeter.collector.ledger import Ledger
@@ -554,7 +559,7 @@ def report_findings(
     from labmeter.collector.report import PeriodError, parse_time
 
     cfg = load_collector(cfg_path)
-    zone = ZoneInfo(tz)
+    zone = zone_for(tz, cfg)
     ledger = Ledger.open(cfg.collector.ledger, cfg.collector.data_dir)
     try:
         res = findings(
@@ -592,8 +597,8 @@ def report_findings(
     "--output", "-o", "out", required=True, type=click.Path(path_type=Path), help="Folder to write."
 )
 @config_option("collector.toml")
-@click.option("--tz", default="Asia/Shanghai", show_default=True, help="Time zone for dates.")
-def report_evidence(instrument: str, start: str, end: str, out: Path, cfg_path: Path, tz: str) -> None:
+@click.option("--tz", help="Time zone for dates (default: the config's [policy] timezone).")
+def report_evidence(instrument: str, start: str, end: str, out: Path, cfg_path: Path, tz: str | None) -> None:
     """Write the signed intervals and public keys behind an instrument's hours, for `labmeter verify`."""
     from labmeter.collector.evidence import write_bundle
     from labmeter.collector.ledger import Ledger
@@ -601,7 +606,7 @@ def report_evidence(instrument: str, start: str, end: str, out: Path, cfg_path: 
     from labmeter.collector.rollup import allowances_ms
 
     cfg = load_collector(cfg_path)
-    zone = ZoneInfo(tz)
+    zone = zone_for(tz, cfg)
     ledger = Ledger.open(cfg.collector.ledger, cfg.collector.data_dir)
     try:
         a, b = parse_time(start, zone), parse_time(end, zone, end=True)
