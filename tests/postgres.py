@@ -41,7 +41,8 @@ class PostgresServer:
             cmd = ["runuser", "-u", "postgres", "--", *cmd]
         subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
-    def start(self) -> PostgresServer:
+    def start(self, tls: Path | None = None) -> PostgresServer:
+        """``tls``: a folder with server.pem and server.key; the server then accepts TLS only."""
         pwfile = self.root / "pw"
         pwfile.write_text(PASSWORD + "\n")
         if self._as_postgres:
@@ -61,6 +62,20 @@ class PostgresServer:
         opts = (
             f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=50"
         )
+        if tls is not None:
+            for name in ("server.pem", "server.key"):
+                shutil.copy(tls / name, self.root / name)
+                (self.root / name).chmod(0o600)
+                if self._as_postgres:
+                    shutil.chown(self.root / name, "postgres")
+            opts += (
+                f" -c ssl=on -c ssl_cert_file={self.root}/server.pem -c ssl_key_file={self.root}/server.key"
+            )
+            (self.data / "pg_hba.conf").write_text(
+                "local all all scram-sha-256\n"
+                "hostssl all all 127.0.0.1/32 scram-sha-256\n"
+                "hostnossl all all 0.0.0.0/0 reject\n"
+            )
         self._run(
             str(self.bindir / "pg_ctl"),
             "-D",

@@ -15,6 +15,7 @@ import pytest
 from pyModbusTCP.server import ModbusServer
 
 from labmeter import config, signing, wire
+from tests.certs import certificates
 from tests.conftest import LABMETER, ROOT, free_port, mosquitto_bin, wait_port
 from tests.lab import CollectorThread, interval_payload, wait_for
 from tests.test_driver_modbus import words
@@ -22,57 +23,6 @@ from tests.test_driver_modbus import words
 pytestmark = pytest.mark.skipif(
     shutil.which("openssl") is None, reason="openssl CLI needed to make test certificates"
 )
-
-
-def certificates(d: Path) -> None:
-    def run(*args: str) -> None:
-        subprocess.run(["openssl", *args], cwd=d, check=True, capture_output=True)
-
-    run(
-        "req",
-        "-x509",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-keyout",
-        "ca.key",
-        "-out",
-        "ca.pem",
-        "-days",
-        "2",
-        "-subj",
-        "/CN=labmeter test CA",
-    )
-    run(
-        "req",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-keyout",
-        "server.key",
-        "-out",
-        "server.csr",
-        "-subj",
-        "/CN=localhost",
-    )
-    (d / "ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
-    run(
-        "x509",
-        "-req",
-        "-in",
-        "server.csr",
-        "-CA",
-        "ca.pem",
-        "-CAkey",
-        "ca.key",
-        "-CAcreateserial",
-        "-out",
-        "server.pem",
-        "-days",
-        "2",
-        "-extfile",
-        "ext",
-    )
 
 
 def cli(d: Path, *args: str) -> str:

@@ -4,6 +4,8 @@ the original, duplicates of service records and sign-ins skipped, the linked fla
 from __future__ import annotations
 
 import hashlib
+import shutil
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -81,3 +83,36 @@ def test_unknown_ledger_url_is_refused(tmp_path: Any) -> None:
     with pytest.raises(LedgerError, match=r"postgresql://u:\*\*\*@127.0.0.1:1/db") as exc:
         Ledger.open("postgresql://u:secret@127.0.0.1:1/db", tmp_path)
     assert "secret" not in str(exc.value)
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl CLI needed to make test certificates")
+def test_postgresql_over_tls_with_a_password_file(tmp_path: Path) -> None:
+    """TLS with the server's certificate checked against our CA, the password in a libpq password file
+    (not in the config), and the URL in messages without any password."""
+    from tests.certs import certificates
+    from tests.postgres import PASSWORD, USER, PostgresServer
+
+    certificates(tmp_path)
+    server = PostgresServer().start(tls=tmp_path)
+    try:
+        passfile = tmp_path / "pgpass"
+        passfile.write_text(f"127.0.0.1:{server.port}:*:{USER}:{PASSWORD}\n")
+        passfile.chmod(0o600)
+        base = f"postgresql://{USER}@127.0.0.1:{server.port}/postgres"
+        good = f"{base}?sslmode=verify-full&sslrootcert={tmp_path / 'ca.pem'}&passfile={passfile}"
+        ledger = Ledger.open(good, tmp_path)
+        assert ledger.db.execute("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()").fetchone()[0]
+        ledger.close()
+        with pytest.raises(LedgerError, match="certificate"):  # a server our CA did not sign
+            Ledger.open(
+                f"{base}?sslmode=verify-full&sslrootcert={tmp_path / 'server.pem'}&passfile={passfile}",
+                tmp_path,
+            )
+        with pytest.raises(LedgerError, match=r"rejects connection|no pg_hba.conf entry|SSL off"):
+            Ledger.open(f"{base}?sslmode=disable&passfile={passfile}", tmp_path)  # plain text is refused
+        wrong = f"postgresql://{USER}:not-it@127.0.0.1:{server.port}/postgres?sslmode=require"
+        with pytest.raises(LedgerError, match="password authentication failed") as exc:
+            Ledger.open(wrong, tmp_path)
+        assert "not-it" not in str(exc.value)
+    finally:
+        server.stop()
