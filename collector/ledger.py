@@ -440,11 +440,15 @@ class Ledger:
 
     # rollups -------------------------------------------------------------
     @contextmanager
-    def transaction(self, exclusive: bool = False) -> Iterator[Any]:
+    def transaction(self, exclusive: bool = False, wait: bool = True) -> Iterator[Any]:
         """A write transaction; ``exclusive``: one such at a time across collectors sharing the ledger
-        (rollups are refreshed under it)."""
+        (rollups are refreshed under it). Without ``wait``, raises Busy if another holds it (PostgreSQL;
+        on SQLite the only other writers are this host's report commands, and it waits)."""
         cur = self.db.cursor()
-        cur.execute("BEGIN EXCLUSIVE" if exclusive else "BEGIN IMMEDIATE")
+        nowait = not wait and self.path is None
+        cur.execute(
+            ("BEGIN EXCLUSIVE NOWAIT" if nowait else "BEGIN EXCLUSIVE") if exclusive else "BEGIN IMMEDIATE"
+        )
         try:
             yield cur
         except BaseException:

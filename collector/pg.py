@@ -22,6 +22,10 @@ class MissingDriver(Exception):
     pass
 
 
+class Busy(Exception):
+    """Another collector holds the exclusive transaction."""
+
+
 @lru_cache(maxsize=256)
 def translate(sql: str) -> str:
     return sql.replace("%", "%%").replace("?", "%s").replace(" AS INTEGER)", " AS BIGINT)")
@@ -61,6 +65,11 @@ class Cursor:
         elif sql == "BEGIN EXCLUSIVE":
             self._cur.execute("BEGIN")
             self._cur.execute("SELECT pg_advisory_xact_lock(%s)", (EXCLUSIVE_LOCK,))
+        elif sql == "BEGIN EXCLUSIVE NOWAIT":
+            self._cur.execute("BEGIN")
+            if not self._cur.execute("SELECT pg_try_advisory_xact_lock(%s)", (EXCLUSIVE_LOCK,)).fetchone()[0]:
+                self._cur.execute("ROLLBACK")
+                raise Busy("another collector is refreshing rollups")
         else:
             self._cur.execute(translate(sql), args)
         return self

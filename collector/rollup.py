@@ -22,6 +22,7 @@ from zoneinfo import ZoneInfo
 
 from labmeter.collector.hours import Hours, compute, compute_buckets
 from labmeter.collector.ledger import ROLLUP_VALUES, Ledger
+from labmeter.collector.pg import Busy
 
 from labmeter.config import PolicyConfig
 
@@ -134,35 +135,49 @@ class Rollups:
         prep, post = allowances_ms(info, self.policy)
         return f"{self.policy.timezone}|{prep}|{post}"
 
-    def refresh(self, steps: int | None = None) -> int:
-        """Bring stale rollups up to date (all, or ``steps`` transactions' worth); returns the marks worked off."""
+    def refresh(self, steps: int | None = None, wait: bool = True) -> int:
+        """Bring stale rollups up to date (all, or ``steps`` transactions' worth); returns the marks worked off.
+
+        With ``wait`` false, give up at once while another collector is refreshing (it does the work).
+        """
         self._registry, self._given = self._given, None
         registry = self.registry()
         known = self.ledger.rollup_basis()
         stale = [code for code, info in registry.items() if known.get(code) != self._basis(info)]
         if stale:
-            with self.ledger.transaction(exclusive=True) as cur:
-                for code in stale:
-                    known[code] = self._basis(registry[code])
-                    self.ledger.rebase_rollups(cur, code, known[code])
+            try:
+                with self.ledger.transaction(exclusive=True, wait=wait) as cur:
+                    for code in stale:
+                        known[code] = self._basis(registry[code])
+                        self.ledger.rebase_rollups(cur, code, known[code])
+            except Busy:
+                return 0
         done = 0
         while steps is None or steps > 0:
             steps = None if steps is None else steps - 1
-            with self.ledger.transaction(exclusive=True) as cur:
-                marks = self.ledger.dirty(cur, STEP)
-                if not marks:
-                    return done
-                spans: dict[str, list[tuple[int, int]]] = defaultdict(list)
-                for _id, code, lo, hi in marks:
-                    spans[code].append((lo, hi))
-                for code in set(spans) - set(known):  # data for an instrument the registry does not list
-                    self.ledger.rebase_rollups(cur, code, self._basis({}))
-                    known[code] = self._basis({})
-                for code, ranges in spans.items():
-                    self._recompute(cur, code, registry.get(code, {}), ranges)
-                self.ledger.clear_dirty(cur, [m[0] for m in marks])
-                done += len(marks)
+            try:
+                with self.ledger.transaction(exclusive=True, wait=wait) as cur:
+                    worked = self._step(cur, registry, known)
+            except Busy:
+                return done
+            if not worked:
+                return done
+            done += worked
         return done
+
+    def _step(self, cur: Any, registry: dict[str, dict[str, object]], known: dict[str, str]) -> int:
+        """Work off up to STEP stale marks in one transaction; how many there were."""
+        marks = self.ledger.dirty(cur, STEP)
+        spans: dict[str, list[tuple[int, int]]] = defaultdict(list)
+        for _id, code, lo, hi in marks:
+            spans[code].append((lo, hi))
+        for code in set(spans) - set(known):  # data for an instrument the registry does not list
+            self.ledger.rebase_rollups(cur, code, self._basis({}))
+            known[code] = self._basis({})
+        for code, ranges in spans.items():
+            self._recompute(cur, code, registry.get(code, {}), ranges)
+        self.ledger.clear_dirty(cur, [m[0] for m in marks])
+        return len(marks)
 
     def _recompute(self, cur: Any, code: str, info: dict[str, object], ranges: list[tuple[int, int]]) -> None:
         prep, post = allowances_ms(info, self.policy)

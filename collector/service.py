@@ -267,7 +267,7 @@ class Collector:
         while True:
             if self._idle or time.monotonic() - last > ROLLUP_DEFER_S:
                 try:
-                    while rollups.refresh(steps=1):
+                    while rollups.refresh(steps=1, wait=False):
                         await asyncio.sleep(0)
                 except Exception:
                     log.exception("refreshing rollups failed; retrying")

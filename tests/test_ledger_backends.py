@@ -116,3 +116,24 @@ def test_postgresql_over_tls_with_a_password_file(tmp_path: Path) -> None:
         assert "not-it" not in str(exc.value)
     finally:
         server.stop()
+
+
+def test_background_refresh_gives_way_to_another_collector(postgres: Any, tmp_path: Path) -> None:
+    """On a shared PostgreSQL ledger one collector refreshes rollups at a time; the other's background
+    refresh gives up at once instead of stalling its ingest, and a report waits for its turn."""
+    from labmeter.collector.rollup import Rollups
+
+    from labmeter.config import PolicyConfig
+
+    url = postgres.new_database()
+    a, b = Ledger.open(url, tmp_path), Ledger.open(url, tmp_path)
+    try:
+        a.store([(iv(1, T0, T0 + H), None)], [])
+        with a.transaction(exclusive=True):
+            assert Rollups(b, PolicyConfig()).refresh(wait=False) == 0
+            assert b.db.execute("SELECT COUNT(*) FROM rollup_dirty").fetchone()[0] >= 1
+        assert Rollups(b, PolicyConfig()).refresh(wait=False) >= 1
+        assert Rollups(b, PolicyConfig()).hours(T0, T0 + H)["XRD"].run_ms == H
+    finally:
+        a.close()
+        b.close()
