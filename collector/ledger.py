@@ -511,6 +511,17 @@ class Ledger:
             (into, lo, instrument, span, lo, hi),
         )
 
+    def rollup_rows(
+        self, instrument: str, span: int, lo: int, hi: int, columns: Sequence[str] = ROLLUP_VALUES
+    ) -> list[tuple[Any, ...]]:
+        """(start, ``columns``) of one instrument's ``span`` rollups starting in [lo, hi)."""
+        cols = ", ".join(c for c in columns if c in ROLLUP_VALUES)
+        return self.db.execute(
+            f"SELECT start_ms, {cols} FROM rollups WHERE instrument=? AND span=? AND start_ms>=? AND start_ms<? "
+            "ORDER BY start_ms",
+            (instrument, span, lo, hi),
+        ).fetchall()
+
     def rollup_totals(
         self, span: int, lo: int, hi: int, columns: Sequence[str] = ROLLUP_VALUES
     ) -> list[tuple[Any, ...]]:

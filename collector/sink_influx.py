@@ -1,4 +1,4 @@
-"""The time-series sink: state changes and per-hour usage as InfluxDB line protocol.
+"""The time-series sink: state changes and per-hour usage (the hourly rollups) as InfluxDB line protocol.
 
 It follows the ledger, never the MQTT stream: a cursor on the time intervals were
 stored says what is not sent yet, so an outage of the time-series store never blocks
@@ -11,14 +11,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import defaultdict
 from typing import cast
 
 from influxdb_client import WritePrecision
 from influxdb_client.client.influxdb_client_async import InfluxDBClientAsync
-from labmeter.collector.hours import compute
 from labmeter.collector.ledger import Ledger
-from labmeter.collector.rollup import allowances_ms
+from labmeter.collector.rollup import HOUR, Rollups, allowances_ms
 
 from labmeter.config import InfluxConfig, PolicyConfig
 
@@ -35,31 +33,36 @@ def _tag(v: object) -> str:
 
 
 def points(ledger: Ledger, rows: list[tuple[str, str, int, int, str]], policy: PolicyConfig) -> list[str]:
-    """Line protocol for new intervals: a state point at each start, and the usage of every hour they touch."""
-    registry = {str(i["code"]): i for i in ledger.instruments()}
+    """Line protocol for new intervals: a state point at each start, and the hourly rollups of the hours
+    they (and the allowances around them) touch."""
+    rollups = Rollups(ledger, policy)
+    rollups.refresh()
+    registry = rollups.registry()
+    cal = rollups.calendar
     lines: list[str] = []
-    hours: dict[str, set[int]] = defaultdict(set)
+    reach: dict[str, tuple[int, int]] = {}
     for instrument, agent, start, end, state in rows:
         info = registry.get(instrument, {})
         tags = f"instrument={_tag(instrument)},agent={_tag(agent)},unit={_tag(info.get('unit'))},category={_tag(info.get('category'))}"
         lines.append(f'labmeter_state,{tags} state_code={STATE_CODE[state]}i,state="{state}" {start}')
-        for h in range(start // H * H, end, H):
-            hours[instrument].add(h)
-    for instrument, starts in hours.items():
+        lo, hi = reach.get(instrument, (start, end))
+        reach[instrument] = (min(lo, start), max(hi, end))
+    for instrument, (lo, hi) in reach.items():
         info = registry.get(instrument, {})
-        prep, post = allowances_ms(info, policy)
-        pad = max(prep, post)
+        pad = max(allowances_ms(info, policy))
         tags = f"instrument={_tag(instrument)},unit={_tag(info.get('unit'))},category={_tag(info.get('category'))}"
-        lo, hi = min(starts), max(starts) + H
-        data = [
-            (r[3], r[4], r[5], bool(r[6])) for r in ledger.intervals_between(lo - pad, hi + pad, instrument)
-        ]
-        for h in sorted(starts):
-            u = compute(data, h, h + H, prep, post)
+        first, last = cal.hour_floor(lo - pad), cal.hour_ceil(hi + pad)
+        for hour, run, standby, off, unknown, unverified, effective in ledger.rollup_rows(
+            instrument,
+            HOUR,
+            first,
+            last,
+            ("run_ms", "standby_ms", "off_ms", "unknown_ms", "unverified_ms", "effective_ms"),
+        ):
             lines.append(
-                f"labmeter_usage,{tags} run_s={u.run_ms / 1000},standby_s={u.standby_ms / 1000},"
-                f"off_s={u.off_ms / 1000},unknown_s={(u.unknown_ms + u.unverified_ms) / 1000},"
-                f"effective_s={u.effective_ms / 1000} {h}"
+                f"labmeter_usage,{tags} run_s={run / 1000},standby_s={standby / 1000},"
+                f"off_s={off / 1000},unknown_s={(unknown + unverified) / 1000},"
+                f"effective_s={effective / 1000} {hour}"
             )
     return lines
 
