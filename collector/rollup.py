@@ -13,6 +13,7 @@ calendar's time zone, rebuilds that instrument's rollups.
 
 from __future__ import annotations
 
+import logging
 from bisect import bisect_right
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
@@ -25,6 +26,8 @@ from labmeter.collector.ledger import ROLLUP_VALUES, Ledger
 from labmeter.collector.pg import Busy
 
 from labmeter.config import PolicyConfig
+
+log = logging.getLogger("labmeter.rollups")
 
 H = 3_600_000
 HOUR, DAY, MONTH = 0, 1, 2
@@ -145,6 +148,9 @@ class Rollups:
         known = self.ledger.rollup_basis()
         stale = [code for code, info in registry.items() if known.get(code) != self._basis(info)]
         if stale:
+            log.info(
+                "rollups of %d instrument(s) to build: new, or allowances or time zone changed", len(stale)
+            )
             try:
                 with self.ledger.transaction(exclusive=True, wait=wait) as cur:
                     for code in stale:

@@ -125,6 +125,7 @@ def collector_group() -> None:
 @app.group("report")
 def report_group() -> None:
     """Reports from the ledger."""
+    log.setup()  # progress, such as rebuilding rollups after allowances changed, goes to stderr
 
 
 # agent ----------------------------------------------------------------------
