@@ -137,3 +137,18 @@ def test_background_refresh_gives_way_to_another_collector(postgres: Any, tmp_pa
     finally:
         a.close()
         b.close()
+
+
+def test_a_large_batch_keeps_the_same_promises(any_ledger: Ledger) -> None:
+    """Batches the size of ingest's (PostgreSQL stores them through COPY): duplicates are no-ops, a different
+    body for a stored seq is one conflict, and nothing else is lost."""
+    ledger = any_ledger
+    batch = [(iv(n, T0 + n * 60_000, T0 + (n + 1) * 60_000), None) for n in range(1, 301)]
+    assert ledger.store(batch, []) == []
+    assert ledger.store(batch, []) == []
+    forged = iv(150, T0 + 150 * 60_000, T0 + 151 * 60_000, "OFF", body="forged")
+    more = [(iv(n, T0 + n * 60_000, T0 + (n + 1) * 60_000), None) for n in range(301, 400)]
+    conflicts = ledger.store([*batch[:100], (forged, None), *more], [])
+    assert [c.seq for c in conflicts] == [150]
+    assert ledger.handled_seqs("a1", "XRD") == list(range(1, 400))
+    assert ledger.db.execute("SELECT state FROM intervals WHERE seq = 150").fetchone()[0] == "RUNNING"
