@@ -21,7 +21,7 @@ from zoneinfo import ZoneInfo
 import msgspec
 from aiohttp import web
 from labmeter.collector.report import GROUPINGS, YEAR_MS, hours_report, rated_ms
-from labmeter.collector.rollup import Rollups
+from labmeter.collector.rollup import Calendar, Rollups
 
 if TYPE_CHECKING:
     from labmeter.collector.service import Collector
@@ -68,6 +68,7 @@ class LiveView:
         self.public_power = public_power
         self.listen = listen
         self.tz = ZoneInfo(tz)
+        self.calendar = Calendar(self.tz)
         self.token = token
         self.listeners: set[asyncio.Queue[str]] = set()
         self._cache: dict[str, tuple[float, Any]] = {}
@@ -99,12 +100,12 @@ class LiveView:
         return value
 
     def _period_starts(self, now: int) -> dict[str, int]:
-        local = datetime.fromtimestamp(now / 1000, self.tz)
-        day = local.replace(hour=0, minute=0, second=0, microsecond=0)
+        cal = self.calendar
+        year = datetime.fromtimestamp(now / 1000, self.tz).replace(month=1, day=1)
         return {
-            "today": int(day.timestamp() * 1000),
-            "month": int(day.replace(day=1).timestamp() * 1000),
-            "year": int(day.replace(month=1, day=1).timestamp() * 1000),
+            "today": cal.day_floor(now),
+            "month": cal.month_floor(now),
+            "year": cal.day_floor(int(year.timestamp() * 1000)),
         }
 
     def instruments(self) -> list[dict[str, Any]]:
@@ -119,11 +120,11 @@ class LiveView:
             policy = c.cfg.policy
             rollups = Rollups(c.ledger, policy, registry)
             rollups.refresh()
-            cal = rollups.calendar
             yearly = {code: rated_ms(info, policy, YEAR_MS) for code, info in registry.items()}
             default = rated_ms({}, policy, YEAR_MS)
             starts = self._period_starts(now)
-            ends = {"today": cal.next_day(starts["today"]), "month": cal.next_month(starts["month"])}
+            # periods end at the page's next midnight or month: nothing is recorded between now and then
+            ends = {"today": self.calendar.next_day(now), "month": self.calendar.next_month(now)}
             for name, start in starts.items():
                 totals = rollups.totals(start, ends.get(name, ends["month"]), ("run_ms", "effective_ms"))
                 share = max(1, now - start) / YEAR_MS

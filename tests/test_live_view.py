@@ -292,8 +292,10 @@ def test_instrument_page(lab) -> None:  # type: ignore[no-untyped-def]
         browser.close()
 
 
-def test_usage_so_far_equals_the_report(tmp_path: Path) -> None:
-    """Today's, this month's and this year's hours on the page equal the report's for [start, now)."""
+@pytest.mark.parametrize("page_zone", ["Asia/Shanghai", "Australia/Brisbane"])
+def test_usage_so_far_equals_the_report(tmp_path: Path, page_zone: str) -> None:
+    """Today's, this month's and this year's hours on the page equal the report's for [start, now), also
+    when the page's time zone is not the one the rollups are kept in."""
     from labmeter.collector.report import per_instrument
     from labmeter.collector.service import Collector
     from labmeter.collector.web import LiveView
@@ -312,7 +314,7 @@ def test_usage_so_far_equals_the_report(tmp_path: Path) -> None:
         for i, s in enumerate(range(t0, now - 600_000, 97 * 60_000))
     ]
     store_schedule(tmp_path, collector.ledger, "a1", "CZ-XRD-001", spans)
-    view = LiveView(collector, "127.0.0.1:0")
+    view = LiveView(collector, "127.0.0.1:0", tz=page_zone)
     got = {i["code"]: i for i in view.instruments()}["CZ-XRD-001"]
     for name, start in view._period_starts(collector.clock.wall_ms()).items():
         h = per_instrument(collector.ledger, start, now, cfg.policy)["CZ-XRD-001"]
