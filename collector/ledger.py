@@ -377,22 +377,15 @@ class Ledger:
 
     def handled_seqs(self, agent: str, instrument: str, above: int = 0) -> list[int]:
         """Seqs stored or authentically rejected: what the acknowledgement watermark may pass."""
+        table, code = "intervals", instrument
         if instrument.endswith("@signin"):
-            code = instrument.removesuffix("@signin")
-            return [
-                r[0]
-                for r in self.db.execute(
-                    "SELECT seq FROM signins WHERE agent=? AND instrument=? AND seq>? UNION "
-                    "SELECT seq FROM rejections WHERE agent=? AND instrument=? AND authentic=1 AND seq>? ORDER BY 1",
-                    (agent, code, above, agent, instrument, above),
-                )
-            ]
+            table, code = "signins", instrument.removesuffix("@signin")
         return [
             r[0]
             for r in self.db.execute(
-                "SELECT seq FROM intervals WHERE agent=? AND instrument=? AND seq>? UNION "
+                f"SELECT seq FROM {table} WHERE agent=? AND instrument=? AND seq>? UNION "
                 "SELECT seq FROM rejections WHERE agent=? AND instrument=? AND authentic=1 AND seq>? ORDER BY 1",
-                (agent, instrument, above, agent, instrument, above),
+                (agent, code, above, agent, instrument, above),
             )
         ]
 

@@ -159,10 +159,9 @@ def hours_report(
         raise PeriodError("--to must be after --from")
     if by not in GROUPINGS:
         raise PeriodError(f"--by {by!r}: use one of {', '.join(GROUPINGS)}")
-    registry = {str(i["code"]): i for i in ledger.instruments()}
     rows: list[Row] = []
     if by == "month":
-        for label, lo, hi in months(a, b, tz or ZoneInfo("Asia/Shanghai")):
+        for label, lo, hi in months(a, b, tz or ZoneInfo(policy.timezone)):
             row = Row(label, "", "", Hours())
             for h in per_instrument(ledger, lo, hi, policy).values():
                 row.hours.add(h)
@@ -170,6 +169,7 @@ def hours_report(
     else:
         if hours is None:
             hours = per_instrument(ledger, a, b, policy)
+        registry = {str(i["code"]): i for i in ledger.instruments()}
         for code, h in hours.items():
             info = registry.get(code, {})
             rows.append(Row(code, str(info.get("name") or ""), str(info.get("unit") or ""), h))
