@@ -23,6 +23,8 @@ from aiohttp import web
 from labmeter.collector.report import GROUPINGS, YEAR_MS, hours_report, rated_ms
 from labmeter.collector.rollup import Calendar, Rollups
 
+from labmeter.netutil import split_listen
+
 if TYPE_CHECKING:
     from labmeter.collector.service import Collector
 
@@ -317,10 +319,10 @@ class LiveView:
         return app
 
     async def start(self) -> None:
-        host, _, port = self.listen.rpartition(":")
+        host, port = split_listen(self.listen)
         self._runner = web.AppRunner(self.app(), access_log=None, shutdown_timeout=1.0)
         await self._runner.setup()
-        await web.TCPSite(self._runner, host.strip("[]"), int(port)).start()
+        await web.TCPSite(self._runner, host, port).start()
         log.info("live view on http://%s/", self.listen)
 
     async def stop(self) -> None:

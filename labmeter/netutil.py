@@ -22,3 +22,11 @@ def wait_port(port: int, timeout: float = 10.0) -> None:
                 return
         time.sleep(0.05)
     raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout} s")
+
+
+def split_listen(listen: str) -> tuple[str, int]:
+    """``host:port`` (IPv6 as ``[::1]:port``) as the host and port to bind."""
+    host, sep, port = listen.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"listen = {listen!r}: expected host:port, such as 127.0.0.1:1883")
+    return host.strip("[]") or "127.0.0.1", int(port)

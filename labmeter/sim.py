@@ -23,6 +23,7 @@ from pymodbus.simulator import DataType, SimData, SimDevice
 from labmeter.clock import Clock
 from labmeter.config import BrokerConfig
 from labmeter.mqtt import MqttLink, Will
+from labmeter.netutil import split_listen
 
 log = logging.getLogger("labmeter.sim")
 
@@ -63,13 +64,13 @@ class SimMeter:
     POWER_REG = 0x000C
 
     def __init__(self, listen: str, schedule: Schedule, clock: Clock, device_id: int = 1) -> None:
-        host, _, port = listen.rpartition(":")
+        host, port = split_listen(listen)
         self.schedule = schedule
         self.clock = clock
         self.reads = 0
         registers = [SimData(0, count=0x50, values=0, datatype=DataType.REGISTERS)]
         device = SimDevice(id=device_id, simdata=registers, action=self._action)
-        self.server = ModbusTcpServer(device, address=(host, int(port)))
+        self.server = ModbusTcpServer(device, address=(host, port))
 
     async def _action(
         self,
