@@ -81,7 +81,7 @@ class AgentStore:
         cur.execute("BEGIN IMMEDIATE")
         try:
             row = cur.execute("SELECT seq, hash FROM chain WHERE instrument=?", (instrument,)).fetchone()
-            seq, prev = (row[0], row[1]) if row else (0, wire.GENESIS)
+            seq, prev = (row[0], row[1]) if row else (wire.chain_origin(int(now * 1000)) - 1, wire.GENESIS)
             topic = wire.interval_topic(signer.agent, instrument)
             for span in spans:
                 seq += 1
@@ -122,7 +122,9 @@ class AgentStore:
         cur.execute("BEGIN IMMEDIATE")
         try:
             row = cur.execute("SELECT seq, hash FROM chain WHERE instrument=?", (key,)).fetchone()
-            seq, prev = (row[0] + 1, row[1]) if row else (1, wire.GENESIS)
+            seq, prev = (
+                (row[0] + 1, row[1]) if row else (wire.chain_origin(int(time.time() * 1000)), wire.GENESIS)
+            )
             body = wire.dump_body(wire.SignIn(signer.agent, instrument, seq, prev, at_ms, user).body())
             sha = wire.body_hash(body)
             topic = wire.signin_topic(signer.agent, instrument)

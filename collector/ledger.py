@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from labmeter.wire import MAX_INTERVAL_MS, Interval
+from labmeter.wire import GENESIS, MAX_INTERVAL_MS, Interval, envelope_starts_chain
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS agents (
@@ -144,6 +144,7 @@ class Rejection:
     seq: int | None = None
     authentic: bool = False
     body_sha: str | None = None
+    chain_start: bool = False
 
 
 class LedgerError(Exception):
@@ -375,19 +376,31 @@ class Ledger:
             (instrument, limit),
         ).fetchall()
 
-    def handled_seqs(self, agent: str, instrument: str, above: int = 0) -> list[int]:
-        """Seqs stored or authentically rejected: what the acknowledgement watermark may pass."""
-        table, code = "intervals", instrument
+    def handled_seqs(self, agent: str, instrument: str, above: int = 0) -> list[tuple[int, bool]]:
+        """(seq, starts a chain) stored or authentically rejected: what the acknowledgement watermark may pass."""
         if instrument.endswith("@signin"):
-            table, code = "signins", instrument.removesuffix("@signin")
-        return [
-            r[0]
-            for r in self.db.execute(
-                f"SELECT seq FROM {table} WHERE agent=? AND instrument=? AND seq>? UNION "
-                "SELECT seq FROM rejections WHERE agent=? AND instrument=? AND authentic=1 AND seq>? ORDER BY 1",
-                (agent, code, above, agent, instrument, above),
+            code = instrument.removesuffix("@signin")
+            own = self.db.execute(
+                "SELECT seq, envelope FROM signins WHERE agent=? AND instrument=? AND seq>?",
+                (agent, code, above),
+            )
+            rows = [(seq, envelope_starts_chain(bytes(env))) for seq, env in own]
+        else:
+            rows = [
+                (seq, prev == GENESIS)
+                for seq, prev in self.db.execute(
+                    "SELECT seq, prev FROM intervals WHERE agent=? AND instrument=? AND seq>?",
+                    (agent, instrument, above),
+                )
+            ]
+        rows += [
+            (seq, envelope_starts_chain(bytes(payload)))
+            for seq, payload in self.db.execute(
+                "SELECT seq, payload FROM rejections WHERE agent=? AND instrument=? AND authentic=1 AND seq>?",
+                (agent, instrument, above),
             )
         ]
+        return sorted(set(rows))
 
     def received_between(self, after_ms: int, upto_ms: int) -> list[tuple[str, str, int, int, str]]:
         """(instrument, agent, start, end, state) of intervals stored in (after, upto]: what a sink has not sent."""
@@ -412,12 +425,12 @@ class Ledger:
         """Intervals overlapping [start, end) with a ``linked`` flag: prev matches the stored predecessor."""
         sql = (
             "SELECT i.instrument, i.agent, i.seq, i.start_ms, i.end_ms, i.state, "
-            "CASE WHEN (i.seq = 1 AND i.prev = ?) OR (p.sha = i.prev AND p.end_ms + i.clock_step_ms = i.start_ms) "
+            "CASE WHEN i.prev = ? OR (p.sha = i.prev AND p.end_ms + i.clock_step_ms = i.start_ms) "
             "THEN 1 ELSE 0 END "
             "FROM intervals i LEFT JOIN intervals p ON p.agent = i.agent AND p.instrument = i.instrument "
             "AND p.seq = i.seq - 1 WHERE i.start_ms < ? AND i.start_ms >= ? AND i.end_ms > ?"
         )
-        args: list[object] = ["0" * 64, end_ms, start_ms - self.longest_interval_ms(), start_ms]
+        args: list[object] = [GENESIS, end_ms, start_ms - self.longest_interval_ms(), start_ms]
         if instrument is not None:
             sql += " AND i.instrument = ?"
             args.append(instrument)

@@ -41,20 +41,25 @@ ROLLUP_DEFER_S = 30.0
 
 
 class Watermarks:
-    """Highest contiguous handled seq per (agent, instrument); rebuilt from the ledger on first use."""
+    """Highest contiguous handled seq per (agent, instrument); rebuilt from the ledger on first use.
+
+    A chain's first link (prev = GENESIS) has no predecessor to wait for: the
+    watermark moves up to it. That is how an agent that lost its state and began
+    a new chain, far above its old seqs, gets acknowledged.
+    """
 
     def __init__(self, ledger: Ledger) -> None:
         self.ledger = ledger
         self.upto: dict[tuple[str, str], int] = {}
         self.above: dict[tuple[str, str], set[int]] = defaultdict(set)
 
-    def add(self, agent: str, instrument: str, seq: int) -> int:
+    def add(self, agent: str, instrument: str, seq: int, starts_chain: bool = False) -> int:
         key = (agent, instrument)
         if key not in self.upto:
             self.upto[key] = 0
-            for s in self.ledger.handled_seqs(agent, instrument):
-                self._push(key, s)
-        self._push(key, seq)
+            for s, start in self.ledger.handled_seqs(agent, instrument):
+                self._push(key, s, start)
+        self._push(key, seq, starts_chain)
         return self.upto[key]
 
     def fill_gaps(self, agent: str, instrument: str) -> int:
@@ -62,15 +67,19 @@ class Watermarks:
         collector stores them); only a stream with a gap pays for the query."""
         key = (agent, instrument)
         if self.above[key]:
-            for s in self.ledger.handled_seqs(agent, instrument, above=self.upto[key]):
-                self._push(key, s)
+            for s, start in self.ledger.handled_seqs(agent, instrument, above=self.upto[key]):
+                self._push(key, s, start)
         return self.upto[key]
 
-    def _push(self, key: tuple[str, str], seq: int) -> None:
+    def _push(self, key: tuple[str, str], seq: int, starts_chain: bool) -> None:
         upto = self.upto[key]
         if seq <= upto:
             return
         above = self.above[key]
+        if starts_chain and seq > upto + 1:
+            # a newer chain began: what lies below it went with the agent's old state, nobody resends it
+            upto = seq - 1
+            above.difference_update([s for s in above if s <= upto])
         above.add(seq)
         while upto + 1 in above:
             upto += 1
@@ -209,15 +218,19 @@ class Collector:
         rejects: dict[str, list[dict[str, Any]]] = defaultdict(list)
         for a in accepted:
             iv = a.interval
-            acks[iv.agent][iv.instrument] = self.watermarks.add(iv.agent, iv.instrument, iv.seq)
+            acks[iv.agent][iv.instrument] = self.watermarks.add(
+                iv.agent, iv.instrument, iv.seq, wire.starts_chain(iv.prev)
+            )
         for x in signins:
             key = wire.signin_chain(x.signin.instrument)
-            acks[x.signin.agent][key] = self.watermarks.add(x.signin.agent, key, x.signin.seq)
+            acks[x.signin.agent][key] = self.watermarks.add(
+                x.signin.agent, key, x.signin.seq, wire.starts_chain(x.signin.prev)
+            )
         for r in rejected:
             if r.agent is None or r.instrument is None or r.seq is None or r.body_sha is None:
                 continue
             if r.authentic:
-                acks[r.agent][r.instrument] = self.watermarks.add(r.agent, r.instrument, r.seq)
+                acks[r.agent][r.instrument] = self.watermarks.add(r.agent, r.instrument, r.seq, r.chain_start)
             rejects[r.agent].append(
                 {"instrument": r.instrument, "seq": r.seq, "sha256": r.body_sha, "reason": r.reason}
             )

@@ -71,9 +71,18 @@ class Pending:
         return self.checker is not None and self.checker(self.env.body.encode(), self.env.sig)
 
     def reject(self, reason: str, authentic: bool) -> Rejected:
+        starts = isinstance(self.body, wire.Interval | wire.SignIn) and wire.starts_chain(self.body.prev)
         return Rejected(
             Rejection(
-                reason, self.topic, self.payload, self.agent, self.instrument, self.seq, authentic, self.sha
+                reason,
+                self.topic,
+                self.payload,
+                self.agent,
+                self.instrument,
+                self.seq,
+                authentic,
+                self.sha,
+                authentic and starts,
             )
         )
 

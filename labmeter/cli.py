@@ -635,6 +635,8 @@ def verify(folder: Path) -> None:
         res = verify_bundle(folder)
     except BundleError as exc:
         fail(str(exc))
+    for r in res.restarts:
+        click.echo(f"new chain   {r}")
     for f in res.findings:
         click.echo(f"DISCREPANCY {f}")
     for key in ("run_ms", "effective_ms", "unknown_ms", "unverified_ms", "uncovered_ms"):

@@ -3,13 +3,16 @@
 Checks every signature against the agents' public keys, the chain (each ``prev`` is
 the SHA-256 of the previous body, no seq missing) and contiguity (each interval starts
 where the previous one ended), then recomputes the hours and compares them with what
-the collector claimed. Every discrepancy is named.
+the collector claimed. Every discrepancy is named. A link with ``prev = GENESIS``
+begins a new chain (an agent that lost its state); it is listed, not a discrepancy,
+and the time before it, with no interval, counts as no data.
 """
 
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +37,8 @@ class Result:
     recomputed: dict[str, int] = field(default_factory=dict)
     claimed: dict[str, int] = field(default_factory=dict)
     checked: int = 0
+    restarts: list[str] = field(default_factory=list)
+    """Where an agent began a new chain (prev = GENESIS), e.g. after losing its state directory."""
 
     @property
     def ok(self) -> bool:
@@ -86,9 +91,13 @@ def verify_bundle(folder: Path) -> Result:
         for i, seq in enumerate(seqs):
             iv, _sha = chain[seq]
             linked = True
-            if i == 0:
+            if wire.starts_chain(iv.prev):
+                if i > 0:
+                    at = datetime.fromtimestamp(iv.start / 1000, UTC).isoformat(timespec="seconds")
+                    res.restarts.append(f"{agent} seq {seq}: a new chain begins at {at}")
+            elif i == 0:
                 # the bundle's first link: its predecessor lies outside the bundle, like the ledger's view of it
-                linked = seq == 1 and iv.prev == wire.GENESIS
+                linked = False
             else:
                 prev_seq = seqs[i - 1]
                 prev, prev_sha = chain[prev_seq]

@@ -25,6 +25,30 @@ MAX_INTERVAL_MS = 86_400_000
 ID_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 
 
+def chain_origin(now_ms: int) -> int:
+    """The seq of a new chain's first link: the agent's clock in milliseconds, not 1.
+
+    An agent whose state directory is lost (a re-imaged SD card) keeps its key
+    but starts its chains again. Starting at the clock keeps every new chain's
+    seqs above those of the agent's earlier chains (an agent cuts far fewer than
+    one interval per millisecond), so nothing collides with what the ledger
+    holds; ``prev = GENESIS`` declares the restart.
+    """
+    return max(now_ms, 1)
+
+
+def starts_chain(prev: str) -> bool:
+    return prev == GENESIS
+
+
+def envelope_starts_chain(payload: bytes) -> bool:
+    """Whether a stored envelope is a chain's first link; False for anything unreadable."""
+    try:
+        return starts_chain(str(load_body(open_envelope(payload).body).get("prev", "")))
+    except WireError:
+        return False
+
+
 class State(StrEnum):
     OFF = "OFF"
     STANDBY = "STANDBY"

@@ -7,6 +7,7 @@ import json
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -169,5 +170,27 @@ def test_cli_evidence_and_verify(tmp_path: Path) -> None:
     rewrite(tmp_path / "ev", envs[:5] + envs[6:])
     bad = subprocess.run([*run, "verify", str(tmp_path / "ev")], capture_output=True, text=True, timeout=60)
     assert bad.returncode == 1
-    assert "DISCREPANCY lab-pc seq 6: missing: the chain breaks here" in bad.stdout
+    assert f"DISCREPANCY lab-pc seq {seq_of(envs[5])}: missing: the chain breaks here" in bad.stdout
     assert H == 3_600_000
+
+
+def test_new_chain_after_lost_state_verifies(tmp_path: Path) -> None:
+    """An agent that lost its state directory (but not its key) begins a new chain: verified, listed, and
+    the time it was down counts as no data."""
+    ledger = Ledger(tmp_path / "ledger.sqlite")
+    before = [(T0, T0 + 600 * M, "OFF"), (T0 + 600 * M, T0 + 660 * M, "RUNNING")]
+    store_schedule(tmp_path, ledger, "lab-pc", "CZ-XRD-001", before)
+    for f in tmp_path.glob("lab-pc.db*"):
+        f.unlink()
+    time.sleep(0.05)  # the new chain begins later than one ms per link of the old one
+    after = [(T0 + 690 * M, T0 + 750 * M, "RUNNING"), (T0 + 750 * M, T0 + 1440 * M, "OFF")]
+    store_schedule(tmp_path, ledger, "lab-pc", "CZ-XRD-001", after)
+    assert ledger.db.execute("SELECT COUNT(*) FROM rejections").fetchone()[0] == 0
+    out = tmp_path / "bundle"
+    claimed = write_bundle(ledger, "CZ-XRD-001", T0 + 360 * M, T0 + 1080 * M, 900, 600, out)["claimed"]
+    ledger.close()
+    res = verify_bundle(out)
+    assert res.ok, res.findings
+    assert len(res.restarts) == 1 and "2026-03-02T11:30:00+00:00" in res.restarts[0]
+    assert claimed["run_ms"] == res.recomputed["run_ms"] == 120 * M
+    assert claimed["uncovered_ms"] == 30 * M and claimed["unverified_ms"] == 0

@@ -37,8 +37,8 @@ def test_storing_is_idempotent_and_conflicts_are_kept(any_ledger: Ledger) -> Non
     count = ledger.db.execute("SELECT COUNT(*) FROM rejections WHERE reason LIKE 'conflict%'").fetchone()[0]
     assert count == 1
     ledger.store([], [Rejection("bad signature", "t", b"p", "a1", "XRD", 7, True, "s")])
-    assert ledger.handled_seqs("a1", "XRD") == [1, 2, 7]
-    assert ledger.handled_seqs("a1", "XRD", above=1) == [2, 7]
+    assert ledger.handled_seqs("a1", "XRD") == [(1, True), (2, False), (7, False)]
+    assert ledger.handled_seqs("a1", "XRD", above=1) == [(2, False), (7, False)]
 
 
 def test_linked_flag_and_long_intervals(any_ledger: Ledger) -> None:
@@ -47,11 +47,14 @@ def test_linked_flag_and_long_intervals(any_ledger: Ledger) -> None:
         [
             (iv(1, T0, T0 + 5 * H, "OFF"), None),
             (iv(2, T0 + 5 * H, T0 + 6 * H, prev="f" * 64), None),  # does not link to seq 1
+            (iv(3, T0 + 6 * H, T0 + 7 * H), None),  # links to seq 2
+            (iv(T0, T0 + 8 * H, T0 + 9 * H, prev="0" * 64), None),  # a new chain after lost state
         ],
         [],
     )
-    rows = ledger.intervals_between(T0 + 4 * H, T0 + 7 * H)  # seq 1 started 4 h before the period
-    assert [(r[0], r[2], r[6]) for r in rows] == [("XRD", 1, 1), ("XRD", 2, 0)]
+    rows = ledger.intervals_between(T0 + 4 * H, T0 + 10 * H)  # seq 1 started 4 h before the period
+    assert [(r[2], r[6]) for r in rows] == [(1, 1), (2, 0), (3, 1), (T0, 1)]
+    assert ledger.handled_seqs("a1", "XRD", above=2) == [(3, False), (T0, True)]
     assert ledger.longest_interval_ms() == 5 * H
 
 
@@ -150,5 +153,5 @@ def test_a_large_batch_keeps_the_same_promises(any_ledger: Ledger) -> None:
     more = [(iv(n, T0 + n * 60_000, T0 + (n + 1) * 60_000), None) for n in range(301, 400)]
     conflicts = ledger.store([*batch[:100], (forged, None), *more], [])
     assert [c.seq for c in conflicts] == [150]
-    assert ledger.handled_seqs("a1", "XRD") == list(range(1, 400))
+    assert [seq for seq, _ in ledger.handled_seqs("a1", "XRD")] == list(range(1, 400))
     assert ledger.db.execute("SELECT state FROM intervals WHERE seq = 150").fetchone()[0] == "RUNNING"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 from labmeter.agent.outbox import AgentStore, Checkpoint, Signer
@@ -19,10 +20,13 @@ def signer(tmp_path: Path) -> Signer:
 def test_chain_ack_reject_and_restart(tmp_path: Path) -> None:
     s = signer(tmp_path)
     store = AgentStore(tmp_path / "agent.db")
+    before = int(time.time() * 1000)
     rows = store.emit(
         s, "I1", [Span(0, 10, State.OFF), Span(10, 20, State.RUNNING)], Checkpoint(20, State.RUNNING, 25)
     )
-    assert [r.seq for r in rows] == [1, 2]
+    o = rows[0].seq  # a chain starts at the agent's clock in ms
+    assert before <= o <= int(time.time() * 1000)
+    assert [r.seq for r in rows] == [o, o + 1]
     b1 = wire.load_body(wire.open_envelope(rows[0].payload).body)
     b2 = wire.load_body(wire.open_envelope(rows[1].payload).body)
     assert b1["prev"] == wire.GENESIS
@@ -31,20 +35,33 @@ def test_chain_ack_reject_and_restart(tmp_path: Path) -> None:
 
     store = AgentStore(tmp_path / "agent.db")  # restart: nothing lost, chain continues
     assert store.load_checkpoint("I1") == Checkpoint(20, State.RUNNING, 25)
-    assert [r.seq for r in store.unsent(1e18)] == [1, 2]
+    assert [r.seq for r in store.unsent(1e18)] == [o, o + 1]
     more = store.emit(s, "I1", [Span(20, 30, State.OFF)], None)
-    assert more[0].seq == 3
-    assert store.ack("I1", 1) == 1
+    assert more[0].seq == o + 2
+    assert store.ack("I1", o) == 1
     sha3 = wire.body_hash(wire.open_envelope(more[0].payload).body)
-    assert not store.reject("I1", 3, "0" * 64, "forged")  # a reject for a body we never sent is ignored
-    assert store.reject("I1", 3, sha3, "end is in the future")
-    assert [r.seq for r in store.unsent(1e18)] == [2]
+    assert not store.reject("I1", o + 2, "0" * 64, "forged")  # a reject for a body we never sent is ignored
+    assert store.reject("I1", o + 2, sha3, "end is in the future")
+    assert [r.seq for r in store.unsent(1e18)] == [o + 1]
     summary = store.summary()
     assert summary["dead"] == [
-        {"instrument": "I1", "seq": 3, "reason": "end is in the future", "at": summary["dead"][0]["at"]}
+        {"instrument": "I1", "seq": o + 2, "reason": "end is in the future", "at": summary["dead"][0]["at"]}
     ]  # type: ignore[index]
     assert store.resend_dead() == 1
-    assert [r.seq for r in store.unsent(1e18)] == [2, 3]
+    assert [r.seq for r in store.unsent(1e18)] == [o + 1, o + 2]
+
+
+def test_lost_state_starts_a_new_chain_above_the_old(tmp_path: Path) -> None:
+    s = signer(tmp_path)
+    old = AgentStore(tmp_path / "old" / "agent.db")
+    spans = [Span(n * 10, (n + 1) * 10, State.OFF) for n in range(100)]
+    old_rows = old.emit(s, "I1", spans, None)
+    old.close()
+    time.sleep(0.15)  # a new chain comes later than one ms per link of the old one
+    new = AgentStore(tmp_path / "new" / "agent.db")  # the state directory is gone, the key is not
+    first = new.emit(s, "I1", [Span(6000, 6010, State.RUNNING)], None)[0]
+    assert first.seq > old_rows[-1].seq
+    assert wire.load_body(wire.open_envelope(first.payload).body)["prev"] == wire.GENESIS
 
 
 def test_sent_rows_wait_for_resend_timeout(tmp_path: Path) -> None:
@@ -53,6 +70,6 @@ def test_sent_rows_wait_for_resend_timeout(tmp_path: Path) -> None:
     rows = store.emit(s, "I1", [Span(0, 10, State.OFF)], None)
     store.mark_sent([rows[0].id], at=100.0)
     assert store.unsent(resend_before=50.0) == []
-    assert [r.seq for r in store.unsent(resend_before=150.0)] == [1]
+    assert [r.seq for r in store.unsent(resend_before=150.0)] == [rows[0].seq]
     store.mark_all_unsent()
-    assert [r.seq for r in store.unsent(resend_before=0.5)] == [1]
+    assert [r.seq for r in store.unsent(resend_before=0.5)] == [rows[0].seq]

@@ -7,6 +7,7 @@ Mosquitto (persistence off) and the built-in broker.
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -43,6 +44,14 @@ def run_variant(lab: Lab, broker: BrokerProcess, variant: str) -> dict[str, floa
         lab.sleep_until(330)
         lab.start("agent")
         marks["up"] = now_s()
+    elif variant == "agent_state_lost":
+        lab.sleep_until(250)
+        lab.stop("agent", kill=True)
+        shutil.rmtree(lab.tmp / "agent-state")  # a re-imaged SD card: config and key kept, state gone
+        marks["down"] = now_s()
+        lab.sleep_until(330)
+        lab.start("agent")
+        marks["up"] = now_s()
     elif variant == "collector_restart":
         lab.sleep_until(250)
         lab.stop("collector")
@@ -54,7 +63,8 @@ def run_variant(lab: Lab, broker: BrokerProcess, variant: str) -> dict[str, floa
 
 
 @pytest.mark.parametrize(
-    "variant", ["steady", "broker_restart", "broker_sigkill", "agent_sigkill", "collector_restart"]
+    "variant",
+    ["steady", "broker_restart", "broker_sigkill", "agent_sigkill", "agent_state_lost", "collector_restart"],
 )
 def test_hours_match_ground_truth(variant: str, broker: BrokerProcess, tmp_path: Path) -> None:
     lab = Lab(tmp_path, broker)

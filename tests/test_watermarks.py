@@ -1,0 +1,52 @@
+"""The acknowledgement watermark: contiguous seqs pass, a gap holds, a new chain's first link moves it up."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+from labmeter.collector.ledger import Ledger
+from labmeter.collector.service import Watermarks
+
+from tests.lab import store_schedule
+
+S = 1_795_000_000_000  # where a chain begun after lost state starts: the agent's clock in ms
+
+CASES = {
+    "in_order": ([(1, True), (2, False), (3, False)], 3),
+    "gap_holds": ([(1, True), (3, False)], 1),
+    "gap_filled": ([(1, True), (3, False), (2, False)], 3),
+    "new_chain_after_old": ([(1, True), (2, False), (S, True), (S + 1, False)], S + 1),
+    "old_tail_arrives_late": ([(1, True), (S, True), (2, False), (S + 1, False)], S + 1),
+    "new_chain_second_link_first": ([(1, True), (2, False), (S + 1, False)], 2),
+    "then_its_first": ([(1, True), (2, False), (S + 1, False), (S, True)], S + 1),
+    "old_chain_gap_abandoned": ([(1, True), (3, False), (S, True)], S),
+    "older_chain_start_late": ([(S, True), (S + 1, False), (1, True)], S + 1),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_watermark(case: str, tmp_path: Path) -> None:
+    pushes, expected = CASES[case]
+    ledger = Ledger(tmp_path / "ledger.sqlite")
+    marks = Watermarks(ledger)
+    for seq, starts in pushes:
+        upto = marks.add("a1", "XRD", seq, starts)
+    assert upto == expected
+    ledger.close()
+
+
+def test_rebuilt_from_the_ledger_across_a_new_chain(tmp_path: Path) -> None:
+    t0 = 1_772_409_600_000
+    ledger = Ledger(tmp_path / "ledger.sqlite")
+    store_schedule(tmp_path, ledger, "a1", "XRD", [(t0, t0 + 7_200_000, "OFF")])
+    for f in tmp_path.glob("a1.db*"):
+        f.unlink()
+    time.sleep(0.01)  # later than one ms per link of the old chain
+    store_schedule(tmp_path, ledger, "a1", "XRD", [(t0 + 9_000_000, t0 + 10_000_000, "RUNNING")])
+    seqs = [r[0] for r in ledger.db.execute("SELECT seq FROM intervals ORDER BY seq")]
+    assert len(seqs) == 3 and seqs[2] > seqs[1] + 1
+    # a fresh collector process: the watermark comes from the ledger and passes the new chain's first link
+    assert Watermarks(ledger).add("a1", "XRD", seqs[2] + 1) == seqs[2] + 1
+    ledger.close()
