@@ -50,3 +50,31 @@ def test_rebuilt_from_the_ledger_across_a_new_chain(tmp_path: Path) -> None:
     # a fresh collector process: the watermark comes from the ledger and passes the new chain's first link
     assert Watermarks(ledger).add("a1", "XRD", seqs[2] + 1) == seqs[2] + 1
     ledger.close()
+
+
+def test_signin_chain_rebuilt_across_a_new_chain(tmp_path: Path) -> None:
+    from labmeter.agent.outbox import AgentStore, Signer
+
+    from labmeter import signing, wire
+
+    key = signing.generate_key_file(tmp_path / "a1.key")
+    signer = Signer("a1", key, signing.key_id(key.public_key()))
+    ledger = Ledger(tmp_path / "ledger.sqlite")
+    seqs = []
+    for life in ("old", "new"):  # the second life lost the first one's state directory
+        store = AgentStore(tmp_path / life / "agent.db")
+        for n in range(2):
+            row = store.emit_signin(signer, "XRD", 1_772_409_600_000 + n, "ab" * 16)
+            env = wire.open_envelope(row.payload)
+            si = wire.decode_signin(env.body)
+            ledger.store_signins(
+                [("a1", "XRD", si.seq, si.at, si.user, wire.body_hash(env.body), row.payload)]
+            )
+            seqs.append(si.seq)
+        store.close()
+        time.sleep(0.01)
+    assert seqs[2] > seqs[1] + 1
+    chain = wire.signin_chain("XRD")
+    assert [start for _, start in ledger.handled_seqs("a1", chain)] == [True, False, True, False]
+    assert Watermarks(ledger).add("a1", chain, seqs[3]) == seqs[3]
+    ledger.close()
