@@ -19,7 +19,8 @@ from labmeter import signing, wire
 from labmeter.wire import State
 
 SCHEMA = """
-CREATE TABLE IF NOT EXISTS chain (instrument TEXT PRIMARY KEY, seq INTEGER NOT NULL, hash TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS chain (
+    instrument TEXT PRIMARY KEY, seq INTEGER NOT NULL, hash TEXT NOT NULL, first INTEGER NOT NULL DEFAULT 1);
 CREATE TABLE IF NOT EXISTS outbox (
     id INTEGER PRIMARY KEY, instrument TEXT NOT NULL, seq INTEGER NOT NULL, topic TEXT NOT NULL,
     payload BLOB NOT NULL, body_sha TEXT NOT NULL, created_at REAL NOT NULL, sent_at REAL NOT NULL DEFAULT 0);
@@ -62,6 +63,11 @@ class AgentStore:
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=FULL")
         self.db.executescript(SCHEMA)
+        columns = {r[1] for r in self.db.execute("PRAGMA table_info(chain)")}
+        if (
+            "first" not in columns
+        ):  # a state directory from before chains started at the clock: they began at 1
+            self.db.execute("ALTER TABLE chain ADD COLUMN first INTEGER NOT NULL DEFAULT 1")
 
     def close(self) -> None:
         self.db.close()
@@ -106,7 +112,7 @@ class AgentStore:
                 )
                 out.append(Pending(cur.lastrowid or 0, instrument, seq, topic, payload))
             if out:
-                cur.execute("INSERT OR REPLACE INTO chain VALUES (?,?,?)", (instrument, seq, prev))
+                self._advance(cur, instrument, out[0].seq, seq, prev)
             if checkpoint is not None:
                 self._checkpoint(cur, instrument, checkpoint)
             cur.execute("COMMIT")
@@ -133,12 +139,21 @@ class AgentStore:
                 "INSERT INTO outbox (instrument, seq, topic, payload, body_sha, created_at) VALUES (?,?,?,?,?,?)",
                 (key, seq, topic, payload, sha, time.time()),
             )
-            cur.execute("INSERT OR REPLACE INTO chain VALUES (?,?,?)", (key, seq, sha))
+            self._advance(cur, key, seq, seq, sha)
             cur.execute("COMMIT")
         except BaseException:
             cur.execute("ROLLBACK")
             raise
         return Pending(cur.lastrowid or 0, key, seq, topic, payload)
+
+    @staticmethod
+    def _advance(cur: sqlite3.Cursor, chain: str, first: int, seq: int, head: str) -> None:
+        """Move a chain's head; ``first`` is kept only by a new chain's row (where it began, for status)."""
+        cur.execute(
+            "INSERT INTO chain (instrument, seq, hash, first) VALUES (?,?,?,?) "
+            "ON CONFLICT(instrument) DO UPDATE SET seq=excluded.seq, hash=excluded.hash",
+            (chain, seq, head, first),
+        )
 
     @staticmethod
     def _checkpoint(cur: sqlite3.Cursor, instrument: str, cp: Checkpoint) -> None:
@@ -216,7 +231,10 @@ class AgentStore:
         per = self.db.execute(
             "SELECT instrument, count(*), min(created_at), max(seq) FROM outbox GROUP BY instrument"
         ).fetchall()
-        chain = dict(self.db.execute("SELECT instrument, seq FROM chain").fetchall())
+        chain = {
+            r[0]: {"seq": r[1], "first": r[2]}
+            for r in self.db.execute("SELECT instrument, seq, first FROM chain")
+        }
         dead = self.db.execute("SELECT instrument, seq, reason, at FROM dead ORDER BY id").fetchall()
         return {
             "chain": chain,

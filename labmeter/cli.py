@@ -12,6 +12,7 @@ import sys
 import threading
 import tomllib
 from collections.abc import Awaitable, Callable
+from datetime import datetime
 from pathlib import Path
 from typing import Any, NoReturn
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -291,7 +292,15 @@ def agent_status(cfg_path: Path, as_json: bool) -> None:
     for inst in cfg.instrument:
         p = pending.get(inst.id)
         waiting = f"{p['count']} waiting for acknowledgement" if p else "all acknowledged"
-        click.echo(f"  {inst.id}: {chain.get(inst.id, 0)} interval(s) emitted, {waiting}")
+        c = chain.get(inst.id)
+        if c is None:
+            emitted = "nothing emitted yet"
+        else:  # a chain that began at the clock says when; one from an older version began at seq 1
+            since = datetime.fromtimestamp(c["first"] / 1000) if c["first"] > 1 else None
+            emitted = f"{c['seq'] - c['first'] + 1} interval(s) emitted" + (
+                f" since {since:%Y-%m-%d %H:%M}" if since else ""
+            )
+        click.echo(f"  {inst.id}: {emitted}, {waiting}")
     if dead:
         click.echo(f"rejected by the collector ({len(dead)}); fix the cause, then `labmeter agent resend`:")
         for d in dead[-20:]:

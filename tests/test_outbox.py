@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sqlite3
 import time
 from pathlib import Path
 
@@ -49,6 +50,21 @@ def test_chain_ack_reject_and_restart(tmp_path: Path) -> None:
     ]  # type: ignore[index]
     assert store.resend_dead() == 1
     assert [r.seq for r in store.unsent(1e18)] == [o + 1, o + 2]
+    assert summary["chain"] == {"I1": {"seq": o + 2, "first": o}}
+
+
+def test_state_from_before_clock_chains_continues_at_its_seq(tmp_path: Path) -> None:
+    """A state directory written when chains began at 1 keeps its chain, and status counts it from 1."""
+    db = sqlite3.connect(tmp_path / "agent.db")
+    db.execute("CREATE TABLE chain (instrument TEXT PRIMARY KEY, seq INTEGER NOT NULL, hash TEXT NOT NULL)")
+    db.execute("INSERT INTO chain VALUES ('I1', 41, ?)", ("ab" * 32,))
+    db.commit()
+    db.close()
+    store = AgentStore(tmp_path / "agent.db")
+    row = store.emit(signer(tmp_path), "I1", [Span(0, 10, State.OFF)], None)[0]
+    assert row.seq == 42
+    assert wire.load_body(wire.open_envelope(row.payload).body)["prev"] == "ab" * 32
+    assert store.summary()["chain"] == {"I1": {"seq": 42, "first": 1}}
 
 
 def test_lost_state_starts_a_new_chain_above_the_old(tmp_path: Path) -> None:
