@@ -52,6 +52,10 @@ class Watermarks:
         self.ledger = ledger
         self.upto: dict[tuple[str, str], int] = {}
         self.above: dict[tuple[str, str], set[int]] = defaultdict(set)
+        self.lowest: dict[tuple[str, str], int] = {}
+        self.restarts: list[tuple[str, str, int]] = []
+        """(agent, chain, seq) of chains begun above an older one, for the collector to report once."""
+        self._reported: set[tuple[str, str, int]] = set()
 
     def add(self, agent: str, instrument: str, seq: int, starts_chain: bool = False) -> int:
         key = (agent, instrument)
@@ -60,6 +64,9 @@ class Watermarks:
             for s, start in self.ledger.handled_seqs(agent, instrument):
                 self._push(key, s, start)
         self._push(key, seq, starts_chain)
+        if starts_chain and self.lowest[key] < seq and (agent, instrument, seq) not in self._reported:
+            self._reported.add((agent, instrument, seq))
+            self.restarts.append((agent, instrument, seq))
         return self.upto[key]
 
     def fill_gaps(self, agent: str, instrument: str) -> int:
@@ -72,6 +79,7 @@ class Watermarks:
         return self.upto[key]
 
     def _push(self, key: tuple[str, str], seq: int, starts_chain: bool) -> None:
+        self.lowest[key] = min(self.lowest.get(key, seq), seq)
         upto = self.upto[key]
         if seq <= upto:
             return
@@ -234,6 +242,15 @@ class Collector:
             rejects[r.agent].append(
                 {"instrument": r.instrument, "seq": r.seq, "sha256": r.body_sha, "reason": r.reason}
             )
+        for agent, chain, seq in self.watermarks.restarts:
+            log.warning(
+                "agent %s began a new chain for %s at seq %d: its state directory was reset or replaced; "
+                "the time since its last interval is no data",
+                agent,
+                chain,
+                seq,
+            )
+        self.watermarks.restarts.clear()
         if self.cfg.broker.shared_group:
             for agent, chains in acks.items():
                 for chain in chains:

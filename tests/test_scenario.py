@@ -76,3 +76,5 @@ def test_hours_match_ground_truth(variant: str, broker: BrokerProcess, tmp_path:
         lab.cleanup()
 
     check_against_truth(lab, variant, marks)
+    restarts = (tmp_path / "collector.log").read_text().count("began a new chain")
+    assert restarts == (2 if variant == "agent_state_lost" else 0)  # one per instrument

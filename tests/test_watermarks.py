@@ -78,3 +78,16 @@ def test_signin_chain_rebuilt_across_a_new_chain(tmp_path: Path) -> None:
     assert [start for _, start in ledger.handled_seqs("a1", chain)] == [True, False, True, False]
     assert Watermarks(ledger).add("a1", chain, seqs[3]) == seqs[3]
     ledger.close()
+
+
+def test_a_chain_begun_above_an_older_one_is_reported_once(tmp_path: Path) -> None:
+    ledger = Ledger(tmp_path / "ledger.sqlite")
+    marks = Watermarks(ledger)
+    for seq, starts in [(1, True), (2, False)]:
+        marks.add("a1", "XRD", seq, starts)
+    marks.add("a1", "HPLC", S, True)  # a new instrument's first chain is no restart
+    assert marks.restarts == []
+    marks.add("a1", "XRD", S, True)
+    marks.add("a1", "XRD", S, True)  # resent: reported once
+    assert marks.restarts == [("a1", "XRD", S)]
+    ledger.close()
