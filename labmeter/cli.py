@@ -667,7 +667,12 @@ def verify(folder: Path) -> None:
 def broker(listen: str, verbose: bool) -> None:
     """Run the built-in MQTT broker on its own (the collector starts it itself when embedded = true)."""
     from labmeter.collector.broker import EmbeddedBroker
+    from labmeter.netutil import split_listen
 
+    try:
+        split_listen(listen)
+    except ValueError as exc:
+        fail(f"--listen: {exc}")
     log.setup(verbose)
 
     async def main(stop: asyncio.Event) -> None:

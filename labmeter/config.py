@@ -17,6 +17,8 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 import msgspec
 from msgspec import Meta, Struct, field
 
+from labmeter.netutil import split_listen
+
 ID_PATTERN = r"^[A-Za-z0-9._-]{1,64}$"
 Id = Annotated[str, Meta(pattern=ID_PATTERN)]
 
@@ -193,6 +195,10 @@ class CollectorBroker(BrokerConfig, frozen=True, kw_only=True):
     listen: str = "127.0.0.1:1883"
     shared_group: str | None = None
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        split_listen(self.listen)
+
 
 class PolicyConfig(Section, frozen=True, kw_only=True):
     prep_allowance_s: Annotated[int, Meta(ge=0)] = 900
@@ -221,6 +227,7 @@ class WebConfig(Section, frozen=True, kw_only=True):
 
     def __post_init__(self) -> None:
         _check_zone(self.timezone)
+        split_listen(self.listen)
 
 
 class InfluxConfig(Section, frozen=True, kw_only=True):

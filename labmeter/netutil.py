@@ -28,5 +28,5 @@ def split_listen(listen: str) -> tuple[str, int]:
     """``host:port`` (IPv6 as ``[::1]:port``) as the host and port to bind."""
     host, sep, port = listen.rpartition(":")
     if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise ValueError(f"listen = {listen!r}: expected host:port, such as 127.0.0.1:1883")
+        raise ValueError(f"listen {listen!r} is not host:port (e.g. 127.0.0.1:1883)")
     return host.strip("[]") or "127.0.0.1", int(port)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import subprocess
 import time
 from typing import Any
 
@@ -12,6 +13,7 @@ from labmeter.collector import broker as broker_mod
 from labmeter.collector.broker import EmbeddedBroker
 
 from labmeter.netutil import free_port, split_listen
+from tests.conftest import LABMETER
 from tests.lab import Publisher
 
 
@@ -99,5 +101,13 @@ def test_listen_addresses(listen: str, expected: tuple[str, int]) -> None:
 
 @pytest.mark.parametrize("listen", ["1883", "localhost", "127.0.0.1:port", "127.0.0.1:70000"])
 def test_bad_listen_address_is_named(listen: str) -> None:
-    with pytest.raises(ValueError, match="expected host:port"):
+    with pytest.raises(ValueError, match="is not host:port"):
         split_listen(listen)
+
+
+def test_broker_command_names_a_bad_listen_address() -> None:
+    out = subprocess.run(
+        [*LABMETER, "broker", "--listen", "1883"], capture_output=True, text=True, timeout=30
+    )
+    assert out.returncode == 2
+    assert "--listen: listen '1883' is not host:port" in out.stderr
