@@ -53,6 +53,12 @@ class EmbeddedBroker:
         await self.broker.start()
         self._server = await asyncio.start_server(self._connected, self.host, self.port)
         log.info("built-in MQTT broker listening on %s", self.listen)
+        if self.host not in ("127.0.0.1", "localhost", "::1"):
+            log.warning(
+                "the built-in broker on %s has no TLS or accounts: signatures keep anyone on that network from "
+                "forging hours, not from reading readings or flooding the broker; see docs/deploy.md for Mosquitto",
+                self.listen,
+            )
 
     async def _connected(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self._clients.add(writer)
