@@ -88,7 +88,7 @@ class EmbeddedBroker:
         if not done:
             log.error("built-in broker: shutdown did not finish; leaving it")
             shutdown.cancel()
-        elif exc := shutdown.exception():
+        elif not shutdown.cancelled() and (exc := shutdown.exception()):
             log.error("built-in broker: shutdown failed: %s", exc)
         self.drop_clients()
         if self._server is not None:
