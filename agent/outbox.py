@@ -64,9 +64,8 @@ class AgentStore:
         self.db.execute("PRAGMA synchronous=FULL")
         self.db.executescript(SCHEMA)
         columns = {r[1] for r in self.db.execute("PRAGMA table_info(chain)")}
-        if (
-            "first" not in columns
-        ):  # a state directory from before chains started at the clock: they began at 1
+        # a state directory from before chains started at the clock: its chains began at 1
+        if "first" not in columns:
             self.db.execute("ALTER TABLE chain ADD COLUMN first INTEGER NOT NULL DEFAULT 1")
 
     def close(self) -> None:

@@ -21,7 +21,7 @@ from typing import Any
 from amqtt.adapters import StreamReaderAdapter, StreamWriterAdapter
 from amqtt.broker import Broker
 
-from labmeter.netutil import split_listen
+from labmeter.netutil import is_loopback, split_listen
 
 log = logging.getLogger("labmeter.broker")
 
@@ -53,7 +53,7 @@ class EmbeddedBroker:
         await self.broker.start()
         self._server = await asyncio.start_server(self._connected, self.host, self.port)
         log.info("built-in MQTT broker listening on %s", self.listen)
-        if self.host not in ("127.0.0.1", "localhost", "::1"):
+        if not is_loopback(self.host):
             log.warning(
                 "the built-in broker on %s has no TLS or accounts: signatures keep anyone on that network from "
                 "forging hours, not from reading readings or flooding the broker; see docs/deploy.md for Mosquitto",

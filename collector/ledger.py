@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from labmeter.wire import GENESIS, MAX_INTERVAL_MS, Interval, envelope_starts_chain
+from labmeter.wire import GENESIS, MAX_INTERVAL_MS, Interval, envelope_starts_chain, starts_chain
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS agents (
@@ -387,7 +387,7 @@ class Ledger:
             rows = [(seq, envelope_starts_chain(bytes(env))) for seq, env in own]
         else:
             rows = [
-                (seq, prev == GENESIS)
+                (seq, starts_chain(prev))
                 for seq, prev in self.db.execute(
                     "SELECT seq, prev FROM intervals WHERE agent=? AND instrument=? AND seq>?",
                     (agent, instrument, above),

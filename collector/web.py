@@ -23,7 +23,7 @@ from aiohttp import web
 from labmeter.collector.report import GROUPINGS, YEAR_MS, hours_report, rated_ms
 from labmeter.collector.rollup import Calendar, Rollups
 
-from labmeter.netutil import split_listen
+from labmeter.netutil import is_loopback, split_listen
 
 if TYPE_CHECKING:
     from labmeter.collector.service import Collector
@@ -75,8 +75,7 @@ class LiveView:
         self.listeners: set[asyncio.Queue[str]] = set()
         self._cache: dict[str, tuple[float, Any]] = {}
         self._runner: web.AppRunner | None = None
-        host = listen.rpartition(":")[0]
-        if host not in ("127.0.0.1", "localhost", "::1", "[::1]") and not token:
+        if not is_loopback(split_listen(listen)[0]) and not token:
             raise ValueError(
                 f"[web] listen = {listen!r} is not loopback: set token_file so the page needs a token"
             )

@@ -24,6 +24,10 @@ def wait_port(port: int, timeout: float = 10.0) -> None:
     raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout} s")
 
 
+def is_loopback(host: str) -> bool:
+    return host in ("127.0.0.1", "localhost", "::1")
+
+
 def split_listen(listen: str) -> tuple[str, int]:
     """``host:port`` (IPv6 as ``[::1]:port``) as the host and port to bind."""
     host, sep, port = listen.rpartition(":")
