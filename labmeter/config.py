@@ -55,6 +55,8 @@ class AgentSection(Section, frozen=True, kw_only=True):
     heartbeat_s: Annotated[float, Meta(gt=0, le=3600)] = 30
     resend_after_s: Annotated[float, Meta(gt=0, le=3600)] = 30
     open_every_s: Annotated[float, Meta(gt=0, le=3600)] = 10
+    collector_key: str | None = None
+    """The collector's public key ("ed25519:..."), pinned: only acknowledgements it signed count."""
 
     def __post_init__(self) -> None:
         if 86400 % self.bucket_s:
@@ -188,6 +190,13 @@ class CollectorSection(Section, frozen=True, kw_only=True):
     data_dir: Path
     ledger: str = "sqlite"
     max_future_s: Annotated[float, Meta(ge=0)] = 300
+    key_file: Path | None = None
+    """The collector's own signing key (acknowledgements, countersigned evidence); default data_dir/collector.key.
+    Collectors that share a ledger share this key, since agents pin one."""
+
+    @property
+    def key_path(self) -> Path:
+        return self.key_file or self.data_dir / "collector.key"
 
 
 class CollectorBroker(BrokerConfig, frozen=True, kw_only=True):

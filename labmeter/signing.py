@@ -71,6 +71,16 @@ def generate_key_file(path: Path, force: bool = False) -> PrivateKey:
     return key
 
 
+def load_or_create_key(path: Path) -> tuple[PrivateKey, bool]:
+    """The key at ``path``, created (0600) on first use; the flag says whether it was just created.
+
+    The collector's own key comes into being this way on its first start, so an upgrade needs no step.
+    """
+    if path.exists():
+        return load_private_key(path), False
+    return generate_key_file(path), True
+
+
 def load_private_key(path: Path) -> PrivateKey:
     try:
         mode = path.stat().st_mode
@@ -100,6 +110,7 @@ def public_key_text(key: PublicKey) -> str:
 
 
 def parse_public_key(text: str) -> PublicKey:
+    text = text.strip()
     if not text.startswith(KEY_PREFIX):
         raise KeyFileError(
             f"public key {text!r}: expected 'ed25519:<base64>' as printed by `labmeter agent enroll`"
