@@ -1,13 +1,9 @@
-"""Evidence bundles: the signed envelopes behind a report and the agents' public keys.
+"""Writing evidence bundles and the published key list (the format is ``labmeter.evidence``).
 
-A bundle lets anyone re-check the hours with ``labmeter verify`` without trusting
-the collector or its ledger. Layout of the folder:
-
-- ``bundle.json``: instrument, period, allowances, agents' public keys, and the hours
-  the collector claims for that period;
-- ``intervals.jsonl``: one signed envelope per line, exactly as the agent sent it,
-  ordered by agent and seq. The interval just before the period is included too, so
-  the first link of the chain can be checked.
+A bundle lets anyone re-check the hours with ``labmeter verify`` without trusting the
+collector or its ledger; the collector countersigns it, so its claims and declared gaps
+cannot be edited. The interval just before the period is included too, so the first
+link of the chain can be checked.
 """
 
 from __future__ import annotations
@@ -16,48 +12,60 @@ import json
 from pathlib import Path
 from typing import Any
 
-from labmeter.collector.hours import compute
 from labmeter.collector.ledger import Ledger
 
-FORMAT = "labmeter-evidence/1"
+from labmeter import evidence, signing
+from labmeter.machine_hours import compute, uncovered
 
 
 def write_bundle(
-    ledger: Ledger, instrument: str, a: int, b: int, prep_s: int, post_s: int, out: Path
+    ledger: Ledger,
+    instrument: str,
+    a: int,
+    b: int,
+    prep_s: int,
+    post_s: int,
+    out: Path,
+    key: signing.PrivateKey,
 ) -> dict[str, Any]:
+    """Write the bundle for ``instrument`` over [a, b), countersigned with the collector's ``key``."""
     pad = max(prep_s, post_s) * 1000
     rows = ledger.intervals_between(a - pad, b + pad, instrument)
     agents = sorted({r[1] for r in rows})
     envelopes: list[bytes] = []
     for agent in agents:
         seqs = [r[2] for r in rows if r[1] == agent]
-        first, last = min(seqs), max(seqs)
-        envelopes += [
-            bytes(e[0])
-            for e in ledger.db.execute(
-                "SELECT envelope FROM intervals WHERE agent=? AND instrument=? AND seq BETWEEN ? AND ? ORDER BY seq",
-                (agent, instrument, max(1, first - 1), last),
-            )
-        ]
+        envelopes += ledger.envelopes(agent, instrument, max(1, min(seqs) - 1), max(seqs))
     keys = {a_: k for a_, (k, _kid) in ledger.agent_keys().items() if a_ in agents}
+    spans = [(r[3], r[4], r[5], bool(r[6])) for r in rows]
     bundle = {
-        "format": FORMAT,
+        "format": evidence.FORMAT,
         "instrument": instrument,
         "from_ms": a,
         "to_ms": b,
         "prep_allowance_s": prep_s,
         "post_allowance_s": post_s,
         "agents": keys,
-        "claimed": compute(
-            [(r[3], r[4], r[5], bool(r[6])) for r in rows], a, b, prep_s * 1000, post_s * 1000
-        ).totals(),
+        "claimed": compute(spans, a, b, prep_s * 1000, post_s * 1000).totals(),
+        "gaps": [list(g) for g in uncovered(spans, a, b)],
         "intervals": len(envelopes),
     }
+    files = {
+        evidence.BUNDLE: (json.dumps(bundle, indent=2, ensure_ascii=False) + "\n").encode(),
+        evidence.INTERVALS: b"".join(env.rstrip(b"\n") + b"\n" for env in envelopes),
+    }
+    manifest = evidence.countersign(key, evidence.manifest_body(bundle, files))
+    files[evidence.MANIFEST] = (json.dumps(manifest, indent=2, ensure_ascii=False) + "\n").encode()
     out.mkdir(parents=True, exist_ok=True)
-    (out / "bundle.json").write_text(
-        json.dumps(bundle, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
-    )
-    with (out / "intervals.jsonl").open("wb") as fh:
-        for env in envelopes:
-            fh.write(env.rstrip(b"\n") + b"\n")
+    for name, data in files.items():
+        (out / name).write_bytes(data)
     return bundle
+
+
+def export_keys(ledger: Ledger, collector: signing.PublicKey | None, now_ms: int) -> dict[str, Any]:
+    """The registered agents' keys, fingerprints and enrolled instruments, and the collector's key."""
+    enrolled: dict[str, list[str]] = {}
+    for agent, instrument in ledger.enrolments():
+        enrolled.setdefault(agent, []).append(instrument)
+    agents = [(agent, key, enrolled.get(agent, [])) for agent, (key, _kid) in ledger.agent_keys().items()]
+    return evidence.keys_document(collector, agents, now_ms)

@@ -439,6 +439,17 @@ class Ledger:
             sql += " AND i.instrument = c.code"
         return self.db.execute(sql + " ORDER BY i.instrument, i.start_ms", args).fetchall()
 
+    def envelopes(self, agent: str, instrument: str, first: int, last: int) -> list[bytes]:
+        """The stored envelopes of seqs first..last of one chain, in order, exactly as the agent sent them."""
+        return [
+            bytes(r[0])
+            for r in self.db.execute(
+                "SELECT envelope FROM intervals WHERE agent=? AND instrument=? AND seq BETWEEN ? AND ? "
+                "ORDER BY seq",
+                (agent, instrument, first, last),
+            )
+        ]
+
     def longest_interval_ms(self) -> int:
         """How far before a period an interval reaching into it can start."""
         row = self.db.execute("SELECT value FROM meta WHERE key='longest_interval_ms'").fetchone()

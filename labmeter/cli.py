@@ -400,6 +400,48 @@ def collector_broker_user(user: str, mosquitto_dir: Path, role: str) -> None:
     _broker_account(mosquitto_dir, user, role)
 
 
+@collector_group.command("export-keys")
+@config_option("collector.toml")
+@click.option(
+    "--output",
+    "-o",
+    "out",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="File to write (default: stdout).",
+)
+def collector_export_keys(cfg_path: Path, out: Path | None) -> None:
+    """Write the agents' and the collector's public keys and fingerprints, to publish for `verify --trust`."""
+    import time
+
+    from labmeter.collector.evidence import export_keys
+    from labmeter.collector.identity import collector_key
+    from labmeter.collector.ledger import Ledger, LedgerError
+
+    cfg = load_collector(cfg_path)
+    try:
+        pub = collector_key(cfg.collector).public_key()
+        ledger = Ledger.open(cfg.collector.ledger, cfg.collector.data_dir)
+    except (signing.KeyFileError, LedgerError) as exc:
+        fail(str(exc))
+    try:
+        doc = export_keys(ledger, pub, int(time.time() * 1000))
+    finally:
+        ledger.close()
+    text = json.dumps(doc, indent=2, ensure_ascii=False) + "\n"
+    if out is None:
+        click.echo(text, nl=False)
+        return
+    try:
+        out.write_text(text, encoding="utf-8")
+    except OSError as exc:
+        fail(f"{out}: cannot write ({exc.strerror or exc})")
+    click.echo(
+        f"{len(doc['agents'])} agent key(s) and the collector key {doc['collector']['fingerprint']} written to {out}; "
+        "publish it where evaluators can fetch it apart from any bundle",
+        err=True,
+    )
+
+
 @collector_group.command("import-instruments")
 @click.argument("file", type=click.Path(path_type=Path, exists=True, dir_okay=False))
 @config_option("collector.toml")
@@ -609,20 +651,25 @@ def report_findings(
 @config_option("collector.toml")
 @click.option("--tz", help="Time zone for dates (default: the config's [policy] timezone).")
 def report_evidence(instrument: str, start: str, end: str, out: Path, cfg_path: Path, tz: str | None) -> None:
-    """Write the signed intervals and public keys behind an instrument's hours, for `labmeter verify`."""
+    """Write the signed intervals and public keys behind an instrument's hours, countersigned, for `labmeter verify`."""
     from labmeter.collector.evidence import write_bundle
+    from labmeter.collector.identity import collector_key
     from labmeter.collector.ledger import Ledger
     from labmeter.collector.report import PeriodError, parse_time
     from labmeter.collector.rollup import allowances_ms
 
     cfg = load_collector(cfg_path)
     zone = zone_for(tz, cfg)
+    try:
+        key = collector_key(cfg.collector)
+    except signing.KeyFileError as exc:
+        fail(str(exc))
     ledger = Ledger.open(cfg.collector.ledger, cfg.collector.data_dir)
     try:
         a, b = parse_time(start, zone), parse_time(end, zone, end=True)
         info = next((i for i in ledger.instruments() if i["code"] == instrument), {})
         prep_ms, post_ms = allowances_ms(info, cfg.policy)
-        bundle = write_bundle(ledger, instrument, a, b, prep_ms // 1000, post_ms // 1000, out)
+        bundle = write_bundle(ledger, instrument, a, b, prep_ms // 1000, post_ms // 1000, out, key)
     except PeriodError as exc:
         fail(str(exc))
     finally:
@@ -630,34 +677,85 @@ def report_evidence(instrument: str, start: str, end: str, out: Path, cfg_path: 
     if not bundle["intervals"]:
         fail(f"no intervals for instrument {instrument!r} in that period", code=1)
     click.echo(
-        f"{bundle['intervals']} signed interval(s) written to {out}; check with: labmeter verify {out}"
+        f"{bundle['intervals']} signed interval(s) written to {out}, countersigned by collector key "
+        f"{signing.key_id(key.public_key())}; check with: labmeter verify {out} --trust KEYS.json"
     )
+
+
+VERIFY_UNTRUSTED = 3
+"""Exit status of a bundle that is consistent but whose keys were not checked against a trust source."""
 
 
 @app.command("verify")
 @click.argument("folder", type=click.Path(path_type=Path, exists=True, file_okay=False))
-def verify(folder: Path) -> None:
-    """Re-check an evidence bundle: signatures, chain, contiguity, and the claimed hours."""
-    from labmeter.verify import BundleError, H, verify_bundle
+@click.option(
+    "--trust",
+    "trust_file",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="Key list from `labmeter collector export-keys`, as published by the owner or the bureau.",
+)
+@click.option(
+    "--key",
+    "fingerprints",
+    multiple=True,
+    help="A trusted key's fingerprint (16 hex digits) or ed25519:... text (repeat; agents and collector).",
+)
+def verify(folder: Path, trust_file: Path | None, fingerprints: tuple[str, ...]) -> None:
+    """Re-check an evidence bundle: keys against a trust source, signatures, chain, coverage, hours, countersignature.
 
+    Exit status: 0 all checks pass and every key is in the trust source; 1 discrepancies; 2 the bundle
+    or trust file cannot be read; 3 no discrepancy, but keys were not checked (no --trust or --key).
+    """
+    from labmeter import evidence
+    from labmeter.verify import BundleError, H, iso, verify_bundle
+
+    trust = None
     try:
-        res = verify_bundle(folder)
-    except BundleError as exc:
+        if trust_file is not None:
+            trust = evidence.load_trust(trust_file)
+        if fingerprints:
+            trust = evidence.add_fingerprints(fingerprints, trust)
+        res = verify_bundle(folder, trust)
+    except (BundleError, evidence.TrustError) as exc:
         fail(str(exc))
+    click.echo(f"bundle      {folder} (format {res.version})")
+    click.echo(f"instrument  {res.instrument}")
+    click.echo(f"period      {iso(res.from_ms)} to {iso(res.to_ms)} ({(res.to_ms - res.from_ms) / H:.3f} h)")
+    for k in res.keys:
+        click.echo(f"key         {k.who}: {k.fingerprint} {k.status}")
+    click.echo(f"countersig  {res.countersignature}")
+    for agent, (n, good) in res.counts.items():
+        click.echo(f"intervals   {agent}: {n} in the bundle, {good} with a valid signature")
+    click.echo(f"intervals   {res.checked} in all")
+    for s, e in res.gaps:
+        click.echo(f"gap         {iso(s)} to {iso(e)} ({(e - s) / H:.3f} h, no interval)")
     for r in res.restarts:
         click.echo(f"new chain   {r}")
+    for note in res.notes:
+        click.echo(f"note        {note}")
     for f in res.findings:
         click.echo(f"DISCREPANCY {f}")
     for key in ("run_ms", "effective_ms", "unknown_ms", "unverified_ms", "uncovered_ms"):
+        claimed = f"{res.claimed[key] / H:10.3f} h" if key in res.claimed else "      none"
         click.echo(
-            f"{key.removesuffix('_ms'):>11}: claimed {res.claimed.get(key, 0) / H:10.3f} h, "
-            f"recomputed {res.recomputed.get(key, 0) / H:10.3f} h"
+            f"{key.removesuffix('_ms'):>11}: claimed {claimed}, recomputed {res.recomputed.get(key, 0) / H:10.3f} h"
         )
-    if res.ok:
-        click.echo(f"OK: {res.checked} signed interval(s) check out and the hours match")
-    else:
+    if not res.ok:
         click.echo(f"FAILED: {len(res.findings)} discrepancy(ies) in {res.checked} interval(s)")
         sys.exit(1)
+    if not res.keys_checked:
+        click.echo(
+            "WARNING: keys were NOT checked: the bundle's own keys were used, and anyone can re-sign a "
+            "bundle with keys of their own. Check against the published key list: "
+            f"labmeter verify {folder} --trust KEYS.json (or --key FINGERPRINT for every key above)"
+        )
+        click.echo(
+            f"UNCHECKED: {res.checked} signed interval(s) are consistent, but their keys were not checked"
+        )
+        sys.exit(VERIFY_UNTRUSTED)
+    click.echo(
+        f"OK: {res.checked} signed interval(s) check out, the hours match, and every key is in {res.trust}"
+    )
 
 
 # broker, demo, sim ------------------------------------------------------------

@@ -1,11 +1,16 @@
-"""``labmeter verify DIR``: re-check an evidence bundle without the ledger.
+"""``labmeter verify DIR``: re-check an evidence bundle without the ledger, and without the collector installed.
 
-Checks every signature against the agents' public keys, the chain (each ``prev`` is
-the SHA-256 of the previous body, no seq missing) and contiguity (each interval starts
-where the previous one ended), then recomputes the hours and compares them with what
-the collector claimed. Every discrepancy is named. A link with ``prev = GENESIS``
-begins a new chain (an agent that lost its state); it is listed, not a discrepancy,
-and the time before it, with no interval, counts as no data.
+A bundle carries its own public keys, so on its own it proves only that it is consistent: anyone
+can re-sign one end to end. What makes it evidence is a trust source from outside it (the key
+list from ``labmeter collector export-keys``, or fingerprints): every agent key and the collector's
+countersigning key must be in it. The checks, each a function below: keys against the trust
+source; every signature; the chains (each ``prev`` is the SHA-256 of the previous body, no seq
+missing) and contiguity; coverage (every span of the period no interval covers must be declared
+as a gap); the claimed hours against a recomputation; the collector's countersignature over the
+claims and every file. Every discrepancy is named.
+
+A link with ``prev = GENESIS`` begins a new chain (an agent that lost its state); it is listed,
+not a discrepancy, and the time before it, with no interval, counts as no data.
 """
 
 from __future__ import annotations
@@ -16,10 +21,17 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from labmeter import signing, wire
-from labmeter.collector.hours import compute
+from labmeter import evidence, signing, wire
+from labmeter.machine_hours import HOUR_MS, Hours, compute, uncovered
 
-H = 3_600_000
+H = HOUR_MS
+MAX_NAMED = 10
+"""Bad signatures named one by one per agent; the rest are counted (a re-signed bundle fails on every line)."""
+CLAIMS = tuple(Hours().totals())
+
+
+def iso(ms: int) -> str:
+    return datetime.fromtimestamp(ms / 1000, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
 @dataclass
@@ -32,59 +44,296 @@ class Finding:
 
 
 @dataclass
+class KeyCheck:
+    """One key in the bundle and what the trust source said about it."""
+
+    who: str
+    fingerprint: str
+    status: str
+    trusted: bool
+
+
+@dataclass
 class Result:
+    instrument: str = ""
+    from_ms: int = 0
+    to_ms: int = 0
+    version: int = 0
     findings: list[Finding] = field(default_factory=list)
     recomputed: dict[str, int] = field(default_factory=dict)
     claimed: dict[str, int] = field(default_factory=dict)
     checked: int = 0
+    counts: dict[str, tuple[int, int]] = field(default_factory=dict)
+    """Per agent: envelopes in the bundle, and how many of them carry a valid signature by a usable key."""
+    keys: list[KeyCheck] = field(default_factory=list)
+    countersignature: str = ""
+    gaps: list[tuple[int, int]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
     restarts: list[str] = field(default_factory=list)
     """Where an agent began a new chain (prev = GENESIS), e.g. after losing its state directory."""
+    trust: str | None = None
+    """The trust source the keys were checked against; None: they were not checked."""
 
     @property
     def ok(self) -> bool:
         return not self.findings
 
+    @property
+    def keys_checked(self) -> bool:
+        return self.trust is not None and all(k.trusted for k in self.keys)
+
 
 class BundleError(Exception):
-    pass
+    """A bundle that cannot be read at all: the message names the file (and line)."""
 
 
-def verify_bundle(folder: Path) -> Result:
+@dataclass
+class Line:
+    n: int
+    env: wire.Envelope
+    iv: wire.Interval
+
+
+@dataclass
+class Bundle:
+    folder: Path
+    format: str
+    version: int
+    instrument: str
+    from_ms: int
+    to_ms: int
+    prep_s: int
+    post_s: int
+    agents: dict[str, str]
+    claimed: dict[str, int] | None
+    gaps: list[tuple[int, int]] | None
+    lines: list[Line]
+    files: dict[str, bytes]
+    manifest: dict[str, str] | None
+
+
+# reading ----------------------------------------------------------------------
+def _read(path: Path) -> bytes:
     try:
-        bundle: dict[str, Any] = json.loads((folder / "bundle.json").read_text(encoding="utf-8"))
-        lines = (folder / "intervals.jsonl").read_bytes().splitlines()
-    except (OSError, ValueError) as exc:
-        raise BundleError(f"{folder}: not an evidence bundle ({exc})") from None
-    res = Result(claimed={k: int(v) for k, v in bundle.get("claimed", {}).items()})
-    keys = {a: signing.SignatureChecker(signing.parse_public_key(k)) for a, k in bundle["agents"].items()}
-    instrument = bundle["instrument"]
-    good: dict[str, dict[int, tuple[wire.Interval, str]]] = {}
-    for n, line in enumerate(lines, start=1):
-        if not line.strip():
+        return path.read_bytes()
+    except FileNotFoundError:
+        raise BundleError(f"{path}: missing (not an evidence bundle?)") from None
+    except OSError as exc:
+        raise BundleError(f"{path}: cannot read ({exc.strerror or exc})") from None
+
+
+def _json(path: Path, data: bytes) -> Any:
+    try:
+        return json.loads(data.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise BundleError(f"{path}: not UTF-8 text ({exc.reason})") from None
+    except json.JSONDecodeError as exc:
+        raise BundleError(f"{path}:{exc.lineno}: not JSON ({exc.msg})") from None
+
+
+def _int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _field(doc: dict[str, Any], key: str, path: Path, check: Any, what: str) -> Any:
+    if key not in doc:
+        raise BundleError(f"{path}: missing {key!r}")
+    if not check(doc[key]):
+        raise BundleError(f"{path}: {key!r} must be {what}, not {json.dumps(doc[key])[:60]}")
+    return doc[key]
+
+
+def load_bundle(folder: Path) -> Bundle:
+    """Read and type-check every file; anything unreadable is a BundleError naming the file and line."""
+    path = folder / evidence.BUNDLE
+    files = {evidence.BUNDLE: _read(path), evidence.INTERVALS: _read(folder / evidence.INTERVALS)}
+    doc = _json(path, files[evidence.BUNDLE])
+    if not isinstance(doc, dict):
+        raise BundleError(f"{path}: not a JSON object")
+    fmt = _field(doc, "format", path, lambda v: isinstance(v, str), "a string")
+    if fmt not in evidence.VERSIONS:
+        raise BundleError(
+            f"{path}: format {fmt!r} is not one this labmeter reads ({', '.join(evidence.VERSIONS)})"
+        )
+    version = evidence.VERSIONS[fmt]
+    instrument = _field(doc, "instrument", path, lambda v: isinstance(v, str), "a string")
+    ints = {k: _field(doc, k, path, _int, "an integer") for k in ("from_ms", "to_ms")}
+    allow = {
+        k: _field(doc, k, path, lambda v: _int(v) and v >= 0, "an integer >= 0")
+        for k in ("prep_allowance_s", "post_allowance_s")
+    }
+    if ints["to_ms"] <= ints["from_ms"]:
+        raise BundleError(f"{path}: 'to_ms' is not after 'from_ms'")
+    agents = _field(
+        doc,
+        "agents",
+        path,
+        lambda v: isinstance(v, dict) and all(isinstance(k, str) for k in v.values()),
+        "an object of agent id to public key",
+    )
+    claimed = None
+    if "claimed" in doc:
+        claimed = _field(
+            doc,
+            "claimed",
+            path,
+            lambda v: isinstance(v, dict) and all(_int(x) for x in v.values()),
+            "an object of integer milliseconds",
+        )
+    gaps = None
+    if version >= 2:
+        gaps = [
+            (int(g[0]), int(g[1]))
+            for g in _field(
+                doc,
+                "gaps",
+                path,
+                lambda v: (
+                    isinstance(v, list)
+                    and all(isinstance(g, list) and len(g) == 2 and all(_int(x) for x in g) for g in v)
+                ),
+                "a list of [start_ms, end_ms] pairs",
+            )
+        ]
+    manifest = None
+    mpath = folder / evidence.MANIFEST
+    if mpath.exists():
+        m = _json(mpath, _read(mpath))
+        for key in ("key", "kid", "body", "sig"):
+            if not isinstance(m, dict) or not isinstance(m.get(key), str):
+                raise BundleError(f"{mpath}: needs string fields key, kid, body and sig (bad {key!r})")
+        manifest = m
+    return Bundle(
+        folder,
+        fmt,
+        version,
+        instrument,
+        ints["from_ms"],
+        ints["to_ms"],
+        allow["prep_allowance_s"],
+        allow["post_allowance_s"],
+        agents,
+        claimed,
+        gaps,
+        _lines(folder / evidence.INTERVALS, files[evidence.INTERVALS]),
+        files,
+        manifest,
+    )
+
+
+def _lines(path: Path, data: bytes) -> list[Line]:
+    out = []
+    for n, raw in enumerate(data.splitlines(), start=1):
+        if not raw.strip():
             continue
-        res.checked += 1
-        where = f"intervals.jsonl:{n}"
         try:
-            env = wire.open_envelope(line)
+            env = wire.open_envelope(raw)
             iv = wire.parse_interval(wire.load_body(env.body))
         except wire.WireError as exc:
-            res.findings.append(Finding(where, f"unreadable: {exc}"))
+            raise BundleError(f"{path}:{n}: not a signed interval ({exc})") from None
+        out.append(Line(n, env, iv))
+    return out
+
+
+# checking ---------------------------------------------------------------------
+def verify_bundle(folder: Path, trust: evidence.Trust | None = None) -> Result:
+    """Every check over one bundle; ``trust`` None means the bundle's own keys are used and reported unchecked."""
+    b = load_bundle(folder)
+    res = Result(instrument=b.instrument, from_ms=b.from_ms, to_ms=b.to_ms, version=b.version)
+    res.trust = trust.describe() if trust is not None else None
+    res.claimed = dict(b.claimed or {})
+    checkers = check_keys(b, trust, res)
+    good = check_signatures(b, checkers, res)
+    rows = check_chains(good, res)
+    check_coverage(b, rows, res)
+    check_claims(b, rows, res)
+    check_countersignature(b, trust, res)
+    return res
+
+
+def check_keys(b: Bundle, trust: evidence.Trust | None, res: Result) -> dict[str, signing.SignatureChecker]:
+    """The key each agent's signatures are checked with: the trusted one where the trust source has it."""
+    out: dict[str, signing.SignatureChecker] = {}
+    for agent, text in sorted(b.agents.items()):
+        try:
+            pub = signing.parse_public_key(text)
+        except signing.KeyFileError as exc:
+            raise BundleError(f"{b.folder / evidence.BUNDLE}: agents.{agent}: {exc}") from None
+        fp = signing.key_id(pub)
+        where = f"key of agent {agent}"
+        if trust is None:
+            res.keys.append(KeyCheck(f"agent {agent}", fp, "NOT CHECKED", False))
+            out[agent] = signing.SignatureChecker(pub)
             continue
-        where = f"{where} ({iv.agent} seq {iv.seq})"
-        if iv.instrument != instrument:
+        known = trust.agents.get(agent)
+        if known is not None:
+            out[agent] = signing.SignatureChecker(signing.parse_public_key(known.key))
+            if known.fingerprint != fp:
+                res.keys.append(
+                    KeyCheck(f"agent {agent}", fp, f"DIFFERS from trusted {known.fingerprint}", False)
+                )
+                res.findings.append(
+                    Finding(where, f"{fp} in the bundle is not the trusted key {known.fingerprint}")
+                )
+                continue
+            if b.instrument not in known.instruments:
+                res.findings.append(
+                    Finding(where, f"agent {agent} is not enrolled for {b.instrument} in the trust source")
+                )
+            res.keys.append(KeyCheck(f"agent {agent}", fp, "trusted", True))
+        elif fp in trust.fingerprints:
+            out[agent] = signing.SignatureChecker(pub)
+            res.keys.append(KeyCheck(f"agent {agent}", fp, "trusted", True))
+        else:
+            res.keys.append(KeyCheck(f"agent {agent}", fp, "NOT TRUSTED", False))
+            res.findings.append(Finding(where, f"{fp} is not in the trust source ({trust.describe()})"))
+    return out
+
+
+def check_signatures(
+    b: Bundle, checkers: dict[str, signing.SignatureChecker], res: Result
+) -> dict[str, dict[int, tuple[wire.Interval, str]]]:
+    """The intervals with a valid signature by a usable key, per agent and seq."""
+    good: dict[str, dict[int, tuple[wire.Interval, str]]] = {}
+    unusable: dict[str, int] = {}
+    total: dict[str, int] = {}
+    forged: dict[str, int] = {}
+    for ln in b.lines:
+        iv = ln.iv
+        res.checked += 1
+        total[iv.agent] = total.get(iv.agent, 0) + 1
+        where = f"{evidence.INTERVALS}:{ln.n} ({iv.agent} seq {iv.seq})"
+        if iv.instrument != b.instrument:
             res.findings.append(
-                Finding(where, f"belongs to instrument {iv.instrument!r}, not {instrument!r}")
+                Finding(where, f"belongs to instrument {iv.instrument!r}, not {b.instrument!r}")
             )
             continue
-        check = keys.get(iv.agent)
+        check = checkers.get(iv.agent)
         if check is None:
-            res.findings.append(Finding(where, f"no public key for agent {iv.agent!r} in bundle.json"))
+            unusable[iv.agent] = unusable.get(iv.agent, 0) + 1
             continue
-        if not check(env.body.encode(), env.sig):
-            res.findings.append(Finding(where, "signature does not match the body (edited or forged)"))
+        if not check(ln.env.body.encode(), ln.env.sig):
+            forged[iv.agent] = forged.get(iv.agent, 0) + 1
+            if forged[iv.agent] <= MAX_NAMED:
+                res.findings.append(Finding(where, "signature does not match the body (edited or forged)"))
             continue
-        good.setdefault(iv.agent, {})[iv.seq] = (iv, wire.body_hash(env.body))
+        good.setdefault(iv.agent, {})[iv.seq] = (iv, wire.body_hash(ln.env.body))
+    for agent, n in sorted(forged.items()):
+        if n > MAX_NAMED:
+            res.findings.append(
+                Finding(f"agent {agent}", f"{n - MAX_NAMED} more interval(s) whose signature does not match")
+            )
+    for agent, n in sorted(unusable.items()):
+        why = "no public key in bundle.json" if agent not in b.agents else "its key is not trusted"
+        res.findings.append(Finding(f"agent {agent}", f"{n} interval(s) not counted: {why}"))
+    res.counts = {a: (n, len(good.get(a, {}))) for a, n in sorted(total.items())}
+    return good
 
+
+def check_chains(
+    good: dict[str, dict[int, tuple[wire.Interval, str]]], res: Result
+) -> list[tuple[int, int, str, bool]]:
+    """Rows for the hour rules: (start, end, state, linked), linked where prev and contiguity hold."""
     rows: list[tuple[int, int, str, bool]] = []
     for agent, chain in sorted(good.items()):
         seqs = sorted(chain)
@@ -93,8 +342,7 @@ def verify_bundle(folder: Path) -> Result:
             linked = True
             if wire.starts_chain(iv.prev):
                 if i > 0:
-                    at = datetime.fromtimestamp(iv.start / 1000, UTC).isoformat(timespec="seconds")
-                    res.restarts.append(f"{agent} seq {seq}: a new chain begins at {at}")
+                    res.restarts.append(f"{agent} seq {seq}: a new chain begins at {iso(iv.start)}")
             elif i == 0:
                 # the bundle's first link: its predecessor lies outside the bundle, like the ledger's view of it
                 linked = False
@@ -118,16 +366,153 @@ def verify_bundle(folder: Path) -> Result:
                     )
                     linked = False
             rows.append((iv.start, iv.end, iv.state, linked))
-    a, b = int(bundle["from_ms"]), int(bundle["to_ms"])
-    h = compute(rows, a, b, int(bundle["prep_allowance_s"]) * 1000, int(bundle["post_allowance_s"]) * 1000)
+    return rows
+
+
+def check_coverage(b: Bundle, rows: list[tuple[int, int, str, bool]], res: Result) -> None:
+    """Every span of the period without an interval must be one the collector declared as a gap."""
+    found = uncovered(rows, b.from_ms, b.to_ms)
+    declared = b.gaps or []
+    res.gaps = found
+    if b.gaps is None and found:
+        res.notes.append("format 1 bundles declare no gaps: every uncovered span is a discrepancy")
+    for s, e in _minus(found, declared):
+        span = f"{iso(s)} to {iso(e)} ({(e - s) / H:.3f} h)"
+        if s == b.from_ms and e == b.to_ms:
+            what = "no interval covers any of the period"
+        elif s == b.from_ms:
+            what = f"the first interval starts at {iso(e)}, after the period start"
+        elif e == b.to_ms:
+            what = f"the last interval ends at {iso(s)}, before the period end"
+        else:
+            what = f"no interval covers {span}"
+        res.findings.append(Finding("coverage", f"{what}, and the bundle does not declare it as a gap"))
+    for s, e in _minus(declared, found):
+        res.findings.append(
+            Finding("coverage", f"declared gap {iso(s)} to {iso(e)} is covered by intervals in the bundle")
+        )
+
+
+def _minus(xs: list[tuple[int, int]], ys: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """The parts of the (sorted, disjoint) spans xs that no span of ys covers."""
+    out = []
+    for s, e in xs:
+        at = s
+        for ys_s, ys_e in sorted(ys):
+            if ys_e <= at or ys_s >= e:
+                continue
+            if ys_s > at:
+                out.append((at, ys_s))
+            at = max(at, ys_e)
+        if at < e:
+            out.append((at, e))
+    return out
+
+
+def check_claims(b: Bundle, rows: list[tuple[int, int, str, bool]], res: Result) -> None:
+    """The claimed hours against the hour rules applied to the verified intervals; missing claims count."""
+    h = compute(rows, b.from_ms, b.to_ms, b.prep_s * 1000, b.post_s * 1000)
     res.recomputed = h.totals()
-    for key, claimed in res.claimed.items():
+    if not b.claimed:
+        res.findings.append(Finding("claims", "bundle.json claims no hours ('claimed' is missing or empty)"))
+        return
+    missing = [k for k in CLAIMS if k not in b.claimed]
+    if missing:
+        res.findings.append(Finding("claims", f"no claim for {', '.join(missing)}"))
+    for key, claimed in b.claimed.items():
         got = res.recomputed.get(key)
-        if got is not None and got != claimed:
+        if got is None:
+            res.findings.append(Finding("claims", f"{key!r} is not a quantity labmeter counts"))
+        elif got != claimed:
             res.findings.append(
                 Finding(
                     f"hours {key.removesuffix('_ms')}",
                     f"claimed {claimed / H:.3f} h, recomputed {got / H:.3f} h",
                 )
             )
-    return res
+
+
+def check_countersignature(b: Bundle, trust: evidence.Trust | None, res: Result) -> None:
+    """The collector's signature over the claims and every file, by a key the trust source names."""
+    where = evidence.MANIFEST
+    if b.manifest is None:
+        if b.version >= 2:
+            res.countersignature = "MISSING"
+            res.findings.append(
+                Finding(where, "missing: a format 2 bundle is countersigned by the collector")
+            )
+        else:
+            res.countersignature = "none (format 1 bundle)"
+            res.notes.append("format 1 bundle: it carries no countersignature by the collector")
+        return
+    m = b.manifest
+    try:
+        pub = signing.parse_public_key(m["key"])
+    except signing.KeyFileError as exc:
+        raise BundleError(f"{b.folder / where}: key: {exc}") from None
+    fp = signing.key_id(pub)
+    status, trusted = "NOT CHECKED", False
+    if trust is not None:
+        if trust.collector is not None:
+            trusted_fp = signing.key_id(signing.parse_public_key(trust.collector))
+            if trusted_fp == fp:
+                status, trusted = "trusted", True
+            else:
+                status = f"DIFFERS from trusted {trusted_fp}"
+                res.findings.append(
+                    Finding(where, f"countersigned by {fp}, not by the trusted collector key {trusted_fp}")
+                )
+        elif fp in trust.fingerprints:
+            status, trusted = "trusted", True
+        else:
+            status = "NOT TRUSTED"
+            res.findings.append(
+                Finding(where, f"collector key {fp} is not in the trust source ({trust.describe()})")
+            )
+    res.keys.append(KeyCheck("collector", fp, status, trusted))
+    if not signing.verify(pub, m["body"].encode(), m["sig"]):
+        res.countersignature = f"BROKEN (key {fp})"
+        res.findings.append(
+            Finding(where, "the countersignature does not match the manifest (edited or forged)")
+        )
+        return
+    res.countersignature = f"valid, by collector key {fp} ({status})"
+    try:
+        body = json.loads(m["body"])
+        files = body["files"]
+        signed = {k: body[k] for k in ("format", "instrument", "from_ms", "to_ms", "claimed")}
+    except (ValueError, KeyError, TypeError) as exc:
+        raise BundleError(f"{b.folder / where}: body is not a manifest ({exc})") from None
+    actual = {
+        "format": b.format,
+        "instrument": b.instrument,
+        "from_ms": b.from_ms,
+        "to_ms": b.to_ms,
+        "claimed": b.claimed,
+    }
+    for key, value in signed.items():
+        if value != actual[key]:
+            res.findings.append(
+                Finding(where, f"the collector signed {_difference(key, value, actual[key])}")
+            )
+    for name in evidence.COUNTERSIGNED:
+        if not isinstance(files, dict) or files.get(name) != evidence.file_hash(b.files[name]):
+            res.findings.append(
+                Finding(where, f"{name} changed after the collector signed it (SHA-256 differs)")
+            )
+
+
+def _difference(key: str, signed: Any, now: Any) -> str:
+    """What differs between a signed manifest field and the bundle's, claims hour by hour."""
+    if key == "claimed" and isinstance(signed, dict) and isinstance(now, dict):
+        parts = [
+            f"{k} {_hours(signed.get(k))}, bundle.json says {_hours(now.get(k))}"
+            for k in sorted(set(signed) | set(now))
+            if signed.get(k) != now.get(k)
+        ]
+        return "other claims: " + "; ".join(parts)
+    return f"{key} {json.dumps(signed)}, bundle.json says {json.dumps(now)}"
+
+
+def _hours(ms: Any) -> str:
+    return f"{ms / H:.3f} h" if _int(ms) else "none"

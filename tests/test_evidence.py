@@ -19,6 +19,7 @@ from labmeter.verify import H, verify_bundle
 from labmeter.wire import State
 from tests.lab import store_schedule
 
+COLLECTOR = signing.PrivateKey.generate()
 T0 = 1_772_409_600_000  # 2026-03-02T00:00:00Z
 M = 60_000
 # one day: OFF, STANDBY, RUNNING 2 h, STANDBY, RUNNING 1 h, OFF
@@ -49,7 +50,7 @@ def bundle(tmp_path: Path) -> tuple[Path, list[int]]:
     ledger, running = build(tmp_path)
     out = tmp_path / "bundle"
     # the period is 06:00-18:00, so the first interval in it has a predecessor to link to
-    write_bundle(ledger, "CZ-XRD-001", T0 + 360 * M, T0 + 1080 * M, 900, 600, out)
+    write_bundle(ledger, "CZ-XRD-001", T0 + 360 * M, T0 + 1080 * M, 900, 600, out, COLLECTOR)
     ledger.close()
     return out, running
 
@@ -133,42 +134,51 @@ def test_changed_signature_is_named(bundle: tuple[Path, list[int]], tmp_path: Pa
     assert res.recomputed["run_ms"] < res.claimed["run_ms"]
 
 
-def test_cli_evidence_and_verify(tmp_path: Path) -> None:
+def test_cli_evidence_export_keys_and_verify(tmp_path: Path) -> None:
+    """The owner's path: bundle and key list from the CLI; the evaluator's: verify against the key list."""
     ledger, _ = build(tmp_path)
+    n = ledger.db.execute("SELECT COUNT(*) FROM intervals").fetchone()[0]
     ledger.close()
     (tmp_path / "collector.toml").write_text(
         f'[collector]\ndata_dir = "{tmp_path}"\nledger = "sqlite:///{tmp_path / "ledger.sqlite"}"\n'
     )
     run = [sys.executable, "-m", "labmeter"]
+    cfg = ["-c", str(tmp_path / "collector.toml")]
+    period = ["--from", "2026-03-02", "--to", "2026-03-02", "--tz", "UTC"]
     out = subprocess.run(
-        [
-            *run,
-            "report",
-            "evidence",
-            "--instrument",
-            "CZ-XRD-001",
-            "--from",
-            "2026-03-02",
-            "--to",
-            "2026-03-02",
-            "-o",
-            str(tmp_path / "ev"),
-            "-c",
-            str(tmp_path / "collector.toml"),
-            "--tz",
-            "UTC",
-        ],
+        [*run, "report", "evidence", "--instrument", "CZ-XRD-001", *period, "-o", str(tmp_path / "ev"), *cfg],
         capture_output=True,
         text=True,
         timeout=60,
     )
     assert out.returncode == 0, out.stderr
-    ok = subprocess.run([*run, "verify", str(tmp_path / "ev")], capture_output=True, text=True, timeout=60)
+    collector_fp = signing.key_id(signing.load_private_key(tmp_path / "collector.key").public_key())
+    assert f"countersigned by collector key {collector_fp}" in out.stdout
+    keys = subprocess.run(
+        [*run, "collector", "export-keys", "-o", str(tmp_path / "keys.json"), *cfg],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert keys.returncode == 0, keys.stderr
+    assert f"1 agent key(s) and the collector key {collector_fp} written to" in keys.stderr
+    ok = subprocess.run(
+        [*run, "verify", str(tmp_path / "ev"), "--trust", str(tmp_path / "keys.json")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert ok.returncode == 0 and "OK:" in ok.stdout, ok.stdout
     assert f"claimed {3.0:10.3f} h" in ok.stdout
+    assert f"intervals   lab-pc: {n} in the bundle, {n} with a valid signature" in ok.stdout
     envs = lines(tmp_path / "ev")
     rewrite(tmp_path / "ev", envs[:5] + envs[6:])
-    bad = subprocess.run([*run, "verify", str(tmp_path / "ev")], capture_output=True, text=True, timeout=60)
+    bad = subprocess.run(
+        [*run, "verify", str(tmp_path / "ev"), "--trust", str(tmp_path / "keys.json")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert bad.returncode == 1
     assert f"DISCREPANCY lab-pc seq {seq_of(envs[5])}: missing: the chain breaks here" in bad.stdout
     assert H == 3_600_000
@@ -187,10 +197,14 @@ def test_new_chain_after_lost_state_verifies(tmp_path: Path) -> None:
     store_schedule(tmp_path, ledger, "lab-pc", "CZ-XRD-001", after)
     assert ledger.db.execute("SELECT COUNT(*) FROM rejections").fetchone()[0] == 0
     out = tmp_path / "bundle"
-    claimed = write_bundle(ledger, "CZ-XRD-001", T0 + 360 * M, T0 + 1080 * M, 900, 600, out)["claimed"]
+    claimed = write_bundle(ledger, "CZ-XRD-001", T0 + 360 * M, T0 + 1080 * M, 900, 600, out, COLLECTOR)[
+        "claimed"
+    ]
     ledger.close()
     res = verify_bundle(out)
     assert res.ok, res.findings
-    assert len(res.restarts) == 1 and "2026-03-02T11:30:00+00:00" in res.restarts[0]
+    assert len(res.restarts) == 1 and "2026-03-02T11:30:00Z" in res.restarts[0]
     assert claimed["run_ms"] == res.recomputed["run_ms"] == 120 * M
     assert claimed["uncovered_ms"] == 30 * M and claimed["unverified_ms"] == 0
+    # the half hour it was down is a gap the collector declared, so it is no discrepancy
+    assert res.gaps == [(T0 + 660 * M, T0 + 690 * M)]
