@@ -31,7 +31,11 @@ CLAIMS = tuple(Hours().totals())
 
 
 def iso(ms: int) -> str:
-    return datetime.fromtimestamp(ms / 1000, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+    """UTC time of a millisecond timestamp; one outside the calendar is shown as the number (a bundle is hostile)."""
+    try:
+        return datetime.fromtimestamp(ms / 1000, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+    except (OverflowError, ValueError, OSError):
+        return f"{ms} ms"
 
 
 @dataclass
