@@ -114,6 +114,8 @@ class Bundle:
     lines: list[Line]
     files: dict[str, bytes]
     manifest: dict[str, str] | None
+    listed: int | None = None
+    """How many intervals bundle.json says intervals.jsonl holds."""
 
 
 # reading ----------------------------------------------------------------------
@@ -222,6 +224,7 @@ def load_bundle(folder: Path) -> Bundle:
         _lines(folder / evidence.INTERVALS, files[evidence.INTERVALS]),
         files,
         manifest,
+        doc["intervals"] if _int(doc.get("intervals")) else None,
     )
 
 
@@ -331,6 +334,10 @@ def check_signatures(
         why = "no public key in bundle.json" if agent not in b.agents else "its key is not trusted"
         res.findings.append(Finding(f"agent {agent}", f"{n} interval(s) not counted: {why}"))
     res.counts = {a: (n, len(good.get(a, {}))) for a, n in sorted(total.items())}
+    if b.listed is not None and b.listed != len(b.lines):
+        res.findings.append(
+            Finding(evidence.INTERVALS, f"holds {len(b.lines)} interval(s), bundle.json lists {b.listed}")
+        )
     return good
 
 

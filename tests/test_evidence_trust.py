@@ -141,6 +141,7 @@ def op_recount(folder: Path, gaps: bool = False) -> None:
     res = verify_bundle(folder)
     doc = load(folder)
     doc["claimed"] = res.recomputed
+    doc["intervals"] = res.checked
     if gaps:
         doc["gaps"] = [list(g) for g in res.gaps]
     save(folder, doc)
@@ -350,3 +351,18 @@ def test_verify_runs_without_the_collector_installed(genuine: tuple[Path, Path])
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0 and "OK:" in proc.stdout, proc.stdout + proc.stderr
+
+
+def test_bundle_from_each_ledger_backend_verifies_against_its_key_list(
+    any_ledger: Ledger, tmp_path: Path
+) -> None:
+    """The writer reads envelopes and keys through the ledger, so PostgreSQL bundles are the same evidence."""
+    spans = [(T0 + a * M, T0 + b * M, st) for a, b, st in DAY]
+    store_schedule(tmp_path, any_ledger, "lab-pc", INSTRUMENT, spans)
+    collector = signing.PrivateKey.generate()
+    write_bundle(any_ledger, INSTRUMENT, T0 + 360 * M, T0 + 1080 * M, 900, 600, tmp_path / "b", collector)
+    keys = tmp_path / "keys.json"
+    keys.write_text(json.dumps(export_keys(any_ledger, collector.public_key(), T0)))
+    code, out = run_verify(str(tmp_path / "b"), "--trust", str(keys))
+    assert code == 0, out
+    assert f"run: claimed {3.0:10.3f} h, recomputed {3.0:10.3f} h" in out
