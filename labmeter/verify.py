@@ -462,6 +462,8 @@ def check_countersignature(b: Bundle, trust: evidence.Trust | None, res: Result)
     except signing.KeyFileError as exc:
         raise BundleError(f"{b.folder / where}: key: {exc}") from None
     fp = signing.key_id(pub)
+    if m["kid"] != fp:
+        res.findings.append(Finding(where, f"kid {m['kid'][:64]!r} is not the fingerprint of its key ({fp})"))
     status, trusted = "NOT CHECKED", False
     if trust is not None:
         if trust.collector is not None:

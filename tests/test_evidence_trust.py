@@ -24,7 +24,7 @@ from labmeter.collector.ledger import Ledger
 
 from labmeter import evidence, signing, wire
 from labmeter.cli import VERIFY_UNTRUSTED, app
-from labmeter.verify import verify_bundle
+from labmeter.verify import BundleError, verify_bundle
 from tests.lab import store_schedule
 
 T0 = 1_772_409_600_000  # 2026-03-02T00:00:00Z
@@ -366,3 +366,44 @@ def test_bundle_from_each_ledger_backend_verifies_against_its_key_list(
     code, out = run_verify(str(tmp_path / "b"), "--trust", str(keys))
     assert code == 0, out
     assert f"run: claimed {3.0:10.3f} h, recomputed {3.0:10.3f} h" in out
+
+
+HOSTILE = [None, True, "x", -1, 1.5, 10**30, [], {}, [[1, "a"]], {"lab-pc": 1}]
+
+
+def test_no_hostile_value_in_any_field_gives_a_traceback(genuine: tuple[Path, Path], tmp_path: Path) -> None:
+    """Every field of bundle.json and manifest.json replaced by every hostile value: a discrepancy or a named
+    error, never an exception and never OK."""
+    folder, keys = genuine
+    trust = evidence.load_trust(keys)
+    seen = 0
+    for name in (evidence.BUNDLE, evidence.MANIFEST):
+        for key in load(folder, name):
+            for value in HOSTILE:
+                bad = tmp_path / f"{seen}"
+                shutil.copytree(folder, bad)
+                op_set(bad, key, value, name)
+                try:
+                    res = verify_bundle(bad, trust)
+                except BundleError as exc:
+                    assert name in str(exc), (key, value, exc)
+                else:
+                    assert not res.ok, (name, key, value)
+                seen += 1
+    assert seen >= 10 * len(HOSTILE)
+
+
+def test_every_cut_of_an_envelope_line_is_named(genuine: tuple[Path, Path], tmp_path: Path) -> None:
+    folder, keys = genuine
+    trust = evidence.load_trust(keys)
+    line = (folder / evidence.INTERVALS).read_text().splitlines()[2]
+    for keep in range(0, len(line), 7):
+        bad = tmp_path / f"cut{keep}"
+        shutil.copytree(folder, bad)
+        op_cut_line(bad, 3, keep)
+        try:
+            res = verify_bundle(bad, trust)
+        except BundleError as exc:
+            assert "intervals.jsonl:3: not a signed interval" in str(exc)
+        else:  # an empty line is skipped: then the missing link is named
+            assert keep == 0 and any("missing: the chain breaks here" in f.problem for f in res.findings)
