@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from labmeter import evidence, signing, wire
-from labmeter.machine_hours import HOUR_MS, Hours, compute, uncovered
+from labmeter.machine_hours import HOUR_MS, Hours, compute, uncovered, union
 
 H = HOUR_MS
 MAX_NAMED = 10
@@ -383,12 +383,12 @@ def check_chains(
 def check_coverage(b: Bundle, rows: list[tuple[int, int, str, bool]], res: Result) -> None:
     """Every span of the period without an interval must be one the collector declared as a gap."""
     found = uncovered(rows, b.from_ms, b.to_ms)
-    declared = b.gaps or []
+    declared = union(b.gaps or [])
     res.gaps = found
     if b.gaps is None and found:
         res.notes.append("format 1 bundles declare no gaps: every uncovered span is a discrepancy")
+    problems = []
     for s, e in _minus(found, declared):
-        span = f"{iso(s)} to {iso(e)} ({(e - s) / H:.3f} h)"
         if s == b.from_ms and e == b.to_ms:
             what = "no interval covers any of the period"
         elif s == b.from_ms:
@@ -396,25 +396,28 @@ def check_coverage(b: Bundle, rows: list[tuple[int, int, str, bool]], res: Resul
         elif e == b.to_ms:
             what = f"the last interval ends at {iso(s)}, before the period end"
         else:
-            what = f"no interval covers {span}"
-        res.findings.append(Finding("coverage", f"{what}, and the bundle does not declare it as a gap"))
+            what = f"no interval covers {iso(s)} to {iso(e)} ({(e - s) / H:.3f} h)"
+        problems.append(f"{what}, and the bundle does not declare it as a gap")
     for s, e in _minus(declared, found):
-        res.findings.append(
-            Finding("coverage", f"declared gap {iso(s)} to {iso(e)} is covered by intervals in the bundle")
-        )
+        problems.append(f"declared gap {iso(s)} to {iso(e)} is covered by intervals in the bundle")
+    res.findings += [Finding("coverage", p) for p in problems[:MAX_NAMED]]
+    if len(problems) > MAX_NAMED:
+        res.findings.append(Finding("coverage", f"{len(problems) - MAX_NAMED} more span(s) like these"))
 
 
 def _minus(xs: list[tuple[int, int]], ys: list[tuple[int, int]]) -> list[tuple[int, int]]:
-    """The parts of the (sorted, disjoint) spans xs that no span of ys covers."""
-    out = []
+    """The parts of xs that ys do not cover; both sorted and disjoint, so one pass (a bundle is hostile)."""
+    out, j = [], 0
     for s, e in xs:
         at = s
-        for ys_s, ys_e in sorted(ys):
-            if ys_e <= at or ys_s >= e:
-                continue
-            if ys_s > at:
-                out.append((at, ys_s))
-            at = max(at, ys_e)
+        while j < len(ys) and ys[j][1] <= at:
+            j += 1
+        k = j
+        while k < len(ys) and ys[k][0] < e:
+            if ys[k][0] > at:
+                out.append((at, ys[k][0]))
+            at = max(at, ys[k][1])
+            k += 1
         if at < e:
             out.append((at, e))
     return out
