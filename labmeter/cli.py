@@ -372,7 +372,10 @@ def collector_add_agent(
     ledger = Ledger.open(cfg.collector.ledger, cfg.collector.data_dir)
     ledger.add_agent(agent_id, key, signing.key_id(pub), instruments)
     ledger.close()
-    click.echo(f"agent {agent_id} registered for {', '.join(instruments)}")
+    click.echo(
+        f"agent {agent_id} registered for {', '.join(instruments)} (key fingerprint {signing.key_id(pub)}); "
+        "publish the key list again: labmeter collector export-keys -o keys.json"
+    )
     if mosquitto_dir is not None:
         _broker_account(mosquitto_dir, agent_id, "agent")
 
