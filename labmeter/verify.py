@@ -26,7 +26,7 @@ from labmeter.machine_hours import HOUR_MS, Hours, compute, uncovered, union
 
 H = HOUR_MS
 MAX_NAMED = 10
-"""Bad signatures named one by one per agent; the rest are counted (a re-signed bundle fails on every line)."""
+"""Findings of one kind named one by one; the rest are counted (a re-signed bundle fails on every line)."""
 CLAIMS = tuple(Hours().totals())
 
 
@@ -93,6 +93,8 @@ class BundleError(Exception):
 
 @dataclass
 class Line:
+    """One envelope of intervals.jsonl, decoded, with its line number for findings."""
+
     n: int
     env: wire.Envelope
     iv: wire.Interval
@@ -100,6 +102,8 @@ class Line:
 
 @dataclass
 class Bundle:
+    """A bundle's files, read and type-checked, nothing yet verified."""
+
     folder: Path
     format: str
     version: int

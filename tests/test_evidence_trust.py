@@ -407,3 +407,19 @@ def test_every_cut_of_an_envelope_line_is_named(genuine: tuple[Path, Path], tmp_
             assert "intervals.jsonl:3: not a signed interval" in str(exc)
         else:  # an empty line is skipped: then the missing link is named
             assert keep == 0 and any("missing: the chain breaks here" in f.problem for f in res.findings)
+
+
+def test_export_keys_to_stdout_creates_the_collector_key_once(tmp_path: Path) -> None:
+    ledger = Ledger(tmp_path / "ledger.sqlite")
+    store_schedule(tmp_path, ledger, "lab-pc", INSTRUMENT, [(T0, T0 + H, "RUNNING")])
+    ledger.close()
+    cfg = tmp_path / "collector.toml"
+    cfg.write_text(f'[collector]\ndata_dir = "{tmp_path}"\n')
+    first = CliRunner().invoke(app, ["collector", "export-keys", "-c", str(cfg)])
+    assert first.exit_code == 0, first.output
+    doc = json.loads(first.stdout)
+    assert [a["id"] for a in doc["agents"]] == ["lab-pc"]
+    key = signing.load_private_key(tmp_path / "collector.key")
+    assert doc["collector"]["key"] == signing.public_key_text(key.public_key())
+    again = json.loads(CliRunner().invoke(app, ["collector", "export-keys", "-c", str(cfg)]).stdout)
+    assert again["collector"] == doc["collector"]
