@@ -229,3 +229,63 @@ def test_a_large_ack_is_split_into_messages_an_agent_reads() -> None:
     for a in got:  # rejects come first, so no ack deletes a row before its reject dead-letters it
         assert not (seen_ack and a.rejects)
         seen_ack = seen_ack or bool(a.acks)
+
+
+@pytest.mark.parametrize(
+    ("setting", "fragment"),
+    [
+        ('collector_key = "ed25519:short"', "[agent] collector_key: public key 'ed25519:short'"),
+        ('collector_key = "rsa:AAAA"', "expected 'ed25519:<base64>'"),
+    ],
+)
+def test_a_bad_pinned_key_stops_start_up_with_the_key_named(
+    tmp_path: Path, setting: str, fragment: str
+) -> None:
+    path = agent_toml(tmp_path)
+    path.write_text(path.read_text().replace("[broker]", f"{setting}\n[broker]"))
+    run = subprocess.run(
+        [*LABMETER, "agent", "run", "-c", "agent.toml"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert run.returncode == 2 and fragment in run.stderr and "Traceback" not in run.stderr, run.stderr
+    enroll = subprocess.run(
+        [*LABMETER, "agent", "enroll", "-c", "agent.toml", "--collector-key", "ed25519:short"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert enroll.returncode == 2 and "--collector-key: public key" in enroll.stderr
+
+
+def test_a_corrupt_pin_file_is_named_by_status(tmp_path: Path) -> None:
+    agent_toml(tmp_path)
+    (tmp_path / "state").mkdir()
+    (tmp_path / "state" / "collector.pub").write_text("ed25519:broken\n")
+    out = subprocess.run(
+        [*LABMETER, "agent", "status", "-c", "agent.toml"], cwd=tmp_path, capture_output=True, text=True
+    )
+    assert out.returncode == 0 and "collector.pub" in out.stdout and "delete the file" in out.stdout
+
+
+def test_collector_key_command_and_add_agent_print_the_line_to_pin(tmp_path: Path) -> None:
+    (tmp_path / "collector.toml").write_text(f'[collector]\ndata_dir = "{tmp_path / "data"}"\n')
+    run = lambda *a: subprocess.run(  # noqa: E731
+        [*LABMETER, *a, "-c", "collector.toml"], cwd=tmp_path, capture_output=True, text=True, timeout=60
+    )
+    shown = run("collector", "key")
+    assert shown.returncode == 0, shown.stderr
+    key = signing.load_private_key(tmp_path / "data" / "collector.key").public_key()
+    text, fingerprint = signing.public_key_text(key), signing.key_id(key)
+    assert f"fingerprint: {fingerprint}" in shown.stdout and f'collector_key = "{text}"' in shown.stdout
+    agent = signing.PrivateKey.generate().public_key()
+    added = run(
+        "collector", "add-agent", AGENT, "--key", signing.public_key_text(agent), "--instrument", INST
+    )
+    assert (
+        added.returncode == 0 and f'collector_key = "{text}"' in added.stdout and fingerprint in added.stdout
+    )
+    assert run("collector", "key").stdout == shown.stdout  # the same key, not a new one each time
