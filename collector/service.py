@@ -215,7 +215,7 @@ class Collector:
             if time.monotonic() - self._last_log.get(key, -1e9) > 60:
                 self._last_log[key] = time.monotonic()
                 log.warning("ignored status on %s: %s", wire.status_topic(s.agent), s.problem)
-            if s.registered and (known is None or not known["verified"]):
+            if s.registered and (known is None or not known.get("verified")):
                 self.live.agents[s.agent] = {
                     "online": False,
                     "verified": False,
@@ -226,7 +226,7 @@ class Collector:
                     "order": None,
                 }
             return
-        if known is not None and known["order"] is not None and r.order() <= known["order"]:
+        if known is not None and known.get("order") is not None and r.order() <= known["order"]:
             self.stats["status_ignored"] += 1  # a replayed or older status
             return
         fresh = r.at >= now - STATUS_FRESH_MS * max(1.0, self.clock.scale)

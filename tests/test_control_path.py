@@ -289,3 +289,17 @@ def test_collector_key_command_and_add_agent_print_the_line_to_pin(tmp_path: Pat
         added.returncode == 0 and f'collector_key = "{text}"' in added.stdout and fingerprint in added.stdout
     )
     assert run("collector", "key").stdout == shown.stdout  # the same key, not a new one each time
+
+
+def test_connection_numbers_only_grow_even_when_the_clock_goes_back(tmp_path: Path) -> None:
+    """Status order rests on them: a status from an earlier connection must never look newer."""
+    agent = make_agent(tmp_path)
+    first = agent._will_conn
+    later = agent.store.next_connection(first - 86_400_000)  # the clock was set back a day
+    assert later == first + 1
+    agent.store.close()
+    again = make_agent(tmp_path)  # and across restarts
+    assert again._will_conn > later
+    st = wire.decode_status(wire.open_envelope(again._will().payload).body)
+    assert st.status == "offline" and st.conn == again._will_conn and st.agent == AGENT
+    again.store.close()
