@@ -163,24 +163,34 @@ class LiveView:
 
     def _agent_down(self, agent: str, now: int) -> bool:
         a = self.collector.live.agents.get(agent)
-        if a is None or not a.get("online"):
+        if a is None or a.get("online") is not True:
             return True
-        return now - int(a.get("received", 0)) > AGENT_DOWN_AFTER_S * 1000 * max(
+        received = _int_or_none(a.get("received"))
+        return received is None or now - received > AGENT_DOWN_AFTER_S * 1000 * max(
             1.0, self.collector.clock.scale
         )
 
     def agents(self) -> list[dict[str, Any]]:
+        """Registered agents that sent status; an unsigned status shows as "unverified", never online."""
         now = self.collector.clock.wall_ms()
-        return [
-            {
-                "agent": a,
-                "online": bool(v.get("online")),
-                "last_seen": v.get("received"),
-                "pending": v.get("pending"),
-                "down": self._agent_down(a, now),
-            }
-            for a, v in sorted(self.collector.live.agents.items())
-        ]
+        registered = self.collector.verifier.keys
+        out = []
+        for a, v in sorted(self.collector.live.agents.items()):
+            if a not in registered:
+                continue
+            verified = v.get("verified") is True
+            online = verified and v.get("online") is True
+            out.append(
+                {
+                    "agent": a,
+                    "online": online,
+                    "status": ("online" if online else "offline") if verified else "unverified",
+                    "last_seen": _int_or_none(v.get("received")),
+                    "pending": _int_or_none(v.get("pending")),
+                    "down": self._agent_down(a, now),
+                }
+            )
+        return out
 
     # handlers -------------------------------------------------------------
     @web.middleware
@@ -332,3 +342,7 @@ class LiveView:
 def _dumps(obj: Any) -> str:
     """UTF-8 JSON without escapes; msgspec, because the instruments list of a province is megabytes."""
     return msgspec.json.encode(obj).decode()
+
+
+def _int_or_none(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None

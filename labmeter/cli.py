@@ -133,19 +133,55 @@ def report_group() -> None:
 @agent_group.command("enroll")
 @config_option("agent.toml")
 @click.option("--force", is_flag=True, help="Replace an existing key.")
-def agent_enroll(cfg_path: Path, force: bool) -> None:
-    """Create the agent's Ed25519 key (mode 0600) and print the command that registers it."""
+@click.option(
+    "--collector-key",
+    help="The collector's public key (ed25519:..., from `labmeter collector key`): pinned in the config.",
+)
+def agent_enroll(cfg_path: Path, force: bool, collector_key: str | None) -> None:
+    """Create the agent's Ed25519 key (mode 0600) and print the command that registers it.
+
+    With --collector-key, also pin the collector's key ([agent] collector_key in the config), so the agent
+    obeys only acknowledgements that collector signed.
+    """
     cfg = load_agent(cfg_path)
-    try:
-        key = signing.generate_key_file(cfg.agent.key_file, force=force)
-    except signing.KeyFileError as exc:
-        fail(str(exc))
+    if collector_key is not None:
+        try:
+            collector_key = signing.public_key_text(signing.parse_public_key(collector_key))
+        except signing.KeyFileError as exc:
+            fail(f"--collector-key: {exc}")
+    if cfg.agent.key_file.exists() and not force and collector_key is not None:
+        click.echo(f"key {cfg.agent.key_file} exists; kept")
+        key = None
+    else:
+        try:
+            key = signing.generate_key_file(cfg.agent.key_file, force=force)
+        except signing.KeyFileError as exc:
+            fail(str(exc))
+    if collector_key is not None:
+        _pin_collector_key(cfg_path, collector_key)
+    if key is None:
+        return
     pub = signing.public_key_text(key.public_key())
     click.echo(f"key written to {cfg.agent.key_file} (mode 0600)")
     click.echo(f"public key: {pub}")
     inst = " ".join(f"--instrument {i.id}" for i in cfg.instrument)
     click.echo("register it on the collector with:")
     click.echo(f"  labmeter collector add-agent {cfg.agent.id} --key {pub} {inst}")
+
+
+def _pin_collector_key(cfg_path: Path, key_text: str) -> None:
+    """Write ``[agent] collector_key`` into the agent's config, keeping its comments."""
+    import tomlkit
+
+    doc = tomlkit.parse(cfg_path.read_text(encoding="utf-8"))
+    section = doc.get("agent")
+    if not isinstance(section, dict):
+        fail(f"{cfg_path}: no [agent] table")
+    section["collector_key"] = key_text
+    cfg_path.write_text(tomlkit.dumps(doc), encoding="utf-8")
+    fingerprint = signing.key_id(signing.parse_public_key(key_text))
+    click.echo(f"collector key {fingerprint} pinned in {cfg_path}:")
+    click.echo(f'  [agent] collector_key = "{key_text}"')
 
 
 @agent_group.command("run")
@@ -275,12 +311,26 @@ def agent_install(cfg_path: Path, dry_run: bool, unit_dir: Path, no_enable: bool
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def agent_status(cfg_path: Path, as_json: bool) -> None:
     """Show the outbox: what waits for the collector's acknowledgement, and what it rejected."""
+    from labmeter.agent.control import load_pin
     from labmeter.agent.outbox import AgentStore
 
     cfg = load_agent(cfg_path)
     store = AgentStore(cfg.agent.state_dir / "agent.db")
     summary = store.summary()
     store.close()
+    try:
+        pin = load_pin(cfg.agent)
+        summary["collector_key"] = (
+            {"fingerprint": pin.fingerprint, "key": pin.text, "source": pin.source} if pin else None
+        )
+        pinned = (
+            f"collector key {pin.fingerprint}, pinned from {pin.source}"
+            if pin
+            else "collector key: not pinned yet (the first signed acknowledgement will pin one)"
+        )
+    except signing.KeyFileError as exc:
+        summary["collector_key"] = {"error": str(exc)}
+        pinned = f"collector key: {exc}"
     if as_json:
         click.echo(json.dumps(summary, indent=2))
         return
@@ -289,6 +339,7 @@ def agent_status(cfg_path: Path, as_json: bool) -> None:
     dead = summary["dead"]
     assert isinstance(chain, dict) and isinstance(pending, dict) and isinstance(dead, list)
     click.echo(f"agent {cfg.agent.id}")
+    click.echo(f"  {pinned}")
     for inst in cfg.instrument:
         p = pending.get(inst.id)
         waiting = f"{p['count']} waiting for acknowledgement" if p else "all acknowledged"
@@ -333,7 +384,10 @@ def collector_run(cfg_path: Path, verbose: bool) -> None:
     cfg = load_collector(cfg_path)
 
     async def main(stop: asyncio.Event) -> None:
-        await Collector(cfg, clock_from_env()).run(stop)
+        try:
+            await Collector(cfg, clock_from_env()).run(stop)
+        except signing.KeyFileError as exc:
+            fail(f"[collector] key_file: {exc}")
 
     run_until_signal(main)
 
@@ -376,8 +430,36 @@ def collector_add_agent(
         f"agent {agent_id} registered for {', '.join(instruments)} (key fingerprint {signing.key_id(pub)}); "
         "publish the key list again: labmeter collector export-keys -o keys.json"
     )
+    own = _collector_public_key(cfg)
+    click.echo(f"pin this collector's key in the agent's agent.toml, under [agent] (fingerprint {own[1]}):")
+    click.echo(f'  collector_key = "{own[0]}"')
+    click.echo(f"  or: labmeter agent enroll --collector-key {own[0]}")
     if mosquitto_dir is not None:
         _broker_account(mosquitto_dir, agent_id, "agent")
+
+
+def _collector_public_key(cfg: config.CollectorConfig) -> tuple[str, str]:
+    """The collector's public key text and fingerprint (its key is created on first use)."""
+    from labmeter.collector.identity import collector_key
+
+    try:
+        pub = collector_key(cfg.collector).public_key()
+    except signing.KeyFileError as exc:
+        fail(f"[collector] key_file: {exc}")
+    return signing.public_key_text(pub), signing.key_id(pub)
+
+
+@collector_group.command("key")
+@config_option("collector.toml")
+def collector_key_cmd(cfg_path: Path) -> None:
+    """Show the collector's public key and fingerprint (agents pin it; it signs their acknowledgements)."""
+    cfg = load_collector(cfg_path)
+    text, fingerprint = _collector_public_key(cfg)
+    click.echo(f"collector key file: {cfg.collector.key_path}")
+    click.echo(f"fingerprint: {fingerprint}")
+    click.echo(f"public key: {text}")
+    click.echo("pin it in each agent.toml, under [agent]:")
+    click.echo(f'  collector_key = "{text}"')
 
 
 def _broker_account(directory: Path, user: str, role: str) -> None:

@@ -99,6 +99,10 @@ class MqttLink:
         c.on_message = _on_message
         self.client = c
 
+    def set_will(self, will: Will) -> None:
+        """The last will for the next (re)connect; the broker keeps the one sent with the current one."""
+        self.client._will_message = Message(will.topic, will.payload, qos=will.qos, retain=will.retain)
+
     def on_connect(self, callback: Callable[[], None]) -> None:
         """Run ``callback`` after every (re)connect."""
         self._on_connect_cbs.append(callback)
