@@ -23,6 +23,7 @@ from aiohttp import web
 from labmeter.collector.report import GROUPINGS, YEAR_MS, hours_report, rated_ms
 from labmeter.collector.rollup import Calendar, Rollups
 
+from labmeter.config import ConfigError
 from labmeter.netutil import is_loopback, split_listen
 
 if TYPE_CHECKING:
@@ -76,7 +77,7 @@ class LiveView:
         self._cache: dict[str, tuple[float, Any]] = {}
         self._runner: web.AppRunner | None = None
         if not is_loopback(split_listen(listen)[0]) and not token:
-            raise ValueError(
+            raise ConfigError(
                 f"[web] listen = {listen!r} is not loopback: set token_file so the page needs a token"
             )
 
