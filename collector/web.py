@@ -8,11 +8,15 @@ receives them. The page is one self-contained file: no CDN, works offline.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
+import functools
+import hashlib
 import hmac
 import json
 import logging
 import math
+import re
 import time
 from datetime import datetime
 from importlib import resources
@@ -227,8 +231,7 @@ class LiveView:
         return await handler(request)
 
     async def page(self, request: web.Request) -> web.Response:
-        html = resources.files("labmeter.collector").joinpath("live.html").read_text(encoding="utf-8")
-        return web.Response(text=html, content_type="text/html", charset="utf-8")
+        return _page("live.html")
 
     async def api_instruments(self, request: web.Request) -> web.Response:
         return web.json_response(
@@ -300,8 +303,7 @@ class LiveView:
         return web.json_response({"instrument": code, "signins": [{"at": at, "user": u} for at, u in rows]})
 
     async def instrument_page(self, request: web.Request) -> web.Response:
-        html = resources.files("labmeter.collector").joinpath("instrument.html").read_text(encoding="utf-8")
-        return web.Response(text=html, content_type="text/html", charset="utf-8")
+        return _page("instrument.html")
 
     async def public_api(self, request: web.Request) -> web.Response:
         """What an owning unit may publish: state and utilisation; no agents, errors, sign-ins or (by default) power."""
@@ -366,6 +368,33 @@ class LiveView:
     async def stop(self) -> None:
         if self._runner is not None:
             await self._runner.cleanup()
+
+
+@functools.cache
+def _page_and_policy(name: str) -> tuple[str, str]:
+    """A page and its Content-Security-Policy: only the page's own inline script runs (by its hash), so
+    markup that reached the page some other way could run nothing; the pages build their content from
+    text nodes anyway."""
+    html = resources.files("labmeter.collector").joinpath(name).read_text(encoding="utf-8")
+    hashes = [
+        "'sha256-" + base64.b64encode(hashlib.sha256(m.encode()).digest()).decode() + "'"
+        for m in re.findall(r"<script>(.*?)</script>", html, flags=re.S)
+    ]
+    policy = (
+        f"default-src 'none'; script-src {' '.join(hashes)}; style-src 'unsafe-inline'; connect-src 'self'; "
+        "img-src 'self' data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+    )
+    return html, policy
+
+
+def _page(name: str) -> web.Response:
+    html, policy = _page_and_policy(name)
+    return web.Response(
+        text=html,
+        content_type="text/html",
+        charset="utf-8",
+        headers={"Content-Security-Policy": policy, "X-Content-Type-Options": "nosniff"},
+    )
 
 
 def _dumps(obj: Any) -> str:
