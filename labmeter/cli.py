@@ -353,6 +353,7 @@ def collector_run(cfg_path: Path, verbose: bool) -> None:
         await Collector(cfg, clock_from_env()).run(stop)
 
     try:
+        config.check_secret_files(cfg)
         run_until_signal(main)
     except (config.ConfigError, LedgerError) as exc:
         fail(str(exc))

@@ -272,6 +272,18 @@ class CollectorConfig(Section, frozen=True, kw_only=True):
 M = TypeVar("M", bound=Struct)
 
 
+def check_secret_files(cfg: CollectorConfig) -> None:
+    """Read every secret file the collector will need, so a bad one stops start-up before anything listens."""
+    web, influx = cfg.web, cfg.influxdb
+    for path, what in (
+        (web.token_file if web else None, "web token file"),
+        (influx.token_file if influx else None, "InfluxDB token file"),
+        (cfg.broker.password_file if cfg.broker.username else None, "password file"),
+    ):
+        if path is not None:
+            read_secret(path, what)
+
+
 def read_secret(path: Path, what: str) -> str:
     """A token or password kept in its own file (``token_file``, ``password_file``): the file must be readable
     and not empty, or start-up stops naming it. The value is hidden from every log line of this process."""

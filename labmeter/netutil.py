@@ -59,7 +59,7 @@ def url_secrets(url: str) -> list[str]:
     userinfo, at, _host = authority.rpartition("@")
     if at and ":" in userinfo:
         found.append(userinfo.partition(":")[2])
-    query = tail.partition("?")[2].partition("#")[0]
+    query = re.sub(r"^[^?#]*[?#]", "", tail).replace("#", "&") if re.search(r"[?#]", tail) else ""
     for pair in re.split(r"[&;]", query):
         name, eq, value = pair.partition("=")
         if eq and value and _secret_param(name):
@@ -91,15 +91,18 @@ def redact_url(url: str) -> str:
     userinfo, at, host = authority.rpartition("@")
     if at and ":" in userinfo:
         authority = f"{userinfo.partition(':')[0]}:{REDACTED}@{host}"
-    head, q, query = tail.partition("?")
-    if q:
-        query, hash_, fragment = query.partition("#")
-        pairs = []
-        for pair in re.split(r"([&;])", query):
-            name, eq, value = pair.partition("=")
-            pairs.append(f"{name}={REDACTED}" if eq and value and _secret_param(name) else pair)
-        tail = f"{head}?{''.join(pairs)}{hash_}{fragment}"
+    if (m := re.search(r"[?#]", tail)) is not None:
+        tail = tail[: m.end()] + _redact_pairs(tail[m.end() :])
     return f"{scheme}://{authority}{tail}"
+
+
+def _redact_pairs(query: str) -> str:
+    """``a=1&password=x#token=y`` with the secret values replaced (a fragment may carry a token too)."""
+    out = []
+    for pair in re.split(r"([&;#])", query):
+        name, eq, value = pair.partition("=")
+        out.append(f"{name}={REDACTED}" if eq and value and _secret_param(name) else pair)
+    return "".join(out)
 
 
 def redact_text(text: str, *urls: str) -> str:
