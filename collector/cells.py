@@ -19,7 +19,6 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
-_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
 _XML_ILLEGAL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f]")
 
 
@@ -50,8 +49,3 @@ def append_row(ws: Any, values: Sequence[object]) -> None:
             cell.data_type = "s"
             if is_formula_like(cell.value):
                 cell.quotePrefix = True
-
-
-def terminal_text(text: str) -> str:
-    """Text for a table printed to a terminal: no control characters (escape sequences) from the data."""
-    return _CONTROL.sub("", text)

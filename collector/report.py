@@ -13,13 +13,14 @@ from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
 
-from labmeter.collector.cells import append_row, terminal_text, to_csv
+from labmeter.collector.cells import append_row, to_csv
 from labmeter.collector.hours import Hours
 from labmeter.collector.ledger import Ledger
 from labmeter.collector.registry import stored_number
 from labmeter.collector.rollup import Rollups
 
 from labmeter.config import PolicyConfig
+from labmeter.log import printable
 
 H = 3_600_000
 YEAR_MS = 365 * 86_400_000
@@ -259,7 +260,7 @@ def write_xlsx(path: Path, sheets: dict[str, list[Row]], lang: str = "zh") -> No
 def _fmt(v: object) -> str:
     if v is None:
         return "-"
-    return f"{v:.2f}" if isinstance(v, float) else terminal_text(str(v))
+    return f"{v:.2f}" if isinstance(v, float) else printable(v)
 
 
 def _width(s: str) -> int:

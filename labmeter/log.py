@@ -10,11 +10,19 @@ under them.
 from __future__ import annotations
 
 import logging
+import re
 import sys
 
 from labmeter.netutil import REDACTED, redact_text
 
 _hidden: set[str] = set()
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def printable(value: object) -> str:
+    """Text from the data (names, units, states) for a terminal: control characters, escape sequences
+    included, become nothing, so hostile data cannot move the cursor, recolour or retitle a terminal."""
+    return _CONTROL.sub("", str(value))
 
 
 def hide(secret: str | None) -> None:

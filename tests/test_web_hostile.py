@@ -8,6 +8,7 @@ refuse them, but the pages must be safe whatever the data."""
 from __future__ import annotations
 
 import asyncio
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -27,6 +28,7 @@ XSS = [
     "' onmouseover='window.__xss=1' x='",
 ]
 HOSTILE_CODE = "<img src=x onerror=window.__xss=1>"
+TERMINAL = "\x1b]0;pwned\x07\x1b[2J\x1b[31m"  # retitle, clear and recolour a terminal
 
 
 class ViewThread:
@@ -80,7 +82,7 @@ def seed(collector: Any) -> None:
     collector.ledger.upsert_instruments(
         [
             {**blank, "code": "CZ-A", "name": XSS[0], "unit": XSS[1], "category": XSS[2]},
-            {**blank, "code": "CZ-B", "name": XSS[3], "unit": XSS[0], "category": XSS[1]},
+            {**blank, "code": "CZ-B", "name": XSS[3], "unit": XSS[0] + TERMINAL, "category": XSS[1]},
         ]
     )
     collector.ledger.add_agent("a1", "ed25519:x", "kid", ["CZ-A"])
@@ -90,7 +92,7 @@ def seed(collector: Any) -> None:
         "state": XSS[1],
         "start": now - 3_600_000,
         "power_w": XSS[2],
-        "agent": XSS[2],
+        "agent": XSS[2] + TERMINAL,
         "error": XSS[0],
     }
     collector.live.instruments[HOSTILE_CODE] = {"instrument": HOSTILE_CODE, "state": XSS[0], "start": "x"}
@@ -158,6 +160,17 @@ def test_a_token_that_is_not_ascii_is_refused_not_a_500(tmp_path: Path) -> None:
     with ViewThread(tmp_path, token="s3cret") as v:
         assert get(v.base + "/api/agents?token=%E5%AF%86%E7%A0%81")[0] == 401
         assert get(v.base + "/api/agents?token=s3cret")[0] == 200
+
+
+def test_top_prints_hostile_fields_as_plain_text(view: ViewThread) -> None:
+    from tests.conftest import LABMETER
+
+    out = subprocess.run(
+        [*LABMETER, "top", "--url", view.base, "--once"], capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 0 and "Traceback" not in out.stderr, out.stderr
+    assert "CZ-A" in out.stdout and "<script>" in out.stdout
+    assert not any(ch in out.stdout for ch in "\x1b\x07\r"), repr(out.stdout)
 
 
 PAGES = ["/?lang=en", "/public", "/instrument/CZ-A"]
