@@ -15,6 +15,7 @@ from zoneinfo import ZoneInfo
 
 from labmeter.collector.cells import append_row
 from labmeter.collector.ledger import Ledger
+from labmeter.collector.registry import stored_number
 from labmeter.collector.report import per_instrument
 
 from labmeter.config import PolicyConfig
@@ -53,7 +54,7 @@ def national_export(ledger: Ledger, year: int, policy: PolicyConfig, tz: ZoneInf
             "serviceType": st,
             "serviceDirection": direction,
             "applicantUnit": unit,
-            "amount": amount,
+            "amount": stored_number({"code": inst, "amount": amount}, "amount"),
         }
         for inst, s, e, st, direction, unit, amount in ledger.db.execute(
             "SELECT instrument, start_ms, end_ms, service_type, direction, applicant_unit, amount "

@@ -50,12 +50,19 @@ SERVICE_HEADERS = {
     "amount": ("amount", "金额", "收费金额"),
 }
 # Upper bounds: past them a number is a typing mistake, and would overflow the ledger's integers.
-LIMITS = {"value_wan": 1e9, "rated_hours": 8784.0, "prep_allowance_s": 86_400.0, "post_allowance_s": 86_400.0}
+LIMITS = {
+    "value_wan": 1e9,
+    "rated_hours": 8784.0,
+    "prep_allowance_s": 86_400.0,
+    "post_allowance_s": 86_400.0,
+    "amount": 1e10,
+}
 LIMIT_WHY = {
     "value_wan": "10 trillion yuan",
     "rated_hours": "the hours of a leap year",
     "prep_allowance_s": "a day",
     "post_allowance_s": "a day",
+    "amount": "ten billion yuan for one booking",
 }
 KINDS = {"general": "general", "通用": "general", "special": "special", "专用": "special"}
 SERVICE_TYPES = {
@@ -257,7 +264,7 @@ def _service_checker(
             "applicant_unit": row.get("applicant_unit", ""),
             "service_type": st,
             "direction": direction,
-            "amount": _number(row.get("amount", ""), "amount", problems),
+            "amount": _bounded(row.get("amount", ""), "amount", problems),
             "source": source,
         }
 

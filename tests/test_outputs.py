@@ -138,10 +138,14 @@ def test_bad_registry_number_is_refused_with_file_row_and_column(case: Path, tmp
     ledger = Ledger(tmp_path / "ledger.sqlite")
     with pytest.raises(ImportError_) as err:
         import_instruments(ledger, case / "instruments.csv")
+        import_services(ledger, case / "services.csv", TZ)  # when the instruments were fine
     expected = (case / "expected_error.txt").read_text().strip()
     shown = str(err.value).replace(str(case) + "/", "")
     assert expected in shown and "nothing imported" in shown, shown
-    assert ledger.instruments() == []
+    if (case / "services.csv").exists():
+        assert ledger.db.execute("SELECT COUNT(*) FROM service_records").fetchone()[0] == 0
+    else:
+        assert ledger.instruments() == []
     ledger.close()
 
 
