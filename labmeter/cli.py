@@ -428,7 +428,8 @@ def collector_import(file: Path, cfg_path: Path) -> None:
 
     Columns (English or Chinese headers): code 仪器编号, name 仪器名称, unit 管理单位, department 所在部门,
     category 分类编码 (6 digits), kind 仪器类型 (general 通用 / special 专用), value_wan 原值（万元）,
-    rated_hours 定额机时, share_mode 共享模式.
+    rated_hours 定额机时, share_mode 共享模式. Numbers must be finite and not negative (rated_hours
+    at most 8784, allowances at most a day); every bad cell is named by row and column.
     """
     from labmeter.collector.registry import ImportError_, import_instruments
 
