@@ -13,6 +13,7 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 from labmeter.log import printable
+from labmeter.netutil import redact_text, redact_url
 
 COLOURS = {"RUNNING": "\033[32m", "STANDBY": "\033[33m", "OFF": "\033[90m", "UNKNOWN": "\033[31m"}
 
@@ -72,7 +73,7 @@ def run_top(url: str, token: str | None, every: float, once: bool) -> int:
         try:
             text = render(fetch(url, token), colour)
         except (urllib.error.URLError, OSError, ValueError) as exc:
-            text = f"cannot read {url}/api/instruments: {exc}\n"
+            text = f"cannot read {redact_url(url)}/api/instruments: {redact_text(str(exc), url)}\n"
             if once:
                 sys.stderr.write(text)
                 return 1
