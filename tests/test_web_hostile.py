@@ -14,6 +14,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import pytest
 
@@ -173,7 +174,7 @@ def test_top_prints_hostile_fields_as_plain_text(view: ViewThread) -> None:
     assert not any(ch in out.stdout for ch in "\x1b\x07\r"), repr(out.stdout)
 
 
-PAGES = ["/?lang=en", "/public", "/instrument/CZ-A"]
+PAGES = ["/?lang=en", "/public", "/instrument/CZ-A", "/instrument/" + quote(HOSTILE_CODE, safe="")]
 VIEWPORTS = {"desk": {"width": 1400, "height": 800}, "phone": {"width": 390, "height": 844}}
 
 
@@ -193,7 +194,12 @@ def test_hostile_fields_run_nothing_in_chromium(view: ViewThread, width: str) ->
         page.on("pageerror", lambda e: console.append(f"pageerror: {e}"))
         for path in PAGES:
             page.goto(view.base + path)
-            if path.startswith("/instrument/"):
+            if path.startswith("/instrument/%3C"):
+                page.wait_for_function(
+                    "c => document.querySelector('#title').textContent === c", arg=HOSTILE_CODE
+                )
+                page.wait_for_selector("#signins td")
+            elif path.startswith("/instrument/"):
                 page.wait_for_selector("#signins code")
                 shown = page.inner_text("#signins")
                 assert XSS[0] in shown, shown
