@@ -388,7 +388,7 @@ class Collector:
             sink_task = asyncio.create_task(self.sink.run(), name="influx-sink")
         if self.cfg.web is not None:
             token = (
-                self.cfg.web.token_file.read_text(encoding="utf-8").strip()
+                config.read_secret(self.cfg.web.token_file, "web token file")
                 if self.cfg.web.token_file
                 else None
             )
