@@ -102,6 +102,10 @@ class Cursor:
         self._rowcount = inserted
 
     @property
+    def description(self) -> Any:
+        return self._cur.description
+
+    @property
     def rowcount(self) -> int:
         if self._rowcount is not None:
             return self._rowcount
