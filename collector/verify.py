@@ -200,6 +200,8 @@ class Verifier:
         if not signature_ok:
             raise p.reject("bad signature", False)
         if not p.names_topic():
+            if p.body is None and wire.raw_body(p.env.body) is None:
+                raise p.reject(str(p.body_error or wire.WireError("body is not a JSON object")), False)
             raise p.reject("body agent/instrument/kind do not match the topic", False)
         self._check_enrolled(p)
         body = p.body
