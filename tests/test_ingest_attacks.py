@@ -18,6 +18,8 @@ from labmeter.collector.service import BATCH, Collector
 
 from tests.attack import (
     CASES,
+    T0,
+    H,
     genuine_start,
     hours_of,
     ledger_counts,
@@ -123,8 +125,6 @@ def test_attack(name: str, tmp_path: Path) -> None:
 
 
 def lab_t(hours: int) -> int:
-    from tests.attack import H, T0
-
     return T0 + hours * H
 
 
