@@ -164,7 +164,7 @@ def test_unauthenticated_rejections_are_counted_under_a_cap(any_ledger: Ledger) 
 
     ledger = any_ledger
     flood = [
-        Rejection("unknown agent 'g%d'" % i + "x" * 500, f"labmeter/v1/g{i}/I/interval", b"p" * 8000)
+        Rejection(f"unknown agent 'g{i}'" + "x" * 500, f"labmeter/v1/g{i}/I/interval", b"p" * 8000)
         for i in range(3 * REJECTION_KEYS)
     ]
     for part in (flood[:50], flood[50:], flood[:10]):
