@@ -184,8 +184,11 @@ class Verifier:
         if t.agent not in self.keys:
             self._maybe_reload()
             if t.agent not in self.keys:
+                # answered: with no key to check, a copy of the agent's message gets the same answer as the message
                 raise p.reject(
-                    f"unknown agent {t.agent!r}: register it with `labmeter collector add-agent`", False
+                    f"unknown agent {t.agent!r}: register it with `labmeter collector add-agent`",
+                    False,
+                    answer=True,
                 )
         p.checker, kid = self.keys[t.agent]
         if env.kid != kid:
