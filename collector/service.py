@@ -491,7 +491,14 @@ class Collector:
                     await sink_task
                 await self.sink.close()
             if self.inbox:
-                await self.process(list(self.inbox))
+                try:
+                    await self.process(list(self.inbox))
+                except LedgerUnavailable as exc:
+                    log.error(
+                        "the ledger takes no writes (%s): %d message(s) not stored; agents resend them",
+                        exc,
+                        len(self.inbox),
+                    )
                 self.inbox.clear()
             await self.link.stop()
             if self.web is not None:

@@ -131,3 +131,34 @@ def test_the_inbox_is_bounded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
     finally:
         c.ledger.close()
         c._pool.shutdown()
+
+
+def test_the_rejections_command_lists_kept_and_counted(tmp_path: Path) -> None:
+    import subprocess
+
+    from tests.conftest import LABMETER
+
+    lab, c = _collector(tmp_path)
+    try:
+        ghost = [
+            (f"labmeter/v1/ghost-{i}/I1/interval", b'{"kid":"k","body":"{}","sig":"s"}') for i in range(300)
+        ]
+        bogus = wire.Interval("agent-b", "I3", 1, wire.GENESIS, T0, T0 + 60_000, "BOGUS").body()
+        process(
+            c, [*ghost, (wire.interval_topic("agent-b", "I3"), lab.sign("agent-b", wire.dump_body(bogus)))]
+        )
+    finally:
+        c.ledger.close()
+        c._pool.shutdown()
+    (tmp_path / "collector.toml").write_text(f'[collector]\ndata_dir = "{lab.cfg.collector.data_dir}"\n')
+    out = subprocess.run(
+        [*LABMETER, "collector", "rejections", "-c", "collector.toml"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+    )
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert len(lines) == 100 + 1  # REJECTION_KEYS counted rows and the one kept whole
+    assert lines[0].split()[:2] == ["201", "counted"]  # the rows past the cap, folded into one
+    assert any("kept" in x and "state 'BOGUS'" in x for x in lines)
