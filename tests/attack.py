@@ -48,10 +48,10 @@ class Lab:
         return self.genuine[f"{code}:{seq}"][0]
 
 
-def make_lab(tmp: Path, broker_url: str = "mqtt://127.0.0.1:1") -> Lab:
-    text = f'[collector]\ndata_dir = "{tmp / "collector"}"\n[broker]\nurl = "{broker_url}"\n'
+def make_lab(tmp: Path, broker_url: str = "mqtt://127.0.0.1:1", ledger_url: str = "sqlite") -> Lab:
+    text = f'[collector]\ndata_dir = "{tmp / "collector"}"\nledger = "{ledger_url}"\n[broker]\nurl = "{broker_url}"\n'
     lab = Lab(tmp, config.parse(text, config.CollectorConfig))
-    ledger = Ledger.open("sqlite", lab.cfg.collector.data_dir)
+    ledger = Ledger.open(ledger_url, lab.cfg.collector.data_dir)
     for agent, codes in (("agent-a", ["I1", "I2"]), ("agent-b", ["I3"])):
         key = signing.generate_key_file(tmp / f"{agent}.key")
         pub = key.public_key()

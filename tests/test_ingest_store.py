@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
+from typing import Any
 
 import pytest
 from labmeter.collector.service import Collector, LedgerUnavailable
@@ -162,3 +163,57 @@ def test_the_rejections_command_lists_kept_and_counted(tmp_path: Path) -> None:
     assert len(lines) == 100 + 1  # REJECTION_KEYS counted rows and the one kept whole
     assert lines[0].split()[:2] == ["201", "counted"]  # the rows past the cap, folded into one
     assert any("kept" in x and "state 'BOGUS'" in x for x in lines)
+
+
+REFUSE_PG = """
+CREATE FUNCTION refuse() RETURNS trigger AS $$
+BEGIN IF NEW.seq = 13 THEN RAISE EXCEPTION 'refused'; END IF; RETURN NEW; END $$ LANGUAGE plpgsql;
+CREATE TRIGGER refuse BEFORE INSERT ON intervals FOR EACH ROW EXECUTE FUNCTION refuse();
+"""
+
+
+def test_one_message_postgresql_refuses_is_split_off(postgres: Any, tmp_path: Path) -> None:
+    """The same on PostgreSQL, where a batch of 50 rows or more goes through COPY."""
+    lab = make_lab(tmp_path, ledger_url=postgres.new_database())
+    c = Collector(lab.cfg)
+    try:
+        process(c, genuine_start(lab))
+        c.ledger.db.conn.execute(REFUSE_PG)
+        process(c, _chain(lab, 60))
+        stored = [
+            s for (s,) in c.ledger.db.execute("SELECT seq FROM intervals WHERE agent='agent-b' ORDER BY seq")
+        ]
+        assert stored == [s for s in range(1, 61) if s != 13]
+        assert c.watermarks.upto[("agent-b", "I3")] == 12
+        assert c.stats["dropped"] == 0
+    finally:
+        c.ledger.close()
+        c._pool.shutdown()
+
+
+def test_a_postgresql_outage_is_waited_out(postgres: Any, tmp_path: Path) -> None:
+    """The database goes away (its connections cut, new ones refused): the batch is kept, nothing is
+    acknowledged; once it is back the collector reconnects and stores it whole."""
+    import psycopg
+
+    url = postgres.new_database()
+    name = url.rsplit("/", 1)[1]
+    lab = make_lab(tmp_path, ledger_url=url)
+    c = Collector(lab.cfg)
+    admin = psycopg.connect(postgres.url(), autocommit=True)
+    try:
+        process(c, genuine_start(lab))
+        admin.execute(f"ALTER DATABASE {name} ALLOW_CONNECTIONS false")
+        admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s", (name,))
+        batch = _chain(lab, 10)
+        with pytest.raises(LedgerUnavailable):
+            process(c, batch)
+        assert ("agent-b", "I3") not in c.watermarks.upto and c.stats["dropped"] == 0
+        admin.execute(f"ALTER DATABASE {name} ALLOW_CONNECTIONS true")
+        process(c, batch)
+        assert c.watermarks.upto[("agent-b", "I3")] == 10
+        assert c.ledger.db.execute("SELECT COUNT(*) FROM intervals WHERE agent='agent-b'").fetchone()[0] == 10
+    finally:
+        admin.close()
+        c.ledger.close()
+        c._pool.shutdown()
