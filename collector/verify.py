@@ -150,7 +150,7 @@ class Verifier:
             return self._status(t.agent, payload)
         if t.instrument is None or t.kind not in ("interval", "open", "signin"):
             raise Rejected(Rejection(f"unknown message kind {t.kind[:40]!r}", topic, payload))
-        if not wire.ID_RE.match(t.agent) or not wire.ID_RE.match(t.instrument):
+        if not wire.ID_RE.fullmatch(t.agent) or not wire.ID_RE.fullmatch(t.instrument):
             raise Rejected(
                 Rejection("topic agent and instrument must be [A-Za-z0-9._-]{1,64}", topic, payload)
             )

@@ -348,14 +348,14 @@ def parse_interval(obj: dict[str, Any]) -> Interval:
 
 
 def _ids(agent: str, instrument: str) -> None:
-    if not ID_RE.match(agent) or not ID_RE.match(instrument):
+    if not ID_RE.fullmatch(agent) or not ID_RE.fullmatch(instrument):
         raise WireError("body agent and instrument must be 1-64 characters of [A-Za-z0-9._-]")
 
 
 def _link(seq: int, prev: str) -> None:
     if not 1 <= seq <= MAX_SEQ:
         raise WireError(f"seq must be between 1 and {MAX_SEQ}")
-    if not HEX64_RE.match(prev):
+    if not HEX64_RE.fullmatch(prev):
         raise WireError("prev must be a 64-character SHA-256 hex digest")
 
 
