@@ -223,9 +223,10 @@ class Collector:
         # provisional ``open`` messages are counted when rejected, not kept: they never carry hours
         kept = [r for r in rejected if not r.topic.endswith("/open")]
         conflicts, refused = self._store(accepted, kept, signins)
-        if refused:
+        if refused:  # what the ledger did not take is neither acknowledged nor counted for a chain
             accepted = [a for a in accepted if id(a) not in refused]
             signins = [x for x in signins if id(x) not in refused]
+            rejected = [r for r in rejected if id(r) not in refused]
             rejected += [r for r in refused.values() if r is not None]
         self.stats["signins"] += len(signins)
         rejected += conflicts
@@ -245,7 +246,8 @@ class Collector:
         """Store a batch in one transaction. If that fails and the ledger still takes writes, the batch is
         halved until each message that cannot be stored stands alone; that one is recorded as an
         unauthenticated rejection instead, or if even that fails counted and dropped. Returns the
-        conflicts and, by ``id()`` of each refused message, its rejection (None: dropped). Raises
+        conflicts and, by ``id()`` of each refused item, the unauthenticated rejection recorded in its place
+        (None: dropped). Raises
         LedgerUnavailable when the ledger takes no write at all: the batch is then retried whole."""
         items: list[Accepted | AcceptedSignIn | Rejection] = [*accepted, *signins, *rejected]
         conflicts: list[Rejection] = []
@@ -272,8 +274,7 @@ class Collector:
                 self._log_limited(
                     "dropped", "a message on %s could not be stored nor recorded: dropped", topic_of(item)
                 )
-            if not isinstance(item, Rejection):
-                refused[id(item)] = r
+            refused[id(item)] = r
         return conflicts, refused
 
     def _store_part(

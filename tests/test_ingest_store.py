@@ -217,3 +217,23 @@ def test_a_postgresql_outage_is_waited_out(postgres: Any, tmp_path: Path) -> Non
         admin.close()
         c.ledger.close()
         c._pool.shutdown()
+
+
+def test_an_authentic_rejection_the_ledger_refuses_moves_no_watermark(tmp_path: Path) -> None:
+    """Acknowledging past a rejection the ledger does not hold would let a restarted collector disagree."""
+    lab, c = _collector(tmp_path)
+    try:
+        c.ledger.db.execute(
+            "CREATE TRIGGER refuse BEFORE INSERT ON rejections BEGIN SELECT RAISE(ABORT, 'refused'); END"
+        )
+        body = wire.Interval("agent-a", "I1", 3, lab.genuine["I1:2"][1], T0, T0 + 60_000, "BOGUS").body()
+        process(c, [(wire.interval_topic("agent-a", "I1"), lab.sign("agent-a", wire.dump_body(body)))])
+        assert c.watermarks.upto[("agent-a", "I1")] == 2
+        reasons = [r for r, _, _, _ in c.ledger.rejection_summary()]
+        assert reasons == [
+            "the ledger cannot store this message (IntegrityError): state 'BOGUS' is not one of "
+            "['OFF', 'RUNNING', 'STANDBY', 'UNKNOWN']"
+        ][:1] or any("cannot store" in r for r in reasons)
+    finally:
+        c.ledger.close()
+        c._pool.shutdown()
