@@ -230,10 +230,7 @@ def test_an_authentic_rejection_the_ledger_refuses_moves_no_watermark(tmp_path: 
         process(c, [(wire.interval_topic("agent-a", "I1"), lab.sign("agent-a", wire.dump_body(body)))])
         assert c.watermarks.upto[("agent-a", "I1")] == 2
         reasons = [r for r, _, _, _ in c.ledger.rejection_summary()]
-        assert reasons == [
-            "the ledger cannot store this message (IntegrityError): state 'BOGUS' is not one of "
-            "['OFF', 'RUNNING', 'STANDBY', 'UNKNOWN']"
-        ][:1] or any("cannot store" in r for r in reasons)
+        assert any("cannot store this message" in r and "BOGUS" in r for r in reasons), reasons
     finally:
         c.ledger.close()
         c._pool.shutdown()
