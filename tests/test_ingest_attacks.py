@@ -8,7 +8,6 @@ Each case is run through the real ``Collector.process`` on a real SQLite ledger;
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +15,7 @@ import pytest
 from labmeter.collector.ledger import REJECTION_KEYS
 from labmeter.collector.service import BATCH, Collector
 
+from labmeter import signing, wire
 from tests.attack import (
     CASES,
     T0,
@@ -30,13 +30,15 @@ from tests.attack import (
     rebuilt_watermark,
     value,
 )
+from tests.lab import ack_body
 
 
 class AckRecorder:
     """Stands in for the MQTT link: records what the collector would publish."""
 
-    def __init__(self) -> None:
+    def __init__(self, key: signing.PrivateKey) -> None:
         self.sent: list[tuple[str, bytes]] = []
+        self.check = signing.SignatureChecker(key.public_key())
 
     def publish(self, topic: str, payload: bytes, *args: Any, **kwargs: Any) -> bool:
         self.sent.append((topic, payload))
@@ -47,10 +49,9 @@ class AckRecorder:
         for topic, payload in self.sent:
             if topic != f"labmeter/v1/{agent}/ack":
                 continue
-            msg = json.loads(payload)
-            if "body" in msg and isinstance(msg["body"], str):  # a signed ack: the body is the message
-                msg = json.loads(msg["body"])
-            out += msg.get("rejects", [])
+            env = wire.open_envelope(payload)
+            assert self.check(env.body.encode(), env.sig), "an ack the collector did not sign"
+            out += ack_body(payload).get("rejects", [])
         return out
 
 
@@ -72,7 +73,8 @@ def test_attack(name: str, tmp_path: Path) -> None:
         hours_before = {code: hours_of(ledger, code) for code in ("I1", "I2", "I3")}
         before = ledger_counts(ledger)
         size_before = _ledger_bytes(tmp_path)
-        c.link = AckRecorder()  # type: ignore[assignment]
+        c.key = signing.PrivateKey.generate()
+        c.link = AckRecorder(c.key)  # type: ignore[assignment]
         msgs = messages(lab, spec)
         for i in range(0, len(msgs), BATCH):
             process(c, msgs[i : i + BATCH])
