@@ -23,8 +23,9 @@ from labmeter.collector.ledger import Ledger
 from labmeter.collector.registry import import_instruments, import_services
 from labmeter.collector.report import hours_report, render
 from labmeter.collector.service import Collector
+from labmeter.drivers.registry import agent_config
+from labmeter.drivers.sim import run_sim
 from labmeter.netutil import free_port
-from labmeter.sim import run_sim
 
 TZ = ZoneInfo("Asia/Shanghai")
 DAY_START_H, DAY_HOURS = 7, 14
@@ -164,7 +165,7 @@ async def run_demo(duration: float, directory: Path | None, port: int, stop: asy
     meter_ports = {i["id"]: free_port() for i in INSTRUMENTS if i["kind"] == "meter"}
     web_port = free_port()
     agent_toml, collector_toml = write_configs(directory, broker_port, web_port, meter_ports)
-    acfg = config.load(agent_toml, config.AgentConfig)
+    acfg = config.load(agent_toml, agent_config())
     ccfg = config.load(collector_toml, config.CollectorConfig)
 
     key = signing.generate_key_file(acfg.agent.key_file, force=True)

@@ -12,10 +12,11 @@ from dataclasses import dataclass
 
 import pytest
 from labmeter.drivers.base import Sample
-from labmeter.drivers.mqtt_plug import PlugDriver
+from labmeter.drivers.mqtt import MqttSource
+from labmeter.drivers.mqtt.driver import PlugDriver
 
 from labmeter.clock import Clock
-from labmeter.config import BrokerConfig, MqttSource
+from labmeter.config import BrokerConfig
 from tests.conftest import BrokerProcess
 from tests.lab import Publisher
 

@@ -25,7 +25,7 @@ from pyModbusTCP.server import ModbusServer
 from labmeter import config
 from tests.conftest import LABMETER, ROOT, BrokerProcess, free_port
 from tests.lab import CollectorThread, wait_for
-from tests.test_driver_modbus import words
+from tests.support.modbus import words
 
 ARTIFACTS = ROOT / "test-artifacts"
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"

@@ -13,10 +13,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from labmeter.drivers.base import Sample, sane_power
+from labmeter.drivers.base import Capability, Cause, DriverBase, Sample, sane_power
+from labmeter.drivers.mqtt import MqttSource
 
 from labmeter.clock import Clock
-from labmeter.config import BrokerConfig, MqttSource
+from labmeter.config import BrokerConfig
 from labmeter.mqtt import MqttLink
 
 
@@ -97,7 +98,9 @@ FORMATS: dict[str, Format] = {
 }
 
 
-class PlugDriver:
+class PlugDriver(DriverBase):
+    capabilities = Capability.PUSHED
+
     def __init__(
         self, source: MqttSource, broker: BrokerConfig, client_id: str, stale_after_s: float, clock: Clock
     ):
@@ -149,14 +152,18 @@ class PlugDriver:
             power = self.format.power(payload, topic)
         except (ValueError, TypeError, AttributeError, UnicodeDecodeError) as exc:
             self._value, self._at = (
-                Sample(error=f"{topic}: unreadable message ({exc})", raw=payload[:200]),
+                Sample(
+                    error=f"{topic}: unreadable message ({exc})", raw=payload[:200], cause=Cause.UNREADABLE
+                ),
                 self.clock.mono(),
             )
             return
         if power is None:
             if topic in self.extra:
                 return  # a partial update without power: the last value stands, its age counts on
-            self._value = Sample(error=f"{topic}: no power in message", raw=payload[:200])
+            self._value = Sample(
+                error=f"{topic}: no power in message", raw=payload[:200], cause=Cause.UNREADABLE
+            )
         else:
             self._value = sane_power(power, topic)
         self._at = self.clock.mono()
@@ -168,11 +175,14 @@ class PlugDriver:
 
     async def read(self) -> Sample:
         if self._online is False:
-            return Sample(error=f"{self.availability_topic}: device is offline")
+            return Sample(error=f"{self.availability_topic}: device is offline", cause=Cause.OFFLINE)
         if self._value is None:
-            return Sample(error=f"{self.topic}: no message yet")
+            return Sample(error=f"{self.topic}: no message yet", cause=Cause.NO_MESSAGE)
         if self.clock.mono() - self._at > self.stale_after_s:
-            return Sample(error=f"{self.topic}: silent for more than stale_after_s={self.stale_after_s:g} s")
+            return Sample(
+                error=f"{self.topic}: silent for more than stale_after_s={self.stale_after_s:g} s",
+                cause=Cause.STALE,
+            )
         return self._value
 
     async def close(self) -> None:
