@@ -89,6 +89,29 @@ class DriverBase:
         return []
 
 
+class Latest:
+    """The newest value of a pushed feed, which goes stale: never carried forward past ``stale_after_s``."""
+
+    def __init__(self, clock: Clock, stale_after_s: float) -> None:
+        self.clock = clock
+        self.stale_after_s = stale_after_s
+        self.sample: Sample | None = None
+        self.at = 0.0
+
+    def put(self, sample: Sample) -> None:
+        self.sample, self.at = sample, self.clock.mono()
+
+    def get(self, none_yet: str, silent: str) -> Sample:
+        """The newest sample; else ``none_yet`` (NO_MESSAGE), or ``silent`` (STALE) once it is too old."""
+        if self.sample is None:
+            return Sample(error=none_yet, cause=Cause.NO_MESSAGE)
+        if self.clock.mono() - self.at > self.stale_after_s:
+            return Sample(
+                error=f"{silent} for more than stale_after_s={self.stale_after_s:g} s", cause=Cause.STALE
+            )
+        return self.sample
+
+
 Build = Callable[[InstrumentConfig[Any], str, BrokerConfig, Clock, Path | None], Driver]
 """(instrument, agent id, the agent's broker, clock, the site's profiles_dir) -> a driver."""
 

@@ -341,18 +341,28 @@ def _dotted(path: tuple[Any, ...]) -> str:
     return text or "(top level)"
 
 
-def _known_keys(model: type[Struct], path: tuple[Any, ...], data: Any) -> list[str]:
+def _field(model: type[Struct], path: tuple[Any, ...], data: Any) -> tuple[Any, Any] | None:
+    """The annotation of the key at ``path`` and the raw data there, following the union member
+    each level's tag selects; None where the path leaves the schema."""
     cur: Any = model
     raw = data
+    annotation: Any = model
     for part in path:
         if isinstance(part, int):
             raw = raw[part] if isinstance(raw, list) and part < len(raw) else None
             continue
-        raw = raw.get(part) if isinstance(raw, dict) else None
         fields = {f.name: f.type for f in msgspec.structs.fields(cur)} if _is_struct(cur) else {}
         if part not in fields:
-            return []
-        cur = _struct_of(fields[part], raw)
+            return None
+        raw = raw.get(part) if isinstance(raw, dict) else None
+        annotation = fields[part]
+        cur = _struct_of(annotation, raw)
+    return annotation, raw
+
+
+def _known_keys(model: type[Struct], path: tuple[Any, ...], data: Any) -> list[str]:
+    found = _field(model, path, data)
+    cur: Any = _struct_of(*found) if found else None
     return [f.name for f in msgspec.structs.fields(cur)] if _is_struct(cur) else []
 
 
@@ -364,20 +374,9 @@ def _is_struct(t: Any) -> bool:
 
 def _tags(model: type[Struct], path: tuple[Any, ...], data: Any) -> list[str]:
     """The tags a tagged union at ``path`` accepts (the drivers' names for a source)."""
-    cur: Any = model
-    raw = data
-    for part in path:
-        if isinstance(part, int):
-            raw = raw[part] if isinstance(raw, list) and part < len(raw) else None
-            continue
-        raw = raw.get(part) if isinstance(raw, dict) else None
-        fields = {f.name: f.type for f in msgspec.structs.fields(cur)} if _is_struct(cur) else {}
-        if part not in fields:
-            return []
-        if part == path[-1]:
-            return [str(s.__struct_config__.tag) for s in _members(fields[part]) if _is_struct(s)]
-        cur = _struct_of(fields[part], raw)
-    return []
+    found = _field(model, path, data)
+    members = _members(found[0]) if found else []
+    return [str(s.__struct_config__.tag) for s in members if _is_struct(s)]
 
 
 def _members(annotation: Any) -> list[Any]:

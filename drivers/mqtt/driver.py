@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from labmeter.drivers.base import Capability, Cause, DriverBase, Sample, sane_power
+from labmeter.drivers.base import Capability, Cause, DriverBase, Latest, Sample, sane_power
 from labmeter.drivers.mqtt import MqttSource
 
 from labmeter.clock import Clock
@@ -117,10 +117,8 @@ class PlugDriver(DriverBase):
         self.format = fmt
         self.availability_topic = fmt.availability(source.topic)
         self.extra = fmt.extra_topics(source.topic)
-        self.stale_after_s = stale_after_s
         self.clock = clock
-        self._value: Sample | None = None
-        self._at = 0.0
+        self.latest = Latest(clock, stale_after_s)
         self._online: bool | None = None
         subs = [(self.topic, 1), *((t, 1) for t in self.extra)]
         if self.availability_topic:
@@ -151,22 +149,20 @@ class PlugDriver(DriverBase):
         try:
             power = self.format.power(payload, topic)
         except (ValueError, TypeError, AttributeError, UnicodeDecodeError) as exc:
-            self._value, self._at = (
+            self.latest.put(
                 Sample(
                     error=f"{topic}: unreadable message ({exc})", raw=payload[:200], cause=Cause.UNREADABLE
-                ),
-                self.clock.mono(),
+                )
             )
             return
         if power is None:
             if topic in self.extra:
                 return  # a partial update without power: the last value stands, its age counts on
-            self._value = Sample(
-                error=f"{topic}: no power in message", raw=payload[:200], cause=Cause.UNREADABLE
+            self.latest.put(
+                Sample(error=f"{topic}: no power in message", raw=payload[:200], cause=Cause.UNREADABLE)
             )
         else:
-            self._value = sane_power(power, topic)
-        self._at = self.clock.mono()
+            self.latest.put(sane_power(power, topic))
         if self._online is None:
             self._online = True
 
@@ -176,14 +172,7 @@ class PlugDriver(DriverBase):
     async def read(self) -> Sample:
         if self._online is False:
             return Sample(error=f"{self.availability_topic}: device is offline", cause=Cause.OFFLINE)
-        if self._value is None:
-            return Sample(error=f"{self.topic}: no message yet", cause=Cause.NO_MESSAGE)
-        if self.clock.mono() - self._at > self.stale_after_s:
-            return Sample(
-                error=f"{self.topic}: silent for more than stale_after_s={self.stale_after_s:g} s",
-                cause=Cause.STALE,
-            )
-        return self._value
+        return self.latest.get(f"{self.topic}: no message yet", f"{self.topic}: silent")
 
     async def close(self) -> None:
         await self.link.stop()

@@ -16,7 +16,7 @@ import threading
 from typing import Any
 
 import serial
-from labmeter.drivers.base import Capability, Cause, DriverBase, Sample, sane_power
+from labmeter.drivers.base import Capability, Cause, DriverBase, Latest, Sample, sane_power
 from labmeter.drivers.serial import SerialSource
 
 from labmeter.clock import Clock
@@ -30,12 +30,10 @@ class SerialDriver(DriverBase):
         self.src = source
         self.where = source.url
         self.regex = re.compile(source.regex) if source.regex else None
-        self.stale_after_s = stale_after_s
         self.clock = clock
         self.port: Any = None
         self._lock = threading.Lock()
-        self._last: Sample | None = None
-        self._at = 0.0
+        self.latest = Latest(clock, stale_after_s)
         self._reader: asyncio.Task[None] | None = None
         self._buffer = b""
         self.signin = re.compile(source.signin_regex) if source.signin_regex else None
@@ -144,10 +142,7 @@ class SerialDriver(DriverBase):
                 chunk = await asyncio.to_thread(self._read_chunk)
             except (OSError, serial.SerialException) as exc:
                 self._drop()
-                self._last, self._at = (
-                    Sample(error=f"{self.where}: {exc}", cause=Cause.PORT),
-                    self.clock.mono(),
-                )
+                self.latest.put(Sample(error=f"{self.where}: {exc}", cause=Cause.PORT))
                 await asyncio.sleep(1.0)
                 continue
             self._buffer += chunk
@@ -158,7 +153,7 @@ class SerialDriver(DriverBase):
                 if card:
                     self.signins.append((self.clock.wall_ms(), card.group("card")))
                 elif text:
-                    self._last, self._at = self.decode(text), self.clock.mono()
+                    self.latest.put(self.decode(text))
 
     def _read_chunk(self) -> bytes:
         port = self._open()
@@ -172,14 +167,7 @@ class SerialDriver(DriverBase):
     async def read(self) -> Sample:
         if self.src.mode != "stream":
             return await asyncio.to_thread(self._read_blocking)
-        if self._last is None:
-            return Sample(error=f"{self.where}: no status line yet", cause=Cause.NO_MESSAGE)
-        if self.clock.mono() - self._at > self.stale_after_s:
-            return Sample(
-                error=f"{self.where}: no status line for more than stale_after_s={self.stale_after_s:g} s",
-                cause=Cause.STALE,
-            )
-        return self._last
+        return self.latest.get(f"{self.where}: no status line yet", f"{self.where}: no status line")
 
     async def close(self) -> None:
         if self._reader is not None:
