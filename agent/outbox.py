@@ -30,6 +30,7 @@ CREATE TABLE IF NOT EXISTS dead (
     payload BLOB NOT NULL, body_sha TEXT NOT NULL, reason TEXT NOT NULL, at REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS checkpoint (
     instrument TEXT PRIMARY KEY, start_ms INTEGER NOT NULL, state TEXT NOT NULL, at_ms INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
 """
 
 
@@ -240,3 +241,47 @@ class AgentStore:
             "pending": {r[0]: {"count": r[1], "oldest": r[2], "max_seq": r[3]} for r in per},
             "dead": [{"instrument": r[0], "seq": r[1], "reason": r[2], "at": r[3]} for r in dead],
         }
+
+    def ack_matching(self, chain: str, seq: int, body_sha: str) -> int | None:
+        """Delete a chain's rows up to ``seq`` if the collector's ack is about our own body there.
+
+        Our row at ``seq`` (pending or dead) must hash to ``body_sha``; with no row there, ``seq`` must be
+        one this state has already written (its row was acknowledged before). Anything else, such as an
+        ack recorded earlier and replayed after the state was restored from a backup, deletes nothing
+        and gives None.
+        """
+        cur = self.db.cursor()
+        cur.execute("BEGIN IMMEDIATE")
+        try:
+            shas = {
+                r[0]
+                for r in cur.execute(
+                    "SELECT body_sha FROM outbox WHERE instrument=? AND seq=? "
+                    "UNION SELECT body_sha FROM dead WHERE instrument=? AND seq=?",
+                    (chain, seq, chain, seq),
+                )
+            }
+            head = cur.execute("SELECT seq FROM chain WHERE instrument=?", (chain,)).fetchone()
+            ours = body_sha in shas if shas else head is not None and seq <= head[0]
+            n = None
+            if ours:
+                n = cur.execute("DELETE FROM outbox WHERE instrument=? AND seq<=?", (chain, seq)).rowcount
+            cur.execute("COMMIT")
+        except BaseException:
+            cur.execute("ROLLBACK")
+            raise
+        return n
+
+    def next_connection(self, now_ms: int) -> int:
+        """A number for the next broker connection, above every earlier one even if the clock went back."""
+        cur = self.db.cursor()
+        cur.execute("BEGIN IMMEDIATE")
+        try:
+            row = cur.execute("SELECT value FROM meta WHERE name='conn'").fetchone()
+            conn = max(now_ms, (row[0] if row else 0) + 1)
+            cur.execute("INSERT OR REPLACE INTO meta VALUES ('conn', ?)", (conn,))
+            cur.execute("COMMIT")
+        except BaseException:
+            cur.execute("ROLLBACK")
+            raise
+        return conn

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-import json
 import logging
 import os
 import time
@@ -13,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from labmeter.agent.classifier import Classifier
+from labmeter.agent.control import AckGate, Pin, load_pin, pin_path
 from labmeter.agent.outbox import AgentStore, Checkpoint, Signer
 from labmeter.agent.timeline import Span, Timeline, split
 from labmeter.drivers import registry
@@ -161,12 +161,16 @@ class Agent:
         self.signer = Signer(self.id, key, signing.key_id(key.public_key()))
         self.store = AgentStore(cfg.agent.state_dir / "agent.db")
         self.timebase = TimeBase(self.clock)
+        self.gate = AckGate(cfg.agent, self._pin())
         self.kick = asyncio.Event()
         self.runners: list[InstrumentRunner] = []
+        # each broker connection has a number; its last will, signed in advance, says "offline" for it
+        self._conn = 0
+        self._will_conn = self.store.next_connection(self.timebase.now_ms())
         self.link = MqttLink(
             cfg.broker,
             cfg.broker.client_id or f"labmeter-agent-{self.id}",
-            will=Will(wire.status_topic(self.id), b"offline"),
+            will=self._will(),
             on_message=self._on_ack,
             subscriptions=((wire.ack_topic(self.id), 1),),
         )
@@ -174,6 +178,36 @@ class Agent:
         self.acked = 0
         self.stopping = False
         self._signin_salt: bytes | None = None
+
+    def _pin(self) -> Pin | None:
+        pin = load_pin(self.cfg.agent)
+        if pin is None:
+            log.warning(
+                "no collector key pinned: the first validly signed acknowledgement will pin one; pin it "
+                'explicitly with [agent] collector_key = "ed25519:..." (`labmeter collector key` prints it)'
+            )
+            return None
+        saved = pin_path(self.cfg.agent)
+        if self.cfg.agent.collector_key and saved.exists():
+            log.warning(
+                "[agent] collector_key is set, so the key pinned on first use in %s is not used", saved
+            )
+        log.info("collector key %s pinned from %s", pin.fingerprint, pin.source)
+        return pin
+
+    def _status(self, status: str, conn: int, at: int | None = None) -> bytes:
+        st = wire.AgentStatus(
+            self.id,
+            status,
+            self.timebase.now_ms() if at is None else at,
+            conn,
+            self.store.pending_count(),
+            __version__[:32],
+        )
+        return wire.seal_status(self.signer.key, self.signer.kid, st)
+
+    def _will(self) -> Will:
+        return Will(wire.status_topic(self.id), self._status("offline", self._will_conn))
 
     def emit(self, instrument: str, spans: list[Span], cp: Checkpoint | None, clock_step_ms: int = 0) -> None:
         if not spans and cp is None:
@@ -212,34 +246,37 @@ class Agent:
         self.link.publish(wire.open_topic(self.id, runner.id), payload, qos=0)
 
     def _status_payload(self) -> bytes:
-        return json.dumps(
-            {
-                "v": wire.VERSION,
-                "status": "online",
-                "at": self.timebase.now_ms(),
-                "pending": self.store.pending_count(),
-                "version": __version__,
-            },
-            separators=(",", ":"),
-        ).encode()
+        return self._status("online", self._conn)
 
     def _on_connected(self) -> None:
+        """This connection carries the will signed for ``_will_conn``; sign the next connection's now."""
+        self._conn = self._will_conn
+        self._will_conn = self.store.next_connection(self.timebase.now_ms())
+        self.link.set_will(self._will())
         self.store.mark_all_unsent()
         self.link.publish(wire.status_topic(self.id), self._status_payload(), qos=1, retain=True)
         self.kick.set()
 
     def _on_ack(self, _topic: str, payload: bytes) -> None:
-        try:
-            msg = json.loads(payload)
-            for rej in msg.get("rejects", []):
-                if self.store.reject(rej["instrument"], int(rej["seq"]), rej["sha256"], rej["reason"]):
-                    log.error(
-                        "collector rejected %s seq %s: %s", rej["instrument"], rej["seq"], rej["reason"]
-                    )
-            for instrument, upto in msg.get("acks", {}).items():
-                self.acked += self.store.ack(instrument, int(upto))
-        except (ValueError, KeyError, TypeError, AttributeError) as exc:
-            log.warning("ignoring unreadable ack: %s", exc)
+        """Only a signed ack from the pinned collector, about bodies this agent holds, deletes anything."""
+        ack = self.gate.open(payload)
+        if ack is None:
+            return
+        for rej in ack.rejects:
+            if self.store.reject(rej.instrument, rej.seq, rej.sha256, rej.reason):
+                log.error("collector rejected %s seq %s: %s", rej.instrument, rej.seq, rej.reason)
+        for chain, entry in ack.acks.items():
+            n = self.store.ack_matching(chain, entry.seq, entry.sha256)
+            if n is None:
+                self.gate.ignore(
+                    "stale",
+                    "ignoring an acknowledgement of %s seq %d: this agent holds no such body there "
+                    "(replayed, or its state was restored from a backup)",
+                    chain,
+                    entry.seq,
+                )
+            else:
+                self.acked += n
 
     async def _publisher(self) -> None:
         """Send unacknowledged rows oldest first; resend after ``resend_after_s`` without an ack."""
@@ -330,7 +367,9 @@ class Agent:
             deadline = time.monotonic() + 2.0
             while self.store.pending_count() and time.monotonic() < deadline:
                 await asyncio.sleep(0.05)
-            self.link.publish(wire.status_topic(self.id), b"offline", qos=1, retain=True)
+            self.link.publish(
+                wire.status_topic(self.id), self._status("offline", self._conn), qos=1, retain=True
+            )
             await asyncio.sleep(0.1)
         await self.link.stop()
         for r in self.runners:

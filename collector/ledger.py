@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from labmeter.netutil import redact_text, redact_url
 from labmeter.wire import GENESIS, MAX_INTERVAL_MS, Interval, envelope_starts_chain, starts_chain
 
 SCHEMA = """
@@ -188,12 +189,14 @@ class Ledger:
             except pg.MissingDriver as exc:
                 raise LedgerError(str(exc)) from None
             except Exception as exc:
-                raise LedgerError(f"ledger {pg.redact(url)}: {str(exc).strip()}") from None
+                raise LedgerError(f"ledger {redact_url(url)}: {redact_text(str(exc).strip(), url)}") from None
             ledger = cls.__new__(cls)
             ledger.path = None
-            ledger._setup(db, pg.redact(url))
+            ledger._setup(db, redact_url(url))
             return ledger
-        raise LedgerError(f"ledger {url!r}: use 'sqlite', sqlite:///PATH or postgresql://USER@HOST/DB")
+        raise LedgerError(
+            f"ledger {redact_url(url)!r}: use 'sqlite', sqlite:///PATH or postgresql://USER@HOST/DB"
+        )
 
     def close(self) -> None:
         self.db.close()

@@ -13,7 +13,6 @@ import re
 from collections.abc import Iterable, Sequence
 from functools import lru_cache
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 BULK_INSERT = re.compile(r"INSERT INTO (\w+) VALUES \([?,]+\) ON CONFLICT DO NOTHING")
 BULK_ROWS = 50  # from this many rows, COPY pays for its extra statements
@@ -46,15 +45,6 @@ def schema(script: str) -> list[str]:
         stmt = stmt.replace("BLOB", "BYTEA")
         out.append(stmt)
     return out
-
-
-def redact(url: str) -> str:
-    """The URL without its password, for logs."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
-    return urlunsplit(parts._replace(netloc=netloc))
 
 
 class Cursor:

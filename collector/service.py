@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from labmeter.collector.broker import EmbeddedBroker
+from labmeter.collector.identity import collector_key
 from labmeter.collector.ledger import Ledger, Rejection
 from labmeter.collector.rollup import Rollups
 from labmeter.collector.verify import Accepted, AcceptedSignIn, Pending, Rejected, Status, Verifier
@@ -28,7 +29,7 @@ from labmeter.collector.web import LiveView
 if TYPE_CHECKING:
     from labmeter.collector.sink_influx import InfluxSink
 
-from labmeter import config, wire
+from labmeter import config, signing, wire
 from labmeter.clock import Clock
 from labmeter.config import CollectorConfig
 from labmeter.mqtt import MqttLink
@@ -38,6 +39,8 @@ log = logging.getLogger("labmeter.collector")
 BATCH = 2000
 ROLLUP_EVERY_S = 2.0
 ROLLUP_DEFER_S = 30.0
+STATUS_FRESH_MS = 600_000
+"""A signed "online" older than this (by the agent's clock) is a replay or a stuck clock: shown as offline."""
 
 
 class Watermarks:
@@ -122,6 +125,7 @@ class Collector:
         self.web: LiveView | None = None
         self.sink: InfluxSink | None = None
         self.ready = asyncio.Event()
+        self.key: signing.PrivateKey | None = None
         self._pool = ThreadPoolExecutor(2, thread_name_prefix="verify")
 
     def _on_message(self, topic: str, payload: bytes) -> None:
@@ -147,12 +151,7 @@ class Collector:
                 rejected.append(Rejection(f"internal error: {type(exc).__name__}", topic, payload))
                 continue
             if isinstance(result, Status):
-                self.live.agents[result.agent] = {
-                    "online": result.online,
-                    "received": self.clock.wall_ms(),
-                    **result.body,
-                }
-                self._publish("agent", {"agent": result.agent, "online": result.online})
+                self._agent_status(result)
             else:
                 pending.append(result)
         for p, ok in zip(pending, await self._check_signatures(pending), strict=True):
@@ -200,6 +199,48 @@ class Collector:
             self.rejections[r.reason.split(":")[0]] += 1
             self._log_rejection(r)
 
+    def _agent_status(self, s: Status) -> None:
+        """Live agent state, from registered agents' signed status only, newest by the agent's own order.
+
+        An unsigned or invalid status never counts as online; from a registered agent that has sent no valid
+        one it shows that agent as "status unverified" (an agent from before signed status). Only typed,
+        bounded fields are kept, so nothing a sender wrote reaches the API as it was sent.
+        """
+        now = self.clock.wall_ms()
+        known = self.live.agents.get(s.agent)
+        r = s.report
+        if r is None:
+            self.stats["status_ignored"] += 1
+            key = f"status:{s.problem.split(':')[0]}"
+            if time.monotonic() - self._last_log.get(key, -1e9) > 60:
+                self._last_log[key] = time.monotonic()
+                log.warning("ignored status on %s: %s", wire.status_topic(s.agent), s.problem)
+            if s.registered and (known is None or not known.get("verified")):
+                self.live.agents[s.agent] = {
+                    "online": False,
+                    "verified": False,
+                    "received": now,
+                    "at": None,
+                    "pending": None,
+                    "version": None,
+                    "order": None,
+                }
+            return
+        if known is not None and known.get("order") is not None and r.order() <= known["order"]:
+            self.stats["status_ignored"] += 1  # a replayed or older status
+            return
+        fresh = r.at >= now - STATUS_FRESH_MS * max(1.0, self.clock.scale)
+        self.live.agents[s.agent] = {
+            "online": r.online and fresh,
+            "verified": True,
+            "received": now,
+            "at": r.at,
+            "pending": r.pending,
+            "version": r.version,
+            "order": r.order(),
+        }
+        self._publish("agent", {"agent": s.agent, "online": r.online and fresh})
+
     async def _check_signatures(self, pending: list[Pending]) -> list[bool]:
         """Two helper threads check the batch while the event loop goes on receiving."""
         if len(pending) < 32:
@@ -223,14 +264,18 @@ class Collector:
         signins: list[AcceptedSignIn] = (),  # type: ignore[assignment]
     ) -> None:
         acks: dict[str, dict[str, int]] = defaultdict(dict)
-        rejects: dict[str, list[dict[str, Any]]] = defaultdict(list)
+        rejects: dict[str, list[wire.AckReject]] = defaultdict(list)
+        # the body hash at each seq handled now: an ack names the body at the seq it acknowledges
+        known: dict[tuple[str, str], dict[int, str]] = defaultdict(dict)
         for a in accepted:
             iv = a.interval
+            known[(iv.agent, iv.instrument)][iv.seq] = iv.sha
             acks[iv.agent][iv.instrument] = self.watermarks.add(
                 iv.agent, iv.instrument, iv.seq, wire.starts_chain(iv.prev)
             )
         for x in signins:
             key = wire.signin_chain(x.signin.instrument)
+            known[(x.signin.agent, key)][x.signin.seq] = x.sha
             acks[x.signin.agent][key] = self.watermarks.add(
                 x.signin.agent, key, x.signin.seq, wire.starts_chain(x.signin.prev)
             )
@@ -238,10 +283,9 @@ class Collector:
             if r.agent is None or r.instrument is None or r.seq is None or r.body_sha is None:
                 continue
             if r.authentic:
+                known[(r.agent, r.instrument)][r.seq] = r.body_sha
                 acks[r.agent][r.instrument] = self.watermarks.add(r.agent, r.instrument, r.seq, r.chain_start)
-            rejects[r.agent].append(
-                {"instrument": r.instrument, "seq": r.seq, "sha256": r.body_sha, "reason": r.reason}
-            )
+            rejects[r.agent].append(wire.AckReject(r.instrument, r.seq, r.body_sha, r.reason))
         for agent, chain, seq in self.watermarks.restarts:
             log.warning(
                 "agent %s began a new chain for %s at seq %d: its state directory was reset or replaced; "
@@ -255,13 +299,19 @@ class Collector:
             for agent, chains in acks.items():
                 for chain in chains:
                     chains[chain] = self.watermarks.fill_gaps(agent, chain)
-        if self.link is None:
+        if self.link is None or self.key is None:
             return
+        now = self.clock.wall_ms()
         for agent in set(acks) | set(rejects):
-            if wire.ID_RE.match(agent):
-                self.link.publish(
-                    wire.ack_topic(agent), wire.ack_payload(acks.get(agent, {}), rejects.get(agent, []))
-                )
+            if not wire.ID_RE.match(agent):
+                continue
+            entries = {}
+            for chain, upto in acks.get(agent, {}).items():
+                entry = _ack_entry(known.get((agent, chain), {}), upto)
+                if entry is not None:
+                    entries[chain] = entry
+            for payload in wire.seal_acks(self.key, agent, now, entries, rejects.get(agent, [])):
+                self.link.publish(wire.ack_topic(agent), payload)
 
     def _log_rejection(self, r: Rejection) -> None:
         key = f"{r.agent}:{r.reason}"
@@ -313,6 +363,8 @@ class Collector:
         )
 
     async def run(self, stop: asyncio.Event) -> None:
+        self.key = collector_key(self.cfg.collector)
+        log.info("collector key %s signs the acknowledgements", signing.key_id(self.key.public_key()))
         broker_cfg = self.cfg.broker
         if broker_cfg.embedded:
             self.broker = EmbeddedBroker(broker_cfg.listen)
@@ -336,7 +388,7 @@ class Collector:
             sink_task = asyncio.create_task(self.sink.run(), name="influx-sink")
         if self.cfg.web is not None:
             token = (
-                self.cfg.web.token_file.read_text(encoding="utf-8").strip()
+                config.read_secret(self.cfg.web.token_file, "web token file")
                 if self.cfg.web.token_file
                 else None
             )
@@ -385,3 +437,12 @@ class Collector:
 
 def _check(pending: list[Pending]) -> list[bool]:
     return [p.signature_ok() for p in pending]
+
+
+def _ack_entry(known: dict[int, str], upto: int) -> wire.AckEntry | None:
+    """The ack for a chain: up to ``upto`` if this batch holds that body, else up to the newest body it holds
+    below (acknowledging less is safe: the agent resends the rest, and the resend names its own body)."""
+    if upto in known:
+        return wire.AckEntry(upto, known[upto])
+    below = [s for s in known if s <= upto]
+    return wire.AckEntry(max(below), known[max(below)]) if below else None

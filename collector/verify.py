@@ -46,9 +46,20 @@ class OpenState:
 
 @dataclass(frozen=True)
 class Status:
+    """A status message: ``report`` is set only when it is a registered agent's, validly signed.
+
+    ``problem`` says why not (kept out of the ledger: status carries no hours); ``registered`` lets the
+    collector show an old agent's unsigned status as unverified without letting anyone add agents.
+    """
+
     agent: str
-    online: bool
-    body: dict[str, Any]
+    report: wire.AgentStatus | None
+    problem: str = ""
+    registered: bool = False
+
+    @property
+    def online(self) -> bool:
+        return self.report is not None and self.report.online
 
 
 @dataclass(slots=True)
@@ -204,17 +215,27 @@ class Verifier:
                 raise p.reject(f"instrument {p.instrument!r} is not enrolled for agent {p.agent!r}", True)
 
     def _status(self, agent: str, payload: bytes) -> Status:
-        if payload.strip() == b"offline":
-            return Status(agent, False, {})
+        """Check a status message; never raises: a bad one is a Status without a report."""
+        if agent not in self.keys:
+            self._maybe_reload()
+            if agent not in self.keys:
+                return Status(agent, None, "unknown agent")
+        checker, kid = self.keys[agent]
         try:
-            body = json.loads(payload)
-            if not isinstance(body, dict):
-                raise ValueError("not an object")
-        except ValueError as exc:
-            raise Rejected(
-                Rejection(f"status is not JSON: {exc}", wire.status_topic(agent), payload, agent)
-            ) from None
-        return Status(agent, body.get("status") == "online", body)
+            env = wire.open_envelope(payload)
+        except wire.WireError:
+            return Status(agent, None, "unsigned status (an agent from before signed status?)", True)
+        if env.kid != kid or not checker(env.body.encode(), env.sig):
+            return Status(agent, None, "status not signed by the agent's registered key", True)
+        try:
+            report = wire.decode_status(env.body)
+        except wire.WireError as exc:
+            return Status(agent, None, f"status body: {exc}", True)
+        if report.agent != agent:
+            return Status(agent, None, "status body names another agent", True)
+        if report.at > self.clock.wall_ms() + self.max_future_ms:
+            return Status(agent, None, "status time is in the future", True)
+        return Status(agent, report, "", True)
 
 
 def _seq_of(body: wire.Interval | wire.SignIn | dict[str, Any] | None, text: str) -> int | None:

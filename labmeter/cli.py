@@ -14,12 +14,15 @@ import tomllib
 from collections.abc import Awaitable, Callable
 from datetime import datetime
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import click
 
 from labmeter import __version__, config, log, signing
+
+if TYPE_CHECKING:
+    from labmeter.collector.ledger import Ledger
 
 
 def fail(message: str, code: int = 2) -> NoReturn:
@@ -55,6 +58,16 @@ def load_collector(path: Path) -> config.CollectorConfig:
     try:
         return config.load(path, config.CollectorConfig)
     except config.ConfigError as exc:
+        fail(str(exc))
+
+
+def open_ledger(cfg: config.CollectorConfig) -> Ledger:
+    """The collector's ledger, or a clear error (its URL without any password) instead of a traceback."""
+    from labmeter.collector.ledger import Ledger, LedgerError
+
+    try:
+        return Ledger.open(cfg.collector.ledger, cfg.collector.data_dir)
+    except LedgerError as exc:
         fail(str(exc))
 
 
@@ -135,19 +148,55 @@ def report_group() -> None:
 @agent_group.command("enroll")
 @config_option("agent.toml")
 @click.option("--force", is_flag=True, help="Replace an existing key.")
-def agent_enroll(cfg_path: Path, force: bool) -> None:
-    """Create the agent's Ed25519 key (mode 0600) and print the command that registers it."""
+@click.option(
+    "--collector-key",
+    help="The collector's public key (ed25519:..., from `labmeter collector key`): pinned in the config.",
+)
+def agent_enroll(cfg_path: Path, force: bool, collector_key: str | None) -> None:
+    """Create the agent's Ed25519 key (mode 0600) and print the command that registers it.
+
+    With --collector-key, also pin the collector's key ([agent] collector_key in the config), so the agent
+    obeys only acknowledgements that collector signed.
+    """
     cfg = load_agent(cfg_path)
-    try:
-        key = signing.generate_key_file(cfg.agent.key_file, force=force)
-    except signing.KeyFileError as exc:
-        fail(str(exc))
+    if collector_key is not None:
+        try:
+            collector_key = signing.public_key_text(signing.parse_public_key(collector_key))
+        except signing.KeyFileError as exc:
+            fail(f"--collector-key: {exc}")
+    if cfg.agent.key_file.exists() and not force and collector_key is not None:
+        click.echo(f"key {cfg.agent.key_file} exists; kept")
+        key = None
+    else:
+        try:
+            key = signing.generate_key_file(cfg.agent.key_file, force=force)
+        except signing.KeyFileError as exc:
+            fail(str(exc))
+    if collector_key is not None:
+        _pin_collector_key(cfg_path, collector_key)
+    if key is None:
+        return
     pub = signing.public_key_text(key.public_key())
     click.echo(f"key written to {cfg.agent.key_file} (mode 0600)")
     click.echo(f"public key: {pub}")
     inst = " ".join(f"--instrument {i.id}" for i in cfg.instrument)
     click.echo("register it on the collector with:")
     click.echo(f"  labmeter collector add-agent {cfg.agent.id} --key {pub} {inst}")
+
+
+def _pin_collector_key(cfg_path: Path, key_text: str) -> None:
+    """Write ``[agent] collector_key`` into the agent's config, keeping its comments."""
+    import tomlkit
+
+    doc = tomlkit.parse(cfg_path.read_text(encoding="utf-8"))
+    section = doc.get("agent")
+    if not isinstance(section, dict):
+        fail(f"{cfg_path}: no [agent] table")
+    section["collector_key"] = key_text
+    cfg_path.write_text(tomlkit.dumps(doc), encoding="utf-8")
+    fingerprint = signing.key_id(signing.parse_public_key(key_text))
+    click.echo(f"collector key {fingerprint} pinned in {cfg_path}:")
+    click.echo(f'  [agent] collector_key = "{key_text}"')
 
 
 @agent_group.command("run")
@@ -168,7 +217,10 @@ def agent_run(cfg_path: Path, verbose: bool) -> None:
             fail(str(exc))
         await agent.run(stop)
 
-    run_until_signal(main)
+    try:
+        run_until_signal(main)
+    except config.ConfigError as exc:
+        fail(str(exc))
 
 
 @agent_group.command("probe")
@@ -277,12 +329,26 @@ def agent_install(cfg_path: Path, dry_run: bool, unit_dir: Path, no_enable: bool
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def agent_status(cfg_path: Path, as_json: bool) -> None:
     """Show the outbox: what waits for the collector's acknowledgement, and what it rejected."""
+    from labmeter.agent.control import load_pin
     from labmeter.agent.outbox import AgentStore
 
     cfg = load_agent(cfg_path)
     store = AgentStore(cfg.agent.state_dir / "agent.db")
     summary = store.summary()
     store.close()
+    try:
+        pin = load_pin(cfg.agent)
+        summary["collector_key"] = (
+            {"fingerprint": pin.fingerprint, "key": pin.text, "source": pin.source} if pin else None
+        )
+        pinned = (
+            f"collector key {pin.fingerprint}, pinned from {pin.source}"
+            if pin
+            else "collector key: not pinned yet (the first signed acknowledgement will pin one)"
+        )
+    except signing.KeyFileError as exc:
+        summary["collector_key"] = {"error": str(exc)}
+        pinned = f"collector key: {exc}"
     if as_json:
         click.echo(json.dumps(summary, indent=2))
         return
@@ -291,6 +357,7 @@ def agent_status(cfg_path: Path, as_json: bool) -> None:
     dead = summary["dead"]
     assert isinstance(chain, dict) and isinstance(pending, dict) and isinstance(dead, list)
     click.echo(f"agent {cfg.agent.id}")
+    click.echo(f"  {pinned}")
     for inst in cfg.instrument:
         p = pending.get(inst.id)
         waiting = f"{p['count']} waiting for acknowledgement" if p else "all acknowledged"
@@ -329,15 +396,23 @@ def agent_resend(cfg_path: Path) -> None:
 def collector_run(cfg_path: Path, verbose: bool) -> None:
     """Receive, verify and store intervals (starts the built-in broker if [broker] embedded = true)."""
     from labmeter.clock import clock_from_env
+    from labmeter.collector.ledger import LedgerError
     from labmeter.collector.service import Collector
 
     log.setup(verbose)
     cfg = load_collector(cfg_path)
 
     async def main(stop: asyncio.Event) -> None:
-        await Collector(cfg, clock_from_env()).run(stop)
+        try:
+            await Collector(cfg, clock_from_env()).run(stop)
+        except signing.KeyFileError as exc:
+            fail(f"[collector] key_file: {exc}")
 
-    run_until_signal(main)
+    try:
+        config.check_secret_files(cfg)
+        run_until_signal(main)
+    except (config.ConfigError, LedgerError) as exc:
+        fail(str(exc))
 
 
 @collector_group.command("add-agent")
@@ -360,7 +435,6 @@ def collector_add_agent(
     agent_id: str, key: str, instruments: tuple[str, ...], cfg_path: Path, mosquitto_dir: Path | None
 ) -> None:
     """Register an agent's public key and the instruments it may report."""
-    from labmeter.collector.ledger import Ledger
     from labmeter.wire import ID_RE
 
     cfg = load_collector(cfg_path)
@@ -371,15 +445,43 @@ def collector_add_agent(
         pub = signing.parse_public_key(key)
     except signing.KeyFileError as exc:
         fail(str(exc))
-    ledger = Ledger.open(cfg.collector.ledger, cfg.collector.data_dir)
+    ledger = open_ledger(cfg)
     ledger.add_agent(agent_id, key, signing.key_id(pub), instruments)
     ledger.close()
     click.echo(
         f"agent {agent_id} registered for {', '.join(instruments)} (key fingerprint {signing.key_id(pub)}); "
         "publish the key list again: labmeter collector export-keys -o keys.json"
     )
+    own = _collector_public_key(cfg)
+    click.echo(f"pin this collector's key in the agent's agent.toml, under [agent] (fingerprint {own[1]}):")
+    click.echo(f'  collector_key = "{own[0]}"')
+    click.echo(f"  or: labmeter agent enroll --collector-key {own[0]}")
     if mosquitto_dir is not None:
         _broker_account(mosquitto_dir, agent_id, "agent")
+
+
+def _collector_public_key(cfg: config.CollectorConfig) -> tuple[str, str]:
+    """The collector's public key text and fingerprint (its key is created on first use)."""
+    from labmeter.collector.identity import collector_key
+
+    try:
+        pub = collector_key(cfg.collector).public_key()
+    except signing.KeyFileError as exc:
+        fail(f"[collector] key_file: {exc}")
+    return signing.public_key_text(pub), signing.key_id(pub)
+
+
+@collector_group.command("key")
+@config_option("collector.toml")
+def collector_key_cmd(cfg_path: Path) -> None:
+    """Show the collector's public key and fingerprint (agents pin it; it signs their acknowledgements)."""
+    cfg = load_collector(cfg_path)
+    text, fingerprint = _collector_public_key(cfg)
+    click.echo(f"collector key file: {cfg.collector.key_path}")
+    click.echo(f"fingerprint: {fingerprint}")
+    click.echo(f"public key: {text}")
+    click.echo("pin it in each agent.toml, under [agent]:")
+    click.echo(f'  collector_key = "{text}"')
 
 
 def _broker_account(directory: Path, user: str, role: str) -> None:
@@ -420,14 +522,13 @@ def collector_export_keys(cfg_path: Path, out: Path | None) -> None:
 
     from labmeter.collector.evidence import export_keys
     from labmeter.collector.identity import collector_key
-    from labmeter.collector.ledger import Ledger, LedgerError
 
     cfg = load_collector(cfg_path)
     try:
         pub = collector_key(cfg.collector).public_key()
-        ledger = Ledger.open(cfg.collector.ledger, cfg.collector.data_dir)
-    except (signing.KeyFileError, LedgerError) as exc:
+    except signing.KeyFileError as exc:
         fail(str(exc))
+    ledger = open_ledger(cfg)
     try:
         doc = export_keys(ledger, pub, int(time.time() * 1000))
     finally:
@@ -455,13 +556,13 @@ def collector_import(file: Path, cfg_path: Path) -> None:
 
     Columns (English or Chinese headers): code 仪器编号, name 仪器名称, unit 管理单位, department 所在部门,
     category 分类编码 (6 digits), kind 仪器类型 (general 通用 / special 专用), value_wan 原值（万元）,
-    rated_hours 定额机时, share_mode 共享模式.
+    rated_hours 定额机时, share_mode 共享模式. Numbers must be finite and not negative (rated_hours
+    at most 8784, allowances at most a day); every bad cell is named by row and column.
     """
-    from labmeter.collector.ledger import Ledger
     from labmeter.collector.registry import ImportError_, import_instruments
 
     cfg = load_collector(cfg_path)
-    ledger = Ledger.open(cfg.collector.ledger, cfg.collector.data_dir)
+    ledger = open_ledger(cfg)
     try:
         n = import_instruments(ledger, file)
     except ImportError_ as exc:
@@ -483,11 +584,10 @@ def collector_import_services(file: Path, instrument: str | None, cfg_path: Path
     service_type 服务类型 (120 internal 对内 / 130 external 对外), direction 服务方向 (135-138), amount 金额.
     A record identical to one already imported (instrument, start, end, applicant) is skipped.
     """
-    from labmeter.collector.ledger import Ledger
     from labmeter.collector.registry import ImportError_, import_services
 
     cfg = load_collector(cfg_path)
-    ledger = Ledger.open(cfg.collector.ledger, cfg.collector.data_dir)
+    ledger = open_ledger(cfg)
     try:
         res = import_services(ledger, file, zone_for(tz, cfg), instrument)
     except ImportError_ as exc:
@@ -527,7 +627,6 @@ def report_hours(
     start: str, end: str, cfg_path: Path, by: str, fmt: str, out: Path | None, lang: str, tz: str | None
 ) -> None:
     """Run, effective, service and external hours, utilisation, sharing rate and coverage."""
-    from labmeter.collector.ledger import Ledger
     from labmeter.collector.report import (
         GROUPINGS,
         PeriodError,
@@ -542,7 +641,7 @@ def report_hours(
     zone = zone_for(tz, cfg)
     if fmt == "xlsx" and out is None:
         fail("--format xlsx needs --output FILE.xlsx")
-    ledger = Ledger.open(cfg.collector.ledger, cfg.collector.data_dir)
+    ledger = open_ledger(cfg)
     try:
         a, b = parse_time(start, zone), parse_time(end, zone, end=True)
         if fmt == "xlsx":
@@ -571,11 +670,10 @@ def report_hours(
 @click.option("--tz", help="Time zone for days and months (default: the config's [policy] timezone).")
 def report_national(year: int, out: Path, cfg_path: Path, tz: str | None) -> None:
     """National sharing-platform export: runMachine and serviceMachine per instrument, and service records."""
-    from labmeter.collector.ledger import Ledger
     from labmeter.collector.national import national_export, write_national
 
     cfg = load_collector(cfg_path)
-    ledger = Ledger.open(cfg.collector.ledger, cfg.collector.data_dir)
+    ledger = open_ledger(cfg)
     try:
         data = national_export(ledger, year, cfg.policy, zone_for(tz, cfg))
     finally:
@@ -611,13 +709,12 @@ def report_findings(
     start: str, end: str, cfg_path: Path, low_use: float, min_coverage: float, as_json: bool, tz: str | None
 ) -> None:
     """Instruments to act on: low use, poor coverage (agents down, unknown time), no data at all."""
-    from labmeter.collector.ledger import Ledger
     from labmeter.collector.national import findings
     from labmeter.collector.report import PeriodError, parse_time
 
     cfg = load_collector(cfg_path)
     zone = zone_for(tz, cfg)
-    ledger = Ledger.open(cfg.collector.ledger, cfg.collector.data_dir)
+    ledger = open_ledger(cfg)
     try:
         res = findings(
             ledger,
@@ -659,7 +756,6 @@ def report_evidence(instrument: str, start: str, end: str, out: Path, cfg_path: 
     """Write the signed intervals and public keys behind an instrument's hours, countersigned, for `labmeter verify`."""
     from labmeter.collector.evidence import write_bundle
     from labmeter.collector.identity import collector_key
-    from labmeter.collector.ledger import Ledger
     from labmeter.collector.report import PeriodError, parse_time
     from labmeter.collector.rollup import allowances_ms
 
@@ -669,7 +765,7 @@ def report_evidence(instrument: str, start: str, end: str, out: Path, cfg_path: 
         key = collector_key(cfg.collector)
     except signing.KeyFileError as exc:
         fail(str(exc))
-    ledger = Ledger.open(cfg.collector.ledger, cfg.collector.data_dir)
+    ledger = open_ledger(cfg)
     try:
         a, b = parse_time(start, zone), parse_time(end, zone, end=True)
         info = next((i for i in ledger.instruments() if i["code"] == instrument), {})

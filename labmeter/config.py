@@ -17,7 +17,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 import msgspec
 from msgspec import Meta, Struct, field
 
-from labmeter.netutil import split_listen
+from labmeter.netutil import redact_text, redact_url, split_listen
 
 ID_PATTERN = r"^[A-Za-z0-9._-]{1,64}$"
 Id = Annotated[str, Meta(pattern=ID_PATTERN)]
@@ -43,7 +43,9 @@ class BrokerConfig(Section, frozen=True, kw_only=True):
 
     def __post_init__(self) -> None:
         if not re.match(r"^mqtts?://[^/:]+(:\d+)?/?$", self.url):
-            raise ValueError(f"url must be mqtt://host[:port] or mqtts://host[:port] (got {self.url!r})")
+            raise ValueError(
+                f"url must be mqtt://host[:port] or mqtts://host[:port] (got {redact_url(self.url)!r})"
+            )
 
 
 class AgentSection(Section, frozen=True, kw_only=True):
@@ -213,6 +215,34 @@ class CollectorConfig(Section, frozen=True, kw_only=True):
 M = TypeVar("M", bound=Struct)
 
 
+def check_secret_files(cfg: CollectorConfig) -> None:
+    """Read every secret file the collector will need, so a bad one stops start-up before anything listens."""
+    web, influx = cfg.web, cfg.influxdb
+    for path, what in (
+        (web.token_file if web else None, "web token file"),
+        (influx.token_file if influx else None, "InfluxDB token file"),
+        (cfg.broker.password_file if cfg.broker.username else None, "password file"),
+    ):
+        if path is not None:
+            read_secret(path, what)
+
+
+def read_secret(path: Path, what: str) -> str:
+    """A token or password kept in its own file (``token_file``, ``password_file``): the file must be readable
+    and not empty, or start-up stops naming it. The value is hidden from every log line of this process."""
+    from labmeter import log
+
+    try:
+        value = path.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+        raise ConfigError(f"{path}: cannot read {what} ({reason})") from None
+    if not value:
+        raise ConfigError(f"{path}: {what} is empty; put the secret in it (one line)")
+    log.hide(value)
+    return value
+
+
 def load(path: Path, model: type[M]) -> M:
     """Read and validate a TOML file; relative paths inside are taken from the file's folder."""
     try:
@@ -234,7 +264,7 @@ def parse(text: str, model: type[M], name: str = "<config>", base: Path | None =
     try:
         cfg = msgspec.convert(data, model, dec_hook=_dec_hook)
     except msgspec.ValidationError as exc:
-        raise ConfigError(_describe(str(exc), data, text, name, model)) from None
+        raise ConfigError(redact_text(_describe(str(exc), data, text, name, model))) from None
     return _rebase(cfg, base) if base is not None else cfg
 
 

@@ -19,6 +19,7 @@ from zoneinfo import ZoneInfo
 from labmeter import config, signing
 from labmeter.agent.runtime import Agent
 from labmeter.clock import ScaledClock
+from labmeter.collector.identity import collector_key
 from labmeter.collector.ledger import Ledger
 from labmeter.collector.registry import import_instruments, import_services
 from labmeter.collector.report import hours_report, render
@@ -83,10 +84,13 @@ INSTRUMENTS: list[dict[str, Any]] = [
 ]
 
 
-def write_configs(d: Path, broker_port: int, web_port: int, meter_ports: dict[str, int]) -> tuple[Path, Path]:
+def write_configs(
+    d: Path, broker_port: int, web_port: int, meter_ports: dict[str, int], collector_key: str | None = None
+) -> tuple[Path, Path]:
+    pin = f'collector_key = "{collector_key}"\n' if collector_key else ""
     parts = [
         "# Written by `labmeter demo`. Times are simulated: one real second is many simulated ones.\n"
-        f'[agent]\nid = "demo-lab-pc"\nkey_file = "agent.key"\nstate_dir = "agent-state"\n'
+        f'[agent]\nid = "demo-lab-pc"\nkey_file = "agent.key"\nstate_dir = "agent-state"\n{pin}'
         "bucket_s = 3600\ncheckpoint_s = 60\nheartbeat_s = 300\nopen_every_s = 300\nresend_after_s = 30\n\n"
         f'[broker]\nurl = "mqtt://127.0.0.1:{broker_port}"\n'
     ]
@@ -165,8 +169,11 @@ async def run_demo(duration: float, directory: Path | None, port: int, stop: asy
     meter_ports = {i["id"]: free_port() for i in INSTRUMENTS if i["kind"] == "meter"}
     web_port = free_port()
     agent_toml, collector_toml = write_configs(directory, broker_port, web_port, meter_ports)
-    acfg = config.load(agent_toml, agent_config())
     ccfg = config.load(collector_toml, config.CollectorConfig)
+    # the agent pins the collector's key from the start, as an installer does at enrolment
+    own = signing.public_key_text(collector_key(ccfg.collector).public_key())
+    write_configs(directory, broker_port, web_port, meter_ports, own)
+    acfg = config.load(agent_toml, agent_config())
 
     key = signing.generate_key_file(acfg.agent.key_file, force=True)
     ledger = Ledger.open(ccfg.collector.ledger, ccfg.collector.data_dir)

@@ -13,14 +13,13 @@ import logging
 import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
 from gmqtt import Client, Message
 from gmqtt.mqtt.constants import UNLIMITED_RECONNECTS, MQTTv311
 
-from labmeter.config import BrokerConfig
+from labmeter.config import BrokerConfig, read_secret
 
 log = logging.getLogger("labmeter.mqtt")
 _quiet = logging.getLogger("labmeter.mqtt.gmqtt")
@@ -35,13 +34,6 @@ class Will:
     payload: bytes
     retain: bool = True
     qos: int = 1
-
-
-def _read_secret(path: Path) -> str:
-    try:
-        return path.read_text(encoding="utf-8").strip()
-    except OSError as exc:
-        raise OSError(f"{path}: cannot read password file ({exc.strerror})") from None
 
 
 def tls_context(broker: BrokerConfig) -> ssl.SSLContext:
@@ -85,7 +77,7 @@ class MqttLink:
         )
         c.set_config({"reconnect_retries": UNLIMITED_RECONNECTS, "reconnect_delay": 1})
         if broker.username:
-            password = _read_secret(broker.password_file) if broker.password_file else None
+            password = read_secret(broker.password_file, "password file") if broker.password_file else None
             c.set_auth_credentials(broker.username, password)
         c.on_connect = self._handle_connect
         c.on_disconnect = self._handle_disconnect
@@ -98,6 +90,10 @@ class MqttLink:
 
         c.on_message = _on_message
         self.client = c
+
+    def set_will(self, will: Will) -> None:
+        """The last will for the next (re)connect; the broker keeps the one sent with the current one."""
+        self.client._will_message = Message(will.topic, will.payload, qos=will.qos, retain=will.retain)
 
     def on_connect(self, callback: Callable[[], None]) -> None:
         """Run ``callback`` after every (re)connect."""

@@ -12,6 +12,7 @@ import binascii
 import hashlib
 import os
 import stat
+import tempfile
 from pathlib import Path
 
 from nacl.exceptions import BadSignatureError
@@ -59,15 +60,25 @@ def generate_key_file(path: Path, force: bool = False) -> PrivateKey:
             f"{path}: key file exists; use --force to replace it (agents enrolled with it stop verifying)"
         )
     key = PrivateKey.generate()
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f"{path.name}.", suffix=".tmp")  # mode 0600
+    tmp = Path(name)
     try:
         os.write(fd, key.pem())
         os.fsync(fd)
     finally:
         os.close(fd)
     os.chmod(tmp, 0o600)
-    os.replace(tmp, path)
+    if force:
+        os.replace(tmp, path)
+        return key
+    try:
+        os.link(tmp, path)  # atomic: of two processes creating the key at once, exactly one wins
+    except FileExistsError:
+        raise KeyFileError(
+            f"{path}: key file exists; use --force to replace it (agents enrolled with it stop verifying)"
+        ) from None
+    finally:
+        os.unlink(tmp)
     return key
 
 
@@ -78,7 +89,12 @@ def load_or_create_key(path: Path) -> tuple[PrivateKey, bool]:
     """
     if path.exists():
         return load_private_key(path), False
-    return generate_key_file(path), True
+    try:
+        return generate_key_file(path), True
+    except KeyFileError:
+        if path.exists():  # another process created it a moment ago
+            return load_private_key(path), False
+        raise
 
 
 def load_private_key(path: Path) -> PrivateKey:

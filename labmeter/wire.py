@@ -289,5 +289,171 @@ def _checked(iv: Interval) -> Interval:
     return iv
 
 
-def ack_payload(acks: dict[str, int], rejects: list[dict[str, Any]]) -> bytes:
-    return json.dumps({"v": VERSION, "acks": acks, "rejects": rejects}, separators=(",", ":")).encode()
+# Control path: signed acknowledgements (collector -> agent) and signed status (agent -> collector) ------
+
+MAX_SEQ = 2**63 - 1
+MAX_REASON = 200
+CHAIN_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}(@signin)?$")
+SHA_RE = re.compile(r"^[0-9a-f]{64}$")
+STATUSES = ("online", "offline")
+
+
+class AckEntry(msgspec.Struct, frozen=True):
+    """The collector holds every link of a chain up to ``seq``, and at ``seq`` the body hashing to ``sha256``.
+
+    The hash ties the ack to one body: an agent deletes up to ``seq`` only if its own row there is that
+    body, so an ack recorded and replayed later (after a state restore re-used the seqs) deletes nothing.
+    """
+
+    seq: int
+    sha256: str
+
+
+class AckReject(msgspec.Struct, frozen=True):
+    instrument: str
+    seq: int
+    sha256: str
+    reason: str
+
+
+class Ack(msgspec.Struct, frozen=True):
+    """An acknowledgement body, signed with the collector's key; ``key`` lets an unpinned agent pin it."""
+
+    agent: str
+    at: int
+    key: str
+    acks: dict[str, AckEntry] = msgspec.field(default_factory=dict)
+    rejects: list[AckReject] = msgspec.field(default_factory=list)
+    v: int = VERSION
+    kind: str = "ack"
+
+    def body(self) -> dict[str, Any]:
+        return {
+            "v": VERSION,
+            "kind": "ack",
+            "agent": self.agent,
+            "at": self.at,
+            "key": self.key,
+            "acks": {c: {"seq": e.seq, "sha256": e.sha256} for c, e in self.acks.items()},
+            "rejects": [
+                {"instrument": r.instrument, "seq": r.seq, "sha256": r.sha256, "reason": r.reason}
+                for r in self.rejects
+            ],
+        }
+
+
+_ack_decoder = msgspec.json.Decoder(Ack)
+
+
+def _seq_ok(seq: int) -> bool:
+    return 1 <= seq <= MAX_SEQ
+
+
+def decode_ack(body_text: str) -> Ack:
+    ack = _decode(_ack_decoder, body_text)
+    if ack.v != VERSION or ack.kind != "ack":
+        raise WireError("body is not a version-1 ack")
+    if not ID_RE.match(ack.agent) or not 0 <= ack.at <= MAX_SEQ:
+        raise WireError("ack needs an agent id and a time")
+    for chain, e in ack.acks.items():
+        if not CHAIN_RE.match(chain) or not _seq_ok(e.seq) or not SHA_RE.match(e.sha256):
+            raise WireError(f"ack entry {chain!r} needs a chain name, 1 <= seq < 2^63 and a 64-hex sha256")
+    for r in ack.rejects:
+        if not CHAIN_RE.match(r.instrument) or not _seq_ok(r.seq) or not SHA_RE.match(r.sha256):
+            raise WireError("reject entry needs a chain name, 1 <= seq < 2^63 and a 64-hex sha256")
+    return ack
+
+
+def seal_acks(
+    key: signing.PrivateKey,
+    agent: str,
+    at: int,
+    acks: dict[str, AckEntry],
+    rejects: list[AckReject],
+) -> list[bytes]:
+    """Signed ack envelopes for one agent, split so that each fits ``MAX_PAYLOAD`` (an agent reads no more)."""
+    pub = key.public_key()
+    kid, key_text = signing.key_id(pub), signing.public_key_text(pub)
+    # what an agent would refuse (a hostile body's seq beyond 64 bits) must not spoil the rest of its ack
+    rejects = [
+        AckReject(r.instrument, r.seq, r.sha256, r.reason[:MAX_REASON])
+        for r in rejects
+        if CHAIN_RE.match(r.instrument) and _seq_ok(r.seq) and SHA_RE.match(r.sha256)
+    ]
+    acks = {c: e for c, e in acks.items() if CHAIN_RE.match(c) and _seq_ok(e.seq) and SHA_RE.match(e.sha256)}
+    if not acks and not rejects:
+        return []
+
+    def pack(items: list[AckReject | tuple[str, AckEntry]]) -> list[bytes]:
+        entries = dict(i for i in items if isinstance(i, tuple))
+        rej = [i for i in items if isinstance(i, AckReject)]
+        payload = seal(key, kid, dump_body(Ack(agent, at, key_text, entries, rej).body()))
+        if len(payload) <= MAX_PAYLOAD or len(items) <= 1:
+            return [payload]
+        half = len(items) // 2
+        return pack(items[:half]) + pack(items[half:])
+
+    # rejects first: an agent must dead-letter a rejected row before an ack covering its seq deletes it
+    return pack([*rejects, *acks.items()])
+
+
+def is_legacy_ack(payload: bytes) -> bool:
+    """An unsigned ack as collectors before the signed control path sent it (``{"v":1,"acks":...}``)."""
+    try:
+        obj = json.loads(payload)
+    except ValueError:
+        return False
+    return isinstance(obj, dict) and "acks" in obj and "body" not in obj
+
+
+class AgentStatus(msgspec.Struct, frozen=True):
+    """A signed heartbeat. ``conn`` names the agent's broker connection (it only grows), so the order
+    (conn, offline after online, at) tells which of two statuses is newer; a replayed older one loses."""
+
+    agent: str
+    status: str
+    at: int
+    conn: int
+    pending: int = 0
+    version: str = ""
+    v: int = VERSION
+    kind: str = "status"
+
+    def body(self) -> dict[str, Any]:
+        return {
+            "v": VERSION,
+            "kind": "status",
+            "agent": self.agent,
+            "status": self.status,
+            "at": self.at,
+            "conn": self.conn,
+            "pending": self.pending,
+            "version": self.version,
+        }
+
+    @property
+    def online(self) -> bool:
+        return self.status == "online"
+
+    def order(self) -> tuple[int, int, int]:
+        return (self.conn, 0 if self.online else 1, self.at)
+
+
+_status_decoder = msgspec.json.Decoder(AgentStatus)
+
+
+def decode_status(body_text: str) -> AgentStatus:
+    st = _decode(_status_decoder, body_text)
+    if st.v != VERSION or st.kind != "status":
+        raise WireError("body is not a version-1 status")
+    if st.status not in STATUSES:
+        raise WireError(f"status {st.status[:20]!r} is not one of {', '.join(STATUSES)}")
+    if not ID_RE.match(st.agent) or len(st.version) > 32:
+        raise WireError("status needs an agent id and a version of at most 32 characters")
+    if not all(0 <= n <= MAX_SEQ for n in (st.at, st.conn, st.pending)):
+        raise WireError("status times and counts must be within 0 .. 2^63-1")
+    return st
+
+
+def seal_status(key: signing.PrivateKey, kid: str, st: AgentStatus) -> bytes:
+    return seal(key, kid, dump_body(st.body()))

@@ -151,3 +151,8 @@ def store_schedule(
         iv = wire.parse_interval(wire.load_body(env.body))
         stored.append((StoredInterval.of(iv, wire.body_hash(env.body), r.payload), None))
     ledger.store(stored, [])
+
+
+def ack_body(payload: bytes) -> dict[str, Any]:
+    """An ack as an agent reads it (signed envelope, body as a dict); check the signer separately."""
+    return wire.load_body(wire.open_envelope(payload).body)

@@ -105,6 +105,8 @@ class Lab:
             )
             (t / f"{name}.toml").write_text(
                 f'[collector]\ndata_dir = "{name}-data"\nmax_future_s = 60\nledger = "{self.ledger_url}"\n'
+                # collectors sharing a ledger share one key: the agent pins one
+                'key_file = "collector.key"\n'
                 f'[broker]\nurl = "{self.broker.url}"\n{shared}'
                 f"[policy]\nprep_allowance_s = {PREP_S}\npost_allowance_s = {POST_S}\n"
             )

@@ -207,7 +207,7 @@ def test_token_required_off_loopback(tmp_path: Path) -> None:
 
     async def main() -> list[int]:
         collector = Collector(cfg)
-        with pytest.raises(ValueError, match="set token_file"):
+        with pytest.raises(config.ConfigError, match="set token_file"):
             LiveView(collector, "0.0.0.0:8080")
         port = free_port()
         view = LiveView(collector, f"127.0.0.1:{port}", token="s3cret")

@@ -52,3 +52,17 @@ def test_bad_envelopes(payload: bytes, reason: str) -> None:
 def test_public_key_text_errors() -> None:
     with pytest.raises(signing.KeyFileError, match="expected 'ed25519:"):
         signing.parse_public_key("ssh-ed25519 AAAA")
+
+
+def test_two_processes_creating_the_collector_key_at_once_end_with_one_key(tmp_path: Path) -> None:
+    """Collectors that start together must not each create (and sign acks with) a different key."""
+    import concurrent.futures
+
+    path = tmp_path / "collector.key"
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(lambda _: signing.load_or_create_key(path), range(16)))
+    keys = {signing.public_key_text(k.public_key()) for k, _ in results}
+    assert len(keys) == 1
+    assert sum(created for _, created in results) == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["collector.key"]
+    assert path.stat().st_mode & 0o777 == 0o600
