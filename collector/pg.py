@@ -92,6 +92,10 @@ class Cursor:
         self._rowcount = inserted
 
     @property
+    def description(self) -> Any:
+        return self._cur.description
+
+    @property
     def rowcount(self) -> int:
         if self._rowcount is not None:
             return self._rowcount
@@ -117,9 +121,14 @@ class Database:
             raise MissingDriver(
                 "a postgresql:// ledger needs psycopg: pip install 'labmeter[postgresql]'"
             ) from None
-        self.conn = psycopg.connect(url, autocommit=True, connect_timeout=10)
+        self._connect = lambda: psycopg.connect(url, autocommit=True, connect_timeout=10)
+        self.conn = self._connect()
 
     def cursor(self) -> Cursor:
+        """A cursor; after the connection broke (server restarted, database down), a new connection first,
+        so a collector's ingest resumes by itself once the database is back."""
+        if self.conn.broken or self.conn.closed:
+            self.conn = self._connect()
         return Cursor(self.conn.cursor())
 
     def execute(self, sql: str, args: Sequence[Any] = ()) -> Cursor:

@@ -597,6 +597,28 @@ def collector_import_services(file: Path, instrument: str | None, cfg_path: Path
     click.echo(f"{res.added} service record(s) imported, {res.duplicates} already present")
 
 
+@collector_group.command("rejections")
+@click.option("--hours", type=click.IntRange(min=1), default=24, show_default=True, help="How far back.")
+@config_option("collector.toml")
+def collector_rejections(hours: int, cfg_path: Path) -> None:
+    """Rejected messages: authentic ones (the sender's own, kept whole) and the unauthenticated ones'
+    hourly counts, most frequent first."""
+    import time
+
+    from labmeter.collector.ledger import Ledger
+
+    cfg = load_collector(cfg_path)
+    ledger = Ledger.open(cfg.collector.ledger, cfg.collector.data_dir)
+    try:
+        rows = ledger.rejection_summary(int(time.time() * 1000) - hours * 3_600_000)
+    finally:
+        ledger.close()
+    if not rows:
+        click.echo(f"no rejections in the last {hours} h")
+    for reason, topic, n, authentic in rows:
+        click.echo(f"{n:>8}  {'kept   ' if authentic else 'counted'}  {topic}  {reason}")
+
+
 # report ---------------------------------------------------------------------
 @report_group.command("hours")
 @click.option("--from", "start", required=True, help="First day (2026-01-01) or time, local.")

@@ -26,6 +26,8 @@ _quiet = logging.getLogger("labmeter.mqtt.gmqtt")
 _quiet.setLevel(logging.ERROR)
 
 MessageHandler = Callable[[str, bytes], None]
+RetainAwareHandler = Callable[[str, bytes, bool], None]
+"""(topic, payload, retain): ``retain`` set for a retained message the broker replays on subscribing."""
 
 
 @dataclass(frozen=True)
@@ -54,6 +56,7 @@ class MqttLink:
         clean_session: bool = True,
         will: Will | None = None,
         on_message: MessageHandler | None = None,
+        on_message_retain: RetainAwareHandler | None = None,
         subscriptions: tuple[tuple[str, int], ...] = (),
     ) -> None:
         self.broker = broker
@@ -82,9 +85,13 @@ class MqttLink:
         c.on_connect = self._handle_connect
         c.on_disconnect = self._handle_disconnect
         handler = on_message
+        retain_handler = on_message_retain
 
-        def _on_message(_c: Client, topic: str, payload: bytes, _qos: int, _props: Any) -> int:
-            if handler is not None:
+        def _on_message(_c: Client, topic: str, payload: bytes, _qos: int, props: Any) -> int:
+            if retain_handler is not None:
+                retained = bool(props.get("retain")) if isinstance(props, dict) else False
+                retain_handler(topic, payload, retained)
+            elif handler is not None:
                 handler(topic, payload)
             return 0
 
