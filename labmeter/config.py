@@ -1,7 +1,8 @@
 """Config types and the TOML loader.
 
-One place defines every key of ``agent.toml`` and ``collector.toml``. A bad key or
-value stops start-up with the file, the line, the key and what was expected.
+One place defines every key of ``agent.toml`` and ``collector.toml``, except each driver's
+``[instrument.source]`` table, which its driver folder defines (``drivers/<name>/__init__.py``).
+A bad key or value stops start-up with the file, the line, the key and what was expected.
 Validation is msgspec: strict, and light enough for an agent that runs for years.
 """
 
