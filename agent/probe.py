@@ -10,12 +10,11 @@ import asyncio
 from dataclasses import dataclass, field
 
 from labmeter.agent.classifier import Classifier
+from labmeter.clock import Clock
+from labmeter.config import AgentConfig, InstrumentConfig
 from labmeter.drivers import registry
 from labmeter.drivers.base import FIRST_MESSAGE_WAIT_S, Capability, Cause, Driver, Reading, Sample
 from labmeter.drivers.profiles import ProfileError
-
-from labmeter.clock import Clock
-from labmeter.config import AgentConfig, InstrumentConfig
 
 
 @dataclass

@@ -11,16 +11,15 @@ import time
 from pathlib import Path
 from typing import Any
 
+from labmeter import __version__, signing, wire
 from labmeter.agent.classifier import Classifier
 from labmeter.agent.control import AckGate, Pin, load_pin, pin_path
 from labmeter.agent.outbox import AgentStore, Checkpoint, Signer
 from labmeter.agent.timeline import Span, Timeline, split
-from labmeter.drivers import registry
-from labmeter.drivers.base import Capability, Driver, Reading, Sample
-
-from labmeter import __version__, signing, wire
 from labmeter.clock import Clock
 from labmeter.config import AgentConfig, InstrumentConfig
+from labmeter.drivers import registry
+from labmeter.drivers.base import Capability, Driver, Reading, Sample
 from labmeter.mqtt import MqttLink, Will
 from labmeter.wire import State
 

@@ -5,11 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Union
 
-from labmeter.drivers import DRIVERS
-from labmeter.drivers.base import Driver, Plugin, Sample
-
 from labmeter.clock import Clock
 from labmeter.config import AgentConfig, BrokerConfig, InstrumentConfig, Source
+from labmeter.drivers import DRIVERS
+from labmeter.drivers.base import Driver, Plugin, Sample
 
 
 def agent_config() -> type[AgentConfig[Any]]:

@@ -10,11 +10,11 @@ import time
 from pathlib import Path
 
 import pytest
-from labmeter.agent.calibrate import find_levels, suggest
-from labmeter.drivers.registry import agent_config
 from pyModbusTCP.server import ModbusServer
 
 from labmeter import config
+from labmeter.agent.calibrate import find_levels, suggest
+from labmeter.drivers.registry import agent_config
 from tests.conftest import LABMETER, free_port
 from tests.support.modbus import words
 

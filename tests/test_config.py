@@ -7,9 +7,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from labmeter.drivers.registry import agent_config
 
 from labmeter import config
+from labmeter.drivers.registry import agent_config
 
 CASES = sorted((Path(__file__).parent / "testcases" / "config").iterdir())
 

@@ -13,11 +13,11 @@ import subprocess
 from pathlib import Path
 
 import pytest
+
+from labmeter import config, signing, wire
 from labmeter.agent.runtime import Agent
 from labmeter.agent.timeline import Span
 from labmeter.drivers.registry import agent_config
-
-from labmeter import config, signing, wire
 from labmeter.wire import State
 from tests.conftest import LABMETER
 

@@ -21,11 +21,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from labmeter.collector.ledger import Ledger
-from labmeter.drivers.registry import agent_config
 from pyModbusTCP.server import ModbusServer
 
 from labmeter import config, signing, wire
+from labmeter.collector.ledger import Ledger
+from labmeter.drivers.registry import agent_config
 from tests.conftest import LABMETER, BrokerProcess, free_port
 from tests.lab import CollectorThread, Publisher, make_agent_key, register, wait_for
 from tests.support.modbus import words
@@ -322,7 +322,6 @@ def test_upgrade_keeps_an_existing_ledger_and_agent_working(mosquitto: BrokerPro
     with rows still waiting, as the code before the signed control path left them."""
     from labmeter.agent.outbox import AgentStore, Signer
     from labmeter.agent.timeline import Span
-
     from labmeter.wire import State
 
     with meter() as (m, port):

@@ -11,11 +11,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from labmeter.drivers import DRIVERS, registry
-from labmeter.drivers.base import Driver, Sample
 
 from labmeter import config
 from labmeter.clock import Clock
+from labmeter.drivers import DRIVERS, registry
+from labmeter.drivers.base import Driver, Sample
 
 ROOT = Path(__file__).parent / "drivers"
 CASES = sorted(p for p in ROOT.glob("*/*") if p.is_dir())

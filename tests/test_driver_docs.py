@@ -10,13 +10,13 @@ from pathlib import Path
 
 import msgspec
 import pytest
+
+from labmeter import config
 from labmeter.drivers import DRIVERS
 from labmeter.drivers.modbus import load_profile
 from labmeter.drivers.profiles import shipped_profiles
 from labmeter.drivers.registry import agent_config
 from labmeter.drivers.serial import SerialSource, with_profile
-
-from labmeter import config
 
 FOLDER = Path(__file__).resolve().parent.parent / "drivers"
 HEAD = '[agent]\nid = "docs"\nkey_file = "agent.key"\nstate_dir = "state"\n'

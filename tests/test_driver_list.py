@@ -10,12 +10,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from labmeter.drivers import DRIVERS, registry
-from labmeter.drivers.base import Cause, DriverBase, Plugin, Sample
 
 from labmeter import config
 from labmeter.clock import Clock
 from labmeter.config import BrokerConfig, InstrumentConfig, Source
+from labmeter.drivers import DRIVERS, registry
+from labmeter.drivers.base import Cause, DriverBase, Plugin, Sample
 
 HEAD = '[agent]\nid = "pc"\nkey_file = "agent.key"\nstate_dir = "state"\n'
 FAKE = (

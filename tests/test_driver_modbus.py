@@ -7,17 +7,17 @@ import math
 from pathlib import Path
 
 import pytest
+from pyModbusTCP.server import ModbusServer
+
 from labmeter.agent.classifier import Classifier
+from labmeter.clock import Clock
+from labmeter.config import StatesConfig
 from labmeter.drivers.base import Reading, Sample
 from labmeter.drivers.modbus import ModbusSource, load_profile
 from labmeter.drivers.modbus.driver import ModbusDriver
 from labmeter.drivers.modbus.sim import SimMeter
 from labmeter.drivers.profiles import ProfileError
 from labmeter.drivers.sim import Schedule
-from pyModbusTCP.server import ModbusServer
-
-from labmeter.clock import Clock
-from labmeter.config import StatesConfig
 from labmeter.wire import State
 from tests.conftest import free_port
 from tests.support.modbus import words

@@ -11,11 +11,11 @@ import asyncio
 from collections.abc import Callable, Iterator
 
 import pytest
+
+from labmeter.clock import Clock
 from labmeter.drivers.base import Sample
 from labmeter.drivers.serial import SerialSource, with_profile
 from labmeter.drivers.serial.driver import SerialDriver
-
-from labmeter.clock import Clock
 from labmeter.wire import State
 from tests.support.pty import SOCAT, Instrument, PtyPair, pty  # noqa: F401  (fixture)
 

@@ -299,7 +299,6 @@ def test_usage_so_far_equals_the_report(tmp_path: Path, page_zone: str) -> None:
     from labmeter.collector.report import per_instrument
     from labmeter.collector.service import Collector
     from labmeter.collector.web import LiveView
-
     from tests.lab import store_schedule
 
     cfg = config.CollectorConfig(

@@ -6,13 +6,13 @@ import asyncio
 from typing import Any
 
 import pytest
+from pyModbusTCP.server import ModbusServer
+
 from labmeter.drivers.base import Sample
 from labmeter.drivers.modbus import ModbusSource, modbus_register
 from labmeter.drivers.modbus import Register as RegisterConfig
 from labmeter.drivers.modbus.driver import ModbusDriver
 from labmeter.drivers.profiles import shipped_profiles
-from pyModbusTCP.server import ModbusServer
-
 from labmeter.wire import State
 from tests.conftest import free_port
 from tests.support.modbus import words

@@ -11,13 +11,13 @@ import threading
 
 import pytest
 import serial
+
+from labmeter.clock import Clock
 from labmeter.drivers.base import Sample
 from labmeter.drivers.modbus import ModbusSource, load_profile
 from labmeter.drivers.modbus.driver import ModbusDriver
 from labmeter.drivers.modbus.sim import SimMeter
 from labmeter.drivers.sim import Schedule
-
-from labmeter.clock import Clock
 from tests.support.pty import SOCAT, PtyPair, pty  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.skipif(SOCAT is None, reason="socat is not installed (make deps installs it)")

@@ -11,13 +11,13 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 from urllib.parse import urlparse
 
 import msgspec
-from labmeter.drivers.base import Cause, Driver, Plugin, Sample
-from labmeter.drivers.ports import port_problem
-from labmeter.drivers.profiles import ProfileError, find_profile
 from msgspec import Meta
 
 from labmeter.clock import Clock
 from labmeter.config import BrokerConfig, InstrumentConfig, Section, Source
+from labmeter.drivers.base import Cause, Driver, Plugin, Sample
+from labmeter.drivers.ports import port_problem
+from labmeter.drivers.profiles import ProfileError, find_profile
 
 if TYPE_CHECKING:
     from labmeter.drivers.modbus.driver import ModbusDriver

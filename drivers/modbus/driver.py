@@ -10,12 +10,12 @@ import logging
 import time
 from urllib.parse import parse_qs, urlparse
 
-from labmeter.drivers.base import Cause, DriverBase, Sample, sane_power
-from labmeter.drivers.modbus import DATA_TYPES, ModbusProfile, ModbusSource, Register
 from pymodbus.client import AsyncModbusSerialClient, AsyncModbusTcpClient
 from pymodbus.client.mixin import ModbusClientMixin
 from pymodbus.exceptions import ModbusException
 
+from labmeter.drivers.base import Cause, DriverBase, Sample, sane_power
+from labmeter.drivers.modbus import DATA_TYPES, ModbusProfile, ModbusSource, Register
 from labmeter.wire import State
 
 log = logging.getLogger("labmeter.drivers.modbus")

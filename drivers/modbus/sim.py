@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import struct
 
-from labmeter.drivers.modbus import DATA_TYPES, load_profile
-from labmeter.drivers.sim import Schedule
 from pymodbus.constants import ExcCodes
 from pymodbus.server import ModbusTcpServer
 from pymodbus.simulator import DataType, SimData, SimDevice
 
 from labmeter.clock import Clock
+from labmeter.drivers.modbus import DATA_TYPES, load_profile
+from labmeter.drivers.sim import Schedule
 from labmeter.netutil import split_listen
 
 

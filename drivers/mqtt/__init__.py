@@ -8,10 +8,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from labmeter.drivers.base import FIRST_MESSAGE_WAIT_S, Cause, Driver, Plugin, Sample
-
 from labmeter.clock import Clock
 from labmeter.config import BrokerConfig, InstrumentConfig, Source
+from labmeter.drivers.base import FIRST_MESSAGE_WAIT_S, Cause, Driver, Plugin, Sample
 
 if TYPE_CHECKING:
     from labmeter.drivers.mqtt.driver import PlugDriver

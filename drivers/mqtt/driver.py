@@ -13,11 +13,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from labmeter.drivers.base import Capability, Cause, DriverBase, Latest, Sample, sane_power
-from labmeter.drivers.mqtt import MqttSource
-
 from labmeter.clock import Clock
 from labmeter.config import BrokerConfig
+from labmeter.drivers.base import Capability, Cause, DriverBase, Latest, Sample, sane_power
+from labmeter.drivers.mqtt import MqttSource
 from labmeter.mqtt import MqttLink
 
 

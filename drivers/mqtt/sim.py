@@ -7,10 +7,9 @@ import json
 from datetime import UTC, datetime
 from typing import Any
 
-from labmeter.drivers.sim import Schedule
-
 from labmeter.clock import Clock
 from labmeter.config import BrokerConfig
+from labmeter.drivers.sim import Schedule
 from labmeter.mqtt import MqttLink, Will
 
 

@@ -10,13 +10,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import msgspec
-from labmeter.drivers.base import Cause, Driver, Plugin, Sample
-from labmeter.drivers.ports import port_problem
-from labmeter.drivers.profiles import find_profile
 from msgspec import Meta
 
 from labmeter.clock import Clock
 from labmeter.config import BrokerConfig, InstrumentConfig, Source
+from labmeter.drivers.base import Cause, Driver, Plugin, Sample
+from labmeter.drivers.ports import port_problem
+from labmeter.drivers.profiles import find_profile
 
 if TYPE_CHECKING:
     from labmeter.drivers.serial.driver import SerialDriver

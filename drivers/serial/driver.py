@@ -16,10 +16,10 @@ import threading
 from typing import Any
 
 import serial
-from labmeter.drivers.base import Capability, Cause, DriverBase, Latest, Sample, sane_power
-from labmeter.drivers.serial import SerialSource
 
 from labmeter.clock import Clock
+from labmeter.drivers.base import Capability, Cause, DriverBase, Latest, Sample, sane_power
+from labmeter.drivers.serial import SerialSource
 from labmeter.wire import State
 
 MODEM_LINES = {"CTS": "cts", "DSR": "dsr", "DCD": "cd", "RI": "ri"}
