@@ -31,10 +31,10 @@ from typing import Any
 
 import paho.mqtt.client as paho
 import psutil
-from labmeter.collector.ledger import Ledger
 
 from benchmarks.common import free_port, start_mosquitto
 from labmeter import signing, wire
+from labmeter.collector.ledger import Ledger
 
 T0 = int(time.time() * 1000) // 3_600_000 * 3_600_000 - 24 * 3_600_000
 TARGET_GROWTH_MB = 2.0

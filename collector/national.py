@@ -17,7 +17,6 @@ from labmeter.collector.cells import append_row
 from labmeter.collector.ledger import Ledger
 from labmeter.collector.registry import stored_number
 from labmeter.collector.report import per_instrument
-
 from labmeter.config import PolicyConfig
 
 H = 3_600_000

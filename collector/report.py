@@ -18,7 +18,6 @@ from labmeter.collector.hours import Hours
 from labmeter.collector.ledger import Ledger
 from labmeter.collector.registry import stored_number
 from labmeter.collector.rollup import Rollups
-
 from labmeter.config import PolicyConfig
 from labmeter.log import printable
 

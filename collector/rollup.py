@@ -25,7 +25,6 @@ from labmeter.collector.hours import Hours, compute, compute_buckets
 from labmeter.collector.ledger import ROLLUP_VALUES, Ledger
 from labmeter.collector.pg import Busy
 from labmeter.collector.registry import stored_number
-
 from labmeter.config import PolicyConfig
 
 log = logging.getLogger("labmeter.rollups")

@@ -15,9 +15,9 @@ from typing import cast
 
 from influxdb_client import WritePrecision
 from influxdb_client.client.influxdb_client_async import InfluxDBClientAsync
+
 from labmeter.collector.ledger import Ledger
 from labmeter.collector.rollup import HOUR, Rollups, allowances_ms
-
 from labmeter.config import InfluxConfig, PolicyConfig, read_secret
 from labmeter.netutil import redact_text, redact_url
 

@@ -7,10 +7,9 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from labmeter.collector.ledger import Ledger, Rejection, StoredInterval
-
 from labmeter import signing, wire
 from labmeter.clock import Clock
+from labmeter.collector.ledger import Ledger, Rejection, StoredInterval
 
 log = logging.getLogger("labmeter.collector.verify")
 

@@ -25,9 +25,9 @@ from zoneinfo import ZoneInfo
 
 import msgspec
 from aiohttp import web
+
 from labmeter.collector.report import GROUPINGS, YEAR_MS, hours_report, rated_ms
 from labmeter.collector.rollup import Calendar, Rollups
-
 from labmeter.config import ConfigError
 from labmeter.netutil import is_loopback, split_listen
 from labmeter.wire import ID_RE

@@ -46,8 +46,10 @@ verbose_option = click.option("--verbose", "-v", is_flag=True, help="Debug loggi
 
 
 def load_agent(path: Path) -> config.AgentConfig:
+    from labmeter.drivers.registry import agent_config
+
     try:
-        return config.load(path, config.AgentConfig)
+        return config.load(path, agent_config())
     except config.ConfigError as exc:
         fail(str(exc))
 
@@ -939,7 +941,7 @@ def top(url: str, token: str | None, every: float, once: bool) -> None:
 def sim(spec_file: Path, verbose: bool) -> None:
     """Run simulated instruments from a TOML spec (for tests and benchmarks)."""
     from labmeter.clock import clock_from_env
-    from labmeter.sim import run_sim
+    from labmeter.drivers.sim import run_sim
 
     log.setup(verbose)
     spec = tomllib.loads(spec_file.read_text(encoding="utf-8"))

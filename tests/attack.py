@@ -15,11 +15,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from labmeter import config, signing, wire
 from labmeter.collector.hours import Hours, compute
 from labmeter.collector.ledger import Ledger
 from labmeter.collector.service import Collector, Watermarks
-
-from labmeter import config, signing, wire
 
 H = 3_600_000
 T0 = int(time.time() * 1000) // H * H - 6 * H

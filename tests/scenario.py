@@ -15,9 +15,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from labmeter.collector.ledger import Ledger
-
 from labmeter.clock import SIM_CLOCK_ENV, ScaledClock
+from labmeter.collector.ledger import Ledger
 from labmeter.wire import GENESIS
 from tests.conftest import LABMETER, BrokerProcess, free_port, wait_port
 
@@ -194,7 +193,6 @@ def check_against_truth(lab: Lab, variant: str, marks: dict[str, float]) -> None
     """The ledger's chains are whole and its hours match the schedules, within what a disruption explains."""
     from labmeter.collector.hours import compute
     from labmeter.collector.report import per_instrument
-
     from labmeter.config import PolicyConfig
 
     assert lab.outbox_left() == 0, "the outbox did not drain: " + lab.log("agent")

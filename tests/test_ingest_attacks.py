@@ -12,10 +12,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from labmeter.collector.ledger import REJECTION_KEYS
-from labmeter.collector.service import BATCH, Collector
 
 from labmeter import signing, wire
+from labmeter.collector.ledger import REJECTION_KEYS
+from labmeter.collector.service import BATCH, Collector
 from tests.attack import (
     CASES,
     T0,

@@ -15,10 +15,10 @@ from typing import Any
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from labmeter.collector.hours import compute
-from labmeter.collector.service import Collector
 
 from labmeter import wire
+from labmeter.collector.hours import compute
+from labmeter.collector.service import Collector
 from tests.attack import T0, H, base_body, genuine_start, hours_of, make_lab, process
 
 M = 60_000

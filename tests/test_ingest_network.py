@@ -10,9 +10,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from labmeter.collector.ledger import Ledger
 
 from labmeter import wire
+from labmeter.collector.ledger import Ledger
 from tests.attack import T0, H, Lab, genuine_start, load_case, make_lab, messages
 from tests.conftest import BrokerProcess
 from tests.lab import CollectorThread, Publisher, wait_for

@@ -9,9 +9,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from labmeter.collector.service import Collector, LedgerUnavailable
 
 from labmeter import wire
+from labmeter.collector.service import Collector, LedgerUnavailable
 from tests.attack import T0, Lab, genuine_start, make_lab, process
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from labmeter.collector.ledger import Ledger, LedgerError, Rejection, StoredInterval
 
 H = 3_600_000
@@ -125,7 +126,6 @@ def test_background_refresh_gives_way_to_another_collector(postgres: Any, tmp_pa
     """On a shared PostgreSQL ledger one collector refreshes rollups at a time; the other's background
     refresh gives up at once instead of stalling its ingest, and a report waits for its turn."""
     from labmeter.collector.rollup import Rollups
-
     from labmeter.config import PolicyConfig
 
     url = postgres.new_database()

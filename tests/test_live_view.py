@@ -25,7 +25,7 @@ from pyModbusTCP.server import ModbusServer
 from labmeter import config
 from tests.conftest import LABMETER, ROOT, BrokerProcess, free_port
 from tests.lab import CollectorThread, wait_for
-from tests.test_driver_modbus import words
+from tests.support.modbus import words
 
 ARTIFACTS = ROOT / "test-artifacts"
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -299,7 +299,6 @@ def test_usage_so_far_equals_the_report(tmp_path: Path, page_zone: str) -> None:
     from labmeter.collector.report import per_instrument
     from labmeter.collector.service import Collector
     from labmeter.collector.web import LiveView
-
     from tests.lab import store_schedule
 
     cfg = config.CollectorConfig(

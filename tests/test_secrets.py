@@ -15,9 +15,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from labmeter.collector.ledger import Ledger, LedgerError
 
 from labmeter import config, log
+from labmeter.collector.ledger import Ledger, LedgerError
 from labmeter.netutil import free_port, redact_text, redact_url, url_secrets
 from tests.conftest import LABMETER
 from tests.lab import store_schedule

@@ -9,9 +9,8 @@ import json
 import time
 from pathlib import Path
 
-from labmeter.collector.ledger import Ledger
-
 from labmeter import wire
+from labmeter.collector.ledger import Ledger
 from tests.conftest import BrokerProcess
 from tests.lab import (
     CollectorThread,

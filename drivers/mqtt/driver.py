@@ -13,10 +13,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from labmeter.drivers.base import Sample, sane_power
-
 from labmeter.clock import Clock
-from labmeter.config import BrokerConfig, MqttSource
+from labmeter.config import BrokerConfig
+from labmeter.drivers.base import Capability, Cause, DriverBase, Latest, Sample, sane_power
+from labmeter.drivers.mqtt import MqttSource
 from labmeter.mqtt import MqttLink
 
 
@@ -97,7 +97,9 @@ FORMATS: dict[str, Format] = {
 }
 
 
-class PlugDriver:
+class PlugDriver(DriverBase):
+    capabilities = Capability.PUSHED
+
     def __init__(
         self, source: MqttSource, broker: BrokerConfig, client_id: str, stale_after_s: float, clock: Clock
     ):
@@ -114,10 +116,8 @@ class PlugDriver:
         self.format = fmt
         self.availability_topic = fmt.availability(source.topic)
         self.extra = fmt.extra_topics(source.topic)
-        self.stale_after_s = stale_after_s
         self.clock = clock
-        self._value: Sample | None = None
-        self._at = 0.0
+        self.latest = Latest(clock, stale_after_s)
         self._online: bool | None = None
         subs = [(self.topic, 1), *((t, 1) for t in self.extra)]
         if self.availability_topic:
@@ -148,18 +148,20 @@ class PlugDriver:
         try:
             power = self.format.power(payload, topic)
         except (ValueError, TypeError, AttributeError, UnicodeDecodeError) as exc:
-            self._value, self._at = (
-                Sample(error=f"{topic}: unreadable message ({exc})", raw=payload[:200]),
-                self.clock.mono(),
+            self.latest.put(
+                Sample(
+                    error=f"{topic}: unreadable message ({exc})", raw=payload[:200], cause=Cause.UNREADABLE
+                )
             )
             return
         if power is None:
             if topic in self.extra:
                 return  # a partial update without power: the last value stands, its age counts on
-            self._value = Sample(error=f"{topic}: no power in message", raw=payload[:200])
+            self.latest.put(
+                Sample(error=f"{topic}: no power in message", raw=payload[:200], cause=Cause.UNREADABLE)
+            )
         else:
-            self._value = sane_power(power, topic)
-        self._at = self.clock.mono()
+            self.latest.put(sane_power(power, topic))
         if self._online is None:
             self._online = True
 
@@ -168,12 +170,8 @@ class PlugDriver:
 
     async def read(self) -> Sample:
         if self._online is False:
-            return Sample(error=f"{self.availability_topic}: device is offline")
-        if self._value is None:
-            return Sample(error=f"{self.topic}: no message yet")
-        if self.clock.mono() - self._at > self.stale_after_s:
-            return Sample(error=f"{self.topic}: silent for more than stale_after_s={self.stale_after_s:g} s")
-        return self._value
+            return Sample(error=f"{self.availability_topic}: device is offline", cause=Cause.OFFLINE)
+        return self.latest.get(f"{self.topic}: no message yet", f"{self.topic}: silent")
 
     async def close(self) -> None:
         await self.link.stop()

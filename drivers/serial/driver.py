@@ -16,30 +16,34 @@ import threading
 from typing import Any
 
 import serial
-from labmeter.drivers.base import Sample, sane_power
 
 from labmeter.clock import Clock
-from labmeter.config import SerialSource
+from labmeter.drivers.base import Capability, Cause, DriverBase, Latest, Sample, sane_power
+from labmeter.drivers.serial import SerialSource
 from labmeter.wire import State
 
 MODEM_LINES = {"CTS": "cts", "DSR": "dsr", "DCD": "cd", "RI": "ri"}
 
 
-class SerialDriver:
+class SerialDriver(DriverBase):
     def __init__(self, source: SerialSource, stale_after_s: float, clock: Clock) -> None:
         self.src = source
         self.where = source.url
         self.regex = re.compile(source.regex) if source.regex else None
-        self.stale_after_s = stale_after_s
         self.clock = clock
         self.port: Any = None
         self._lock = threading.Lock()
-        self._last: Sample | None = None
-        self._at = 0.0
+        self.latest = Latest(clock, stale_after_s)
         self._reader: asyncio.Task[None] | None = None
         self._buffer = b""
         self.signin = re.compile(source.signin_regex) if source.signin_regex else None
         self.signins: list[tuple[int, str]] = []  # (UTC ms, card), taken by the agent and hashed there
+        if self.signin is not None and source.mode == "stream":
+            self.capabilities = Capability.SIGNINS
+
+    def take_signins(self) -> list[tuple[int, str]]:
+        taken, self.signins = self.signins, []
+        return taken
 
     def _open(self) -> Any:
         if self.port is None:
@@ -71,26 +75,38 @@ class SerialDriver:
             return (
                 sane_power(float(text), self.where)
                 if _is_number(text)
-                else Sample(error=f"{self.where}: {text!r}")
+                else Sample(error=f"{self.where}: {text!r}", cause=Cause.UNREADABLE)
             )
         m = self.regex.search(text)
         if not m:
-            return Sample(error=f"{self.where}: reply {text!r} does not match {self.src.regex!r}", raw=text)
+            return Sample(
+                error=f"{self.where}: reply {text!r} does not match {self.src.regex!r}",
+                raw=text,
+                cause=Cause.NO_MATCH,
+            )
         groups = m.groupdict()
         value = groups.get("value", m.group(1) if m.groups() else m.group(0))
         if self.src.value_map is not None:
             state = self.src.value_map.get(str(value).strip())
             if state is None:
-                return Sample(error=f"{self.where}: value {value!r} is not in value_map", raw=text)
+                return Sample(
+                    error=f"{self.where}: value {value!r} is not in value_map",
+                    raw=text,
+                    cause=Cause.UNREADABLE,
+                )
             return Sample(status=State(state), raw=text)
         if self.src.running_mask is not None:
             try:
                 bits = int(str(value).strip())
             except ValueError:
-                return Sample(error=f"{self.where}: {value!r} is not an integer status", raw=text)
+                return Sample(
+                    error=f"{self.where}: {value!r} is not an integer status",
+                    raw=text,
+                    cause=Cause.UNREADABLE,
+                )
             return Sample(status=State.RUNNING if bits & self.src.running_mask else State.STANDBY, raw=text)
         if not _is_number(str(value)):
-            return Sample(error=f"{self.where}: {value!r} is not a number", raw=text)
+            return Sample(error=f"{self.where}: {value!r} is not a number", raw=text, cause=Cause.UNREADABLE)
         return sane_power(float(value), self.where)
 
     def _query(self) -> Sample:
@@ -101,7 +117,8 @@ class SerialDriver:
         reply = port.read_until(self.src.terminator.encode())
         if not reply.endswith(self.src.terminator.encode()):
             return Sample(
-                error=f"{self.where}: no reply to {self.src.command.strip()!r} in {self.src.timeout_s:g} s"
+                error=f"{self.where}: no reply to {self.src.command.strip()!r} in {self.src.timeout_s:g} s",
+                cause=Cause.NO_REPLY,
             )
         return self.decode(reply.decode(errors="replace").strip())
 
@@ -116,7 +133,7 @@ class SerialDriver:
                 return self._modem() if self.src.mode == "modem" else self._query()
             except (OSError, serial.SerialException, ValueError, termios.error) as exc:
                 self._drop()
-                return Sample(error=f"{self.where}: {exc}")
+                return Sample(error=f"{self.where}: {exc}", cause=Cause.PORT)
 
     async def _stream(self) -> None:
         """Collect status lines as the instrument sends them; the newest one is the reading."""
@@ -125,7 +142,7 @@ class SerialDriver:
                 chunk = await asyncio.to_thread(self._read_chunk)
             except (OSError, serial.SerialException) as exc:
                 self._drop()
-                self._last, self._at = Sample(error=f"{self.where}: {exc}"), self.clock.mono()
+                self.latest.put(Sample(error=f"{self.where}: {exc}", cause=Cause.PORT))
                 await asyncio.sleep(1.0)
                 continue
             self._buffer += chunk
@@ -136,7 +153,7 @@ class SerialDriver:
                 if card:
                     self.signins.append((self.clock.wall_ms(), card.group("card")))
                 elif text:
-                    self._last, self._at = self.decode(text), self.clock.mono()
+                    self.latest.put(self.decode(text))
 
     def _read_chunk(self) -> bytes:
         port = self._open()
@@ -150,13 +167,7 @@ class SerialDriver:
     async def read(self) -> Sample:
         if self.src.mode != "stream":
             return await asyncio.to_thread(self._read_blocking)
-        if self._last is None:
-            return Sample(error=f"{self.where}: no status line yet")
-        if self.clock.mono() - self._at > self.stale_after_s:
-            return Sample(
-                error=f"{self.where}: no status line for more than stale_after_s={self.stale_after_s:g} s"
-            )
-        return self._last
+        return self.latest.get(f"{self.where}: no status line yet", f"{self.where}: no status line")
 
     async def close(self) -> None:
         if self._reader is not None:

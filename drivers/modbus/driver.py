@@ -10,13 +10,12 @@ import logging
 import time
 from urllib.parse import parse_qs, urlparse
 
-from labmeter.drivers.base import Sample, sane_power
-from labmeter.drivers.profiles import ModbusProfile, Register
 from pymodbus.client import AsyncModbusSerialClient, AsyncModbusTcpClient
 from pymodbus.client.mixin import ModbusClientMixin
 from pymodbus.exceptions import ModbusException
 
-from labmeter.config import ModbusSource
+from labmeter.drivers.base import Cause, DriverBase, Sample, sane_power
+from labmeter.drivers.modbus import DATA_TYPES, ModbusProfile, ModbusSource, Register
 from labmeter.wire import State
 
 log = logging.getLogger("labmeter.drivers.modbus")
@@ -28,9 +27,10 @@ _TYPES = {
     "int32": ModbusClientMixin.DATATYPE.INT32,
     "uint32": ModbusClientMixin.DATATYPE.UINT32,
 }
+READS = {1: "read_coils", 2: "read_discrete_inputs", 3: "read_holding_registers", 4: "read_input_registers"}
 
 
-class ModbusDriver:
+class ModbusDriver(DriverBase):
     def __init__(self, source: ModbusSource, register: Register | ModbusProfile) -> None:
         self.source = source
         self.register = register.power if isinstance(register, ModbusProfile) else register
@@ -84,31 +84,30 @@ class ModbusDriver:
     async def read(self) -> Sample:
         reg = self.register
         if not self.client.connected and not await self._connect():
-            return Sample(error=f"{self.where}: cannot connect")
-        words = 1 if reg.type in ("int16", "uint16", "bit") else 2
+            return Sample(error=f"{self.where}: cannot connect", cause=Cause.CONNECT)
+        words = DATA_TYPES[reg.type][1]
         dev = self.source.device_id
         try:
-            if reg.function == 2:
-                rr = await self.client.read_discrete_inputs(reg.address, count=1, device_id=dev)
-            elif reg.function == 1:
-                rr = await self.client.read_coils(reg.address, count=1, device_id=dev)
-            elif reg.function == 4:
-                rr = await self.client.read_input_registers(reg.address, count=words, device_id=dev)
-            else:
-                rr = await self.client.read_holding_registers(reg.address, count=words, device_id=dev)
+            rr = await getattr(self.client, READS[reg.function])(reg.address, count=words, device_id=dev)
         except (ModbusException, OSError) as exc:
             self.client.close()
-            return Sample(error=f"{self.where}: {type(exc).__name__}: {exc}")
+            return Sample(error=f"{self.where}: {type(exc).__name__}: {exc}", cause=Cause.NO_REPLY)
         if rr.isError():
-            return Sample(error=f"{self.where}: device {dev} answered {rr}")
+            return Sample(
+                error=f"{self.where}: device {dev} answered {rr}", raw=str(rr), cause=Cause.REJECTED
+            )
         if reg.type == "bit":
             if not rr.bits:
-                return Sample(error=f"{self.where}: short response (no input bits)")
+                return Sample(error=f"{self.where}: short response (no input bits)", cause=Cause.NO_REPLY)
             on = bool(rr.bits[0])
             return Sample(status=State(reg.on_state if on else reg.off_state), raw=on)
         regs = list(rr.registers)
         if len(regs) < words:
-            return Sample(error=f"{self.where}: short response ({len(regs)} of {words} registers)", raw=regs)
+            return Sample(
+                error=f"{self.where}: short response ({len(regs)} of {words} registers)",
+                raw=regs,
+                cause=Cause.NO_REPLY,
+            )
         value = self.client.convert_from_registers(regs[:words], _TYPES[reg.type], word_order=reg.word_order)
         assert isinstance(value, int | float)
         return sane_power(float(value) * reg.scale, self.where)
