@@ -17,6 +17,7 @@ class Cause(enum.Enum):
     """Why a read gave no value, as a value: probe's diagnosis keys on it, never on message text."""
 
     CONNECT = "connect"  # nothing answers, or the port cannot be opened
+    REFUSED = "refused"  # a server answered but refused the login (an MQTT broker: credentials)
     REJECTED = "rejected"  # the device answered with an error (a Modbus exception response)
     NO_REPLY = "no_reply"  # no answer in time, a broken or short answer
     ABSURD = "absurd"  # NaN or more than 5 MW: word order, data type or scale
@@ -56,6 +57,18 @@ class Reading:
         return cls(mono, at_ms, sample.power_w, sample.status, sample.error, sample.raw, sample.cause)
 
 
+@dataclass(frozen=True)
+class Verification:
+    """What a driver can tell ``agent probe`` beyond a read: whether its values can be trusted.
+
+    ``problem`` set means the value read cannot be vouched for (a word order the meter's own
+    mains voltage contradicts); ``unsure`` means nothing contradicts it but nothing confirms it."""
+
+    lines: tuple[str, ...] = ()
+    problem: str | None = None
+    unsure: str | None = None
+
+
 class Capability(enum.Flag):
     """What a driver does beyond reading, declared so that nobody has to probe for it."""
 
@@ -79,6 +92,8 @@ class Driver(Protocol):
 
     def take_signins(self) -> list[tuple[int, str]]: ...
 
+    async def verify(self) -> Verification: ...
+
 
 class DriverBase:
     """The defaults of a driver that only reads."""
@@ -87,6 +102,9 @@ class DriverBase:
 
     def take_signins(self) -> list[tuple[int, str]]:
         return []
+
+    async def verify(self) -> Verification:
+        return Verification()
 
 
 class Latest:

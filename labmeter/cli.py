@@ -225,22 +225,23 @@ def agent_run(cfg_path: Path, verbose: bool) -> None:
 
 @agent_group.command("probe")
 @config_option("agent.toml")
-@click.option("--instrument", help="Probe only this instrument.")
+@click.option("--instrument", help="Probe only this instrument (and not the broker link).")
 @click.option("--reads", type=int, default=3, show_default=True, help="Reads per instrument.")
 def agent_probe(cfg_path: Path, instrument: str | None, reads: int) -> None:
-    """Read each source a few times: raw value, power, state, and what is wrong if it fails."""
+    """Read each source a few times: raw value, power, state, and what is wrong if it fails; then the
+    agent's own broker link. Exit status 1 when anything is not OK."""
     from labmeter.agent.probe import probe
 
     log.setup(quiet=True)
     cfg = load_agent(cfg_path)
     if instrument and instrument not in {i.id for i in cfg.instrument}:
         fail(f"{cfg_path}: no instrument {instrument!r}")
-    results = asyncio.run(probe(cfg, instrument, reads))
+    results = asyncio.run(probe(cfg, instrument, reads, link=instrument is None))
     for r in results:
         click.echo(f"{r.instrument}:")
         for line in r.lines:
             click.echo(f"  {line}")
-        click.echo(f"  {'OK' if r.ok else 'PROBLEM'}: {r.diagnosis.removeprefix('OK: ')}")
+        click.echo(f"  {r.verdict}: {r.diagnosis}")
     sys.exit(0 if all(r.ok for r in results) else 1)
 
 

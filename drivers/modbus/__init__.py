@@ -6,9 +6,12 @@ The protocol code (pymodbus) is in ``driver.py`` and imported only when a driver
 from __future__ import annotations
 
 import re
+import struct
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
-from urllib.parse import urlparse
+from urllib.parse import parse_qs, urlparse
 
 import msgspec
 from msgspec import Meta
@@ -53,6 +56,27 @@ class Register(Section, frozen=True, kw_only=True):
             raise ValueError("type 'bit' goes with function 1 or 2, register types with function 3 or 4")
 
 
+class CheckRegister(Section, frozen=True, kw_only=True):
+    """A register whose value has a known range (mains voltage, frequency). ``agent probe`` decodes it
+    in both word orders to tell which one the meter uses; it shares ``[power]``'s word order."""
+
+    function: Literal[3, 4] = 4
+    address: Annotated[int, Meta(ge=0, le=0xFFFF)]
+    type: Literal["float32", "int16", "uint16", "int32", "uint32"] = "float32"
+    scale: float = 1.0
+
+
+PLAUSIBLE: dict[str, tuple[float, float, str]] = {
+    "voltage": (80.0, 500.0, "V"),  # 100-127 V and 220-240 V mains, 400 V between phases
+    "frequency": (45.0, 65.0, "Hz"),
+}
+"""What a powered meter's check registers can read (after scale)."""
+
+TINY = 1e-6
+"""A float32 register value this small (and not 0) is no reading: it is what the other word order
+gives for most real values (850.0 W swapped is -2.45e-41)."""
+
+
 class ModbusSource(Source, tag=NAME, frozen=True, kw_only=True):
     url: str
     profile: str = "generic"
@@ -74,6 +98,101 @@ class ModbusProfile(Section, frozen=True, kw_only=True):
     driver: Literal["modbus"]
     doc: str = ""
     power: Register
+    voltage: CheckRegister | None = None
+    frequency: CheckRegister | None = None
+
+    def checks(self) -> dict[str, CheckRegister]:
+        return {k: r for k in PLAUSIBLE if (r := getattr(self, k)) is not None}
+
+
+@dataclass(frozen=True)
+class Words:
+    """Register words as the meter sent them, shown in hex in probe lines."""
+
+    values: tuple[int, ...]
+
+    def __repr__(self) -> str:
+        return " ".join(f"0x{w:04X}" for w in self.values)
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """A Modbus exception response and the request it answered."""
+
+    code: int | None
+    function: int
+    address: int
+
+    def __repr__(self) -> str:
+        return f"exception {self.code} to function {self.function} at 0x{self.address:04X}"
+
+
+def decode(words: Sequence[int], type_: str, word_order: str) -> float:
+    """Registers as a number (``word_order`` "big": high word first), as ESPHome and pymodbus read them."""
+    code, n = DATA_TYPES[type_]
+    ws = list(words[:n])
+    if word_order == "little":
+        ws.reverse()
+    return float(struct.unpack(f">{code}", struct.pack(f">{n}H", *ws))[0])
+
+
+def other_order(word_order: str) -> str:
+    return "little" if word_order == "big" else "big"
+
+
+ORDER_WORDS = {"big": "high word first", "little": "low word first"}
+
+
+def power_problem(raw: float, scale: float, type_: str) -> str | None:
+    """Why a register value cannot be a power reading, or None."""
+    if raw != raw or raw in (float("inf"), float("-inf")):
+        return "not a number"
+    if abs(raw * scale) > 5_000_000:
+        return f"absurd power {raw * scale:g} W"
+    if type_ == "float32" and 0 < abs(raw) < TINY:
+        return f"{raw:g} is no meter reading (a float32 this small is what a swapped word order gives)"
+    return None
+
+
+EXCEPTIONS: dict[int, tuple[str, str]] = {
+    1: (
+        "illegal function",
+        "the meter does not serve function {function} ({table}): wrong function in the profile "
+        "(input registers are 4, holding registers 3)",
+    ),
+    2: (
+        "illegal data address",
+        "the meter has no register at {address}: wrong register address, or the wrong profile for this model",
+    ),
+    3: (
+        "illegal data value",
+        "the meter refused the request (count or value): wrong data type in the profile",
+    ),
+    4: (
+        "server device failure",
+        "the meter failed while answering: power-cycle it; if that persists the meter is faulty",
+    ),
+    5: ("acknowledge", "the meter accepted a long request and answers later: poll less often (poll_s)"),
+    6: ("server device busy", "the meter is busy: poll less often (poll_s), or something else polls it too"),
+    8: ("memory parity error", "the meter reports a memory parity error: it is faulty"),
+    10: (
+        "gateway path unavailable",
+        "the Modbus gateway has no path to device_id {device_id}: check the gateway's configuration "
+        "(its serial port and the IDs it forwards)",
+    ),
+    11: (
+        "gateway target device failed to respond",
+        "the gateway got no answer from device_id {device_id} behind it: wrong device_id, the meter "
+        "unpowered, or the RS-485 wiring, baud rate or parity between gateway and meter",
+    ),
+}
+"""Modbus exception codes in words, and their likely cause at an installation."""
+
+TABLES = {1: "coils", 2: "discrete inputs", 3: "holding registers", 4: "input registers"}
+
+
+def exception_name(code: int | None) -> str:
+    return EXCEPTIONS[code][0] if code in EXCEPTIONS else "unknown exception"
 
 
 def load_profile(name: str, extra_dir: Path | None = None) -> ModbusProfile:
@@ -89,12 +208,18 @@ def modbus_register(src: ModbusSource, profiles: Path | None) -> Register:
     return src.register if src.register is not None else load_profile(src.profile, profiles).power
 
 
+def modbus_checks(src: ModbusSource, profiles: Path | None) -> dict[str, CheckRegister]:
+    """The profile's check registers (none for a source with its own ``register`` table)."""
+    return {} if src.register is not None else load_profile(src.profile, profiles).checks()
+
+
 def build(
     inst: InstrumentConfig[Any], agent_id: str, broker: BrokerConfig, clock: Clock, profiles: Path | None
 ) -> Driver:
     from labmeter.drivers.modbus.driver import ModbusDriver
 
-    driver: ModbusDriver = ModbusDriver(inst.source, modbus_register(inst.source, profiles))
+    src: ModbusSource = inst.source
+    driver: ModbusDriver = ModbusDriver(src, modbus_register(src, profiles), modbus_checks(src, profiles))
     return driver
 
 
@@ -107,27 +232,45 @@ def diagnose(inst: InstrumentConfig[Any], sample: Sample) -> str:
     src: ModbusSource = inst.source
     error = sample.error or ""
     url = urlparse(src.url)
-    where = f"{url.hostname}:{url.port or 502}" if url.scheme == "tcp" else url.path
+    tcp = url.scheme == "tcp"
+    where = f"{url.hostname}:{url.port or 502}" if tcp else url.path
     if sample.cause is Cause.ABSURD:
         return (
             f"the value read is absurd ({error.split(': ', 1)[-1]}): the word order, data type or scale of "
             f"profile {src.profile!r} does not match this meter"
         )
     if sample.cause is Cause.REJECTED:
-        return (
-            f"the device rejected the request ({sample.raw}): wrong register address "
-            f"or function code for this model, or wrong device_id ({src.device_id})"
+        r = sample.raw if isinstance(sample.raw, Refusal) else Refusal(None, 0, 0)
+        code = r.code
+        hint = EXCEPTIONS[code][1] if code in EXCEPTIONS else "see the meter's manual for this code"
+        hint = hint.format(
+            function=r.function,
+            table=TABLES.get(r.function, "?"),
+            address=f"0x{r.address:04X}",
+            device_id=src.device_id,
         )
-    if sample.cause is Cause.CONNECT and url.scheme == "tcp":
+        return f"device {src.device_id} answered Modbus exception {code} ({exception_name(code)}): {hint}"
+    if sample.cause is Cause.CONNECT and tcp:
         return (
-            f"nothing answers at {where}: check the address and port, and that the meter or its "
-            "Modbus gateway is powered and on this network"
+            f"nothing accepts a connection at {where}: check the host and port (Modbus TCP is usually 502), "
+            "a firewall between, and that the meter or its Modbus gateway is powered and on this network"
         )
     if sample.cause is Cause.CONNECT:
         return f"cannot open {where}: see the serial checks above"
+    if tcp:
+        return (
+            f"{where} accepts connections but device {src.device_id} did not answer in {src.timeout_s:g} s: "
+            "is this a Modbus TCP device (not another service on that port)? Behind a TCP-to-RS-485 "
+            f"gateway, device_id ({src.device_id}) must be the meter's own address, and the gateway's "
+            "serial side must match the meter"
+        )
+    q = {k: v[-1] for k, v in parse_qs(url.query).items()}
+    line = f"baud={q.get('baud', '9600')} parity={q.get('parity', 'N')} stop={q.get('stop', '1')}"
     return (
-        f"the device did not answer in {src.timeout_s:g} s: wrong device_id ({src.device_id}), "
-        "baud rate or parity, or the RS-485 wiring (A/B swapped, no termination)"
+        f"no answer from device {src.device_id} on {where} in {src.timeout_s:g} s: check the meter's "
+        f"address (device_id = {src.device_id}) and serial settings ({line}; set them in the url as "
+        "?baud=...&parity=E), the RS-485 wiring (A/B swapped, ground), termination at the ends of a long "
+        "bus, and that the meter is powered"
     )
 
 

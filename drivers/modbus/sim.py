@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import struct
+from typing import ClassVar
 
 from pymodbus.constants import ExcCodes
 from pymodbus.server import ModbusTcpServer
 from pymodbus.simulator import DataType, SimData, SimDevice
 
 from labmeter.clock import Clock
-from labmeter.drivers.modbus import DATA_TYPES, load_profile
+from labmeter.drivers.modbus import DATA_TYPES, CheckRegister, Register, load_profile
 from labmeter.drivers.sim import Schedule
 from labmeter.netutil import split_listen
 
@@ -24,21 +25,28 @@ def encode(value: float, type_: str, word_order: str) -> list[int]:
 
 class SimMeter:
     """A meter serving the schedule's power where its profile's ``[power]`` register is
-    (by default an Eastron SDM120: float32 in input registers 0x000C-0x000D)."""
+    (by default an Eastron SDM120: float32 in input registers 0x000C-0x000D), and 230 V / 50 Hz in its
+    check registers, so ``agent probe`` can confirm the word order."""
+
+    MAINS: ClassVar[dict[str, float]] = {"voltage": 230.0, "frequency": 50.0}
 
     PROFILE = "eastron-sdm120"
 
     def __init__(
         self, listen: str, schedule: Schedule, clock: Clock, device_id: int = 1, profile: str = PROFILE
     ) -> None:
-        self.register = load_profile(profile).power
+        prof = load_profile(profile)
+        self.register = prof.power
+        self.checks = prof.checks()
         if self.register.type == "bit":
             raise ValueError(f"profile {profile!r}: the simulator serves register profiles, not bits")
         host, port = split_listen(listen)
         self.schedule = schedule
         self.clock = clock
         self.reads = 0
-        size = max(0x50, self.register.address + DATA_TYPES[self.register.type][1])
+        regs: list[Register | CheckRegister] = [self.register, *self.checks.values()]
+        ends = [r.address + DATA_TYPES[r.type][1] for r in regs]
+        size = max(0x50, *ends)
         registers = [SimData(0, count=size, values=0, datatype=DataType.REGISTERS)]
         device = SimDevice(id=device_id, simdata=registers, action=self._action)
         self.server = ModbusTcpServer(device, address=(host, port))
@@ -60,6 +68,12 @@ class SimMeter:
             off = reg.address - start_address
             if off >= 0 and off + len(words) <= len(current_registers):
                 current_registers[off : off + len(words)] = words
+        for name, check in self.checks.items():
+            if function_code == check.function:
+                words = encode(self.MAINS[name] / check.scale, check.type, reg.word_order)
+                off = check.address - start_address
+                if off >= 0 and off + len(words) <= len(current_registers):
+                    current_registers[off : off + len(words)] = words
         return None
 
     async def start(self) -> None:

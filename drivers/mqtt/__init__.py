@@ -43,18 +43,52 @@ def build(
     return driver
 
 
+WHERE_IT_PUBLISHES: dict[str, str] = {
+    "tasmota": "Tasmota publishes tele/<Topic>/SENSOR every TelePeriod seconds (default 300; `TelePeriod 10` to test) "
+    "and tele/<Topic>/LWT",
+    "shelly-gen1": "a Shelly Gen1 publishes shellies/<id>/relay/0/power and shellies/<id>/online",
+    "shelly-gen2": "a Shelly Gen2 publishes <prefix>/status/switch:0 only with 'Generic status update over MQTT' "
+    "enabled, and <prefix>/online",
+    "zigbee2mqtt": "Zigbee2MQTT publishes zigbee2mqtt/<friendly_name>, and .../availability when availability is on",
+    "esphome": "ESPHome publishes <node>/sensor/<sensor name>/state and <node>/status",
+    "json": "check the device's own MQTT settings for the topic it publishes on",
+}
+
+
 def diagnose(inst: InstrumentConfig[Any], sample: Sample) -> str:
     src: MqttSource = inst.source
+    hint = WHERE_IT_PUBLISHES[src.format]
+    if sample.cause is Cause.REFUSED:
+        return f"the plug's broker refused the agent: {sample.error}"
+    if sample.cause is Cause.CONNECT:
+        return f"the agent cannot reach the plug's broker: {sample.error}"
     if sample.cause is Cause.OFFLINE:
-        return "the plug reports Offline (its LWT): it lost power or Wi-Fi"
+        return "the plug reports itself offline (its last will): it lost power or Wi-Fi"
     if sample.cause is Cause.NO_MESSAGE:
+        seen = sample.raw
+        avail = getattr(seen, "availability_topic", None)
+        if getattr(seen, "online", False):
+            return (
+                f"the plug says online on {avail}, but no power message came on {src.topic} within "
+                f"{FIRST_MESSAGE_WAIT_S:g} s: the topic is not the one it reports power on, or it reports "
+                f"less often ({hint})"
+            )
+        user = getattr(seen, "username", None)
+        topics = f"{src.topic}" + (f" or {avail}" if avail else "")
+        acl = (
+            f"the broker accepted the login as {user!r} but may hide these topics from it (Mosquitto drops "
+            f"messages an account may not read, silently: its ACL needs `topic read {src.topic}` under "
+            f"`user {user}`), or "
+            if user
+            else ""
+        )
         return (
-            f"no message on {src.topic} within {FIRST_MESSAGE_WAIT_S:g} s: check the topic "
-            "(Tasmota: tele/<topic>/SENSOR), the plug's MQTT broker settings and its TelePeriod"
+            f"nothing arrived on {topics} within {FIRST_MESSAGE_WAIT_S:g} s: {acl}the plug publishes "
+            f"elsewhere or not to this broker (format {src.format!r}: {hint})"
         )
     if sample.cause is Cause.STALE:
         return f"the feed stopped: is the plug's reporting period longer than stale_after_s ({inst.stale_after_s:g} s)?"
-    return f"unreadable messages on {src.topic}: is format = {src.format!r} right for this device?"
+    return f"unreadable messages on {src.topic}: is format = {src.format!r} right for this device? ({hint})"
 
 
 PLUGIN = Plugin(NAME, MqttSource, build, diagnose)

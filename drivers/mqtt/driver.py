@@ -97,6 +97,15 @@ FORMATS: dict[str, Format] = {
 }
 
 
+@dataclass(frozen=True)
+class NoMessage:
+    """What probe can say when no power message came: whether the availability topic spoke, and as whom."""
+
+    availability_topic: str | None
+    online: bool
+    username: str | None
+
+
 class PlugDriver(DriverBase):
     capabilities = Capability.PUSHED
 
@@ -122,9 +131,8 @@ class PlugDriver(DriverBase):
         subs = [(self.topic, 1), *((t, 1) for t in self.extra)]
         if self.availability_topic:
             subs.append((self.availability_topic, 1))
-        self.link = MqttLink(
-            source.broker or broker, client_id, on_message=self._on_message, subscriptions=tuple(subs)
-        )
+        self.broker = source.broker or broker
+        self.link = MqttLink(self.broker, client_id, on_message=self._on_message, subscriptions=tuple(subs))
 
     def _availability(self, payload: bytes) -> bool | None:
         text = payload.strip().decode(errors="replace")
@@ -171,7 +179,15 @@ class PlugDriver(DriverBase):
     async def read(self) -> Sample:
         if self._online is False:
             return Sample(error=f"{self.availability_topic}: device is offline", cause=Cause.OFFLINE)
-        return self.latest.get(f"{self.topic}: no message yet", f"{self.topic}: silent")
+        if not self.link.connected and self.link.failure:
+            return Sample(
+                error=self.link.failure, cause=Cause.REFUSED if self.link.refused else Cause.CONNECT
+            )
+        sample = self.latest.get(f"{self.topic}: no message yet", f"{self.topic}: silent")
+        if sample.cause is Cause.NO_MESSAGE:
+            seen = NoMessage(self.availability_topic, self._online is True, self.broker.username)
+            return Sample(error=sample.error, raw=seen, cause=Cause.NO_MESSAGE)
+        return sample
 
     async def close(self) -> None:
         await self.link.stop()
