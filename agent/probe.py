@@ -82,7 +82,7 @@ async def probe_instrument(cfg: AgentConfig, inst: InstrumentConfig, reads: int,
             res.lines.append(_line(n, sample, state.value))
             if n < reads:
                 await asyncio.sleep(min(inst.poll_s, 1.0))
-        if not errors:
+        if all(e.cause is Cause.ABSURD for e in errors):  # a wrong value: the driver may know why
             verification = await asyncio.wait_for(driver.verify(), timeout=60)
     except Exception as exc:
         log.debug("probing %s failed", inst.id, exc_info=True)
@@ -94,11 +94,11 @@ async def probe_instrument(cfg: AgentConfig, inst: InstrumentConfig, reads: int,
         except Exception:
             log.debug("closing %s failed", inst.id, exc_info=True)
     res.lines += verification.lines
-    if errors:
+    if verification.problem:
+        res.diagnosis = verification.problem
+    elif errors:
         last = errors[-1]
         res.diagnosis = registry.diagnose(inst, last) if last.cause is not None else last.error or "?"
-    elif verification.problem:
-        res.diagnosis = verification.problem
     elif verification.unsure:
         res.verdict, res.diagnosis = "UNSURE", verification.unsure
     else:

@@ -148,18 +148,15 @@ class Collector:
     def _on_message(self, topic: str, payload: bytes, retain: bool = False) -> None:
         """Queue a message. Retained ones on interval/open/signin topics are someone else's leftovers (an
         agent never retains them): ignored, and cleared where the broker lets us."""
-        if not topic.endswith("/status"):
-            if not payload:  # a cleared retained message, or nothing at all
-                self.stats["empty"] += 1
-                return
-            if retain:
-                self.stats["retained"] += 1
-                if self.link is not None:
-                    self.link.publish(topic, b"", qos=1, retain=True)
-                self._log_limited(
-                    "retained", "ignored a retained message on %s (and cleared it)", topic[:200]
-                )
-                return
+        if not payload:  # a cleared retained message, or `agent probe` testing publish permission
+            self.stats["empty"] += 1
+            return
+        if not topic.endswith("/status") and retain:
+            self.stats["retained"] += 1
+            if self.link is not None:
+                self.link.publish(topic, b"", qos=1, retain=True)
+            self._log_limited("retained", "ignored a retained message on %s (and cleared it)", topic[:200])
+            return
         if len(self.inbox) >= MAX_INBOX or self._inbox_bytes + len(payload) > MAX_INBOX_BYTES:
             self.stats["dropped_inbox"] += 1
             self._log_limited(

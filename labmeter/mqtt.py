@@ -260,7 +260,12 @@ async def check_access(
         try:
             password = read_secret(broker.password_file, "password file")
         except Exception as exc:
-            return Access(lines, f"{exc}: the agent cannot log in to the broker")
+            return Access(
+                lines,
+                f"{exc}: the agent cannot log in to the broker until it has its password (on the broker's "
+                f"machine `labmeter collector add-agent ... --mosquitto-dir DIR` writes DIR/secrets/"
+                f"{broker.username}.pass: copy it to {broker.password_file}, mode 0600)",
+            )
     try:
         ctx = tls_context(broker) if tls else False
     except (OSError, ssl.SSLError) as exc:

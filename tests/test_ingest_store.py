@@ -129,6 +129,8 @@ def test_the_inbox_is_bounded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
         c._on_message(wire.interval_topic("agent-b", "I3"), b"")  # a cleared retained message: not queued
         c._on_message(wire.interval_topic("agent-b", "I3"), b"x", retain=True)
         assert len(c.inbox) == 5 and c.stats["empty"] == 1 and c.stats["retained"] == 1
+        c._on_message(wire.status_topic("agent-b"), b"")  # `agent probe` testing publish permission
+        assert len(c.inbox) == 5 and c.stats["empty"] == 2 and "agent-b" not in c.live.agents
     finally:
         c.ledger.close()
         c._pool.shutdown()

@@ -138,7 +138,7 @@ class ModbusDriver(DriverBase):
         value = decode(words.values, reg.type, reg.word_order)
         if problem := power_problem(value, reg.scale, reg.type):
             return Sample(
-                error=f"{self.where}: {problem} (word order, data type or scale suspected)",
+                error=f"{self.where}: {problem}",
                 raw=words,
                 cause=Cause.ABSURD,
             )
@@ -213,12 +213,12 @@ class ModbusDriver(DriverBase):
             return Verification(
                 tuple(lines),
                 problem=f"the meter sends its words {ORDER_WORDS[other]} but profile "
-                f"{self.source.profile!r} reads them {ORDER_WORDS[order]}: its {', '.join(fits[other])} "
-                f"makes sense only that way, so every power read is wrong: {set_other}",
+                f"{self.source.profile!r} reads them {ORDER_WORDS[order]}: its {' and '.join(fits[other])} "
+                f"make sense only that way, so every power read is wrong: {set_other}",
             )
         mine_bad = power_problem(p_mine, reg.scale, reg.type)
         if fits[order]:
-            lines.append(f"word order: {ORDER_WORDS[order]}, confirmed by the {', '.join(fits[order])}")
+            lines.append(f"word order: {ORDER_WORDS[order]}, confirmed by the {' and '.join(fits[order])}")
             if mine_bad:
                 return Verification(
                     tuple(lines),
