@@ -23,7 +23,7 @@ from labmeter import config
 from labmeter.agent.probe import ProbeResult, probe_instrument
 from labmeter.clock import Clock
 from labmeter.drivers import registry
-from labmeter.drivers.modbus import load_profile
+from labmeter.drivers.modbus import EXCEPTIONS, load_profile
 from labmeter.drivers.profiles import shipped_profiles
 from tests.conftest import LABMETER, BrokerProcess, free_port, mosquitto_bin, wait_port
 from tests.support.modbus import SilentServer, words
@@ -389,3 +389,29 @@ def test_link_over_tls_with_the_wrong_ca(tmp_path: Path) -> None:
     assert out.returncode == 1 and "TLS certificate is not trusted" in link, link
     link_plain = verdict(out_plain.stdout, "broker link (agent lab-a)")
     assert out_plain.returncode == 1 and "use mqtts://" in link_plain, link_plain
+
+
+class Refuses(DataHandler):
+    """A meter (or gateway) answering every register read with one Modbus exception."""
+
+    def __init__(self, code: int) -> None:
+        super().__init__()
+        self.code = code
+
+    def read_i_regs(self, address: int, count: int, srv_info: Any) -> DataHandler.Return:
+        return DataHandler.Return(exp_code=self.code)
+
+
+@pytest.mark.parametrize("code", sorted(EXCEPTIONS))
+def test_exception_codes_in_words(code: int) -> None:
+    port = free_port()
+    server = ModbusServer(host="127.0.0.1", port=port, no_block=True, data_hdl=Refuses(code))
+    server.start()
+    try:
+        res = _probe_one(modbus("M", f"tcp://127.0.0.1:{port}"))
+    finally:
+        server.stop()
+    name, _hint = EXCEPTIONS[code]
+    assert res.verdict == "PROBLEM"
+    assert f"exception {code} ({name})" in res.diagnosis, res.diagnosis
+    assert "ExceptionResponse" not in res.diagnosis + "\n".join(res.lines)
