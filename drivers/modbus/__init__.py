@@ -146,9 +146,9 @@ ORDER_WORDS = {"big": "high word first", "little": "low word first"}
 def power_problem(raw: float, scale: float, type_: str) -> str | None:
     """Why a register value cannot be a power reading, or None."""
     if raw != raw or raw in (float("inf"), float("-inf")):
-        return "not a number"
+        return "not a number (word order or data type suspected)"
     if abs(raw * scale) > 5_000_000:
-        return f"absurd power {raw * scale:g} W"
+        return f"absurd power {raw * scale:g} W (word order, data type or scale suspected)"
     if type_ == "float32" and 0 < abs(raw) < TINY:
         return f"{raw:g} is no meter reading (a float32 this small is what a swapped word order gives)"
     return None
