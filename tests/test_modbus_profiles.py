@@ -83,3 +83,16 @@ def test_generic_register_from_config() -> None:
     finally:
         server.stop()
     assert s.power_w == 617.0
+
+
+def test_every_meter_profile_names_its_check_registers_and_their_source() -> None:
+    """`agent probe` confirms the word order from a meter's mains voltage and frequency; where the
+    addresses come from is said in the profile, so a reader can check them against the manual."""
+    from labmeter.drivers.modbus import load_profile
+
+    for name in shipped_profiles("modbus"):
+        prof = load_profile(name)
+        if prof.power.type == "bit":
+            continue
+        assert set(prof.checks()) == {"voltage", "frequency"}, name
+        assert "Checks:" in prof.doc and ("manual" in prof.doc or "Tasmota" in prof.doc), name
