@@ -104,7 +104,11 @@ class ModbusDriver(DriverBase):
             rr = await getattr(self.client, READS[function])(address, count=count, device_id=dev)
         except (ModbusException, OSError) as exc:
             self.client.close()
-            return Sample(error=f"{self.where}: no reply from device {dev} ({exc})", cause=Cause.NO_REPLY)
+            log.debug("%s: device %s: %s", self.where, dev, exc)
+            return Sample(
+                error=f"{self.where}: no reply from device {dev} in {self.source.timeout_s:g} s",
+                cause=Cause.NO_REPLY,
+            )
         if rr.isError():
             code = getattr(rr, "exception_code", None)
             return Sample(
