@@ -415,3 +415,43 @@ def test_exception_codes_in_words(code: int) -> None:
     assert res.verdict == "PROBLEM"
     assert f"exception {code} ({name})" in res.diagnosis, res.diagnosis
     assert "ExceptionResponse" not in res.diagnosis + "\n".join(res.lines)
+
+
+def test_unknown_exception_code_and_garbage_mains() -> None:
+    """What a hostile or broken meter may send: an exception code no table has, a NaN voltage."""
+    port = free_port()
+    server = ModbusServer(host="127.0.0.1", port=port, no_block=True, data_hdl=Refuses(0x42))
+    server.start()
+    try:
+        odd = _probe_one(modbus("M", f"tcp://127.0.0.1:{port}"))
+    finally:
+        server.stop()
+    assert odd.verdict == "PROBLEM" and "exception 66 (unknown exception)" in odd.diagnosis, odd
+    server, port = _serve_meter("eastron-sdm120", 850.0, "big")
+    server.data_bank.set_input_registers(0x0000, [0x7FC0, 0x0000])  # NaN either way round
+    try:
+        nan = _probe_one(modbus("M", f"tcp://127.0.0.1:{port}"))
+    finally:
+        server.stop()
+    assert (
+        nan.verdict == "PROBLEM" and "voltage reads nan V" in nan.diagnosis and "not mains" in nan.diagnosis
+    )
+
+
+def test_link_to_something_that_is_no_broker(tmp_path: Path) -> None:
+    port = free_port()
+    silent = SilentServer(port)
+    meter, meter_port = _serve_meter("eastron-sdm120", 850.0, "big")
+    try:
+        out = probe(
+            tmp_path,
+            head("lab-a")
+            + f'[broker]\nurl = "mqtt://127.0.0.1:{port}"\n'
+            + modbus("METER", f"tcp://127.0.0.1:{meter_port}"),
+        )
+    finally:
+        silent.stop()
+        meter.stop()
+    assert out.returncode == 1 and "Traceback" not in out.stdout + out.stderr
+    assert "sent no MQTT answer" in verdict(out.stdout, "broker link (agent lab-a)"), out.stdout
+    assert verdict(out.stdout, "METER").startswith("OK:")
