@@ -9,11 +9,14 @@ import json
 import logging
 import os
 import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from labmeter.agent.classifier import Classifier
-from labmeter.agent.outbox import AgentStore, Checkpoint, Signer
+from labmeter.agent.outbox import AgentStore, Checkpoint, DiskFull, Signer
 from labmeter.agent.timeline import Span, Timeline, split
 from labmeter.drivers import registry
 from labmeter.drivers.base import Driver, Reading, Sample
@@ -27,6 +30,9 @@ from labmeter.wire import State
 log = logging.getLogger("labmeter.agent")
 
 CLOCK_STEP_TOLERANCE_MS = 2000
+PUBLISH_CHUNK = 200  # rows published between two yields to the event loop
+WRITE_BUFFER_HIGH = 1 << 20  # socket bytes queued before publishing waits for the network
+MAX_UNWRITTEN = 50_000  # intervals and sign-ins held in memory while the state disk is full
 
 
 def pseudonym(salt: bytes, card: str) -> str:
@@ -82,7 +88,6 @@ class InstrumentRunner:
         self.classifier = Classifier(cfg.thresholds)
         self.timeline = Timeline(agent.bucket_ms, 0)
         self.last: Reading | None = None
-        self.clock_step_ms = 0
         self._open_sent_at = -1e18
 
     def recover(self, now_ms: int) -> None:
@@ -94,13 +99,16 @@ class InstrumentRunner:
             spans += split(cp.start_ms, cp.at_ms, cp.state, self.agent.bucket_ms)
             start = max(now_ms, cp.at_ms)
             spans += split(cp.at_ms, start, State.UNKNOWN, self.agent.bucket_ms, note="agent_down")
+            if spans and cp.clock_step_ms:  # a step the open interval carried when the agent stopped
+                spans[0] = replace(spans[0], clock_step_ms=cp.clock_step_ms)
             if spans:
                 log.info("%s: agent was down %.0f s; recorded as UNKNOWN", self.id, (start - cp.at_ms) / 1000)
         self.timeline = Timeline(self.agent.bucket_ms, start, State.UNKNOWN)
         self.agent.emit(self.id, spans, Checkpoint(start, State.UNKNOWN, start))
 
     def checkpoint(self, now_ms: int) -> Checkpoint:
-        return Checkpoint(self.timeline.start, self.timeline.state, max(now_ms, self.timeline.start))
+        t = self.timeline
+        return Checkpoint(t.start, t.state, max(now_ms, t.start), t.clock_step_ms)
 
     async def read(self) -> Sample:
         try:
@@ -126,8 +134,7 @@ class InstrumentRunner:
         change = self.classifier.update(reading)
         spans = self.timeline.advance(now_ms, change.state, change.since_ms)
         if spans:
-            self.agent.emit(self.id, spans, self.checkpoint(now_ms), self.clock_step_ms)
-            self.clock_step_ms = 0
+            self.agent.emit(self.id, spans, self.checkpoint(now_ms))
         cards: list[tuple[int, str]] | None = getattr(self.driver, "signins", None)
         while cards:
             at_ms, card = cards.pop(0)
@@ -174,18 +181,79 @@ class Agent:
         self.acked = 0
         self.stopping = False
         self._signin_salt: bytes | None = None
+        self._unwritten: deque[tuple[Callable[[], object], int]] = deque()
+        self._held = self._given_up = self._written_late = 0
+        self._full = False
 
-    def emit(self, instrument: str, spans: list[Span], cp: Checkpoint | None, clock_step_ms: int = 0) -> None:
+    def emit(self, instrument: str, spans: list[Span], cp: Checkpoint | None) -> None:
         if not spans and cp is None:
             return
-        self.store.emit(self.signer, instrument, spans, cp, clock_step_ms)
+        self._write(lambda: self.store.emit(self.signer, instrument, spans, cp), len(spans))
         if spans:
             self.kick.set()
 
     def sign_in(self, instrument: str, at_ms: int, card: str) -> None:
         """Queue a sign-in under a pseudonym: the card number itself never leaves this machine."""
-        self.store.emit_signin(self.signer, instrument, at_ms, pseudonym(self._salt(), card))
+        self._write(
+            lambda: self.store.emit_signin(self.signer, instrument, at_ms, pseudonym(self._salt(), card)), 1
+        )
         self.kick.set()
+
+    def _write(self, write: Callable[[], object], count: int) -> None:
+        """Write to the state directory now, or, while its disk is full, hold the write in memory in order.
+
+        Held writes go out oldest first once space returns (:meth:`_flush_unwritten`); beyond
+        ``MAX_UNWRITTEN`` intervals the oldest are given up (that time becomes no data), so a
+        disk that never frees cannot exhaust memory.
+        """
+        if not self._unwritten:
+            try:
+                write()
+                return
+            except DiskFull as exc:
+                self._disk_full(exc)
+        self._unwritten.append((write, count))
+        self._held += count
+        while self._held > MAX_UNWRITTEN and len(self._unwritten) > 1:
+            _, n = self._unwritten.popleft()
+            self._held -= n
+            self._given_up += n
+            if self._given_up == n or self._given_up % 1000 < n:
+                log.error(
+                    "disk full: %s; %d interval(s) held in memory, %d oldest given up",
+                    self.store.path,
+                    self._held,
+                    self._given_up,
+                )
+
+    def _flush_unwritten(self) -> bool:
+        """Write what the full disk held back; True when nothing is held any more."""
+        while self._unwritten:
+            write, n = self._unwritten[0]
+            try:
+                write()
+            except DiskFull:
+                return False
+            self._unwritten.popleft()
+            self._held -= n
+            self._written_late += n
+        if self._full:
+            log.warning(
+                "disk has space again: %s; wrote %d interval(s) held in memory",
+                self.store.path,
+                self._written_late,
+            )
+            self._full, self._written_late, self._given_up = False, 0, 0
+        return True
+
+    def _disk_full(self, exc: DiskFull) -> None:
+        if not self._full:
+            log.error(
+                "%s; metering goes on, holding up to %d interval(s) in memory until space returns",
+                exc,
+                MAX_UNWRITTEN,
+            )
+        self._full = True
 
     def _salt(self) -> bytes:
         if self._signin_salt is None:
@@ -232,14 +300,32 @@ class Agent:
         try:
             msg = json.loads(payload)
             for rej in msg.get("rejects", []):
-                if self.store.reject(rej["instrument"], int(rej["seq"]), rej["sha256"], rej["reason"]):
-                    log.error(
-                        "collector rejected %s seq %s: %s", rej["instrument"], rej["seq"], rej["reason"]
-                    )
+                self._rejected(rej["instrument"], int(rej["seq"]), str(rej["sha256"]), str(rej["reason"]))
             for instrument, upto in msg.get("acks", {}).items():
                 self.acked += self.store.ack(instrument, int(upto))
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             log.warning("ignoring unreadable ack: %s", exc)
+        except DiskFull as exc:  # the collector sends it again when we resend
+            self._disk_full(exc)
+
+    def _rejected(self, chain: str, seq: int, body_sha: str, reason: str) -> None:
+        """A conflict begins a new chain with the link and its successors; other rejects are dead letters."""
+        if wire.is_conflict(reason):
+            moved = self.store.rechain(self.signer, chain, seq, body_sha)
+            if moved:
+                log.warning(
+                    "%s seq %d is already taken in the ledger by another body (this state directory was "
+                    "restored from a backup, or is shared with a cloned agent); %d interval(s) sent again "
+                    "as seq %d-%d",
+                    chain,
+                    seq,
+                    len(moved),
+                    moved[0].seq,
+                    moved[-1].seq,
+                )
+                self.kick.set()
+        elif self.store.reject(chain, seq, body_sha, reason):
+            log.error("collector rejected %s seq %s: %s", chain, seq, reason)
 
     async def _publisher(self) -> None:
         """Send unacknowledged rows oldest first; resend after ``resend_after_s`` without an ack."""
@@ -249,14 +335,32 @@ class Agent:
                 async with asyncio.timeout(1.0):
                     await self.kick.wait()
             self.kick.clear()
-            if not self.link.connected:
-                continue
-            now = time.time()
-            rows = self.store.unsent(now - resend)
-            sent = [r.id for r in rows if self.link.publish(r.topic, r.payload, qos=1)]
+            if self.link.connected:
+                try:
+                    if await self._publish_batch(time.time() - resend):
+                        self.kick.set()
+                except DiskFull as exc:  # rows not marked sent would go out again at once: wait instead
+                    self._disk_full(exc)
+                    await asyncio.sleep(min(resend, 5.0))
+            await asyncio.sleep(0)  # a set kick returns at once: give the other loops their turn
+
+    async def _publish_batch(self, resend_before: float, limit: int = 1000) -> bool:
+        """Publish one batch, yielding between chunks; stops at once when the link goes. True: more wait."""
+        rows = self.store.unsent(resend_before, limit)
+        now = time.time()
+        sent: list[int] = []
+        try:
+            for i in range(0, len(rows), PUBLISH_CHUNK):
+                for r in rows[i : i + PUBLISH_CHUNK]:
+                    if self.stopping or not self.link.publish(r.topic, r.payload, qos=1):
+                        return False
+                    sent.append(r.id)
+                await asyncio.sleep(0)
+                while self.link.connected and self.link.write_buffer_size() > WRITE_BUFFER_HIGH:
+                    await asyncio.sleep(0.01)
+        finally:
             self.store.mark_sent(sent, now)
-            if len(rows) == 1000:
-                self.kick.set()
+        return len(rows) == limit
 
     async def _heartbeat(self) -> None:
         while not self.stopping:
@@ -269,8 +373,13 @@ class Agent:
             step = self.timebase.check_step()
             if step is not None:
                 self._clock_stepped(*step)
+            if not self._flush_unwritten():
+                continue  # a checkpoint ahead of held intervals would skip them after a crash
             now = self.timebase.now_ms()
-            self.store.checkpoint({r.id: r.checkpoint(now) for r in self.runners})
+            try:
+                self.store.checkpoint({r.id: r.checkpoint(now) for r in self.runners})
+            except DiskFull as exc:
+                self._disk_full(exc)
 
     def _clock_stepped(self, expected_ms: int, wall_ms: int) -> None:
         delta = wall_ms - expected_ms
@@ -278,10 +387,7 @@ class Agent:
             "wall clock stepped by %+d ms; intervals close at the old time and resume at the new", delta
         )
         for r in self.runners:
-            spans = r.timeline.close(expected_ms)
-            r.timeline = Timeline(self.bucket_ms, wall_ms, r.timeline.state)
-            r.clock_step_ms = delta
-            self.emit(r.id, spans, r.checkpoint(wall_ms))
+            self.emit(r.id, r.timeline.step(expected_ms, wall_ms), r.checkpoint(wall_ms))
 
     async def run(self, stop: asyncio.Event) -> None:
         now = self.timebase.now_ms()
@@ -321,7 +427,10 @@ class Agent:
     async def _shutdown(self) -> None:
         now = self.timebase.now_ms()
         for r in self.runners:
-            self.emit(r.id, r.timeline.close(now), Checkpoint(now, State.UNKNOWN, now))
+            spans = r.timeline.close(now)
+            self.emit(r.id, spans, Checkpoint(now, State.UNKNOWN, now, r.timeline.clock_step_ms))
+        if not self._flush_unwritten():
+            log.error("disk full: %s; %d interval(s) held in memory are lost", self.store.path, self._held)
         if self.link.connected:
             self.kick.set()
             rows = self.store.unsent(time.time() + 1)

@@ -16,7 +16,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from labmeter.wire import GENESIS, MAX_INTERVAL_MS, Interval, envelope_starts_chain, starts_chain
+from labmeter.wire import (
+    GENESIS,
+    MAX_INTERVAL_MS,
+    Interval,
+    conflict_reason,
+    envelope_starts_chain,
+    starts_chain,
+)
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS agents (
@@ -349,7 +356,7 @@ class Ledger:
             if row and row[0] != iv.sha:
                 out.append(
                     Rejection(
-                        f"conflict: a different body is already stored for seq {iv.seq}",
+                        conflict_reason(iv.seq),
                         f"labmeter/v1/{iv.agent}/{iv.instrument}/interval",
                         iv.envelope,
                         iv.agent,
