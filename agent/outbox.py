@@ -254,9 +254,10 @@ class AgentStore:
         chain: it was restored from a backup, cloned to a second agent, or (with an old
         chain origin) lost. A new chain above the ledger's head (``wire.chain_origin``, prev =
         GENESIS) takes the conflicting link and every later pending link of the same chain,
-        bodies unchanged but seq and prev, so no measured interval is lost. A conflict for a
-        link of an older chain (the chain was begun again already) appends it to the current
-        one. Returns the new rows; nothing when the reject is not for a row of ours.
+        bodies unchanged but seq and prev, so no measured interval is lost. Leading "agent_down"
+        intervals are left out: the other copy was running then. A conflict for a link of an
+        older chain (the chain was begun again already) appends it to the current one.
+        Returns the new rows; nothing when the reject is not for a row of ours.
         """
         with self._transaction() as cur:
             hit = cur.execute(
@@ -268,32 +269,57 @@ class AgentStore:
             head_seq, prev, first = head
             if seq >= first:  # a link of the current chain: begin a new one
                 moved = cur.execute(
-                    "SELECT id, topic, payload FROM outbox WHERE instrument=? AND seq>=? ORDER BY seq",
+                    "SELECT id, topic, payload, created_at FROM outbox WHERE instrument=? AND seq>=? ORDER BY seq",
                     (chain, seq),
                 ).fetchall()
                 new_first = max(wire.chain_origin(int(time.time() * 1000)), head_seq + 1)
                 next_seq, prev = new_first, wire.GENESIS
+                moved = self._without_recovery(cur, moved)
             else:
-                moved = cur.execute("SELECT id, topic, payload FROM outbox WHERE id=?", (hit[0],)).fetchall()
+                moved = cur.execute(
+                    "SELECT id, topic, payload, created_at FROM outbox WHERE id=?", (hit[0],)
+                ).fetchall()
                 new_first, next_seq = first, head_seq + 1
             out: list[Pending] = []
-            now = time.time()
-            for row_id, topic, payload in moved:
-                body = wire.relink(wire.open_envelope(payload).body, next_seq, prev)
+            for row_id, topic, payload, created_at in moved:
+                text = wire.open_envelope(payload).body
+                body = wire.relink(text, next_seq, prev)
                 prev = wire.body_hash(body)
                 sealed = wire.seal(signer.key, signer.kid, body)
                 cur.execute("DELETE FROM outbox WHERE id=?", (row_id,))
                 cur.execute(
                     "INSERT INTO outbox (instrument, seq, topic, payload, body_sha, created_at) VALUES (?,?,?,?,?,?)",
-                    (chain, next_seq, topic, sealed, prev, now),
+                    (chain, next_seq, topic, sealed, prev, created_at),  # created_at marks an emit's rows
                 )
                 out.append(Pending(cur.lastrowid or 0, chain, next_seq, topic, sealed))
                 next_seq += 1
+            # with every moved link left out, the chain's next link begins the new chain (prev = GENESIS)
             cur.execute(
                 "UPDATE chain SET seq=?, hash=?, first=? WHERE instrument=?",
                 (next_seq - 1, prev, new_first, chain),
             )
         return out
+
+    @staticmethod
+    def _without_recovery(
+        cur: sqlite3.Cursor, moved: list[tuple[int, str, bytes, float]]
+    ) -> list[tuple[int, str, bytes, float]]:
+        """Drop the start-up recovery at the head of ``moved`` (deleting its rows), when that is where the conflict is.
+
+        A restored or cloned copy closes the open interval of its old checkpoint and calls the
+        time since then UNKNOWN ("agent_down"), in one emit. The other copy was running then
+        and its intervals for that time are in the ledger: an UNKNOWN claim over them would
+        hide measured hours, so this copy's chain begins with what it measured itself.
+        """
+        if not moved:
+            return moved
+        batch = [r for r in moved if r[3] == moved[0][3]]
+        notes = [wire.load_body(wire.open_envelope(r[2]).body).get("note") for r in batch]
+        if wire.NOTE_AGENT_DOWN not in notes:
+            return moved
+        for r in batch:
+            cur.execute("DELETE FROM outbox WHERE id=?", (r[0],))
+        return moved[len(batch) :]
 
     def resend_dead(self) -> int:
         """Put dead letters back in the outbox (after the cause, e.g. an unregistered agent, is fixed)."""

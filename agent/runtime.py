@@ -98,7 +98,7 @@ class InstrumentRunner:
         if cp is not None:
             spans += split(cp.start_ms, cp.at_ms, cp.state, self.agent.bucket_ms)
             start = max(now_ms, cp.at_ms)
-            spans += split(cp.at_ms, start, State.UNKNOWN, self.agent.bucket_ms, note="agent_down")
+            spans += split(cp.at_ms, start, State.UNKNOWN, self.agent.bucket_ms, note=wire.NOTE_AGENT_DOWN)
             if spans and cp.clock_step_ms:  # a step the open interval carried when the agent stopped
                 spans[0] = replace(spans[0], clock_step_ms=cp.clock_step_ms)
             if spans:

@@ -42,6 +42,7 @@ def starts_chain(prev: str) -> bool:
 
 
 CONFLICT = "conflict"
+NOTE_AGENT_DOWN = "agent_down"  # an UNKNOWN interval for time the agent was not running
 
 
 def conflict_reason(seq: int) -> str:
