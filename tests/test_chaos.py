@@ -135,7 +135,9 @@ def check_hours(
             assert h.uncovered_ms <= uncovered_s * 1000, f"{code}: {h.uncovered_ms} ms with no interval"
             lag = POLL_S + period_s + 0.5
             unknown = [
-                ((s - EPOCH_MS) / 1000 - lag, (e - EPOCH_MS) / 1000) for s, e, st, _ in rows if st == "UNKNOWN"
+                ((s - EPOCH_MS) / 1000 - lag, (e - EPOCH_MS) / 1000)
+                for s, e, st, _ in rows
+                if st == "UNKNOWN"
             ]
             gaps = [
                 ((e0 - EPOCH_MS) / 1000 - lag, (s1 - EPOCH_MS) / 1000)
@@ -232,7 +234,9 @@ def test_sigterm_stops_the_agent_in_every_state(kind: str, tmp_path: Path) -> No
 
 def test_collector_with_the_builtin_broker_sigkilled_during_ingest(tmp_path: Path) -> None:
     """The single-node collector holds the broker: killing it takes both; the agent reconnects and drains."""
-    embedded = BrokerProcess("builtin", tmp_path)  # not started: only its port, for the collector to listen on
+    embedded = BrokerProcess(
+        "builtin", tmp_path
+    )  # not started: only its port, for the collector to listen on
     lab = Lab(tmp_path, embedded)
     text = (tmp_path / "collector.toml").read_text()
     (tmp_path / "collector.toml").write_text(
@@ -294,9 +298,13 @@ def test_agent_restored_from_an_earlier_state_backup(mosquitto: BrokerProcess, t
 
 def mount_tmpfs(path: Path, size: str) -> None:
     path.mkdir(parents=True, exist_ok=True)
-    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True)
+    proc = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True
+    )
     if proc.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here ({proc.stderr.decode().strip() or proc.returncode}); needs root")
+        pytest.skip(
+            f"cannot mount a tmpfs here ({proc.stderr.decode().strip() or proc.returncode}); needs root"
+        )
 
 
 def fill(path: Path) -> None:
@@ -322,7 +330,9 @@ def test_agent_state_disk_fills_up_and_frees_again(mosquitto: BrokerProcess, tmp
             lab.sleep_until(420)
             assert lab.procs["agent"].poll() is None, lab.log("agent")
             (state / "filler").unlink()
-            wait_for(lambda: "disk has space again" in lab.log("agent"), 60, what="the held intervals written")
+            wait_for(
+                lambda: "disk has space again" in lab.log("agent"), 60, what="the held intervals written"
+            )
             finish(lab)
         log = lab.log("agent")
         assert "cannot rollback" not in log and "Traceback" not in log, log

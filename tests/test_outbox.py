@@ -166,10 +166,14 @@ def test_checkpoint_keeps_a_clock_step_across_restart(tmp_path: Path) -> None:
     store = AgentStore(tmp_path / "agent.db")
     store.checkpoint({"I1": Checkpoint(5000, State.RUNNING, 6000, -3000)})
     store.close()
-    assert AgentStore(tmp_path / "agent.db").load_checkpoint("I1") == Checkpoint(5000, State.RUNNING, 6000, -3000)
+    assert AgentStore(tmp_path / "agent.db").load_checkpoint("I1") == Checkpoint(
+        5000, State.RUNNING, 6000, -3000
+    )
 
 
-def test_a_restored_copys_start_up_recovery_does_not_hide_what_the_other_copy_measured(tmp_path: Path) -> None:
+def test_a_restored_copys_start_up_recovery_does_not_hide_what_the_other_copy_measured(
+    tmp_path: Path,
+) -> None:
     """The conflict is on the recovery (old open interval + agent_down): it is dropped, the rest moves up."""
     s = signer(tmp_path)
     store = AgentStore(tmp_path / "agent.db")
