@@ -237,14 +237,18 @@ class Agent:
             self._unwritten.popleft()
             self._held -= n
             self._written_late += n
+        return True
+
+    def _space_again(self) -> None:
+        """A write after a full disk went through: say so once, with what was held meanwhile."""
         if self._full:
             log.warning(
-                "disk has space again: %s; wrote %d interval(s) held in memory",
+                "disk has space again: %s; wrote %d interval(s) held in memory, %d given up",
                 self.store.path,
                 self._written_late,
+                self._given_up,
             )
             self._full, self._written_late, self._given_up = False, 0, 0
-        return True
 
     def _disk_full(self, exc: DiskFull) -> None:
         if not self._full:
@@ -380,6 +384,8 @@ class Agent:
                 self.store.checkpoint({r.id: r.checkpoint(now) for r in self.runners})
             except DiskFull as exc:
                 self._disk_full(exc)
+            else:
+                self._space_again()
 
     def _clock_stepped(self, expected_ms: int, wall_ms: int) -> None:
         delta = wall_ms - expected_ms

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import os
+import re
 import sqlite3
 import subprocess
 import time
@@ -165,9 +166,11 @@ def running(lab: Lab, backlog: int = 0, agent_env: dict[str, str] | None = None)
         lab.enroll()
         if backlog:
             prefill(lab, backlog)
-            # signing the backlog took seconds of simulated time: the day starts now
-            lab.clock = ScaledClock(epoch_ms=EPOCH_MS, origin=time.monotonic() + 3.0, scale=lab.clock.scale)
-            lab.env[SIM_CLOCK_ENV] = lab.clock.env_value()
+        # enrolling and signing the backlog took simulated minutes: the day starts once the processes are up
+        lab.clock = ScaledClock(epoch_ms=EPOCH_MS, origin=time.monotonic() + 3.0, scale=lab.clock.scale)
+        lab.env[SIM_CLOCK_ENV] = lab.clock.env_value()
+        if agent_env is not None:
+            agent_env[SIM_CLOCK_ENV] = lab.clock.env_value()
         lab.start("collector")
         lab.start("sim")
         env = lab.env
@@ -308,13 +311,10 @@ def mount_tmpfs(path: Path, size: str) -> None:
 
 
 def fill(path: Path) -> None:
-    with open(path, "wb") as f:
-        with contextlib.suppress(OSError):
-            while True:
-                f.write(b"\0" * 65536)
-                f.flush()
-        with contextlib.suppress(OSError):
-            os.fsync(f.fileno())
+    """Take every free byte of the file system (unbuffered: a buffered close would raise ENOSPC again)."""
+    with open(path, "wb", buffering=0) as f, contextlib.suppress(OSError):
+        while True:
+            f.write(b"\0" * 65536)
 
 
 def test_agent_state_disk_fills_up_and_frees_again(mosquitto: BrokerProcess, tmp_path: Path) -> None:
@@ -334,8 +334,13 @@ def test_agent_state_disk_fills_up_and_frees_again(mosquitto: BrokerProcess, tmp
                 lambda: "disk has space again" in lab.log("agent"), 60, what="the held intervals written"
             )
             finish(lab)
-        log = lab.log("agent")
+        log = (tmp_path / "agent.log").read_text()
         assert "cannot rollback" not in log and "Traceback" not in log, log
+        assert log.count("disk full: agent-state/agent.db") == 1, log  # said once, not per write
+        back = [line for line in log.splitlines() if "disk has space again" in line]
+        assert len(back) == 1, log
+        wrote = int(re.search(r"wrote (\d+) interval", back[0]).group(1))  # type: ignore[union-attr]
+        assert wrote >= 2, back[0]  # the state changes at 250 and 290 were held, then written
         check_hours(lab)
     finally:
         subprocess.run(["umount", "-l", str(state)], check=False)
