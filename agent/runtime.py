@@ -434,7 +434,8 @@ class Agent:
         now = self.timebase.now_ms()
         for r in self.runners:
             spans = r.timeline.close(now)
-            self.emit(r.id, spans, Checkpoint(now, State.UNKNOWN, now, r.timeline.clock_step_ms))
+            at = max(now, r.timeline.start)  # never behind what is stored (a clock stepped back)
+            self.emit(r.id, spans, Checkpoint(at, State.UNKNOWN, at, r.timeline.clock_step_ms))
         if not self._flush_unwritten():
             log.error("disk full: %s; %d interval(s) held in memory are lost", self.store.path, self._held)
         if self.link.connected:

@@ -42,7 +42,7 @@ BACKLOG = 20_000
 # amqtt (the built-in broker) times out PUBACKs and skips deliveries under a 20,000-message burst, and
 # then never catches up: a broker limit, not the agent's; it gets a backlog it can carry
 BUILTIN_BACKLOG = 3_000
-BACKLOG_END_MS = EPOCH_MS - 60_000
+BACKLOG_END_MS = EPOCH_MS - 300_000  # before the agent starts on the simulated clock
 XRD = "CZ-XRD-001"
 
 
