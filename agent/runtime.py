@@ -32,7 +32,7 @@ log = logging.getLogger("labmeter.agent")
 CLOCK_STEP_TOLERANCE_MS = 2000
 PUBLISH_CHUNK = 200  # rows published between two yields to the event loop
 WRITE_BUFFER_HIGH = 1 << 20  # socket bytes queued before publishing waits for the network
-MAX_UNWRITTEN = 50_000  # intervals and sign-ins held in memory while the state disk is full
+MAX_UNWRITTEN = 10_000  # intervals and sign-ins held in memory while the state disk is full (~7 MB)
 
 
 def pseudonym(salt: bytes, card: str) -> str:
