@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import hashlib
 import json
 import logging
@@ -212,6 +213,10 @@ class Agent:
                 return
             except DiskFull as exc:
                 self._disk_full(exc)
+            except OSError as exc:  # a file beside the database (the sign-in salt) on the same disk
+                if exc.errno != errno.ENOSPC:
+                    raise
+                self._disk_full(DiskFull(Path(exc.filename or self.store.path)))
         self._unwritten.append((write, count))
         self._held += count
         while self._held > MAX_UNWRITTEN and len(self._unwritten) > 1:
@@ -233,6 +238,10 @@ class Agent:
             try:
                 write()
             except DiskFull:
+                return False
+            except OSError as exc:
+                if exc.errno != errno.ENOSPC:
+                    raise
                 return False
             self._unwritten.popleft()
             self._held -= n
@@ -296,7 +305,10 @@ class Agent:
         ).encode()
 
     def _on_connected(self) -> None:
-        self.store.mark_all_unsent()
+        try:
+            self.store.mark_all_unsent()
+        except DiskFull as exc:  # what was sent before goes out again at its resend time instead
+            self._disk_full(exc)
         self.link.publish(wire.status_topic(self.id), self._status_payload(), qos=1, retain=True)
         self.kick.set()
 

@@ -70,8 +70,13 @@ def dead_letters(lab: Lab) -> list[tuple[str, int, str]]:
         db.close()
 
 
-def prefill(lab: Lab, n: int = BACKLOG) -> None:
-    """An outbox with ``n`` signed one-second OFF intervals, as after a long outage; the agent's chain goes on from them."""
+def prefill(lab: Lab, n: int = 0) -> None:
+    """The state of an agent that ran before and has been down since ``BACKLOG_END_MS``.
+
+    Every instrument has a checkpoint there, so the run is covered from the start however
+    slowly the processes come up (the down time is UNKNOWN); with ``n``, the meter's outbox
+    also holds ``n`` signed one-second OFF intervals up to then, as after a long outage.
+    """
     from labmeter.agent.outbox import AgentStore, Checkpoint, Signer
     from labmeter.agent.timeline import Span
 
@@ -80,7 +85,9 @@ def prefill(lab: Lab, n: int = BACKLOG) -> None:
     store = AgentStore(lab.tmp / "agent-state" / "agent.db")
     start = BACKLOG_END_MS - n * 1000
     spans = [Span(start + i * 1000, start + (i + 1) * 1000, State.OFF) for i in range(n)]
-    store.emit(signer, XRD, spans, Checkpoint(BACKLOG_END_MS, State.OFF, BACKLOG_END_MS))
+    for code in INSTRUMENTS:
+        cp = Checkpoint(BACKLOG_END_MS, State.OFF, BACKLOG_END_MS)
+        store.emit(signer, code, spans if code == XRD else [], cp)
     store.close()
 
 
@@ -103,7 +110,11 @@ def drain(lab: Lab, timeout: float = 150.0) -> None:
 
 
 def check_hours(
-    lab: Lab, uncovered_s: float = 0.0, extra_tol_s: float = 0.0, codes: tuple[str, ...] = tuple(INSTRUMENTS)
+    lab: Lab,
+    uncovered_s: float = 0.0,
+    extra_tol_s: float = 0.0,
+    codes: tuple[str, ...] = tuple(INSTRUMENTS),
+    eff_tol_s: float = 0.0,
 ) -> dict[str, object]:
     """Chains whole, no unverified time, hours equal to the schedule within the sampling bound, nothing counted twice."""
     from labmeter.collector.hours import compute
@@ -146,12 +157,13 @@ def check_hours(
                 if s1 > e0
             ]
             run_s, eff_s = truth_hours(schedule, unknown + gaps)
-            tol = transitions(schedule) * lag + extra_tol_s
+            # each state change, and each edge of what the ledger does not know, is seen up to a poll late
+            tol = (transitions(schedule) + len(unknown) + len(gaps)) * lag + extra_tol_s
             got_run, got_eff = h.run_ms / 1000, h.effective_ms / 1000
             msg = f"{code}: run {got_run:.1f}/{run_s:.1f} eff {got_eff:.1f}/{eff_s:.1f} tol {tol:.1f}"
             print(msg)
             assert abs(got_run - run_s) <= tol, msg
-            assert abs(got_eff - eff_s) <= tol, msg
+            assert abs(got_eff - eff_s) <= tol + eff_tol_s, msg
             # nothing counted twice: never more running than the schedule holds at all
             assert got_run <= truth_hours(schedule, [])[0] + tol, msg
             out[code] = h
@@ -164,8 +176,7 @@ def check_hours(
 def running(lab: Lab, backlog: int = 0, agent_env: dict[str, str] | None = None) -> Iterator[Lab]:
     try:
         lab.enroll()
-        if backlog:
-            prefill(lab, backlog)
+        prefill(lab, backlog)
         # enrolling and signing the backlog took simulated minutes: the day starts once the processes are up
         lab.clock = ScaledClock(epoch_ms=EPOCH_MS, origin=time.monotonic() + 3.0, scale=lab.clock.scale)
         lab.env[SIM_CLOCK_ENV] = lab.clock.env_value()
@@ -292,7 +303,8 @@ def test_agent_restored_from_an_earlier_state_backup(mosquitto: BrokerProcess, t
         finish(lab)
     assert dead_letters(lab) == []
     # the time the agent was really down has no interval; all the rest is counted
-    hours = check_hours(lab, uncovered_s=up - down + 60)
+    # the open interval lost with the old copy may hold the run a standby led up to: its allowance is unknown
+    hours = check_hours(lab, uncovered_s=up - down + 60, eff_tol_s=PREP_S + POST_S)
     for code in INSTRUMENTS:
         assert hours[code].run_ms > 100_000, code  # type: ignore[attr-defined]
     restarts = lab.log("collector").count("began a new chain")
