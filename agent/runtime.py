@@ -33,6 +33,7 @@ log = logging.getLogger("labmeter.agent")
 CLOCK_STEP_TOLERANCE_MS = 2000
 PUBLISH_CHUNK = 200  # rows published between two yields to the event loop
 WRITE_BUFFER_HIGH = 1 << 20  # socket bytes queued before publishing waits for the network
+MAX_INFLIGHT = 5000  # publishes the broker has not acknowledged before publishing waits (ids end at 65,535)
 MAX_UNWRITTEN = 10_000  # intervals and sign-ins held in memory while the state disk is full (~7 MB)
 
 
@@ -372,11 +373,25 @@ class Agent:
                         return False
                     sent.append(r.id)
                 await asyncio.sleep(0)
-                while self.link.connected and self.link.write_buffer_size() > WRITE_BUFFER_HIGH:
-                    await asyncio.sleep(0.01)
+                await self._wait_for_network()
         finally:
             self.store.mark_sent(sent, now)
         return len(rows) == limit
+
+    async def _wait_for_network(self, most_s: float = 5.0) -> None:
+        """Let the socket buffer and the broker's acknowledgements catch up, for ``most_s`` at most.
+
+        Bounded, because publishes lost with an old connection may never be acknowledged
+        (gmqtt replays them on a reconnect, which may not come); a full id space then only
+        refuses the next publish, which ends the batch.
+        """
+        deadline = time.monotonic() + most_s
+        while (
+            self.link.connected
+            and time.monotonic() < deadline
+            and (self.link.write_buffer_size() > WRITE_BUFFER_HIGH or self.link.inflight() > MAX_INFLIGHT)
+        ):
+            await asyncio.sleep(0.01)
 
     async def _heartbeat(self) -> None:
         while not self.stopping:

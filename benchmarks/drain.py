@@ -19,7 +19,7 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
-from types import SimpleNamespace
+from types import MethodType, SimpleNamespace
 
 from labmeter.agent.outbox import AgentStore, Signer
 from labmeter.agent.runtime import Agent
@@ -58,6 +58,7 @@ async def old_drain(store: AgentStore, link: MqttLink, marks: list[float]) -> No
 
 async def new_drain(store: AgentStore, link: MqttLink, marks: list[float]) -> None:
     agent = SimpleNamespace(store=store, link=link, stopping=False)
+    agent._wait_for_network = MethodType(Agent._wait_for_network, agent)
     real = store.mark_sent
 
     def timed(ids: list[int], at: float) -> None:

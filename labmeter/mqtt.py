@@ -167,8 +167,16 @@ class MqttLink:
         """Queue a publish; False when not connected (the caller keeps the message)."""
         if not self.connected:
             return False
-        self.client.publish(topic, payload, qos=qos, retain=retain)
+        try:
+            self.client.publish(topic, payload, qos=qos, retain=retain)
+        except OverflowError:  # gmqtt's 65,535 packet ids are all in flight
+            return False
         return True
+
+    def inflight(self) -> int:
+        """QoS 1 publishes sent and not yet acknowledged by the broker (gmqtt keeps them to replay)."""
+        storage = getattr(self.client, "_persistent_storage", None)
+        return len(getattr(storage, "_messages", ()))
 
     def write_buffer_size(self) -> int:
         """Bytes queued in the socket's write buffer: how far publishing runs ahead of the network."""

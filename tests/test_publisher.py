@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
-from types import SimpleNamespace
+from types import MethodType, SimpleNamespace
 
 from labmeter.agent.outbox import AgentStore, Signer
 from labmeter.agent.runtime import PUBLISH_CHUNK, Agent
@@ -34,6 +34,9 @@ class Link:
     def write_buffer_size(self) -> int:
         return 0
 
+    def inflight(self) -> int:
+        return 0
+
 
 def backlog(tmp_path: Path, n: int) -> AgentStore:
     key = signing.generate_key_file(tmp_path / "agent.key")
@@ -51,6 +54,7 @@ def test_a_lost_link_stops_the_batch_at_once_and_what_went_out_is_marked(tmp_pat
     store = backlog(tmp_path, 1000)
     link = Link(up_for=250)
     agent = SimpleNamespace(store=store, link=link, stopping=False)
+    agent._wait_for_network = MethodType(Agent._wait_for_network, agent)
     more = asyncio.run(Agent._publish_batch(agent, 1e18))  # type: ignore[arg-type]
     assert more is False
     assert len(link.sent) == 250  # no publish was tried on the dead link after the first refusal
@@ -61,6 +65,7 @@ def test_other_loops_run_while_a_backlog_drains(tmp_path: Path) -> None:
     store = backlog(tmp_path, 1000)
     link = Link(up_for=10**9)
     agent = SimpleNamespace(store=store, link=link, stopping=False)
+    agent._wait_for_network = MethodType(Agent._wait_for_network, agent)
     ticks: list[int] = []
 
     async def main() -> bool:
