@@ -48,6 +48,7 @@ def test_steps_stay_on_their_intervals_when_the_next_step_or_a_shutdown_closes_t
     """Issue 11: the step was dropped when a second step or the shutdown closed the interval after it."""
     from labmeter import config, signing, wire
     from labmeter.agent.runtime import Agent, InstrumentRunner
+    from labmeter.drivers import registry
 
     signing.generate_key_file(tmp_path / "agent.key")
     cfg = config.parse(
@@ -55,7 +56,7 @@ def test_steps_stay_on_their_intervals_when_the_next_step_or_a_shutdown_closes_t
         '[broker]\nurl = "mqtt://127.0.0.1:1"\n'
         '[[instrument]]\nid = "I1"\n[instrument.source]\ndriver = "modbus"\nurl = "tcp://127.0.0.1:1"\n'
         'profile = "eastron-sdm120"\n[instrument.states]\noff_below_w = 5\nrun_above_w = 600\n',
-        config.AgentConfig,
+        registry.agent_config(),
     )
     clock = SteppingClock()
     agent = Agent(cfg, clock)
