@@ -15,6 +15,7 @@ import gc
 import logging
 import time
 from collections import Counter, defaultdict, deque
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -104,6 +105,8 @@ class LiveState:
 
     instruments: dict[str, dict[str, Any]] = field(default_factory=dict)
     agents: dict[str, dict[str, Any]] = field(default_factory=dict)
+    power: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Last verified power window per instrument."""
 
 
 class Collector:
@@ -124,6 +127,8 @@ class Collector:
         self.link: MqttLink | None = None
         self.web: LiveView | None = None
         self.sink: InfluxSink | None = None
+        self.live_hooks: list[Callable[[str, dict[str, Any]], None]] = []
+        """Called with every live change after the web view (the time-series sink subscribes); must not block."""
         self.ready = asyncio.Event()
         self.key: signing.PrivateKey | None = None
         self._pool = ThreadPoolExecutor(2, thread_name_prefix="verify")
@@ -141,6 +146,9 @@ class Collector:
         pending: list[Pending] = []
         signins: list[AcceptedSignIn] = []
         for topic, payload in batch:
+            if wire.is_power_topic(topic):
+                self._power(topic, payload)
+                continue
             try:
                 result = self.verifier.prepare(topic, payload)
             except Rejected as exc:
@@ -256,6 +264,22 @@ class Collector:
     def _publish(self, kind: str, data: dict[str, Any]) -> None:
         if self.web is not None:
             self.web.publish(kind, data)
+        for hook in self.live_hooks:
+            hook(kind, data)
+
+    def _power(self, topic: str, payload: bytes) -> None:
+        """A power window: verified, then live state and hooks; a rejection is counted, never stored."""
+        try:
+            p = self.verifier.check_power(topic, payload)
+        except Rejected as exc:
+            self.stats["rejected"] += 1
+            self.rejections[exc.rejection.reason.split(":")[0]] += 1
+            self._log_rejection(exc.rejection)
+            return
+        data = {**p.body(), "received": self.clock.wall_ms()}
+        self.live.power[p.instrument] = data
+        for hook in self.live_hooks:  # not to the page's event stream: a public page must not get power
+            hook("power", data)
 
     def _acknowledge(
         self,
@@ -384,7 +408,8 @@ class Collector:
         if self.cfg.influxdb is not None:
             from labmeter.collector.sink_influx import InfluxSink
 
-            self.sink = InfluxSink(self.cfg.influxdb, self.ledger, self.cfg.policy)
+            self.sink = InfluxSink(self.cfg.influxdb, self.ledger, self.cfg.policy, now_ms=self.clock.wall_ms)
+            self.live_hooks.append(self.sink.on_live)
             sink_task = asyncio.create_task(self.sink.run(), name="influx-sink")
         if self.cfg.web is not None:
             token = (
