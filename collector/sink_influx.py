@@ -20,6 +20,7 @@ States are numbers, never strings: ``code`` (see :data:`STATE_CODE`) and one 0/1
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import time
@@ -106,6 +107,7 @@ class InfluxSink:
         self.policy = policy
         token = cfg.token_file.read_text(encoding="utf-8").strip() if cfg.token_file else ""
         self.client = InfluxDBClientAsync(url=cfg.url, token=token, org=cfg.org, timeout=10_000)
+        self._auth = {"Authorization": f"Token {token}"} if token else {}
         self.sent = 0
         self.live: deque[str] = deque(maxlen=LIVE_MAX)
         self.dropped = 0
@@ -205,10 +207,27 @@ class InfluxSink:
         """Send live points, the states of intervals stored since the cursor, and usage; returns points sent."""
         self._reload(force=True)
         sent = await self._send_live()
-        sent += await self._send_states()
-        sent += await self._send_usage()
-        self.sent += sent
-        return sent
+        old = await self._send_states()
+        old += await self._send_usage()
+        if old:
+            await self._reset_cache()
+        self.sent += sent + old
+        return sent + old
+
+    async def _reset_cache(self) -> None:
+        """VictoriaMetrics caches query results for times older than five minutes, and points for past hours
+        (finals, corrections, confirmed states) land there; reset the cache so no dashboard reads a stale sum.
+        Other stores have no such endpoint and answer 404, which is ignored."""
+        import aiohttp
+
+        with contextlib.suppress(Exception):
+            async with (
+                aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session,
+                session.get(
+                    f"{self.cfg.url.rstrip('/')}/internal/resetRollupResultCache", headers=self._auth
+                ) as resp,
+            ):
+                await resp.read()
 
     async def _send_live(self) -> int:
         now = self.now_ms()
@@ -227,7 +246,7 @@ class InfluxSink:
         """A state point at each stored interval's start: the closed intervals confirm the live points."""
         sent = 0
         cursor = self.ledger.sink_cursor(CURSOR)
-        now = self.now_ms() - self.settle_ms
+        now = int(time.time() * 1000) - self.settle_ms  # the ledger stamps received_ms with the host's clock
         while cursor < now:
             upto = min(now, cursor + WINDOW_MS) if cursor else now
             rows = self.ledger.received_between(cursor, upto)
