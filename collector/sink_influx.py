@@ -31,6 +31,7 @@ from typing import Any, cast
 from influxdb_client import WritePrecision
 from influxdb_client.client.influxdb_client_async import InfluxDBClientAsync
 from labmeter.collector.ledger import SINK_VALUES, Ledger
+from labmeter.collector.report import YEAR_MS, rated_ms
 from labmeter.collector.rollup import HOUR, Rollups, allowances_ms
 
 from labmeter.config import InfluxConfig, PolicyConfig
@@ -48,6 +49,18 @@ POWER = "labmeter_power"
 USAGE_FIELDS = ("run_s", "standby_s", "off_s", "unknown_s", "effective_s")
 """Fields of USAGE and CURRENT; ``unknown_s`` is unknown plus unverified time."""
 POWER_FIELDS = ("mean_w", "min_w", "max_w", "n", "energy_wh")
+INSTRUMENT = "labmeter_instrument"
+TAGS = ("instrument", "unit", "category")
+SERIES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    USAGE: (USAGE_FIELDS, TAGS),
+    CURRENT: (USAGE_FIELDS, TAGS),
+    STATE: (("code", *STATE_FIELD.values()), TAGS),
+    POWER: (POWER_FIELDS, TAGS),
+    INSTRUMENT: (("rated_h",), TAGS),
+    AGENT: (("up",), ("agent",)),
+}
+"""Every measurement the sink writes: (fields, tags). VictoriaMetrics names a field's series
+``<measurement>_<field>``; the dashboards in config/grafana/ read exactly these (tests/test_grafana.py)."""
 
 CURSOR = "influxdb"
 WINDOW_MS = 60_000
@@ -234,6 +247,10 @@ class InfluxSink:
         if time.monotonic() - self._agents_at > REFRESH_EVERY_MS / 1000:
             self._agents_at = time.monotonic()
             self.live.extend(f"{AGENT},agent={_tag(a)} up={int(up)}i {now}" for a, up in self._agents.items())
+            self.live.extend(
+                f"{INSTRUMENT},{self._tags(code, info)} rated_h={_num(rated_ms(info, self.policy, YEAR_MS) / H)} {now}"
+                for code, info in sorted(self._registry.items())
+            )
         lines = list(self.live)
         if not lines:
             return 0
