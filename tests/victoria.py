@@ -75,8 +75,21 @@ class Victoria:
         self.flush()
         out = json.loads(self._get("/api/v1/query", query=expr, time=str(at_ms / 1000)))
         assert out["status"] == "success", out
+        return {_key(r["metric"]): float(r["value"][1]) for r in out["data"]["result"]}
+
+    def query_range(self, expr: str, start_ms: int, end_ms: int, step_s: int) -> dict[str, dict[int, float]]:
+        """A range query as Grafana sends it for a graph: series key -> {timestamp ms: value}."""
+        self.flush()
+        params = {
+            "query": expr,
+            "start": str(start_ms / 1000),
+            "end": str(end_ms / 1000),
+            "step": str(step_s),
+        }
+        out = json.loads(self._get("/api/v1/query_range", **params))
+        assert out["status"] == "success", out
         return {
-            r["metric"].get("instrument") or r["metric"].get("agent", ""): float(r["value"][1])
+            _key(r["metric"]): {round(float(ts) * 1000): float(v) for ts, v in r["values"]}
             for r in out["data"]["result"]
         }
 
@@ -94,6 +107,10 @@ class Victoria:
                 zip(s["timestamps"], s["values"], strict=True)
             )
         return out
+
+
+def _key(metric: dict[str, str]) -> str:
+    return next((metric[k] for k in ("instrument", "unit", "agent") if k in metric), "")
 
 
 @pytest.fixture
