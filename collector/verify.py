@@ -247,7 +247,7 @@ class Verifier:
         except wire.WireError as exc:
             raise Rejected(Rejection(str(exc), topic, payload)) from None
         if t.instrument is None or t.kind != "power":
-            raise Rejected(Rejection(f"unknown message kind {t.kind!r}", topic, payload, t.agent))
+            raise Rejected(Rejection(f"unknown message kind: {t.kind!r}", topic, payload, t.agent))
 
         def reject(reason: str, authentic: bool = False) -> Rejected:
             return Rejected(Rejection(reason, topic, payload, t.agent, t.instrument, None, authentic))
@@ -259,7 +259,7 @@ class Verifier:
         if t.agent not in self.keys:
             self._maybe_reload()
             if t.agent not in self.keys:
-                raise reject(f"unknown agent {t.agent!r}")
+                raise reject(f"unknown agent: {t.agent!r}")
         checker, kid = self.keys[t.agent]
         if env.kid != kid or not checker(env.body.encode(), env.sig):
             raise reject("bad signature")
@@ -272,9 +272,9 @@ class Verifier:
         if (t.agent, t.instrument) not in self.enrolled:
             self._maybe_reload()
             if (t.agent, t.instrument) not in self.enrolled:
-                raise reject(f"instrument {t.instrument!r} is not enrolled for agent {t.agent!r}", True)
+                raise reject(f"instrument not enrolled: {t.instrument!r} for agent {t.agent!r}", True)
         if p.start < EARLIEST_MS or p.end > self.clock.wall_ms() + self.max_future_ms:
-            raise reject(f"power window {p.start}..{p.end} is not plausible", True)
+            raise reject(f"implausible power window: {p.start}..{p.end}", True)
         return p
 
 

@@ -532,7 +532,7 @@ def decode_power(body_text: str) -> Power:
     if not 0 <= p.start < p.end <= MAX_SEQ or p.end - p.start > MAX_POWER_WINDOW_MS:
         raise WireError(f"power window needs 0 <= start < end, at most {MAX_POWER_WINDOW_MS} ms long")
     if not 1 <= p.n <= MAX_POWER_SAMPLES:
-        raise WireError(f"power sample count {p.n} is not within 1 .. {MAX_POWER_SAMPLES}")
+        raise WireError(f"power sample count out of range: {p.n} (1 .. {MAX_POWER_SAMPLES})")
     watts = (p.min_w, p.mean_w, p.max_w)
     if not all(math.isfinite(w) and abs(w) <= MAX_POWER_W for w in watts):
         raise WireError(f"power values must be finite and within +-{MAX_POWER_W:.0f} W")
