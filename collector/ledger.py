@@ -580,6 +580,18 @@ class Ledger:
                 [(name, code, start, rev, *values) for code, start, rev, values in rows],
             )
 
+    def take_sink_lease(self, name: str, holder: str, now_ms: int, ttl_ms: int) -> bool:
+        """Take or renew the lease that lets one of the collectors sharing this ledger write ``name``'s points."""
+        self._sink_schema()
+        with self.transaction() as cur:
+            cur.execute(
+                "INSERT INTO sink_lease VALUES (?,?,?) ON CONFLICT(name) DO UPDATE SET holder=excluded.holder, "
+                "until_ms=excluded.until_ms WHERE sink_lease.holder=excluded.holder OR sink_lease.until_ms<?",
+                (name, holder, now_ms + ttl_ms, now_ms),
+            )
+            row = cur.execute("SELECT holder FROM sink_lease WHERE name=?", (name,)).fetchone()
+        return bool(row and row[0] == holder)
+
     def dirty_floors(self) -> dict[str, int]:
         """Per instrument, the earliest time whose rollups wait for a refresh."""
         return {
@@ -594,4 +606,5 @@ CREATE TABLE IF NOT EXISTS sink_hours (
     name TEXT NOT NULL, instrument TEXT NOT NULL, start_ms INTEGER NOT NULL, rev INTEGER NOT NULL,
     {", ".join(f"{c} INTEGER NOT NULL" for c in SINK_VALUES)},
     PRIMARY KEY (name, instrument, start_ms)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS sink_lease (name TEXT PRIMARY KEY, holder TEXT NOT NULL, until_ms INTEGER NOT NULL);
 """

@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import gc
 import logging
+import socket
 import time
 from collections import Counter, defaultdict, deque
 from collections.abc import Callable
@@ -412,7 +413,13 @@ class Collector:
         if self.cfg.influxdb is not None:
             from labmeter.collector.sink_influx import InfluxSink
 
-            self.sink = InfluxSink(self.cfg.influxdb, self.ledger, self.cfg.policy, now_ms=self.clock.wall_ms)
+            self.sink = InfluxSink(
+                self.cfg.influxdb,
+                self.ledger,
+                self.cfg.policy,
+                now_ms=self.clock.wall_ms,
+                holder=f"{socket.gethostname()}:{self.cfg.collector.data_dir}",
+            )
             self.live_hooks.append(self.sink.on_live)
             sink_task = asyncio.create_task(self.sink.run(), name="influx-sink")
         if self.cfg.web is not None:

@@ -23,6 +23,7 @@ import asyncio
 import contextlib
 import logging
 import math
+import socket
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -69,6 +70,7 @@ GRACE_MS = 120_000  # an hour is final this long after its allowances have passe
 LOOKBACK_MS = 48 * H  # hours compared with the ledger every round; older ones at start and every RECONCILE_MS
 RECONCILE_MS = H
 REFRESH_STEPS = 4
+LEASE_MS = 120_000  # a collector that stops renewing leaves the hours to another after this long
 REFRESH_EVERY_MS = 60_000  # agents' up/down and the pending usage rewritten at least this often
 LIVE_MAX = 20_000  # live points waiting for the store; the oldest go first (states return from the ledger)
 CHUNK = 5_000  # lines per write
@@ -111,6 +113,7 @@ class InfluxSink:
         settle_ms: int = SETTLE_MS,
         grace_ms: int = GRACE_MS,
         now_ms: Callable[[], int] | None = None,
+        holder: str | None = None,
     ) -> None:
         self.cfg = cfg
         self.settle_ms = settle_ms
@@ -133,6 +136,9 @@ class InfluxSink:
         self._touched: dict[str, int] = {}
         self._reconciled = -1e18
         self._pending: dict[str, tuple[tuple[int, ...], int]] = {}
+        self.holder = holder or f"{socket.gethostname()}:{ledger.name}"
+        """Names this collector in the sink lease: the same after a restart, so a restarted one goes on at once."""
+        self._leader: bool | None = None
 
     # tags and the registry ---------------------------------------------------
     def _reload(self, force: bool = False) -> None:
@@ -220,12 +226,24 @@ class InfluxSink:
         """Send live points, the states of intervals stored since the cursor, and usage; returns points sent."""
         self._reload(force=True)
         sent = await self._send_live()
+        if not self._lease():
+            self.sent += sent
+            return sent  # another collector sharing the ledger writes the hours and the confirmed states
         old = await self._send_states()
         old += await self._send_usage()
         if old:
             await self._reset_cache()
         self.sent += sent + old
         return sent + old
+
+    def _lease(self) -> bool:
+        """Whether this sink writes what comes from the ledger: with several collectors on one ledger, one does,
+        or every hour would be written once by each."""
+        held = self.ledger.take_sink_lease(CURSOR, self.holder, int(time.time() * 1000), LEASE_MS)
+        if held != self._leader:
+            self._leader = held
+            log.info("this collector %s the hours to %s", "writes" if held else "leaves", self.cfg.url)
+        return held
 
     async def _reset_cache(self) -> None:
         """VictoriaMetrics caches query results for times older than five minutes, and points for past hours
@@ -322,6 +340,8 @@ class InfluxSink:
                     current.append(usage_line(tags, pending, now, CURRENT))
                     self._pending[code] = (tuple(pending), now)
             for i in range(0, len(lines), CHUNK):
+                if i and not self._lease():
+                    raise RuntimeError("lost the sink lease to another collector; it goes on from here")
                 await self._write(lines[i : i + CHUNK])
                 self.ledger.record_sink_hours(CURSOR, records[i : i + CHUNK])
             if current:
@@ -359,4 +379,7 @@ class InfluxSink:
             await asyncio.sleep(backoff)
 
     async def close(self) -> None:
+        with contextlib.suppress(Exception):
+            if self._leader:
+                self.ledger.take_sink_lease(CURSOR, self.holder, int(time.time() * 1000), -LEASE_MS)
         await self.client.close()

@@ -124,3 +124,51 @@ def test_a_day_on_default_victoria_metrics_sums_to_the_ledger(vm: Victoria, tmp_
         names = set(json.loads(r.read())["data"])
     assert not any(n.endswith("_state_state") for n in names), "no string field reaches the store"
     ledger.close()
+
+
+def test_what_the_sink_wrote_is_kept_on_both_ledger_backends(any_ledger: Ledger) -> None:
+    """The sink's own bookkeeping (which hours it wrote, at which revision) on SQLite and PostgreSQL."""
+    assert any_ledger.sink_hours(CURSOR, "CZ-A", 0, 2**62) == {}
+    any_ledger.record_sink_hours(CURSOR, [("CZ-A", H, 1, (1, 2, 3, 4, 5, 6)), ("CZ-A", 2 * H, 1, (0,) * 6)])
+    any_ledger.record_sink_hours(CURSOR, [("CZ-A", H, 2, (7, 2, 3, 4, 5, 9))])
+    any_ledger.record_sink_hours("other-store", [("CZ-A", H, 1, (0,) * 6)])
+    assert any_ledger.sink_hours(CURSOR, "CZ-A", 0, 2**62) == {
+        H: (2, 7, 2, 3, 4, 5, 9),
+        2 * H: (1, 0, 0, 0, 0, 0, 0),
+    }
+    assert any_ledger.sink_hours(CURSOR, "CZ-A", 2 * H, 3 * H) == {2 * H: (1, 0, 0, 0, 0, 0, 0)}
+    assert any_ledger.sink_hours(CURSOR, "CZ-B", 0, 2**62) == {}
+    assert any_ledger.dirty_floors() == {}
+
+
+def test_one_collector_of_several_on_a_ledger_writes_the_hours(any_ledger: Ledger) -> None:
+    assert any_ledger.take_sink_lease(CURSOR, "a", 1_000, 120_000)
+    assert not any_ledger.take_sink_lease(CURSOR, "b", 2_000, 120_000)
+    assert any_ledger.take_sink_lease(CURSOR, "a", 100_000, 120_000), "the holder renews"
+    assert not any_ledger.take_sink_lease(CURSOR, "b", 219_999, 120_000)
+    assert any_ledger.take_sink_lease(CURSOR, "b", 220_001, 120_000), "a silent holder's lease runs out"
+    assert not any_ledger.take_sink_lease(CURSOR, "a", 220_002, 120_000)
+    assert any_ledger.take_sink_lease("another-store", "a", 220_002, 120_000)
+
+
+def test_two_collectors_sharing_a_ledger_write_each_hour_once(vm: Victoria, tmp_path: Path) -> None:
+    ledger, day = setup_ledger(tmp_path)
+    store(ledger, [iv for rows in day.values() for iv in rows])
+
+    async def main() -> None:
+        sinks = [
+            InfluxSink(
+                InfluxConfig(url=vm.url), ledger, POLICY, settle_ms=0, now_ms=lambda: t(3, 2), holder=h
+            )
+            for h in ("host-1:/var/lib/labmeter", "host-2:/var/lib/labmeter")
+        ]
+        for _ in range(3):
+            for s in sinks:
+                await s.flush()
+        await sinks[0].close()  # the first stops; the second takes over at once
+        await sinks[1].flush()
+        await sinks[1].close()
+
+    asyncio.run(main())
+    assert_matches_ledger(vm, ledger, RANGES)
+    ledger.close()
