@@ -162,9 +162,8 @@ def test_two_collectors_sharing_a_ledger_write_each_hour_once(vm: Victoria, tmp_
             )
             for h in ("host-1:/var/lib/labmeter", "host-2:/var/lib/labmeter")
         ]
-        for _ in range(3):
-            for s in sinks:
-                await s.flush()
+        for _ in range(3):  # at the same time, as two processes would
+            await asyncio.gather(*(s.flush() for s in sinks))
         await sinks[0].close()  # the first stops; the second takes over at once
         await sinks[1].flush()
         await sinks[1].close()
