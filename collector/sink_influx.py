@@ -309,7 +309,22 @@ class InfluxSink:
         lines: list[str] = []
         records: list[tuple[str, int, int, Sequence[int]]] = []
         current: list[str] = []
+        pending_of: list[str] = []
         zero = (0,) * len(SINK_VALUES)
+        sent = 0
+
+        async def push() -> None:
+            """Write what is gathered, then note it as written (a chunk at a time: memory stays bounded)."""
+            nonlocal lines, records, sent
+            if not lines:
+                return
+            if sent and not self._lease():
+                raise RuntimeError("lost the sink lease to another collector; it goes on from here")
+            await self._write(lines)
+            self.ledger.record_sink_hours(CURSOR, records)
+            sent += len(lines)
+            lines, records = [], []
+
         try:
             for code in sorted(self.ledger.rollup_basis()):
                 info = registry.get(code, {})
@@ -338,23 +353,24 @@ class InfluxSink:
                 last = self._pending.get(code)
                 if last is None or last[0] != tuple(pending) or now - last[1] >= REFRESH_EVERY_MS:
                     current.append(usage_line(tags, pending, now, CURRENT))
+                    pending_of.append(code)
                     self._pending[code] = (tuple(pending), now)
-            for i in range(0, len(lines), CHUNK):
-                if i and not self._lease():
-                    raise RuntimeError("lost the sink lease to another collector; it goes on from here")
-                await self._write(lines[i : i + CHUNK])
-                self.ledger.record_sink_hours(CURSOR, records[i : i + CHUNK])
+                if len(lines) >= CHUNK:
+                    await push()
+                else:
+                    await asyncio.sleep(0)  # a full comparison reads every hour: let ingest run in between
+            await push()
             if current:
                 await self._write(current)
         except BaseException:
             for code, t in touched.items():  # look at them again next round
                 self._touched[code] = min(self._touched.get(code, t), t)
-            for code in {c for c, *_ in records}:
+            for code in pending_of:  # not written: write them next round
                 self._pending.pop(code, None)
             raise
         if full:
             self._reconciled = now
-        return len(lines) + len(current)
+        return sent + len(current)
 
     def _ledger_hours(self, code: str, lo: int, hi: int) -> dict[int, tuple[int, ...]]:
         return {
