@@ -12,6 +12,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+import pytest
 from labmeter.agent.outbox import Signer
 from labmeter.agent.power import PowerDownsampler, Window, power_body, publish
 
@@ -237,3 +238,14 @@ def test_power_from_a_real_agent_follows_the_simulated_meters(
             lo, hi, floor, ceiling = bound(sched, w, slack_ms=int(POLL_S * 1000) * 3)
             assert lo <= w.mean_w <= hi, (code, (s - EPOCH_MS) / 1000, lo, w.mean_w, hi)
             assert floor <= w.min_w <= w.max_w <= ceiling, (code, (s - EPOCH_MS) / 1000, w)
+
+
+POWER_CASES = sorted((Path(__file__).parent / "testcases" / "power").iterdir())
+
+
+@pytest.mark.parametrize("case", POWER_CASES, ids=[c.name for c in POWER_CASES])
+def test_bad_power_body_is_refused_naming_the_field(case: Path) -> None:
+    """Bounds before anything else (testcases/power/<case>/body.json and the error it must raise)."""
+    with pytest.raises(wire.WireError) as err:
+        wire.decode_power((case / "body.json").read_text().strip())
+    assert (case / "expected_error.txt").read_text().strip() in str(err.value)
