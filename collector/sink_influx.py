@@ -285,11 +285,13 @@ class InfluxSink:
         while cursor < now:
             upto = min(now, cursor + WINDOW_MS) if cursor else now
             rows = self.ledger.received_between(cursor, upto)
-            lines = []
-            for instrument, _agent, start, _end, state in rows:
-                lines.append(state_line(self._tags(instrument), state, start))
-                self._touched[instrument] = min(self._touched.get(instrument, start), start)
-            if lines:
+            for i in range(
+                0, len(rows), CHUNK
+            ):  # a catch-up over a long history holds the loop a chunk at a time
+                lines = []
+                for instrument, _agent, start, _end, state in rows[i : i + CHUNK]:
+                    lines.append(state_line(self._tags(instrument), state, start))
+                    self._touched[instrument] = min(self._touched.get(instrument, start), start)
                 await self._write(lines)
                 sent += len(lines)
             cursor = upto
