@@ -123,6 +123,7 @@ POWER = {"STANDBY": 150.0, "RUNNING": 1200.0, "OFF": 0.8, "UNKNOWN": 0.0}
 def test_every_metricsql_panel_returns_what_the_ledger_predicts(vm: Victoria, tmp_path: Path) -> None:
     ledger, day = setup_ledger(tmp_path)
     dash = load("labmeter-victoriametrics.json")
+    checked: set[str] = set()
     now = [t(2, 12, 30)]
     store(ledger, [iv for rows in day.values() for iv in rows if iv.end_ms <= now[0]])
     power_from, power_to = t(2, 8, 30), t(2, 9, 30)
@@ -143,6 +144,7 @@ def test_every_metricsql_panel_returns_what_the_ledger_predicts(vm: Victoria, tm
                         "power", {**body, "mean_w": level, "min_w": level * 0.98, "max_w": level * 1.02}
                     )
         await sink.flush()
+        checked.add(panel(dash, "Effective time not yet final")["title"])
         pending = panel(dash, "Effective time not yet final")["targets"][0]["expr"]
         got = vm.query(substitute(pending), now[0])
         want = {code: h.effective_ms / H for code, h in direct(ledger, t(2, 12), t(2, 13), POLICY).items()}
@@ -166,6 +168,7 @@ def test_every_metricsql_panel_returns_what_the_ledger_predicts(vm: Victoria, tm
         units.setdefault(str(info[code]["unit"]), []).append(code)
 
     def instant(title: str, instrument: str = ".*", at: int = b) -> dict[str, float]:
+        checked.add(panel(dash, title)["title"])
         (target,) = panel(dash, title)["targets"]
         assert target["instant"]
         return vm.query(substitute(target["expr"], instrument), at)
@@ -188,6 +191,7 @@ def test_every_metricsql_panel_returns_what_the_ledger_predicts(vm: Victoria, tm
         running = sum(state_at(c, at) == "RUNNING" for c in DAY)
         approx(instant("Running now", at=at), {"": float(running)})
 
+    checked |= {panel(dash, "State timeline")["title"], panel(dash, "Power")["title"]}
     (timeline,) = panel(dash, "State timeline")["targets"]
     series = vm.query_range(substitute(timeline["expr"]), a, b - 1, 300)
     assert set(series) == set(DAY)
@@ -203,5 +207,6 @@ def test_every_metricsql_panel_returns_what_the_ledger_predicts(vm: Victoria, tm
         for code, points in curves.items():
             for ts, v in points.items():
                 assert v == pytest.approx(POWER[str(state_at(code, ts - ts % 60_000))] * factor), (code, ts)
+    assert checked == {p["title"] for p in dash["panels"]}, "every panel is run"
     ledger.close()
     assert YEAR_MS == 365 * 86_400_000  # the dashboards prorate rated hours by 31536000 s
