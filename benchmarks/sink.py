@@ -18,11 +18,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchmarks.province import POLICY, build
 from labmeter.collector.ledger import SINK_VALUES, Ledger
 from labmeter.collector.rollup import HOUR
 from labmeter.collector.sink_influx import InfluxSink
-
-from benchmarks.province import POLICY, build
 from labmeter.config import InfluxConfig
 from labmeter.netutil import free_port
 

@@ -10,12 +10,13 @@ import time
 from pathlib import Path
 
 import pytest
-from labmeter.agent.calibrate import find_levels, suggest
 from pyModbusTCP.server import ModbusServer
 
 from labmeter import config
+from labmeter.agent.calibrate import find_levels, suggest
+from labmeter.drivers.registry import agent_config
 from tests.conftest import LABMETER, free_port
-from tests.test_driver_modbus import words
+from tests.support.modbus import words
 
 TRUTH = {"off": 2.0, "standby": 180.0, "running": 1450.0}
 
@@ -94,5 +95,5 @@ def test_cli_records_a_meter_and_writes_the_config(tmp_path: Path) -> None:
     assert "suggested: off_below_w" in out.stdout and f"written to {cfg}" in out.stdout
     text = cfg.read_text()
     assert "# the diffractometer in room 101" in text
-    states = config.load(cfg, config.AgentConfig).instrument[0].states
+    states = config.load(cfg, agent_config()).instrument[0].states
     assert 2.0 < states.off_below_w < 180.0 < states.run_above_w < 1450.0

@@ -11,10 +11,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from labmeter.collector.report import YEAR_MS, rated_ms
 from labmeter.collector.rollup import direct
 from labmeter.collector.sink_influx import SERIES, STATE_CODE, InfluxSink
-
 from labmeter.config import InfluxConfig
 from tests.conftest import ROOT
 from tests.victoria import DAY, POLICY, H, Victoria, needs_vm, setup_ledger, state_at, store, t, vm

@@ -12,10 +12,10 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+
 from labmeter.collector.ledger import Ledger
 from labmeter.collector.rollup import direct
 from labmeter.collector.sink_influx import CURSOR, STATE_CODE, InfluxSink
-
 from labmeter.config import InfluxConfig
 from tests.victoria import DAY, POLICY, RANGES, H, Victoria, needs_vm, setup_ledger, store, t, vm
 

@@ -15,9 +15,9 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 import pytest
-from labmeter.collector.ledger import Ledger, StoredInterval
 
 from labmeter import signing, wire
+from labmeter.collector.ledger import Ledger, StoredInterval
 from labmeter.config import PolicyConfig
 from tests.conftest import free_port, wait_port
 
