@@ -273,9 +273,14 @@ class InfluxSink:
         lines = list(self.live)
         if not lines:
             return 0
-        await self._write(lines)
-        for _ in lines:  # what arrived while writing stays for the next round
-            self.live.popleft()
+        self.live.clear()
+        try:
+            await self._write(lines)
+        except BaseException:
+            arrived = list(self.live)  # what came while writing; the oldest go first if it is too much
+            self.live.clear()
+            self.live.extend(lines + arrived)
+            raise
         return len(lines)
 
     async def _send_states(self) -> int:

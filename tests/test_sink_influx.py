@@ -88,6 +88,8 @@ def test_a_day_on_default_victoria_metrics_sums_to_the_ledger(vm: Victoria, tmp_
         vm.stop()
         for hh in (13, 15, 17):
             upto(t(2, hh, 30))
+            power = {"agent": "pc-a", "instrument": "CZ-ICP-101", "start": t(2, hh, 29), "end": t(2, hh, 30)}
+            s.on_live("power", {**power, "n": 60, "mean_w": 1200.0 + hh, "min_w": 1190.0, "max_w": 1230.0})
             cursor = ledger.sink_cursor(CURSOR)
             with pytest.raises(Exception):  # noqa: B017 - whatever the client raises for a refused connection
                 await s.flush()
@@ -95,6 +97,9 @@ def test_a_day_on_default_victoria_metrics_sums_to_the_ledger(vm: Victoria, tmp_
         vm.start()
         await s.flush()
         await s.close()
+        # the live points that waited through the outage are there too
+        power = dict(vm.export("labmeter_power_mean_w")["CZ-ICP-101"])
+        assert power == {t(2, hh, 29): 1200.0 + hh for hh in (13, 15, 17)}
 
         # another restart, then the rest of the day and a night of rounds
         s = sink()
