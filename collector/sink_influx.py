@@ -71,6 +71,7 @@ GRACE_MS = 120_000  # an hour is final this long after its allowances have passe
 LOOKBACK_MS = 48 * H  # hours compared with the ledger every round; older ones at start and every RECONCILE_MS
 RECONCILE_MS = H
 REFRESH_STEPS = 4
+RESET_EVERY_S = 30.0  # VictoriaMetrics' query cache is reset at most this often (if past points were written)
 LEASE_MS = 120_000  # a collector that stops renewing leaves the hours to another after this long
 REFRESH_EVERY_MS = 60_000  # agents' up/down and the pending usage rewritten at least this often
 LIVE_MAX = 20_000  # live points waiting for the store; the oldest go first (states return from the ledger)
@@ -115,6 +116,7 @@ class InfluxSink:
         grace_ms: int = GRACE_MS,
         now_ms: Callable[[], int] | None = None,
         holder: str | None = None,
+        reset_every_s: float = RESET_EVERY_S,
     ) -> None:
         self.cfg = cfg
         self.settle_ms = settle_ms
@@ -140,6 +142,9 @@ class InfluxSink:
         self.holder = holder or f"{socket.gethostname()}:{ledger.name}"
         """Names this collector in the sink lease: the same after a restart, so a restarted one goes on at once."""
         self._leader: bool | None = None
+        self.reset_every_s = reset_every_s
+        self._stale = False  # points for past times written since the store's query cache was last reset
+        self._reset_at = -1e18
 
     # tags and the registry ---------------------------------------------------
     def _reload(self, force: bool = False) -> None:
@@ -232,7 +237,7 @@ class InfluxSink:
             return sent  # another collector sharing the ledger writes the hours and the confirmed states
         old = await self._send_states()
         old += await self._send_usage()
-        if old:
+        if self._stale and time.monotonic() - self._reset_at >= self.reset_every_s:
             await self._reset_cache()
         self.sent += sent + old
         return sent + old
@@ -252,6 +257,7 @@ class InfluxSink:
         Other stores have no such endpoint and answer 404, which is ignored."""
         import aiohttp
 
+        self._stale, self._reset_at = False, time.monotonic()
         with contextlib.suppress(Exception):
             async with (
                 aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session,
@@ -299,6 +305,7 @@ class InfluxSink:
                     lines.append(state_line(self._tags(instrument), state, start))
                     self._touched[instrument] = min(self._touched.get(instrument, start), start)
                 await self._write(lines)
+                self._stale = True
                 sent += len(lines)
             cursor = upto
             self.ledger.set_sink_cursor(CURSOR, cursor)
@@ -329,6 +336,7 @@ class InfluxSink:
             if sent and not self._lease():
                 raise RuntimeError("lost the sink lease to another collector; it goes on from here")
             await self._write(lines)
+            self._stale = True
             self.ledger.record_sink_hours(CURSOR, records)
             sent += len(lines)
             lines, records = [], []

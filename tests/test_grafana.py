@@ -129,7 +129,9 @@ def test_every_metricsql_panel_returns_what_the_ledger_predicts(vm: Victoria, tm
     power_from, power_to = t(2, 8, 30), t(2, 9, 30)
 
     async def main() -> None:
-        sink = InfluxSink(InfluxConfig(url=vm.url), ledger, POLICY, settle_ms=0, now_ms=lambda: now[0])
+        sink = InfluxSink(
+            InfluxConfig(url=vm.url), ledger, POLICY, settle_ms=0, reset_every_s=0, now_ms=lambda: now[0]
+        )
         # the live stream as the collector hands it over: state changes and power windows
         for code, (agent, spans) in DAY.items():
             for start, end, state in spans:

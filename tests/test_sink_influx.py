@@ -50,7 +50,9 @@ def test_a_day_on_default_victoria_metrics_sums_to_the_ledger(vm: Victoria, tmp_
         store(ledger, [iv for rows in day.values() for iv in rows if iv.end_ms <= ms and iv not in late])
 
     def sink() -> InfluxSink:
-        return InfluxSink(InfluxConfig(url=vm.url), ledger, POLICY, settle_ms=0, now_ms=lambda: now[0])
+        return InfluxSink(
+            InfluxConfig(url=vm.url), ledger, POLICY, settle_ms=0, reset_every_s=0, now_ms=lambda: now[0]
+        )
 
     async def main() -> None:
         s = sink()
@@ -163,7 +165,13 @@ def test_two_collectors_sharing_a_ledger_write_each_hour_once(vm: Victoria, tmp_
     async def main() -> None:
         sinks = [
             InfluxSink(
-                InfluxConfig(url=vm.url), ledger, POLICY, settle_ms=0, now_ms=lambda: t(3, 2), holder=h
+                InfluxConfig(url=vm.url),
+                ledger,
+                POLICY,
+                settle_ms=0,
+                reset_every_s=0,
+                now_ms=lambda: t(3, 2),
+                holder=h,
             )
             for h in ("host-1:/var/lib/labmeter", "host-2:/var/lib/labmeter")
         ]
