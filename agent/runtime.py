@@ -19,6 +19,8 @@ from labmeter import __version__, signing, wire
 from labmeter.agent.classifier import Classifier
 from labmeter.agent.control import AckGate, Pin, load_pin, pin_path
 from labmeter.agent.outbox import AgentStore, Checkpoint, DiskFull, Signer
+from labmeter.agent.power import PowerDownsampler
+from labmeter.agent.power import publish as publish_power
 from labmeter.agent.timeline import Span, Timeline, split
 from labmeter.clock import Clock
 from labmeter.config import AgentConfig, InstrumentConfig
@@ -90,6 +92,7 @@ class InstrumentRunner:
         self.timeline = Timeline(agent.bucket_ms, 0)
         self.last: Reading | None = None
         self._open_sent_at = -1e18
+        self.power = PowerDownsampler()
 
     def recover(self, now_ms: int) -> None:
         """Close what the last run left open; the time the agent was down becomes UNKNOWN."""
@@ -131,6 +134,7 @@ class InstrumentRunner:
             quiet = self.last is None and "no message yet" in reading.error
             log.log(logging.INFO if quiet else logging.WARNING, "%s: %s", self.id, reading.error)
         self.last = reading
+        publish_power(self.agent, self.id, self.power.feed(now_ms, reading.power_w))
         before = self.timeline.state
         change = self.classifier.update(reading)
         spans = self.timeline.advance(now_ms, change.state, change.since_ms)
