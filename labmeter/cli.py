@@ -408,8 +408,18 @@ def collector_run(cfg_path: Path, verbose: bool) -> None:
     type=click.Path(path_type=Path),
     help="Also create the agent's broker account here (passwd, acl, secrets/ID.pass).",
 )
+@click.option(
+    "--agent-config",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="The agent's agent.toml: its account may read exactly the plug topics its instruments use.",
+)
 def collector_add_agent(
-    agent_id: str, key: str, instruments: tuple[str, ...], cfg_path: Path, mosquitto_dir: Path | None
+    agent_id: str,
+    key: str,
+    instruments: tuple[str, ...],
+    cfg_path: Path,
+    mosquitto_dir: Path | None,
+    agent_config: Path | None,
 ) -> None:
     """Register an agent's public key and the instruments it may report."""
     from labmeter.collector.ledger import Ledger
@@ -419,6 +429,9 @@ def collector_add_agent(
     for name in [agent_id, *instruments]:
         if not ID_RE.match(name):
             fail(f"{name!r}: ids use letters, digits, '.', '_' and '-' only (at most 64)")
+    if agent_config is not None and mosquitto_dir is None:
+        fail("--agent-config needs --mosquitto-dir (it sets what the broker account may read)")
+    block = _agent_block(agent_id, agent_config) if mosquitto_dir is not None else ""
     try:
         pub = signing.parse_public_key(key)
     except signing.KeyFileError as exc:
@@ -435,7 +448,7 @@ def collector_add_agent(
     click.echo(f'  collector_key = "{own[0]}"')
     click.echo(f"  or: labmeter agent enroll --collector-key {own[0]}")
     if mosquitto_dir is not None:
-        _broker_account(mosquitto_dir, agent_id, "agent")
+        _broker_account(mosquitto_dir, agent_id, "agent", block)
 
 
 def _collector_public_key(cfg: config.CollectorConfig) -> tuple[str, str]:
@@ -462,27 +475,136 @@ def collector_key_cmd(cfg_path: Path) -> None:
     click.echo(f'  collector_key = "{text}"')
 
 
-def _broker_account(directory: Path, user: str, role: str) -> None:
-    from labmeter.collector.mosquitto import add_account
+def _agent_block(agent_id: str, agent_config: Path | None) -> str:
+    """The agent's ACL: its own labmeter topics, plus the plug topics its config reads (none without one)."""
+    from labmeter.collector.mosquitto import AccountError, agent_acl, agent_plug_topics
 
-    secret, block = add_account(directory, user, role)
+    if agent_config is None:
+        click.echo(
+            f"note: no --agent-config: {agent_id} may read no plug topics; give its agent.toml if it reads "
+            "MQTT plugs on this broker",
+            err=True,
+        )
+        return agent_acl(agent_id)
+    acfg = load_agent(agent_config)
+    if acfg.agent.id != agent_id:
+        fail(f"{agent_config}: [agent] id is {acfg.agent.id!r}, not {agent_id!r}")
+    try:
+        plugs = agent_plug_topics(acfg)
+    except AccountError as exc:
+        fail(f"{agent_config}: {exc}")
+    for inst in plugs.elsewhere:
+        click.echo(
+            f"note: instrument {inst} reads its plug from its own [instrument.source.broker]; "
+            "make its account on that broker",
+            err=True,
+        )
+    return agent_acl(agent_id, plugs.topics)
+
+
+def _broker_account(directory: Path, user: str, role: str, block: str) -> None:
+    from labmeter.collector.mosquitto import AccountError, add_account
+
+    try:
+        account = add_account(directory, user, block)
+    except AccountError as exc:
+        fail(str(exc))
+    except OSError as exc:
+        fail(f"{directory}: {exc.strerror or exc}")
     click.echo(
-        f"broker account {user}: password in {secret} (mode 0600; copy it to the {role}'s password_file)"
+        f"broker account {user}: password in {account.secret} (mode 0600; copy it to the {role}'s "
+        + ("device settings)" if role == "plug" else "password_file)")
     )
+    if account.owner is not None:
+        click.echo(
+            f"{directory / 'passwd'} and {directory / 'acl'}: {account.owner.name}:{account.owner.name} 0600"
+        )
+    else:
+        click.echo(
+            f"warning: not root or no 'mosquitto' user here: {directory}/passwd and acl are yours, mode 0600; "
+            f"Mosquitto 2 reads them as its own user: chown mosquitto:mosquitto {directory}/passwd {directory}/acl",
+            err=True,
+        )
     click.echo(f"ACL lines in {directory / 'acl'}:")
-    click.echo("".join(f"  {line}\n" for line in block.splitlines()).rstrip())
+    click.echo("".join(f"  {line}\n" for line in account.block.splitlines()).rstrip())
     click.echo("reload Mosquitto to apply: systemctl reload mosquitto (or kill -HUP)")
+
+
+mosquitto_dir_option = click.option(
+    "--mosquitto-dir", required=True, type=click.Path(path_type=Path), help="Where passwd and acl live."
+)
 
 
 @collector_group.command("broker-user")
 @click.argument("user")
-@click.option(
-    "--mosquitto-dir", required=True, type=click.Path(path_type=Path), help="Where passwd and acl live."
-)
+@mosquitto_dir_option
 @click.option("--role", type=click.Choice(["collector", "agent"]), default="collector", show_default=True)
-def collector_broker_user(user: str, mosquitto_dir: Path, role: str) -> None:
-    """Create a Mosquitto account (the collector's own, usually): password line, ACL block, secret file."""
-    _broker_account(mosquitto_dir, user, role)
+@click.option(
+    "--agent-config",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="--role agent: the agent's agent.toml, for the plug topics its account may read.",
+)
+def collector_broker_user(user: str, mosquitto_dir: Path, role: str, agent_config: Path | None) -> None:
+    """Create a Mosquitto account (the collector's own, usually): password line, ACL block, secret file.
+
+    Run it again to change the password or, for an agent, to follow a changed agent.toml."""
+    from labmeter.collector.mosquitto import collector_acl
+
+    if role == "collector":
+        if agent_config is not None:
+            fail("--agent-config is for --role agent")
+        block = collector_acl(user)
+    else:
+        block = _agent_block(user, agent_config)
+    _broker_account(mosquitto_dir, user, role, block)
+
+
+@collector_group.command("plug-user")
+@click.argument("user")
+@mosquitto_dir_option
+@click.option(
+    "--agent-config",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="The agent.toml that reads this plug; with --instrument, its format and topic are taken from there.",
+)
+@click.option("--instrument", "instruments", multiple=True, help="The instrument this plug meters (repeat).")
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["tasmota", "shelly-gen1", "shelly-gen2", "zigbee2mqtt", "esphome", "json"]),
+)
+@click.option("--topic", help="With --format: the topic the instrument reads, e.g. tele/plug-07/SENSOR.")
+@click.option("--availability-topic", help="With --format json: the device's online/offline topic.")
+def collector_plug_user(
+    user: str,
+    mosquitto_dir: Path,
+    agent_config: Path | None,
+    instruments: tuple[str, ...],
+    fmt: str | None,
+    topic: str | None,
+    availability_topic: str | None,
+) -> None:
+    """Create a smart plug's (or a Zigbee2MQTT bridge's) Mosquitto account: it may write only its own topics.
+
+    Give --agent-config and --instrument (the plug's format and topic as the agent reads them), or
+    --format and --topic."""
+    from labmeter.collector.mosquitto import AccountError, Plug, agent_plugs, plug_acl
+
+    try:
+        if agent_config is not None:
+            if not instruments or fmt or topic:
+                fail("--agent-config goes with --instrument (and without --format/--topic)")
+            plugs = agent_plugs(load_agent(agent_config), instruments)
+        elif fmt and topic:
+            if instruments:
+                fail("--instrument needs --agent-config")
+            plugs = [Plug(fmt, topic, availability_topic)]
+        else:
+            fail("give --agent-config agent.toml --instrument ID, or --format FORMAT --topic TOPIC")
+        block = plug_acl(user, plugs)
+    except AccountError as exc:
+        fail(f"{agent_config or '--topic'}: {exc}")
+    _broker_account(mosquitto_dir, user, "plug", block)
 
 
 @collector_group.command("export-keys")
