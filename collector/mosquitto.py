@@ -29,6 +29,9 @@ from labmeter.config import AgentConfig, MqttSource
 
 ITERATIONS = 101  # mosquitto_passwd's own default
 BROKER_USER = "mosquitto"  # what Debian's mosquitto package runs as
+# first topic levels of the formats' fixed layouts: a device whose own prefix is one of them would get
+# write access to every other device of that format (an ESPHome node named "tele" writes tele/#)
+SHARED_ROOTS = frozenset({"tele", "stat", "cmnd", "tasmota", "shellies", "zigbee2mqtt", "homeassistant"})
 PLUG_FORMATS = ("tasmota", "shelly-gen1", "shelly-gen2", "zigbee2mqtt", "esphome", "json")
 
 
@@ -151,6 +154,14 @@ def plug_acl(user: str, plugs: Sequence[Plug]) -> str:
     return _lines(user, rules)
 
 
+def _own_prefix(prefix: str, fmt: str, topic: str) -> None:
+    if prefix in SHARED_ROOTS:
+        raise AccountError(
+            f"format {fmt}: topic {topic!r}: the device's prefix {prefix!r} is shared by other devices; "
+            "it would be allowed to write all of theirs. Give the device its own name or prefix"
+        )
+
+
 def _plug_rules(user: str, fmt: str, topic: str, availability_topic: str | None) -> list[tuple[str, str]]:
     rules: list[tuple[str, str]]
     if fmt == "tasmota":  # tele/<t>/SENSOR; the device also writes stat/<t>/..., reads cmnd/<t>/...
@@ -168,7 +179,9 @@ def _plug_rules(user: str, fmt: str, topic: str, availability_topic: str | None)
         parts = _levels(topic, fmt, "<prefix>/status/switch:0")
         if len(parts) < 3 or parts[-2] != "status":
             raise AccountError(f"format shelly-gen2: topic {topic!r} is not <prefix>/status/switch:0")
-        rules = [("readwrite", "/".join(parts[:-2]) + "/#")]
+        prefix = "/".join(parts[:-2])
+        _own_prefix(prefix, fmt, topic)
+        rules = [("readwrite", prefix + "/#")]
     elif fmt == "zigbee2mqtt":  # <base>/<name>: the bridge publishes for its devices
         parts = _levels(topic, fmt, "zigbee2mqtt/<name>")
         base = parts[0]
@@ -181,6 +194,7 @@ def _plug_rules(user: str, fmt: str, topic: str, availability_topic: str | None)
         ]
     elif fmt == "esphome":  # <node>/sensor/<name>/state; <node>/status
         parts = _levels(topic, fmt, "<node>/sensor/<name>/state")
+        _own_prefix(parts[0], fmt, topic)
         rules = [("readwrite", f"{parts[0]}/#")]
     elif fmt == "json":
         rules = [("write", topic)]

@@ -22,9 +22,9 @@ from pathlib import Path
 
 import paho.mqtt.client as paho
 import pytest
+from labmeter.collector.mosquitto import source_subscriptions
 
 from labmeter import config, signing, wire
-from labmeter.collector.mosquitto import source_subscriptions
 from tests.certs import certificates
 from tests.conftest import LABMETER, ROOT, free_port, mosquitto_bin, wait_port
 from tests.lab import wait_for
@@ -196,3 +196,107 @@ def test_files_are_the_mosquitto_users_and_the_broker_runs_as_it(debian_broker: 
     c.close()
     log = b.log.read_text()
     assert "running" in log and "Error" not in log and "Warning" not in log, log
+
+
+def _reads(b: Broker, agent: str) -> list[str]:
+    return [t for inst in b.agents[agent].instrument for t in source_subscriptions(inst.source)]  # type: ignore[arg-type]
+
+
+def test_agents_read_their_plugs_only_and_plugs_write_their_topics_only(debian_broker: Broker) -> None:
+    b = debian_broker
+    a, bb, coll = Client(b, "lab-a"), Client(b, "lab-b"), Client(b, "labmeter-collector")
+    # each agent subscribes to what its drivers subscribe to, and to everything, and to the other lab's plug
+    a.subscribe(*_reads(b, "lab-a"), "#", *_reads(b, "lab-b"), wire.ack_topic("lab-a"))
+    bb.subscribe(*_reads(b, "lab-b"), "#", wire.ack_topic("lab-b"))
+    coll.subscribe(f"{wire.ROOT}/#")
+    esp, tas_a, tas_b = Client(b, "plug-esp-a"), Client(b, "plug-tas-a"), Client(b, "plug-tas-b")
+    tas_b.subscribe("#")  # a plug reads nothing of anyone else's
+
+    # the plugs' own feeds, as the devices publish them
+    esp.publish("esp-a/status", b"online")
+    esp.publish("esp-a/sensor/power/state", b"12.5")
+    tas_a.publish("tele/plug-a/LWT", b"Online")
+    tas_a.publish("tele/plug-a/SENSOR", b'{"ENERGY":{"Power":850}}')
+    tas_b.publish("tele/plug-b/SENSOR", b'{"ENERGY":{"Power":7}}')
+    wait_for(
+        lambda: (
+            {"esp-a/status", "esp-a/sensor/power/state", "tele/plug-a/LWT", "tele/plug-a/SENSOR"}
+            <= a.topics()
+        ),
+        what="lab-a's ESPHome and Tasmota plugs at lab-a",
+    )
+    assert ("esp-a/sensor/power/state", b"12.5") in a.got
+    wait_for(lambda: "tele/plug-b/SENSOR" in bb.topics(), what="lab-b's plug at lab-b")
+
+    # forgeries, each acknowledged by the broker (QoS 1) before the sentinel that shows delivery happened
+    tas_a.publish("tele/plug-b/SENSOR", b'{"ENERGY":{"Power":9999}}')  # another lab's plug
+    tas_a.publish("esp-a/sensor/power/state", b"9999")  # a plug of its own lab, but not itself
+    tas_a.publish("tele/plug-b/LWT", b"Offline")
+    tas_a.publish(wire.interval_topic("lab-a", "CZ-TAS"), b"forged")  # labmeter's topics
+    tas_a.publish(wire.ack_topic("lab-a"), b"forged")
+    esp.publish("tele/plug-a/SENSOR", b'{"ENERGY":{"Power":9999}}')
+    # the agent: its own labmeter topics go through, another agent's and its own ack topic do not
+    a.publish(wire.interval_topic("lab-a", "CZ-TAS"), b"mine")
+    a.publish(wire.status_topic("lab-a"), b"status")
+    a.publish(wire.interval_topic("lab-b", "CZ-B"), b"forged")
+    a.publish(wire.status_topic("lab-b"), b"forged")
+    a.publish(wire.ack_topic("lab-a"), b"forged")
+    a.publish(wire.ack_topic("lab-b"), b"forged")
+    a.publish("tele/plug-b/SENSOR", b'{"ENERGY":{"Power":9999}}')  # an agent is not a plug either
+    bb.publish(wire.interval_topic("lab-a", "CZ-TAS"), b"forged")
+    coll.publish(wire.ack_topic("lab-a"), b"ack-a")  # the collector alone writes acks
+
+    # sentinels, published after every forgery was acknowledged
+    tas_b.publish("tele/plug-b/SENSOR", b"sentinel-b")
+    tas_a.publish("tele/plug-a/SENSOR", b"sentinel-a")
+    esp.publish("esp-a/sensor/power/state", b"sentinel-esp")
+    a.publish(wire.interval_topic("lab-a", "CZ-ESP"), b"sentinel")
+    wait_for(lambda: ("tele/plug-b/SENSOR", b"sentinel-b") in bb.got, what="sentinel at lab-b")
+    wait_for(lambda: ("esp-a/sensor/power/state", b"sentinel-esp") in a.got, what="sentinel at lab-a")
+    wait_for(lambda: ("tele/plug-a/SENSOR", b"sentinel-a") in a.got, what="sentinel at lab-a")
+    wait_for(
+        lambda: (wire.interval_topic("lab-a", "CZ-ESP"), b"sentinel") in coll.got,
+        what="sentinel at collector",
+    )
+    wait_for(lambda: (wire.ack_topic("lab-a"), b"ack-a") in a.got, what="the collector's ack at lab-a")
+
+    everything = a.got + bb.got + coll.got + tas_b.got
+    assert not [m for m in everything if b"9999" in m[1] or m[1] in (b"forged", b"Offline")], everything
+    # lab-a saw nothing of lab-b's plug, and nothing beyond its plugs and its acks
+    assert a.topics() <= {*_reads(b, "lab-a"), wire.ack_topic("lab-a")}, a.topics()
+    assert bb.topics() <= {*_reads(b, "lab-b"), wire.ack_topic("lab-b")}, bb.topics()
+    assert (wire.interval_topic("lab-a", "CZ-TAS"), b"mine") in coll.got
+    assert (wire.status_topic("lab-a"), b"status") in coll.got
+    assert tas_b.got == []  # a plug account reads no one's topics (its own cmnd/ only)
+    for c in (a, bb, coll, esp, tas_a, tas_b):
+        c.close()
+
+
+def test_a_new_password_applies_at_reload_as_the_mosquitto_user(debian_broker: Broker) -> None:
+    """Rotating an account rewrites passwd (by rename) while the broker runs; the reload, done as the
+    mosquitto user, reads it: the old password is refused, the new one accepted, the others untouched."""
+    b = debian_broker
+    old = b.password("plug-tas-a")
+    cli(
+        b.home,
+        *("collector", "plug-user", "plug-tas-a", "--mosquitto-dir", str(b.mq)),
+        *("--agent-config", "lab-a.toml", "--instrument", "CZ-TAS"),
+    )
+    assert b.password("plug-tas-a") != old
+    b.proc.send_signal(signal.SIGHUP)
+    wait_for(
+        lambda: "Reloading config" in b.log.read_text() or "reload" in b.log.read_text().lower(),
+        what="the reload in the log",
+    )
+    time.sleep(0.5)
+    assert b.proc.poll() is None, b.log.read_text()
+
+    def rc(user: str, password: str | None = None) -> int:
+        c = Client(b, user, password)
+        c.close()
+        return c.rcs[0]
+
+    assert rc("plug-tas-a", old) != 0
+    assert rc("plug-tas-a") == 0
+    assert rc("lab-a") == 0 and rc("plug-esp-a") == 0 and rc("labmeter-collector") == 0
+    assert "Error" not in b.log.read_text() and "Warning" not in b.log.read_text()
