@@ -1,17 +1,71 @@
-"""Readable log lines on stderr."""
+"""Readable log lines on stderr, stamped in local time with the UTC offset.
+
+Third-party libraries (pymodbus, gmqtt, amqtt, aiohttp, ...) log every failed request, often with a hex
+dump; a meter that stops answering would fill the journal with them. By default each distinct library
+message is shown once per ``REPEAT_S``, first line only: labmeter's own lines say what failed and when it
+works again. ``--verbose`` shows everything.
+"""
 
 from __future__ import annotations
 
 import logging
 import sys
+import time
+
+NOISY = ("amqtt", "pymodbus", "transitions", "asyncio", "gmqtt", "aiohttp", "serial", "passlib")
+REPEAT_S = 600.0
+MAX_KEYS = 256  # a bound on what the filter remembers, whatever the libraries log
+DATEFMT = "%Y-%m-%d %H:%M:%S%z"
+
+
+class LibraryEpisodes(logging.Filter):
+    """Pass a third-party message once per ``REPEAT_S`` (per logger and message), cut to its first line."""
+
+    def __init__(self, repeat_s: float = REPEAT_S) -> None:
+        super().__init__()
+        self.repeat_s = repeat_s
+        self._seen: dict[tuple[str, str], float] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name.split(".", 1)[0] not in NOISY:
+            return True
+        first = str(record.msg).split("\n", 1)[0][:200]
+        key = (record.name, first)
+        now = time.monotonic()
+        last = self._seen.get(key)
+        if last is not None and now - last < self.repeat_s:
+            return False
+        if len(self._seen) >= MAX_KEYS:
+            self._seen = {k: t for k, t in self._seen.items() if now - t < self.repeat_s}
+            if len(self._seen) >= MAX_KEYS:
+                self._seen.clear()
+        self._seen[key] = now
+        try:
+            text = record.getMessage().split("\n", 1)[0][:300]
+        except Exception:  # a library's bad format string must not break logging
+            text = first
+        record.msg = f"{text} (shown once per {self.repeat_s / 60:g} min; --verbose shows every one)"
+        record.args = None
+        record.exc_info = None
+        record.exc_text = None
+        record.stack_info = None
+        return True
+
+
+def formatter() -> logging.Formatter:
+    return logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s", DATEFMT)
 
 
 def setup(verbose: bool = False, quiet: bool = False) -> None:
     level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s", "%H:%M:%S"))
+    handler.setFormatter(formatter())
+    if not verbose:
+        handler.addFilter(LibraryEpisodes())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
-    for noisy in ("amqtt", "pymodbus", "transitions", "asyncio", "gmqtt", "aiohttp"):
-        logging.getLogger(noisy).setLevel(logging.ERROR if not verbose else logging.INFO)
+    for noisy in NOISY:
+        # quiet commands (probe, calibrate) print their own diagnosis of what failed
+        lib_level = logging.DEBUG if verbose else logging.CRITICAL if quiet else logging.ERROR
+        logging.getLogger(noisy).setLevel(lib_level)

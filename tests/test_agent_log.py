@@ -1,0 +1,191 @@
+"""The agent's log at the default level: a meter that stops answering is a few lines, not one per poll
+(and no pymodbus hex dumps), it says when the meter reads again; lines are stamped in local time with the
+UTC offset."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import os
+import re
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from datetime import UTC
+from pathlib import Path
+
+import pytest
+from pyModbusTCP.server import ModbusServer
+
+from labmeter import log
+from tests.conftest import LABMETER, BrokerProcess, free_port
+from tests.lab import wait_for
+from tests.test_driver_modbus import words
+
+
+class SwitchablePort:
+    """A TCP port that accepts and never answers (a meter gone silent behind a gateway), until
+    ``answer()``: from then on new connections are relayed to a real Modbus server."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target = target_port
+        self.port = free_port()
+        self.sock = socket.create_server(("127.0.0.1", self.port))
+        self.answering = threading.Event()
+        self.held: list[socket.socket] = []
+        self.accepted = 0
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def answer(self) -> None:
+        self.answering.set()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.accepted += 1
+            if not self.answering.is_set():
+                self.held.append(conn)  # read nothing, answer nothing
+                continue
+            up = socket.create_connection(("127.0.0.1", self.target))
+            for a, b in ((conn, up), (up, conn)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pipe(a: socket.socket, b: socket.socket) -> None:
+        try:
+            while data := a.recv(4096):
+                b.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (a, b):
+                with contextlib.suppress(OSError):
+                    s.shutdown(socket.SHUT_RDWR)
+
+    def close(self) -> None:
+        self.sock.close()
+        for c in self.held:
+            c.close()
+
+
+@pytest.fixture
+def meter() -> Iterator[tuple[ModbusServer, SwitchablePort]]:
+    port = free_port()
+    server = ModbusServer(host="127.0.0.1", port=port, no_block=True)
+    server.data_bank.set_input_registers(0x000C, words(850.0))
+    server.start()
+    switch = SwitchablePort(port)
+    yield server, switch
+    switch.close()
+    server.stop()
+
+
+SILENT_S = 25.0
+
+
+def test_a_silent_meter_is_a_few_lines_and_its_recovery_one(
+    meter: tuple[ModbusServer, SwitchablePort], tmp_path: Path
+) -> None:
+    _server, switch = meter
+    broker = BrokerProcess("builtin", tmp_path)
+    broker.start()
+    (tmp_path / "agent.toml").write_text(
+        '[agent]\nid = "lab-s"\nkey_file = "agent.key"\nstate_dir = "state"\n'
+        f'[broker]\nurl = "{broker.url}"\n'
+        '[[instrument]]\nid = "CZ-S"\npoll_s = 0.2\n[instrument.source]\ndriver = "modbus"\n'
+        f'url = "tcp://127.0.0.1:{switch.port}"\nprofile = "eastron-sdm120"\ntimeout_s = 0.3\n'
+        "[instrument.states]\noff_below_w = 5\nrun_above_w = 400\n"
+    )
+    subprocess.run(
+        [*LABMETER, "agent", "enroll", "-c", "agent.toml"],
+        cwd=tmp_path,
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
+    logfile = tmp_path / "agent.log"
+    with logfile.open("wb") as err:
+        agent = subprocess.Popen(
+            [*LABMETER, "agent", "run", "-c", "agent.toml"],
+            cwd=tmp_path,
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+        )
+    try:
+        time.sleep(SILENT_S)
+        failed_reads = switch.accepted  # the driver reconnects after every timed-out read
+        switch.answer()
+        wait_for(lambda: "reading again" in logfile.read_text(), timeout=20, what="the recovery line")
+        time.sleep(1.0)
+    finally:
+        agent.terminate()
+        agent.wait(20)
+        broker.stop()
+    text = logfile.read_text()
+    lines = text.splitlines()
+    episode = [ln for ln in lines if "CZ-S" in ln or "pymodbus" in ln]
+    assert failed_reads >= 20, failed_reads  # the meter really was polled, and failed, all along
+    assert len(episode) <= 4, text  # the silence, the library's one line, the recovery
+    assert "0x" not in text and ">>>>>" not in text and "Traceback" not in text, text
+    [again] = [ln for ln in lines if "reading again" in ln]
+    m = re.search(r"CZ-S: reading again after (\d+) s \((\d+) failed reads\)", again)
+    assert m is not None, again
+    assert SILENT_S - 3 <= int(m.group(1)) <= SILENT_S + 15 and int(m.group(2)) >= 20, again
+    assert len(lines) <= 9, text  # the whole log: start-up, the episode, shutdown
+
+
+def test_library_messages_once_per_episode_and_first_line_only() -> None:
+    out = io.StringIO()
+    handler = logging.StreamHandler(out)
+    handler.setFormatter(log.formatter())
+    handler.addFilter(log.LibraryEpisodes(repeat_s=600))
+    lib = logging.getLogger("pymodbus.logging")
+    ours = logging.getLogger("labmeter.test")
+    for lg in (lib, ours):
+        lg.addHandler(handler)
+        lg.propagate = False
+    try:
+        for _ in range(100):
+            lib.error("No response received after 0 retries\n>>>>> send: 0x0 0x1 0x0")
+        lib.error("Connection to (%s, %d) failed: %s", "127.0.0.1", 502, "refused")
+        lib.error("Connection to (%s, %d) failed: %s", "127.0.0.1", 502, "refused")
+        for _ in range(3):
+            ours.warning("ours is never filtered")
+    finally:
+        for lg in (lib, ours):
+            lg.removeHandler(handler)
+            lg.propagate = True
+    lines = out.getvalue().splitlines()
+    assert sum("No response received" in ln for ln in lines) == 1
+    assert sum("failed: refused" in ln for ln in lines) == 1
+    assert sum("ours is never filtered" in ln for ln in lines) == 3
+    assert not any(">>>>>" in ln for ln in lines)
+    assert len(lines) == 5
+
+
+def test_library_filter_memory_is_bounded() -> None:
+    f = log.LibraryEpisodes()
+    for i in range(10_000):
+        f.filter(logging.LogRecord("gmqtt", logging.ERROR, __file__, 1, f"message {i}", None, None))
+    assert len(f._seen) <= log.MAX_KEYS
+
+
+def test_log_lines_are_local_time_with_the_offset() -> None:
+    env = {**os.environ, "TZ": "Asia/Shanghai"}
+    code = (
+        "import logging; from labmeter import log; log.setup();"
+        "logging.getLogger('labmeter.x').warning('hello')"
+    )
+    out = subprocess.run([LABMETER[0], "-c", code], env=env, capture_output=True, text=True, timeout=30)
+    m = re.match(r"(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d)\+0800 WARNING labmeter.x: hello", out.stderr)
+    assert m is not None, out.stderr
+    from datetime import datetime, timedelta, timezone
+
+    stamped = datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S").replace(tzinfo=timezone(timedelta(hours=8)))
+    assert abs((stamped - datetime.now(UTC)).total_seconds()) < 60
