@@ -338,24 +338,32 @@ def agent_status(cfg_path: Path, as_json: bool) -> None:
     pending = summary["pending"]
     dead = summary["dead"]
     assert isinstance(chain, dict) and isinstance(pending, dict) and isinstance(dead, list)
-    click.echo(f"agent {cfg.agent.id}")
+
+    def local(ts: float, fmt: str = "%Y-%m-%d %H:%M:%S") -> str:
+        """Local time with its UTC offset, as in the agent's log."""
+        return datetime.fromtimestamp(ts).astimezone().strftime(f"{fmt} %z")
+
+    click.echo(f"agent {cfg.agent.id} (times are local, {datetime.now().astimezone():UTC%z})")
     click.echo(f"  {pinned}")
     for inst in cfg.instrument:
         p = pending.get(inst.id)
-        waiting = f"{p['count']} waiting for acknowledgement" if p else "all acknowledged"
+        waiting = (
+            f"{p['count']} waiting for acknowledgement (oldest from {local(p['oldest'])})"
+            if p
+            else "all acknowledged"
+        )
         c = chain.get(inst.id)
         if c is None:
             emitted = "nothing emitted yet"
         else:  # a chain that began at the clock says when; one from an older version began at seq 1
-            since = datetime.fromtimestamp(c["first"] / 1000) if c["first"] > 1 else None
             emitted = f"{c['seq'] - c['first'] + 1} interval(s) emitted" + (
-                f" since {since:%Y-%m-%d %H:%M}" if since else ""
+                f" since {local(c['first'] / 1000, '%Y-%m-%d %H:%M')}" if c["first"] > 1 else ""
             )
         click.echo(f"  {inst.id}: {emitted}, {waiting}")
     if dead:
         click.echo(f"rejected by the collector ({len(dead)}); fix the cause, then `labmeter agent resend`:")
         for d in dead[-20:]:
-            click.echo(f"  {d['instrument']} seq {d['seq']}: {d['reason']}")
+            click.echo(f"  {d['instrument']} seq {d['seq']} at {local(d['at'])}: {d['reason']}")
 
 
 @agent_group.command("resend")

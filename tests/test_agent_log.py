@@ -189,3 +189,53 @@ def test_log_lines_are_local_time_with_the_offset() -> None:
 
     stamped = datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S").replace(tzinfo=timezone(timedelta(hours=8)))
     assert abs((stamped - datetime.now(UTC)).total_seconds()) < 60
+
+
+def test_status_is_in_local_time_with_the_offset(tmp_path: Path) -> None:
+    """The same outbox read in Shanghai and in UTC: the same instants, each in its zone, offset shown."""
+    import sqlite3
+
+    from labmeter.agent.outbox import AgentStore
+
+    (tmp_path / "agent.toml").write_text(
+        '[agent]\nid = "lab-t"\nkey_file = "agent.key"\nstate_dir = "state"\n'
+        '[[instrument]]\nid = "CZ-T"\n[instrument.source]\ndriver = "modbus"\nurl = "tcp://127.0.0.1:1"\n'
+        'profile = "eastron-sdm120"\n'
+        "[instrument.states]\noff_below_w = 5\nrun_above_w = 400\n"
+    )
+    AgentStore(tmp_path / "state" / "agent.db").close()
+    first_ms = 1_767_225_600_000  # 2026-01-01 00:00 UTC
+    db = sqlite3.connect(tmp_path / "state" / "agent.db")
+    db.execute("INSERT INTO chain VALUES ('CZ-T', ?, 'h', ?)", (first_ms + 9, first_ms))
+    db.execute(
+        "INSERT INTO outbox (instrument, seq, topic, payload, body_sha, created_at) VALUES "
+        "('CZ-T', ?, 't', x'00', 's', ?)",
+        (first_ms + 9, first_ms / 1000 + 3723),  # 01:02:03 UTC
+    )
+    db.execute(
+        "INSERT INTO dead (instrument, seq, topic, payload, body_sha, reason, at) VALUES "
+        "('CZ-T', ?, 't', x'00', 's', 'unknown agent', ?)",
+        (first_ms + 1, first_ms / 1000 + 7384),  # 02:03:04 UTC
+    )
+    db.commit()
+    db.close()
+
+    def status(tz: str) -> str:
+        out = subprocess.run(
+            [*LABMETER, "agent", "status", "-c", "agent.toml"],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={**os.environ, "TZ": tz},
+        )
+        assert out.returncode == 0, out.stderr
+        return out.stdout
+
+    shanghai, utc = status("Asia/Shanghai"), status("UTC")
+    assert "(times are local, UTC+0800)" in shanghai and "(times are local, UTC+0000)" in utc
+    assert "since 2026-01-01 08:00 +0800" in shanghai and "since 2026-01-01 00:00 +0000" in utc
+    assert "oldest from 2026-01-01 09:02:03 +0800" in shanghai
+    assert "oldest from 2026-01-01 01:02:03 +0000" in utc
+    assert "at 2026-01-01 10:03:04 +0800: unknown agent" in shanghai
+    assert "at 2026-01-01 02:03:04 +0000: unknown agent" in utc
