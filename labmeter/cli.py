@@ -283,13 +283,14 @@ def agent_install(cfg_path: Path, dry_run: bool, unit_dir: Path, no_enable: bool
     from importlib import resources
 
     cfg = load_agent(cfg_path)
-    if not cfg.agent.key_file.exists() and not dry_run:
-        fail(f"{cfg.agent.key_file}: no key yet; run `labmeter agent enroll --config {cfg_path}` first")
     exe = shutil.which("labmeter") or str(Path(sys.argv[0]).resolve())
     unit = resources.files("labmeter.systemd").joinpath("labmeter-agent.service").read_text(encoding="utf-8")
     unit = unit.replace("/opt/labmeter/bin/labmeter", exe).replace(
         "/etc/labmeter/agent.toml", str(cfg_path.resolve())
     )
+    _check_sandbox(unit, cfg_path, cfg, exe)
+    if not cfg.agent.key_file.exists() and not dry_run:
+        fail(f"{cfg.agent.key_file}: no key yet; run `labmeter agent enroll --config {cfg_path}` first")
     if dry_run:
         click.echo(unit, nl=False)
         return
@@ -304,6 +305,40 @@ def agent_install(cfg_path: Path, dry_run: bool, unit_dir: Path, no_enable: bool
             if subprocess.run(cmd).returncode != 0:
                 fail(f"`{' '.join(cmd)}` failed")
         click.echo("labmeter-agent enabled and started; `journalctl -u labmeter-agent -f` shows its log")
+
+
+def _check_sandbox(unit: str, cfg_path: Path, cfg: config.AgentConfig, exe: str) -> None:
+    """Refuse a config whose files the unit's sandbox hides or keeps read-only (the agent logs to the
+    journal, so there is no log file to check)."""
+    from pathlib import PurePosixPath
+
+    from labmeter import sandbox
+
+    def real(p: Path | str) -> PurePosixPath:
+        return PurePosixPath(os.path.realpath(p))
+
+    reads = [("--config", real(cfg_path)), ("the labmeter executable", real(exe))]
+    reads.append(("[agent] key_file", real(cfg.agent.key_file)))
+    brokers = [("[broker]", cfg.broker)] + [
+        (f"instrument {i.id} [instrument.source.broker]", i.source.broker)
+        for i in cfg.instrument
+        if getattr(i.source, "broker", None) is not None
+    ]
+    for where, b in brokers:
+        for name in ("password_file", "ca_file", "cert_file", "key_file"):
+            value = getattr(b, name)
+            if value is not None:
+                reads.append((f"{where} {name}", real(value)))
+    if cfg.profiles_dir is not None:
+        reads.append(("profiles_dir", real(cfg.profiles_dir)))
+    found = sandbox.problems(
+        sandbox.parse_unit(unit), reads, [("[agent] state_dir", real(cfg.agent.state_dir))]
+    )
+    if found:
+        fail(
+            f"{cfg_path}: the labmeter-agent unit (ProtectSystem=strict, ProtectHome, PrivateTmp) would not "
+            "start with this config:\n  " + "\n  ".join(found)
+        )
 
 
 @agent_group.command("status")
