@@ -319,11 +319,10 @@ def _check_sandbox(unit: str, cfg_path: Path, cfg: config.AgentConfig, exe: str)
 
     reads = [("--config", real(cfg_path)), ("the labmeter executable", real(exe))]
     reads.append(("[agent] key_file", real(cfg.agent.key_file)))
-    brokers = [("[broker]", cfg.broker)] + [
-        (f"instrument {i.id} [instrument.source.broker]", i.source.broker)
-        for i in cfg.instrument
-        if getattr(i.source, "broker", None) is not None
-    ]
+    brokers: list[tuple[str, config.BrokerConfig]] = [("[broker]", cfg.broker)]
+    for i in cfg.instrument:
+        if isinstance(i.source, config.MqttSource) and i.source.broker is not None:
+            brokers.append((f"instrument {i.id} [instrument.source.broker]", i.source.broker))
     for where, b in brokers:
         for name in ("password_file", "ca_file", "cert_file", "key_file"):
             value = getattr(b, name)
