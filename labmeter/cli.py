@@ -239,7 +239,9 @@ def agent_probe(cfg_path: Path, instrument: str | None, reads: int) -> None:
 @click.option("--write", is_flag=True, help="Write the suggested thresholds into the config (comments kept).")
 def agent_calibrate(cfg_path: Path, instrument: str, minutes: float, write: bool) -> None:
     """Record power, find the off/standby/running levels and suggest thresholds."""
-    from labmeter.agent.calibrate import find_levels, record, suggest, write_states
+    import time
+
+    from labmeter.agent.calibrate import Progress, find_levels, record, suggest, write_states
 
     log.setup(quiet=True)
     cfg = load_agent(cfg_path)
@@ -247,7 +249,19 @@ def agent_calibrate(cfg_path: Path, instrument: str, minutes: float, write: bool
     if inst is None:
         fail(f"{cfg_path}: no instrument {instrument!r}")
     click.echo(f"recording {instrument} for {minutes:g} min (every {inst.poll_s:g} s)...")
-    values, errors = asyncio.run(record(cfg, inst, minutes * 60))
+    tty = sys.stdout.isatty()
+    shown = [-1e9]
+
+    def show(p: Progress) -> None:  # in place twice a second on a terminal, else a line every 15 s
+        now = time.monotonic()
+        if now - shown[0] < (0.5 if tty else 15.0):
+            return
+        shown[0] = now
+        click.echo(f"\r  {p.line()}\x1b[K" if tty else f"  {p.line()}", nl=not tty)
+
+    values, errors = asyncio.run(record(cfg, inst, minutes * 60, show))
+    if tty:
+        click.echo()
     click.echo(f"{len(values)} reading(s), {errors} failed")
     try:
         s = suggest(find_levels(values))
