@@ -280,25 +280,35 @@ class Account:
     secret: Path
     block: str
     owner: Owner | None
+    new_password: bool  # False: the account existed and kept its password; only its ACL was rewritten
 
 
-def add_account(directory: Path, user: str, block: str, broker_user: str = BROKER_USER) -> Account:
-    """Create or replace ``user`` in DIR/passwd and DIR/acl (other accounts kept); its new password goes to
-    DIR/secrets/USER.pass (0600, root's: it is copied to the client, never read by the broker)."""
+def add_account(
+    directory: Path, user: str, block: str, new_password: bool = False, broker_user: str = BROKER_USER
+) -> Account:
+    """Create ``user`` in DIR/passwd and DIR/acl, or rewrite its ACL block (other accounts kept).
+
+    A new account, or ``new_password``, gets a new password in DIR/secrets/USER.pass (0600, root's: it
+    is copied to the client, never read by the broker); an existing one keeps its password, so that
+    following a changed agent.toml does not lock the agent out."""
     check_user(user)
     directory.mkdir(parents=True, exist_ok=True)
     owner = broker_owner(broker_user)
-    password = secrets.token_urlsafe(24)
     passwd, acl = directory / "passwd", directory / "acl"
+    secret = directory / "secrets" / f"{user}.pass"
     with _locked(directory):
         old_pw = passwd.read_text(encoding="utf-8") if passwd.exists() else ""
         old_acl = acl.read_text(encoding="utf-8") if acl.exists() else ""
-        secret = directory / "secrets" / f"{user}.pass"
-        secret.parent.mkdir(mode=0o700, exist_ok=True)
-        _write_atomic(secret, password + "\n", None)
-        _write_atomic(passwd, _replace_user(old_pw, user, password_line(user, password), block=False), owner)
+        exists = re.search(rf"^{re.escape(user)}:", old_pw, re.M) is not None
+        fresh = new_password or not exists
+        if fresh:
+            password = secrets.token_urlsafe(24)
+            secret.parent.mkdir(mode=0o700, exist_ok=True)
+            _write_atomic(secret, password + "\n", None)
+            old_pw = _replace_user(old_pw, user, password_line(user, password), block=False)
+        _write_atomic(passwd, old_pw, owner)  # rewritten either way: owner and mode as Mosquitto wants
         _write_atomic(acl, _replace_user(old_acl, user, block, block=True), owner)
-    return Account(secret, block, owner)
+    return Account(secret, block, owner, fresh)
 
 
 def agent_plugs(cfg: AgentConfig, instruments: Sequence[str]) -> list[Plug]:

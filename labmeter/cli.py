@@ -558,19 +558,31 @@ def _agent_block(agent_id: str, agent_config: Path | None) -> str:
     return agent_acl(agent_id, plugs.topics)
 
 
-def _broker_account(directory: Path, user: str, role: str, block: str) -> None:
+new_password_option = click.option(
+    "--new-password",
+    is_flag=True,
+    help="Give an existing account a new password (it keeps its own otherwise).",
+)
+
+
+def _broker_account(directory: Path, user: str, role: str, block: str, new_password: bool = False) -> None:
     from labmeter.collector.mosquitto import AccountError, add_account
 
     try:
-        account = add_account(directory, user, block)
+        account = add_account(directory, user, block, new_password)
     except AccountError as exc:
         fail(str(exc))
     except OSError as exc:
         fail(f"{directory}: {exc.strerror or exc}")
-    click.echo(
-        f"broker account {user}: password in {account.secret} (mode 0600; copy it to the {role}'s "
-        + ("device settings)" if role == "plug" else "password_file)")
-    )
+    if account.new_password:
+        click.echo(
+            f"broker account {user}: password in {account.secret} (mode 0600; copy it to the {role}'s "
+            + ("device settings)" if role == "plug" else "password_file)")
+        )
+    else:
+        click.echo(
+            f"broker account {user}: exists, password kept (--new-password to change it); ACL rewritten"
+        )
     if account.owner is not None:
         click.echo(
             f"{directory / 'passwd'} and {directory / 'acl'}: {account.owner.name}:{account.owner.name} 0600"
@@ -600,7 +612,10 @@ mosquitto_dir_option = click.option(
     type=click.Path(path_type=Path, dir_okay=False),
     help="--role agent: the agent's agent.toml, for the plug topics its account may read.",
 )
-def collector_broker_user(user: str, mosquitto_dir: Path, role: str, agent_config: Path | None) -> None:
+@new_password_option
+def collector_broker_user(
+    user: str, mosquitto_dir: Path, role: str, agent_config: Path | None, new_password: bool
+) -> None:
     """Create a Mosquitto account (the collector's own, usually): password line, ACL block, secret file.
 
     Run it again to change the password or, for an agent, to follow a changed agent.toml."""
@@ -612,7 +627,7 @@ def collector_broker_user(user: str, mosquitto_dir: Path, role: str, agent_confi
         block = collector_acl(user)
     else:
         block = _agent_block(user, agent_config)
-    _broker_account(mosquitto_dir, user, role, block)
+    _broker_account(mosquitto_dir, user, role, block, new_password)
 
 
 @collector_group.command("plug-user")
@@ -631,6 +646,7 @@ def collector_broker_user(user: str, mosquitto_dir: Path, role: str, agent_confi
 )
 @click.option("--topic", help="With --format: the topic the instrument reads, e.g. tele/plug-07/SENSOR.")
 @click.option("--availability-topic", help="With --format json: the device's online/offline topic.")
+@new_password_option
 def collector_plug_user(
     user: str,
     mosquitto_dir: Path,
@@ -639,6 +655,7 @@ def collector_plug_user(
     fmt: str | None,
     topic: str | None,
     availability_topic: str | None,
+    new_password: bool,
 ) -> None:
     """Create a smart plug's (or a Zigbee2MQTT bridge's) Mosquitto account: it may write only its own topics.
 
@@ -660,7 +677,7 @@ def collector_plug_user(
         block = plug_acl(user, plugs)
     except AccountError as exc:
         fail(f"{agent_config or '--topic'}: {exc}")
-    _broker_account(mosquitto_dir, user, "plug", block)
+    _broker_account(mosquitto_dir, user, "plug", block, new_password)
 
 
 @collector_group.command("export-keys")

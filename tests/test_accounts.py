@@ -60,7 +60,13 @@ def test_existing_entries_survive_and_a_replaced_account_is_replaced(tmp_path: P
         "user lab-a\ntopic read tele/#\n\n# keep me\npattern write devices/%c/#"
     )
     (mq / "passwd").write_text("grafana:$7$101$xxx$yyy\nlab-a:$7$101$old$old")
-    assert run("broker-user", "lab-a", "--role", "agent", "--mosquitto-dir", str(mq)).returncode == 0
+    out = run("broker-user", "lab-a", "--role", "agent", "--mosquitto-dir", str(mq))
+    assert out.returncode == 0 and "password kept" in out.stdout
+    assert "lab-a:$7$101$old$old" in (mq / "passwd").read_text()  # its ACL follows, its password stays
+    assert not (mq / "secrets" / "lab-a.pass").exists()
+    assert "user lab-a\ntopic read tele/#" not in (mq / "acl").read_text()
+    out = run("broker-user", "lab-a", "--role", "agent", "--new-password", "--mosquitto-dir", str(mq))
+    assert out.returncode == 0 and "lab-a.pass" in out.stdout
     assert run("broker-user", "labmeter-collector", "--mosquitto-dir", str(mq)).returncode == 0
     acl = (mq / "acl").read_text()
     for kept in (

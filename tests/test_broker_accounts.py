@@ -279,7 +279,7 @@ def test_a_new_password_applies_at_reload_as_the_mosquitto_user(debian_broker: B
     old = b.password("plug-tas-a")
     cli(
         b.home,
-        *("collector", "plug-user", "plug-tas-a", "--mosquitto-dir", str(b.mq)),
+        *("collector", "plug-user", "plug-tas-a", "--mosquitto-dir", str(b.mq), "--new-password"),
         *("--agent-config", "lab-a.toml", "--instrument", "CZ-TAS"),
     )
     assert b.password("plug-tas-a") != old
