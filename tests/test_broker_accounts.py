@@ -62,6 +62,7 @@ class Broker:
     port: int
     proc: subprocess.Popen[bytes]
     log: Path
+    plain: int
     agents: dict[str, config.AgentConfig] = field(default_factory=dict)
 
     def password(self, user: str) -> str:
@@ -84,11 +85,13 @@ def debian_broker() -> Iterator[Broker]:
     certificates(mq)  # the TLS recipe of docs/deploy.md: the key readable by the mosquitto group only
     shutil.chown(mq / "server.key", "root", "mosquitto")
     (mq / "server.key").chmod(0o640)
-    port = free_port()
+    port, plain = free_port(), free_port()
     shipped = (ROOT / "config" / "mosquitto" / "labmeter.conf").read_text()
+    assert "#listener 1883 192.168.1.10\n" in shipped
     (confd / "labmeter.conf").write_text(
         shipped.replace("/etc/mosquitto/labmeter", str(mq))
         .replace("listener 8883", f"listener {port} 127.0.0.1")
+        .replace("#listener 1883 192.168.1.10", f"listener {plain} 127.0.0.1")  # the plugs' listener
         .replace("/var/lib/mosquitto/", f"{var}/")
     )
     debian_main = Path("/etc/mosquitto/mosquitto.conf").read_text()  # the package's own main config
@@ -143,7 +146,7 @@ def debian_broker() -> Iterator[Broker]:
         except TimeoutError:
             proc.terminate()
             pytest.fail(f"mosquitto did not start:\n{log.read_text()}")
-        yield Broker(home, mq, port, proc, log, cfgs)
+        yield Broker(home, mq, port, proc, log, plain, cfgs)
     finally:
         proc.terminate()
         proc.wait(10)
@@ -151,15 +154,16 @@ def debian_broker() -> Iterator[Broker]:
 
 
 class Client:
-    def __init__(self, b: Broker, user: str, password: str | None = None) -> None:
+    def __init__(self, b: Broker, user: str, password: str | None = None, tls: bool = True) -> None:
         self.got: list[tuple[str, bytes]] = []
         self.rcs: list[int] = []
         self.c = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=f"t-{user}-{time.monotonic_ns()}")
-        self.c.tls_set(ca_certs=str(b.mq / "ca.pem"), cert_reqs=ssl.CERT_REQUIRED)
+        if tls:
+            self.c.tls_set(ca_certs=str(b.mq / "ca.pem"), cert_reqs=ssl.CERT_REQUIRED)
         self.c.username_pw_set(user, b.password(user) if password is None else password)
         self.c.on_connect = lambda _c, _u, _f, rc, _p: self.rcs.append(rc.value)
         self.c.on_message = lambda _c, _u, m: self.got.append((m.topic, m.payload))
-        self.c.connect("127.0.0.1", b.port)
+        self.c.connect("127.0.0.1", b.port if tls else b.plain)
         self.c.loop_start()
         wait_for(lambda: self.rcs, what=f"CONNACK for {user}")
 
@@ -194,6 +198,9 @@ def test_files_are_the_mosquitto_users_and_the_broker_runs_as_it(debian_broker: 
     c = Client(b, "lab-a")
     assert c.rcs == [0]
     c.close()
+    wrong = Client(b, "plug-tas-a", password="guessed", tls=False)  # the plain plug listener checks too
+    wrong.close()
+    assert wrong.rcs[0] != 0
     log = b.log.read_text()
     assert "running" in log and "Error" not in log and "Warning" not in log, log
 
@@ -209,7 +216,9 @@ def test_agents_read_their_plugs_only_and_plugs_write_their_topics_only(debian_b
     a.subscribe(*_reads(b, "lab-a"), "#", *_reads(b, "lab-b"), wire.ack_topic("lab-a"))
     bb.subscribe(*_reads(b, "lab-b"), "#", wire.ack_topic("lab-b"))
     coll.subscribe(f"{wire.ROOT}/#")
-    esp, tas_a, tas_b = Client(b, "plug-esp-a"), Client(b, "plug-tas-a"), Client(b, "plug-tas-b")
+    # the Tasmota plugs (ESP8266: no TLS) use the plain plug listener, with the same accounts and ACL
+    esp = Client(b, "plug-esp-a")
+    tas_a, tas_b = Client(b, "plug-tas-a", tls=False), Client(b, "plug-tas-b", tls=False)
     tas_b.subscribe("#")  # a plug reads nothing of anyone else's
 
     # the plugs' own feeds, as the devices publish them
