@@ -25,7 +25,6 @@ import pytest
 from labmeter.collector.mosquitto import source_subscriptions
 
 from labmeter import config, signing, wire
-from tests.certs import certificates
 from tests.conftest import LABMETER, ROOT, free_port, mosquitto_bin, wait_port
 from tests.lab import wait_for
 
@@ -55,6 +54,20 @@ def agent_toml(agent: str, port: int, mq: Path, plugs: list[tuple[str, str, str]
     return text
 
 
+def docs_tls_recipe(mq: Path) -> None:
+    """Run docs/deploy.md's TLS commands as written, for 127.0.0.1 instead of broker.example.org."""
+    doc = (ROOT / "docs" / "deploy.md").read_text()
+    start = doc.index("cd /etc/mosquitto/labmeter\n")
+    script = doc[start : doc.index("```", start)]
+    assert "chown root:mosquitto server.key" in script and "-extfile server.ext" in script
+    script = (
+        script.replace("cd /etc/mosquitto/labmeter", f"cd {mq}")
+        .replace("DNS:broker.example.org, DNS:broker, IP:192.168.1.10", "DNS:localhost, IP:127.0.0.1")
+        .replace("mv ca.key /root/labmeter-ca.key && chmod 0600 /root/labmeter-ca.key", "rm ca.key")
+    )
+    subprocess.run(["sh", "-e", "-c", script], check=True, capture_output=True, timeout=120)
+
+
 @dataclass
 class Broker:
     home: Path
@@ -82,9 +95,7 @@ def debian_broker() -> Iterator[Broker]:
         d.mkdir()
     shutil.chown(var, "mosquitto", "root")  # as Debian ships /var/lib/mosquitto
     shutil.chown(run, "mosquitto")  # as mosquitto.service's ExecStartPre makes /run/mosquitto
-    certificates(mq)  # the TLS recipe of docs/deploy.md: the key readable by the mosquitto group only
-    shutil.chown(mq / "server.key", "root", "mosquitto")
-    (mq / "server.key").chmod(0o640)
+    docs_tls_recipe(mq)
     port, plain = free_port(), free_port()
     shipped = (ROOT / "config" / "mosquitto" / "labmeter.conf").read_text()
     assert "#listener 1883 192.168.1.10\n" in shipped
