@@ -281,6 +281,7 @@ class Account:
     block: str
     owner: Owner | None
     new_password: bool  # False: the account existed and kept its password; only its ACL was rewritten
+    warnings: tuple[str, ...] = ()
 
 
 def add_account(
@@ -292,8 +293,11 @@ def add_account(
     is copied to the client, never read by the broker); an existing one keeps its password, so that
     following a changed agent.toml does not lock the agent out."""
     check_user(user)
-    directory.mkdir(parents=True, exist_ok=True)
     owner = broker_owner(broker_user)
+    if not directory.exists():
+        directory.mkdir(parents=True)
+        directory.chmod(0o755)  # whatever the umask: the broker's user must reach its files
+    warnings = [] if owner is None else _unreachable(directory, owner)
     passwd, acl = directory / "passwd", directory / "acl"
     secret = directory / "secrets" / f"{user}.pass"
     with _locked(directory):
@@ -308,7 +312,25 @@ def add_account(
             old_pw = _replace_user(old_pw, user, password_line(user, password), block=False)
         _write_atomic(passwd, old_pw, owner)  # rewritten either way: owner and mode as Mosquitto wants
         _write_atomic(acl, _replace_user(old_acl, user, block, block=True), owner)
-    return Account(secret, block, owner, fresh)
+    return Account(secret, block, owner, fresh, tuple(warnings))
+
+
+def _unreachable(directory: Path, owner: Owner) -> list[str]:
+    """The folders on the way to ``directory`` that the broker's user cannot pass (a umask 077 mkdir)."""
+    out = []
+    for d in [directory.resolve(), *directory.resolve().parents]:
+        st = d.stat()
+        if st.st_uid == owner.uid:
+            ok = bool(st.st_mode & 0o100)
+        elif st.st_gid == owner.gid:
+            ok = bool(st.st_mode & 0o010)
+        else:
+            ok = bool(st.st_mode & 0o001)
+        if not ok:
+            out.append(
+                f"{d}: the {owner.name} user cannot enter it (mode {st.st_mode & 0o777:o}); chmod o+x {d}"
+            )
+    return out
 
 
 def agent_plugs(cfg: AgentConfig, instruments: Sequence[str]) -> list[Plug]:

@@ -593,6 +593,8 @@ def _broker_account(directory: Path, user: str, role: str, block: str, new_passw
             f"Mosquitto 2 reads them as its own user: chown mosquitto:mosquitto {directory}/passwd {directory}/acl",
             err=True,
         )
+    for warning in account.warnings:
+        click.echo(f"warning: {warning}; Mosquitto could not read its files", err=True)
     click.echo(f"ACL lines in {directory / 'acl'}:")
     click.echo("".join(f"  {line}\n" for line in account.block.splitlines()).rstrip())
     click.echo("reload Mosquitto to apply: systemctl reload mosquitto (or kill -HUP)")

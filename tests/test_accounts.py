@@ -127,3 +127,37 @@ def test_agent_acl_is_what_its_drivers_subscribe_to() -> None:
     plugs = agent_plug_topics(cfg)
     assert plugs.elsewhere == ("CZ-OWN",)
     assert "tele/other/SENSOR" not in plugs.topics
+
+
+def test_a_new_folder_is_reachable_whatever_the_umask_and_an_unreachable_one_is_named(tmp_path: Path) -> None:
+    import os
+    import pwd
+
+    mq = tmp_path / "locked" / "mq"
+    (tmp_path / "locked").mkdir(mode=0o700)
+    (tmp_path / "locked").chmod(0o700)
+    out = subprocess.run(
+        [
+            "sh",
+            "-c",
+            'umask 077 && exec "$@"',
+            "sh",
+            *LABMETER,
+            "collector",
+            "broker-user",
+            "c1",
+            "--mosquitto-dir",
+            str(mq),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 0, out.stderr
+    assert mq.stat().st_mode & 0o777 == 0o755
+    try:
+        pwd.getpwnam("mosquitto")
+    except KeyError:
+        return
+    if os.geteuid() == 0:
+        assert f"{tmp_path / 'locked'}: the mosquitto user cannot enter it (mode 700)" in out.stderr
