@@ -15,10 +15,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import tomlkit
-from labmeter.drivers import registry
 
 from labmeter.clock import Clock
 from labmeter.config import AgentConfig, InstrumentConfig
+from labmeter.drivers import registry
 
 
 @dataclass(frozen=True)

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from labmeter.drivers.base import Reading
-
 from labmeter.config import StatesConfig
+from labmeter.drivers.base import Reading
 from labmeter.wire import State
 
 

@@ -13,9 +13,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from labmeter.agent.timeline import Span
-
 from labmeter import signing, wire
+from labmeter.agent.timeline import Span
 from labmeter.wire import State
 
 SCHEMA = """

@@ -11,16 +11,15 @@ import time
 from pathlib import Path
 from typing import Any
 
+from labmeter import __version__, signing, wire
 from labmeter.agent.classifier import Classifier
 from labmeter.agent.control import AckGate, Pin, load_pin, pin_path
 from labmeter.agent.outbox import AgentStore, Checkpoint, Signer
 from labmeter.agent.timeline import Span, Timeline, split
-from labmeter.drivers import registry
-from labmeter.drivers.base import Driver, Reading, Sample
-
-from labmeter import __version__, signing, wire
 from labmeter.clock import Clock
 from labmeter.config import AgentConfig, InstrumentConfig
+from labmeter.drivers import registry
+from labmeter.drivers.base import Capability, Driver, Reading, Sample
 from labmeter.mqtt import MqttLink, Will
 from labmeter.wire import State
 
@@ -156,7 +155,7 @@ class InstrumentRunner:
         if spans:
             self.agent.emit(self.id, spans, self.checkpoint(now_ms), self.clock_step_ms)
             self.clock_step_ms = 0
-        cards: list[tuple[int, str]] | None = getattr(self.driver, "signins", None)
+        cards = self.driver.take_signins() if Capability.SIGNINS in self.driver.capabilities else []
         while cards:
             at_ms, card = cards.pop(0)
             self.agent.sign_in(self.id, at_ms, card)

@@ -23,11 +23,11 @@ import time
 from pathlib import Path
 
 import paho.mqtt.client as paho
-from labmeter.collector.ledger import Ledger
-from labmeter.collector.service import Collector
 
 from benchmarks.common import free_port, start_mosquitto
 from labmeter import config, signing, wire
+from labmeter.collector.ledger import Ledger
+from labmeter.collector.service import Collector
 
 AGENTS, INSTRUMENTS_PER_AGENT = 10, 10
 T0 = 1_767_225_600_000  # 2026-01-01T00:00:00Z

@@ -20,11 +20,11 @@ import time
 from pathlib import Path
 
 import aiohttp
-from labmeter.collector.service import Collector
-from labmeter.collector.web import LiveView
 
 from benchmarks.common import free_port
 from labmeter import config
+from labmeter.collector.service import Collector
+from labmeter.collector.web import LiveView
 
 
 async def measure(db: Path, requests: int) -> None:

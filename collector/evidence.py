@@ -12,9 +12,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from labmeter.collector.ledger import Ledger
-
 from labmeter import evidence, signing
+from labmeter.collector.ledger import Ledger
 from labmeter.machine_hours import compute, uncovered
 
 

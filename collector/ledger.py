@@ -16,7 +16,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from labmeter.wire import GENESIS, MAX_INTERVAL_MS, Interval, envelope_starts_chain, starts_chain
+from labmeter.netutil import redact_text, redact_url
+from labmeter.wire import (
+    GENESIS,
+    MAX_INTERVAL_MS,
+    Interval,
+    WireError,
+    body_hash,
+    envelope_starts_chain,
+    open_envelope,
+    raw_body,
+    signin_chain,
+    starts_chain,
+)
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS agents (
@@ -50,8 +62,12 @@ CREATE TABLE IF NOT EXISTS signins (
     PRIMARY KEY (agent, instrument, seq)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS rejections (
     id INTEGER PRIMARY KEY, at_ms INTEGER NOT NULL, agent TEXT, instrument TEXT, seq INTEGER,
-    authentic INTEGER NOT NULL DEFAULT 0, reason TEXT NOT NULL, topic TEXT NOT NULL, payload BLOB NOT NULL);
+    authentic INTEGER NOT NULL DEFAULT 0, reason TEXT NOT NULL, topic TEXT NOT NULL, payload BLOB NOT NULL,
+    chain TEXT, sha TEXT);
 CREATE INDEX IF NOT EXISTS rejections_seq ON rejections (agent, instrument, seq);
+CREATE TABLE IF NOT EXISTS rejection_counts (
+    window_ms INTEGER NOT NULL, reason TEXT NOT NULL, topic TEXT NOT NULL, n INTEGER NOT NULL,
+    first_ms INTEGER NOT NULL, last_ms INTEGER NOT NULL, PRIMARY KEY (window_ms, reason, topic)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS rollups (
     instrument TEXT NOT NULL, span INTEGER NOT NULL, start_ms INTEGER NOT NULL,
     run_ms INTEGER NOT NULL, standby_ms INTEGER NOT NULL, off_ms INTEGER NOT NULL, unknown_ms INTEGER NOT NULL,
@@ -104,6 +120,16 @@ SERVICE_COLUMNS = (
 
 SERVICE_DEFAULTS: dict[str, object] = {"applicant": "", "applicant_unit": "", "direction": 138, "source": ""}
 
+# Unauthenticated rejections are counted, not kept: per window, at most REJECTION_KEYS distinct
+# (reason, topic) rows, each cut to REJECTION_TEXT characters, the rest folded into one OTHER row, and
+# windows older than REJECTION_RETAIN_MS deleted. Whatever a flood sends, this table stays under
+# REJECTION_KEYS * (REJECTION_RETAIN_MS / REJECTION_WINDOW_MS) rows (about 50 MB).
+REJECTION_WINDOW_MS = 3_600_000
+REJECTION_KEYS = 100
+REJECTION_TEXT = 120
+REJECTION_RETAIN_MS = 90 * 86_400_000
+REJECTION_OTHER = ("(other reasons)", "(other topics)")
+
 
 @dataclass(frozen=True)
 class StoredInterval:
@@ -145,6 +171,13 @@ class Rejection:
     authentic: bool = False
     body_sha: str | None = None
     chain_start: bool = False
+    chain: str | None = None
+    """The chain an authentic rejection counts for (its body's instrument, or ``<code>@signin``)."""
+    answer: bool = False
+    """The sender's own message as it signed it (it may be told, by its body's hash), authentic or not."""
+
+    def counts_for(self) -> str | None:
+        return (self.chain or self.instrument) if self.authentic else None
 
 
 class LedgerError(Exception):
@@ -173,6 +206,45 @@ class Ledger:
             )
             row = self.db.execute("SELECT value FROM meta WHERE key='longest_interval_ms'").fetchone()
         self._longest = int(row[0]) if row else 0
+        self._migrate_rejections()
+        self._pruned_window = -1
+
+    def _columns(self, table: str) -> set[str]:
+        return {d[0] for d in self.db.execute(f"SELECT * FROM {table} LIMIT 0").description}
+
+    def _migrate_rejections(self) -> None:
+        """A ledger from before rejections named their chain: add ``chain`` and ``sha`` and fill them in
+        for its authentic rejections, from each one's own body. A stored rejection whose body names
+        another agent or instrument than its row (a replay the old collector took as authentic) gets no
+        chain, so it no longer counts for the watermark the replay moved."""
+        probe = (
+            "SELECT 1 FROM sqlite_master WHERE name='rejections_once'"
+            if self.path is not None
+            else "SELECT 1 FROM pg_indexes WHERE indexname='rejections_once'"
+        )
+        if self.db.execute(probe).fetchone():
+            return
+        with self.transaction(exclusive=True) as cur:
+            have = self._columns("rejections")
+            if not {"chain", "sha"} <= have:
+                for col in ("chain", "sha"):
+                    if col not in have:
+                        cur.execute(f"ALTER TABLE rejections ADD COLUMN {col} TEXT")
+                rows = cur.execute(
+                    "SELECT id, agent, instrument, seq, topic, payload FROM rejections WHERE authentic=1 ORDER BY id"
+                ).fetchall()
+                seen: set[tuple[object, ...]] = set()
+                updates = []
+                for rid, agent, instrument, seq, topic, payload in rows:
+                    chain, sha = _chain_of(agent, instrument, str(topic), bytes(payload))
+                    if (agent, chain, seq, sha) in seen:
+                        sha = None  # the same body rejected twice before: both rows stay, one keyed
+                    seen.add((agent, chain, seq, sha))
+                    updates.append((chain, sha, rid))
+                cur.executemany("UPDATE rejections SET chain=?, sha=? WHERE id=?", updates)
+            cur.execute(
+                "CREATE UNIQUE INDEX IF NOT EXISTS rejections_once ON rejections (agent, chain, seq, sha)"
+            )
 
     @classmethod
     def open(cls, url: str, data_dir: Path) -> Ledger:
@@ -188,12 +260,14 @@ class Ledger:
             except pg.MissingDriver as exc:
                 raise LedgerError(str(exc)) from None
             except Exception as exc:
-                raise LedgerError(f"ledger {pg.redact(url)}: {str(exc).strip()}") from None
+                raise LedgerError(f"ledger {redact_url(url)}: {redact_text(str(exc).strip(), url)}") from None
             ledger = cls.__new__(cls)
             ledger.path = None
-            ledger._setup(db, pg.redact(url))
+            ledger._setup(db, redact_url(url))
             return ledger
-        raise LedgerError(f"ledger {url!r}: use 'sqlite', sqlite:///PATH or postgresql://USER@HOST/DB")
+        raise LedgerError(
+            f"ledger {redact_url(url)!r}: use 'sqlite', sqlite:///PATH or postgresql://USER@HOST/DB"
+        )
 
     def close(self) -> None:
         self.db.close()
@@ -276,12 +350,23 @@ class Ledger:
 
     # ingest ---------------------------------------------------------------
     def store(
-        self, intervals: Sequence[tuple[StoredInterval, str | None]], rejections: Sequence[Rejection]
+        self,
+        intervals: Sequence[tuple[StoredInterval, str | None]],
+        rejections: Sequence[Rejection],
+        signins: Sequence[tuple[str, str, int, int, str, str, bytes]] = (),
     ) -> list[Rejection]:
-        """Store a batch in one transaction; returns the conflicts found (also stored as rejections)."""
+        """Store a batch in one transaction; returns the conflicts found (also stored as rejections).
+
+        Authentic rejections are kept whole (once per body); the others only counted (see
+        REJECTION_KEYS)."""
         now = int(time.time() * 1000)
         conflicts: list[Rejection] = []
         with self.transaction() as cur:
+            if signins:
+                cur.executemany(
+                    "INSERT INTO signins VALUES (?,?,?,?,?,?,?,?) ON CONFLICT DO NOTHING",
+                    [(*r, now) for r in signins],
+                )
             cur.executemany(
                 "INSERT INTO intervals VALUES (?,?,?,?,?,?,?,?,?,?,?,?) ON CONFLICT DO NOTHING",
                 [
@@ -325,17 +410,94 @@ class Ledger:
                 "FROM intervals WHERE agent=? AND instrument=? AND seq=?",
                 [(a, i, n + 1) for a, i, n in seqs if (a, i, n + 1) not in seqs],
             )
+            kept = [r for r in [*rejections, *conflicts] if r.authentic]
             cur.executemany(
-                "INSERT INTO rejections (at_ms, agent, instrument, seq, authentic, reason, topic, payload) "
-                "VALUES (?,?,?,?,?,?,?,?)",
+                "INSERT INTO rejections (at_ms, agent, instrument, seq, authentic, reason, topic, payload, "
+                "chain, sha) VALUES (?,?,?,?,?,?,?,?,?,?) ON CONFLICT DO NOTHING",
                 [
-                    (now, r.agent, r.instrument, r.seq, int(r.authentic), r.reason, r.topic, r.payload)
-                    for r in [*rejections, *conflicts]
+                    (
+                        now,
+                        r.agent,
+                        r.instrument,
+                        r.seq,
+                        1,
+                        r.reason[:1000],
+                        r.topic[:1000],
+                        r.payload,
+                        r.counts_for(),
+                        r.body_sha,
+                    )
+                    for r in kept
                 ],
             )
+            self._count(cur, [r for r in rejections if not r.authentic], now)
         self._codes |= new_codes
         self._longest = max(self._longest, longest)
         return conflicts
+
+    def _count(self, cur: Any, rejections: Sequence[Rejection], now: int) -> None:
+        """Add unauthenticated rejections to their window's counts, within the window's cap of rows."""
+        if not rejections:
+            return
+        window = now - now % REJECTION_WINDOW_MS
+        if window != self._pruned_window:
+            cur.execute("DELETE FROM rejection_counts WHERE window_ms < ?", (window - REJECTION_RETAIN_MS,))
+            self._pruned_window = window
+        batch: dict[tuple[str, str], int] = {}
+        for r in rejections:
+            key = (r.reason[:REJECTION_TEXT], r.topic[:REJECTION_TEXT])
+            batch[key] = batch.get(key, 0) + 1
+        have = {
+            (reason, topic)
+            for reason, topic in cur.execute(
+                "SELECT reason, topic FROM rejection_counts WHERE window_ms=?", (window,)
+            ).fetchall()
+        }
+        room = REJECTION_KEYS - 1 - len(have - {REJECTION_OTHER})
+        rows: dict[tuple[str, str], int] = {}
+        for key, n in batch.items():
+            if key not in have and key != REJECTION_OTHER:
+                if room > 0:
+                    room -= 1
+                else:
+                    key = REJECTION_OTHER
+            rows[key] = rows.get(key, 0) + n
+        cur.executemany(
+            "INSERT INTO rejection_counts VALUES (?,?,?,?,?,?) ON CONFLICT(window_ms, reason, topic) "
+            "DO UPDATE SET n = rejection_counts.n + excluded.n, last_ms = excluded.last_ms",
+            [(window, reason, topic, n, now, now) for (reason, topic), n in rows.items()],
+        )
+
+    def rejection_summary(self, since_ms: int = 0) -> list[tuple[str, str, int, bool]]:
+        """(reason, topic, count, authentic) of rejections since ``since_ms``, most frequent first."""
+        kept = self.db.execute(
+            "SELECT reason, topic, COUNT(*) FROM rejections WHERE at_ms >= ? AND authentic = 1 GROUP BY reason, topic",
+            (since_ms,),
+        ).fetchall()
+        old = self.db.execute(
+            "SELECT reason, topic, COUNT(*) FROM rejections WHERE at_ms >= ? AND authentic = 0 GROUP BY reason, topic",
+            (since_ms,),
+        ).fetchall()
+        counted = self.db.execute(
+            "SELECT reason, topic, CAST(SUM(n) AS INTEGER) FROM rejection_counts WHERE last_ms >= ? "
+            "GROUP BY reason, topic",
+            (since_ms - REJECTION_WINDOW_MS,),
+        ).fetchall()
+        out = [(r, t, int(n), True) for r, t, n in kept]
+        out += [(r, t, int(n), False) for r, t, n in [*old, *counted]]
+        return sorted(out, key=lambda x: (-x[2], x[0], x[1]))
+
+    def writable(self) -> bool:
+        """Whether the ledger takes a write at all: tells a message it cannot store from an outage."""
+        try:
+            with self.transaction() as cur:
+                cur.execute(
+                    "INSERT INTO meta VALUES ('write_probe_ms', ?) ON CONFLICT(key) DO UPDATE SET value=excluded.value",
+                    (int(time.time() * 1000),),
+                )
+        except Exception:
+            return False
+        return True
 
     @staticmethod
     def _conflicts(cur: Any, intervals: list[StoredInterval]) -> list[Rejection]:
@@ -357,6 +519,8 @@ class Ledger:
                         iv.seq,
                         True,
                         iv.sha,
+                        False,
+                        iv.instrument,
                     )
                 )
         return out
@@ -396,7 +560,7 @@ class Ledger:
         rows += [
             (seq, envelope_starts_chain(bytes(payload)))
             for seq, payload in self.db.execute(
-                "SELECT seq, payload FROM rejections WHERE agent=? AND instrument=? AND authentic=1 AND seq>?",
+                "SELECT seq, payload FROM rejections WHERE agent=? AND chain=? AND authentic=1 AND seq>?",
                 (agent, instrument, above),
             )
         ]
@@ -550,3 +714,21 @@ class Ledger:
             "GROUP BY b.instrument",
             (span, lo, hi),
         ).fetchall()
+
+
+def _chain_of(agent: object, instrument: object, topic: str, payload: bytes) -> tuple[str | None, str | None]:
+    """(chain, body sha) of a stored rejection, from its own body; no chain unless the body names the row's
+    agent and instrument and the topic's kind."""
+    try:
+        env = open_envelope(payload)
+    except WireError:
+        return None, None
+    raw = raw_body(env.body)
+    kind = topic.rsplit("/", 1)[-1]
+    if raw is None or raw.get("agent") != agent or raw.get("instrument") != instrument:
+        return None, body_hash(env.body)
+    if kind == "interval" and raw.get("kind", "interval") == "interval":
+        return str(instrument), body_hash(env.body)
+    if kind == "signin" and raw.get("kind") == "signin":
+        return signin_chain(str(instrument)), body_hash(env.body)
+    return None, body_hash(env.body)

@@ -25,7 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from labmeter import wire
-from labmeter.config import AgentConfig, MqttSource
+from labmeter.config import AgentConfig
+from labmeter.drivers.mqtt import MqttSource
 
 ITERATIONS = 101  # mosquitto_passwd's own default
 BROKER_USER = "mosquitto"  # what Debian's mosquitto package runs as
@@ -92,7 +93,7 @@ def source_subscriptions(source: MqttSource) -> tuple[str, ...]:
     """The topics the mqtt driver subscribes to for this source (its topic, availability, extras).
 
     Taken from the driver's own format table, so the ACL follows the driver."""
-    from labmeter.drivers.mqtt_plug import FORMATS
+    from labmeter.drivers.mqtt.driver import FORMATS
 
     if source.format == "json":
         topics = [source.topic, *([source.availability_topic] if source.availability_topic else [])]

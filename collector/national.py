@@ -13,9 +13,10 @@ from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
 
+from labmeter.collector.cells import append_row
 from labmeter.collector.ledger import Ledger
+from labmeter.collector.registry import stored_number
 from labmeter.collector.report import per_instrument
-
 from labmeter.config import PolicyConfig
 
 H = 3_600_000
@@ -52,7 +53,7 @@ def national_export(ledger: Ledger, year: int, policy: PolicyConfig, tz: ZoneInf
             "serviceType": st,
             "serviceDirection": direction,
             "applicantUnit": unit,
-            "amount": amount,
+            "amount": stored_number({"code": inst, "amount": amount}, "amount"),
         }
         for inst, s, e, st, direction, unit, amount in ledger.db.execute(
             "SELECT instrument, start_ms, end_ms, service_type, direction, applicant_unit, amount "
@@ -70,22 +71,25 @@ def write_national(data: dict[str, Any], path: Path) -> None:
         wb = Workbook()
         ws = wb.active
         ws.title = "仪器机时"
-        ws.append(
+        append_row(
+            ws,
             [
                 "仪器编号 instrumentCode",
                 "仪器名称",
                 "管理单位",
                 "运行机时 runMachine (h)",
                 "服务机时 serviceMachine (h)",
-            ]
+            ],
         )
         for i in data["instruments"]:
-            ws.append(
-                [i["instrumentCode"], i["instrumentName"], i["unit"], i["runMachine"], i["serviceMachine"]]
+            append_row(
+                ws,
+                [i["instrumentCode"], i["instrumentName"], i["unit"], i["runMachine"], i["serviceMachine"]],
             )
         ws.freeze_panes = "A2"
         ws2 = wb.create_sheet("服务记录")
-        ws2.append(
+        append_row(
+            ws2,
             [
                 "仪器编号 instrumentCode",
                 "开始时间 startTime",
@@ -94,10 +98,11 @@ def write_national(data: dict[str, Any], path: Path) -> None:
                 "服务方向 serviceDirection",
                 "申请单位 applicantUnit",
                 "金额 amount",
-            ]
+            ],
         )
         for r in data["serviceRecords"]:
-            ws2.append(
+            append_row(
+                ws2,
                 [
                     r["instrumentCode"],
                     r["startTime"],
@@ -106,7 +111,7 @@ def write_national(data: dict[str, Any], path: Path) -> None:
                     r["serviceDirection"],
                     r["applicantUnit"],
                     r["amount"],
-                ]
+                ],
             )
         ws2.freeze_panes = "A2"
         wb.save(path)

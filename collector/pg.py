@@ -13,7 +13,6 @@ import re
 from collections.abc import Iterable, Sequence
 from functools import lru_cache
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 BULK_INSERT = re.compile(r"INSERT INTO (\w+) VALUES \([?,]+\) ON CONFLICT DO NOTHING")
 BULK_ROWS = 50  # from this many rows, COPY pays for its extra statements
@@ -46,15 +45,6 @@ def schema(script: str) -> list[str]:
         stmt = stmt.replace("BLOB", "BYTEA")
         out.append(stmt)
     return out
-
-
-def redact(url: str) -> str:
-    """The URL without its password, for logs."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
-    return urlunsplit(parts._replace(netloc=netloc))
 
 
 class Cursor:
@@ -102,6 +92,10 @@ class Cursor:
         self._rowcount = inserted
 
     @property
+    def description(self) -> Any:
+        return self._cur.description
+
+    @property
     def rowcount(self) -> int:
         if self._rowcount is not None:
             return self._rowcount
@@ -127,9 +121,14 @@ class Database:
             raise MissingDriver(
                 "a postgresql:// ledger needs psycopg: pip install 'labmeter[postgresql]'"
             ) from None
-        self.conn = psycopg.connect(url, autocommit=True, connect_timeout=10)
+        self._connect = lambda: psycopg.connect(url, autocommit=True, connect_timeout=10)
+        self.conn = self._connect()
 
     def cursor(self) -> Cursor:
+        """A cursor; after the connection broke (server restarted, database down), a new connection first,
+        so a collector's ingest resumes by itself once the database is back."""
+        if self.conn.broken or self.conn.closed:
+            self.conn = self._connect()
         return Cursor(self.conn.cursor())
 
     def execute(self, sql: str, args: Sequence[Any] = ()) -> Cursor:

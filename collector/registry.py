@@ -8,6 +8,8 @@ Headers may be in English or Chinese.
 from __future__ import annotations
 
 import csv
+import logging
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import date, datetime
@@ -16,6 +18,8 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 from labmeter.collector.ledger import Ledger
+
+log = logging.getLogger("labmeter.registry")
 
 
 class ImportError_(Exception):
@@ -44,6 +48,21 @@ SERVICE_HEADERS = {
     "service_type": ("service_type", "服务类型"),
     "direction": ("direction", "服务方向"),
     "amount": ("amount", "金额", "收费金额"),
+}
+# Upper bounds: past them a number is a typing mistake, and would overflow the ledger's integers.
+LIMITS = {
+    "value_wan": 1e9,
+    "rated_hours": 8784.0,
+    "prep_allowance_s": 86_400.0,
+    "post_allowance_s": 86_400.0,
+    "amount": 1e10,
+}
+LIMIT_WHY = {
+    "value_wan": "10 trillion yuan",
+    "rated_hours": "the hours of a leap year",
+    "prep_allowance_s": "a day",
+    "post_allowance_s": "a day",
+    "amount": "ten billion yuan for one booking",
 }
 KINDS = {"general": "general", "通用": "general", "special": "special", "专用": "special"}
 SERVICE_TYPES = {
@@ -180,11 +199,9 @@ def import_instruments(ledger: Ledger, path: Path) -> int:
             "share_mode": row.get("share_mode", ""),
         }
         for key in ("value_wan", "rated_hours"):
-            rec[key] = _number(row.get(key, ""), key, problems)
+            rec[key] = _bounded(row.get(key, ""), key, problems)
         for key in ("prep_allowance_s", "post_allowance_s"):
-            value = _number(row.get(key, ""), key, problems)
-            if value is not None and value < 0:
-                problems.append(f"column '{key}': {row[key]!r} is negative")
+            value = _bounded(row.get(key, ""), key, problems)
             rec[key] = None if value is None else int(value)
         return rec
 
@@ -247,11 +264,59 @@ def _service_checker(
             "applicant_unit": row.get("applicant_unit", ""),
             "service_type": st,
             "direction": direction,
-            "amount": _number(row.get("amount", ""), "amount", problems),
+            "amount": _bounded(row.get("amount", ""), "amount", problems),
             "source": source,
         }
 
     return check
+
+
+def _bounded(text: str, key: str, problems: list[str]) -> float | None:
+    """A registry number: finite, not negative, at most ``LIMITS[key]``; else a problem naming the column."""
+    value = _number(text, key, problems)
+    if value is not None and (reason := number_problem(key, value)):
+        problems.append(f"column '{key}': {text!r} {reason}")
+        return None
+    return value
+
+
+def number_problem(key: str, value: object) -> str | None:
+    """Why a registry value cannot be used (None if it can); for an import, and for rows already stored."""
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        return "is not a number"
+    if not math.isfinite(value):
+        return "is not a finite number"
+    if value < 0:
+        return "is negative"
+    if value > LIMITS[key]:
+        return f"is more than {LIMITS[key]:g} ({LIMIT_WHY[key]})"
+    return None
+
+
+_warned: set[tuple[str, str, str]] = set()
+
+
+def stored_number(info: dict[str, object], key: str) -> float | None:
+    """A number from a stored instrument row, or None (the policy's default applies) when it is missing or
+    unusable: a ledger written before imports were checked may hold inf, nan or negative numbers, and one
+    such row must not make every report fail. Each bad value is logged once, with how to fix it."""
+    value = info.get(key)
+    if value is None or value == "":
+        return None
+    reason = number_problem(key, value)
+    if reason is None:
+        return float(value)  # type: ignore[arg-type]
+    mark = (str(info.get("code")), key, repr(value))
+    if mark not in _warned:
+        _warned.add(mark)
+        log.warning(
+            "instrument %r: %s = %r %s; using the policy's default (fix it with collector import-instruments)",
+            info.get("code"),
+            key,
+            value,
+            reason,
+        )
+    return None
 
 
 def _number(text: str, key: str, problems: list[str]) -> float | None:

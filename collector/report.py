@@ -5,8 +5,6 @@ Column names come in English and Chinese (the evaluation forms' own terms).
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -15,11 +13,13 @@ from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
 
+from labmeter.collector.cells import append_row, to_csv
 from labmeter.collector.hours import Hours
 from labmeter.collector.ledger import Ledger
+from labmeter.collector.registry import stored_number
 from labmeter.collector.rollup import Rollups
-
 from labmeter.config import PolicyConfig
+from labmeter.log import printable
 
 H = 3_600_000
 YEAR_MS = 365 * 86_400_000
@@ -104,9 +104,9 @@ class Row:
 
 def rated_ms(info: dict[str, object], policy: PolicyConfig, period_ms: int) -> int:
     """Rated hours (定额机时) for a year, prorated to the period."""
-    override = info.get("rated_hours")
-    if isinstance(override, int | float):
-        yearly = float(override)
+    override = stored_number(info, "rated_hours")
+    if override is not None:
+        yearly = override
     elif info.get("kind") == "special":
         yearly = policy.rated_hours_special
     else:
@@ -208,12 +208,7 @@ def render(rows: list[Row], fmt: str, lang: str = "zh", by: str = "instrument") 
             + "\n"
         )
     if fmt == "csv":
-        buf = io.StringIO()
-        w = csv.writer(buf)
-        w.writerow(header)
-        for d in data:
-            w.writerow(["" if d[k] is None else d[k] for k, _, _ in cols])
-        return buf.getvalue()
+        return to_csv([header, *(["" if d[k] is None else d[k] for k, _, _ in cols] for d in data)])
     shown = [c for c in cols if c[0] not in ("name", "unit", "standby_h", "off_h")]
     cells = [[(zh if lang == "zh" else en) for _, en, zh in shown]]
     cells += [[_fmt(d[k]) for k, _, _ in shown] for d in data]
@@ -245,14 +240,14 @@ def write_xlsx(path: Path, sheets: dict[str, list[Row]], lang: str = "zh") -> No
     for by, rows in sheets.items():
         ws = wb.create_sheet(names[by][1] if lang == "zh" else names[by][0])
         cols = columns_for(by)
-        ws.append([zh if lang == "zh" else en for _, en, zh in cols])
+        append_row(ws, [zh if lang == "zh" else en for _, en, zh in cols])
         for cell in ws[1]:
             cell.font = Font(bold=True)
         data = [r.values() for r in rows]
         if lang == "zh" and data:
             data[-1]["key"] = TOTAL[1]
         for d in data:
-            ws.append([d[k] for k, _, _ in cols])
+            append_row(ws, [d[k] for k, _, _ in cols])
         for cell in ws[ws.max_row]:
             cell.font = Font(bold=True)
         ws.freeze_panes = "B2"
@@ -264,7 +259,7 @@ def write_xlsx(path: Path, sheets: dict[str, list[Row]], lang: str = "zh") -> No
 def _fmt(v: object) -> str:
     if v is None:
         return "-"
-    return f"{v:.2f}" if isinstance(v, float) else str(v)
+    return f"{v:.2f}" if isinstance(v, float) else printable(v)
 
 
 def _width(s: str) -> int:

@@ -24,7 +24,7 @@ from zoneinfo import ZoneInfo
 from labmeter.collector.hours import Hours, compute, compute_buckets
 from labmeter.collector.ledger import ROLLUP_VALUES, Ledger
 from labmeter.collector.pg import Busy
-
+from labmeter.collector.registry import stored_number
 from labmeter.config import PolicyConfig
 
 log = logging.getLogger("labmeter.rollups")
@@ -96,10 +96,10 @@ class Calendar:
 
 def allowances_ms(info: dict[str, object], policy: PolicyConfig) -> tuple[int, int]:
     """Prep and post allowances: the instrument's own where the registry gives them, else the policy's."""
-    prep, post = info.get("prep_allowance_s"), info.get("post_allowance_s")
+    prep, post = stored_number(info, "prep_allowance_s"), stored_number(info, "post_allowance_s")
     return (
-        int(prep if isinstance(prep, int | float) else policy.prep_allowance_s) * 1000,
-        int(post if isinstance(post, int | float) else policy.post_allowance_s) * 1000,
+        int(prep if prep is not None else policy.prep_allowance_s) * 1000,
+        int(post if post is not None else policy.post_allowance_s) * 1000,
     )
 
 

@@ -37,10 +37,26 @@ from labmeter.mqtt import MqttLink
 log = logging.getLogger("labmeter.collector")
 
 BATCH = 2000
+MAX_INBOX = 100_000
+MAX_INBOX_BYTES = 64 * 1024 * 1024
+"""Beyond either bound a message is dropped on arrival: agents resend whatever is not acknowledged."""
+MAX_REASON_KEYS = 200
 ROLLUP_EVERY_S = 2.0
 ROLLUP_DEFER_S = 30.0
 STATUS_FRESH_MS = 600_000
 """A signed "online" older than this (by the agent's clock) is a replay or a stuck clock: shown as offline."""
+
+
+class LedgerUnavailable(Exception):
+    """The ledger takes no write at all (disk full, database down): the batch waits, nothing is lost."""
+
+
+def topic_of(item: Accepted | AcceptedSignIn | Rejection) -> str:
+    if isinstance(item, Accepted):
+        return wire.interval_topic(item.interval.agent, item.interval.instrument)
+    if isinstance(item, AcceptedSignIn):
+        return wire.signin_topic(item.signin.agent, item.signin.instrument)
+    return item.topic[:200]
 
 
 class Watermarks:
@@ -117,6 +133,7 @@ class Collector:
         self.stats: Counter[str] = Counter()
         self.rejections: Counter[str] = Counter()
         self.inbox: deque[tuple[str, bytes]] = deque()
+        self._inbox_bytes = 0
         self._wake = asyncio.Event()
         self._idle = True
         self._last_log: dict[str, float] = {}
@@ -128,11 +145,40 @@ class Collector:
         self.key: signing.PrivateKey | None = None
         self._pool = ThreadPoolExecutor(2, thread_name_prefix="verify")
 
-    def _on_message(self, topic: str, payload: bytes) -> None:
+    def _on_message(self, topic: str, payload: bytes, retain: bool = False) -> None:
+        """Queue a message. Retained ones on interval/open/signin topics are someone else's leftovers (an
+        agent never retains them): ignored, and cleared where the broker lets us."""
+        if not topic.endswith("/status"):
+            if not payload:  # a cleared retained message, or nothing at all
+                self.stats["empty"] += 1
+                return
+            if retain:
+                self.stats["retained"] += 1
+                if self.link is not None:
+                    self.link.publish(topic, b"", qos=1, retain=True)
+                self._log_limited(
+                    "retained", "ignored a retained message on %s (and cleared it)", topic[:200]
+                )
+                return
+        if len(self.inbox) >= MAX_INBOX or self._inbox_bytes + len(payload) > MAX_INBOX_BYTES:
+            self.stats["dropped_inbox"] += 1
+            self._log_limited(
+                "inbox", "inbox full (%d messages): dropping what arrives until it drains", len(self.inbox)
+            )
+            return
         self.inbox.append((topic, payload))
+        self._inbox_bytes += len(payload)
         if self._idle:
             self._idle = False
             self._wake.set()
+
+    def _log_limited(self, key: str, msg: str, *args: object) -> None:
+        now = time.monotonic()
+        if now - self._last_log.get(key, -1e9) > 60:
+            if len(self._last_log) > 1000:
+                self._last_log.clear()
+            self._last_log[key] = now
+            log.warning(msg, *args)
 
     async def process(self, batch: list[tuple[str, bytes]]) -> None:
         """Verify and store one batch, then acknowledge. Never raises for a bad message."""
@@ -169,14 +215,80 @@ class Collector:
             elif isinstance(done, AcceptedSignIn):
                 signins.append(done)
             else:
+                # verified: signed by the agent, for an instrument enrolled to it, with one of the states
                 live = {**done.body, "received": self.clock.wall_ms()}
                 self.live.instruments[done.body["instrument"]] = live
                 self._publish("state", live)
         # provisional ``open`` messages are counted when rejected, not kept: they never carry hours
         kept = [r for r in rejected if not r.topic.endswith("/open")]
-        conflicts = self.ledger.store([(a.interval, a.note) for a in accepted], kept)
-        if signins:
-            self.ledger.store_signins(
+        conflicts, refused = self._store(accepted, kept, signins)
+        if refused:  # what the ledger did not take is neither acknowledged nor counted for a chain
+            accepted = [a for a in accepted if id(a) not in refused]
+            signins = [x for x in signins if id(x) not in refused]
+            rejected = [r for r in rejected if id(r) not in refused]
+            rejected += [r for r in refused.values() if r is not None]
+        self.stats["signins"] += len(signins)
+        rejected += conflicts
+        self.stats["stored"] += len(accepted) - len(conflicts)
+        self.stats["rejected"] += len(rejected)
+        self._acknowledge(accepted, rejected, signins)
+        for r in rejected:
+            reason = r.reason.split(":")[0]
+            if reason not in self.rejections and len(self.rejections) >= MAX_REASON_KEYS:
+                reason = "other"
+            self.rejections[reason] += 1
+            self._log_rejection(r)
+
+    def _store(
+        self, accepted: list[Accepted], rejected: list[Rejection], signins: list[AcceptedSignIn]
+    ) -> tuple[list[Rejection], dict[int, Rejection | None]]:
+        """Store a batch in one transaction. If that fails and the ledger still takes writes, the batch is
+        halved until each message that cannot be stored stands alone; that one is recorded as an
+        unauthenticated rejection instead, or if even that fails counted and dropped. Returns the
+        conflicts and, by ``id()`` of each refused item, the unauthenticated rejection recorded in its place
+        (None: dropped). Raises
+        LedgerUnavailable when the ledger takes no write at all: the batch is then retried whole."""
+        items: list[Accepted | AcceptedSignIn | Rejection] = [*accepted, *signins, *rejected]
+        conflicts: list[Rejection] = []
+        failed: list[tuple[Accepted | AcceptedSignIn | Rejection, Exception]] = []
+        self._store_part(items, conflicts, failed, top=True)
+        refused: dict[int, Rejection | None] = {}
+        r: Rejection | None
+        for item, exc in failed:
+            why = f"the ledger cannot store this message ({type(exc).__name__})"
+            if isinstance(item, Accepted):
+                iv = item.interval
+                topic = wire.interval_topic(iv.agent, iv.instrument)
+                r = Rejection(why, topic, iv.envelope, iv.agent, iv.instrument)
+            elif isinstance(item, AcceptedSignIn):
+                si = item.signin
+                r = Rejection(why, wire.signin_topic(si.agent, si.instrument), item.envelope, si.agent)
+            else:
+                r = Rejection(f"{why}: {item.reason}"[:200], item.topic[:200], b"")
+            try:
+                self.ledger.store([], [r])
+            except Exception:
+                r = None
+                self.stats["dropped"] += 1
+                self._log_limited(
+                    "dropped", "a message on %s could not be stored nor recorded: dropped", topic_of(item)
+                )
+            refused[id(item)] = r
+        return conflicts, refused
+
+    def _store_part(
+        self,
+        items: list[Accepted | AcceptedSignIn | Rejection],
+        conflicts: list[Rejection],
+        failed: list[tuple[Accepted | AcceptedSignIn | Rejection, Exception]],
+        top: bool = False,
+    ) -> None:
+        if not items:
+            return
+        try:
+            conflicts += self.ledger.store(
+                [(a.interval, a.note) for a in items if isinstance(a, Accepted)],
+                [r for r in items if isinstance(r, Rejection)],
                 [
                     (
                         x.signin.agent,
@@ -187,17 +299,20 @@ class Collector:
                         x.sha,
                         x.envelope,
                     )
-                    for x in signins
-                ]
+                    for x in items
+                    if isinstance(x, AcceptedSignIn)
+                ],
             )
-            self.stats["signins"] += len(signins)
-        rejected += conflicts
-        self.stats["stored"] += len(accepted) - len(conflicts)
-        self.stats["rejected"] += len(rejected)
-        self._acknowledge(accepted, rejected, signins)
-        for r in rejected:
-            self.rejections[r.reason.split(":")[0]] += 1
-            self._log_rejection(r)
+            return
+        except Exception as exc:
+            if (top or len(items) == 1) and not self.ledger.writable():
+                raise LedgerUnavailable(str(exc)) from exc
+            if len(items) == 1:
+                failed.append((items[0], exc))
+                return
+        half = len(items) // 2
+        self._store_part(items[:half], conflicts, failed)
+        self._store_part(items[half:], conflicts, failed)
 
     def _agent_status(self, s: Status) -> None:
         """Live agent state, from registered agents' signed status only, newest by the agent's own order.
@@ -211,10 +326,12 @@ class Collector:
         r = s.report
         if r is None:
             self.stats["status_ignored"] += 1
-            key = f"status:{s.problem.split(':')[0]}"
-            if time.monotonic() - self._last_log.get(key, -1e9) > 60:
-                self._last_log[key] = time.monotonic()
-                log.warning("ignored status on %s: %s", wire.status_topic(s.agent), s.problem)
+            self._log_limited(
+                f"status:{s.problem.split(':')[0]}"[:200],
+                "ignored status on %s: %s",
+                wire.status_topic(s.agent),
+                s.problem[:200],
+            )
             if s.registered and (known is None or not known.get("verified")):
                 self.live.agents[s.agent] = {
                     "online": False,
@@ -283,9 +400,11 @@ class Collector:
             if r.agent is None or r.instrument is None or r.seq is None or r.body_sha is None:
                 continue
             if r.authentic:
-                known[(r.agent, r.instrument)][r.seq] = r.body_sha
-                acks[r.agent][r.instrument] = self.watermarks.add(r.agent, r.instrument, r.seq, r.chain_start)
-            rejects[r.agent].append(wire.AckReject(r.instrument, r.seq, r.body_sha, r.reason))
+                chain = r.chain or r.instrument  # a sign-in's rejection counts for its own chain
+                known[(r.agent, chain)][r.seq] = r.body_sha
+                acks[r.agent][chain] = self.watermarks.add(r.agent, chain, r.seq, r.chain_start)
+            if r.authentic or r.answer:  # only the sender's own message: a forged one could name its hash
+                rejects[r.agent].append(wire.AckReject(r.instrument, r.seq, r.body_sha, r.reason))
         for agent, chain, seq in self.watermarks.restarts:
             log.warning(
                 "agent %s began a new chain for %s at seq %d: its state directory was reset or replaced; "
@@ -314,11 +433,9 @@ class Collector:
                 self.link.publish(wire.ack_topic(agent), payload)
 
     def _log_rejection(self, r: Rejection) -> None:
-        key = f"{r.agent}:{r.reason}"
-        now = time.monotonic()
-        if now - self._last_log.get(key, -1e9) > 60:
-            self._last_log[key] = now
-            log.warning("rejected message on %s: %s", r.topic, r.reason)
+        self._log_limited(
+            f"{r.agent}:{r.reason}"[:200], "rejected message on %s: %s", r.topic[:200], r.reason[:200]
+        )
 
     async def _ingest(self) -> None:
         while True:
@@ -331,12 +448,23 @@ class Collector:
                 continue
             self._idle = False
             batch = [self.inbox.popleft() for _ in range(min(BATCH, len(self.inbox)))]
+            self._inbox_bytes -= sum(len(p) for _, p in batch)
             try:
                 await self.process(batch)
-            except Exception:
-                log.exception("storing a batch of %d message(s) failed; retrying", len(batch))
+            except LedgerUnavailable as exc:
+                self._log_limited(
+                    "ledger", "the ledger takes no writes (%s); retrying %d message(s)", exc, len(batch)
+                )
                 self.inbox.extendleft(reversed(batch))
+                self._inbox_bytes += sum(len(p) for _, p in batch)
                 await asyncio.sleep(1.0)
+            except Exception:
+                # not the ledger (that is LedgerUnavailable) and not one message (process splits those off):
+                # a bug. Retrying the same batch would stall ingest for ever; agents resend it.
+                log.exception(
+                    "processing a batch of %d message(s) failed; dropped, agents resend it", len(batch)
+                )
+                self.stats["dropped"] += len(batch)
             await asyncio.sleep(0)
 
     async def _rollups(self) -> None:
@@ -376,7 +504,7 @@ class Collector:
             # A shared group's member keeps no session: the broker must not queue a dead member's share for it.
             # Nothing in flight is lost either way, since agents resend whatever is not acknowledged.
             clean_session=bool(broker_cfg.shared_group),
-            on_message=self._on_message,
+            on_message_retain=self._on_message,
             subscriptions=self.subscriptions(),
         )
         await self.link.start()
@@ -388,7 +516,7 @@ class Collector:
             sink_task = asyncio.create_task(self.sink.run(), name="influx-sink")
         if self.cfg.web is not None:
             token = (
-                self.cfg.web.token_file.read_text(encoding="utf-8").strip()
+                config.read_secret(self.cfg.web.token_file, "web token file")
                 if self.cfg.web.token_file
                 else None
             )
@@ -418,7 +546,14 @@ class Collector:
                     await sink_task
                 await self.sink.close()
             if self.inbox:
-                await self.process(list(self.inbox))
+                try:
+                    await self.process(list(self.inbox))
+                except LedgerUnavailable as exc:
+                    log.error(
+                        "the ledger takes no writes (%s): %d message(s) not stored; agents resend them",
+                        exc,
+                        len(self.inbox),
+                    )
                 self.inbox.clear()
             await self.link.stop()
             if self.web is not None:

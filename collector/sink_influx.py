@@ -15,10 +15,11 @@ from typing import cast
 
 from influxdb_client import WritePrecision
 from influxdb_client.client.influxdb_client_async import InfluxDBClientAsync
+
 from labmeter.collector.ledger import Ledger
 from labmeter.collector.rollup import HOUR, Rollups, allowances_ms
-
-from labmeter.config import InfluxConfig, PolicyConfig
+from labmeter.config import InfluxConfig, PolicyConfig, read_secret
+from labmeter.netutil import redact_text, redact_url
 
 log = logging.getLogger("labmeter.sink")
 H = 3_600_000
@@ -75,7 +76,7 @@ class InfluxSink:
         self.settle_ms = settle_ms
         self.ledger = ledger
         self.policy = policy
-        token = cfg.token_file.read_text(encoding="utf-8").strip() if cfg.token_file else ""
+        token = read_secret(cfg.token_file, "InfluxDB token file") if cfg.token_file else ""
         self.client = InfluxDBClientAsync(url=cfg.url, token=token, org=cfg.org, timeout=10_000)
         self.sent = 0
 
@@ -110,8 +111,8 @@ class InfluxSink:
             except Exception as exc:
                 log.warning(
                     "time-series store %s: %s; retrying in %.0f s (ingestion goes on)",
-                    self.cfg.url,
-                    str(exc).splitlines()[0][:200],
+                    redact_url(self.cfg.url),
+                    redact_text((str(exc).splitlines() or [type(exc).__name__])[0][:200], self.cfg.url),
                     backoff,
                 )
                 backoff = min(backoff * 2, 300.0)

@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import dataclass
 from typing import Any
 
-from labmeter.collector.ledger import Ledger, Rejection, StoredInterval
-
 from labmeter import signing, wire
 from labmeter.clock import Clock
+from labmeter.collector.ledger import Ledger, Rejection, StoredInterval
 
 log = logging.getLogger("labmeter.collector.verify")
 
@@ -72,7 +70,7 @@ class Pending:
     instrument: str
     kind: str
     env: wire.Envelope
-    body: wire.Interval | wire.SignIn | dict[str, Any] | None
+    body: wire.Interval | wire.SignIn | wire.OpenInterval | None
     body_error: wire.WireError | None
     seq: int | None
     sha: str
@@ -81,8 +79,15 @@ class Pending:
     def signature_ok(self) -> bool:
         return self.checker is not None and self.checker(self.env.body.encode(), self.env.sig)
 
-    def reject(self, reason: str, authentic: bool) -> Rejected:
+    def reject(self, reason: str, authentic: bool, answer: bool | None = None) -> Rejected:
+        """``authentic``: signed by the enrolled key over a body naming this topic's agent, instrument and
+        kind. Only such a rejection counts for a chain (its seq may move the acknowledgement watermark);
+        one without a seq a ledger can hold counts for nothing."""
+        authentic = authentic and self.seq is not None and self.kind in ("interval", "signin")
         starts = isinstance(self.body, wire.Interval | wire.SignIn) and wire.starts_chain(self.body.prev)
+        chain = None
+        if authentic:
+            chain = wire.signin_chain(self.instrument) if self.kind == "signin" else self.instrument
         return Rejected(
             Rejection(
                 reason,
@@ -94,7 +99,22 @@ class Pending:
                 authentic,
                 self.sha,
                 authentic and starts,
+                chain,
+                authentic if answer is None else answer,
             )
+        )
+
+    def names_topic(self) -> bool:
+        """Whether the body (typed, or raw when it failed its schema) names this topic's agent, instrument, kind."""
+        body = self.body
+        if body is not None:
+            return body.agent == self.agent and body.instrument == self.instrument and body.kind == self.kind
+        raw = wire.raw_body(self.env.body)
+        return (
+            raw is not None
+            and raw.get("agent") == self.agent
+            and raw.get("instrument") == self.instrument
+            and raw.get("kind", self.kind) == self.kind
         )
 
 
@@ -138,12 +158,16 @@ class Verifier:
         if t.kind == "status" and t.instrument is None:
             return self._status(t.agent, payload)
         if t.instrument is None or t.kind not in ("interval", "open", "signin"):
-            raise Rejected(Rejection(f"unknown message kind {t.kind!r}", topic, payload, t.agent))
+            raise Rejected(Rejection(f"unknown message kind {t.kind[:40]!r}", topic, payload))
+        if not wire.ID_RE.fullmatch(t.agent) or not wire.ID_RE.fullmatch(t.instrument):
+            raise Rejected(
+                Rejection("topic agent and instrument must be [A-Za-z0-9._-]{1,64}", topic, payload)
+            )
         try:
             env = wire.open_envelope(payload)
         except wire.WireError as exc:
             raise Rejected(Rejection(str(exc), topic, payload, t.agent, t.instrument)) from None
-        body: wire.Interval | wire.SignIn | dict[str, Any] | None = None
+        body: wire.Interval | wire.SignIn | wire.OpenInterval | None = None
         body_error: wire.WireError | None = None
         try:
             if t.kind == "interval":
@@ -151,7 +175,7 @@ class Verifier:
             elif t.kind == "signin":
                 body = wire.decode_signin(env.body)
             else:
-                body = wire.load_body(env.body)
+                body = wire.decode_open(env.body)
         except wire.WireError as exc:
             body_error = exc
         p = Pending(
@@ -169,8 +193,11 @@ class Verifier:
         if t.agent not in self.keys:
             self._maybe_reload()
             if t.agent not in self.keys:
+                # answered: with no key to check, a copy of the agent's message gets the same answer as the message
                 raise p.reject(
-                    f"unknown agent {t.agent!r}: register it with `labmeter collector add-agent`", False
+                    f"unknown agent {t.agent!r}: register it with `labmeter collector add-agent`",
+                    False,
+                    answer=True,
                 )
         p.checker, kid = self.keys[t.agent]
         if env.kid != kid:
@@ -178,29 +205,30 @@ class Verifier:
         return p
 
     def finish(self, p: Pending, signature_ok: bool) -> Accepted | AcceptedSignIn | OpenState:
-        """Everything after the signature check: schema, enrolment, time sanity."""
+        """Everything after the signature check: topic, body and enrolment agree; then schema and time.
+
+        Until the first two hold, a rejection is unauthenticated (a genuine body replayed on another
+        instrument's topic is the attacker's message, not the agent's) and counts for no chain."""
         if not signature_ok:
             raise p.reject("bad signature", False)
+        if not p.names_topic():
+            if p.body is None and wire.raw_body(p.env.body) is None:
+                raise p.reject(str(p.body_error or wire.WireError("body is not a JSON object")), False)
+            raise p.reject("body agent/instrument/kind do not match the topic", False)
+        self._check_enrolled(p)
         body = p.body
-        try:
-            if body is None:
-                raise p.body_error or wire.WireError("body is not JSON")
-            if isinstance(body, dict):
-                if body.get("agent") != p.agent or body.get("instrument") != p.instrument:
-                    raise wire.WireError("body agent/instrument do not match the topic")
-                return OpenState(p.agent, body)
-            if body.agent != p.agent or body.instrument != p.instrument:
-                raise wire.WireError("body agent/instrument do not match the topic")
-        except wire.WireError as exc:
-            raise p.reject(str(exc), True) from None
+        if body is None:
+            raise p.reject(str(p.body_error or wire.WireError("body is not JSON")), True)
+        now = self.clock.wall_ms()
+        if isinstance(body, wire.OpenInterval):
+            if body.start < EARLIEST_MS or body.start > now + self.max_future_ms:
+                raise p.reject(f"open interval start {body.start} is not plausible", False)
+            return OpenState(p.agent, body.live())
         if isinstance(body, wire.SignIn):
-            self._check_enrolled(p)
-            if body.at > self.clock.wall_ms() + self.max_future_ms or body.at < EARLIEST_MS:
+            if body.at > now + self.max_future_ms or body.at < EARLIEST_MS:
                 raise p.reject(f"sign-in time {body.at} is not plausible", True)
             return AcceptedSignIn(body, p.sha, p.payload)
         iv = body
-        self._check_enrolled(p)
-        now = self.clock.wall_ms()
         if iv.start < EARLIEST_MS:
             raise p.reject(f"start {iv.start} is before 2000-01-01", True)
         if iv.end > now + self.max_future_ms:
@@ -212,7 +240,9 @@ class Verifier:
         if (p.agent, p.instrument) not in self.enrolled:
             self._maybe_reload()
             if (p.agent, p.instrument) not in self.enrolled:
-                raise p.reject(f"instrument {p.instrument!r} is not enrolled for agent {p.agent!r}", True)
+                raise p.reject(
+                    f"instrument {p.instrument!r} is not enrolled for agent {p.agent!r}", False, answer=True
+                )
 
     def _status(self, agent: str, payload: bytes) -> Status:
         """Check a status message; never raises: a bad one is a Status without a report."""
@@ -238,14 +268,12 @@ class Verifier:
         return Status(agent, report, "", True)
 
 
-def _seq_of(body: wire.Interval | wire.SignIn | dict[str, Any] | None, text: str) -> int | None:
-    """The seq a rejection is about, even from a body that failed its schema check."""
+def _seq_of(body: wire.Interval | wire.SignIn | wire.OpenInterval | None, text: str) -> int | None:
+    """The seq a rejection is about, even from a body that failed its schema check; None unless a ledger
+    can hold it."""
     if isinstance(body, wire.Interval | wire.SignIn):
         return body.seq
-    if body is None:
-        try:
-            body = json.loads(text)
-        except ValueError:
-            return None
-    seq = body.get("seq") if isinstance(body, dict) else None
-    return seq if isinstance(seq, int) and not isinstance(seq, bool) else None
+    if isinstance(body, wire.OpenInterval):
+        return None
+    raw = wire.raw_body(text)
+    return wire.bounded_seq(raw.get("seq")) if raw is not None else None

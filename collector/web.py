@@ -8,10 +8,15 @@ receives them. The page is one self-contained file: no CDN, works offline.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
+import functools
+import hashlib
 import hmac
 import json
 import logging
+import math
+import re
 import time
 from datetime import datetime
 from importlib import resources
@@ -20,10 +25,12 @@ from zoneinfo import ZoneInfo
 
 import msgspec
 from aiohttp import web
+
 from labmeter.collector.report import GROUPINGS, YEAR_MS, hours_report, rated_ms
 from labmeter.collector.rollup import Calendar, Rollups
-
+from labmeter.config import ConfigError
 from labmeter.netutil import is_loopback, split_listen
+from labmeter.wire import ID_RE
 
 if TYPE_CHECKING:
     from labmeter.collector.service import Collector
@@ -40,19 +47,48 @@ class BadRequest(web.HTTPBadRequest):
         super().__init__(text=json.dumps({"error": message}), content_type="application/json")
 
 
+MAX_MS = 253_402_300_799_999  # 9999-12-31T23:59:59.999Z: past it no date can be shown
+MAX_PERIOD_DAYS = 400  # a utilisation query covers a year and a bit, not centuries
+MAX_SIGNINS = 200
+
+
+def _shown(raw: str) -> str:
+    return repr(raw if len(raw) <= 40 else raw[:40] + "...")
+
+
 def _time_param(request: web.Request, name: str, default: int, tz: ZoneInfo) -> int:
     raw = request.query.get(name)
     if raw is None:
         return default
-    if raw.isdigit():
-        return int(raw)
-    try:
-        dt = datetime.fromisoformat(raw)
-    except ValueError:
-        raise BadRequest(
-            f"{name}={raw!r}: use milliseconds since 1970 or an ISO time (2026-03-02T08:00)"
-        ) from None
-    return int((dt if dt.tzinfo else dt.replace(tzinfo=tz)).timestamp() * 1000)
+    hint = "use milliseconds since 1970 or an ISO time (2026-03-02T08:00)"
+    if raw.isascii() and raw.isdigit():
+        value = int(raw) if len(raw) <= 16 else MAX_MS + 1
+    else:
+        try:
+            dt = datetime.fromisoformat(raw)
+            value = int((dt if dt.tzinfo else dt.replace(tzinfo=tz)).timestamp() * 1000)
+        except (ValueError, OverflowError, OSError):
+            raise BadRequest(f"{name}={_shown(raw)}: {hint}") from None
+    if not 0 <= value <= MAX_MS:
+        raise BadRequest(f"{name}={_shown(raw)}: outside 1970-01-01 to 9999-12-31")
+    return value
+
+
+def _int_param(request: web.Request, name: str, default: int, lo: int, hi: int) -> int:
+    raw = request.query.get(name)
+    if raw is None:
+        return default
+    if not (raw.isascii() and raw.isdigit() and len(raw) <= 9 and lo <= int(raw) <= hi):
+        raise BadRequest(f"{name}={_shown(raw)}: use a whole number from {lo} to {hi}")
+    return int(raw)
+
+
+def _received_ms(agent: dict[str, Any]) -> float | None:
+    """When the agent was last heard of, if the live state holds a usable time."""
+    v = agent.get("received")
+    if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
+        return None
+    return float(v)
 
 
 class LiveView:
@@ -76,7 +112,7 @@ class LiveView:
         self._cache: dict[str, tuple[float, Any]] = {}
         self._runner: web.AppRunner | None = None
         if not is_loopback(split_listen(listen)[0]) and not token:
-            raise ValueError(
+            raise ConfigError(
                 f"[web] listen = {listen!r} is not loopback: set token_file so the page needs a token"
             )
 
@@ -163,12 +199,9 @@ class LiveView:
 
     def _agent_down(self, agent: str, now: int) -> bool:
         a = self.collector.live.agents.get(agent)
-        if a is None or a.get("online") is not True:
+        if a is None or a.get("online") is not True or (received := _received_ms(a)) is None:
             return True
-        received = _int_or_none(a.get("received"))
-        return received is None or now - received > AGENT_DOWN_AFTER_S * 1000 * max(
-            1.0, self.collector.clock.scale
-        )
+        return now - received > AGENT_DOWN_AFTER_S * 1000 * max(1.0, self.collector.clock.scale)
 
     def agents(self) -> list[dict[str, Any]]:
         """Registered agents that sent status; an unsigned status shows as "unverified", never online."""
@@ -198,7 +231,7 @@ class LiveView:
         if self.token and not request.path.startswith("/public"):
             given = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
             given = given or request.query.get("token", "") or request.cookies.get("labmeter_token", "")
-            if not hmac.compare_digest(given, self.token):
+            if not hmac.compare_digest(given.encode(), self.token.encode()):
                 raise web.HTTPUnauthorized(text="token required: open /?token=...")
             resp = await handler(request)
             if request.query.get("token"):
@@ -207,8 +240,7 @@ class LiveView:
         return await handler(request)
 
     async def page(self, request: web.Request) -> web.Response:
-        html = resources.files("labmeter.collector").joinpath("live.html").read_text(encoding="utf-8")
-        return web.Response(text=html, content_type="text/html", charset="utf-8")
+        return _page("live.html")
 
     async def api_instruments(self, request: web.Request) -> web.Response:
         return web.json_response(
@@ -216,8 +248,11 @@ class LiveView:
             dumps=_dumps,
         )
 
-    async def api_timeline(self, request: web.Request) -> web.Response:
+    def _instrument(self, request: web.Request) -> str:
+        """The path's instrument code: 400 if it cannot be one, 404 if no such instrument is known."""
         code = request.match_info["code"]
+        if not ID_RE.fullmatch(code):
+            raise BadRequest(f"code={_shown(code)}: an instrument code has letters, digits, '.', '_', '-'")
         known = {str(i["code"]) for i in self.collector.ledger.instruments()} | set(
             self.collector.live.instruments
         )
@@ -225,13 +260,17 @@ class LiveView:
             raise web.HTTPNotFound(
                 text=json.dumps({"error": f"no instrument {code!r}"}), content_type="application/json"
             )
+        return code
+
+    async def api_timeline(self, request: web.Request) -> web.Response:
+        code = self._instrument(request)
         now = self.collector.clock.wall_ms()
         b = _time_param(request, "to", now, self.tz)
         a = _time_param(request, "from", b - DAY, self.tz)
         if b <= a:
             raise BadRequest("to must be after from")
         if b - a > 31 * DAY:
-            raise BadRequest("a timeline spans at most 31 days")
+            raise BadRequest("from, to: a timeline spans at most 31 days")
         rows = self.collector.ledger.intervals_between(a, b, code)
         intervals = [
             {"start": max(r[3], a), "end": min(r[4], b), "state": r[5], "verified": bool(r[6])} for r in rows
@@ -258,21 +297,22 @@ class LiveView:
         a = _time_param(request, "from", self._period_starts(now)["month"], self.tz)
         if b <= a:
             raise BadRequest("to must be after from")
+        if b - a > MAX_PERIOD_DAYS * DAY:
+            raise BadRequest(f"from, to: utilisation spans at most {MAX_PERIOD_DAYS} days")
         rows = hours_report(self.collector.ledger, a, b, self.collector.cfg.policy, by, self.tz)
         return web.json_response(
             {"from": a, "to": b, "by": by, "rows": [r.values() for r in rows]}, dumps=_dumps
         )
 
     async def api_signins(self, request: web.Request) -> web.Response:
-        code = request.match_info["code"]
+        code = self._instrument(request)
         rows = self.collector.ledger.recent_signins(
-            code, limit=int(request.query.get("limit", "20")[:4] or 20)
+            code, limit=_int_param(request, "limit", 20, 1, MAX_SIGNINS)
         )
         return web.json_response({"instrument": code, "signins": [{"at": at, "user": u} for at, u in rows]})
 
     async def instrument_page(self, request: web.Request) -> web.Response:
-        html = resources.files("labmeter.collector").joinpath("instrument.html").read_text(encoding="utf-8")
-        return web.Response(text=html, content_type="text/html", charset="utf-8")
+        return _page("instrument.html")
 
     async def public_api(self, request: web.Request) -> web.Response:
         """What an owning unit may publish: state and utilisation; no agents, errors, sign-ins or (by default) power."""
@@ -337,6 +377,33 @@ class LiveView:
     async def stop(self) -> None:
         if self._runner is not None:
             await self._runner.cleanup()
+
+
+@functools.cache
+def _page_and_policy(name: str) -> tuple[str, str]:
+    """A page and its Content-Security-Policy: only the page's own inline script runs (by its hash), so
+    markup that reached the page some other way could run nothing; the pages build their content from
+    text nodes anyway."""
+    html = resources.files("labmeter.collector").joinpath(name).read_text(encoding="utf-8")
+    hashes = [
+        "'sha256-" + base64.b64encode(hashlib.sha256(m.encode()).digest()).decode() + "'"
+        for m in re.findall(r"<script>(.*?)</script>", html, flags=re.S)
+    ]
+    policy = (
+        f"default-src 'none'; script-src {' '.join(hashes)}; style-src 'unsafe-inline'; connect-src 'self'; "
+        "img-src 'self' data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+    )
+    return html, policy
+
+
+def _page(name: str) -> web.Response:
+    html, policy = _page_and_policy(name)
+    return web.Response(
+        text=html,
+        content_type="text/html",
+        charset="utf-8",
+        headers={"Content-Security-Policy": policy, "X-Content-Type-Options": "nosniff"},
+    )
 
 
 def _dumps(obj: Any) -> str:

@@ -1,45 +1,41 @@
-"""Build the driver an instrument's ``[instrument.source]`` asks for."""
+"""From the drivers' list to what the agent uses: its config schema, a driver per instrument, a diagnosis."""
 
 from __future__ import annotations
 
 from pathlib import Path
-
-import msgspec
-from labmeter.drivers.base import Driver
-from labmeter.drivers.modbus import ModbusDriver
-from labmeter.drivers.mqtt_plug import PlugDriver
-from labmeter.drivers.profiles import Register, load_profile, serial_profile
-from labmeter.drivers.serial_line import SerialDriver
+from typing import Any, Union
 
 from labmeter.clock import Clock
-from labmeter.config import BrokerConfig, InstrumentConfig, ModbusSource, MqttSource, SerialSource
+from labmeter.config import AgentConfig, BrokerConfig, InstrumentConfig, Source
+from labmeter.drivers import DRIVERS
+from labmeter.drivers.base import Driver, Plugin, Sample
 
 
-def modbus_register(src: ModbusSource, profiles: Path | None) -> Register:
-    """The register to read: the source's own ``register`` table, else its profile's."""
-    if src.register is not None:
-        return Register(**{f: getattr(src.register, f) for f in src.register.__struct_fields__})
-    return load_profile(src.profile, profiles).power
+def agent_config() -> type[AgentConfig[Any]]:
+    """``agent.toml``'s schema, its sources the union of every listed driver's (looked up at each call,
+    so a driver added to the list, as a test does, is accepted at once)."""
+    sources = tuple(p.source for p in DRIVERS.values())
+    schema: type[AgentConfig[Any]] = AgentConfig[Union[sources]]  # type: ignore[valid-type]  # noqa: UP007
+    return schema
 
 
-def with_profile(src: SerialSource, profiles: Path | None) -> SerialSource:
-    """The source with its profile's settings filled in; keys set in the config win."""
-    if not src.profile:
-        return src
-    defaults = SerialSource(url=src.url)
-    own = {f: getattr(src, f) for f in src.__struct_fields__ if getattr(src, f) != getattr(defaults, f)}
-    own["url"] = src.url
-    return msgspec.convert({**serial_profile(src.profile, profiles), **own}, SerialSource)
+def plugin(src: Source) -> Plugin:
+    for p in DRIVERS.values():
+        if type(src) is p.source:
+            return p
+    raise ValueError(f"no driver for {src!r}")
 
 
 def build(
-    inst: InstrumentConfig, agent_id: str, broker: BrokerConfig, clock: Clock, profiles: Path | None
+    inst: InstrumentConfig[Any], agent_id: str, broker: BrokerConfig, clock: Clock, profiles: Path | None
 ) -> Driver:
-    src = inst.source
-    if isinstance(src, ModbusSource):
-        return ModbusDriver(src, modbus_register(src, profiles))
-    if isinstance(src, MqttSource):
-        return PlugDriver(src, broker, f"{agent_id}-{inst.id}-plug", inst.stale_after_s, clock)
-    if isinstance(src, SerialSource):
-        return SerialDriver(with_profile(src, profiles), inst.stale_after_s, clock)
-    raise ValueError(f"no driver for {src!r}")
+    return plugin(inst.source).build(inst, agent_id, broker, clock, profiles)
+
+
+def check(inst: InstrumentConfig[Any]) -> str | None:
+    """What can be said about the source before opening it (a serial port that is missing)."""
+    return plugin(inst.source).check(inst.source)
+
+
+def diagnose(inst: InstrumentConfig[Any], sample: Sample) -> str:
+    return plugin(inst.source).diagnose(inst, sample)

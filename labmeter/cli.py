@@ -14,12 +14,15 @@ import tomllib
 from collections.abc import Awaitable, Callable
 from datetime import datetime
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import click
 
 from labmeter import __version__, config, log, signing
+
+if TYPE_CHECKING:
+    from labmeter.collector.ledger import Ledger
 
 
 def fail(message: str, code: int = 2) -> NoReturn:
@@ -43,8 +46,10 @@ verbose_option = click.option("--verbose", "-v", is_flag=True, help="Debug loggi
 
 
 def load_agent(path: Path) -> config.AgentConfig:
+    from labmeter.drivers.registry import agent_config
+
     try:
-        return config.load(path, config.AgentConfig)
+        return config.load(path, agent_config())
     except config.ConfigError as exc:
         fail(str(exc))
 
@@ -53,6 +58,16 @@ def load_collector(path: Path) -> config.CollectorConfig:
     try:
         return config.load(path, config.CollectorConfig)
     except config.ConfigError as exc:
+        fail(str(exc))
+
+
+def open_ledger(cfg: config.CollectorConfig) -> Ledger:
+    """The collector's ledger, or a clear error (its URL without any password) instead of a traceback."""
+    from labmeter.collector.ledger import Ledger, LedgerError
+
+    try:
+        return Ledger.open(cfg.collector.ledger, cfg.collector.data_dir)
+    except LedgerError as exc:
         fail(str(exc))
 
 
@@ -202,7 +217,10 @@ def agent_run(cfg_path: Path, verbose: bool) -> None:
             fail(str(exc))
         await agent.run(stop)
 
-    run_until_signal(main)
+    try:
+        run_until_signal(main)
+    except config.ConfigError as exc:
+        fail(str(exc))
 
 
 @agent_group.command("probe")
@@ -335,8 +353,9 @@ def _check_sandbox(unit: str, cfg_path: Path, cfg: config.AgentConfig, exe: str)
     reads.append(("[agent] key_file", real(cfg.agent.key_file)))
     brokers: list[tuple[str, config.BrokerConfig]] = [("[broker]", cfg.broker)]
     for i in cfg.instrument:
-        if isinstance(i.source, config.MqttSource) and i.source.broker is not None:
-            brokers.append((f"instrument {i.id} [instrument.source.broker]", i.source.broker))
+        own = getattr(i.source, "broker", None)  # a source with its own broker (mqtt plugs)
+        if isinstance(own, config.BrokerConfig):
+            brokers.append((f"instrument {i.id} [instrument.source.broker]", own))
     for where, b in brokers:
         for name in ("password_file", "ca_file", "cert_file", "key_file"):
             value = getattr(b, name)
@@ -434,6 +453,7 @@ def agent_resend(cfg_path: Path) -> None:
 def collector_run(cfg_path: Path, verbose: bool) -> None:
     """Receive, verify and store intervals (starts the built-in broker if [broker] embedded = true)."""
     from labmeter.clock import clock_from_env
+    from labmeter.collector.ledger import LedgerError
     from labmeter.collector.service import Collector
 
     log.setup(verbose)
@@ -445,7 +465,11 @@ def collector_run(cfg_path: Path, verbose: bool) -> None:
         except signing.KeyFileError as exc:
             fail(f"[collector] key_file: {exc}")
 
-    run_until_signal(main)
+    try:
+        config.check_secret_files(cfg)
+        run_until_signal(main)
+    except (config.ConfigError, LedgerError) as exc:
+        fail(str(exc))
 
 
 @collector_group.command("add-agent")
@@ -478,7 +502,6 @@ def collector_add_agent(
     agent_config: Path | None,
 ) -> None:
     """Register an agent's public key and the instruments it may report."""
-    from labmeter.collector.ledger import Ledger
     from labmeter.wire import ID_RE
 
     cfg = load_collector(cfg_path)
@@ -492,7 +515,7 @@ def collector_add_agent(
         pub = signing.parse_public_key(key)
     except signing.KeyFileError as exc:
         fail(str(exc))
-    ledger = Ledger.open(cfg.collector.ledger, cfg.collector.data_dir)
+    ledger = open_ledger(cfg)
     ledger.add_agent(agent_id, key, signing.key_id(pub), instruments)
     ledger.close()
     click.echo(
@@ -697,14 +720,13 @@ def collector_export_keys(cfg_path: Path, out: Path | None) -> None:
 
     from labmeter.collector.evidence import export_keys
     from labmeter.collector.identity import collector_key
-    from labmeter.collector.ledger import Ledger, LedgerError
 
     cfg = load_collector(cfg_path)
     try:
         pub = collector_key(cfg.collector).public_key()
-        ledger = Ledger.open(cfg.collector.ledger, cfg.collector.data_dir)
-    except (signing.KeyFileError, LedgerError) as exc:
+    except signing.KeyFileError as exc:
         fail(str(exc))
+    ledger = open_ledger(cfg)
     try:
         doc = export_keys(ledger, pub, int(time.time() * 1000))
     finally:
@@ -732,13 +754,13 @@ def collector_import(file: Path, cfg_path: Path) -> None:
 
     Columns (English or Chinese headers): code 仪器编号, name 仪器名称, unit 管理单位, department 所在部门,
     category 分类编码 (6 digits), kind 仪器类型 (general 通用 / special 专用), value_wan 原值（万元）,
-    rated_hours 定额机时, share_mode 共享模式.
+    rated_hours 定额机时, share_mode 共享模式. Numbers must be finite and not negative (rated_hours
+    at most 8784, allowances at most a day); every bad cell is named by row and column.
     """
-    from labmeter.collector.ledger import Ledger
     from labmeter.collector.registry import ImportError_, import_instruments
 
     cfg = load_collector(cfg_path)
-    ledger = Ledger.open(cfg.collector.ledger, cfg.collector.data_dir)
+    ledger = open_ledger(cfg)
     try:
         n = import_instruments(ledger, file)
     except ImportError_ as exc:
@@ -760,11 +782,10 @@ def collector_import_services(file: Path, instrument: str | None, cfg_path: Path
     service_type 服务类型 (120 internal 对内 / 130 external 对外), direction 服务方向 (135-138), amount 金额.
     A record identical to one already imported (instrument, start, end, applicant) is skipped.
     """
-    from labmeter.collector.ledger import Ledger
     from labmeter.collector.registry import ImportError_, import_services
 
     cfg = load_collector(cfg_path)
-    ledger = Ledger.open(cfg.collector.ledger, cfg.collector.data_dir)
+    ledger = open_ledger(cfg)
     try:
         res = import_services(ledger, file, zone_for(tz, cfg), instrument)
     except ImportError_ as exc:
@@ -772,6 +793,28 @@ def collector_import_services(file: Path, instrument: str | None, cfg_path: Path
     finally:
         ledger.close()
     click.echo(f"{res.added} service record(s) imported, {res.duplicates} already present")
+
+
+@collector_group.command("rejections")
+@click.option("--hours", type=click.IntRange(min=1), default=24, show_default=True, help="How far back.")
+@config_option("collector.toml")
+def collector_rejections(hours: int, cfg_path: Path) -> None:
+    """Rejected messages: authentic ones (the sender's own, kept whole) and the unauthenticated ones'
+    hourly counts, most frequent first."""
+    import time
+
+    from labmeter.collector.ledger import Ledger
+
+    cfg = load_collector(cfg_path)
+    ledger = Ledger.open(cfg.collector.ledger, cfg.collector.data_dir)
+    try:
+        rows = ledger.rejection_summary(int(time.time() * 1000) - hours * 3_600_000)
+    finally:
+        ledger.close()
+    if not rows:
+        click.echo(f"no rejections in the last {hours} h")
+    for reason, topic, n, authentic in rows:
+        click.echo(f"{n:>8}  {'kept   ' if authentic else 'counted'}  {topic}  {reason}")
 
 
 # report ---------------------------------------------------------------------
@@ -804,7 +847,6 @@ def report_hours(
     start: str, end: str, cfg_path: Path, by: str, fmt: str, out: Path | None, lang: str, tz: str | None
 ) -> None:
     """Run, effective, service and external hours, utilisation, sharing rate and coverage."""
-    from labmeter.collector.ledger import Ledger
     from labmeter.collector.report import (
         GROUPINGS,
         PeriodError,
@@ -819,7 +861,7 @@ def report_hours(
     zone = zone_for(tz, cfg)
     if fmt == "xlsx" and out is None:
         fail("--format xlsx needs --output FILE.xlsx")
-    ledger = Ledger.open(cfg.collector.ledger, cfg.collector.data_dir)
+    ledger = open_ledger(cfg)
     try:
         a, b = parse_time(start, zone), parse_time(end, zone, end=True)
         if fmt == "xlsx":
@@ -848,11 +890,10 @@ def report_hours(
 @click.option("--tz", help="Time zone for days and months (default: the config's [policy] timezone).")
 def report_national(year: int, out: Path, cfg_path: Path, tz: str | None) -> None:
     """National sharing-platform export: runMachine and serviceMachine per instrument, and service records."""
-    from labmeter.collector.ledger import Ledger
     from labmeter.collector.national import national_export, write_national
 
     cfg = load_collector(cfg_path)
-    ledger = Ledger.open(cfg.collector.ledger, cfg.collector.data_dir)
+    ledger = open_ledger(cfg)
     try:
         data = national_export(ledger, year, cfg.policy, zone_for(tz, cfg))
     finally:
@@ -888,13 +929,12 @@ def report_findings(
     start: str, end: str, cfg_path: Path, low_use: float, min_coverage: float, as_json: bool, tz: str | None
 ) -> None:
     """Instruments to act on: low use, poor coverage (agents down, unknown time), no data at all."""
-    from labmeter.collector.ledger import Ledger
     from labmeter.collector.national import findings
     from labmeter.collector.report import PeriodError, parse_time
 
     cfg = load_collector(cfg_path)
     zone = zone_for(tz, cfg)
-    ledger = Ledger.open(cfg.collector.ledger, cfg.collector.data_dir)
+    ledger = open_ledger(cfg)
     try:
         res = findings(
             ledger,
@@ -936,7 +976,6 @@ def report_evidence(instrument: str, start: str, end: str, out: Path, cfg_path: 
     """Write the signed intervals and public keys behind an instrument's hours, countersigned, for `labmeter verify`."""
     from labmeter.collector.evidence import write_bundle
     from labmeter.collector.identity import collector_key
-    from labmeter.collector.ledger import Ledger
     from labmeter.collector.report import PeriodError, parse_time
     from labmeter.collector.rollup import allowances_ms
 
@@ -946,7 +985,7 @@ def report_evidence(instrument: str, start: str, end: str, out: Path, cfg_path: 
         key = collector_key(cfg.collector)
     except signing.KeyFileError as exc:
         fail(str(exc))
-    ledger = Ledger.open(cfg.collector.ledger, cfg.collector.data_dir)
+    ledger = open_ledger(cfg)
     try:
         a, b = parse_time(start, zone), parse_time(end, zone, end=True)
         info = next((i for i in ledger.instruments() if i["code"] == instrument), {})
@@ -1100,7 +1139,7 @@ def top(url: str, token: str | None, every: float, once: bool) -> None:
 def sim(spec_file: Path, verbose: bool) -> None:
     """Run simulated instruments from a TOML spec (for tests and benchmarks)."""
     from labmeter.clock import clock_from_env
-    from labmeter.sim import run_sim
+    from labmeter.drivers.sim import run_sim
 
     log.setup(verbose)
     spec = tomllib.loads(spec_file.read_text(encoding="utf-8"))

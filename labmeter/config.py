@@ -1,7 +1,8 @@
 """Config types and the TOML loader.
 
-One place defines every key of ``agent.toml`` and ``collector.toml``. A bad key or
-value stops start-up with the file, the line, the key and what was expected.
+One place defines every key of ``agent.toml`` and ``collector.toml``, except each driver's
+``[instrument.source]`` table, which its driver folder defines (``drivers/<name>/__init__.py``).
+A bad key or value stops start-up with the file, the line, the key and what was expected.
 Validation is msgspec: strict, and light enough for an agent that runs for years.
 """
 
@@ -11,13 +12,13 @@ import difflib
 import re
 import tomllib
 from pathlib import Path
-from typing import Annotated, Any, Literal, TypeVar
+from typing import Annotated, Any, Generic, TypeVar, get_origin
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import msgspec
 from msgspec import Meta, Struct, field
 
-from labmeter.netutil import split_listen
+from labmeter.netutil import redact_text, redact_url, split_listen
 
 ID_PATTERN = r"^[A-Za-z0-9._-]{1,64}$"
 Id = Annotated[str, Meta(pattern=ID_PATTERN)]
@@ -43,7 +44,9 @@ class BrokerConfig(Section, frozen=True, kw_only=True):
 
     def __post_init__(self) -> None:
         if not re.match(r"^mqtts?://[^/:]+(:\d+)?/?$", self.url):
-            raise ValueError(f"url must be mqtt://host[:port] or mqtts://host[:port] (got {self.url!r})")
+            raise ValueError(
+                f"url must be mqtt://host[:port] or mqtts://host[:port] (got {redact_url(self.url)!r})"
+            )
 
 
 class AgentSection(Section, frozen=True, kw_only=True):
@@ -65,75 +68,20 @@ class AgentSection(Section, frozen=True, kw_only=True):
             )
 
 
-class RegisterConfig(Section, frozen=True, kw_only=True):
-    """A register given in the config instead of a profile (``profile = "generic"``)."""
+class Source(Section, tag_field="driver", frozen=True, kw_only=True):
+    """What every driver's ``[instrument.source]`` table is: each driver subclasses it with its tag.
 
-    function: Literal[1, 2, 3, 4] = 4
-    address: Annotated[int, Meta(ge=0, le=0xFFFF)]
-    type: Literal["float32", "int16", "uint16", "int32", "uint32", "bit"] = "float32"
-    word_order: Literal["big", "little"] = "big"
-    scale: float = 1.0
+    The core names no driver; the drivers' list (``labmeter.drivers.DRIVERS``) closes the union
+    that ``AgentConfig[...]`` is loaded with.
+    """
 
-
-class ModbusSource(Section, tag_field="driver", tag="modbus", frozen=True, kw_only=True):
-    url: str
-    profile: str = "generic"
-    register: RegisterConfig | None = None
-    device_id: Annotated[int, Meta(ge=0, le=247)] = 1
-    timeout_s: Annotated[float, Meta(gt=0, le=30)] = 1.0
-
-    def __post_init__(self) -> None:
-        if not re.match(r"^(tcp://[^/:]+(:\d+)?|rtu:///.+)$", self.url):
-            raise ValueError(f"url must be tcp://host:port or rtu:///dev/ttyX?baud=9600 (got {self.url!r})")
-        if self.profile == "generic" and self.register is None:
-            raise ValueError(
-                "profile 'generic' needs an [instrument.source.register] table (function, address, type)"
-            )
+    @property
+    def gives_status(self) -> bool:
+        """True when the source reports a state itself, so it needs no power thresholds."""
+        return False
 
 
-class MqttSource(Section, tag_field="driver", tag="mqtt", frozen=True, kw_only=True):
-    topic: str
-    format: Literal["tasmota", "shelly-gen1", "shelly-gen2", "zigbee2mqtt", "esphome", "json"] = "tasmota"
-    json_path: str | None = None
-    availability_topic: str | None = None
-    payload_online: str = "online"
-    payload_offline: str = "offline"
-    broker: BrokerConfig | None = None
-
-    def __post_init__(self) -> None:
-        if self.format == "json" and not self.json_path:
-            raise ValueError('json_path is needed with format = \'json\' (e.g. "ENERGY.Power" or "power")')
-
-
-class SerialSource(Section, tag_field="driver", tag="serial", frozen=True, kw_only=True):
-    """An instrument's own serial port: a query it answers, status lines it streams, or a modem-status line."""
-
-    url: str = ""
-    mode: Literal["query", "stream", "modem"] = "query"
-    profile: str | None = None
-    baud: int = 9600
-    parity: Literal["N", "E", "O"] = "N"
-    timeout_s: Annotated[float, Meta(gt=0, le=30)] = 1.0
-    command: str | None = None
-    terminator: str = "\n"
-    regex: str | None = None
-    value_map: dict[str, Literal["RUNNING", "STANDBY", "OFF"]] | None = None
-    running_mask: int | None = None
-    line: Literal["CTS", "DSR", "DCD", "RI"] = "CTS"
-    signin_regex: str | None = None
-
-    def __post_init__(self) -> None:
-        if self.signin_regex is not None and "(?P<card>" not in self.signin_regex:
-            raise ValueError("signin_regex needs a (?P<card>...) group, e.g. 'CARD:(?P<card>\\d+)'")
-        if not self.url:
-            raise ValueError(
-                "url is needed (/dev/serial/by-id/..., usb-serial://SERIALNO, /dev/ttyUSB0 or loop://)"
-            )
-        if self.regex is not None:
-            try:
-                re.compile(self.regex)
-            except re.error as exc:
-                raise ValueError(f"regex {self.regex!r} does not compile: {exc}") from None
+S = TypeVar("S", bound=Source)
 
 
 class StatesConfig(Section, frozen=True, kw_only=True):
@@ -149,19 +97,15 @@ class StatesConfig(Section, frozen=True, kw_only=True):
             )
 
 
-class InstrumentConfig(Section, frozen=True, kw_only=True):
+class InstrumentConfig(Section, Generic[S], frozen=True, kw_only=True):
     id: Id
     poll_s: Annotated[float, Meta(gt=0, le=3600)] = 1
     stale_after_s: Annotated[float, Meta(gt=0)] = 30
-    source: ModbusSource | MqttSource | SerialSource
+    source: S
     states: StatesConfig | None = None
 
     def __post_init__(self) -> None:
-        src = self.source
-        gives_status = isinstance(src, SerialSource) and (
-            src.mode == "modem" or src.value_map is not None or src.running_mask is not None
-        )
-        if self.states is None and not gives_status:
+        if self.states is None and not self.source.gives_status:
             raise ValueError(
                 "states is missing: a power source needs [instrument.states] off_below_w and run_above_w"
             )
@@ -172,10 +116,12 @@ class InstrumentConfig(Section, frozen=True, kw_only=True):
         return self.states or StatesConfig(off_below_w=0.5, run_above_w=1.0)
 
 
-class AgentConfig(Section, frozen=True, kw_only=True):
+class AgentConfig(Section, Generic[S], frozen=True, kw_only=True):
+    """``agent.toml``; load it as ``labmeter.drivers.registry.agent_config()``, which fills in the sources."""
+
     agent: AgentSection
     broker: BrokerConfig = field(default_factory=BrokerConfig)
-    instrument: Annotated[list[InstrumentConfig], Meta(min_length=1)]
+    instrument: Annotated[list[InstrumentConfig[S]], Meta(min_length=1)]
     profiles_dir: Path | None = None
 
     def __post_init__(self) -> None:
@@ -270,6 +216,34 @@ class CollectorConfig(Section, frozen=True, kw_only=True):
 M = TypeVar("M", bound=Struct)
 
 
+def check_secret_files(cfg: CollectorConfig) -> None:
+    """Read every secret file the collector will need, so a bad one stops start-up before anything listens."""
+    web, influx = cfg.web, cfg.influxdb
+    for path, what in (
+        (web.token_file if web else None, "web token file"),
+        (influx.token_file if influx else None, "InfluxDB token file"),
+        (cfg.broker.password_file if cfg.broker.username else None, "password file"),
+    ):
+        if path is not None:
+            read_secret(path, what)
+
+
+def read_secret(path: Path, what: str) -> str:
+    """A token or password kept in its own file (``token_file``, ``password_file``): the file must be readable
+    and not empty, or start-up stops naming it. The value is hidden from every log line of this process."""
+    from labmeter import log
+
+    try:
+        value = path.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+        raise ConfigError(f"{path}: cannot read {what} ({reason})") from None
+    if not value:
+        raise ConfigError(f"{path}: {what} is empty; put the secret in it (one line)")
+    log.hide(value)
+    return value
+
+
 def load(path: Path, model: type[M]) -> M:
     """Read and validate a TOML file; relative paths inside are taken from the file's folder."""
     try:
@@ -280,6 +254,10 @@ def load(path: Path, model: type[M]) -> M:
 
 
 def parse(text: str, model: type[M], name: str = "<config>", base: Path | None = None) -> M:
+    if getattr(model, "__parameters__", ()):
+        raise TypeError(
+            f"{model.__name__} is generic: load it with its types filled in, e.g. registry.agent_config()"
+        )
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
@@ -287,7 +265,7 @@ def parse(text: str, model: type[M], name: str = "<config>", base: Path | None =
     try:
         cfg = msgspec.convert(data, model, dec_hook=_dec_hook)
     except msgspec.ValidationError as exc:
-        raise ConfigError(_describe(str(exc), data, text, name, model)) from None
+        raise ConfigError(redact_text(_describe(str(exc), data, text, name, model))) from None
     return _rebase(cfg, base) if base is not None else cfg
 
 
@@ -356,7 +334,8 @@ def _describe(error: str, data: dict[str, Any], text: str, name: str, model: typ
     if expected:
         msg = f"expected {_KINDS.get(expected.group(1), expected.group(1))}"
     if path and path[-1] == "driver" and msg.startswith("Invalid value"):
-        msg = "unknown driver; expected one of 'modbus', 'mqtt', 'serial'"
+        tags = _tags(model, path[:-1], data)
+        msg = f"unknown driver; expected one of {', '.join(repr(t) for t in tags)}"
     msg = msg.replace("Invalid enum value", "unknown value").replace("Expected", "expected")
     scalar = got is not None and not isinstance(got, dict | list)
     shown = f" (got {got!r})" if scalar and repr(got) not in msg and "(got" not in msg else ""
@@ -393,23 +372,49 @@ def _dotted(path: tuple[Any, ...]) -> str:
     return text or "(top level)"
 
 
-def _known_keys(model: type[Struct], path: tuple[Any, ...], data: Any) -> list[str]:
+def _field(model: type[Struct], path: tuple[Any, ...], data: Any) -> tuple[Any, Any] | None:
+    """The annotation of the key at ``path`` and the raw data there, following the union member
+    each level's tag selects; None where the path leaves the schema."""
     cur: Any = model
     raw = data
+    annotation: Any = model
     for part in path:
         if isinstance(part, int):
             raw = raw[part] if isinstance(raw, list) and part < len(raw) else None
             continue
-        raw = raw.get(part) if isinstance(raw, dict) else None
         fields = {f.name: f.type for f in msgspec.structs.fields(cur)} if _is_struct(cur) else {}
         if part not in fields:
-            return []
-        cur = _struct_of(fields[part], raw)
+            return None
+        raw = raw.get(part) if isinstance(raw, dict) else None
+        annotation = fields[part]
+        cur = _struct_of(annotation, raw)
+    return annotation, raw
+
+
+def _known_keys(model: type[Struct], path: tuple[Any, ...], data: Any) -> list[str]:
+    found = _field(model, path, data)
+    cur: Any = _struct_of(*found) if found else None
     return [f.name for f in msgspec.structs.fields(cur)] if _is_struct(cur) else []
 
 
 def _is_struct(t: Any) -> bool:
+    """A struct class, or a generic one with its parameters filled in (``AgentConfig[...]``)."""
+    t = get_origin(t) or t
     return isinstance(t, type) and issubclass(t, Struct)
+
+
+def _tags(model: type[Struct], path: tuple[Any, ...], data: Any) -> list[str]:
+    """The tags a tagged union at ``path`` accepts (the drivers' names for a source)."""
+    found = _field(model, path, data)
+    members = _members(found[0]) if found else []
+    return [str(s.__struct_config__.tag) for s in members if _is_struct(s)]
+
+
+def _members(annotation: Any) -> list[Any]:
+    args = getattr(annotation, "__args__", None)
+    if args is None or _is_struct(annotation):
+        return [annotation]
+    return [m for a in args if a is not type(None) for m in _members(a)]
 
 
 def _struct_of(annotation: Any, raw: Any) -> Any:

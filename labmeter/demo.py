@@ -24,8 +24,9 @@ from labmeter.collector.ledger import Ledger
 from labmeter.collector.registry import import_instruments, import_services
 from labmeter.collector.report import hours_report, render
 from labmeter.collector.service import Collector
+from labmeter.drivers.registry import agent_config
+from labmeter.drivers.sim import run_sim
 from labmeter.netutil import free_port
-from labmeter.sim import run_sim
 
 TZ = ZoneInfo("Asia/Shanghai")
 DAY_START_H, DAY_HOURS = 7, 14
@@ -172,7 +173,7 @@ async def run_demo(duration: float, directory: Path | None, port: int, stop: asy
     # the agent pins the collector's key from the start, as an installer does at enrolment
     own = signing.public_key_text(collector_key(ccfg.collector).public_key())
     write_configs(directory, broker_port, web_port, meter_ports, own)
-    acfg = config.load(agent_toml, config.AgentConfig)
+    acfg = config.load(agent_toml, agent_config())
 
     key = signing.generate_key_file(acfg.agent.key_file, force=True)
     ledger = Ledger.open(ccfg.collector.ledger, ccfg.collector.data_dir)

@@ -13,20 +13,21 @@ import logging
 import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
 from gmqtt import Client, Message
 from gmqtt.mqtt.constants import UNLIMITED_RECONNECTS, MQTTv311
 
-from labmeter.config import BrokerConfig
+from labmeter.config import BrokerConfig, read_secret
 
 log = logging.getLogger("labmeter.mqtt")
 _quiet = logging.getLogger("labmeter.mqtt.gmqtt")
 _quiet.setLevel(logging.ERROR)
 
 MessageHandler = Callable[[str, bytes], None]
+RetainAwareHandler = Callable[[str, bytes, bool], None]
+"""(topic, payload, retain): ``retain`` set for a retained message the broker replays on subscribing."""
 
 
 @dataclass(frozen=True)
@@ -35,13 +36,6 @@ class Will:
     payload: bytes
     retain: bool = True
     qos: int = 1
-
-
-def _read_secret(path: Path) -> str:
-    try:
-        return path.read_text(encoding="utf-8").strip()
-    except OSError as exc:
-        raise OSError(f"{path}: cannot read password file ({exc.strerror})") from None
 
 
 def tls_context(broker: BrokerConfig) -> ssl.SSLContext:
@@ -62,6 +56,7 @@ class MqttLink:
         clean_session: bool = True,
         will: Will | None = None,
         on_message: MessageHandler | None = None,
+        on_message_retain: RetainAwareHandler | None = None,
         subscriptions: tuple[tuple[str, int], ...] = (),
     ) -> None:
         self.broker = broker
@@ -85,14 +80,18 @@ class MqttLink:
         )
         c.set_config({"reconnect_retries": UNLIMITED_RECONNECTS, "reconnect_delay": 1})
         if broker.username:
-            password = _read_secret(broker.password_file) if broker.password_file else None
+            password = read_secret(broker.password_file, "password file") if broker.password_file else None
             c.set_auth_credentials(broker.username, password)
         c.on_connect = self._handle_connect
         c.on_disconnect = self._handle_disconnect
         handler = on_message
+        retain_handler = on_message_retain
 
-        def _on_message(_c: Client, topic: str, payload: bytes, _qos: int, _props: Any) -> int:
-            if handler is not None:
+        def _on_message(_c: Client, topic: str, payload: bytes, _qos: int, props: Any) -> int:
+            if retain_handler is not None:
+                retained = bool(props.get("retain")) if isinstance(props, dict) else False
+                retain_handler(topic, payload, retained)
+            elif handler is not None:
                 handler(topic, payload)
             return 0
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import sys
 import time
 import urllib.error
@@ -10,6 +11,9 @@ import urllib.request
 from datetime import datetime
 from typing import Any
 from zoneinfo import ZoneInfo
+
+from labmeter.log import printable
+from labmeter.netutil import redact_text, redact_url
 
 COLOURS = {"RUNNING": "\033[32m", "STANDBY": "\033[33m", "OFF": "\033[90m", "UNKNOWN": "\033[31m"}
 
@@ -23,29 +27,42 @@ def fetch(url: str, token: str | None) -> dict[str, Any]:
         return data
 
 
+def _number(v: object, spec: str) -> str:
+    return (
+        format(v, spec)
+        if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+        else "-"
+    )
+
+
 def render(data: dict[str, Any], colour: bool) -> str:
+    """The API's instruments as a table; every value from the data is printed as plain text (no control
+    characters) and anything that is not a number or a time shows as ``-``."""
     tz = ZoneInfo(data.get("tz") or "Asia/Shanghai")
 
-    def hhmm(ms: int | None) -> str:
-        return datetime.fromtimestamp(ms / 1000, tz).strftime("%m-%d %H:%M") if ms else "-"
+    def hhmm(ms: object) -> str:
+        if not isinstance(ms, int | float) or isinstance(ms, bool) or not 0 < ms < 253_402_300_800_000:
+            return "-"
+        return datetime.fromtimestamp(ms / 1000, tz).strftime("%m-%d %H:%M")
 
     lines = [f"labmeter  {hhmm(data.get('now'))}  ({len(data['instruments'])} instruments)", ""]
     head = f"{'INSTRUMENT':<16} {'UNIT':<22} {'STATE':<8} {'SINCE':<11} {'POWER W':>9} {'RUN TODAY':>9} {'EFF TODAY':>9} {'UTIL MONTH':>10}  AGENT"
     lines.append(head)
-    for i in sorted(data["instruments"], key=lambda x: (x.get("unit") or "", x["code"])):
-        state = i.get("state", "UNKNOWN")
+    for i in sorted(
+        data["instruments"], key=lambda x: (printable(x.get("unit") or ""), printable(x["code"]))
+    ):
+        state = printable(i.get("state", "UNKNOWN"))
         shown = f"{state:<8}"
         if colour:
             shown = f"{COLOURS.get(state, '')}{shown}\033[0m"
-        today = i.get("today") or {}
-        month = i.get("month") or {}
-        util = month.get("utilisation_pct")
-        power = i.get("power_w")
-        agent = (i.get("agent") or "-") + (" DOWN" if i.get("agent_down") else "")
+        today = i.get("today") if isinstance(i.get("today"), dict) else {}
+        month = i.get("month") if isinstance(i.get("month"), dict) else {}
+        util = _number(month.get("utilisation_pct"), ".1f")
+        agent = printable(i.get("agent") or "-") + (" DOWN" if i.get("agent_down") else "")
         lines.append(
-            f"{i['code']:<16} {(i.get('unit') or '')[:22]:<22} {shown} {hhmm(i.get('since')):<11} "
-            f"{'-' if power is None else f'{power:.1f}':>9} {today.get('run_h', 0):>9.2f} "
-            f"{today.get('effective_h', 0):>9.2f} {'-' if util is None else f'{util:.1f}%':>10}  {agent}"
+            f"{printable(i['code']):<16} {printable(i.get('unit') or '')[:22]:<22} {shown} {hhmm(i.get('since')):<11} "
+            f"{_number(i.get('power_w'), '.1f'):>9} {_number(today.get('run_h', 0), '.2f'):>9} "
+            f"{_number(today.get('effective_h', 0), '.2f'):>9} {util + '%' if util != '-' else '-':>10}  {agent}"
         )
     return "\n".join(lines) + "\n"
 
@@ -56,7 +73,7 @@ def run_top(url: str, token: str | None, every: float, once: bool) -> int:
         try:
             text = render(fetch(url, token), colour)
         except (urllib.error.URLError, OSError, ValueError) as exc:
-            text = f"cannot read {url}/api/instruments: {exc}\n"
+            text = f"cannot read {redact_url(url)}/api/instruments: {redact_text(str(exc), url)}\n"
             if once:
                 sys.stderr.write(text)
                 return 1

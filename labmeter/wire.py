@@ -23,6 +23,15 @@ GENESIS = "0" * 64
 MAX_PAYLOAD = 8192
 MAX_INTERVAL_MS = 86_400_000
 ID_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+HEX64_RE = re.compile(r"^[0-9a-f]{64}$")
+# Bounds every body is checked against before anything touches the ledger: well inside signed 64 bits
+# (SQLite INTEGER, PostgreSQL BIGINT) and inside what a JSON reader keeps exact (2**53), with room for
+# the ledger's seq +/- 1 arithmetic.
+MAX_SEQ = 2**53 - 1
+MAX_TIME_MS = 253_402_300_800_000  # 10000-01-01: times are checked against the clock later, this bounds type
+MAX_NOTE = 200
+MAX_ERROR = 200
+MAX_POWER_W = 1e9
 
 
 def chain_origin(now_ms: int) -> int:
@@ -239,9 +248,61 @@ def decode_signin(body_text: str) -> SignIn:
     si = _decode(_signin_decoder, body_text)
     if si.v != VERSION or si.kind != "signin":
         raise WireError("body is not a version-1 signin")
-    if si.seq < 1 or len(si.prev) != 64 or not re.fullmatch(r"[0-9a-f]{16,64}", si.user):
-        raise WireError("signin needs seq >= 1, a 64-hex prev and a hex user pseudonym")
+    _ids(si.agent, si.instrument)
+    _link(si.seq, si.prev)
+    _time("at", si.at)
+    if not re.fullmatch(r"[0-9a-f]{16,64}", si.user):
+        raise WireError("signin needs a hex user pseudonym of 16-64 characters")
     return si
+
+
+class OpenInterval(msgspec.Struct, frozen=True):
+    """The provisional current interval, for live views only: never stored, never counted."""
+
+    agent: str
+    instrument: str
+    start: int
+    state: str
+    at: int
+    power_w: float | None = None
+    error: str | None = None
+    v: int = VERSION
+    kind: str = "open"
+
+    def live(self) -> dict[str, Any]:
+        """The fields a live view shows; nothing the sender added beyond them."""
+        out: dict[str, Any] = {
+            "agent": self.agent,
+            "instrument": self.instrument,
+            "start": self.start,
+            "state": self.state,
+            "at": self.at,
+        }
+        if self.power_w is not None:
+            out["power_w"] = self.power_w
+        if self.error is not None:
+            out["error"] = self.error
+        return out
+
+
+_open_decoder = msgspec.json.Decoder(OpenInterval)
+
+
+def decode_open(body_text: str) -> OpenInterval:
+    """An ``open`` body, typed and bounded like the others (the live view shows what passes here)."""
+    op = _decode(_open_decoder, body_text)
+    if op.v != VERSION or op.kind != "open":
+        raise WireError("body is not a version-1 open interval")
+    _ids(op.agent, op.instrument)
+    if op.state not in STATES:
+        raise WireError(f"state {op.state[:20]!r} is not one of {sorted(STATES)}")
+    _time("start", op.start)
+    _time("at", op.at)
+    if op.power_w is not None and not -MAX_POWER_W <= op.power_w <= MAX_POWER_W:
+        raise WireError("power_w is not a plausible power")
+    if op.error is not None and len(op.error) > MAX_ERROR:
+        raise WireError(f"error is longer than {MAX_ERROR} characters")
+    return op
 
 
 def load_body(body_text: str) -> dict[str, Any]:
@@ -254,6 +315,22 @@ def load_body(body_text: str) -> dict[str, Any]:
     if obj.get("v") != VERSION:
         raise WireError(f"body format version {obj.get('v')!r} is not {VERSION}")
     return obj
+
+
+def raw_body(body_text: str) -> dict[str, Any] | None:
+    """Any JSON object, unchecked, or None: what a rejection reads its agent, instrument and seq from."""
+    try:
+        obj = _any_decoder.decode(body_text)
+    except (msgspec.DecodeError, RecursionError):
+        return None
+    return obj if isinstance(obj, dict) else None
+
+
+def bounded_seq(value: object) -> int | None:
+    """``value`` if it is a seq a ledger can hold, else None."""
+    if isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= MAX_SEQ:
+        return value
+    return None
 
 
 def decode_interval(body_text: str) -> Interval:
@@ -270,18 +347,39 @@ def parse_interval(obj: dict[str, Any]) -> Interval:
     return _checked(iv)
 
 
+def _ids(agent: str, instrument: str) -> None:
+    if not ID_RE.fullmatch(agent) or not ID_RE.fullmatch(instrument):
+        raise WireError("body agent and instrument must be 1-64 characters of [A-Za-z0-9._-]")
+
+
+def _link(seq: int, prev: str) -> None:
+    if not 1 <= seq <= MAX_SEQ:
+        raise WireError(f"seq must be between 1 and {MAX_SEQ}")
+    if not HEX64_RE.fullmatch(prev):
+        raise WireError("prev must be a 64-character SHA-256 hex digest")
+
+
+def _time(name: str, ms: int) -> None:
+    if not 0 <= ms <= MAX_TIME_MS:
+        raise WireError(f"{name} must be between 0 and {MAX_TIME_MS} ms")
+
+
 def _checked(iv: Interval) -> Interval:
-    """Schema and sanity checks that need no clock or ledger."""
+    """Schema and sanity checks that need no clock or ledger; every integer in range, every string capped."""
     if iv.v != VERSION:
         raise WireError(f"body format version {iv.v!r} is not {VERSION}")
     if iv.kind != "interval":
         raise WireError("body kind is not 'interval'")
-    if iv.seq < 1:
-        raise WireError("seq must be >= 1")
-    if len(iv.prev) != 64:
-        raise WireError("prev must be a 64-character SHA-256 hex digest")
+    _ids(iv.agent, iv.instrument)
+    _link(iv.seq, iv.prev)
+    _time("start", iv.start)
+    _time("end", iv.end)
+    if not -MAX_TIME_MS <= iv.clock_step_ms <= MAX_TIME_MS:
+        raise WireError(f"clock_step_ms must be within +/-{MAX_TIME_MS}")
+    if iv.note is not None and len(iv.note) > MAX_NOTE:
+        raise WireError(f"note is longer than {MAX_NOTE} characters")
     if iv.state not in STATES:
-        raise WireError(f"state {iv.state!r} is not one of {sorted(STATES)}")
+        raise WireError(f"state {iv.state[:20]!r} is not one of {sorted(STATES)}")
     if iv.end <= iv.start:
         raise WireError(f"end {iv.end} is not after start {iv.start}")
     if iv.end - iv.start > MAX_INTERVAL_MS:

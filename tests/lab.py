@@ -10,10 +10,10 @@ from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as paho
-from labmeter.collector.ledger import Ledger
-from labmeter.collector.service import Collector
 
 from labmeter import config, signing, wire
+from labmeter.collector.ledger import Ledger
+from labmeter.collector.service import Collector
 
 
 def wait_for(cond: Callable[[], Any], timeout: float = 15.0, what: str = "condition") -> Any:
@@ -133,7 +133,6 @@ def store_schedule(
     from labmeter.agent.outbox import AgentStore, Signer
     from labmeter.agent.timeline import split
     from labmeter.collector.ledger import StoredInterval
-
     from labmeter.wire import State
 
     key_file = tmp / f"{agent}.key"

@@ -15,9 +15,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from labmeter.collector.ledger import Ledger
-
 from labmeter.clock import SIM_CLOCK_ENV, ScaledClock
+from labmeter.collector.ledger import Ledger
+from labmeter.machine_hours import uncovered
 from labmeter.wire import GENESIS
 from tests.conftest import LABMETER, BrokerProcess, free_port, wait_port
 
@@ -194,7 +194,6 @@ def check_against_truth(lab: Lab, variant: str, marks: dict[str, float]) -> None
     """The ledger's chains are whole and its hours match the schedules, within what a disruption explains."""
     from labmeter.collector.hours import compute
     from labmeter.collector.report import per_instrument
-
     from labmeter.config import PolicyConfig
 
     assert lab.outbox_left() == 0, "the outbox did not drain: " + lab.log("agent")
@@ -242,7 +241,10 @@ def check_against_truth(lab: Lab, variant: str, marks: dict[str, float]) -> None
                 gap_s = h.uncovered_ms / 1000
                 assert down - 3 <= gap_s <= marks["up"] - last_change + 60, f"{code}: no data for {gap_s} s"
             else:
-                assert h.uncovered_ms == 0, f"{code}: time with no interval"
+                assert h.uncovered_ms == 0, (
+                    f"{code}: time with no interval, at "
+                    f"{[((s - EPOCH_MS) / 1000, (e - EPOCH_MS) / 1000) for s, e in uncovered(rows, a, b)]} s"
+                )
             run_s, eff_s = truth_hours(schedule, unknown + gaps)
             tol = transitions(schedule) * (POLL_S + period_s + 0.5)
             got_run, got_eff, unknown_s = h.run_ms / 1000, h.effective_ms / 1000, h.unknown_ms / 1000

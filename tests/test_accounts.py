@@ -11,16 +11,18 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+
+from labmeter import config
+from labmeter.clock import Clock
 from labmeter.collector.mosquitto import (
     agent_acl,
     agent_plug_topics,
     collector_acl,
     source_subscriptions,
 )
-from labmeter.drivers.mqtt_plug import PlugDriver
-
-from labmeter import config
-from labmeter.clock import Clock
+from labmeter.drivers.mqtt import MqttSource
+from labmeter.drivers.mqtt.driver import PlugDriver
+from labmeter.drivers.registry import agent_config
 from tests.conftest import LABMETER
 
 CASES = sorted((Path(__file__).parent / "testcases" / "accounts").iterdir())
@@ -115,10 +117,10 @@ def test_commands_run_at_once_lose_no_account(tmp_path: Path) -> None:
 def test_agent_acl_is_what_its_drivers_subscribe_to() -> None:
     """The same table decides both: a driver that changes its topics changes the ACL with it."""
     case = Path(__file__).parent / "testcases" / "accounts" / "agent_reads_exactly_its_six_plugs"
-    cfg = config.load(case / "agent.toml", config.AgentConfig)
+    cfg = config.load(case / "agent.toml", agent_config())
     formats = set()
     for inst in cfg.instrument:
-        if not isinstance(inst.source, config.MqttSource) or inst.source.broker is not None:
+        if not isinstance(inst.source, MqttSource) or inst.source.broker is not None:
             continue
         formats.add(inst.source.format)
         driver = PlugDriver(inst.source, cfg.broker, "t", 30.0, Clock())

@@ -15,7 +15,7 @@ from pyModbusTCP.server import ModbusServer
 
 from tests.conftest import LABMETER, BrokerProcess, free_port
 from tests.lab import CollectorThread, collector_config, wait_for
-from tests.test_driver_modbus import words
+from tests.support.modbus import words
 
 
 def cli(tmp: Path, *args: str) -> subprocess.CompletedProcess[str]:

@@ -19,12 +19,14 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import paho.mqtt.client as paho
 import pytest
-from labmeter.collector.mosquitto import source_subscriptions
 
 from labmeter import config, signing, wire
+from labmeter.collector.mosquitto import source_subscriptions
+from labmeter.drivers.registry import agent_config
 from tests.conftest import LABMETER, ROOT, free_port, mosquitto_bin, wait_port
 from tests.lab import wait_for
 
@@ -76,7 +78,7 @@ class Broker:
     proc: subprocess.Popen[bytes]
     log: Path
     plain: int
-    agents: dict[str, config.AgentConfig] = field(default_factory=dict)
+    agents: dict[str, config.AgentConfig[Any]] = field(default_factory=dict)
 
     def password(self, user: str) -> str:
         return (self.mq / "secrets" / f"{user}.pass").read_text().strip()
@@ -128,7 +130,7 @@ def debian_broker() -> Iterator[Broker]:
     cfgs = {}
     for agent, plugs in agents.items():
         (home / f"{agent}.toml").write_text(agent_toml(agent, port, mq, plugs))
-        cfgs[agent] = config.load(home / f"{agent}.toml", config.AgentConfig)
+        cfgs[agent] = config.load(home / f"{agent}.toml", agent_config())
         key = signing.generate_key_file(home / f"{agent}.key")
         args = [a for inst, _f, _t in plugs for a in ("--instrument", inst)]
         cli(

@@ -18,7 +18,7 @@ from labmeter import config, signing, wire
 from tests.certs import certificates
 from tests.conftest import LABMETER, ROOT, free_port, mosquitto_bin, wait_port
 from tests.lab import CollectorThread, interval_payload, wait_for
-from tests.test_driver_modbus import words
+from tests.support.modbus import words
 
 pytestmark = pytest.mark.skipif(
     shutil.which("openssl") is None, reason="openssl CLI needed to make test certificates"

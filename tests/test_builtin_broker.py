@@ -9,9 +9,9 @@ from typing import Any
 
 import pytest
 from amqtt.mqtt.protocol import handler as amqtt_handler
+
 from labmeter.collector import broker as broker_mod
 from labmeter.collector.broker import EmbeddedBroker
-
 from labmeter.netutil import free_port, split_listen
 from tests.conftest import LABMETER
 from tests.lab import Publisher

@@ -11,12 +11,13 @@ import time
 from pathlib import Path
 
 import pytest
-from labmeter.agent.calibrate import find_levels, suggest
 from pyModbusTCP.server import ModbusServer
 
 from labmeter import config
+from labmeter.agent.calibrate import find_levels, suggest
+from labmeter.drivers.registry import agent_config
 from tests.conftest import LABMETER, free_port
-from tests.test_driver_modbus import words
+from tests.support.modbus import words
 
 TRUTH = {"off": 2.0, "standby": 180.0, "running": 1450.0}
 
@@ -99,5 +100,5 @@ def test_cli_records_a_meter_and_writes_the_config(tmp_path: Path) -> None:
     assert float(live.group(1)) in [round(v, 1) for v in values] and int(live.group(2)) >= 3
     text = cfg.read_text()
     assert "# the diffractometer in room 101" in text
-    states = config.load(cfg, config.AgentConfig).instrument[0].states
+    states = config.load(cfg, agent_config()).instrument[0].states
     assert 2.0 < states.off_below_w < 180.0 < states.run_above_w < 1450.0

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import pytest
-from labmeter.agent.classifier import Classifier
-from labmeter.drivers.base import Reading
 
+from labmeter.agent.classifier import Classifier
 from labmeter.config import StatesConfig
+from labmeter.drivers.base import Reading
 from labmeter.wire import State
 
 OFF, SB, RUN, UNK = State.OFF, State.STANDBY, State.RUNNING, State.UNKNOWN

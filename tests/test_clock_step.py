@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from labmeter.agent.runtime import TimeBase
-
 from labmeter.clock import Clock
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from labmeter import config
+from labmeter.drivers.registry import agent_config
 
 CASES = sorted((Path(__file__).parent / "testcases" / "config").iterdir())
 
@@ -21,7 +22,7 @@ def test_bad_config(case: Path) -> None:
         if collector.exists():
             config.load(collector, config.CollectorConfig)
         else:
-            config.load(case / "agent.toml", config.AgentConfig)
+            config.load(case / "agent.toml", agent_config())
     shown = str(err.value).replace(str(case) + "/", "")
     assert expected in shown, shown
 
@@ -43,7 +44,7 @@ def test_cli_stops_with_line_number_and_exit_code(tmp_path: Path) -> None:
 
 def test_example_configs_are_valid() -> None:
     root = Path(__file__).resolve().parent.parent / "config"
-    agent = config.load(root / "agent.example.toml", config.AgentConfig)
+    agent = config.load(root / "agent.example.toml", agent_config())
     assert [i.id for i in agent.instrument] == ["CZ-XRD-001", "CZ-HPLC-002"]
     collector = config.load(root / "collector.example.toml", config.CollectorConfig)
     assert collector.broker.listen.startswith("127.0.0.1:")
@@ -55,6 +56,6 @@ def test_relative_paths_follow_the_config_file(tmp_path: Path) -> None:
         .read_text()
         .replace("run_abov_w", "run_above_w")
     )
-    cfg = config.load(tmp_path / "agent.toml", config.AgentConfig)
+    cfg = config.load(tmp_path / "agent.toml", agent_config())
     assert cfg.agent.key_file == tmp_path / "agent.key"
     assert cfg.agent.state_dir == tmp_path / "state"

@@ -13,10 +13,11 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from labmeter.agent.runtime import Agent
-from labmeter.agent.timeline import Span
 
 from labmeter import config, signing, wire
+from labmeter.agent.runtime import Agent
+from labmeter.agent.timeline import Span
+from labmeter.drivers.registry import agent_config
 from labmeter.wire import State
 from tests.conftest import LABMETER
 
@@ -40,7 +41,7 @@ def agent_toml(tmp: Path, collector_key: str | None = None) -> Path:
 
 
 def make_agent(tmp: Path, collector_key: str | None = None) -> Agent:
-    return Agent(config.load(agent_toml(tmp, collector_key), config.AgentConfig))
+    return Agent(config.load(agent_toml(tmp, collector_key), agent_config()))
 
 
 def emit(agent: Agent, n: int, start: int = T0, state: State = State.RUNNING) -> list[tuple[int, str]]:

@@ -21,13 +21,14 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from labmeter.collector.ledger import Ledger
 from pyModbusTCP.server import ModbusServer
 
 from labmeter import config, signing, wire
+from labmeter.collector.ledger import Ledger
+from labmeter.drivers.registry import agent_config
 from tests.conftest import LABMETER, BrokerProcess, free_port
 from tests.lab import CollectorThread, Publisher, make_agent_key, register, wait_for
-from tests.test_driver_modbus import words
+from tests.support.modbus import words
 
 AGENT = "bench-01"
 INST = "CZ-NMR-009"
@@ -109,7 +110,7 @@ def test_forged_acks_from_the_broker_delete_nothing(broker: BrokerProcess, tmp_p
         enroll = cli(tmp_path, "agent", "enroll", "-c", "agent.toml", "--collector-key", collector_key)
         assert enroll.returncode == 0, enroll.stderr
         assert f'collector_key = "{collector_key}"' in enroll.stdout
-        assert config.load(tmp_path / "agent.toml", config.AgentConfig).agent.collector_key == collector_key
+        assert config.load(tmp_path / "agent.toml", agent_config()).agent.collector_key == collector_key
         assert "# the agent of the control-path tests" in (tmp_path / "agent.toml").read_text()
         add = next(
             x.strip() for x in enroll.stdout.splitlines() if x.strip().startswith("labmeter collector")
@@ -321,7 +322,6 @@ def test_upgrade_keeps_an_existing_ledger_and_agent_working(mosquitto: BrokerPro
     with rows still waiting, as the code before the signed control path left them."""
     from labmeter.agent.outbox import AgentStore, Signer
     from labmeter.agent.timeline import Span
-
     from labmeter.wire import State
 
     with meter() as (m, port):

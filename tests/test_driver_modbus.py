@@ -4,26 +4,23 @@ from __future__ import annotations
 
 import asyncio
 import math
-import struct
 from pathlib import Path
 
 import pytest
-from labmeter.agent.classifier import Classifier
-from labmeter.drivers.base import Reading, Sample
-from labmeter.drivers.modbus import ModbusDriver
-from labmeter.drivers.profiles import ProfileError, load_profile
 from pyModbusTCP.server import ModbusServer
 
+from labmeter.agent.classifier import Classifier
 from labmeter.clock import Clock
-from labmeter.config import ModbusSource, StatesConfig
-from labmeter.sim import Schedule, SimMeter
+from labmeter.config import StatesConfig
+from labmeter.drivers.base import Reading, Sample
+from labmeter.drivers.modbus import ModbusSource, load_profile
+from labmeter.drivers.modbus.driver import ModbusDriver
+from labmeter.drivers.modbus.sim import SimMeter
+from labmeter.drivers.profiles import ProfileError
+from labmeter.drivers.sim import Schedule
 from labmeter.wire import State
 from tests.conftest import free_port
-
-
-def words(value: float, order: str = "big") -> list[int]:
-    hi, lo = struct.unpack(">HH", struct.pack(">f", value))
-    return [hi, lo] if order == "big" else [lo, hi]
+from tests.support.modbus import words
 
 
 def source(port: int, profile: str = "eastron-sdm120", device_id: int = 1) -> ModbusSource:

@@ -11,11 +11,12 @@ import json
 from dataclasses import dataclass
 
 import pytest
-from labmeter.drivers.base import Sample
-from labmeter.drivers.mqtt_plug import PlugDriver
 
 from labmeter.clock import Clock
-from labmeter.config import BrokerConfig, MqttSource
+from labmeter.config import BrokerConfig
+from labmeter.drivers.base import Sample
+from labmeter.drivers.mqtt import MqttSource
+from labmeter.drivers.mqtt.driver import PlugDriver
 from tests.conftest import BrokerProcess
 from tests.lab import Publisher
 

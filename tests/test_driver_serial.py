@@ -8,43 +8,18 @@ DSR: opening the contact is simulated by dropping RTS, the one thing here that s
 from __future__ import annotations
 
 import asyncio
-import threading
 from collections.abc import Callable, Iterator
 
 import pytest
-import serial
-from labmeter.drivers.base import Sample
-from labmeter.drivers.registry import with_profile
-from labmeter.drivers.serial_line import SerialDriver
 
 from labmeter.clock import Clock
-from labmeter.config import SerialSource
+from labmeter.drivers.base import Sample
+from labmeter.drivers.serial import SerialSource, with_profile
+from labmeter.drivers.serial.driver import SerialDriver
 from labmeter.wire import State
-from tests.test_modbus_rtu import SOCAT, PtyPair, pty  # noqa: F401  (fixture)
+from tests.support.pty import SOCAT, Instrument, PtyPair, pty  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.skipif(SOCAT is None, reason="socat is not installed (make deps installs it)")
-
-
-class Instrument:
-    """A fake instrument on the far end of the pty: answers queries, or streams lines."""
-
-    def __init__(self, path: str, answer: Callable[[bytes], bytes | None], terminator: bytes = b"\n") -> None:
-        self.path, self.answer, self.terminator = path, answer, terminator
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self.run, daemon=True)
-        self.thread.start()
-
-    def run(self) -> None:
-        with serial.Serial(self.path, 9600, timeout=0.05) as port:
-            while not self.stop.is_set():
-                req = port.read_until(self.terminator)
-                reply = self.answer(req)
-                if reply:
-                    port.write(reply)
-
-    def close(self) -> None:
-        self.stop.set()
-        self.thread.join(2)
 
 
 def reads(

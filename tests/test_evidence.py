@@ -11,10 +11,10 @@ import time
 from pathlib import Path
 
 import pytest
-from labmeter.collector.evidence import write_bundle
-from labmeter.collector.ledger import Ledger
 
 from labmeter import signing, wire
+from labmeter.collector.evidence import write_bundle
+from labmeter.collector.ledger import Ledger
 from labmeter.verify import H, verify_bundle
 from labmeter.wire import State
 from tests.lab import store_schedule

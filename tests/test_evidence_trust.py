@@ -19,11 +19,11 @@ from typing import Any
 
 import pytest
 from click.testing import CliRunner
-from labmeter.collector.evidence import export_keys, write_bundle
-from labmeter.collector.ledger import Ledger
 
 from labmeter import evidence, signing, wire
 from labmeter.cli import VERIFY_UNTRUSTED, app
+from labmeter.collector.evidence import export_keys, write_bundle
+from labmeter.collector.ledger import Ledger
 from labmeter.verify import BundleError, verify_bundle
 from tests.lab import store_schedule
 

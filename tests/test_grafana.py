@@ -6,7 +6,6 @@ import json
 import re
 
 from labmeter.collector.sink_influx import STATE_CODE
-
 from tests.conftest import ROOT
 
 

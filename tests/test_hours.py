@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from labmeter.collector.hours import compute
 
 M = 60_000

@@ -6,9 +6,10 @@ from pathlib import Path
 from zoneinfo import ZoneInfo
 
 import pytest
+from openpyxl import Workbook
+
 from labmeter.collector.ledger import Ledger
 from labmeter.collector.registry import ImportError_, import_instruments, import_services
-from openpyxl import Workbook
 
 TZ = ZoneInfo("Asia/Shanghai")
 

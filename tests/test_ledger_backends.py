@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from labmeter.collector.ledger import Ledger, LedgerError, Rejection, StoredInterval
 
 H = 3_600_000
@@ -125,7 +126,6 @@ def test_background_refresh_gives_way_to_another_collector(postgres: Any, tmp_pa
     """On a shared PostgreSQL ledger one collector refreshes rollups at a time; the other's background
     refresh gives up at once instead of stalling its ingest, and a report waits for its turn."""
     from labmeter.collector.rollup import Rollups
-
     from labmeter.config import PolicyConfig
 
     url = postgres.new_database()
@@ -155,3 +155,134 @@ def test_a_large_batch_keeps_the_same_promises(any_ledger: Ledger) -> None:
     assert [c.seq for c in conflicts] == [150]
     assert [seq for seq, _ in ledger.handled_seqs("a1", "XRD")] == list(range(1, 400))
     assert ledger.db.execute("SELECT state FROM intervals WHERE seq = 150").fetchone()[0] == "RUNNING"
+
+
+def test_unauthenticated_rejections_are_counted_under_a_cap(any_ledger: Ledger) -> None:
+    """A flood of rejections nobody signed adds counts, not rows: at most REJECTION_KEYS rows per window,
+    texts cut short; authentic rejections are kept whole, each body once however often it is replayed."""
+    from labmeter.collector.ledger import REJECTION_KEYS, REJECTION_OTHER, REJECTION_TEXT
+
+    ledger = any_ledger
+    flood = [
+        Rejection(f"unknown agent 'g{i}'" + "x" * 500, f"labmeter/v1/g{i}/I/interval", b"p" * 8000)
+        for i in range(3 * REJECTION_KEYS)
+    ]
+    for part in (flood[:50], flood[50:], flood[:10]):
+        ledger.store([], part)
+    rows = ledger.db.execute("SELECT reason, topic, n FROM rejection_counts").fetchall()
+    assert len(rows) == REJECTION_KEYS
+    assert sum(n for _, _, n in rows) == len(flood) + 10
+    assert all(len(r) <= REJECTION_TEXT and len(t) <= REJECTION_TEXT for r, t, _ in rows)
+    other = [n for r, t, n in rows if (r, t) == REJECTION_OTHER]
+    assert other == [len(flood) - (REJECTION_KEYS - 1)]
+    assert ledger.db.execute("SELECT COUNT(*) FROM rejections").fetchone()[0] == 0
+
+    genuine = Rejection(
+        "state 'X' is not one of",
+        "labmeter/v1/a1/XRD/interval",
+        b"env",
+        "a1",
+        "XRD",
+        5,
+        True,
+        "sha5",
+        False,
+        "XRD",
+    )
+    for _ in range(3):
+        ledger.store([], [genuine])
+    assert ledger.db.execute("SELECT COUNT(*) FROM rejections").fetchone()[0] == 1
+    assert ledger.handled_seqs("a1", "XRD") == [(5, False)]
+    assert ledger.handled_seqs("a1", "XRD@signin") == []
+    summary = ledger.rejection_summary()
+    assert summary[0][2] == other[0] and summary[0][3] is False
+    assert ("state 'X' is not one of", "labmeter/v1/a1/XRD/interval", 1, True) in summary
+
+
+OLD_REJECTIONS = """
+CREATE TABLE rejections (
+    id INTEGER PRIMARY KEY, at_ms INTEGER NOT NULL, agent TEXT, instrument TEXT, seq INTEGER,
+    authentic INTEGER NOT NULL DEFAULT 0, reason TEXT NOT NULL, topic TEXT NOT NULL, payload BLOB NOT NULL)
+"""
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_a_ledger_from_before_is_migrated(
+    backend: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """An existing ledger's authentic rejections keep counting for their own chain; the rows an older
+    collector took as authentic for a replay on another instrument's topic stop counting for it."""
+    from labmeter import signing, wire
+
+    key = signing.generate_key_file(tmp_path / "a1.key")
+    kid = signing.key_id(key.public_key())
+
+    def env(code: str, seq: int, prev: str = "f" * 64) -> bytes:
+        return wire.seal(
+            key, kid, wire.dump_body(wire.Interval("a1", code, seq, prev, T0, T0 + H, "BOGUS").body())
+        )
+
+    rows = [
+        (T0, "a1", "XRD", 3, 1, "state 'BOGUS'", "labmeter/v1/a1/XRD/interval", env("XRD", 3)),
+        (T0, "a1", "XRD", 3, 1, "state 'BOGUS'", "labmeter/v1/a1/XRD/interval", env("XRD", 3)),  # twice
+        (
+            T0,
+            "a1",
+            "XRD",
+            10**12,
+            1,
+            "replayed",
+            "labmeter/v1/a1/XRD/interval",
+            env("HPLC", 10**12, "0" * 64),
+        ),
+        (T0, "ghost", "XRD", 4, 0, "unknown agent", "labmeter/v1/ghost/XRD/interval", b"junk"),
+    ]
+    insert = "INSERT INTO rejections (at_ms, agent, instrument, seq, authentic, reason, topic, payload) VALUES (?,?,?,?,?,?,?,?)"
+    if backend == "sqlite":
+        import sqlite3
+
+        path = tmp_path / "ledger.sqlite"
+        db = sqlite3.connect(path)
+        db.execute(OLD_REJECTIONS)
+        db.executemany(insert, rows)
+        db.commit()
+        db.close()
+        ledger = Ledger(path)
+    else:
+        from labmeter.collector import pg
+
+        url = request.getfixturevalue("postgres").new_database()
+        old = pg.Database(url)
+        for stmt in pg.schema(OLD_REJECTIONS):
+            old.execute(stmt)
+        old.executemany(insert, rows)
+        old.close()
+        ledger = Ledger.open(url, tmp_path)
+    try:
+        assert ledger.handled_seqs("a1", "XRD") == [(3, False)]
+        assert ledger.handled_seqs("a1", "HPLC") == []  # nor for the chain it came from: a replay is no link
+        assert ledger.db.execute("SELECT COUNT(*) FROM rejections").fetchone()[0] == 4  # nothing deleted
+        again = Ledger.open(url, tmp_path) if backend == "postgresql" else Ledger(tmp_path / "ledger.sqlite")
+        again.close()  # a second start finds the ledger migrated
+        ledger.store(
+            [],
+            [
+                Rejection(
+                    "state 'BOGUS'",
+                    "labmeter/v1/a1/XRD/interval",
+                    env("XRD", 3),
+                    "a1",
+                    "XRD",
+                    3,
+                    True,
+                    wire.body_hash(wire.open_envelope(env("XRD", 3)).body),
+                    False,
+                    "XRD",
+                )
+            ],
+        )
+        assert (
+            ledger.db.execute("SELECT COUNT(*) FROM rejections").fetchone()[0] == 4
+        )  # the same body: kept once
+    finally:
+        ledger.close()

@@ -25,7 +25,7 @@ from pyModbusTCP.server import ModbusServer
 from labmeter import config
 from tests.conftest import LABMETER, ROOT, BrokerProcess, free_port
 from tests.lab import CollectorThread, wait_for
-from tests.test_driver_modbus import words
+from tests.support.modbus import words
 
 ARTIFACTS = ROOT / "test-artifacts"
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -207,7 +207,7 @@ def test_token_required_off_loopback(tmp_path: Path) -> None:
 
     async def main() -> list[int]:
         collector = Collector(cfg)
-        with pytest.raises(ValueError, match="set token_file"):
+        with pytest.raises(config.ConfigError, match="set token_file"):
             LiveView(collector, "0.0.0.0:8080")
         port = free_port()
         view = LiveView(collector, f"127.0.0.1:{port}", token="s3cret")
@@ -299,7 +299,6 @@ def test_usage_so_far_equals_the_report(tmp_path: Path, page_zone: str) -> None:
     from labmeter.collector.report import per_instrument
     from labmeter.collector.service import Collector
     from labmeter.collector.web import LiveView
-
     from tests.lab import store_schedule
 
     cfg = config.CollectorConfig(

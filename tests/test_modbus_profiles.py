@@ -6,16 +6,16 @@ import asyncio
 from typing import Any
 
 import pytest
-from labmeter.drivers.base import Sample
-from labmeter.drivers.modbus import ModbusDriver
-from labmeter.drivers.profiles import shipped_profiles
-from labmeter.drivers.registry import modbus_register
 from pyModbusTCP.server import ModbusServer
 
-from labmeter.config import ModbusSource, RegisterConfig
+from labmeter.drivers.base import Sample
+from labmeter.drivers.modbus import ModbusSource, modbus_register
+from labmeter.drivers.modbus import Register as RegisterConfig
+from labmeter.drivers.modbus.driver import ModbusDriver
+from labmeter.drivers.profiles import shipped_profiles
 from labmeter.wire import State
 from tests.conftest import free_port
-from tests.test_driver_modbus import words
+from tests.support.modbus import words
 
 # profile, where the device keeps it, address, raw value on the wire, what labmeter must read
 CASES: list[tuple[str, str, int, Any, Any]] = [

@@ -7,63 +7,27 @@ Also a device that answers with a broken CRC, and a port that disappears and com
 from __future__ import annotations
 
 import asyncio
-import shutil
-import subprocess
 import threading
-import time
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 import serial
-from labmeter.drivers.base import Sample
-from labmeter.drivers.modbus import ModbusDriver
-from labmeter.drivers.profiles import load_profile
 
 from labmeter.clock import Clock
-from labmeter.config import ModbusSource
-from labmeter.sim import Schedule, SimMeter
+from labmeter.drivers.base import Sample
+from labmeter.drivers.modbus import ModbusSource, load_profile
+from labmeter.drivers.modbus.driver import ModbusDriver
+from labmeter.drivers.modbus.sim import SimMeter
+from labmeter.drivers.sim import Schedule
+from tests.support.pty import SOCAT, PtyPair, pty  # noqa: F401  (fixture)
 
-SOCAT = shutil.which("socat")
 pytestmark = pytest.mark.skipif(SOCAT is None, reason="socat is not installed (make deps installs it)")
-
-
-class PtyPair:
-    def __init__(self, tmp: Path) -> None:
-        self.a, self.b = tmp / "meter", tmp / "agent"
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        assert SOCAT
-        self.proc = subprocess.Popen(
-            [SOCAT, f"pty,raw,echo=0,link={self.a}", f"pty,raw,echo=0,link={self.b}"],
-            stderr=subprocess.DEVNULL,
-        )
-        deadline = time.monotonic() + 5
-        while not (self.a.exists() and self.b.exists()):
-            assert time.monotonic() < deadline, "socat did not create the pty pair"
-            time.sleep(0.02)
-
-    def stop(self) -> None:
-        if self.proc:
-            self.proc.terminate()
-            self.proc.wait(5)
-            self.proc = None
-
-
-@pytest.fixture
-def pty(tmp_path: Path) -> Iterator[PtyPair]:
-    p = PtyPair(tmp_path)
-    p.start()
-    yield p
-    p.stop()
 
 
 def source(p: PtyPair) -> ModbusSource:
     return ModbusSource(url=f"rtu://{p.b}?baud=9600&parity=N", profile="eastron-sdm120", timeout_s=0.5)
 
 
-def test_rtu_reads_and_survives_unplug(pty: PtyPair) -> None:
+def test_rtu_reads_and_survives_unplug(pty: PtyPair) -> None:  # noqa: F811
     from pymodbus.server import ModbusSerialServer
     from pymodbus.simulator import DataType, SimData, SimDevice
 
@@ -106,7 +70,7 @@ def test_rtu_reads_and_survives_unplug(pty: PtyPair) -> None:
     assert got[2].power_w == pytest.approx(1200.0), got[2]
 
 
-def test_crc_error_is_an_error(pty: PtyPair) -> None:
+def test_crc_error_is_an_error(pty: PtyPair) -> None:  # noqa: F811
     """A device whose replies carry a wrong CRC (line noise): the read fails, it is never read as 0 W."""
     stop = threading.Event()
 

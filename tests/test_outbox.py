@@ -6,10 +6,9 @@ import sqlite3
 import time
 from pathlib import Path
 
+from labmeter import signing, wire
 from labmeter.agent.outbox import AgentStore, Checkpoint, Signer
 from labmeter.agent.timeline import Span
-
-from labmeter import signing, wire
 from labmeter.wire import State
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 from pyModbusTCP.server import ModbusServer
 
 from tests.conftest import LABMETER, BrokerProcess, free_port
-from tests.test_driver_modbus import words
+from tests.support.modbus import words
 
 HEAD = '[agent]\nid = "probe-pc"\nkey_file = "agent.key"\nstate_dir = "state"\n'
 

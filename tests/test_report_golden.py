@@ -9,11 +9,11 @@ from pathlib import Path
 from zoneinfo import ZoneInfo
 
 import pytest
+from openpyxl import load_workbook
+
 from labmeter.collector.ledger import Ledger
 from labmeter.collector.registry import import_instruments, import_services
 from labmeter.collector.report import hours_report, hours_reports, parse_time, render, write_xlsx
-from openpyxl import load_workbook
-
 from labmeter.config import PolicyConfig
 from tests.lab import store_schedule
 

@@ -15,10 +15,10 @@ from itertools import pairwise
 from zoneinfo import ZoneInfo
 
 import pytest
+
 from labmeter.collector.hours import FIELDS
 from labmeter.collector.ledger import Ledger, StoredInterval
 from labmeter.collector.rollup import Calendar, Rollups, direct
-
 from labmeter.config import PolicyConfig
 
 M = 60_000

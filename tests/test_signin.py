@@ -11,8 +11,7 @@ from pathlib import Path
 
 from tests.conftest import LABMETER, BrokerProcess
 from tests.lab import CollectorThread, collector_config, register, wait_for
-from tests.test_driver_serial import Instrument
-from tests.test_modbus_rtu import PtyPair, pty  # noqa: F401  (fixture)
+from tests.support.pty import Instrument, PtyPair, pty  # noqa: F401  (fixture)
 
 CARD = "04A1B2C3D4"
 

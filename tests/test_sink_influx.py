@@ -17,10 +17,10 @@ from pathlib import Path
 from zoneinfo import ZoneInfo
 
 import pytest
+
 from labmeter.collector.ledger import Ledger
 from labmeter.collector.report import per_instrument
 from labmeter.collector.sink_influx import CURSOR, InfluxSink
-
 from labmeter.config import InfluxConfig, PolicyConfig
 from tests.conftest import free_port, wait_port
 from tests.lab import store_schedule

@@ -5,7 +5,6 @@ from __future__ import annotations
 import itertools
 
 from labmeter.agent.timeline import Span, Timeline, split
-
 from labmeter.wire import State
 
 H = 3_600_000

@@ -6,9 +6,9 @@ import time
 from pathlib import Path
 
 import pytest
+
 from labmeter.collector.ledger import Ledger
 from labmeter.collector.service import Watermarks
-
 from tests.lab import store_schedule
 
 S = 1_795_000_000_000  # where a chain begun after lost state starts: the agent's clock in ms
@@ -53,9 +53,8 @@ def test_rebuilt_from_the_ledger_across_a_new_chain(tmp_path: Path) -> None:
 
 
 def test_signin_chain_rebuilt_across_a_new_chain(tmp_path: Path) -> None:
-    from labmeter.agent.outbox import AgentStore, Signer
-
     from labmeter import signing, wire
+    from labmeter.agent.outbox import AgentStore, Signer
 
     key = signing.generate_key_file(tmp_path / "a1.key")
     signer = Signer("a1", key, signing.key_id(key.public_key()))

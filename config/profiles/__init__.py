@@ -1,1 +1,0 @@
-"""Device profiles, shipped as package data (``labmeter.profiles``)."""

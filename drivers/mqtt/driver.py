@@ -1,0 +1,177 @@
+"""Smart plugs and meters that push their power over MQTT.
+
+``format`` picks how a device lays out its topics and payloads (see FORMATS).
+The feed is pushed, so a read returns the latest value; the device's own
+availability message saying offline, or a feed silent past ``stale_after_s``, is
+an error (UNKNOWN): never OFF and never the last value forever.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from labmeter.clock import Clock
+from labmeter.config import BrokerConfig
+from labmeter.drivers.base import Capability, Cause, DriverBase, Latest, Sample, sane_power
+from labmeter.drivers.mqtt import MqttSource
+from labmeter.mqtt import MqttLink
+
+
+def _json_path(obj: Any, path: str) -> Any:
+    for part in path.split("."):
+        if isinstance(obj, dict) and part in obj:
+            obj = obj[part]
+        elif isinstance(obj, list) and part.isdigit() and int(part) < len(obj):
+            obj = obj[int(part)]
+        else:
+            return None
+    return obj
+
+
+def _number(value: Any) -> float | None:
+    if isinstance(value, list):
+        parts = [_number(v) for v in value]
+        return None if any(p is None for p in parts) else float(sum(p for p in parts if p is not None))
+    if isinstance(value, bool) or value is None:
+        return None
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+@dataclass(frozen=True)
+class Format:
+    """Where a device publishes availability, and how its payload gives watts."""
+
+    availability: Callable[[str], str | None]
+    online: tuple[str, ...]
+    offline: tuple[str, ...]
+    power: Callable[[bytes, str], float | None]
+    extra_topics: Callable[[str], tuple[str, ...]] = lambda _t: ()
+
+
+def _json_power(path: str) -> Callable[[bytes, str], float | None]:
+    return lambda payload, _topic: _number(_json_path(json.loads(payload), path))
+
+
+def _plain_number(payload: bytes, _topic: str) -> float | None:
+    return _number(payload.decode().strip())
+
+
+def _shelly_gen2(payload: bytes, topic: str) -> float | None:
+    obj = json.loads(payload)
+    if topic.endswith("/events/rpc"):  # NotifyStatus: a partial update, maybe without apower
+        if obj.get("method") != "NotifyStatus":
+            return None
+        return _number(_json_path(obj, "params.switch:0.apower"))
+    return _number(obj.get("apower"))
+
+
+def _parent(topic: str, levels: int) -> str:
+    return topic.rsplit("/", levels)[0]
+
+
+FORMATS: dict[str, Format] = {
+    # tele/<topic>/SENSOR  {"ENERGY": {"Power": 12}}; tele/<topic>/LWT  Online | Offline
+    "tasmota": Format(
+        lambda t: f"{_parent(t, 1)}/LWT", ("online",), ("offline",), _json_power("ENERGY.Power")
+    ),
+    # shellies/<id>/relay/0/power  "12.3"; shellies/<id>/online  true | false
+    "shelly-gen1": Format(lambda t: f"{_parent(t, 3)}/online", ("true",), ("false",), _plain_number),
+    # <prefix>/status/switch:0  {"apower": 12.3, ...}; <prefix>/events/rpc NotifyStatus; <prefix>/online
+    "shelly-gen2": Format(
+        lambda t: f"{_parent(t, 2)}/online",
+        ("true",),
+        ("false",),
+        _shelly_gen2,
+        lambda t: (f"{_parent(t, 2)}/events/rpc",),
+    ),
+    # zigbee2mqtt/<name>  {"power": 12, "state": "ON"}; zigbee2mqtt/<name>/availability  {"state":"online"}
+    "zigbee2mqtt": Format(lambda t: f"{t}/availability", ("online",), ("offline",), _json_power("power")),
+    # <node>/sensor/<name>/state  "12.3"; <node>/status  online | offline
+    "esphome": Format(lambda t: f"{t.split('/', 1)[0]}/status", ("online",), ("offline",), _plain_number),
+}
+
+
+class PlugDriver(DriverBase):
+    capabilities = Capability.PUSHED
+
+    def __init__(
+        self, source: MqttSource, broker: BrokerConfig, client_id: str, stale_after_s: float, clock: Clock
+    ):
+        self.topic = source.topic
+        if source.format == "json":
+            fmt = Format(
+                lambda _t: source.availability_topic,
+                (source.payload_online.lower(),),
+                (source.payload_offline.lower(),),
+                _json_power(source.json_path or "power"),
+            )
+        else:
+            fmt = FORMATS[source.format]
+        self.format = fmt
+        self.availability_topic = fmt.availability(source.topic)
+        self.extra = fmt.extra_topics(source.topic)
+        self.clock = clock
+        self.latest = Latest(clock, stale_after_s)
+        self._online: bool | None = None
+        subs = [(self.topic, 1), *((t, 1) for t in self.extra)]
+        if self.availability_topic:
+            subs.append((self.availability_topic, 1))
+        self.link = MqttLink(
+            source.broker or broker, client_id, on_message=self._on_message, subscriptions=tuple(subs)
+        )
+
+    def _availability(self, payload: bytes) -> bool | None:
+        text = payload.strip().decode(errors="replace")
+        try:
+            obj = json.loads(text)
+            if isinstance(obj, dict) and "state" in obj:
+                text = str(obj["state"])
+        except ValueError:
+            pass
+        word = text.strip().lower()
+        if word in self.format.online:
+            return True
+        if word in self.format.offline:
+            return False
+        return None
+
+    def _on_message(self, topic: str, payload: bytes) -> None:
+        if topic == self.availability_topic:
+            self._online = self._availability(payload)
+            return
+        try:
+            power = self.format.power(payload, topic)
+        except (ValueError, TypeError, AttributeError, UnicodeDecodeError) as exc:
+            self.latest.put(
+                Sample(
+                    error=f"{topic}: unreadable message ({exc})", raw=payload[:200], cause=Cause.UNREADABLE
+                )
+            )
+            return
+        if power is None:
+            if topic in self.extra:
+                return  # a partial update without power: the last value stands, its age counts on
+            self.latest.put(
+                Sample(error=f"{topic}: no power in message", raw=payload[:200], cause=Cause.UNREADABLE)
+            )
+        else:
+            self.latest.put(sane_power(power, topic))
+        if self._online is None:
+            self._online = True
+
+    async def start(self) -> None:
+        await self.link.start()
+
+    async def read(self) -> Sample:
+        if self._online is False:
+            return Sample(error=f"{self.availability_topic}: device is offline", cause=Cause.OFFLINE)
+        return self.latest.get(f"{self.topic}: no message yet", f"{self.topic}: silent")
+
+    async def close(self) -> None:
+        await self.link.stop()

@@ -1,0 +1,101 @@
+"""The import graph keeps its layers: the core (labmeter/) imports nothing above it, drivers import
+neither the agent nor the collector. Imports are read with ast, so a lazy import inside a function
+counts as much as one at the top."""
+
+from __future__ import annotations
+
+import ast
+import tomllib
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+# source folder -> the package it installs as (pyproject's package-dir)
+FOLDERS = {
+    "labmeter": "labmeter",
+    "agent": "labmeter.agent",
+    "collector": "labmeter.collector",
+    "drivers": "labmeter.drivers",
+}
+# the command line is the roof: it may import every side (to be split into labmeter/cli/ later)
+ROOF = {"labmeter.cli", "labmeter.demo", "labmeter.top", "labmeter.__main__"}
+ABOVE_CORE = ("labmeter.agent", "labmeter.collector", "labmeter.drivers")
+
+
+def modules() -> dict[str, Path]:
+    found: dict[str, Path] = {}
+    for folder, package in FOLDERS.items():
+        for path in sorted((ROOT / folder).rglob("*.py")):
+            parts = list(path.relative_to(ROOT / folder).with_suffix("").parts)
+            if parts[-1] == "__init__":
+                parts.pop()
+            found[".".join([package, *parts])] = path
+    return found
+
+
+def imports(name: str, path: Path) -> set[str]:
+    """Every module ``name`` imports, relative imports resolved."""
+    tree = ast.parse(path.read_text(encoding="utf-8"), str(path))
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    out: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            out.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                up = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join([*up, base] if base else up)
+            out.add(base)
+            out.update(f"{base}.{a.name}" for a in node.names)
+    return out
+
+
+def within(module: str, prefixes: tuple[str, ...]) -> bool:
+    return any(module == p or module.startswith(p + ".") for p in prefixes)
+
+
+MODULES = modules()
+
+
+def test_the_core_imports_nothing_above_it() -> None:
+    core = {n: p for n, p in MODULES.items() if within(n, ("labmeter",)) and not within(n, ABOVE_CORE)}
+    assert "labmeter.config" in core and "labmeter.cli" in core
+    wrong = {
+        n: sorted(m for m in imports(n, p) if within(m, ABOVE_CORE)) for n, p in core.items() if n not in ROOF
+    }
+    assert not {n: m for n, m in wrong.items() if m}, wrong
+
+
+def test_drivers_import_neither_agent_nor_collector() -> None:
+    drivers = {n: p for n, p in MODULES.items() if within(n, ("labmeter.drivers",))}
+    assert "labmeter.drivers.modbus.driver" in drivers
+    wrong = {
+        n: sorted(m for m in imports(n, p) if within(m, ("labmeter.agent", "labmeter.collector")))
+        for n, p in drivers.items()
+    }
+    assert not {n: m for n, m in wrong.items() if m}, wrong
+
+
+@pytest.mark.parametrize(
+    ("source", "expected"),
+    [
+        ("from labmeter.collector.ledger import Ledger\n", {"labmeter.collector.ledger"}),
+        ("def f():\n    import labmeter.agent.runtime\n", {"labmeter.agent.runtime"}),
+        ("from ..agent import runtime\n", {"labmeter.agent"}),
+    ],
+    ids=["top-level", "inside-a-function", "relative"],
+)
+def test_the_check_sees_every_kind_of_import(tmp_path: Path, source: str, expected: set[str]) -> None:
+    """The checker itself: an upward import is found wherever and however it is written."""
+    (tmp_path / "mod.py").write_text(source)
+    got = imports("labmeter.drivers.mod", tmp_path / "mod.py")
+    assert expected <= got and any(within(m, ABOVE_CORE) for m in got)
+
+
+def test_every_driver_folder_is_installed() -> None:
+    """A driver folder missing from pyproject's packages would work in the source tree but not in a wheel."""
+    packages = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
+    folders = {p.parent.name for p in (ROOT / "drivers").glob("*/__init__.py")}
+    assert folders and {f"labmeter.drivers.{f}" for f in folders} <= set(packages)
