@@ -511,6 +511,14 @@ def collector_add_agent(
     if agent_config is not None and mosquitto_dir is None:
         fail("--agent-config needs --mosquitto-dir (it sets what the broker account may read)")
     block = _agent_block(agent_id, agent_config) if mosquitto_dir is not None else ""
+    if agent_config is not None:
+        missing = [i.id for i in load_agent(agent_config).instrument if i.id not in instruments]
+        if missing:
+            click.echo(
+                f"note: {agent_config} also has {', '.join(missing)}, not registered here (no --instrument): "
+                "the collector will reject their intervals",
+                err=True,
+            )
     try:
         pub = signing.parse_public_key(key)
     except signing.KeyFileError as exc:
