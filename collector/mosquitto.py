@@ -20,6 +20,7 @@ import pwd
 import re
 import secrets
 import tempfile
+import typing
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +34,7 @@ BROKER_USER = "mosquitto"  # what Debian's mosquitto package runs as
 # first topic levels of the formats' fixed layouts: a device whose own prefix is one of them would get
 # write access to every other device of that format (an ESPHome node named "tele" writes tele/#)
 SHARED_ROOTS = frozenset({"tele", "stat", "cmnd", "tasmota", "shellies", "zigbee2mqtt", "homeassistant"})
-PLUG_FORMATS = ("tasmota", "shelly-gen1", "shelly-gen2", "zigbee2mqtt", "esphome", "json")
+PLUG_FORMATS: tuple[str, ...] = typing.get_args(typing.get_type_hints(MqttSource)["format"])
 
 
 class AccountError(ValueError):

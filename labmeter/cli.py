@@ -651,7 +651,8 @@ def collector_broker_user(
 ) -> None:
     """Create a Mosquitto account (the collector's own, usually): password line, ACL block, secret file.
 
-    Run it again to change the password or, for an agent, to follow a changed agent.toml."""
+    Run it again for an agent to follow a changed agent.toml (the password is kept; --new-password
+    changes it)."""
     from labmeter.collector.mosquitto import collector_acl
 
     if role == "collector":
@@ -673,9 +674,7 @@ def collector_broker_user(
 )
 @click.option("--instrument", "instruments", multiple=True, help="The instrument this plug meters (repeat).")
 @click.option(
-    "--format",
-    "fmt",
-    type=click.Choice(["tasmota", "shelly-gen1", "shelly-gen2", "zigbee2mqtt", "esphome", "json"]),
+    "--format", "fmt", help="tasmota, shelly-gen1, shelly-gen2, zigbee2mqtt, esphome or json (the driver's)."
 )
 @click.option("--topic", help="With --format: the topic the instrument reads, e.g. tele/plug-07/SENSOR.")
 @click.option("--availability-topic", help="With --format json: the device's online/offline topic.")
@@ -709,7 +708,7 @@ def collector_plug_user(
             fail("give --agent-config agent.toml --instrument ID, or --format FORMAT --topic TOPIC")
         block = plug_acl(user, plugs)
     except AccountError as exc:
-        fail(f"{agent_config or '--topic'}: {exc}")
+        fail(f"{agent_config}: {exc}" if agent_config else str(exc))
     _broker_account(mosquitto_dir, user, "plug", block, new_password)
 
 
