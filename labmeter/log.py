@@ -50,6 +50,7 @@ class RedactingFormatter(logging.Formatter):
 
 
 NOISY = ("amqtt", "pymodbus", "transitions", "asyncio", "gmqtt", "aiohttp", "serial", "passlib")
+GMQTT = "labmeter.mqtt.gmqtt"  # gmqtt's own messages, under the logger labmeter.mqtt gives it
 REPEAT_S = 600.0
 MAX_KEYS = 256  # a bound on what the filter remembers, whatever the libraries log
 DATEFMT = "%Y-%m-%d %H:%M:%S%z"
@@ -64,7 +65,8 @@ class LibraryEpisodes(logging.Filter):
         self._seen: dict[tuple[str, str], float] = {}
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.name.split(".", 1)[0] not in NOISY:
+        name = record.name
+        if name.split(".", 1)[0] not in NOISY and name != GMQTT and not name.startswith(GMQTT + "."):
             return True
         first = str(record.msg).split("\n", 1)[0][:200]
         key = (record.name, first)
@@ -106,3 +108,5 @@ def setup(verbose: bool = False, quiet: bool = False) -> None:
         # quiet commands (probe, calibrate) print their own diagnosis of what failed
         lib_level = logging.DEBUG if verbose else logging.CRITICAL if quiet else logging.ERROR
         logging.getLogger(noisy).setLevel(lib_level)
+    if verbose:
+        logging.getLogger(GMQTT).setLevel(logging.DEBUG)

@@ -186,7 +186,8 @@ def test_library_messages_once_per_episode_and_first_line_only() -> None:
     handler.addFilter(log.LibraryEpisodes(repeat_s=600))
     lib = logging.getLogger("pymodbus.logging")
     ours = logging.getLogger("labmeter.test")
-    for lg in (lib, ours):
+    gm = logging.getLogger("labmeter.mqtt.gmqtt")
+    for lg in (lib, ours, gm):
         lg.addHandler(handler)
         lg.propagate = False
     try:
@@ -194,18 +195,21 @@ def test_library_messages_once_per_episode_and_first_line_only() -> None:
             lib.error("No response received after 0 retries\n>>>>> send: 0x0 0x1 0x0")
         lib.error("Connection to (%s, %d) failed: %s", "127.0.0.1", 502, "refused")
         lib.error("Connection to (%s, %d) failed: %s", "127.0.0.1", 502, "refused")
+        for _ in range(20):  # gmqtt, under the logger labmeter.mqtt gives it, at every reconnect
+            gm.error("[MqttPackageHandler] CONNACK 0x5 is permanent, not reconnecting")
         for _ in range(3):
             ours.warning("ours is never filtered")
     finally:
-        for lg in (lib, ours):
+        for lg in (lib, ours, gm):
             lg.removeHandler(handler)
             lg.propagate = True
     lines = out.getvalue().splitlines()
     assert sum("No response received" in ln for ln in lines) == 1
     assert sum("failed: refused" in ln for ln in lines) == 1
     assert sum("ours is never filtered" in ln for ln in lines) == 3
+    assert sum("CONNACK 0x5" in ln for ln in lines) == 1
     assert not any(">>>>>" in ln for ln in lines)
-    assert len(lines) == 5
+    assert len(lines) == 6
 
 
 def test_library_filter_memory_is_bounded() -> None:
