@@ -208,6 +208,54 @@ def _plug_rules(user: str, fmt: str, topic: str, availability_topic: str | None)
     return rules
 
 
+def filters_overlap(a: str, b: str) -> bool:
+    """Whether some topic matches both MQTT topic filters."""
+    xs, ys = a.split("/"), b.split("/")
+    for x, y in zip(xs, ys, strict=False):
+        if "#" in (x, y):
+            return True
+        if x != y and "+" not in (x, y):
+            return False
+    if len(xs) == len(ys):
+        return True
+    longer = xs if len(xs) > len(ys) else ys
+    return longer[min(len(xs), len(ys))] == "#"  # "a/#" also matches "a"
+
+
+def _writes(block: str) -> list[str]:
+    return [
+        line.split(None, 2)[2]
+        for line in block.splitlines()
+        if line.startswith(("topic write ", "topic readwrite "))
+    ]
+
+
+def blocks(acl_text: str) -> dict[str, str]:
+    """Each account's block in an ACL file, by user."""
+    out: dict[str, str] = {}
+    for m in re.finditer(r"^user (\S+)[ \t]*\n((?:[ \t]*topic .*\n?)*)", acl_text, re.M):
+        out[m.group(1)] = m.group(0)
+    return out
+
+
+def _check_no_overlap(user: str, block: str, acl_text: str) -> None:
+    """A device account must not be able to write where another account writes (outside labmeter's own
+    topics, which only agents write, each its own): else one plug could feed another's power."""
+    mine = [t for t in _writes(block) if not t.startswith(wire.ROOT + "/")]
+    for other, their_block in blocks(acl_text).items():
+        if other == user:
+            continue
+        for theirs in _writes(their_block):
+            if theirs.startswith(wire.ROOT + "/"):
+                continue
+            for t in mine:
+                if filters_overlap(t, theirs):
+                    raise AccountError(
+                        f"account {user} would write {t}, where account {other} writes ({theirs}): "
+                        "give the device its own topic or prefix"
+                    )
+
+
 def _replace_user(text: str, user: str, new: str, block: bool) -> str:
     """Drop ``user``'s old line (passwd) or block (``user`` line and the ``topic`` lines after it), keep
     everything else as it was (other accounts, comments, ``pattern`` lines), and append ``new``."""
@@ -305,6 +353,7 @@ def add_account(
     with _locked(directory):
         old_pw = passwd.read_text(encoding="utf-8") if passwd.exists() else ""
         old_acl = acl.read_text(encoding="utf-8") if acl.exists() else ""
+        _check_no_overlap(user, block, old_acl)
         exists = re.search(rf"^{re.escape(user)}:", old_pw, re.M) is not None
         fresh = new_password or not exists
         if fresh:

@@ -163,3 +163,58 @@ def test_a_new_folder_is_reachable_whatever_the_umask_and_an_unreachable_one_is_
         return
     if os.geteuid() == 0:
         assert f"{tmp_path / 'locked'}: the mosquitto user cannot enter it (mode 700)" in out.stderr
+
+
+@pytest.mark.parametrize(
+    ("a", "b", "overlap"),
+    [
+        ("tele/a/#", "tele/b/#", False),
+        ("lab3/#", "lab3/shellyplus-b2/#", True),
+        ("esp/#", "esp", True),
+        ("zigbee2mqtt/x", "zigbee2mqtt/x/#", True),
+        ("zigbee2mqtt/x", "zigbee2mqtt/y", False),
+        ("a/+/c", "a/b/c", True),
+        ("a/+/c", "a/b/d", False),
+        ("a/b", "a/b/c", False),
+    ],
+)
+def test_filters_overlap(a: str, b: str, overlap: bool) -> None:
+    from labmeter.collector.mosquitto import filters_overlap
+
+    assert filters_overlap(a, b) is overlap and filters_overlap(b, a) is overlap
+
+
+def test_a_plug_cannot_be_given_another_plugs_topics(tmp_path: Path) -> None:
+    """An ESPHome node named after a Shelly's prefix would write the Shelly's feed: refused, nothing
+    written; the same account run again, or a plug beside it, is fine."""
+    mq = tmp_path / "mq"
+    shelly = ("--format", "shelly-gen2", "--topic", "lab3/shellyplus-b2/status/switch:0")
+    assert run("plug-user", "shelly-b2", *shelly, "--mosquitto-dir", str(mq)).returncode == 0
+    before = ((mq / "acl").read_text(), (mq / "passwd").read_text())
+    out = run(
+        "plug-user",
+        "evil",
+        "--format",
+        "esphome",
+        "--topic",
+        "lab3/sensor/power/state",
+        "--mosquitto-dir",
+        str(mq),
+    )
+    assert out.returncode == 2
+    assert (
+        "account evil would write lab3/#, where account shelly-b2 writes (lab3/shellyplus-b2/#)" in out.stderr
+    )
+    assert ((mq / "acl").read_text(), (mq / "passwd").read_text()) == before
+    assert run("plug-user", "shelly-b2", *shelly, "--mosquitto-dir", str(mq)).returncode == 0
+    ok = run(
+        "plug-user",
+        "shelly-c3",
+        "--format",
+        "shelly-gen2",
+        "--topic",
+        "lab3/shellyplus-c3/status/switch:0",
+        "--mosquitto-dir",
+        str(mq),
+    )
+    assert ok.returncode == 0, ok.stderr
