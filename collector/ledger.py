@@ -23,6 +23,7 @@ from labmeter.wire import (
     Interval,
     WireError,
     body_hash,
+    conflict_reason,
     envelope_starts_chain,
     open_envelope,
     raw_body,
@@ -511,7 +512,7 @@ class Ledger:
             if row and row[0] != iv.sha:
                 out.append(
                     Rejection(
-                        f"conflict: a different body is already stored for seq {iv.seq}",
+                        conflict_reason(iv.seq),
                         f"labmeter/v1/{iv.agent}/{iv.instrument}/interval",
                         iv.envelope,
                         iv.agent,

@@ -204,6 +204,7 @@ def _pin_collector_key(cfg_path: Path, key_text: str) -> None:
 @verbose_option
 def agent_run(cfg_path: Path, verbose: bool) -> None:
     """Poll the instruments and send signed intervals to the collector."""
+    from labmeter.agent.outbox import DiskFull
     from labmeter.agent.runtime import Agent
     from labmeter.clock import clock_from_env
 
@@ -211,10 +212,22 @@ def agent_run(cfg_path: Path, verbose: bool) -> None:
     cfg = load_agent(cfg_path)
 
     async def main(stop: asyncio.Event) -> None:
-        try:
-            agent = Agent(cfg, clock_from_env())
-        except signing.KeyFileError as exc:
-            fail(str(exc))
+        warned = False
+        while True:
+            try:
+                agent = Agent(cfg, clock_from_env())
+                break
+            except signing.KeyFileError as exc:
+                fail(str(exc))
+            except DiskFull as exc:  # waiting here, not exiting: a restart would only meet the same disk
+                if not warned:
+                    logging.getLogger("labmeter.agent").error("%s; waiting for space before starting", exc)
+                    warned = True
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(5.0):
+                        await stop.wait()
+                if stop.is_set():
+                    return
         await agent.run(stop)
 
     try:

@@ -50,6 +50,19 @@ def starts_chain(prev: str) -> bool:
     return prev == GENESIS
 
 
+CONFLICT = "conflict"
+NOTE_AGENT_DOWN = "agent_down"  # an UNKNOWN interval for time the agent was not running
+
+
+def conflict_reason(seq: int) -> str:
+    """The reject reason for a seq the ledger holds with another body; agents begin a new chain on it."""
+    return f"{CONFLICT}: a different body is already stored for seq {seq}"
+
+
+def is_conflict(reason: str) -> bool:
+    return reason.startswith(CONFLICT + ":")
+
+
 def envelope_starts_chain(payload: bytes) -> bool:
     """Whether a stored envelope is a chain's first link; False for anything unreadable."""
     try:
@@ -120,6 +133,13 @@ def parse_topic(topic: str) -> Topic:
 def dump_body(body: dict[str, Any]) -> str:
     """Canonical body text: sorted keys, no spaces; this exact text is signed and hashed."""
     return json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def relink(body_text: str, seq: int, prev: str) -> str:
+    """The same body as link ``seq`` after ``prev`` (moved to a new chain); every other field unchanged."""
+    body = load_body(body_text)
+    body["seq"], body["prev"] = seq, prev
+    return dump_body(body)
 
 
 def body_hash(body_text: str) -> str:
