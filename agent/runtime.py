@@ -93,6 +93,10 @@ class InstrumentRunner:
         self.last: Reading | None = None
         self._open_sent_at = -1e18
         self.power = PowerDownsampler()
+        self._failing_since: float | None = None  # the current episode of failed reads, for the log
+        self._failed = 0
+        self._errors_seen: set[str] = set()
+        self._startup = False
 
     def recover(self, now_ms: int) -> None:
         """Close what the last run left open; the time the agent was down becomes UNKNOWN."""
@@ -123,16 +127,40 @@ class InstrumentRunner:
         except TimeoutError:
             return Sample(error="read timed out")
         except Exception as exc:
-            log.exception("%s: driver failed", self.id)
+            # the traceback once per episode of failures (the error itself is logged by step)
+            log.log(
+                logging.DEBUG if self._failing_since else logging.ERROR,
+                "%s: driver failed",
+                self.id,
+                exc_info=True,
+            )
             return Sample(error=f"driver error: {type(exc).__name__}: {exc}")
+
+    def _log_episode(self, reading: Reading) -> None:
+        """A line when reads start failing, one per new kind of error while they fail (a few at most), and
+        one when they work again: a meter silent for hours is three lines, not one per poll."""
+        if reading.error:
+            if self._failing_since is None:
+                self._failing_since, self._failed, self._errors_seen = self.agent.clock.mono(), 0, set()
+                self._startup = self.last is None and "no message yet" in reading.error
+            self._failed += 1
+            if reading.error not in self._errors_seen and len(self._errors_seen) < 4:
+                self._errors_seen.add(reading.error)
+                log.log(logging.INFO if self._startup else logging.WARNING, "%s: %s", self.id, reading.error)
+            return
+        if self._failing_since is not None:
+            after = self.agent.clock.mono() - self._failing_since
+            if self._startup:
+                log.info("%s: first reading after %.0f s", self.id, after)
+            else:
+                log.info("%s: reading again after %.0f s (%d failed reads)", self.id, after, self._failed)
+            self._failing_since = None
 
     def step(self, sample: Sample) -> None:
         tb = self.agent.timebase
         now_ms = tb.now_ms()
         reading = Reading.of(sample, self.agent.clock.mono(), now_ms)
-        if reading.error and (self.last is None or self.last.error != reading.error):
-            quiet = self.last is None and "no message yet" in reading.error
-            log.log(logging.INFO if quiet else logging.WARNING, "%s: %s", self.id, reading.error)
+        self._log_episode(reading)
         self.last = reading
         publish_power(self.agent, self.id, self.power.feed(now_ms, reading.power_w))
         before = self.timeline.state
