@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import math
 import statistics
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -82,7 +83,30 @@ def suggest(levels: list[Level]) -> Suggestion:
     return Suggestion(levels, round(off_below, 1), round(run_above, 1), round(hysteresis, 1))
 
 
-async def record(cfg: AgentConfig, inst: InstrumentConfig, seconds: float) -> tuple[list[float], int]:
+@dataclass(frozen=True)
+class Progress:
+    """What the recording shows while it runs: the live reading and the time left."""
+
+    left_s: float
+    power_w: float | None
+    error: str | None
+    readings: int
+    errors: int
+
+    def line(self) -> str:
+        now = f"now {self.power_w:9.1f} W" if self.power_w is not None else f"no reading ({self.error})"
+        left = max(0, math.ceil(self.left_s))
+        return (
+            f"{now}   {left // 60}:{left % 60:02d} left   ({self.readings} reading(s), {self.errors} failed)"
+        )
+
+
+async def record(
+    cfg: AgentConfig,
+    inst: InstrumentConfig,
+    seconds: float,
+    progress: Callable[[Progress], None] | None = None,
+) -> tuple[list[float], int]:
     clock = Clock()
     driver = registry.build(inst, f"calibrate-{cfg.agent.id}", cfg.broker, clock, cfg.profiles_dir)
     values: list[float] = []
@@ -96,6 +120,11 @@ async def record(cfg: AgentConfig, inst: InstrumentConfig, seconds: float) -> tu
                 values.append(s.power_w)
             else:
                 errors += 1
+            if progress is not None:
+                ok = s.error is None and s.power_w is not None
+                progress(
+                    Progress(end - clock.mono(), s.power_w if ok else None, s.error, len(values), errors)
+                )
             await asyncio.sleep(inst.poll_s)
     finally:
         await driver.close()

@@ -4,17 +4,23 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import hashlib
 import logging
 import os
 import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from labmeter import __version__, signing, wire
 from labmeter.agent.classifier import Classifier
 from labmeter.agent.control import AckGate, Pin, load_pin, pin_path
-from labmeter.agent.outbox import AgentStore, Checkpoint, Signer
+from labmeter.agent.outbox import AgentStore, Checkpoint, DiskFull, Signer
+from labmeter.agent.power import PowerDownsampler
+from labmeter.agent.power import publish as publish_power
 from labmeter.agent.timeline import Span, Timeline, split
 from labmeter.clock import Clock
 from labmeter.config import AgentConfig, InstrumentConfig
@@ -26,6 +32,10 @@ from labmeter.wire import State
 log = logging.getLogger("labmeter.agent")
 
 CLOCK_STEP_TOLERANCE_MS = 2000
+PUBLISH_CHUNK = 200  # rows published between two yields to the event loop
+WRITE_BUFFER_HIGH = 1 << 20  # socket bytes queued before publishing waits for the network
+MAX_INFLIGHT = 5000  # publishes the broker has not acknowledged before publishing waits (ids end at 65,535)
+MAX_UNWRITTEN = 10_000  # intervals and sign-ins held in memory while the state disk is full (~7 MB)
 
 
 def pseudonym(salt: bytes, card: str) -> str:
@@ -81,8 +91,12 @@ class InstrumentRunner:
         self.classifier = Classifier(cfg.thresholds)
         self.timeline = Timeline(agent.bucket_ms, 0)
         self.last: Reading | None = None
-        self.clock_step_ms = 0
         self._open_sent_at = -1e18
+        self.power = PowerDownsampler()
+        self._failing_since: float | None = None  # the current episode of failed reads, for the log
+        self._failed = 0
+        self._errors_seen: set[str] = set()
+        self._startup = False
 
     def recover(self, now_ms: int) -> None:
         """Close what the last run left open; the time the agent was down becomes UNKNOWN."""
@@ -92,14 +106,17 @@ class InstrumentRunner:
         if cp is not None:
             spans += split(cp.start_ms, cp.at_ms, cp.state, self.agent.bucket_ms)
             start = max(now_ms, cp.at_ms)
-            spans += split(cp.at_ms, start, State.UNKNOWN, self.agent.bucket_ms, note="agent_down")
+            spans += split(cp.at_ms, start, State.UNKNOWN, self.agent.bucket_ms, note=wire.NOTE_AGENT_DOWN)
+            if spans and cp.clock_step_ms:  # a step the open interval carried when the agent stopped
+                spans[0] = replace(spans[0], clock_step_ms=cp.clock_step_ms)
             if spans:
                 log.info("%s: agent was down %.0f s; recorded as UNKNOWN", self.id, (start - cp.at_ms) / 1000)
         self.timeline = Timeline(self.agent.bucket_ms, start, State.UNKNOWN)
         self.agent.emit(self.id, spans, Checkpoint(start, State.UNKNOWN, start))
 
     def checkpoint(self, now_ms: int) -> Checkpoint:
-        return Checkpoint(self.timeline.start, self.timeline.state, max(now_ms, self.timeline.start))
+        t = self.timeline
+        return Checkpoint(t.start, t.state, max(now_ms, t.start), t.clock_step_ms)
 
     async def read(self) -> Sample:
         try:
@@ -110,23 +127,47 @@ class InstrumentRunner:
         except TimeoutError:
             return Sample(error="read timed out")
         except Exception as exc:
-            log.exception("%s: driver failed", self.id)
+            # the traceback once per episode of failures (the error itself is logged by step)
+            log.log(
+                logging.DEBUG if self._failing_since else logging.ERROR,
+                "%s: driver failed",
+                self.id,
+                exc_info=True,
+            )
             return Sample(error=f"driver error: {type(exc).__name__}: {exc}")
+
+    def _log_episode(self, reading: Reading) -> None:
+        """A line when reads start failing, one per new kind of error while they fail (a few at most), and
+        one when they work again: a meter silent for hours is three lines, not one per poll."""
+        if reading.error:
+            if self._failing_since is None:
+                self._failing_since, self._failed, self._errors_seen = self.agent.clock.mono(), 0, set()
+                self._startup = self.last is None and "no message yet" in reading.error
+            self._failed += 1
+            if reading.error not in self._errors_seen and len(self._errors_seen) < 4:
+                self._errors_seen.add(reading.error)
+                log.log(logging.INFO if self._startup else logging.WARNING, "%s: %s", self.id, reading.error)
+            return
+        if self._failing_since is not None:
+            after = self.agent.clock.mono() - self._failing_since
+            if self._startup:
+                log.info("%s: first reading after %.0f s", self.id, after)
+            else:
+                log.info("%s: reading again after %.0f s (%d failed reads)", self.id, after, self._failed)
+            self._failing_since = None
 
     def step(self, sample: Sample) -> None:
         tb = self.agent.timebase
         now_ms = tb.now_ms()
         reading = Reading.of(sample, self.agent.clock.mono(), now_ms)
-        if reading.error and (self.last is None or self.last.error != reading.error):
-            quiet = self.last is None and "no message yet" in reading.error
-            log.log(logging.INFO if quiet else logging.WARNING, "%s: %s", self.id, reading.error)
+        self._log_episode(reading)
         self.last = reading
+        publish_power(self.agent, self.id, self.power.feed(now_ms, reading.power_w))
         before = self.timeline.state
         change = self.classifier.update(reading)
         spans = self.timeline.advance(now_ms, change.state, change.since_ms)
         if spans:
-            self.agent.emit(self.id, spans, self.checkpoint(now_ms), self.clock_step_ms)
-            self.clock_step_ms = 0
+            self.agent.emit(self.id, spans, self.checkpoint(now_ms))
         cards = self.driver.take_signins() if Capability.SIGNINS in self.driver.capabilities else []
         while cards:
             at_ms, card = cards.pop(0)
@@ -177,6 +218,9 @@ class Agent:
         self.acked = 0
         self.stopping = False
         self._signin_salt: bytes | None = None
+        self._unwritten: deque[tuple[Callable[[], object], int]] = deque()
+        self._held = self._given_up = self._written_late = 0
+        self._full = False
 
     def _pin(self) -> Pin | None:
         pin = load_pin(self.cfg.agent)
@@ -208,17 +252,87 @@ class Agent:
     def _will(self) -> Will:
         return Will(wire.status_topic(self.id), self._status("offline", self._will_conn))
 
-    def emit(self, instrument: str, spans: list[Span], cp: Checkpoint | None, clock_step_ms: int = 0) -> None:
+    def emit(self, instrument: str, spans: list[Span], cp: Checkpoint | None) -> None:
         if not spans and cp is None:
             return
-        self.store.emit(self.signer, instrument, spans, cp, clock_step_ms)
+        self._write(lambda: self.store.emit(self.signer, instrument, spans, cp), len(spans))
         if spans:
             self.kick.set()
 
     def sign_in(self, instrument: str, at_ms: int, card: str) -> None:
         """Queue a sign-in under a pseudonym: the card number itself never leaves this machine."""
-        self.store.emit_signin(self.signer, instrument, at_ms, pseudonym(self._salt(), card))
+        self._write(
+            lambda: self.store.emit_signin(self.signer, instrument, at_ms, pseudonym(self._salt(), card)), 1
+        )
         self.kick.set()
+
+    def _write(self, write: Callable[[], object], count: int) -> None:
+        """Write to the state directory now, or, while its disk is full, hold the write in memory in order.
+
+        Held writes go out oldest first once space returns (:meth:`_flush_unwritten`); beyond
+        ``MAX_UNWRITTEN`` intervals the oldest are given up (that time becomes no data), so a
+        disk that never frees cannot exhaust memory.
+        """
+        if not self._unwritten:
+            try:
+                write()
+                return
+            except DiskFull as exc:
+                self._disk_full(exc)
+            except OSError as exc:  # a file beside the database (the sign-in salt) on the same disk
+                if exc.errno != errno.ENOSPC:
+                    raise
+                self._disk_full(DiskFull(Path(exc.filename or self.store.path)))
+        self._unwritten.append((write, count))
+        self._held += count
+        while self._held > MAX_UNWRITTEN and len(self._unwritten) > 1:
+            _, n = self._unwritten.popleft()
+            self._held -= n
+            self._given_up += n
+            if self._given_up == n or self._given_up % 1000 < n:
+                log.error(
+                    "disk full: %s; %d interval(s) held in memory, %d oldest given up",
+                    self.store.path,
+                    self._held,
+                    self._given_up,
+                )
+
+    def _flush_unwritten(self) -> bool:
+        """Write what the full disk held back; True when nothing is held any more."""
+        while self._unwritten:
+            write, n = self._unwritten[0]
+            try:
+                write()
+            except DiskFull:
+                return False
+            except OSError as exc:
+                if exc.errno != errno.ENOSPC:
+                    raise
+                return False
+            self._unwritten.popleft()
+            self._held -= n
+            self._written_late += n
+        return True
+
+    def _space_again(self) -> None:
+        """A write after a full disk went through: say so once, with what was held meanwhile."""
+        if self._full:
+            log.warning(
+                "disk has space again: %s; wrote %d interval(s) held in memory, %d given up",
+                self.store.path,
+                self._written_late,
+                self._given_up,
+            )
+            self._full, self._written_late, self._given_up = False, 0, 0
+
+    def _disk_full(self, exc: DiskFull) -> None:
+        if not self._full:
+            log.error(
+                "%s; metering goes on, holding up to %d interval(s) in memory until space returns",
+                exc,
+                MAX_UNWRITTEN,
+            )
+        self._full = True
 
     def _salt(self) -> bytes:
         if self._signin_salt is None:
@@ -250,9 +364,12 @@ class Agent:
     def _on_connected(self) -> None:
         """This connection carries the will signed for ``_will_conn``; sign the next connection's now."""
         self._conn = self._will_conn
-        self._will_conn = self.store.next_connection(self.timebase.now_ms())
+        try:
+            self._will_conn = self.store.next_connection(self.timebase.now_ms())
+            self.store.mark_all_unsent()
+        except DiskFull as exc:  # what was sent before goes out again at its resend time instead
+            self._disk_full(exc)
         self.link.set_will(self._will())
-        self.store.mark_all_unsent()
         self.link.publish(wire.status_topic(self.id), self._status_payload(), qos=1, retain=True)
         self.kick.set()
 
@@ -263,21 +380,42 @@ class Agent:
         ack = self.gate.open(payload)
         if ack is None:
             return
-        for rej in ack.rejects:
-            if self.store.reject(rej.instrument, rej.seq, rej.sha256, rej.reason):
-                log.error("collector rejected %s seq %s: %s", rej.instrument, rej.seq, rej.reason)
-        for chain, entry in ack.acks.items():
-            n = self.store.ack_matching(chain, entry.seq, entry.sha256)
-            if n is None:
-                self.gate.ignore(
-                    "stale",
-                    "ignoring an acknowledgement of %s seq %d: this agent holds no such body there "
-                    "(replayed, or its state was restored from a backup)",
+        try:
+            for r in ack.rejects:
+                self._rejected(r.instrument, r.seq, r.sha256, r.reason)
+            for chain, entry in ack.acks.items():
+                n = self.store.ack_matching(chain, entry.seq, entry.sha256)
+                if n is None:
+                    self.gate.ignore(
+                        "stale",
+                        "ignoring an acknowledgement of %s seq %d: this agent holds no such body there "
+                        "(replayed, or its state was restored from a backup)",
+                        chain,
+                        entry.seq,
+                    )
+                else:
+                    self.acked += n
+        except DiskFull as exc:  # the collector sends it again when we resend
+            self._disk_full(exc)
+
+    def _rejected(self, chain: str, seq: int, body_sha: str, reason: str) -> None:
+        """A conflict begins a new chain with the link and its successors; other rejects are dead letters."""
+        if wire.is_conflict(reason):
+            moved = self.store.rechain(self.signer, chain, seq, body_sha)
+            if moved:
+                log.warning(
+                    "%s seq %d is already taken in the ledger by another body (this state directory was "
+                    "restored from a backup, or is shared with a cloned agent); %d interval(s) sent again "
+                    "as seq %d-%d",
                     chain,
-                    entry.seq,
+                    seq,
+                    len(moved),
+                    moved[0].seq,
+                    moved[-1].seq,
                 )
-            else:
-                self.acked += n
+                self.kick.set()
+        elif self.store.reject(chain, seq, body_sha, reason):
+            log.error("collector rejected %s seq %s: %s", chain, seq, reason)
 
     async def _publisher(self) -> None:
         """Send unacknowledged rows oldest first; resend after ``resend_after_s`` without an ack."""
@@ -287,14 +425,46 @@ class Agent:
                 async with asyncio.timeout(1.0):
                     await self.kick.wait()
             self.kick.clear()
-            if not self.link.connected:
-                continue
-            now = time.time()
-            rows = self.store.unsent(now - resend)
-            sent = [r.id for r in rows if self.link.publish(r.topic, r.payload, qos=1)]
+            if self.link.connected:
+                try:
+                    if await self._publish_batch(time.time() - resend):
+                        self.kick.set()
+                except DiskFull as exc:  # rows not marked sent would go out again at once: wait instead
+                    self._disk_full(exc)
+                    await asyncio.sleep(min(resend, 5.0))
+            await asyncio.sleep(0)  # a set kick returns at once: give the other loops their turn
+
+    async def _publish_batch(self, resend_before: float, limit: int = 1000) -> bool:
+        """Publish one batch, yielding between chunks; stops at once when the link goes. True: more wait."""
+        rows = self.store.unsent(resend_before, limit)
+        now = time.time()
+        sent: list[int] = []
+        try:
+            for i in range(0, len(rows), PUBLISH_CHUNK):
+                for r in rows[i : i + PUBLISH_CHUNK]:
+                    if self.stopping or not self.link.publish(r.topic, r.payload, qos=1):
+                        return False
+                    sent.append(r.id)
+                await asyncio.sleep(0)
+                await self._wait_for_network()
+        finally:
             self.store.mark_sent(sent, now)
-            if len(rows) == 1000:
-                self.kick.set()
+        return len(rows) == limit
+
+    async def _wait_for_network(self, most_s: float = 5.0) -> None:
+        """Let the socket buffer and the broker's acknowledgements catch up, for ``most_s`` at most.
+
+        Bounded, because publishes lost with an old connection may never be acknowledged
+        (gmqtt replays them on a reconnect, which may not come); a full id space then only
+        refuses the next publish, which ends the batch.
+        """
+        deadline = time.monotonic() + most_s
+        while (
+            self.link.connected
+            and time.monotonic() < deadline
+            and (self.link.write_buffer_size() > WRITE_BUFFER_HIGH or self.link.inflight() > MAX_INFLIGHT)
+        ):
+            await asyncio.sleep(0.01)
 
     async def _heartbeat(self) -> None:
         while not self.stopping:
@@ -307,8 +477,15 @@ class Agent:
             step = self.timebase.check_step()
             if step is not None:
                 self._clock_stepped(*step)
+            if not self._flush_unwritten():
+                continue  # a checkpoint ahead of held intervals would skip them after a crash
             now = self.timebase.now_ms()
-            self.store.checkpoint({r.id: r.checkpoint(now) for r in self.runners})
+            try:
+                self.store.checkpoint({r.id: r.checkpoint(now) for r in self.runners})
+            except DiskFull as exc:
+                self._disk_full(exc)
+            else:
+                self._space_again()
 
     def _clock_stepped(self, expected_ms: int, wall_ms: int) -> None:
         delta = wall_ms - expected_ms
@@ -316,10 +493,7 @@ class Agent:
             "wall clock stepped by %+d ms; intervals close at the old time and resume at the new", delta
         )
         for r in self.runners:
-            spans = r.timeline.close(expected_ms)
-            r.timeline = Timeline(self.bucket_ms, wall_ms, r.timeline.state)
-            r.clock_step_ms = delta
-            self.emit(r.id, spans, r.checkpoint(wall_ms))
+            self.emit(r.id, r.timeline.step(expected_ms, wall_ms), r.checkpoint(wall_ms))
 
     async def run(self, stop: asyncio.Event) -> None:
         now = self.timebase.now_ms()
@@ -359,7 +533,11 @@ class Agent:
     async def _shutdown(self) -> None:
         now = self.timebase.now_ms()
         for r in self.runners:
-            self.emit(r.id, r.timeline.close(now), Checkpoint(now, State.UNKNOWN, now))
+            spans = r.timeline.close(now)
+            at = max(now, r.timeline.start)  # never behind what is stored (a clock stepped back)
+            self.emit(r.id, spans, Checkpoint(at, State.UNKNOWN, at, r.timeline.clock_step_ms))
+        if not self._flush_unwritten():
+            log.error("disk full: %s; %d interval(s) held in memory are lost", self.store.path, self._held)
         if self.link.connected:
             self.kick.set()
             rows = self.store.unsent(time.time() + 1)

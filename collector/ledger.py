@@ -23,6 +23,7 @@ from labmeter.wire import (
     Interval,
     WireError,
     body_hash,
+    conflict_reason,
     envelope_starts_chain,
     open_envelope,
     raw_body,
@@ -511,7 +512,7 @@ class Ledger:
             if row and row[0] != iv.sha:
                 out.append(
                     Rejection(
-                        f"conflict: a different body is already stored for seq {iv.seq}",
+                        conflict_reason(iv.seq),
                         f"labmeter/v1/{iv.agent}/{iv.instrument}/interval",
                         iv.envelope,
                         iv.agent,
@@ -715,6 +716,54 @@ class Ledger:
             (span, lo, hi),
         ).fetchall()
 
+    # time-series sink: what it has written of each hour --------------------
+    def _sink_schema(self) -> None:
+        if not getattr(self, "_sink_ready", False):
+            self.db.executescript(SINK_SCHEMA)
+            self._sink_ready = True
+
+    def sink_hours(self, name: str, instrument: str, lo: int, hi: int) -> dict[int, tuple[int, ...]]:
+        """start -> (rev, SINK_VALUES) the sink ``name`` has written for one instrument's hours in [lo, hi)."""
+        self._sink_schema()
+        rows = self.db.execute(
+            f"SELECT start_ms, rev, {', '.join(SINK_VALUES)} FROM sink_hours "
+            "WHERE name=? AND instrument=? AND start_ms>=? AND start_ms<?",
+            (name, instrument, lo, hi),
+        ).fetchall()
+        return {int(r[0]): tuple(int(x) for x in r[1:]) for r in rows}
+
+    def record_sink_hours(self, name: str, rows: Sequence[tuple[str, int, int, Sequence[int]]]) -> None:
+        """Note (instrument, start, rev, SINK_VALUES) as written, after the store took them."""
+        self._sink_schema()
+        cols = ", ".join(SINK_VALUES)
+        sets = ", ".join(f"{c}=excluded.{c}" for c in ("rev", *SINK_VALUES))
+        with self.transaction() as cur:
+            cur.executemany(
+                f"INSERT INTO sink_hours (name, instrument, start_ms, rev, {cols}) "
+                f"VALUES (?,?,?,?,{','.join('?' * len(SINK_VALUES))}) "
+                f"ON CONFLICT(name, instrument, start_ms) DO UPDATE SET {sets}",
+                [(name, code, start, rev, *values) for code, start, rev, values in rows],
+            )
+
+    def take_sink_lease(self, name: str, holder: str, now_ms: int, ttl_ms: int) -> bool:
+        """Take or renew the lease that lets one of the collectors sharing this ledger write ``name``'s points."""
+        self._sink_schema()
+        with self.transaction() as cur:
+            cur.execute(
+                "INSERT INTO sink_lease VALUES (?,?,?) ON CONFLICT(name) DO UPDATE SET holder=excluded.holder, "
+                "until_ms=excluded.until_ms WHERE sink_lease.holder=excluded.holder OR sink_lease.until_ms<?",
+                (name, holder, now_ms + ttl_ms, now_ms),
+            )
+            row = cur.execute("SELECT holder FROM sink_lease WHERE name=?", (name,)).fetchone()
+        return bool(row and row[0] == holder)
+
+    def dirty_floors(self) -> dict[str, int]:
+        """Per instrument, the earliest time whose rollups wait for a refresh."""
+        return {
+            str(r[0]): int(r[1])
+            for r in self.db.execute("SELECT instrument, MIN(from_ms) FROM rollup_dirty GROUP BY instrument")
+        }
+
 
 def _chain_of(agent: object, instrument: object, topic: str, payload: bytes) -> tuple[str | None, str | None]:
     """(chain, body sha) of a stored rejection, from its own body; no chain unless the body names the row's
@@ -732,3 +781,13 @@ def _chain_of(agent: object, instrument: object, topic: str, payload: bytes) -> 
     if kind == "signin" and raw.get("kind") == "signin":
         return signin_chain(str(instrument)), body_hash(env.body)
     return None, body_hash(env.body)
+
+
+SINK_VALUES = ("run_ms", "standby_ms", "off_ms", "unknown_ms", "unverified_ms", "effective_ms")
+SINK_SCHEMA = f"""
+CREATE TABLE IF NOT EXISTS sink_hours (
+    name TEXT NOT NULL, instrument TEXT NOT NULL, start_ms INTEGER NOT NULL, rev INTEGER NOT NULL,
+    {", ".join(f"{c} INTEGER NOT NULL" for c in SINK_VALUES)},
+    PRIMARY KEY (name, instrument, start_ms)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS sink_lease (name TEXT PRIMARY KEY, holder TEXT NOT NULL, until_ms INTEGER NOT NULL);
+"""

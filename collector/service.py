@@ -13,8 +13,10 @@ import asyncio
 import contextlib
 import gc
 import logging
+import socket
 import time
 from collections import Counter, defaultdict, deque
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -120,6 +122,8 @@ class LiveState:
 
     instruments: dict[str, dict[str, Any]] = field(default_factory=dict)
     agents: dict[str, dict[str, Any]] = field(default_factory=dict)
+    power: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Last verified power window per instrument."""
 
 
 class Collector:
@@ -141,6 +145,8 @@ class Collector:
         self.link: MqttLink | None = None
         self.web: LiveView | None = None
         self.sink: InfluxSink | None = None
+        self.live_hooks: list[Callable[[str, dict[str, Any]], None]] = []
+        """Called with every live change after the web view (the time-series sink subscribes); must not block."""
         self.ready = asyncio.Event()
         self.key: signing.PrivateKey | None = None
         self._pool = ThreadPoolExecutor(2, thread_name_prefix="verify")
@@ -184,6 +190,9 @@ class Collector:
         pending: list[Pending] = []
         signins: list[AcceptedSignIn] = []
         for topic, payload in batch:
+            if wire.is_power_topic(topic):
+                self._power(topic, payload)
+                continue
             try:
                 result = self.verifier.prepare(topic, payload)
             except Rejected as exc:
@@ -370,6 +379,31 @@ class Collector:
     def _publish(self, kind: str, data: dict[str, Any]) -> None:
         if self.web is not None:
             self.web.publish(kind, data)
+        for hook in self.live_hooks:
+            hook(kind, data)
+
+    def _power(self, topic: str, payload: bytes) -> None:
+        """A power window: verified, then live state and hooks; a rejection is counted, never stored."""
+        try:
+            p = self.verifier.check_power(topic, payload)
+        except Rejected as exc:
+            # counted under the reason's fixed part only: a flood of made-up names grows nothing
+            r, kind = exc.rejection, f"power: {exc.rejection.reason.split(':')[0]}"
+            self.stats["rejected"] += 1
+            self.rejections[kind] += 1
+            if time.monotonic() - self._last_log.get(kind, -1e9) > 60:
+                self._last_log[kind] = time.monotonic()
+                log.warning("rejected power message on %s: %s", r.topic[:200], r.reason[:200])
+            return
+        except Exception:  # never let one message stall the batch it came in
+            self.stats["rejected"] += 1
+            self.rejections["power: internal error"] += 1
+            log.exception("checking a power message on %s failed", topic[:200])
+            return
+        data = {**p.body(), "received": self.clock.wall_ms()}
+        self.live.power[p.instrument] = data
+        for hook in self.live_hooks:  # not to the page's event stream: a public page must not get power
+            hook("power", data)
 
     def _acknowledge(
         self,
@@ -509,7 +543,14 @@ class Collector:
         if self.cfg.influxdb is not None:
             from labmeter.collector.sink_influx import InfluxSink
 
-            self.sink = InfluxSink(self.cfg.influxdb, self.ledger, self.cfg.policy)
+            self.sink = InfluxSink(
+                self.cfg.influxdb,
+                self.ledger,
+                self.cfg.policy,
+                now_ms=self.clock.wall_ms,
+                holder=f"{socket.gethostname()}:{self.cfg.collector.data_dir}",
+            )
+            self.live_hooks.append(self.sink.on_live)
             sink_task = asyncio.create_task(self.sink.run(), name="influx-sink")
         if self.cfg.web is not None:
             token = (

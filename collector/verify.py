@@ -267,6 +267,46 @@ class Verifier:
             return Status(agent, None, "status time is in the future", True)
         return Status(agent, report, "", True)
 
+    def check_power(self, topic: str, payload: bytes) -> wire.Power:
+        """Verify a power message: topic, envelope, registered agent and key, signature, bounds, enrolment.
+
+        Power carries no hours, so a rejection is only counted; nothing here touches the ledger.
+        """
+        try:
+            t = wire.parse_topic(topic)
+        except wire.WireError as exc:
+            raise Rejected(Rejection(str(exc), topic, payload)) from None
+        if t.instrument is None or t.kind != "power":
+            raise Rejected(Rejection(f"unknown message kind: {t.kind!r}", topic, payload, t.agent))
+
+        def reject(reason: str, authentic: bool = False) -> Rejected:
+            return Rejected(Rejection(reason, topic, payload, t.agent, t.instrument, None, authentic))
+
+        try:
+            env = wire.open_envelope(payload)
+        except wire.WireError as exc:
+            raise reject(str(exc)) from None
+        if t.agent not in self.keys:
+            self._maybe_reload()
+            if t.agent not in self.keys:
+                raise reject(f"unknown agent: {t.agent!r}")
+        checker, kid = self.keys[t.agent]
+        if env.kid != kid or not checker(env.body.encode(), env.sig):
+            raise reject("bad signature")
+        try:
+            p = wire.decode_power(env.body)
+        except wire.WireError as exc:
+            raise reject(str(exc), True) from None
+        if p.agent != t.agent or p.instrument != t.instrument:
+            raise reject("body agent/instrument do not match the topic", True)
+        if (t.agent, t.instrument) not in self.enrolled:
+            self._maybe_reload()
+            if (t.agent, t.instrument) not in self.enrolled:
+                raise reject(f"instrument not enrolled: {t.instrument!r} for agent {t.agent!r}", True)
+        if p.start < EARLIEST_MS or p.end > self.clock.wall_ms() + self.max_future_ms:
+            raise reject(f"implausible power window: {p.start}..{p.end}", True)
+        return p
+
 
 def _seq_of(body: wire.Interval | wire.SignIn | wire.OpenInterval | None, text: str) -> int | None:
     """The seq a rejection is about, even from a body that failed its schema check; None unless a ledger

@@ -204,6 +204,7 @@ def _pin_collector_key(cfg_path: Path, key_text: str) -> None:
 @verbose_option
 def agent_run(cfg_path: Path, verbose: bool) -> None:
     """Poll the instruments and send signed intervals to the collector."""
+    from labmeter.agent.outbox import DiskFull
     from labmeter.agent.runtime import Agent
     from labmeter.clock import clock_from_env
 
@@ -211,10 +212,22 @@ def agent_run(cfg_path: Path, verbose: bool) -> None:
     cfg = load_agent(cfg_path)
 
     async def main(stop: asyncio.Event) -> None:
-        try:
-            agent = Agent(cfg, clock_from_env())
-        except signing.KeyFileError as exc:
-            fail(str(exc))
+        warned = False
+        while True:
+            try:
+                agent = Agent(cfg, clock_from_env())
+                break
+            except signing.KeyFileError as exc:
+                fail(str(exc))
+            except DiskFull as exc:  # waiting here, not exiting: a restart would only meet the same disk
+                if not warned:
+                    logging.getLogger("labmeter.agent").error("%s; waiting for space before starting", exc)
+                    warned = True
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(5.0):
+                        await stop.wait()
+                if stop.is_set():
+                    return
         await agent.run(stop)
 
     try:
@@ -258,7 +271,9 @@ def agent_probe(cfg_path: Path, instrument: str | None, reads: int) -> None:
 @click.option("--write", is_flag=True, help="Write the suggested thresholds into the config (comments kept).")
 def agent_calibrate(cfg_path: Path, instrument: str, minutes: float, write: bool) -> None:
     """Record power, find the off/standby/running levels and suggest thresholds."""
-    from labmeter.agent.calibrate import find_levels, record, suggest, write_states
+    import time
+
+    from labmeter.agent.calibrate import Progress, find_levels, record, suggest, write_states
 
     log.setup(quiet=True)
     cfg = load_agent(cfg_path)
@@ -266,7 +281,19 @@ def agent_calibrate(cfg_path: Path, instrument: str, minutes: float, write: bool
     if inst is None:
         fail(f"{cfg_path}: no instrument {instrument!r}")
     click.echo(f"recording {instrument} for {minutes:g} min (every {inst.poll_s:g} s)...")
-    values, errors = asyncio.run(record(cfg, inst, minutes * 60))
+    tty = sys.stdout.isatty()
+    shown = [-1e9]
+
+    def show(p: Progress) -> None:  # in place twice a second on a terminal, else a line every 15 s
+        now = time.monotonic()
+        if now - shown[0] < (0.5 if tty else 15.0):
+            return
+        shown[0] = now
+        click.echo(f"\r  {p.line()}\x1b[K" if tty else f"  {p.line()}", nl=not tty)
+
+    values, errors = asyncio.run(record(cfg, inst, minutes * 60, show))
+    if tty:
+        click.echo()
     click.echo(f"{len(values)} reading(s), {errors} failed")
     try:
         s = suggest(find_levels(values))
@@ -302,13 +329,14 @@ def agent_install(cfg_path: Path, dry_run: bool, unit_dir: Path, no_enable: bool
     from importlib import resources
 
     cfg = load_agent(cfg_path)
-    if not cfg.agent.key_file.exists() and not dry_run:
-        fail(f"{cfg.agent.key_file}: no key yet; run `labmeter agent enroll --config {cfg_path}` first")
     exe = shutil.which("labmeter") or str(Path(sys.argv[0]).resolve())
     unit = resources.files("labmeter.systemd").joinpath("labmeter-agent.service").read_text(encoding="utf-8")
     unit = unit.replace("/opt/labmeter/bin/labmeter", exe).replace(
         "/etc/labmeter/agent.toml", str(cfg_path.resolve())
     )
+    _check_sandbox(unit, cfg_path, cfg, exe)
+    if not cfg.agent.key_file.exists() and not dry_run:
+        fail(f"{cfg.agent.key_file}: no key yet; run `labmeter agent enroll --config {cfg_path}` first")
     if dry_run:
         click.echo(unit, nl=False)
         return
@@ -323,6 +351,40 @@ def agent_install(cfg_path: Path, dry_run: bool, unit_dir: Path, no_enable: bool
             if subprocess.run(cmd).returncode != 0:
                 fail(f"`{' '.join(cmd)}` failed")
         click.echo("labmeter-agent enabled and started; `journalctl -u labmeter-agent -f` shows its log")
+
+
+def _check_sandbox(unit: str, cfg_path: Path, cfg: config.AgentConfig, exe: str) -> None:
+    """Refuse a config whose files the unit's sandbox hides or keeps read-only (the agent logs to the
+    journal, so there is no log file to check)."""
+    from pathlib import PurePosixPath
+
+    from labmeter import sandbox
+
+    def real(p: Path | str) -> PurePosixPath:
+        return PurePosixPath(os.path.realpath(p))
+
+    reads = [("--config", real(cfg_path)), ("the labmeter executable", real(exe))]
+    reads.append(("[agent] key_file", real(cfg.agent.key_file)))
+    brokers: list[tuple[str, config.BrokerConfig]] = [("[broker]", cfg.broker)]
+    for i in cfg.instrument:
+        own = getattr(i.source, "broker", None)  # a source with its own broker (mqtt plugs)
+        if isinstance(own, config.BrokerConfig):
+            brokers.append((f"instrument {i.id} [instrument.source.broker]", own))
+    for where, b in brokers:
+        for name in ("password_file", "ca_file", "cert_file", "key_file"):
+            value = getattr(b, name)
+            if value is not None:
+                reads.append((f"{where} {name}", real(value)))
+    if cfg.profiles_dir is not None:
+        reads.append(("profiles_dir", real(cfg.profiles_dir)))
+    found = sandbox.problems(
+        sandbox.parse_unit(unit), reads, [("[agent] state_dir", real(cfg.agent.state_dir))]
+    )
+    if found:
+        fail(
+            f"{cfg_path}: the labmeter-agent unit (ProtectSystem=strict, ProtectHome, PrivateTmp) would not "
+            "start with this config:\n  " + "\n  ".join(found)
+        )
 
 
 @agent_group.command("status")
@@ -357,24 +419,32 @@ def agent_status(cfg_path: Path, as_json: bool) -> None:
     pending = summary["pending"]
     dead = summary["dead"]
     assert isinstance(chain, dict) and isinstance(pending, dict) and isinstance(dead, list)
-    click.echo(f"agent {cfg.agent.id}")
+
+    def local(ts: float, fmt: str = "%Y-%m-%d %H:%M:%S") -> str:
+        """Local time with its UTC offset, as in the agent's log."""
+        return datetime.fromtimestamp(ts).astimezone().strftime(f"{fmt} %z")
+
+    click.echo(f"agent {cfg.agent.id} (times are local, {datetime.now().astimezone():UTC%z})")
     click.echo(f"  {pinned}")
     for inst in cfg.instrument:
         p = pending.get(inst.id)
-        waiting = f"{p['count']} waiting for acknowledgement" if p else "all acknowledged"
+        waiting = (
+            f"{p['count']} waiting for acknowledgement (oldest from {local(p['oldest'])})"
+            if p
+            else "all acknowledged"
+        )
         c = chain.get(inst.id)
         if c is None:
             emitted = "nothing emitted yet"
         else:  # a chain that began at the clock says when; one from an older version began at seq 1
-            since = datetime.fromtimestamp(c["first"] / 1000) if c["first"] > 1 else None
             emitted = f"{c['seq'] - c['first'] + 1} interval(s) emitted" + (
-                f" since {since:%Y-%m-%d %H:%M}" if since else ""
+                f" since {local(c['first'] / 1000, '%Y-%m-%d %H:%M')}" if c["first"] > 1 else ""
             )
         click.echo(f"  {inst.id}: {emitted}, {waiting}")
     if dead:
         click.echo(f"rejected by the collector ({len(dead)}); fix the cause, then `labmeter agent resend`:")
         for d in dead[-20:]:
-            click.echo(f"  {d['instrument']} seq {d['seq']}: {d['reason']}")
+            click.echo(f"  {d['instrument']} seq {d['seq']} at {local(d['at'])}: {d['reason']}")
 
 
 @agent_group.command("resend")
@@ -432,8 +502,18 @@ def collector_run(cfg_path: Path, verbose: bool) -> None:
     type=click.Path(path_type=Path),
     help="Also create the agent's broker account here (passwd, acl, secrets/ID.pass).",
 )
+@click.option(
+    "--agent-config",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="The agent's agent.toml: its account may read exactly the plug topics its instruments use.",
+)
 def collector_add_agent(
-    agent_id: str, key: str, instruments: tuple[str, ...], cfg_path: Path, mosquitto_dir: Path | None
+    agent_id: str,
+    key: str,
+    instruments: tuple[str, ...],
+    cfg_path: Path,
+    mosquitto_dir: Path | None,
+    agent_config: Path | None,
 ) -> None:
     """Register an agent's public key and the instruments it may report."""
     from labmeter.wire import ID_RE
@@ -442,6 +522,17 @@ def collector_add_agent(
     for name in [agent_id, *instruments]:
         if not ID_RE.match(name):
             fail(f"{name!r}: ids use letters, digits, '.', '_' and '-' only (at most 64)")
+    if agent_config is not None and mosquitto_dir is None:
+        fail("--agent-config needs --mosquitto-dir (it sets what the broker account may read)")
+    block = _agent_block(agent_id, agent_config) if mosquitto_dir is not None else ""
+    if agent_config is not None:
+        missing = [i.id for i in load_agent(agent_config).instrument if i.id not in instruments]
+        if missing:
+            click.echo(
+                f"note: {agent_config} also has {', '.join(missing)}, not registered here (no --instrument): "
+                "the collector will reject their intervals",
+                err=True,
+            )
     try:
         pub = signing.parse_public_key(key)
     except signing.KeyFileError as exc:
@@ -458,7 +549,7 @@ def collector_add_agent(
     click.echo(f'  collector_key = "{own[0]}"')
     click.echo(f"  or: labmeter agent enroll --collector-key {own[0]}")
     if mosquitto_dir is not None:
-        _broker_account(mosquitto_dir, agent_id, "agent")
+        _broker_account(mosquitto_dir, agent_id, "agent", block)
 
 
 def _collector_public_key(cfg: config.CollectorConfig) -> tuple[str, str]:
@@ -485,27 +576,154 @@ def collector_key_cmd(cfg_path: Path) -> None:
     click.echo(f'  collector_key = "{text}"')
 
 
-def _broker_account(directory: Path, user: str, role: str) -> None:
-    from labmeter.collector.mosquitto import add_account
+def _agent_block(agent_id: str, agent_config: Path | None) -> str:
+    """The agent's ACL: its own labmeter topics, plus the plug topics its config reads (none without one)."""
+    from labmeter.collector.mosquitto import AccountError, agent_acl, agent_plug_topics
 
-    secret, block = add_account(directory, user, role)
-    click.echo(
-        f"broker account {user}: password in {secret} (mode 0600; copy it to the {role}'s password_file)"
-    )
+    if agent_config is None:
+        click.echo(
+            f"note: no --agent-config: {agent_id} may read no plug topics; give its agent.toml if it reads "
+            "MQTT plugs on this broker",
+            err=True,
+        )
+        return agent_acl(agent_id)
+    acfg = load_agent(agent_config)
+    if acfg.agent.id != agent_id:
+        fail(f"{agent_config}: [agent] id is {acfg.agent.id!r}, not {agent_id!r}")
+    try:
+        plugs = agent_plug_topics(acfg)
+    except AccountError as exc:
+        fail(f"{agent_config}: {exc}")
+    for inst in plugs.elsewhere:
+        click.echo(
+            f"note: instrument {inst} reads its plug from its own [instrument.source.broker]; "
+            "make its account on that broker",
+            err=True,
+        )
+    return agent_acl(agent_id, plugs.topics)
+
+
+new_password_option = click.option(
+    "--new-password",
+    is_flag=True,
+    help="Give an existing account a new password (it keeps its own otherwise).",
+)
+
+
+def _broker_account(directory: Path, user: str, role: str, block: str, new_password: bool = False) -> None:
+    from labmeter.collector.mosquitto import AccountError, add_account
+
+    try:
+        account = add_account(directory, user, block, new_password)
+    except AccountError as exc:
+        fail(str(exc))
+    except OSError as exc:
+        fail(f"{directory}: {exc.strerror or exc}")
+    if account.new_password:
+        click.echo(
+            f"broker account {user}: password in {account.secret} (mode 0600; copy it to the {role}'s "
+            + ("device settings)" if role == "plug" else "password_file)")
+        )
+    else:
+        click.echo(
+            f"broker account {user}: exists, password kept (--new-password to change it); ACL rewritten"
+        )
+    if account.owner is not None:
+        click.echo(
+            f"{directory / 'passwd'} and {directory / 'acl'}: {account.owner.name}:{account.owner.name} 0600"
+        )
+    else:
+        click.echo(
+            f"warning: not root or no 'mosquitto' user here: {directory}/passwd and acl are yours, mode 0600; "
+            f"Mosquitto 2 reads them as its own user: chown mosquitto:mosquitto {directory}/passwd {directory}/acl",
+            err=True,
+        )
+    for warning in account.warnings:
+        click.echo(f"warning: {warning}; Mosquitto could not read its files", err=True)
     click.echo(f"ACL lines in {directory / 'acl'}:")
-    click.echo("".join(f"  {line}\n" for line in block.splitlines()).rstrip())
+    click.echo("".join(f"  {line}\n" for line in account.block.splitlines()).rstrip())
     click.echo("reload Mosquitto to apply: systemctl reload mosquitto (or kill -HUP)")
+
+
+mosquitto_dir_option = click.option(
+    "--mosquitto-dir", required=True, type=click.Path(path_type=Path), help="Where passwd and acl live."
+)
 
 
 @collector_group.command("broker-user")
 @click.argument("user")
-@click.option(
-    "--mosquitto-dir", required=True, type=click.Path(path_type=Path), help="Where passwd and acl live."
-)
+@mosquitto_dir_option
 @click.option("--role", type=click.Choice(["collector", "agent"]), default="collector", show_default=True)
-def collector_broker_user(user: str, mosquitto_dir: Path, role: str) -> None:
-    """Create a Mosquitto account (the collector's own, usually): password line, ACL block, secret file."""
-    _broker_account(mosquitto_dir, user, role)
+@click.option(
+    "--agent-config",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="--role agent: the agent's agent.toml, for the plug topics its account may read.",
+)
+@new_password_option
+def collector_broker_user(
+    user: str, mosquitto_dir: Path, role: str, agent_config: Path | None, new_password: bool
+) -> None:
+    """Create a Mosquitto account (the collector's own, usually): password line, ACL block, secret file.
+
+    Run it again for an agent to follow a changed agent.toml (the password is kept; --new-password
+    changes it)."""
+    from labmeter.collector.mosquitto import collector_acl
+
+    if role == "collector":
+        if agent_config is not None:
+            fail("--agent-config is for --role agent")
+        block = collector_acl(user)
+    else:
+        block = _agent_block(user, agent_config)
+    _broker_account(mosquitto_dir, user, role, block, new_password)
+
+
+@collector_group.command("plug-user")
+@click.argument("user")
+@mosquitto_dir_option
+@click.option(
+    "--agent-config",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="The agent.toml that reads this plug; with --instrument, its format and topic are taken from there.",
+)
+@click.option("--instrument", "instruments", multiple=True, help="The instrument this plug meters (repeat).")
+@click.option(
+    "--format", "fmt", help="tasmota, shelly-gen1, shelly-gen2, zigbee2mqtt, esphome or json (the driver's)."
+)
+@click.option("--topic", help="With --format: the topic the instrument reads, e.g. tele/plug-07/SENSOR.")
+@click.option("--availability-topic", help="With --format json: the device's online/offline topic.")
+@new_password_option
+def collector_plug_user(
+    user: str,
+    mosquitto_dir: Path,
+    agent_config: Path | None,
+    instruments: tuple[str, ...],
+    fmt: str | None,
+    topic: str | None,
+    availability_topic: str | None,
+    new_password: bool,
+) -> None:
+    """Create a smart plug's (or a Zigbee2MQTT bridge's) Mosquitto account: it may write only its own topics.
+
+    Give --agent-config and --instrument (the plug's format and topic as the agent reads them), or
+    --format and --topic."""
+    from labmeter.collector.mosquitto import AccountError, Plug, agent_plugs, plug_acl
+
+    try:
+        if agent_config is not None:
+            if not instruments or fmt or topic:
+                fail("--agent-config goes with --instrument (and without --format/--topic)")
+            plugs = agent_plugs(load_agent(agent_config), instruments)
+        elif fmt and topic:
+            if instruments:
+                fail("--instrument needs --agent-config")
+            plugs = [Plug(fmt, topic, availability_topic)]
+        else:
+            fail("give --agent-config agent.toml --instrument ID, or --format FORMAT --topic TOPIC")
+        block = plug_acl(user, plugs)
+    except AccountError as exc:
+        fail(f"{agent_config}: {exc}" if agent_config else str(exc))
+    _broker_account(mosquitto_dir, user, "plug", block, new_password)
 
 
 @collector_group.command("export-keys")

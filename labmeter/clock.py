@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass
 
 SIM_CLOCK_ENV = "LABMETER_SIM_CLOCK"
+SIM_CLOCK_SHIFT_ENV = "LABMETER_SIM_CLOCK_SHIFT"  # a file holding a wall-clock offset in ms (a clock step)
 
 
 class Clock:
@@ -46,9 +47,30 @@ class ScaledClock(Clock):
     epoch_ms: int
     origin: float
     scale: float = 1.0
+    shift_file: str | None = None
+    _shift: tuple[float, int] = (-1.0, 0)
 
     def wall_ms(self) -> int:
-        return self.epoch_ms + int((time.monotonic() - self.origin) * self.scale * 1000)
+        return self.epoch_ms + int((time.monotonic() - self.origin) * self.scale * 1000) + self.shift_ms()
+
+    def shift_ms(self) -> int:
+        """The simulated wall clock's step (NTP or an operator setting it), read from ``shift_file``.
+
+        The monotonic clock does not move with it, as on a real machine. Read at most
+        every 50 ms; a missing or unreadable file is no step.
+        """
+        if self.shift_file is None:
+            return 0
+        at, value = self._shift
+        now = time.monotonic()
+        if now - at >= 0.05:
+            try:
+                with open(self.shift_file, encoding="ascii") as f:
+                    value = int(f.read().strip() or 0)
+            except (OSError, ValueError):
+                value = 0
+            self._shift = (now, value)
+        return value
 
     def mono(self) -> float:
         return (time.monotonic() - self.origin) * self.scale
@@ -72,6 +94,7 @@ def clock_from_env() -> Clock:
         return Clock()
     try:
         epoch, origin, scale = spec.split(":")
-        return ScaledClock(epoch_ms=int(epoch), origin=float(origin), scale=float(scale))
+        shift = os.environ.get(SIM_CLOCK_SHIFT_ENV) or None
+        return ScaledClock(epoch_ms=int(epoch), origin=float(origin), scale=float(scale), shift_file=shift)
     except ValueError as exc:
         raise ValueError(f"{SIM_CLOCK_ENV}={spec!r}: expected EPOCH_MS:ORIGIN:SCALE") from exc

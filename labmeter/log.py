@@ -1,10 +1,15 @@
-"""Readable log lines on stderr, never with a secret in them.
+"""Readable log lines on stderr, stamped in local time with the UTC offset, never with a secret in them.
 
 Every line passes through ``redact``: URLs lose their passwords and secret query
 parameters, and values registered with ``hide`` (tokens read from files) are
 masked wherever they appear, traceback text included. The places that log or
 raise with a URL redact it themselves (``netutil.redact_url``); this is the net
 under them.
+
+Third-party libraries (pymodbus, gmqtt, amqtt, aiohttp, ...) log every failed request, often with a hex
+dump; a meter that stops answering would fill the journal with them. By default each distinct library
+message is shown once per ``REPEAT_S``, first line only: labmeter's own lines say what failed and when it
+works again. ``--verbose`` shows everything.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from __future__ import annotations
 import logging
 import re
 import sys
+import time
 
 from labmeter.netutil import REDACTED, redact_text
 
@@ -43,12 +49,64 @@ class RedactingFormatter(logging.Formatter):
         return redact(super().format(record))
 
 
+NOISY = ("amqtt", "pymodbus", "transitions", "asyncio", "gmqtt", "aiohttp", "serial", "passlib")
+GMQTT = "labmeter.mqtt.gmqtt"  # gmqtt's own messages, under the logger labmeter.mqtt gives it
+REPEAT_S = 600.0
+MAX_KEYS = 256  # a bound on what the filter remembers, whatever the libraries log
+DATEFMT = "%Y-%m-%d %H:%M:%S%z"
+
+
+class LibraryEpisodes(logging.Filter):
+    """Pass a third-party message once per ``REPEAT_S`` (per logger and message), cut to its first line."""
+
+    def __init__(self, repeat_s: float = REPEAT_S) -> None:
+        super().__init__()
+        self.repeat_s = repeat_s
+        self._seen: dict[tuple[str, str], float] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        name = record.name
+        if name.split(".", 1)[0] not in NOISY and name != GMQTT and not name.startswith(GMQTT + "."):
+            return True
+        first = str(record.msg).split("\n", 1)[0][:200]
+        key = (record.name, first)
+        now = time.monotonic()
+        last = self._seen.get(key)
+        if last is not None and now - last < self.repeat_s:
+            return False
+        if len(self._seen) >= MAX_KEYS:
+            self._seen = {k: t for k, t in self._seen.items() if now - t < self.repeat_s}
+            if len(self._seen) >= MAX_KEYS:
+                self._seen.clear()
+        self._seen[key] = now
+        try:
+            text = record.getMessage().split("\n", 1)[0][:300]
+        except Exception:  # a library's bad format string must not break logging
+            text = first
+        record.msg = f"{text} (shown once per {self.repeat_s / 60:g} min; --verbose shows every one)"
+        record.args = None
+        record.exc_info = None
+        record.exc_text = None
+        record.stack_info = None
+        return True
+
+
+def formatter() -> logging.Formatter:
+    return RedactingFormatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s", DATEFMT)
+
+
 def setup(verbose: bool = False, quiet: bool = False) -> None:
     level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(RedactingFormatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s", "%H:%M:%S"))
+    handler.setFormatter(formatter())
+    if not verbose:
+        handler.addFilter(LibraryEpisodes())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
-    for noisy in ("amqtt", "pymodbus", "transitions", "asyncio", "gmqtt", "aiohttp"):
-        logging.getLogger(noisy).setLevel(logging.ERROR if not verbose else logging.INFO)
+    for noisy in NOISY:
+        # quiet commands (probe, calibrate) print their own diagnosis of what failed
+        lib_level = logging.DEBUG if verbose else logging.CRITICAL if quiet else logging.ERROR
+        logging.getLogger(noisy).setLevel(lib_level)
+    if verbose:
+        logging.getLogger(GMQTT).setLevel(logging.DEBUG)

@@ -81,9 +81,14 @@ class Segment:
 
 
 def merge(rows: Iterable[tuple[int, int, str, bool]]) -> list[Segment]:
-    """Sorted (start, end, state, linked) rows to merged segments; unlinked rows count as UNVERIFIED."""
+    """Sorted (start, end, state, linked) rows to merged segments; unlinked rows count as UNVERIFIED.
+
+    Of two copies of one interval, the linked one counts: an agent that began a new chain after
+    a conflict sends its pending intervals again, and a copy sent before may be stored in the old
+    chain above the ledger's head, where it does not link.
+    """
     out: list[Segment] = []
-    for start, end, state, linked in sorted(rows):
+    for start, end, state, linked in sorted(rows, key=lambda r: (r[0], r[1], r[2], not r[3])):
         kind = state if linked else UNVERIFIED
         if out and out[-1].end > start:
             start = out[-1].end  # overlap (e.g. two agents on one instrument): count the time once

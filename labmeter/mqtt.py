@@ -65,7 +65,7 @@ class MqttLink:
         self.tls = url.scheme == "mqtts"
         self.port = url.port or (8883 if self.tls else 1883)
         self.subscriptions = subscriptions
-        self.connected = False
+        self._up = False
         self.failure: str | None = None  # why the last connection attempt failed, in words
         self.refused = False  # ... because the broker refused the login
         self._stopping = False
@@ -112,7 +112,7 @@ class MqttLink:
         client.subscriptions.clear()
         for topic, qos in self.subscriptions:
             client.subscribe(topic, qos=qos)
-        self.connected = True
+        self._up = True
         self.failure, self.refused = None, False
         self._connected_event.set()
         log.info("connected to broker %s:%s", self.host, self.port)
@@ -123,9 +123,9 @@ class MqttLink:
                 log.exception("on_connect callback failed")
 
     def _handle_disconnect(self, _client: Client, _packet: Any, exc: Any = None) -> None:
-        if self.connected and not self._stopping:
+        if self._up and not self._stopping:
             log.warning("lost broker %s:%s; reconnecting", self.host, self.port)
-        self.connected = False
+        self._up = False
         self._connected_event.clear()
 
     async def _first_connect(self) -> None:
@@ -166,12 +166,39 @@ class MqttLink:
             return False
         return True
 
+    @property
+    def connected(self) -> bool:
+        """Connected now, asked of the socket itself.
+
+        gmqtt learns of a lost socket at once (the transport is closing) but tells us
+        only through a callback the event loop runs later; a loop that publishes
+        without yielding would never see that callback and spin on a dead link.
+        """
+        return self._up and self.client.is_connected
+
     def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> bool:
         """Queue a publish; False when not connected (the caller keeps the message)."""
-        if not self.connected or not self.client.is_connected:
+        if not self.connected:
             return False
-        self.client.publish(topic, payload, qos=qos, retain=retain)
+        try:
+            self.client.publish(topic, payload, qos=qos, retain=retain)
+        except OverflowError:  # gmqtt's 65,535 packet ids are all in flight
+            return False
         return True
+
+    def inflight(self) -> int:
+        """QoS 1 publishes sent and not yet acknowledged by the broker (gmqtt keeps them to replay)."""
+        storage = getattr(self.client, "_persistent_storage", None)
+        return len(getattr(storage, "_messages", ()))
+
+    def write_buffer_size(self) -> int:
+        """Bytes queued in the socket's write buffer: how far publishing runs ahead of the network."""
+        conn = getattr(self.client, "_connection", None)
+        transport = getattr(conn, "_transport", None)
+        try:
+            return int(transport.get_write_buffer_size()) if transport is not None else 0
+        except (AttributeError, RuntimeError):
+            return 0
 
     async def stop(self) -> None:
         self._stopping = True
@@ -182,7 +209,7 @@ class MqttLink:
         with contextlib.suppress(Exception):
             async with asyncio.timeout(2):
                 await self.client.disconnect()
-        self.connected = False
+        self._up = False
 
 
 REFUSED_LOGIN = {4, 5, 134, 135}

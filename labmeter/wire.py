@@ -50,6 +50,19 @@ def starts_chain(prev: str) -> bool:
     return prev == GENESIS
 
 
+CONFLICT = "conflict"
+NOTE_AGENT_DOWN = "agent_down"  # an UNKNOWN interval for time the agent was not running
+
+
+def conflict_reason(seq: int) -> str:
+    """The reject reason for a seq the ledger holds with another body; agents begin a new chain on it."""
+    return f"{CONFLICT}: a different body is already stored for seq {seq}"
+
+
+def is_conflict(reason: str) -> bool:
+    return reason.startswith(CONFLICT + ":")
+
+
 def envelope_starts_chain(payload: bytes) -> bool:
     """Whether a stored envelope is a chain's first link; False for anything unreadable."""
     try:
@@ -97,7 +110,13 @@ def ack_topic(agent: str) -> str:
     return f"{ROOT}/{agent}/ack"
 
 
-SUBSCRIPTIONS = (f"{ROOT}/+/+/interval", f"{ROOT}/+/+/open", f"{ROOT}/+/+/signin", f"{ROOT}/+/status")
+SUBSCRIPTIONS = (
+    f"{ROOT}/+/+/interval",
+    f"{ROOT}/+/+/open",
+    f"{ROOT}/+/+/signin",
+    f"{ROOT}/+/status",
+    f"{ROOT}/+/+/power",  # telemetry, see Power at the end
+)
 LEDGER_TOPICS = (f"{ROOT}/+/+/interval", f"{ROOT}/+/+/signin")
 
 
@@ -120,6 +139,13 @@ def parse_topic(topic: str) -> Topic:
 def dump_body(body: dict[str, Any]) -> str:
     """Canonical body text: sorted keys, no spaces; this exact text is signed and hashed."""
     return json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def relink(body_text: str, seq: int, prev: str) -> str:
+    """The same body as link ``seq`` after ``prev`` (moved to a new chain); every other field unchanged."""
+    body = load_body(body_text)
+    body["seq"], body["prev"] = seq, prev
+    return dump_body(body)
 
 
 def body_hash(body_text: str) -> str:
@@ -555,3 +581,86 @@ def decode_status(body_text: str) -> AgentStatus:
 
 def seal_status(key: signing.PrivateKey, kid: str, st: AgentStatus) -> bytes:
     return seal(key, kid, dump_body(st.body()))
+
+
+# Power telemetry: per-window mean/min/max watts, for live views and the time-series store -------------
+# Signed like everything else, but QoS 0 and never through the outbox: power is telemetry, never hours.
+
+POWER_WINDOW_MS = 60_000
+MAX_POWER_WINDOW_MS = 600_000
+MAX_POWER_W = 10_000_000.0  # 10 MW: far above any instrument, far below what breaks a float sum
+MAX_ENERGY_WH = 1e12
+MAX_POWER_SAMPLES = 100_000
+
+
+def power_topic(agent: str, instrument: str) -> str:
+    return f"{ROOT}/{agent}/{instrument}/power"
+
+
+def is_power_topic(topic: str) -> bool:
+    return topic.startswith(f"{ROOT}/") and topic.endswith("/power") and topic.count("/") == 4
+
+
+class Power(msgspec.Struct, frozen=True):
+    """Power over ``[start, end)``: ``n`` readings, their mean, min and max in watts; ``energy_wh`` is the
+    meter's own energy counter at the end, where it has one."""
+
+    agent: str
+    instrument: str
+    start: int
+    end: int
+    n: int
+    mean_w: float
+    min_w: float
+    max_w: float
+    energy_wh: float | None = None
+    v: int = VERSION
+    kind: str = "power"
+
+    def body(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "v": VERSION,
+            "kind": "power",
+            "agent": self.agent,
+            "instrument": self.instrument,
+            "start": self.start,
+            "end": self.end,
+            "n": self.n,
+            "mean_w": self.mean_w,
+            "min_w": self.min_w,
+            "max_w": self.max_w,
+        }
+        if self.energy_wh is not None:
+            out["energy_wh"] = self.energy_wh
+        return out
+
+
+_power_decoder = msgspec.json.Decoder(Power)
+
+
+def decode_power(body_text: str) -> Power:
+    """A checked power body: ids, a window of at most ten minutes, finite watts in order, a sane count."""
+    import math
+
+    p = _decode(_power_decoder, body_text)
+    if p.v != VERSION or p.kind != "power":
+        raise WireError("body is not a version-1 power")
+    if not ID_RE.match(p.agent) or not ID_RE.match(p.instrument):
+        raise WireError("power needs an agent id and an instrument id")
+    if not 0 <= p.start < p.end <= MAX_SEQ or p.end - p.start > MAX_POWER_WINDOW_MS:
+        raise WireError(f"power window needs 0 <= start < end, at most {MAX_POWER_WINDOW_MS} ms long")
+    if not 1 <= p.n <= MAX_POWER_SAMPLES:
+        raise WireError(f"power sample count out of range: {p.n} (1 .. {MAX_POWER_SAMPLES})")
+    watts = (p.min_w, p.mean_w, p.max_w)
+    if not all(math.isfinite(w) and abs(w) <= MAX_POWER_W for w in watts):
+        raise WireError(f"power values must be finite and within +-{MAX_POWER_W:.0f} W")
+    slack = 1e-6 * max(1.0, abs(p.max_w))
+    if not p.min_w <= p.max_w or not p.min_w - slack <= p.mean_w <= p.max_w + slack:
+        raise WireError("power needs min_w <= mean_w <= max_w")
+    if p.energy_wh is not None and not (math.isfinite(p.energy_wh) and 0 <= p.energy_wh <= MAX_ENERGY_WH):
+        raise WireError(f"energy_wh must be within 0 .. {MAX_ENERGY_WH:.0f}")
+    return p
+
+
+def seal_power(key: signing.PrivateKey, kid: str, p: Power) -> bytes:
+    return seal(key, kid, dump_body(p.body()))

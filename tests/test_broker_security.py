@@ -70,7 +70,7 @@ def secure(tmp_path: Path):  # type: ignore[no-untyped-def]
             "--mosquitto-dir",
             str(mq),
         )
-        assert f"topic write labmeter/v1/{agent}/#" in out
+        assert f"topic write labmeter/v1/{agent}/+/interval" in out
     cli(tmp_path, "collector", "broker-user", "labmeter-collector", "--mosquitto-dir", str(mq))
     log = open(tmp_path / "mosquitto.log", "wb")  # noqa: SIM115
     proc = subprocess.Popen([mosquitto_bin(), "-c", str(mq / "mosquitto.conf")], stdout=log, stderr=log)

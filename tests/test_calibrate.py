@@ -4,6 +4,7 @@ into the config keeping its comments."""
 from __future__ import annotations
 
 import random
+import re
 import subprocess
 import threading
 import time
@@ -93,6 +94,10 @@ def test_cli_records_a_meter_and_writes_the_config(tmp_path: Path) -> None:
         meter.stop()
     assert out.returncode == 0, out.stdout + out.stderr
     assert "suggested: off_below_w" in out.stdout and f"written to {cfg}" in out.stdout
+    # the live reading and the time left, shown from the first reading on
+    live = re.search(r"now +(\d+\.\d) W +0:0(\d) left +\((\d+) reading\(s\), 0 failed\)", out.stdout)
+    assert live is not None, out.stdout
+    assert float(live.group(1)) in [round(v, 1) for v in values] and int(live.group(2)) >= 3
     text = cfg.read_text()
     assert "# the diffractometer in room 101" in text
     states = config.load(cfg, agent_config()).instrument[0].states

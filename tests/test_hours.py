@@ -69,3 +69,13 @@ def test_unverified_gaps_and_coverage() -> None:
 def test_overlapping_intervals_count_once() -> None:
     spec = rows((0, 30, "RUNNING"), (20, 40, "RUNNING"))
     assert compute(spec, 0, 60 * M, PREP, POST).run_ms == 40 * M
+
+
+def test_of_two_copies_of_an_interval_the_linked_one_counts() -> None:
+    """A copy sent before a new chain began may be stored unlinked; the new chain's copy is verified time."""
+    copies = [(0, 10 * M, "RUNNING", False), (0, 10 * M, "RUNNING", True)]
+    for order in (copies, copies[::-1]):
+        h = compute(order, 0, 10 * M, PREP, POST)
+        assert (h.run_ms, h.unverified_ms) == (10 * M, 0)
+    alone = compute([(0, 10 * M, "RUNNING", False)], 0, 10 * M, PREP, POST)
+    assert (alone.run_ms, alone.unverified_ms) == (0, 10 * M)

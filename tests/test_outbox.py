@@ -88,3 +88,102 @@ def test_sent_rows_wait_for_resend_timeout(tmp_path: Path) -> None:
     assert [r.seq for r in store.unsent(resend_before=150.0)] == [rows[0].seq]
     store.mark_all_unsent()
     assert [r.seq for r in store.unsent(resend_before=0.5)] == [rows[0].seq]
+
+
+def body(row: object) -> dict[str, object]:
+    return wire.load_body(wire.open_envelope(row.payload).body)  # type: ignore[attr-defined]
+
+
+def test_conflict_begins_a_new_chain_with_the_link_and_its_successors(tmp_path: Path) -> None:
+    """A restored state directory reuses seqs the ledger holds: the link taken and all after it move up."""
+    s = signer(tmp_path)
+    store = AgentStore(tmp_path / "agent.db")
+    rows = store.emit(s, "I1", [Span(n * 10, (n + 1) * 10, State.RUNNING) for n in range(4)], None)
+    o = rows[0].seq
+    sha = [wire.body_hash(wire.open_envelope(r.payload).body) for r in rows]
+    assert store.rechain(s, "I1", o + 1, "0" * 64) == []  # not our body: nothing moves
+    assert store.rechain(s, "I9", o + 1, sha[1]) == []
+    time.sleep(0.01)  # the new chain begins at the clock, above the old one's links
+    moved = store.rechain(s, "I1", o + 1, sha[1])
+    assert [(body(m)["start"], body(m)["end"], body(m)["state"]) for m in moved] == [
+        (10, 20, "RUNNING"),
+        (20, 30, "RUNNING"),
+        (30, 40, "RUNNING"),
+    ]
+    n = moved[0].seq
+    assert n > o + 3 and [m.seq for m in moved] == [n, n + 1, n + 2]
+    assert body(moved[0])["prev"] == wire.GENESIS
+    assert body(moved[1])["prev"] == wire.body_hash(wire.open_envelope(moved[0].payload).body)
+    assert [r.seq for r in store.unsent(1e18)] == [o, n, n + 1, n + 2]
+    assert store.summary()["chain"] == {"I1": {"seq": n + 2, "first": n}}
+    later = store.emit(s, "I1", [Span(40, 50, State.OFF)], None)[0]  # the running timeline follows on
+    assert later.seq == n + 3
+    assert body(later)["prev"] == wire.body_hash(wire.open_envelope(moved[-1].payload).body)
+    # the old links' conflicts arrive too: they are no longer ours, so nothing moves twice
+    assert store.rechain(s, "I1", o + 2, sha[2]) == []
+    # a conflict for a link of the older chain still pending joins the current chain
+    again = store.rechain(s, "I1", o, sha[0])
+    assert [m.seq for m in again] == [n + 4] and body(again[0])["start"] == 0
+    assert store.summary()["dead"] == []
+
+
+def test_every_write_is_one_transaction_and_a_batch_marks_sent_with_one_commit(tmp_path: Path) -> None:
+    s = signer(tmp_path)
+    store = AgentStore(tmp_path / "agent.db")
+    rows = store.emit(s, "I1", [Span(n * 10, (n + 1) * 10, State.OFF) for n in range(500)], None)
+    statements: list[str] = []
+    store.db.set_trace_callback(statements.append)
+    store.mark_sent([r.id for r in rows], 5.0)
+    assert sum(1 for x in statements if x.strip().upper() == "COMMIT") == 1
+    assert store.unsent(4.0) == [] and len(store.unsent(6.0)) == 500
+
+
+def test_full_disk_is_named_and_leaves_the_state_as_it_was(tmp_path: Path) -> None:
+    """SQLITE_FULL (a page limit stands in for a full file system) is 'disk full: PATH', not 'cannot rollback'."""
+    from labmeter.agent.outbox import DiskFull
+
+    s = signer(tmp_path)
+    store = AgentStore(tmp_path / "agent.db")
+    store.emit(s, "I1", [Span(0, 10, State.OFF)], Checkpoint(10, State.OFF, 10))
+    before = store.summary()
+    pages = store.db.execute("PRAGMA page_count").fetchone()[0]
+    store.db.execute(f"PRAGMA max_page_count={pages}")
+    big = [Span(n * 10, (n + 1) * 10, State.RUNNING) for n in range(1, 400)]
+    try:
+        store.emit(s, "I1", big, Checkpoint(4000, State.RUNNING, 4000))
+    except DiskFull as exc:
+        assert str(exc) == f"disk full: {tmp_path / 'agent.db'}"
+    else:
+        raise AssertionError("a write beyond the page limit succeeded")
+    assert store.summary() == before
+    assert store.load_checkpoint("I1") == Checkpoint(10, State.OFF, 10)
+    store.db.execute("PRAGMA max_page_count=1073741823")  # space returns: the same write goes through
+    assert len(store.emit(s, "I1", big, None)) == 399
+
+
+def test_checkpoint_keeps_a_clock_step_across_restart(tmp_path: Path) -> None:
+    store = AgentStore(tmp_path / "agent.db")
+    store.checkpoint({"I1": Checkpoint(5000, State.RUNNING, 6000, -3000)})
+    store.close()
+    assert AgentStore(tmp_path / "agent.db").load_checkpoint("I1") == Checkpoint(
+        5000, State.RUNNING, 6000, -3000
+    )
+
+
+def test_a_restored_copys_start_up_recovery_does_not_hide_what_the_other_copy_measured(
+    tmp_path: Path,
+) -> None:
+    """The conflict is on the recovery (old open interval + agent_down): it is dropped, the rest moves up."""
+    s = signer(tmp_path)
+    store = AgentStore(tmp_path / "agent.db")
+    store.emit(s, "I1", [Span(0, 10, State.RUNNING)], None)
+    recovery = store.emit(
+        s, "I1", [Span(10, 20, State.RUNNING), Span(20, 90, State.UNKNOWN, wire.NOTE_AGENT_DOWN)], None
+    )
+    time.sleep(0.01)
+    measured = store.emit(s, "I1", [Span(90, 95, State.OFF)], None)
+    sha = wire.body_hash(wire.open_envelope(recovery[0].payload).body)
+    moved = store.rechain(s, "I1", recovery[0].seq, sha)
+    assert [(body(m)["start"], body(m)["prev"]) for m in moved] == [(90, wire.GENESIS)]
+    assert moved[0].seq > measured[0].seq
+    assert len(store.unsent(1e18)) == 2  # the first link and the measured one; the recovery is gone

@@ -56,3 +56,30 @@ def test_split_marks_down_time() -> None:
         Span(H - 10, H, State.UNKNOWN, "agent_down"),
         Span(H, H + 10, State.UNKNOWN, "agent_down"),
     ]
+
+
+def test_a_clock_step_is_kept_by_whatever_closes_the_next_interval() -> None:
+    """A step is recorded on the interval that opens at the new time: by a change, the next step or a shutdown."""
+    t = Timeline(H, 1000, State.RUNNING)
+    assert t.step(5000, 65_000) == [Span(1000, 5000, State.RUNNING)]  # +60 s
+    # the next step comes before the interval after the first one closed: that interval keeps its step
+    assert t.step(70_000, 40_000) == [Span(65_000, 70_000, State.RUNNING, clock_step_ms=60_000)]  # -30 s
+    assert t.close(50_000) == [Span(40_000, 50_000, State.RUNNING, clock_step_ms=-30_000)]  # shutdown
+
+
+def test_two_steps_with_nothing_between_add_up() -> None:
+    t = Timeline(H, 1000, State.OFF)
+    assert t.step(2000, 12_000) == [Span(1000, 2000, State.OFF)]
+    assert t.step(12_000, 7000) == []  # no time passed on the new clock: the first jump is not recorded yet
+    assert t.advance(9000, State.RUNNING) == [Span(7000, 9000, State.OFF, clock_step_ms=5000)]
+    assert t.advance(9500, State.OFF) == [Span(9000, 9500, State.RUNNING)]
+
+
+def test_intervals_around_a_step_link_up() -> None:
+    """Each span's start is its predecessor's end plus its step: how the collector links a chain."""
+    t = Timeline(H, H - 2000, State.RUNNING)
+    spans = t.step(H - 1000, H + 5000) + t.advance(H + 9000, State.OFF) + t.step(H + 9500, H + 500)
+    spans += t.close(H + 3000)
+    for a, b in itertools.pairwise(spans):
+        assert a.end + b.clock_step_ms == b.start, (a, b)
+    assert sum(s.end - s.start for s in spans) == 1000 + 4000 + 500 + 2500

@@ -1,0 +1,128 @@
+"""Outbox drain: marking rows sent, and how long the agent's event loop is held while a backlog drains.
+
+A backlog of signed intervals in a real agent state file is published to Mosquitto
+twice in the same run: once as the publisher did before issue 11 (a batch of 1,000
+published without yielding, then marked sent one autocommitted row at a time), once
+through ``Agent._publish_batch`` (chunks with a yield between them, one transaction
+per batch). A ticker task measures the longest time the loop could not run it: what
+polling, acks and SIGTERM waited for.
+
+    .venv/bin/python -m benchmarks.drain [--rows 20000] [--dir /var/tmp]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sqlite3
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from types import MethodType, SimpleNamespace
+
+from benchmarks.common import free_port, start_mosquitto
+from labmeter import signing
+from labmeter.agent.outbox import AgentStore, Signer
+from labmeter.agent.runtime import Agent
+from labmeter.agent.timeline import Span
+from labmeter.config import BrokerConfig
+from labmeter.mqtt import MqttLink
+from labmeter.wire import State
+
+BATCH = 1000
+
+
+def old_mark_sent(db: sqlite3.Connection, ids: list[int], at: float) -> None:
+    """The code before: one autocommitted UPDATE (one fsync) per row."""
+    if ids:
+        db.executemany("UPDATE outbox SET sent_at=? WHERE id=?", [(at, i) for i in ids])
+
+
+async def ticker(lags: list[float], stop: asyncio.Event) -> None:
+    while not stop.is_set():
+        t = time.perf_counter()
+        await asyncio.sleep(0.005)
+        lags.append(time.perf_counter() - t - 0.005)
+
+
+async def old_drain(store: AgentStore, link: MqttLink, marks: list[float]) -> None:
+    while rows := store.unsent(time.time() - 3600, BATCH):
+        sent = [r.id for r in rows if link.publish(r.topic, r.payload, qos=1)]
+        t = time.perf_counter()
+        old_mark_sent(store.db, sent, time.time())
+        marks.append(time.perf_counter() - t)
+        await asyncio.sleep(0)  # the old loop's kick.wait() returned at once: this is one loop turn at most
+
+
+async def new_drain(store: AgentStore, link: MqttLink, marks: list[float]) -> None:
+    agent = SimpleNamespace(store=store, link=link, stopping=False)
+    agent._wait_for_network = MethodType(Agent._wait_for_network, agent)
+    real = store.mark_sent
+
+    def timed(ids: list[int], at: float) -> None:
+        t = time.perf_counter()
+        real(ids, at)
+        marks.append(time.perf_counter() - t)
+
+    store.mark_sent = timed  # type: ignore[method-assign]
+    try:
+        while await Agent._publish_batch(agent, time.time() - 3600, BATCH):  # type: ignore[arg-type]
+            await asyncio.sleep(0)
+    finally:
+        store.mark_sent = real  # type: ignore[method-assign]
+
+
+async def run(rows: int, workdir: Path) -> None:
+    port = free_port()
+    broker = start_mosquitto(workdir, port)
+    try:
+        key = signing.generate_key_file(workdir / "agent.key")
+        signer = Signer("bench", key, signing.key_id(key.public_key()))
+        store = AgentStore(workdir / "state" / "agent.db")
+        spans = [Span(i * 1000, (i + 1) * 1000, State.OFF) for i in range(rows)]
+        store.emit(signer, "I1", spans, None)
+        link = MqttLink(BrokerConfig(url=f"mqtt://127.0.0.1:{port}"), "bench-drain")
+        await link.start()
+        assert await link.wait_connected(10), "no broker"
+        results = {}
+        for name, drain in (("before", old_drain), ("after", new_drain)):
+            store.mark_all_unsent()
+            lags: list[float] = []
+            marks: list[float] = []
+            stop = asyncio.Event()
+            tick = asyncio.create_task(ticker(lags, stop))
+            await asyncio.sleep(0.05)
+            t = time.perf_counter()
+            await drain(store, link, marks)
+            took = time.perf_counter() - t
+            stop.set()
+            await tick
+            results[name] = (took, statistics.median(marks) * 1000, max(lags) * 1000)
+            print(
+                f"{name:>6}: {rows} rows published in {took:.2f} s; mark_sent per {BATCH} rows "
+                f"{results[name][1]:.1f} ms (median); longest event-loop stall {results[name][2]:.0f} ms"
+            )
+        b, a = results["before"], results["after"]
+        print(
+            f"ratio after/before: drain {a[0] / b[0]:.2f}, mark_sent {a[1] / b[1]:.3f}, "
+            f"longest stall {a[2] / b[2]:.2f}"
+        )
+        await link.stop()
+        store.close()
+    finally:
+        broker.terminate()
+        broker.wait(10)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rows", type=int, default=20_000)
+    ap.add_argument("--dir", type=Path, default=None, help="where the state file goes (default: a temp dir)")
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory(dir=args.dir) as d:
+        asyncio.run(run(args.rows, Path(d)))
+
+
+if __name__ == "__main__":
+    main()
