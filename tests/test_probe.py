@@ -455,3 +455,77 @@ def test_link_to_something_that_is_no_broker(tmp_path: Path) -> None:
     assert out.returncode == 1 and "Traceback" not in out.stdout + out.stderr
     assert "sent no MQTT answer" in verdict(out.stdout, "broker link (agent lab-a)"), out.stdout
     assert verdict(out.stdout, "METER").startswith("OK:")
+
+
+def test_probe_passes_an_install_made_by_labmeter_commands(tmp_path: Path) -> None:
+    """The shipped Mosquitto config over TLS, accounts and ACLs made only by `add-agent --agent-config`
+    and `plug-user`: probe passes the agent, its meter and its plug. Its ACL lets the agent write
+    only the four topics it publishes, so the ack subscription is reported as not testable, not
+    as a fault."""
+    from labmeter import signing
+    from tests.certs import certificates
+    from tests.conftest import ROOT
+
+    mq = tmp_path / "mosquitto"
+    mq.mkdir()
+    certificates(mq)
+    port = free_port()
+    conf = (
+        (ROOT / "config" / "mosquitto" / "labmeter.conf")
+        .read_text()
+        .replace("/etc/mosquitto/labmeter", str(mq))
+        .replace("listener 8883", f"listener {port} 127.0.0.1")
+        .replace("persistence true", "persistence false")
+        .replace("persistence_location /var/lib/mosquitto/\n", "")
+    )
+    (mq / "mosquitto.conf").write_text(conf + ("user root\n" if os.geteuid() == 0 else ""))
+    (tmp_path / "collector.toml").write_text(f'[collector]\ndata_dir = "{tmp_path / "data"}"\n')
+    meter, meter_port = _serve_meter("eastron-sdm120", 850.0, "big")
+    agent = (
+        head("lab-a")
+        + f'[broker]\nurl = "mqtts://127.0.0.1:{port}"\nusername = "lab-a"\n'
+        + f'password_file = "{mq}/secrets/lab-a.pass"\nca_file = "{mq}/ca.pem"\n'
+        + modbus("METER", f"tcp://127.0.0.1:{meter_port}")
+        + plug("PLUG", "tele/plug-a/SENSOR")
+    )
+    (tmp_path / "agent.toml").write_text(agent)
+    key = signing.generate_key_file(tmp_path / "lab-a.key")
+
+    def cli(*args: str) -> None:
+        out = subprocess.run([*LABMETER, *args], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stdout + out.stderr
+
+    cli(
+        "collector", "add-agent", "lab-a", "--key", signing.public_key_text(key.public_key()),
+        "--instrument", "METER", "--instrument", "PLUG", "--agent-config", "agent.toml",
+        "--mosquitto-dir", str(mq),
+    )  # fmt: skip
+    cli("collector", "plug-user", "plug-a", "--agent-config", "agent.toml", "--instrument", "PLUG",
+        "--mosquitto-dir", str(mq))  # fmt: skip
+    log = open(tmp_path / "mosquitto.log", "wb")  # noqa: SIM115
+    proc = subprocess.Popen([mosquitto_bin(), "-c", str(mq / "mosquitto.conf")], stdout=log, stderr=log)
+    try:
+        wait_port(port)
+        import ssl
+
+        c = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id="plug-a")
+        c.tls_set(ca_certs=str(mq / "ca.pem"), cert_reqs=ssl.CERT_REQUIRED)
+        c.username_pw_set("plug-a", (mq / "secrets" / "plug-a.pass").read_text().strip())
+        c.connect("127.0.0.1", port)
+        c.loop_start()
+        c.publish("tele/plug-a/SENSOR", '{"ENERGY": {"Power": 120}}', qos=1, retain=True).wait_for_publish(5)
+        c.disconnect()
+        c.loop_stop()
+        out = probe(tmp_path, agent)
+    finally:
+        meter.stop()
+        proc.terminate()
+        proc.wait(10)
+    o = out.stdout
+    assert out.returncode == 0, o + out.stderr
+    assert (
+        verdict(o, "METER").startswith("OK:") and verdict(o, "PLUG") == "OK: reads fine, classified RUNNING"
+    )
+    link = verdict(o, "broker link (agent lab-a)")
+    assert link.startswith("OK:") and "labmeter/v1/lab-a/ack" in link, o
+    assert "over TLS (MQTT 5)" in o
