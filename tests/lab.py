@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import time
 from collections.abc import Callable
@@ -43,6 +44,13 @@ class CollectorThread:
         self._stop: asyncio.Event | None = None
         self._thread = threading.Thread(target=self._run, daemon=True)
         self.error: BaseException | None = None
+        self.loop_errors: list[str] = []
+        self._loop.set_exception_handler(self._unhandled)
+
+    def _unhandled(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        """An exception nobody awaited (a crashed background task) fails the test instead of a log line."""
+        self.loop_errors.append(f"{context.get('message')}: {context.get('exception')!r}")
+        loop.default_exception_handler(context)
 
     def _run(self) -> None:
         asyncio.set_event_loop(self._loop)
@@ -56,27 +64,49 @@ class CollectorThread:
             self._loop.run_until_complete(main())
         except BaseException as exc:
             self.error = exc
+        finally:
+            self._loop.close()
 
     def __enter__(self) -> CollectorThread:
         self._thread.start()
-        wait_for(
-            lambda: (
-                self.collector is not None
-                and self.collector.link is not None
-                and self.collector.link.connected
-            ),
-            what="collector connected",
-        )
+        try:
+            wait_for(
+                lambda: (
+                    self.error is not None
+                    or (
+                        self.collector is not None
+                        and self.collector.link is not None
+                        and self.collector.link.connected
+                    )
+                ),
+                what="collector connected",
+            )
+        except AssertionError:
+            self.__exit__(AssertionError)
+            raise
+        if self.error is not None:
+            raise AssertionError(f"the collector failed to start: {self.error!r}") from self.error
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        assert self._stop is not None
-        self._loop.call_soon_threadsafe(self._stop.set)
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        """Stop the service and fail the test if it crashed or hung: shutdown is when the last inbox is
+        stored, so an error there must not pass silently. A failure in the test body is not masked."""
+        if self._stop is not None:
+            with contextlib.suppress(RuntimeError):  # the loop already ended (the service crashed)
+                self._loop.call_soon_threadsafe(self._stop.set)
         self._thread.join(15)
+        if exc_type is not None:
+            return
+        if self._thread.is_alive():
+            raise AssertionError("the collector did not stop within 15 s of being asked to")
+        if self.error is not None:
+            raise AssertionError(f"the collector thread failed: {self.error!r}") from self.error
+        if self.loop_errors:
+            raise AssertionError("unhandled errors in the collector's loop: " + "; ".join(self.loop_errors))
 
     @property
     def alive(self) -> bool:
-        return self._thread.is_alive() and self.error is None
+        return self._thread.is_alive() and self.error is None and not self.loop_errors
 
 
 class Publisher:
@@ -86,13 +116,17 @@ class Publisher:
         port = int(url.rsplit(":", 1)[1])
         self.client = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=client_id)
         self.received: list[tuple[str, bytes]] = []
+        self._subacks: set[int] = set()
         self.client.on_message = lambda _c, _u, m: self.received.append((m.topic, m.payload))
+        self.client.on_subscribe = lambda _c, _u, mid, _rc, _p: self._subacks.add(mid)
         self.client.connect("127.0.0.1", port)
         self.client.loop_start()
 
     def subscribe(self, topic: str) -> None:
-        self.client.subscribe(topic, 1)
-        time.sleep(0.3)
+        """Subscribe and return once the broker's SUBACK has arrived (not after a guessed delay)."""
+        rc, mid = self.client.subscribe(topic, 1)
+        assert rc == paho.MQTT_ERR_SUCCESS, f"subscribe {topic}: rc {rc}"
+        wait_for(lambda: mid in self._subacks, timeout=10, what=f"SUBACK for {topic}")
 
     def publish(self, topic: str, payload: bytes) -> None:
         self.client.publish(topic, payload, qos=1).wait_for_publish(10)
