@@ -2,7 +2,7 @@
 
 A real agent process polls a Modbus meter (pyModbusTCP) and reports through Mosquitto
 to the collector, which serves the page; changing the meter's power must show on the
-page within 2 s. Screenshots go to test-artifacts/.
+page within 2 s. Screenshots go to each test's own tmp_path/artifacts (pytest keeps the last runs).
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import subprocess
 import time
 import urllib.error
@@ -23,11 +24,10 @@ import pytest
 from pyModbusTCP.server import ModbusServer
 
 from labmeter import config
-from tests.conftest import LABMETER, ROOT, BrokerProcess, free_port
+from tests.conftest import LABMETER, BrokerProcess, free_port
 from tests.lab import CollectorThread, wait_for
 from tests.test_driver_modbus import words
 
-ARTIFACTS = ROOT / "test-artifacts"
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 
 
@@ -120,7 +120,11 @@ def test_api_endpoints_and_bad_parameters(lab) -> None:  # type: ignore[no-untyp
     got = {i["code"]: i for i in body["instruments"]}
     assert got["CZ-NMR-001"]["state"] == "OFF" and got["CZ-ICP-002"]["state"] == "RUNNING"
     assert got["CZ-NMR-001"]["unit"] == "化学学院" and got["CZ-ICP-002"]["power_w"] == 900.0
-    assert "today" in got["CZ-ICP-002"] and "year" in got["CZ-ICP-002"]
+    # every interval is minutes old: today's, this month's and this year's figures are the same hours
+    icp = got["CZ-ICP-002"]
+    assert icp["today"] == icp["month"] == icp["year"], icp
+    assert set(icp["today"]) == {"run_h", "effective_h", "utilisation_pct"}
+    assert 0 <= icp["today"]["run_h"] <= icp["today"]["effective_h"] <= 1.0
     wait_for(lambda: get(f"{base}/api/agents")[1]["agents"], what="heartbeat")
     agents = get(f"{base}/api/agents")[1]["agents"]
     assert agents[0]["agent"] == "bench-01" and agents[0]["online"] is True
@@ -147,11 +151,12 @@ def test_api_endpoints_and_bad_parameters(lab) -> None:  # type: ignore[no-untyp
 @pytest.mark.skipif(
     not Path(CHROMIUM).exists(), reason="Debian chromium not installed (make deps installs it)"
 )
-def test_page_in_browser(lab) -> None:  # type: ignore[no-untyped-def]
+def test_page_in_browser(lab, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     from playwright.sync_api import sync_playwright
 
     base, meters, _ct = lab
-    ARTIFACTS.mkdir(exist_ok=True)
+    ARTIFACTS = tmp_path / "artifacts"
+    ARTIFACTS.mkdir()
     with sync_playwright() as p:
         browser = launch(p)
         page = browser.new_page(viewport={"width": 1400, "height": 600})
@@ -188,12 +193,14 @@ def test_top_reads_the_api(lab) -> None:  # type: ignore[no-untyped-def]
     rows = {line.split()[0]: line for line in out.stdout.splitlines() if line.startswith("CZ-")}
     assert "OFF" in rows["CZ-NMR-001"] and "RUNNING" in rows["CZ-ICP-002"]
     assert "900.0" in rows["CZ-ICP-002"] and "bench-01" in rows["CZ-ICP-002"]
-    bad = subprocess.run(
-        [*LABMETER, "top", "--url", "http://127.0.0.1:9", "--once"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    with socket.socket() as closed:  # bound, never listening: refused for as long as we hold it
+        closed.bind(("127.0.0.1", 0))
+        bad = subprocess.run(
+            [*LABMETER, "top", "--url", f"http://127.0.0.1:{closed.getsockname()[1]}", "--once"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
     assert bad.returncode == 1 and "cannot read" in bad.stderr
 
 
@@ -269,13 +276,36 @@ def test_public_view_shows_no_private_data(tmp_path: Path) -> None:
 @pytest.mark.skipif(
     not Path(CHROMIUM).exists(), reason="Debian chromium not installed (make deps installs it)"
 )
-def test_instrument_page(lab) -> None:  # type: ignore[no-untyped-def]
+def test_instrument_page(lab, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    from labmeter.collector.ledger import Ledger
+    from labmeter.collector.registry import import_instruments
     from playwright.sync_api import sync_playwright
 
-    base, _meters, _ct = lab
+    from tests.lab import store_schedule
+
+    base, _meters, ct = lab
     status, si = get(f"{base}/api/instruments/CZ-ICP-002/signins")
     assert status == 200 and si["signins"] == []
-    ARTIFACTS.mkdir(exist_ok=True)
+    # a third instrument with a known history (one hour of running, ending an hour ago) and two sign-ins,
+    # stored through a second connection to the collector's ledger (its own belongs to its thread)
+    now = int(time.time() * 1000)
+    run = (now - 2 * 3_600_000, now - 3_600_000)
+    ledger = Ledger.open(ct.cfg.collector.ledger, ct.cfg.collector.data_dir)
+    (tmp_path / "more.csv").write_text("code,name,unit\nCZ-HIS-003,历史仪器,化学学院\n", encoding="utf-8")
+    import_instruments(ledger, tmp_path / "more.csv")
+    store_schedule(
+        tmp_path,
+        ledger,
+        "pc-his",
+        "CZ-HIS-003",
+        [(run[0] - 3_600_000, run[0], "OFF"), (*run, "RUNNING"), (run[1], now - 60_000, "OFF")],
+    )
+    ledger.store_signins(
+        [("pc-his", "CZ-HIS-003", i, now - i * 60_000, f"p-{i:04d}", f"sha-{i}", b"{}") for i in (1, 2)]
+    )
+    ledger.close()
+    ARTIFACTS = tmp_path / "artifacts"
+    ARTIFACTS.mkdir()
     with sync_playwright() as p:
         browser = launch(p)
         # a browser far from the collector's zone: the page's days are still the collector's local days
@@ -287,8 +317,34 @@ def test_instrument_page(lab) -> None:  # type: ignore[no-untyped-def]
         assert (start.hour, start.minute) == (0, 0), start
         page.wait_for_selector('[data-testid="timeline"] rect[fill="var(--run)"]')
         assert page.text_content("#title") == "CZ-ICP-002"
-        assert float(page.text_content('[data-testid="run_h"]') or "-1") >= 0.0
+        assert page.locator("#signins code").count() == 0
         page.screenshot(path=str(ARTIFACTS / "instrument-page.png"))
+
+        with page.expect_response(lambda r: "/timeline?" in r.url) as resp:
+            page.goto(base + "/instrument/CZ-HIS-003?lang=zh-CN")
+        day = resp.value.json()
+        page.wait_for_selector("#signins code")
+        # the sign-in list shows both, newest first
+        assert page.locator("#signins code").all_text_contents() == ["p-0001", "p-0002"]
+        # the day's run hours: the part of the known hour inside today (local), as the API reports it
+        today_h = max(0, min(run[1], day["to"]) - max(run[0], day["from"])) / 3_600_000
+        shown = float(page.text_content('[data-testid="run_h"]') or "nan")
+        assert shown == round(today_h, 2), (shown, today_h)
+        # the week view: seven of the collector's local days ending with today, holding the whole hour
+        with page.expect_response(lambda r: "/timeline?" in r.url) as week:
+            page.select_option("#span", "7")
+        wk = week.value.json()
+        first = datetime.fromtimestamp(wk["from"] / 1000, ZoneInfo("Asia/Shanghai"))
+        last = datetime.fromtimestamp(wk["to"] / 1000, ZoneInfo("Asia/Shanghai"))
+        assert (first.hour, first.minute, last.hour, last.minute) == (0, 0, 0, 0)
+        assert round((wk["to"] - wk["from"]) / 86_400_000) == 7 and wk["to"] == day["to"]
+        assert [iv["state"] for iv in wk["intervals"]].count("RUNNING") >= 1
+        page.wait_for_function(
+            "document.querySelector('[data-testid=\"run_h\"]')?.textContent === '1'"
+            " || document.querySelector('[data-testid=\"run_h\"]')?.textContent === '1.0'"
+        )
+        assert float(page.text_content('[data-testid="run_h"]') or "nan") == 1.0
+        page.screenshot(path=str(ARTIFACTS / "instrument-week.png"))
         browser.close()
 
 
@@ -323,5 +379,7 @@ def test_usage_so_far_equals_the_report(tmp_path: Path, page_zone: str) -> None:
         assert got[name]["utilisation_pct"] == pytest.approx(100 * h.effective_ms / h.rated_ms, abs=0.15), (
             name
         )
-    assert got["year"]["run_h"] > 0  # (the schedule's 40 days reach into this year unless it is 1 January)
+    year = view._period_starts(collector.clock.wall_ms())["year"]
+    if any(st == "RUNNING" and e > year for _s, e, st in spans):  # not so early in January that none did
+        assert got["year"]["run_h"] > 0
     collector.ledger.close()
