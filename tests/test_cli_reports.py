@@ -283,7 +283,9 @@ def test_evidence_bundle_verifies_and_claims_the_report_hours(site: Path, tmp_pa
         for r in json.loads(cli(site, "report", "hours", *PERIOD, "--format", "json", "--tz", "UTC"))
         if r["key"] == "CZ-G"
     )
-    assert f"claimed {utc['effective_h']:10.3f} h" in ok.stdout, ok.stdout
+    for key in ("run", "effective"):
+        hours = utc[f"{key}_h"]
+        assert f"{key:>11}: claimed {hours:10.3f} h, recomputed {hours:10.3f} h" in ok.stdout, ok.stdout
     none = subprocess.run(
         [
             *LABMETER,
