@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import time
 import urllib.error
@@ -25,7 +24,7 @@ from pyModbusTCP.server import ModbusServer
 
 from labmeter import config
 from tests.conftest import LABMETER, BrokerProcess, free_port
-from tests.lab import CollectorThread, wait_for
+from tests.lab import CollectorThread, closed_port, wait_for
 from tests.test_driver_modbus import words
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -193,10 +192,9 @@ def test_top_reads_the_api(lab) -> None:  # type: ignore[no-untyped-def]
     rows = {line.split()[0]: line for line in out.stdout.splitlines() if line.startswith("CZ-")}
     assert "OFF" in rows["CZ-NMR-001"] and "RUNNING" in rows["CZ-ICP-002"]
     assert "900.0" in rows["CZ-ICP-002"] and "bench-01" in rows["CZ-ICP-002"]
-    with socket.socket() as closed:  # bound, never listening: refused for as long as we hold it
-        closed.bind(("127.0.0.1", 0))
+    with closed_port() as port:
         bad = subprocess.run(
-            [*LABMETER, "top", "--url", f"http://127.0.0.1:{closed.getsockname()[1]}", "--once"],
+            [*LABMETER, "top", "--url", f"http://127.0.0.1:{port}", "--once"],
             capture_output=True,
             text=True,
             timeout=60,
