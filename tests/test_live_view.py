@@ -79,10 +79,9 @@ def lab(mosquitto: BrokerProcess, tmp_path: Path):  # type: ignore[no-untyped-de
     (tmp_path / "instruments.csv").write_text(
         "code,name,unit,category\nCZ-NMR-001,核磁共振波谱仪,化学学院,020301\nCZ-ICP-002,ICP-MS,分析测试中心,020302\n"
     )
-    web_port = free_port()
     (tmp_path / "collector.toml").write_text(
         f'[collector]\ndata_dir = "{tmp_path / "data"}"\n[broker]\nurl = "{mosquitto.url}"\n'
-        f'[web]\nlisten = "127.0.0.1:{web_port}"\n'
+        '[web]\nlisten = "127.0.0.1:0"\n'  # the view binds a port itself; read back below
     )
     env = {**os.environ}
     run = lambda *a: subprocess.run([*LABMETER, *a], cwd=tmp_path, capture_output=True, text=True, timeout=60)  # noqa: E731
@@ -100,6 +99,9 @@ def lab(mosquitto: BrokerProcess, tmp_path: Path):  # type: ignore[no-untyped-de
             stderr=subprocess.DEVNULL,
         )
         try:
+            web_port = wait_for(
+                lambda: ct.collector and ct.collector.web and ct.collector.web.port, what="web"
+            )
             base = f"http://127.0.0.1:{web_port}"
             wait_for(
                 lambda: len(ct.collector.live.instruments) == 2 if ct.collector else False, what="live states"
@@ -214,9 +216,9 @@ def test_token_required_off_loopback(tmp_path: Path) -> None:
         collector = Collector(cfg)
         with pytest.raises(config.ConfigError, match="set token_file"):
             LiveView(collector, "0.0.0.0:8080")
-        port = free_port()
-        view = LiveView(collector, f"127.0.0.1:{port}", token="s3cret")
-        await view.start()
+        view = LiveView(collector, "127.0.0.1:0", token="s3cret")
+        await view.start()  # binds a port of its own choosing: nothing can take it in between
+        port = view.port
         loop = asyncio.get_running_loop()
         codes = []
         for suffix in ("/api/agents", "/api/agents?token=wrong", "/api/agents?token=s3cret"):
@@ -248,16 +250,17 @@ def test_public_view_shows_no_private_data(tmp_path: Path) -> None:
             "error": None,
         }
         loop = asyncio.get_running_loop()
-        port, closed_port = free_port(), free_port()
-        view = LiveView(collector, f"127.0.0.1:{port}", token="s3cret", public=True)
+        view = LiveView(collector, "127.0.0.1:0", token="s3cret", public=True)
         await view.start()
+        port = view.port
         status, body = await loop.run_in_executor(
             None, get, f"http://127.0.0.1:{port}/public/api/instruments"
         )
         private = (await loop.run_in_executor(None, get, f"http://127.0.0.1:{port}/api/instruments"))[0]
         await view.stop()
-        off = LiveView(collector, f"127.0.0.1:{closed_port}")  # public is off by default
+        off = LiveView(collector, "127.0.0.1:0")  # public is off by default
         await off.start()
+        closed_port = off.port
         disabled = (
             await loop.run_in_executor(None, get, f"http://127.0.0.1:{closed_port}/public/api/instruments")
         )[0]

@@ -18,7 +18,7 @@ import pytest
 from labmeter.collector.ledger import Ledger
 
 from labmeter import config
-from tests.conftest import ROOT, free_port
+from tests.conftest import ROOT
 from tests.lab import store_schedule
 
 SPEC = json.loads((ROOT / "collector" / "openapi.json").read_text(encoding="utf-8"))
@@ -109,11 +109,11 @@ def served(tmp_path: Path) -> Any:
             "agent": "pc-g",
         }
         collector.live.agents["pc-g"] = {"verified": True, "online": True, "received": now, "pending": 0}
-        port, private_port = free_port(), free_port()
-        public = LiveView(collector, f"127.0.0.1:{port}", public=True)
-        private = LiveView(collector, f"127.0.0.1:{private_port}")
+        public = LiveView(collector, "127.0.0.1:0", public=True)
+        private = LiveView(collector, "127.0.0.1:0")
         await public.start()
         await private.start()
+        port, private_port = public.port, private.port
         loop = asyncio.get_running_loop()
         try:
             return [
