@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -37,6 +38,10 @@ def start_mosquitto(workdir: Path, port: int, tls: bool = False) -> subprocess.P
 
         certificates(workdir)
         text += f"cafile {workdir / 'ca.pem'}\ncertfile {workdir / 'server.pem'}\nkeyfile {workdir / 'server.key'}\n"
+        if os.geteuid() == 0:
+            text += (
+                "user root\n"  # else mosquitto drops to its own user, who cannot read the temporary folder
+            )
     conf.write_text(text)
     binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
     proc = subprocess.Popen([binary, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
