@@ -152,9 +152,18 @@ class Lab:
             wait_port(self.meter_port)
 
     def stop(self, name: str, kill: bool = False) -> int:
+        """SIGTERM (which must end the process cleanly within 20 s) or SIGKILL; its exit status."""
         proc = self.procs.pop(name)
+        assert proc.poll() is None, f"{name} had already exited with {proc.returncode}: {self.log(name)}"
         proc.send_signal(signal.SIGKILL if kill else signal.SIGTERM)
-        return proc.wait(20)
+        try:
+            rc = proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+            raise AssertionError(f"{name} did not stop within 20 s of SIGTERM: {self.log(name)}") from None
+        assert kill or rc == 0, f"{name} exited with {rc} on SIGTERM: {self.log(name)}"
+        return rc
 
     def start_all(self) -> None:
         self.enroll()
@@ -188,8 +197,11 @@ class Lab:
         print(f"all processes up {-late:.1f} s before simulated time 0 (head start {HEAD_START_S} s)")
 
     def sleep_until(self, sim_s: float) -> None:
+        """Wait for simulated time ``sim_s``; a process that dies meanwhile fails the run at once."""
         target_ms = EPOCH_MS + sim_s * 1000
         while self.clock.wall_ms() < target_ms:
+            for name, proc in self.procs.items():
+                assert proc.poll() is None, f"{name} died with {proc.returncode}: {self.log(name)}"
             time.sleep(0.02)
 
     def finish(self) -> None:
