@@ -119,6 +119,44 @@ class CollectorThread:
         return self._thread.is_alive() and self.error is None and not self.loop_errors
 
 
+@contextlib.contextmanager
+def agent_process(cwd: Path, config_file: str = "agent.toml", log_name: str = "agent.log") -> Iterator[Any]:
+    """``labmeter agent run`` as a separate process, logging to ``cwd/log_name``. On leaving the block it gets
+    SIGTERM and must exit 0 within 20 s with no traceback in its log: a crash or hang fails the test."""
+    import subprocess
+    import sys
+
+    log_path = cwd / log_name
+    log = open(log_path, "ab")  # noqa: SIM115
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "labmeter", "agent", "run", "-c", config_file],
+        cwd=cwd,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    failed = True
+    try:
+        yield proc
+        failed = False
+    finally:
+        exited = proc.poll()
+        proc.terminate()
+        try:
+            rc = proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+            rc = None
+        log.close()
+        if not failed:
+            text = log_path.read_text(errors="replace")
+            assert exited is None, f"the agent had exited with {exited} before the end: {text[-3000:]}"
+            assert rc == 0, (
+                f"the agent {'hung on' if rc is None else f'exited {rc} on'} SIGTERM: {text[-3000:]}"
+            )
+            assert "Traceback" not in text, text[-3000:]
+
+
 class Publisher:
     """A plain paho client standing in for an agent (or an attacker)."""
 

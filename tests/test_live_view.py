@@ -8,7 +8,6 @@ page within 2 s. Screenshots go to each test's own tmp_path/artifacts (pytest ke
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import time
@@ -24,7 +23,7 @@ from pyModbusTCP.server import ModbusServer
 
 from labmeter import config
 from tests.conftest import LABMETER, BrokerProcess, free_port
-from tests.lab import CollectorThread, closed_port, wait_for
+from tests.lab import CollectorThread, agent_process, closed_port, wait_for
 from tests.test_driver_modbus import words
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -83,22 +82,14 @@ def lab(mosquitto: BrokerProcess, tmp_path: Path):  # type: ignore[no-untyped-de
         f'[collector]\ndata_dir = "{tmp_path / "data"}"\n[broker]\nurl = "{mosquitto.url}"\n'
         '[web]\nlisten = "127.0.0.1:0"\n'  # the view binds a port itself; read back below
     )
-    env = {**os.environ}
     run = lambda *a: subprocess.run([*LABMETER, *a], cwd=tmp_path, capture_output=True, text=True, timeout=60)  # noqa: E731
     out = run("agent", "enroll", "-c", "agent.toml").stdout
     add = next(x.strip() for x in out.splitlines() if x.strip().startswith("labmeter collector"))
     assert run(*add.split()[1:], "-c", "collector.toml").returncode == 0
     assert run("collector", "import-instruments", "instruments.csv", "-c", "collector.toml").returncode == 0
     cfg = config.load(tmp_path / "collector.toml", config.CollectorConfig)
-    with CollectorThread(cfg) as ct:
-        agent = subprocess.Popen(
-            [*LABMETER, "agent", "run", "-c", "agent.toml"],
-            cwd=tmp_path,
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        try:
+    try:
+        with CollectorThread(cfg) as ct, agent_process(tmp_path):
             web_port = wait_for(
                 lambda: ct.collector and ct.collector.web and ct.collector.web.port, what="web"
             )
@@ -107,11 +98,9 @@ def lab(mosquitto: BrokerProcess, tmp_path: Path):  # type: ignore[no-untyped-de
                 lambda: len(ct.collector.live.instruments) == 2 if ct.collector else False, what="live states"
             )
             yield base, meters, ct
-        finally:
-            agent.terminate()
-            agent.wait(10)
-            for m in meters.values():
-                m.stop()
+    finally:
+        for m in meters.values():
+            m.stop()
 
 
 def test_api_endpoints_and_bad_parameters(lab) -> None:  # type: ignore[no-untyped-def]
