@@ -12,6 +12,7 @@ from pathlib import Path
 
 from labmeter.config import PolicyConfig
 from labmeter.demo import BOOKINGS, DAY_HOURS, INSTRUMENTS
+from tests.conftest import ROOT
 
 H = 3600.0
 POLICY = PolicyConfig()
@@ -67,6 +68,13 @@ def table(text: str, title: str) -> dict[str, dict[str, str]]:
         cells = line.split()
         rows[cells[0]] = dict(zip(header, cells, strict=True))
     return rows
+
+
+def test_make_demo_runs_this_command() -> None:
+    """The test below runs what `make demo` runs (plus --duration and --dir): if the Makefile changes, so must it."""
+    lines = (ROOT / "Makefile").read_text().splitlines()
+    recipe = lines[lines.index(next(x for x in lines if x.startswith("demo:"))) + 1]
+    assert recipe.strip() == "$(BIN)/labmeter demo", recipe
 
 
 def test_demo_report_matches_the_simulated_day(tmp_path: Path) -> None:
