@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import timeit
 
+from benchmarks.common import Verdicts
 from labmeter import signing, wire
 
 
@@ -30,6 +31,17 @@ def main() -> None:
         f"seal_acks, 10 chains: {seal_s * 1e6:.1f} us; interval signature check: {check_s * 1e6:.1f} us; "
         f"one ack = {seal_s / check_s:.2f} message(s) of signature checking"
     )
+    # a batch of 2,000 messages from 10 agents sends 10 acks: their signing against the batch's checks
+    share = 10 * seal_s / (2000 * check_s)
+    verdicts = Verdicts()
+    verdicts.check(
+        "ack signing per batch, share of its signature checks",
+        round(100 * share, 2),
+        "<= 1 %",
+        share <= 0.01,
+        " %",
+    )
+    verdicts.exit()
 
 
 if __name__ == "__main__":

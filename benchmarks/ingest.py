@@ -24,7 +24,7 @@ from pathlib import Path
 
 import paho.mqtt.client as paho
 
-from benchmarks.common import free_port, start_mosquitto
+from benchmarks.common import Verdicts, free_port, start_mosquitto
 from labmeter import config, signing, wire
 from labmeter.collector.ledger import Ledger
 from labmeter.collector.service import Collector
@@ -194,13 +194,18 @@ def main() -> None:
     finally:
         if pg is not None:
             pg.stop()
+    verdicts = Verdicts()
     for kind, pairs in results.items():
         ratios = sorted(c / r for r, c in pairs)
+        median = statistics.median(ratios)
         print(
             f"{kind}: {args.messages} messages per run; collector median {statistics.median(c for _, c in pairs):.0f} "
-            f"msg/s; median ratio {statistics.median(ratios):.2f} (min {ratios[0]:.2f}, max {ratios[-1]:.2f}; "
-            "target >= 0.5)"
+            f"msg/s; median ratio {median:.2f} (min {ratios[0]:.2f}, max {ratios[-1]:.2f})"
         )
+        verdicts.check(
+            f"ingest {kind}, median collector/raw ratio", round(median, 2), ">= 0.5", median >= 0.5
+        )
+    verdicts.exit()
 
 
 if __name__ == "__main__":

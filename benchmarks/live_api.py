@@ -21,7 +21,7 @@ from pathlib import Path
 
 import aiohttp
 
-from benchmarks.common import free_port
+from benchmarks.common import Verdicts
 from labmeter import config
 from labmeter.collector.service import Collector
 from labmeter.collector.web import LiveView
@@ -29,15 +29,14 @@ from labmeter.collector.web import LiveView
 
 async def measure(db: Path, requests: int) -> None:
     with tempfile.TemporaryDirectory() as tmp:
-        port = free_port()
         cfg = config.CollectorConfig(
             collector=config.CollectorSection(data_dir=Path(tmp), ledger=f"sqlite:///{db}"),
-            web=config.WebConfig(listen=f"127.0.0.1:{port}"),
+            web=config.WebConfig(listen="127.0.0.1:0"),
         )
         collector = Collector(cfg)
         view = LiveView(collector, cfg.web.listen if cfg.web else "")
         await view.start()
-        base = f"http://127.0.0.1:{port}"
+        base = f"http://127.0.0.1:{view.port}"
         try:
             async with aiohttp.ClientSession() as http:
 
@@ -69,6 +68,13 @@ async def measure(db: Path, requests: int) -> None:
             f"{name}: median {med:.1f} ms, p90 {sorted(ms)[int(len(ms) * 0.9) - 1]:.1f} ms "
             f"({med / base_ms:.0f}x baseline)"
         )
+    uncached = statistics.median(results["uncached"]) if "uncached" in results else None
+    verdicts = Verdicts()
+    if uncached is not None:
+        verdicts.check(
+            "uncached /api/instruments, median", round(uncached, 1), "< 200 ms", uncached < 200, " ms"
+        )
+    verdicts.exit()
 
 
 def main() -> None:

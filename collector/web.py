@@ -111,6 +111,7 @@ class LiveView:
         self.listeners: set[asyncio.Queue[str]] = set()
         self._cache: dict[str, tuple[float, Any]] = {}
         self._runner: web.AppRunner | None = None
+        self.port: int | None = None
         if not is_loopback(split_listen(listen)[0]) and not token:
             raise ConfigError(
                 f"[web] listen = {listen!r} is not loopback: set token_file so the page needs a token"
@@ -372,7 +373,8 @@ class LiveView:
         self._runner = web.AppRunner(self.app(), access_log=None, shutdown_timeout=1.0)
         await self._runner.setup()
         await web.TCPSite(self._runner, host, port).start()
-        log.info("live view on http://%s/", self.listen)
+        self.port = int(self._runner.addresses[0][1])  # the port bound, also when listen asked for port 0
+        log.info("live view on http://%s:%d/", host, self.port)
 
     async def stop(self) -> None:
         if self._runner is not None:

@@ -9,7 +9,8 @@ from urllib.parse import unquote, unquote_plus
 
 
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    """A TCP port on 127.0.0.1 that nothing listens on right now: check-then-use, so another process may
+    take it before the caller binds. Where a component can bind port 0 and report the port, prefer that."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])

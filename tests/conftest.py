@@ -6,10 +6,12 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 
 from labmeter.netutil import free_port, wait_port
@@ -36,6 +38,7 @@ class BrokerProcess:
         self.workdir = workdir
         self.proc: subprocess.Popen[bytes] | None = None
         self.url = f"mqtt://127.0.0.1:{self.port}"
+        self._started = False
 
     def command(self) -> list[str]:
         if self.kind == "mosquitto":
@@ -48,9 +51,39 @@ class BrokerProcess:
         return [*LABMETER, "broker", "--listen", f"127.0.0.1:{self.port}"]
 
     def start(self) -> None:
-        log = open(self.workdir / f"broker-{self.kind}.log", "ab")  # noqa: SIM115
-        self.proc = subprocess.Popen(self.command(), stdout=log, stderr=log, cwd=self.workdir)
-        wait_port(self.port)
+        """Start on ``self.port`` and return once this process (not whoever else) listens there. The first
+        start moves to another port if the chosen one was taken between free_port() and the bind; a restart
+        must keep its port, so it fails instead."""
+        first = not self._started
+        for _attempt in range(5 if first else 1):
+            log = open(self.workdir / f"broker-{self.kind}.log", "ab")  # noqa: SIM115
+            self.proc = subprocess.Popen(self.command(), stdout=log, stderr=log, cwd=self.workdir)
+            if self._listening(self.proc):
+                self._started = True
+                return
+            self.proc.kill()
+            self.proc.wait(10)
+            self.proc = None
+            if first:
+                self.port = free_port()
+                self.url = f"mqtt://127.0.0.1:{self.port}"
+        raise RuntimeError(
+            f"{self.kind} broker did not listen on 127.0.0.1:{self.port}: see broker-{self.kind}.log"
+        )
+
+    def _listening(self, proc: subprocess.Popen[bytes], timeout: float = 15.0) -> bool:
+        """True once ``proc`` itself has a listening socket on our port; False if it exits or times out."""
+        ps = psutil.Process(proc.pid)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                conns = ps.net_connections(kind="tcp")
+            except psutil.Error:
+                return False
+            if any(c.status == psutil.CONN_LISTEN and c.laddr and c.laddr[1] == self.port for c in conns):
+                return True
+            time.sleep(0.05)
+        return False
 
     def stop(self, kill: bool = False) -> None:
         if self.proc is None:

@@ -27,6 +27,15 @@ POLL_S = 2.0
 PLUG_EVERY_S = 1.0
 PREP_S, POST_S = 60, 30
 WINDOW = (20, 680)
+# real seconds from starting the processes to simulated time 0; start_all fails if they are not all up by
+# then (a late start would silently shorten what the run covers). Time before 0 is simulated too (all OFF).
+HEAD_START_S = 5.0
+READY = {
+    "collector": ("connected to broker", "collector running"),
+    "collector2": ("connected to broker", "collector running"),
+    "sim": ("connected to broker",),
+    "agent": ("connected to broker", "agent lab-pc-01 running"),
+}
 
 METER_SCHEDULE = [
     (0, "OFF"),
@@ -72,10 +81,14 @@ class Lab:
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        self.clock = ScaledClock(epoch_ms=EPOCH_MS, origin=time.monotonic() + 4.0, scale=SCALE)
-        self.env = {**os.environ, SIM_CLOCK_ENV: self.clock.env_value(), "PYTHONUNBUFFERED": "1"}
+        self.set_clock()
         self.meter_port = free_port()
         self.write_files()
+
+    def set_clock(self) -> None:
+        """Simulated time 0 is HEAD_START_S from now, for every process started after this."""
+        self.clock = ScaledClock(epoch_ms=EPOCH_MS, origin=time.monotonic() + HEAD_START_S, scale=SCALE)
+        self.env = {**os.environ, SIM_CLOCK_ENV: self.clock.env_value(), "PYTHONUNBUFFERED": "1"}
 
     # files ---------------------------------------------------------------
     def write_files(self) -> None:
@@ -139,31 +152,89 @@ class Lab:
             wait_port(self.meter_port)
 
     def stop(self, name: str, kill: bool = False) -> int:
+        """SIGTERM (which must end the process cleanly within 20 s) or SIGKILL; its exit status."""
         proc = self.procs.pop(name)
+        assert proc.poll() is None, f"{name} had already exited with {proc.returncode}: {self.log(name)}"
         proc.send_signal(signal.SIGKILL if kill else signal.SIGTERM)
-        return proc.wait(20)
+        try:
+            rc = proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+            raise AssertionError(f"{name} did not stop within 20 s of SIGTERM: {self.log(name)}") from None
+        assert kill or rc == 0, f"{name} exited with {rc} on SIGTERM: {self.log(name)}"
+        return rc
 
     def start_all(self) -> None:
         self.enroll()
-        self.start("collector")
-        if self.shared_group:
-            self.start("collector2")
-        self.start("sim")
-        self.start("agent")
+        self.set_clock()  # enrolment (two CLI runs) does not eat into the head start
+        names = (
+            ["collector", "collector2", "sim", "agent"]
+            if self.shared_group
+            else ["collector", "sim", "agent"]
+        )
+        for name in names:
+            self.start(name)
+        self.wait_ready(names)
+
+    def wait_ready(self, names: list[str]) -> None:
+        """Every process says it is up (its own log) before simulated time 0, or the run fails here."""
+        waiting = set(names)
+        while waiting:
+            for name in list(waiting):
+                proc = self.procs[name]
+                assert proc.poll() is None, f"{name} exited with {proc.returncode}: {self.log(name)}"
+                text = (self.tmp / f"{name}.log").read_text(errors="replace")
+                if all(line in text for line in READY[name]):
+                    waiting.discard(name)
+            late = time.monotonic() - self.clock.origin
+            if waiting and late > 0:
+                raise AssertionError(
+                    f"{sorted(waiting)} not up {HEAD_START_S} s after start (simulated time 0): "
+                    + " | ".join(f"{n}: {self.log(n)[-800:]}" for n in sorted(waiting))
+                )
+            time.sleep(0.05)
+        print(f"all processes up {-late:.1f} s before simulated time 0 (head start {HEAD_START_S} s)")
 
     def sleep_until(self, sim_s: float) -> None:
+        """Wait for simulated time ``sim_s``; a process that dies meanwhile fails the run at once."""
         target_ms = EPOCH_MS + sim_s * 1000
         while self.clock.wall_ms() < target_ms:
+            for name, proc in self.procs.items():
+                assert proc.poll() is None, f"{name} died with {proc.returncode}: {self.log(name)}"
             time.sleep(0.02)
 
     def finish(self) -> None:
         self.sleep_until(WINDOW[1] + 10)
         assert self.stop("agent") == 0, self.log("agent")
-        time.sleep(0.5)
+        self.wait_settled()
         for name in ("collector", "collector2"):
             if name in self.procs:
                 assert self.stop(name) == 0, self.log(name)
-        self.stop("sim")
+        assert self.stop("sim") == 0, self.log("sim")
+
+    def wait_settled(self, timeout: float = 10.0) -> None:
+        """Until the ledger holds the last link of every chain the agent signed (instead of a guessed pause);
+        on timeout the ground-truth check reports what is missing."""
+        db = sqlite3.connect(self.tmp / "agent-state" / "agent.db")
+        try:
+            heads = dict(db.execute("SELECT instrument, seq FROM chain").fetchall())
+        finally:
+            db.close()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            ledger = self.ledger()
+            try:
+                stored = dict(
+                    ledger.db.execute(
+                        "SELECT instrument, MAX(seq) FROM intervals GROUP BY instrument"
+                    ).fetchall()
+                )
+            finally:
+                ledger.close()
+            if all(stored.get(code, 0) >= seq for code, seq in heads.items() if code in INSTRUMENTS):
+                return
+            time.sleep(0.1)
 
     def cleanup(self) -> None:
         """Kill whatever a failed scenario left running, so it cannot disturb the next one."""

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from pyModbusTCP.server import ModbusServer
 
+from labmeter.collector.verify import RELOAD_EVERY_S
 from tests.conftest import LABMETER, BrokerProcess, free_port
 from tests.lab import CollectorThread, collector_config, wait_for
 from tests.support.modbus import words
@@ -73,7 +74,8 @@ def test_unregistered_agent_dead_letters_then_resend(mosquitto: BrokerProcess, t
             added = cli(tmp_path, *add_cmd.split()[1:], "--config", "collector.toml")
             assert added.returncode == 0, added.stderr
             assert "registered for CZ-NMR-009" in added.stdout
-            time.sleep(2.2)  # the collector refreshes its registry when it meets a newcomer
+            # the collector re-reads its registry when it meets a newcomer, at most every RELOAD_EVERY_S
+            time.sleep(RELOAD_EVERY_S + 0.2)
             n_dead = dead()
             resent = cli(tmp_path, "agent", "resend", "--config", "agent.toml")
             assert resent.stdout.startswith(f"{n_dead} message(s) queued again")

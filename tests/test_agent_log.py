@@ -23,7 +23,7 @@ from pyModbusTCP.server import ModbusServer
 from labmeter import log
 from tests.conftest import LABMETER, BrokerProcess, free_port
 from tests.lab import wait_for
-from tests.test_driver_modbus import words
+from tests.support.modbus import words
 
 
 class SwitchablePort:

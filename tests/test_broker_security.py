@@ -17,7 +17,7 @@ from pyModbusTCP.server import ModbusServer
 from labmeter import config, signing, wire
 from tests.certs import certificates
 from tests.conftest import LABMETER, ROOT, free_port, mosquitto_bin, wait_port
-from tests.lab import CollectorThread, interval_payload, wait_for
+from tests.lab import CollectorThread, agent_process, interval_payload, wait_for
 from tests.support.modbus import words
 
 pytestmark = pytest.mark.skipif(
@@ -121,14 +121,8 @@ def test_acl_and_the_normal_path_over_tls(secure) -> None:  # type: ignore[no-un
         "[instrument.states]\noff_below_w = 5\nrun_above_w = 400\n"
     )
     cfg = config.load(tmp / "collector.toml", config.CollectorConfig)
-    with CollectorThread(cfg) as ct:
-        agent = subprocess.Popen(
-            [*LABMETER, "agent", "run", "-c", "agent.toml"],
-            cwd=tmp,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        try:
+    try:
+        with CollectorThread(cfg) as ct, agent_process(tmp):
             assert ct.collector is not None
             led = ct.collector.ledger
 
@@ -141,7 +135,13 @@ def test_acl_and_the_normal_path_over_tls(secure) -> None:  # type: ignore[no-un
                 finally:
                     db.close()
 
-            time.sleep(1.0)
+            wait_for(
+                lambda: (
+                    ct.collector is not None
+                    and ct.collector.live.instruments.get("CZ-A", {}).get("state") == "RUNNING"
+                ),
+                what="the agent's first reading (RUNNING) over TLS",
+            )
             meter.data_bank.set_input_registers(0x000C, words(0.5))  # RUNNING -> OFF: intervals close
             wait_for(
                 lambda: count("SELECT count(*) FROM intervals WHERE agent='lab-a'") >= 2,
@@ -179,7 +179,5 @@ def test_acl_and_the_normal_path_over_tls(secure) -> None:  # type: ignore[no-un
             )
             a.disconnect()
             a.loop_stop()
-        finally:
-            agent.terminate()
-            agent.wait(20)
-            meter.stop()
+    finally:
+        meter.stop()

@@ -10,7 +10,6 @@ one, which has no accounts), the collector and its web server.
 from __future__ import annotations
 
 import json
-import os
 import sqlite3
 import subprocess
 import time
@@ -27,7 +26,7 @@ from labmeter import config, signing, wire
 from labmeter.collector.ledger import Ledger
 from labmeter.drivers.registry import agent_config
 from tests.conftest import LABMETER, BrokerProcess, free_port
-from tests.lab import CollectorThread, Publisher, make_agent_key, register, wait_for
+from tests.lab import CollectorThread, Publisher, agent_process, make_agent_key, register, wait_for
 from tests.support.modbus import words
 
 AGENT = "bench-01"
@@ -62,24 +61,6 @@ def status(tmp: Path) -> dict[str, Any]:
 
 def pending(tmp: Path) -> int:
     return sum(int(p["count"]) for p in status(tmp)["pending"].values())
-
-
-@contextmanager
-def agent_process(tmp: Path) -> Iterator[subprocess.Popen[bytes]]:
-    log = open(tmp / "agent.log", "ab")  # noqa: SIM115
-    proc = subprocess.Popen(
-        [*LABMETER, "agent", "run", "-c", "agent.toml"],
-        cwd=tmp,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        env={**os.environ},
-    )
-    try:
-        yield proc
-    finally:
-        proc.terminate()
-        proc.wait(15)
-        log.close()
 
 
 @contextmanager
@@ -146,7 +127,14 @@ def test_forged_acks_from_the_broker_delete_nothing(broker: BrokerProcess, tmp_p
             attacker.client.publish(wire.ack_topic(AGENT), forgeries[0], qos=1, retain=True).wait_for_publish(
                 10
             )
-            time.sleep(2.0)  # the agent resends meanwhile; the forgeries have long arrived
+            # the agent has read and refused the forgeries (its log says so for each kind)
+            wait_for(
+                lambda: all(
+                    line in (tmp_path / "agent.log").read_text()
+                    for line in ("the collector needs upgrading", "not signed by the pinned collector key")
+                ),
+                what="the agent refusing the forged acks",
+            )
             st = status(tmp_path)
             assert sum(p["count"] for p in st["pending"].values()) >= before and st["dead"] == []
             text = cli(tmp_path, "agent", "status", "-c", "agent.toml").stdout

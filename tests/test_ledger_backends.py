@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from labmeter.collector.ledger import Ledger, LedgerError, Rejection, StoredInterval
+from tests.lab import closed_port
 
 H = 3_600_000
 T0 = 1_772_409_600_000  # 2026-03-02T00:00:00Z
@@ -84,8 +85,11 @@ def test_service_records_signins_and_sink_cursor(any_ledger: Ledger) -> None:
 def test_unknown_ledger_url_is_refused(tmp_path: Any) -> None:
     with pytest.raises(LedgerError, match="mysql://x"):
         Ledger.open("mysql://x", tmp_path)
-    with pytest.raises(LedgerError, match=r"postgresql://u:\*\*\*@127.0.0.1:1/db") as exc:
-        Ledger.open("postgresql://u:secret@127.0.0.1:1/db", tmp_path)
+    with (
+        closed_port() as port,
+        pytest.raises(LedgerError, match=rf"postgresql://u:\*\*\*@127.0.0.1:{port}/db") as exc,
+    ):
+        Ledger.open(f"postgresql://u:secret@127.0.0.1:{port}/db", tmp_path)
     assert "secret" not in str(exc.value)
 
 

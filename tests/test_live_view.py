@@ -2,13 +2,12 @@
 
 A real agent process polls a Modbus meter (pyModbusTCP) and reports through Mosquitto
 to the collector, which serves the page; changing the meter's power must show on the
-page within 2 s. Screenshots go to test-artifacts/.
+page within 2 s. Screenshots go to each test's own tmp_path/artifacts (pytest keeps the last runs).
 """
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import time
@@ -23,11 +22,10 @@ import pytest
 from pyModbusTCP.server import ModbusServer
 
 from labmeter import config
-from tests.conftest import LABMETER, ROOT, BrokerProcess, free_port
-from tests.lab import CollectorThread, wait_for
+from tests.conftest import LABMETER, BrokerProcess, free_port
+from tests.lab import CollectorThread, agent_process, closed_port, wait_for
 from tests.support.modbus import words
 
-ARTIFACTS = ROOT / "test-artifacts"
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 
 
@@ -80,37 +78,29 @@ def lab(mosquitto: BrokerProcess, tmp_path: Path):  # type: ignore[no-untyped-de
     (tmp_path / "instruments.csv").write_text(
         "code,name,unit,category\nCZ-NMR-001,核磁共振波谱仪,化学学院,020301\nCZ-ICP-002,ICP-MS,分析测试中心,020302\n"
     )
-    web_port = free_port()
     (tmp_path / "collector.toml").write_text(
         f'[collector]\ndata_dir = "{tmp_path / "data"}"\n[broker]\nurl = "{mosquitto.url}"\n'
-        f'[web]\nlisten = "127.0.0.1:{web_port}"\n'
+        '[web]\nlisten = "127.0.0.1:0"\n'  # the view binds a port itself; read back below
     )
-    env = {**os.environ}
     run = lambda *a: subprocess.run([*LABMETER, *a], cwd=tmp_path, capture_output=True, text=True, timeout=60)  # noqa: E731
     out = run("agent", "enroll", "-c", "agent.toml").stdout
     add = next(x.strip() for x in out.splitlines() if x.strip().startswith("labmeter collector"))
     assert run(*add.split()[1:], "-c", "collector.toml").returncode == 0
     assert run("collector", "import-instruments", "instruments.csv", "-c", "collector.toml").returncode == 0
     cfg = config.load(tmp_path / "collector.toml", config.CollectorConfig)
-    with CollectorThread(cfg) as ct:
-        agent = subprocess.Popen(
-            [*LABMETER, "agent", "run", "-c", "agent.toml"],
-            cwd=tmp_path,
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        try:
+    try:
+        with CollectorThread(cfg) as ct, agent_process(tmp_path):
+            web_port = wait_for(
+                lambda: ct.collector and ct.collector.web and ct.collector.web.port, what="web"
+            )
             base = f"http://127.0.0.1:{web_port}"
             wait_for(
                 lambda: len(ct.collector.live.instruments) == 2 if ct.collector else False, what="live states"
             )
             yield base, meters, ct
-        finally:
-            agent.terminate()
-            agent.wait(10)
-            for m in meters.values():
-                m.stop()
+    finally:
+        for m in meters.values():
+            m.stop()
 
 
 def test_api_endpoints_and_bad_parameters(lab) -> None:  # type: ignore[no-untyped-def]
@@ -120,7 +110,13 @@ def test_api_endpoints_and_bad_parameters(lab) -> None:  # type: ignore[no-untyp
     got = {i["code"]: i for i in body["instruments"]}
     assert got["CZ-NMR-001"]["state"] == "OFF" and got["CZ-ICP-002"]["state"] == "RUNNING"
     assert got["CZ-NMR-001"]["unit"] == "化学学院" and got["CZ-ICP-002"]["power_w"] == 900.0
-    assert "today" in got["CZ-ICP-002"] and "year" in got["CZ-ICP-002"]
+    # every interval is minutes old: today's hours are within this month's, within this year's (equal,
+    # unless local midnight fell during the test)
+    icp = got["CZ-ICP-002"]
+    for key in ("run_h", "effective_h"):
+        assert icp["today"][key] <= icp["month"][key] <= icp["year"][key], icp
+    assert set(icp["today"]) == {"run_h", "effective_h", "utilisation_pct"}
+    assert 0 <= icp["today"]["run_h"] <= icp["today"]["effective_h"] <= 1.0
     wait_for(lambda: get(f"{base}/api/agents")[1]["agents"], what="heartbeat")
     agents = get(f"{base}/api/agents")[1]["agents"]
     assert agents[0]["agent"] == "bench-01" and agents[0]["online"] is True
@@ -147,11 +143,12 @@ def test_api_endpoints_and_bad_parameters(lab) -> None:  # type: ignore[no-untyp
 @pytest.mark.skipif(
     not Path(CHROMIUM).exists(), reason="Debian chromium not installed (make deps installs it)"
 )
-def test_page_in_browser(lab) -> None:  # type: ignore[no-untyped-def]
+def test_page_in_browser(lab, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     from playwright.sync_api import sync_playwright
 
     base, meters, _ct = lab
-    ARTIFACTS.mkdir(exist_ok=True)
+    ARTIFACTS = tmp_path / "artifacts"
+    ARTIFACTS.mkdir()
     with sync_playwright() as p:
         browser = launch(p)
         page = browser.new_page(viewport={"width": 1400, "height": 600})
@@ -188,12 +185,13 @@ def test_top_reads_the_api(lab) -> None:  # type: ignore[no-untyped-def]
     rows = {line.split()[0]: line for line in out.stdout.splitlines() if line.startswith("CZ-")}
     assert "OFF" in rows["CZ-NMR-001"] and "RUNNING" in rows["CZ-ICP-002"]
     assert "900.0" in rows["CZ-ICP-002"] and "bench-01" in rows["CZ-ICP-002"]
-    bad = subprocess.run(
-        [*LABMETER, "top", "--url", "http://127.0.0.1:9", "--once"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    with closed_port() as port:
+        bad = subprocess.run(
+            [*LABMETER, "top", "--url", f"http://127.0.0.1:{port}", "--once"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
     assert bad.returncode == 1 and "cannot read" in bad.stderr
 
 
@@ -209,9 +207,9 @@ def test_token_required_off_loopback(tmp_path: Path) -> None:
         collector = Collector(cfg)
         with pytest.raises(config.ConfigError, match="set token_file"):
             LiveView(collector, "0.0.0.0:8080")
-        port = free_port()
-        view = LiveView(collector, f"127.0.0.1:{port}", token="s3cret")
-        await view.start()
+        view = LiveView(collector, "127.0.0.1:0", token="s3cret")
+        await view.start()  # binds a port of its own choosing: nothing can take it in between
+        port = view.port
         loop = asyncio.get_running_loop()
         codes = []
         for suffix in ("/api/agents", "/api/agents?token=wrong", "/api/agents?token=s3cret"):
@@ -243,16 +241,17 @@ def test_public_view_shows_no_private_data(tmp_path: Path) -> None:
             "error": None,
         }
         loop = asyncio.get_running_loop()
-        port, closed_port = free_port(), free_port()
-        view = LiveView(collector, f"127.0.0.1:{port}", token="s3cret", public=True)
+        view = LiveView(collector, "127.0.0.1:0", token="s3cret", public=True)
         await view.start()
+        port = view.port
         status, body = await loop.run_in_executor(
             None, get, f"http://127.0.0.1:{port}/public/api/instruments"
         )
         private = (await loop.run_in_executor(None, get, f"http://127.0.0.1:{port}/api/instruments"))[0]
         await view.stop()
-        off = LiveView(collector, f"127.0.0.1:{closed_port}")  # public is off by default
+        off = LiveView(collector, "127.0.0.1:0")  # public is off by default
         await off.start()
+        closed_port = off.port
         disabled = (
             await loop.run_in_executor(None, get, f"http://127.0.0.1:{closed_port}/public/api/instruments")
         )[0]
@@ -269,13 +268,36 @@ def test_public_view_shows_no_private_data(tmp_path: Path) -> None:
 @pytest.mark.skipif(
     not Path(CHROMIUM).exists(), reason="Debian chromium not installed (make deps installs it)"
 )
-def test_instrument_page(lab) -> None:  # type: ignore[no-untyped-def]
+def test_instrument_page(lab, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     from playwright.sync_api import sync_playwright
 
-    base, _meters, _ct = lab
+    from labmeter.collector.ledger import Ledger
+    from labmeter.collector.registry import import_instruments
+    from tests.lab import store_schedule
+
+    base, _meters, ct = lab
     status, si = get(f"{base}/api/instruments/CZ-ICP-002/signins")
     assert status == 200 and si["signins"] == []
-    ARTIFACTS.mkdir(exist_ok=True)
+    # a third instrument with a known history (one hour of running, ending an hour ago) and two sign-ins,
+    # stored through a second connection to the collector's ledger (its own belongs to its thread)
+    now = int(time.time() * 1000)
+    run = (now - 2 * 3_600_000, now - 3_600_000)
+    ledger = Ledger.open(ct.cfg.collector.ledger, ct.cfg.collector.data_dir)
+    (tmp_path / "more.csv").write_text("code,name,unit\nCZ-HIS-003,历史仪器,化学学院\n", encoding="utf-8")
+    import_instruments(ledger, tmp_path / "more.csv")
+    store_schedule(
+        tmp_path,
+        ledger,
+        "pc-his",
+        "CZ-HIS-003",
+        [(run[0] - 3_600_000, run[0], "OFF"), (*run, "RUNNING"), (run[1], now - 60_000, "OFF")],
+    )
+    ledger.store_signins(
+        [("pc-his", "CZ-HIS-003", i, now - i * 60_000, f"p-{i:04d}", f"sha-{i}", b"{}") for i in (1, 2)]
+    )
+    ledger.close()
+    ARTIFACTS = tmp_path / "artifacts"
+    ARTIFACTS.mkdir()
     with sync_playwright() as p:
         browser = launch(p)
         # a browser far from the collector's zone: the page's days are still the collector's local days
@@ -287,8 +309,34 @@ def test_instrument_page(lab) -> None:  # type: ignore[no-untyped-def]
         assert (start.hour, start.minute) == (0, 0), start
         page.wait_for_selector('[data-testid="timeline"] rect[fill="var(--run)"]')
         assert page.text_content("#title") == "CZ-ICP-002"
-        assert float(page.text_content('[data-testid="run_h"]') or "-1") >= 0.0
+        assert page.locator("#signins code").count() == 0
         page.screenshot(path=str(ARTIFACTS / "instrument-page.png"))
+
+        with page.expect_response(lambda r: "/timeline?" in r.url) as resp:
+            page.goto(base + "/instrument/CZ-HIS-003?lang=zh-CN")
+        day = resp.value.json()
+        page.wait_for_selector("#signins code")
+        # the sign-in list shows both, newest first
+        assert page.locator("#signins code").all_text_contents() == ["p-0001", "p-0002"]
+        # the day's run hours: the part of the known hour inside today (local), as the API reports it
+        today_h = max(0, min(run[1], day["to"]) - max(run[0], day["from"])) / 3_600_000
+        shown = float(page.text_content('[data-testid="run_h"]') or "nan")
+        assert shown == round(today_h, 2), (shown, today_h)
+        # the week view: seven of the collector's local days ending with today, holding the whole hour
+        with page.expect_response(lambda r: "/timeline?" in r.url) as week:
+            page.select_option("#span", "7")
+        wk = week.value.json()
+        first = datetime.fromtimestamp(wk["from"] / 1000, ZoneInfo("Asia/Shanghai"))
+        last = datetime.fromtimestamp(wk["to"] / 1000, ZoneInfo("Asia/Shanghai"))
+        assert (first.hour, first.minute, last.hour, last.minute) == (0, 0, 0, 0)
+        assert round((wk["to"] - wk["from"]) / 86_400_000) == 7 and wk["to"] == day["to"]
+        assert [iv["state"] for iv in wk["intervals"]].count("RUNNING") >= 1
+        page.wait_for_function(
+            "document.querySelector('[data-testid=\"run_h\"]')?.textContent === '1'"
+            " || document.querySelector('[data-testid=\"run_h\"]')?.textContent === '1.0'"
+        )
+        assert float(page.text_content('[data-testid="run_h"]') or "nan") == 1.0
+        page.screenshot(path=str(ARTIFACTS / "instrument-week.png"))
         browser.close()
 
 
@@ -322,5 +370,7 @@ def test_usage_so_far_equals_the_report(tmp_path: Path, page_zone: str) -> None:
         assert got[name]["utilisation_pct"] == pytest.approx(100 * h.effective_ms / h.rated_ms, abs=0.15), (
             name
         )
-    assert got["year"]["run_h"] > 0  # (the schedule's 40 days reach into this year unless it is 1 January)
+    year = view._period_starts(collector.clock.wall_ms())["year"]
+    if any(st == "RUNNING" and e > year for _s, e, st in spans):  # not so early in January that none did
+        assert got["year"]["run_h"] > 0
     collector.ledger.close()

@@ -70,19 +70,36 @@ def test_rtu_reads_and_survives_unplug(pty: PtyPair) -> None:  # noqa: F811
     assert got[2].power_w == pytest.approx(1200.0), got[2]
 
 
-def test_crc_error_is_an_error(pty: PtyPair) -> None:  # noqa: F811
-    """A device whose replies carry a wrong CRC (line noise): the read fails, it is never read as 0 W."""
-    stop = threading.Event()
+def crc16(frame: bytes) -> bytes:
+    """Modbus RTU CRC-16 (poly 0xA001, init 0xFFFF), low byte first: written out here, not taken from pymodbus."""
+    crc = 0xFFFF
+    for byte in frame:
+        crc ^= byte
+        for _ in range(8):
+            crc = (crc >> 1) ^ 0xA001 if crc & 1 else crc >> 1
+    return bytes([crc & 0xFF, crc >> 8])
 
-    def bad_device() -> None:
+
+@pytest.mark.parametrize("crc_ok", [True, False])
+def test_crc_error_is_an_error(pty: PtyPair, crc_ok: bool) -> None:  # noqa: F811
+    """A device whose replies carry a wrong CRC (line noise): the read fails, it is never read as 0 W. The
+    same device with the right CRC is read as 1234.5 W, and the device saw the request and answered either
+    way, so what fails is the CRC, not a silent line."""
+    stop = threading.Event()
+    replies = []
+    frame = bytes([0x01, 0x04, 0x04, 0x44, 0x9A, 0x50, 0x00])  # unit 1, FC04, 4 bytes of 1234.5 as float32
+    reply = frame + (crc16(frame) if crc_ok else bytes(a ^ 0xFF for a in crc16(frame)))
+
+    def device() -> None:
         with serial.Serial(str(pty.a), 9600, timeout=0.1) as port:
             while not stop.is_set():
                 req = port.read(8)
                 if len(req) == 8:
-                    # unit 1, FC04, 4 bytes of 1234.5 as float32, then a CRC that does not match
-                    port.write(bytes([0x01, 0x04, 0x04, 0x44, 0x9A, 0x50, 0x00, 0xDE, 0xAD]))
+                    assert req[6:] == crc16(req[:6]), "the driver's request carries a valid CRC"
+                    replies.append(req)
+                    port.write(reply)
 
-    t = threading.Thread(target=bad_device, daemon=True)
+    t = threading.Thread(target=device, daemon=True)
     t.start()
 
     async def main() -> Sample:
@@ -96,4 +113,8 @@ def test_crc_error_is_an_error(pty: PtyPair) -> None:  # noqa: F811
     finally:
         stop.set()
         t.join(2)
-    assert s.power_w is None and s.error is not None
+    assert replies and replies[0][:2] == bytes([0x01, 0x04]), replies
+    if crc_ok:
+        assert s.power_w == pytest.approx(1234.5) and s.error is None, s
+    else:
+        assert s.power_w is None and s.error is not None, s

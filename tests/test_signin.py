@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 from tests.conftest import LABMETER, BrokerProcess
-from tests.lab import CollectorThread, collector_config, register, wait_for
+from tests.lab import CollectorThread, agent_process, collector_config, register, wait_for
 from tests.support.pty import Instrument, PtyPair, pty  # noqa: F401  (fixture)
 
 CARD = "04A1B2C3D4"
@@ -40,15 +40,8 @@ def test_signins_end_to_end(mosquitto: BrokerProcess, pty: PtyPair, tmp_path: Pa
     from labmeter import signing
 
     register(cfg, "nmr-pc", key, signing.key_id(signing.parse_public_key(key)), ["CZ-NMR-001"])
-    with CollectorThread(cfg) as ct:
-        log = open(tmp_path / "agent.log", "wb")  # noqa: SIM115
-        agent = subprocess.Popen(
-            [*LABMETER, "agent", "run", "-c", "agent.toml"],
-            cwd=tmp_path,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-        try:
+    try:
+        with CollectorThread(cfg) as ct, agent_process(tmp_path):
             assert ct.collector is not None
             ledger_path = ct.collector.ledger.path
 
@@ -66,10 +59,8 @@ def test_signins_end_to_end(mosquitto: BrokerProcess, pty: PtyPair, tmp_path: Pa
             except AssertionError:
                 raise AssertionError((tmp_path / "agent.log").read_text()[-3000:]) from None
             time.sleep(1.0)
-        finally:
-            agent.terminate()
-            agent.wait(20)
-            inst.close()
+    finally:
+        inst.close()
     salt_file = tmp_path / "state" / "signin.salt"
     assert stat.S_IMODE(salt_file.stat().st_mode) == 0o600
     user = hashlib.sha256(salt_file.read_bytes() + CARD.encode()).hexdigest()[:32]

@@ -1,18 +1,32 @@
-"""The shipped systemd units verify with systemd-analyze, and `labmeter agent install` writes a working unit."""
+"""The shipped systemd units verify with systemd-analyze, the agent runs under their sandbox, the docs
+state their stop timeout, and `labmeter agent install` writes a working unit.
+
+There is no systemd manager here (PID 1 is not systemd, so `systemd-run` cannot start a unit). The
+sandbox is approximated with util-linux: a mount namespace whose root is remounted read-only except the
+state directory (ProtectSystem=strict + StateDirectory), an unprivileged uid with no supplementary groups
+and no_new_privs (User=, NoNewPrivileges=yes), and the unit's UMask. Not reproduced: the seccomp and
+address-family filters, ProtectKernel*, PrivateTmp and ProtectHome.
+"""
 
 from __future__ import annotations
 
 import os
+import re
 import shutil
+import signal
+import sqlite3
+import struct
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import LABMETER, ROOT
+from tests.conftest import LABMETER, ROOT, BrokerProcess, free_port
+from tests.lab import wait_for
 
 ANALYZE = shutil.which("systemd-analyze")
 EXE = shutil.which("labmeter") or str(Path(sys.executable).parent / "labmeter")
@@ -138,3 +152,116 @@ def test_install_dry_run_and_write(etc_dir: Path) -> None:
     )
     assert ok.returncode == 0, ok.stderr
     assert (tmp_path / "labmeter-agent.service").read_text() == dry.stdout
+
+
+def unit_settings(unit: str) -> dict[str, str]:
+    text = (ROOT / "systemd" / unit).read_text()
+    return dict(m.groups() for m in re.finditer(r"^(\w+)=(.*)$", text, re.M))
+
+
+@pytest.mark.parametrize("unit", ["labmeter-agent.service", "labmeter-collector.service"])
+def test_docs_state_the_units_stop_timeout(unit: str) -> None:
+    timeout = unit_settings(unit)["TimeoutStopSec"]
+    assert f"`TimeoutStopSec={timeout}`" in (ROOT / "docs" / "deploy.md").read_text()
+
+
+NOBODY = 65534
+SANDBOX = shutil.which("unshare") and shutil.which("setpriv") and os.geteuid() == 0
+
+
+@pytest.fixture
+def meter() -> Iterator[int]:
+    from pyModbusTCP.server import ModbusServer
+
+    port = free_port()
+    server = ModbusServer(host="127.0.0.1", port=port, no_block=True)
+    server.data_bank.set_input_registers(0x000C, list(struct.unpack(">HH", struct.pack(">f", 900.0))))
+    server.start()
+    yield port
+    server.stop()
+
+
+@pytest.fixture
+def sandbox_dir() -> Iterator[Path]:
+    """A folder the service user can reach (pytest's own tmp folders are root's, mode 0700)."""
+    path = Path(tempfile.mkdtemp(prefix="labmeter-sandbox-"))
+    path.chmod(0o755)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.mark.skipif(not SANDBOX, reason="needs root, unshare and setpriv (util-linux) to build the sandbox")
+def test_agent_runs_under_the_units_sandbox(mosquitto: BrokerProcess, meter: int, sandbox_dir: Path) -> None:
+    tmp_path = sandbox_dir
+    settings = unit_settings("labmeter-agent.service")
+    assert settings["ProtectSystem"] == "strict" and settings["NoNewPrivileges"] == "yes"
+    etc, state = tmp_path / "etc", tmp_path / "state"
+    etc.mkdir()
+    state.mkdir(mode=0o700)
+    (etc / "agent.toml").write_text(
+        f'[agent]\nid = "sandboxed"\nkey_file = "{etc / "agent.key"}"\nstate_dir = "{state}"\ncheckpoint_s = 1\n'
+        f'[broker]\nurl = "{mosquitto.url}"\n'
+        f'[[instrument]]\nid = "CZ-ICP-002"\npoll_s = 0.2\n[instrument.source]\ndriver = "modbus"\n'
+        f'url = "tcp://127.0.0.1:{meter}"\nprofile = "eastron-sdm120"\n'
+        "[instrument.states]\noff_below_w = 5\nrun_above_w = 400\n"
+    )
+    enroll = subprocess.run(
+        [*LABMETER, "agent", "enroll", "-c", str(etc / "agent.toml")], capture_output=True, timeout=60
+    )
+    assert enroll.returncode == 0, enroll.stderr
+    for path in (tmp_path, etc, state, *etc.iterdir()):
+        os.chown(path, NOBODY, NOBODY)
+    # as the unit's service user sees the system: everything read-only except its state directory
+    script = (
+        f'mount --bind "{state}" "{state}" && mount -o remount,bind,ro / && umask {settings["UMask"]} && '
+        f"exec setpriv --no-new-privs --reuid={NOBODY} --regid={NOBODY} --clear-groups "
+        f'"{sys.executable}" -m labmeter agent run -c "{etc / "agent.toml"}"'
+    )
+    log = open(tmp_path / "agent.log", "wb")  # noqa: SIM115
+    agent = subprocess.Popen(
+        ["unshare", "--mount", "--propagation", "private", "sh", "-c", script],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        wait_for(
+            lambda: (state / "agent.db").exists(), timeout=30, what="the agent's outbox in its state dir"
+        )
+
+        def emitted() -> int:
+            db = sqlite3.connect(f"file:{state / 'agent.db'}?mode=ro", uri=True)
+            try:
+                return int(db.execute("SELECT count(*) FROM outbox").fetchone()[0])
+            except sqlite3.OperationalError:
+                return 0
+            finally:
+                db.close()
+
+        wait_for(lambda: agent.poll() is not None or emitted() > 0, timeout=30, what="a signed interval")
+        assert agent.poll() is None, (tmp_path / "agent.log").read_text()
+        assert emitted() > 0
+        # a write anywhere else fails inside the same sandbox (the read-only root is really in place)
+        probe = subprocess.run(
+            ["unshare", "--mount", "sh", "-c", f'mount -o remount,bind,ro / && touch "{etc}/x"'],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert probe.returncode != 0 and "Read-only file system" in probe.stderr
+        began = time.monotonic()
+        agent.send_signal(signal.SIGTERM)
+        rc = agent.wait(int(settings["TimeoutStopSec"]))
+        stopped_s = time.monotonic() - began
+    finally:
+        if agent.poll() is None:
+            agent.kill()
+            agent.wait(10)
+        log.close()
+    text = (tmp_path / "agent.log").read_text(errors="replace")
+    assert rc == 0, text
+    assert "Traceback" not in text and "Permission denied" not in text and "Read-only" not in text, text
+    assert stopped_s < int(settings["TimeoutStopSec"])
+    made = [p for p in state.iterdir() if p.is_file()]
+    assert made and all(p.stat().st_uid == NOBODY and p.stat().st_mode & 0o077 == 0 for p in made), [
+        (p.name, oct(p.stat().st_mode), p.stat().st_uid) for p in made
+    ]

@@ -19,8 +19,7 @@ from urllib.parse import quote
 import pytest
 
 from labmeter import config
-from labmeter.netutil import free_port
-from tests.test_live_view import ARTIFACTS, CHROMIUM, get, launch
+from tests.test_live_view import CHROMIUM, get, launch
 
 XSS = [
     "<img src=x onerror=\"window.__xss=(window.__xss||0)+1;document.title='pwned'\">",
@@ -38,8 +37,8 @@ class ViewThread:
     def __init__(self, tmp: Path, token: str | None = None) -> None:
         self.tmp = tmp
         self.token = token
-        self.port = free_port()
-        self.base = f"http://127.0.0.1:{self.port}"
+        self.port = 0
+        self.base = ""
         self.loop = asyncio.new_event_loop()
         self.ready = threading.Event()
         self.view: Any = None
@@ -55,8 +54,10 @@ class ViewThread:
             cfg = config.parse(f'[collector]\ndata_dir = "{self.tmp / "data"}"\n', config.CollectorConfig)
             collector = Collector(cfg)
             seed(collector)
-            self.view = LiveView(collector, f"127.0.0.1:{self.port}", token=self.token, public=True)
-            await self.view.start()
+            self.view = LiveView(collector, "127.0.0.1:0", token=self.token, public=True)
+            await self.view.start()  # binds a port itself: nothing can take it between choosing and binding
+            self.port = self.view.port
+            self.base = f"http://127.0.0.1:{self.port}"
 
         self.loop.run_until_complete(start())
         self.ready.set()
@@ -182,10 +183,11 @@ VIEWPORTS = {"desk": {"width": 1400, "height": 800}, "phone": {"width": 390, "he
     not Path(CHROMIUM).exists(), reason="Debian chromium not installed (make deps installs it)"
 )
 @pytest.mark.parametrize("width", list(VIEWPORTS))
-def test_hostile_fields_run_nothing_in_chromium(view: ViewThread, width: str) -> None:
+def test_hostile_fields_run_nothing_in_chromium(view: ViewThread, width: str, tmp_path: Path) -> None:
     from playwright.sync_api import sync_playwright
 
-    ARTIFACTS.mkdir(exist_ok=True)
+    ARTIFACTS = tmp_path / "artifacts"  # per test: parallel runs never overwrite each other's screenshots
+    ARTIFACTS.mkdir()
     with sync_playwright() as p:
         browser = launch(p)
         page = browser.new_page(viewport=VIEWPORTS[width])
