@@ -7,15 +7,10 @@ page within 2 s. Screenshots go to each test's own tmp_path/artifacts (pytest ke
 
 from __future__ import annotations
 
-import json
-import shutil
 import subprocess
 import time
-import urllib.error
-import urllib.request
 from datetime import datetime
 from pathlib import Path
-from typing import Any
 from zoneinfo import ZoneInfo
 
 import pytest
@@ -24,36 +19,8 @@ from pyModbusTCP.server import ModbusServer
 from labmeter import config
 from tests.conftest import LABMETER, BrokerProcess, free_port
 from tests.lab import CollectorThread, agent_process, closed_port, wait_for
+from tests.support.browser import CHROMIUM, get, launch
 from tests.support.modbus import words
-
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-
-
-# Debian's Chromium, headless, with nothing reaching for the network (this machine has none)
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-]
-
-
-def launch(p: Any) -> Any:
-    return p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-
-
-def get(url: str) -> tuple[int, dict]:
-    try:
-        with urllib.request.urlopen(url, timeout=10) as r:
-            return r.status, json.loads(r.read())
-    except urllib.error.HTTPError as e:
-        raw = e.read()
-        try:
-            return e.code, json.loads(raw or b"{}")
-        except ValueError:
-            return e.code, {"error": raw.decode(errors="replace")}
 
 
 @pytest.fixture

@@ -99,3 +99,14 @@ def test_every_driver_folder_is_installed() -> None:
     packages = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
     folders = {p.parent.name for p in (ROOT / "drivers").glob("*/__init__.py")}
     assert folders and {f"labmeter.drivers.{f}" for f in folders} <= set(packages)
+
+
+def test_no_test_module_imports_another() -> None:
+    """Shared test helpers live in tests/support, conftest or the lab/scenario harness, never in a test module."""
+    offenders = {}
+    for path in sorted((ROOT / "tests").rglob("*.py")):
+        name = ".".join(path.relative_to(ROOT).with_suffix("").parts)
+        found = {m for m in imports(name, path) if m.split(".")[-1].startswith("test_") and m.startswith("tests.")}
+        if found:
+            offenders[name] = sorted(found)
+    assert offenders == {}

@@ -19,7 +19,7 @@ from urllib.parse import quote
 import pytest
 
 from labmeter import config
-from tests.test_live_view import CHROMIUM, get, launch
+from tests.support.browser import CHROMIUM, get, launch
 
 XSS = [
     "<img src=x onerror=\"window.__xss=(window.__xss||0)+1;document.title='pwned'\">",
