@@ -1,0 +1,107 @@
+"""Import cases as data: each folder of tests/testcases/imports holds the files a unit's clerk would
+produce (GBK CSV from Excel, title rows, synonyms, Excel times, calendars, a corrected re-import), the
+steps that import them, and the stored result (expected.json) or the error's lines (expected.err)."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+from zoneinfo import ZoneInfo
+
+import pytest
+
+from labmeter.collector.ledger import Ledger
+from labmeter.collector.registry import ImportError_, ServiceImport, import_instruments, import_services
+
+TZ = ZoneInfo("Asia/Shanghai")
+CASES = sorted(p for p in (Path(__file__).parent / "testcases" / "imports").iterdir() if p.is_dir())
+
+
+def run_steps(ledger: Ledger, case: Path) -> tuple[list[str], ServiceImport | None]:
+    notes: list[str] = []
+    last = None
+    for step in json.loads((case / "steps.json").read_text(encoding="utf-8")):
+        path = case / step["file"]
+        if step["kind"] == "instruments":
+            import_instruments(ledger, path, notes)
+        else:
+            last = import_services(
+                ledger, path, TZ, step.get("instrument"), replace=step.get("replace", False), now_ms=1
+            )
+            notes += last.notes
+    return notes, last
+
+
+def local(ms: object) -> str:
+    assert isinstance(ms, int)
+    return datetime.fromtimestamp(ms / 1000, TZ).isoformat()
+
+
+def services(ledger: Ledger) -> list[dict[str, Any]]:
+    out = []
+    for r in ledger.service_records(0, 2**62):
+        out.append({**r, "start": local(r["start_ms"]), "end": local(r["end_ms"])})
+    return out
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_import_case(case: Path, tmp_path: Path) -> None:
+    ledger = Ledger(tmp_path / "ledger.sqlite")
+    base = tmp_path / "base.csv"
+    base.write_text("code,name,unit\nCZ-A,XRD,材料学院\nCZ-B,SEM,分析测试中心\n", encoding="utf-8")
+    import_instruments(ledger, base)
+    err = case / "expected.err"
+    if err.exists():
+        with pytest.raises(ImportError_) as exc:
+            run_steps(ledger, case)
+        for line in err.read_text(encoding="utf-8").splitlines():
+            assert line in str(exc.value), f"{line!r} not in:\n{exc.value}"
+        assert ledger.service_records(0, 2**62) == []
+        return
+    expected = json.loads((case / "expected.json").read_text(encoding="utf-8"))
+    notes, last = run_steps(ledger, case)
+    stored = {str(i["code"]): i for i in ledger.instruments()}
+    for code, fields in expected.get("instruments", {}).items():
+        assert code in stored, f"{code} not imported"
+        assert {k: stored[code][k] for k in fields} == fields
+    if "services" in expected:
+        got = services(ledger)
+        assert len(got) == len(expected["services"]), got
+        for want, have in zip(expected["services"], got, strict=True):
+            assert {k: have[k] for k in want} == want
+    for note in expected.get("notes", []):
+        assert any(note in n for n in notes), f"no note {note!r} in {notes}"
+    if "result" in expected:
+        assert last is not None
+        assert {k: getattr(last, k) for k in expected["result"]} == expected["result"]
+
+
+def test_services_list_and_delete_batch_from_the_command_line(tmp_path: Path) -> None:
+    """A clerk lists the batches, deletes the wrong one, and the listing and ledger show it gone."""
+    from click.testing import CliRunner
+
+    from labmeter.cli import app
+
+    (tmp_path / "collector.toml").write_text(f'[collector]\ndata_dir = "{tmp_path}"\n')
+    cfg = ["--config", str(tmp_path / "collector.toml")]
+    run = CliRunner().invoke
+    case = Path(__file__).parent / "testcases" / "imports" / "corrected_reimport_replaces_wrong_record"
+    (tmp_path / "i.csv").write_text("code\nCZ-A\nCZ-B\n")
+    assert run(app, ["collector", "import-instruments", str(tmp_path / "i.csv"), *cfg]).exit_code == 0
+    first = run(app, ["collector", "import-services", str(case / "wrong.csv"), *cfg])
+    assert first.exit_code == 0 and "batch 1: 3 service record(s) imported" in first.output
+    again = run(app, ["collector", "import-services", str(case / "corrected.csv"), *cfg])
+    assert again.exit_code == 0
+    assert "1 of the records already present differ" in again.output and "--replace" in again.output
+    listed = run(app, ["collector", "services", "list", *cfg])
+    assert listed.exit_code == 0
+    assert "wrong.csv" in listed.output and "corrected.csv" in listed.output
+    gone = run(app, ["collector", "services", "delete", "2", *cfg])
+    assert gone.exit_code == 0 and "1 service record(s) removed" in gone.output
+    assert "corrected.csv" not in run(app, ["collector", "services", "list", *cfg]).output
+    missing = run(app, ["collector", "services", "delete", "9", *cfg])
+    assert missing.exit_code == 1 and "no batch 9" in missing.output and "Traceback" not in missing.output
+    ledger = Ledger(tmp_path / "ledger.sqlite")
+    assert len(ledger.service_records(0, 2**62)) == 3
