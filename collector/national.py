@@ -120,10 +120,17 @@ def write_national(data: dict[str, Any], path: Path) -> None:
 
 
 def findings(
-    ledger: Ledger, a: int, b: int, policy: PolicyConfig, low_use_pct: float, min_coverage_pct: float
+    ledger: Ledger,
+    a: int,
+    b: int,
+    policy: PolicyConfig,
+    low_use_pct: float,
+    min_coverage_pct: float,
+    now_ms: int | None = None,
 ) -> dict[str, list[dict[str, Any]]]:
-    """What a bureau should act on: idle instruments, poorly covered ones, and ones nobody measures."""
-    hours = per_instrument(ledger, a, b, policy)
+    """What a bureau should act on: idle instruments, poorly covered ones, and ones nobody measures. Each
+    is judged on its metered part of the period, so an unfinished period counts up to now."""
+    hours = per_instrument(ledger, a, b, policy, now_ms)
     registry = {str(i["code"]): i for i in ledger.instruments()}
     enrolled = {inst for _agent, inst in ledger.enrolments()}
     low, poor, none = [], [], []

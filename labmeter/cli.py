@@ -736,11 +736,25 @@ def collector_rejections(hours: int, cfg_path: Path) -> None:
     show_default=True,
     help="Language of the column names.",
 )
+@click.option("--no-bom", is_flag=True, help="CSV without the UTF-8 BOM (Excel needs it to read UTF-8).")
 @click.option("--tz", help="Time zone for days and months (default: the config's [policy] timezone).")
 def report_hours(
-    start: str, end: str, cfg_path: Path, by: str, fmt: str, out: Path | None, lang: str, tz: str | None
+    start: str,
+    end: str,
+    cfg_path: Path,
+    by: str,
+    fmt: str,
+    out: Path | None,
+    lang: str,
+    no_bom: bool,
+    tz: str | None,
 ) -> None:
-    """Run, effective, service and external hours, utilisation, sharing rate and coverage."""
+    """Run, effective, service and external hours, utilisation, sharing rate and coverage.
+
+    XLSX has an About (说明) sheet and JSON a "meta" object: period, time zone, allowances, rated-hours
+    basis, generation time, version, ledger, caveats and every column's definition. JSON and CSV carry
+    exact seconds beside the hours. Each instrument counts from when its metering began up to now.
+    """
     from labmeter.collector.report import (
         GROUPINGS,
         PeriodError,
@@ -748,6 +762,7 @@ def report_hours(
         hours_reports,
         parse_time,
         render,
+        report_meta,
         write_xlsx,
     )
 
@@ -760,10 +775,14 @@ def report_hours(
         a, b = parse_time(start, zone), parse_time(end, zone, end=True)
         if fmt == "xlsx":
             assert out is not None
-            write_xlsx(out, hours_reports(ledger, a, b, cfg.policy, GROUPINGS, zone), lang)
+            meta = report_meta(ledger, a, b, cfg.policy, zone, GROUPINGS)
+            sheets = hours_reports(ledger, a, b, cfg.policy, GROUPINGS, zone, meta["generated_ms"])
+            write_xlsx(out, sheets, lang, meta, zone)
             click.echo(f"written {out}")
             return
-        text = render(hours_report(ledger, a, b, cfg.policy, by, zone), fmt, lang, by)
+        meta = report_meta(ledger, a, b, cfg.policy, zone, [by])
+        rows = hours_report(ledger, a, b, cfg.policy, by, zone, now_ms=meta["generated_ms"])
+        text = render(rows, fmt, lang, by, meta, bom=not no_bom, tz=zone)
     except PeriodError as exc:
         fail(str(exc))
     finally:
