@@ -120,6 +120,8 @@ SERVICE_COLUMNS = (
     "direction",
     "amount",
     "source",
+    "service_way",
+    "content",
 )
 
 
@@ -133,7 +135,14 @@ class BatchResult:
     replaced: int
 
 
-SERVICE_DEFAULTS: dict[str, object] = {"applicant": "", "applicant_unit": "", "direction": 138, "source": ""}
+SERVICE_DEFAULTS: dict[str, object] = {
+    "applicant": "",
+    "applicant_unit": "",
+    "direction": 138,
+    "source": "",
+    "service_way": "",
+    "content": "",
+}
 
 # Unauthenticated rejections are counted, not kept: per window, at most REJECTION_KEYS distinct
 # (reason, topic) rows, each cut to REJECTION_TEXT characters, the rest folded into one OTHER row, and
@@ -263,11 +272,18 @@ class Ledger:
             )
 
     def _migrate_service_batches(self) -> None:
-        """Service records name the import batch they came in (NULL: imported before batches were kept)."""
-        if "batch" not in self._columns("service_records"):
+        """Service records name the import batch they came in (NULL: imported before batches were kept),
+        and carry the national platform's service way and content (empty in older ledgers)."""
+        added = {
+            "batch": "batch INTEGER",
+            "service_way": "service_way TEXT NOT NULL DEFAULT ''",
+            "content": "content TEXT NOT NULL DEFAULT ''",
+        }
+        if not set(added) <= self._columns("service_records"):
             with self.transaction(exclusive=True) as cur:
-                if "batch" not in self._columns("service_records"):
-                    cur.execute("ALTER TABLE service_records ADD COLUMN batch INTEGER")
+                for col, ddl in added.items():
+                    if col not in self._columns("service_records"):
+                        cur.execute(f"ALTER TABLE service_records ADD COLUMN {ddl}")
         self.db.execute("CREATE INDEX IF NOT EXISTS service_batch ON service_records (batch)")
 
     @classmethod
@@ -366,13 +382,21 @@ class Ledger:
             if not replace and rows:
                 for r in rows:
                     old = cur.execute(
-                        "SELECT applicant_unit, service_type, direction, amount FROM service_records "
+                        "SELECT applicant_unit, service_type, direction, amount, service_way, content "
+                        "FROM service_records "
                         "WHERE instrument=? AND start_ms=? AND end_ms=? AND applicant=?",
                         (r["instrument"], r["start_ms"], r["end_ms"], r.get("applicant", "")),
                     ).fetchone()
                     new = tuple(
                         r.get(c, SERVICE_DEFAULTS.get(c))
-                        for c in ("applicant_unit", "service_type", "direction", "amount")
+                        for c in (
+                            "applicant_unit",
+                            "service_type",
+                            "direction",
+                            "amount",
+                            "service_way",
+                            "content",
+                        )
                     )
                     if old is not None and tuple(old) != new:
                         differ += 1

@@ -62,7 +62,11 @@ SERVICE_HEADERS = {
     "service_type": ("service_type", "服务类型", "服务对象", "对内/对外"),
     "direction": ("direction", "服务方向"),
     "amount": ("amount", "金额", "收费金额", "金额(元)", "收费(元)", "费用", "费用(元)"),
+    "service_way": ("service_way", "服务方式"),
+    "content": ("content", "服务内容", "测试内容", "实验内容"),
 }
+SERVICE_WAYS = ("占用", "技术", "委托", "远程共享", "其他")
+"""The national platform's serviceWay values (as vendors' integration code sends them; unverified)."""
 HEADER_SEARCH_ROWS = 10
 """How many rows a header may sit below (units' templates put a title and notes above it)."""
 ENCODINGS = ("utf-8-sig", "gb18030")
@@ -414,6 +418,9 @@ def _service_checker(
         direction = DIRECTIONS.get((row.get("direction") or "138").strip().lower())
         if direction is None:
             problems.append(f"column 'direction': {row.get('direction')!r} is not 135-138")
+        way = row.get("service_way", "").strip()
+        if way and way not in SERVICE_WAYS:
+            problems.append(f"column 'service_way': {way!r} is not one of {'/'.join(SERVICE_WAYS)}")
         return {
             "instrument": code,
             "start_ms": start,
@@ -424,6 +431,8 @@ def _service_checker(
             "direction": direction,
             "amount": _bounded(row.get("amount", ""), "amount", problems),
             "source": source,
+            "service_way": way,
+            "content": row.get("content", "")[:500],
         }
 
     return check

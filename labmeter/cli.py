@@ -799,21 +799,34 @@ def report_hours(
 @click.option(
     "--output", "-o", "out", required=True, type=click.Path(path_type=Path), help="FILE.json or FILE.xlsx"
 )
+@click.option("--ins-code", default="", help="The unit's code at the national platform (insCode).")
 @config_option("collector.toml")
 @click.option("--tz", help="Time zone for days and months (default: the config's [policy] timezone).")
-def report_national(year: int, out: Path, cfg_path: Path, tz: str | None) -> None:
-    """National sharing-platform export: runMachine and serviceMachine per instrument, and service records."""
-    from labmeter.collector.national import national_export, write_national
+def report_national(year: int, out: Path, ins_code: str, cfg_path: Path, tz: str | None) -> None:
+    """National sharing-platform export: instrument records (runMachine, serviceMachine) and service records.
 
+    The platform's field names and codes (docs/national.md); exact times and seconds beside them under
+    "labmeter". The format follows the extension (.json or .xlsx; anything else is refused). Warns
+    when the year is not over or has little or no coverage.
+    """
+    from labmeter.collector.national import ExportError, format_for, national_export, write_national
+
+    try:
+        format_for(out)
+    except ExportError as exc:
+        fail(str(exc))
     cfg = load_collector(cfg_path)
     ledger = open_ledger(cfg)
     try:
-        data = national_export(ledger, year, cfg.policy, zone_for(tz, cfg))
+        data = national_export(ledger, year, cfg.policy, zone_for(tz, cfg), ins_code)
     finally:
         ledger.close()
     write_national(data, out)
+    for warning in data["warnings"]:
+        click.echo(f"warning: {warning}", err=True)
     click.echo(
-        f"{len(data['instruments'])} instrument(s), {len(data['serviceRecords'])} service record(s) -> {out}"
+        f"{len(data['instruments']['instruList'])} instrument(s), "
+        f"{len(data['serviceRecords']['instruList'])} service record(s) -> {out}"
     )
 
 

@@ -231,25 +231,38 @@ def test_national_export_and_findings(ledger: Ledger, tmp_path: Path) -> None:
 
     (tmp_path / "more.csv").write_text("code,name\nCZ-C,无人测量的仪器\n")
     import_instruments(ledger, tmp_path / "more.csv")
-    data = national_export(ledger, 2026, POLICY, TZ)
-    inst = {i["instrumentCode"]: i for i in data["instruments"]}
+    data = national_export(ledger, 2026, POLICY, TZ, "10001", now_ms=WEEK[1])
+    inst = {i["innerId"]: i for i in data["instruments"]["instruList"]}
     assert inst["CZ-A"]["runMachine"] == 7.0 and inst["CZ-A"]["serviceMachine"] == 5.8  # 5.75 h to 0.1 h
+    assert inst["CZ-A"]["labmeter"]["service_s"] == 5.75 * 3600  # beside it, exact
     assert inst["CZ-B"]["serviceMachine"] == round(2 + 10 / 60, 1)
-    ext = [r for r in data["serviceRecords"] if r["serviceType"] == 130]
-    assert ext[0] == {
-        "instrumentCode": "CZ-A",
-        "startTime": "2026-03-04 21:00",
-        "endTime": "2026-03-05 02:00",
+    assert (
+        inst["CZ-B"]["type"] == "专用" and inst["CZ-B"]["worth"] == 680 and inst["CZ-B"]["insCode"] == "10001"
+    )
+    ext = [r for r in data["serviceRecords"]["instruList"] if r["serviceType"] == 130]
+    assert {k: v for k, v in ext[0].items() if k not in ("recordInnerId", "labmeter")} == {
+        "innerId": "CZ-A",
+        "startTime": "2026-03-04 21",
+        "endTime": "2026-03-05 02",
         "serviceType": 130,
         "serviceDirection": 136,
+        "serviceWay": "",
+        "applicant": "王五",
         "applicantUnit": "某某公司",
-        "amount": 1200.0,
+        "amounts": 1200.0,
+        "serviceContent": "",
     }
+    exact = ext[0]["labmeter"]
+    assert exact["start"] == "2026-03-04T21:30:00+08:00" and exact["end"] == "2026-03-05T01:30:00+08:00"
+    assert exact["booked_s"] == 4 * 3600 and exact["service_s"] == 3.5 * 3600  # metered: it ran from 22:00
     write_national(data, tmp_path / "n.xlsx")
     from openpyxl import load_workbook
 
     wb = load_workbook(tmp_path / "n.xlsx")
-    assert wb["仪器机时"].cell(2, 4).value == 7.0 and wb["服务记录"].max_row == 6
+    assert wb.sheetnames == ["说明", "仪器机时", "服务记录"]
+    header = [c.value for c in wb["仪器机时"][1]]
+    assert wb["仪器机时"].cell(2, header.index("年总运行机时 runMachine (h, 0.1)") + 1).value == 7.0
+    assert wb["服务记录"].max_row == 6
 
     res = findings(ledger, *WEEK, POLICY, low_use_pct=50, min_coverage_pct=99, now_ms=WEEK[1])
     assert [x["instrument"] for x in res["low_use"]] == ["CZ-A"]  # 28% of rated; CZ-B is at 63%
