@@ -924,7 +924,8 @@ def report_evidence(instrument: str, start: str, end: str, out: Path, cfg_path: 
     if not bundle["intervals"]:
         fail(f"no intervals for instrument {instrument!r} in that period", code=1)
     click.echo(
-        f"{bundle['intervals']} signed interval(s) written to {out}, countersigned by collector key "
+        f"{bundle['intervals']} signed interval(s) and {bundle['services']} service record(s) written to "
+        f"{out}, countersigned by collector key "
         f"{signing.key_id(key.public_key())}; check with: labmeter verify {out} --trust KEYS.json"
     )
 
@@ -974,6 +975,8 @@ def verify(folder: Path, trust_file: Path | None, fingerprints: tuple[str, ...])
     for agent, (n, good) in res.counts.items():
         click.echo(f"intervals   {agent}: {n} in the bundle, {good} with a valid signature")
     click.echo(f"intervals   {res.checked} in all")
+    if res.services is not None:
+        click.echo(f"services    {res.services} service record(s)")
     for s, e in res.gaps:
         click.echo(f"gap         {iso(s)} to {iso(e)} ({(e - s) / H:.3f} h, no interval)")
     for r in res.restarts:
@@ -982,7 +985,8 @@ def verify(folder: Path, trust_file: Path | None, fingerprints: tuple[str, ...])
         click.echo(f"note        {note}")
     for f in res.findings:
         click.echo(f"DISCREPANCY {f}")
-    for key in ("run_ms", "effective_ms", "unknown_ms", "unverified_ms", "uncovered_ms"):
+    shown = ("run_ms", "effective_ms", "unknown_ms", "unverified_ms", "uncovered_ms")
+    for key in (*shown, *(k for k in evidence.SERVICE_CLAIMS if k in res.recomputed)):
         claimed = f"{res.claimed[key] / H:10.3f} h" if key in res.claimed else "      none"
         click.echo(
             f"{key.removesuffix('_ms'):>11}: claimed {claimed}, recomputed {res.recomputed.get(key, 0) / H:10.3f} h"
