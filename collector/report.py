@@ -6,7 +6,7 @@ allowances, rated-hours basis, generation time, version, ledger and every column
 
 An instrument is judged on its metered part of the period only: from its first interval (when
 metering began) to the end of the period or now, whichever is first. Time before metering began and
-time still to come are neither covered nor "no data"; rated hours are prorated to the metered part.
+time still to come are neither covered nor "no data"; rated hours are prorated to the elapsed part.
 """
 
 from __future__ import annotations
@@ -116,7 +116,7 @@ DEFINITIONS: dict[str, tuple[str, str]] = {
         "对外服务机时：落在对外（130）服务记录内的有效机时。",
     ),
     "rated_h": (
-        "Rated hours (定额机时): the registry's own or the policy's yearly figure (general/special), prorated to the metered part of the period.",
+        "Rated hours (定额机时): the registry's own or the policy's yearly figure (general/special), prorated to the elapsed part of the period (up to now).",
         "定额机时：台账值或政策年定额（通用/专用），按本期计量时长折算。",
     ),
     "utilisation_pct": ("Effective hours / rated hours.", "机时利用率 = 有效机时 / 定额机时。"),
@@ -293,7 +293,8 @@ def per_instrument(
     ledger: Ledger, a: int, b: int, policy: PolicyConfig, now_ms: int | None = None
 ) -> dict[str, Hours]:
     """Hours and rated hours per instrument in [a, b), from rollups and the intervals at the edges, each
-    judged on its metered part (``period_ms``): no data, coverage and rated hours count only there."""
+    judged on its metered part (``period_ms``): no data and coverage count only there. Rated hours are
+    prorated to the elapsed part of the period (to now), as the live view does."""
     now = int(time.time() * 1000) if now_ms is None else now_ms
     rollups = Rollups(ledger, policy)
     out = rollups.hours(a, b)
@@ -302,9 +303,11 @@ def per_instrument(
     for code, h in out.items():
         covered = h.period_ms - h.uncovered_ms
         lo, hi = metered_span(first.get(code), a, b, now)
-        h.period_ms = hi - lo
-        h.uncovered_ms = max(0, h.period_ms - covered)
-        h.rated_ms = rated_ms(registry.get(code, {}), policy, h.period_ms)
+        # intervals past "now" (an agent's clock ahead of ours, a simulated clock) are metered time too
+        h.period_ms = max(hi - lo, covered)
+        h.uncovered_ms = h.period_ms - covered
+        elapsed = min(b, max(now, lo + h.period_ms)) - a
+        h.rated_ms = rated_ms(registry.get(code, {}), policy, max(0, elapsed))
     return dict(sorted(out.items()))
 
 
@@ -424,7 +427,7 @@ def report_meta(
         if (prep, post) != (policy.prep_allowance_s * 1000, policy.post_allowance_s * 1000):
             own[str(info["code"])] = {"prep_allowance_s": prep // 1000, "post_allowance_s": post // 1000}
     caveats = [
-        "Each instrument is judged on its metered part of the period: from its first interval to the period end or now. Time before metering began and time still to come are not 'no data' and carry no rated hours.",
+        "Each instrument is judged on its metered part of the period: from its first interval to the period end or now. Time before metering began and time still to come are not 'no data'; time still to come carries no rated hours.",
         "Hours are computed from the agents' signed intervals; service hours are effective time inside imported service records, not booking length.",
         "Tables round hours to 0.01 h; JSON and CSV carry the exact seconds (*_s), XLSX cells the exact hours.",
     ]
@@ -458,7 +461,7 @@ def report_meta(
             "general_h_per_year": policy.rated_hours_general,
             "special_h_per_year": policy.rated_hours_special,
             "year_h": YEAR_MS / H,
-            "rule": "the registry's rated_hours (定额机时) if given, else the policy's figure for general (通用) or special (专用), prorated to the metered part of the period over a 365-day year",
+            "rule": "the registry's rated_hours (定额机时) if given, else the policy's figure for general (通用) or special (专用), prorated to the elapsed part of the period (up to the generation time) over a 365-day year",
         },
         "caveats": caveats,
         "columns": {
