@@ -538,10 +538,14 @@ _SUMMARY_UNIT = re.compile(
 )
 
 
+SUMMARY_MAX = 300
+"""Characters of a SUMMARY parsed (a calendar is hostile input: the pattern backtracks on long text)."""
+
+
 def parse_summary(summary: str) -> tuple[str, str, list[str]]:
     """SUMMARY as (applicant, applicant unit, tags): ``【对外】张三 (化学学院)``, ``张三 / 化学学院``,
     ``张三｜化学学院``; leading bracketed tags are read like CATEGORIES words."""
-    text = summary.strip()
+    text = summary.strip()[:SUMMARY_MAX]
     tags: list[str] = []
     while m := _SUMMARY_TAG.match(text):
         tags.append(m.group(1).strip().lower())

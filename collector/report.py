@@ -117,7 +117,7 @@ DEFINITIONS: dict[str, tuple[str, str]] = {
     ),
     "rated_h": (
         "Rated hours (定额机时): the registry's own or the policy's yearly figure (general/special), prorated to the elapsed part of the period (up to now).",
-        "定额机时：台账值或政策年定额（通用/专用），按本期计量时长折算。",
+        "定额机时：台账值或政策年定额（通用/专用），按本期已过时长折算。",
     ),
     "utilisation_pct": ("Effective hours / rated hours.", "机时利用率 = 有效机时 / 定额机时。"),
     "sharing_pct": ("External service hours / effective hours.", "共享率 = 对外服务机时 / 有效机时。"),

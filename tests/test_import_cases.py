@@ -105,3 +105,49 @@ def test_services_list_and_delete_batch_from_the_command_line(tmp_path: Path) ->
     assert missing.exit_code == 1 and "no batch 9" in missing.output and "Traceback" not in missing.output
     ledger = Ledger(tmp_path / "ledger.sqlite")
     assert len(ledger.service_records(0, 2**62)) == 3
+
+
+def test_a_long_hostile_summary_is_parsed_in_bounded_time() -> None:
+    import time
+
+    from labmeter.collector.registry import SUMMARY_MAX, parse_summary
+
+    start = time.perf_counter()
+    who, unit, _tags = parse_summary("(a" * 200_000)
+    # unbounded, the pattern backtracks quadratically here: 8,000 characters took 0.35 s, so this ~1 h
+    assert time.perf_counter() - start < 5
+    assert len(who) <= SUMMARY_MAX and unit == ""
+
+
+def test_reports_follow_a_replaced_and_a_deleted_batch(tmp_path: Path) -> None:
+    """The hours, not just the rows: a corrected import moves the service hours to external, and deleting
+    the batch takes them away (the rollups of the time it touched are recomputed)."""
+    from labmeter.collector.report import hours_report
+    from labmeter.config import PolicyConfig
+    from tests.lab import store_schedule
+
+    ledger = Ledger(tmp_path / "ledger.sqlite")
+    (tmp_path / "i.csv").write_text("code\nCZ-A\n")
+    import_instruments(ledger, tmp_path / "i.csv")
+    day = int(datetime(2026, 3, 2, tzinfo=TZ).timestamp() * 1000)
+    h = 3_600_000
+    store_schedule(tmp_path, ledger, "pc", "CZ-A", [(day, day + 8 * h, "OFF"), (day + 8 * h, day + 10 * h, "RUNNING"), (day + 10 * h, day + 24 * h, "OFF")])  # fmt: skip
+    policy = PolicyConfig()
+
+    def hours() -> tuple[int, int]:
+        row = hours_report(ledger, day, day + 24 * h, policy, now_ms=day + 48 * h)[0]
+        return row.hours.service_ms, row.hours.external_ms
+
+    (tmp_path / "s.csv").write_text(
+        "instrument,start,end,service_type\nCZ-A,2026-03-02 08:00,2026-03-02 10:00,120\n"
+    )
+    first = import_services(ledger, tmp_path / "s.csv", TZ)
+    assert hours() == (2 * h, 0)
+    (tmp_path / "s.csv").write_text(
+        "instrument,start,end,service_type\nCZ-A,2026-03-02 08:00,2026-03-02 10:00,130\n"
+    )
+    fixed = import_services(ledger, tmp_path / "s.csv", TZ, replace=True)
+    assert (fixed.added, fixed.replaced) == (1, 1) and hours() == (2 * h, 2 * h)
+    assert ledger.delete_service_batch(first.batch or 0) == 0  # its record was replaced already
+    assert ledger.delete_service_batch(fixed.batch or 0) == 1
+    assert hours() == (0, 0)
