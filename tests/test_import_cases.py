@@ -151,3 +151,53 @@ def test_reports_follow_a_replaced_and_a_deleted_batch(tmp_path: Path) -> None:
     assert ledger.delete_service_batch(first.batch or 0) == 0  # its record was replaced already
     assert ledger.delete_service_batch(fixed.batch or 0) == 1
     assert hours() == (0, 0)
+
+
+def test_batches_replace_and_delete_on_every_backend(any_ledger: Ledger) -> None:
+    """The batch SQL (RETURNING, the added columns) on SQLite and PostgreSQL alike."""
+    ledger = any_ledger
+    ledger.add_agent("a1", "ed25519:x", "kid", ["CZ-A"])
+    rec = {"instrument": "CZ-A", "start_ms": 1_000, "end_ms": 5_000, "service_type": 120, "applicant": "z"}
+    first = ledger.import_service_batch("a.csv", [rec, {**rec, "start_ms": 6_000, "end_ms": 9_000}], False, 1)
+    assert (first.added, first.duplicates) == (2, 0) and first.batch is not None
+    again = ledger.import_service_batch(
+        "b.csv", [{**rec, "service_type": 130, "service_way": "委托"}], False, 2
+    )
+    assert (again.added, again.duplicates, again.differ) == (0, 1, 1)
+    fixed = ledger.import_service_batch("c.csv", [{**rec, "service_type": 130}], True, 3)
+    assert (fixed.added, fixed.replaced) == (1, 1)
+    assert [(r["start_ms"], r["service_type"]) for r in ledger.service_records(0, 10_000)] == [
+        (1_000, 130),
+        (6_000, 120),
+    ]
+    listed = {b["source"]: b for b in ledger.service_batches()}
+    assert (
+        listed["a.csv"]["records"] == 1
+        and listed["b.csv"]["records"] == 0
+        and listed["c.csv"]["records"] == 1
+    )
+    assert ledger.delete_service_batch(int(first.batch)) == 1
+    assert ledger.delete_service_batch(int(first.batch)) is None
+    assert [r["source"] for r in ledger.service_batches()] == ["b.csv", "c.csv"]
+
+
+def test_a_ledger_from_before_batches_is_migrated(tmp_path: Path) -> None:
+    """Service records stored before batches, service way and content keep counting and list as batch '-'."""
+    import sqlite3
+
+    path = tmp_path / "old.sqlite"
+    db = sqlite3.connect(path)
+    db.executescript(
+        "CREATE TABLE service_records (id INTEGER PRIMARY KEY, instrument TEXT NOT NULL, start_ms INTEGER NOT NULL,"
+        " end_ms INTEGER NOT NULL, applicant TEXT NOT NULL DEFAULT '', applicant_unit TEXT NOT NULL DEFAULT '',"
+        " service_type INTEGER NOT NULL, direction INTEGER NOT NULL DEFAULT 138, amount REAL,"
+        " source TEXT NOT NULL DEFAULT '', UNIQUE (instrument, start_ms, end_ms, applicant));"
+        "INSERT INTO service_records (instrument, start_ms, end_ms, service_type) VALUES ('CZ-A', 0, 3600000, 130);"
+    )
+    db.commit()
+    db.close()
+    ledger = Ledger(path)
+    (batch,) = ledger.service_batches()
+    assert batch["batch"] is None and batch["records"] == 1
+    (rec,) = ledger.service_records(0, 3_600_000)
+    assert rec["service_way"] == "" and rec["content"] == "" and rec["service_type"] == 130
