@@ -498,11 +498,16 @@ class Ledger:
         return [dict(zip(cols, r, strict=True)) for r in self.db.execute(sql, args)]
 
     def first_interval_ms(self) -> dict[str, int]:
-        """Per instrument, when its first stored interval starts: where its metering began."""
-        return {
-            str(r[0]): int(r[1])
-            for r in self.db.execute("SELECT instrument, MIN(start_ms) FROM intervals GROUP BY instrument")
-        }
+        """Per instrument, when its first stored interval starts: where its metering began. One index
+        lookup per listed instrument (a GROUP BY would scan every interval of every year)."""
+        out = {}
+        for (code,) in self.db.execute("SELECT code FROM instruments").fetchall():
+            row = self.db.execute(
+                "SELECT MIN(start_ms) FROM intervals WHERE instrument=?", (code,)
+            ).fetchone()
+            if row is not None and row[0] is not None:
+                out[str(code)] = int(row[0])
+        return out
 
     @staticmethod
     def _mark(cur: Any, spans: Iterable[tuple[str, int, int]]) -> None:

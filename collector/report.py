@@ -290,7 +290,12 @@ def metered_span(first_ms: int | None, a: int, b: int, now_ms: int) -> tuple[int
 
 
 def per_instrument(
-    ledger: Ledger, a: int, b: int, policy: PolicyConfig, now_ms: int | None = None
+    ledger: Ledger,
+    a: int,
+    b: int,
+    policy: PolicyConfig,
+    now_ms: int | None = None,
+    first: dict[str, int] | None = None,
 ) -> dict[str, Hours]:
     """Hours and rated hours per instrument in [a, b), from rollups and the intervals at the edges, each
     judged on its metered part (``period_ms``): no data and coverage count only there. Rated hours are
@@ -299,7 +304,8 @@ def per_instrument(
     rollups = Rollups(ledger, policy)
     out = rollups.hours(a, b)
     registry = rollups.registry()
-    first = ledger.first_interval_ms()
+    if first is None:
+        first = ledger.first_interval_ms()
     for code, h in out.items():
         covered = h.period_ms - h.uncovered_ms
         lo, hi = metered_span(first.get(code), a, b, now)
@@ -354,17 +360,17 @@ def hours_report(
     if by not in GROUPINGS:
         raise PeriodError(f"--by {by!r}: use one of {', '.join(GROUPINGS)}")
     rows: list[Row] = []
+    first = ledger.first_interval_ms()
     if by == "month":
         for label, lo, hi in months(a, b, tz or ZoneInfo(policy.timezone)):
             row = Row(label, "", "", Hours())
-            for h in per_instrument(ledger, lo, hi, policy, now_ms).values():
+            for h in per_instrument(ledger, lo, hi, policy, now_ms, first).values():
                 row.hours.add(h)
             rows.append(row)
     else:
         if hours is None:
-            hours = per_instrument(ledger, a, b, policy, now_ms)
+            hours = per_instrument(ledger, a, b, policy, now_ms, first)
         registry = {str(i["code"]): i for i in ledger.instruments()}
-        first = ledger.first_interval_ms()
         for code, h in hours.items():
             info = registry.get(code, {"code": code})
             rows.append(
