@@ -42,10 +42,20 @@ def to_csv(rows: Iterable[Sequence[object]]) -> str:
 
 
 def append_row(ws: Any, values: Sequence[object]) -> None:
-    """``ws.append`` for an openpyxl worksheet, with every text value a plain string cell."""
-    ws.append([_XML_ILLEGAL.sub("", v) if isinstance(v, str) else v for v in values])
-    for cell in ws[ws.max_row]:
-        if isinstance(cell.value, str):
+    """``ws.append`` for an openpyxl worksheet, with every text value a plain string cell.
+
+    The cells are made here and handed to ``append``: finding the row again (``ws[ws.max_row]``) scans
+    every cell of the sheet, which made a 19,000-row sheet take minutes."""
+    from openpyxl.cell.cell import Cell
+
+    row: list[object] = []
+    for v in values:
+        if isinstance(v, str):
+            cell = Cell(ws, value=_XML_ILLEGAL.sub("", v))
             cell.data_type = "s"
             if is_formula_like(cell.value):
                 cell.quotePrefix = True
+            row.append(cell)
+        else:
+            row.append(v)
+    ws.append(row)

@@ -3,7 +3,8 @@
 A bundle lets anyone re-check the hours with ``labmeter verify`` without trusting the
 collector or its ledger; the collector countersigns it, so its claims and declared gaps
 cannot be edited. The interval just before the period is included too, so the first
-link of the chain can be checked.
+link of the chain can be checked, and so are the instrument's service records, so the
+service and external service hours can be re-checked.
 """
 
 from __future__ import annotations
@@ -37,6 +38,10 @@ def write_bundle(
         envelopes += ledger.envelopes(agent, instrument, max(1, min(seqs) - 1), max(seqs))
     keys = {a_: k for a_, (k, _kid) in ledger.agent_keys().items() if a_ in agents}
     spans = [(r[3], r[4], r[5], bool(r[6])) for r in rows]
+    services = ledger.service_records(a, b, instrument)
+    windows = [(int(str(r["start_ms"])), int(str(r["end_ms"])), r["service_type"] == 130) for r in services]
+    hours = compute(spans, a, b, prep_s * 1000, post_s * 1000, windows)
+    claimed = {**hours.totals(), "service_ms": hours.service_ms, "external_ms": hours.external_ms}
     bundle = {
         "format": evidence.FORMAT,
         "instrument": instrument,
@@ -45,13 +50,21 @@ def write_bundle(
         "prep_allowance_s": prep_s,
         "post_allowance_s": post_s,
         "agents": keys,
-        "claimed": compute(spans, a, b, prep_s * 1000, post_s * 1000).totals(),
+        "claimed": claimed,
         "gaps": [list(g) for g in uncovered(spans, a, b)],
         "intervals": len(envelopes),
+        "services": len(services),
     }
     files = {
         evidence.BUNDLE: (json.dumps(bundle, indent=2, ensure_ascii=False) + "\n").encode(),
         evidence.INTERVALS: b"".join(env.rstrip(b"\n") + b"\n" for env in envelopes),
+        evidence.SERVICES: b"".join(
+            json.dumps(
+                {k: r[k] for k in evidence.SERVICE_FIELDS}, ensure_ascii=False, sort_keys=True
+            ).encode()
+            + b"\n"
+            for r in services
+        ),
     }
     manifest = evidence.countersign(key, evidence.manifest_body(bundle, files))
     files[evidence.MANIFEST] = (json.dumps(manifest, indent=2, ensure_ascii=False) + "\n").encode()

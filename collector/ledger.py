@@ -44,6 +44,9 @@ CREATE TABLE IF NOT EXISTS service_records (
     applicant TEXT NOT NULL DEFAULT '', applicant_unit TEXT NOT NULL DEFAULT '',
     service_type INTEGER NOT NULL, direction INTEGER NOT NULL DEFAULT 138, amount REAL, source TEXT NOT NULL DEFAULT '',
     UNIQUE (instrument, start_ms, end_ms, applicant));
+CREATE TABLE IF NOT EXISTS service_batches (
+    id INTEGER PRIMARY KEY, source TEXT NOT NULL, imported_ms INTEGER NOT NULL, records INTEGER NOT NULL,
+    replaced INTEGER NOT NULL DEFAULT 0);
 CREATE INDEX IF NOT EXISTS service_time ON service_records (instrument, start_ms);
 CREATE INDEX IF NOT EXISTS service_end ON service_records (end_ms);
 CREATE TABLE IF NOT EXISTS enrolments (
@@ -117,9 +120,29 @@ SERVICE_COLUMNS = (
     "direction",
     "amount",
     "source",
+    "service_way",
+    "content",
 )
 
-SERVICE_DEFAULTS: dict[str, object] = {"applicant": "", "applicant_unit": "", "direction": 138, "source": ""}
+
+@dataclass(frozen=True)
+class BatchResult:
+    batch: int | None
+    added: int
+    duplicates: int
+    differ: int
+    """Of the duplicates, how many differ from the stored record in unit, type, direction or amount."""
+    replaced: int
+
+
+SERVICE_DEFAULTS: dict[str, object] = {
+    "applicant": "",
+    "applicant_unit": "",
+    "direction": 138,
+    "source": "",
+    "service_way": "",
+    "content": "",
+}
 
 # Unauthenticated rejections are counted, not kept: per window, at most REJECTION_KEYS distinct
 # (reason, topic) rows, each cut to REJECTION_TEXT characters, the rest folded into one OTHER row, and
@@ -208,6 +231,7 @@ class Ledger:
             row = self.db.execute("SELECT value FROM meta WHERE key='longest_interval_ms'").fetchone()
         self._longest = int(row[0]) if row else 0
         self._migrate_rejections()
+        self._migrate_service_batches()
         self._pruned_window = -1
 
     def _columns(self, table: str) -> set[str]:
@@ -246,6 +270,21 @@ class Ledger:
             cur.execute(
                 "CREATE UNIQUE INDEX IF NOT EXISTS rejections_once ON rejections (agent, chain, seq, sha)"
             )
+
+    def _migrate_service_batches(self) -> None:
+        """Service records name the import batch they came in (NULL: imported before batches were kept),
+        and carry the national platform's service way and content (empty in older ledgers)."""
+        added = {
+            "batch": "batch INTEGER",
+            "service_way": "service_way TEXT NOT NULL DEFAULT ''",
+            "content": "content TEXT NOT NULL DEFAULT ''",
+        }
+        if not set(added) <= self._columns("service_records"):
+            with self.transaction(exclusive=True) as cur:
+                for col, ddl in added.items():
+                    if col not in self._columns("service_records"):
+                        cur.execute(f"ALTER TABLE service_records ADD COLUMN {ddl}")
+        self.db.execute("CREATE INDEX IF NOT EXISTS service_batch ON service_records (batch)")
 
     @classmethod
     def open(cls, url: str, data_dir: Path) -> Ledger:
@@ -302,16 +341,173 @@ class Ledger:
 
     def add_service_records(self, rows: Sequence[dict[str, object]]) -> int:
         """Insert records; an identical record (instrument, start, end, applicant) already present is skipped."""
-        cols = SERVICE_COLUMNS
+        return self.import_service_batch("", rows, replace=False, now_ms=0, keep_batch=False).added
+
+    def import_service_batch(
+        self,
+        source: str,
+        rows: Sequence[dict[str, object]],
+        replace: bool,
+        now_ms: int,
+        keep_batch: bool = True,
+    ) -> BatchResult:
+        """One import as one batch, in one transaction. With ``replace``, each instrument's stored records
+        that start within the span the file covers for it (its first start to its last end) go first, so
+        a corrected file takes the place of the wrong one. Without it, a record with the same instrument,
+        start, end and applicant is kept as stored; those whose other fields differ are counted."""
+        cols = (*SERVICE_COLUMNS, "batch")
+        spans: dict[str, tuple[int, int]] = {}
+        for r in rows:
+            code, s, e = str(r["instrument"]), int(r["start_ms"]), int(r["end_ms"])  # type: ignore[call-overload]
+            have = spans.get(code)
+            spans[code] = (s, e) if have is None else (min(s, have[0]), max(e, have[1]))
         with self.transaction() as cur:
+            batch = None
+            if keep_batch:
+                batch = int(
+                    cur.execute(
+                        "INSERT INTO service_batches (source, imported_ms, records) VALUES (?,?,0) RETURNING id",
+                        (source, now_ms),
+                    ).fetchone()[0]
+                )
+            removed: list[tuple[str, int, int]] = []
+            if replace:
+                for code, (lo, hi) in spans.items():
+                    removed += cur.execute(
+                        "DELETE FROM service_records WHERE instrument=? AND start_ms>=? AND start_ms<? "
+                        "RETURNING instrument, start_ms, end_ms",
+                        (code, lo, hi),
+                    ).fetchall()
+            differ = 0
+            if not replace and rows:
+                for r in rows:
+                    old = cur.execute(
+                        "SELECT applicant_unit, service_type, direction, amount, service_way, content "
+                        "FROM service_records "
+                        "WHERE instrument=? AND start_ms=? AND end_ms=? AND applicant=?",
+                        (r["instrument"], r["start_ms"], r["end_ms"], r.get("applicant", "")),
+                    ).fetchone()
+                    new = tuple(
+                        r.get(c, SERVICE_DEFAULTS.get(c))
+                        for c in (
+                            "applicant_unit",
+                            "service_type",
+                            "direction",
+                            "amount",
+                            "service_way",
+                            "content",
+                        )
+                    )
+                    if old is not None and tuple(old) != new:
+                        differ += 1
             cur.executemany(
                 f"INSERT INTO service_records ({','.join(cols)}) VALUES ({','.join('?' * len(cols))}) "
                 "ON CONFLICT DO NOTHING",
-                [tuple(r.get(c, SERVICE_DEFAULTS.get(c)) for c in cols) for r in rows],
+                [(*(r.get(c, SERVICE_DEFAULTS.get(c)) for c in SERVICE_COLUMNS), batch) for r in rows],
             )
             added = cur.rowcount
-            self._mark(cur, [(str(r["instrument"]), int(r["start_ms"]), int(r["end_ms"])) for r in rows])  # type: ignore[call-overload]
-        return added
+            if batch is not None:
+                cur.execute(
+                    "UPDATE service_batches SET records=?, replaced=? WHERE id=?",
+                    (added, len(removed), batch),
+                )
+            self._mark(
+                cur,
+                [
+                    *((code, lo, hi) for code, (lo, hi) in spans.items()),
+                    *((str(c), int(a), int(b)) for c, a, b in removed),
+                ],
+            )
+        return BatchResult(batch, added, len(rows) - added, differ, len(removed))
+
+    def service_batches(self) -> list[dict[str, object]]:
+        """Every import batch with the records it still holds, their instruments and time span."""
+        out = []
+        for bid, source, imported, records, replaced in self.db.execute(
+            "SELECT id, source, imported_ms, records, replaced FROM service_batches ORDER BY id"
+        ).fetchall():
+            n, lo, hi = self.db.execute(
+                "SELECT COUNT(*), MIN(start_ms), MAX(end_ms) FROM service_records WHERE batch=?", (bid,)
+            ).fetchone()
+            codes = [
+                r[0]
+                for r in self.db.execute(
+                    "SELECT DISTINCT instrument FROM service_records WHERE batch=? ORDER BY instrument",
+                    (bid,),
+                )
+            ]
+            out.append(
+                {
+                    "batch": int(bid),
+                    "source": source,
+                    "imported_ms": int(imported),
+                    "imported": int(records),
+                    "replaced": int(replaced),
+                    "records": int(n),
+                    "instruments": codes,
+                    "from_ms": lo,
+                    "to_ms": hi,
+                }
+            )
+        n, lo, hi = self.db.execute(
+            "SELECT COUNT(*), MIN(start_ms), MAX(end_ms) FROM service_records WHERE batch IS NULL"
+        ).fetchone()
+        if n:
+            out.insert(
+                0,
+                {
+                    "batch": None,
+                    "source": "(imported before batches were kept)",
+                    "imported_ms": None,
+                    "imported": int(n),
+                    "replaced": 0,
+                    "records": int(n),
+                    "instruments": [
+                        r[0]
+                        for r in self.db.execute(
+                            "SELECT DISTINCT instrument FROM service_records WHERE batch IS NULL ORDER BY instrument"
+                        )
+                    ],
+                    "from_ms": lo,
+                    "to_ms": hi,
+                },
+            )
+        return out
+
+    def delete_service_batch(self, batch: int) -> int | None:
+        """Remove a batch and its records; None if there is no such batch."""
+        with self.transaction() as cur:
+            if cur.execute("SELECT 1 FROM service_batches WHERE id=?", (batch,)).fetchone() is None:
+                return None
+            removed = cur.execute(
+                "DELETE FROM service_records WHERE batch=? RETURNING instrument, start_ms, end_ms", (batch,)
+            ).fetchall()
+            cur.execute("DELETE FROM service_batches WHERE id=?", (batch,))
+            self._mark(cur, [(str(c), int(a), int(b)) for c, a, b in removed])
+        return len(removed)
+
+    def service_records(self, a: int, b: int, instrument: str | None = None) -> list[dict[str, object]]:
+        """Records overlapping [a, b), oldest first: what exports and evidence bundles carry."""
+        cols = ("id", *SERVICE_COLUMNS, "batch")
+        sql = f"SELECT {','.join(cols)} FROM service_records WHERE start_ms < ? AND end_ms > ?"
+        args: tuple[object, ...] = (b, a)
+        if instrument is not None:
+            sql += " AND instrument = ?"
+            args += (instrument,)
+        sql += " ORDER BY instrument, start_ms, end_ms, applicant"
+        return [dict(zip(cols, r, strict=True)) for r in self.db.execute(sql, args)]
+
+    def first_interval_ms(self) -> dict[str, int]:
+        """Per instrument, when its first stored interval starts: where its metering began. One index
+        lookup per listed instrument (a GROUP BY would scan every interval of every year)."""
+        out = {}
+        for (code,) in self.db.execute("SELECT code FROM instruments").fetchall():
+            row = self.db.execute(
+                "SELECT MIN(start_ms) FROM intervals WHERE instrument=?", (code,)
+            ).fetchone()
+            if row is not None and row[0] is not None:
+                out[str(code)] = int(row[0])
+        return out
 
     @staticmethod
     def _mark(cur: Any, spans: Iterable[tuple[str, int, int]]) -> None:

@@ -1,14 +1,23 @@
 """Hours reports: per instrument, owning unit, category or month; as a table, CSV, JSON or XLSX.
 
-Column names come in English and Chinese (the evaluation forms' own terms).
+Column names come in English and Chinese (the evaluation forms' own terms). Every file explains
+itself: XLSX has a 说明 (About) sheet, JSON a ``meta`` object, both with the period, time zone,
+allowances, rated-hours basis, generation time, version, ledger and every column's definition.
+
+An instrument is judged on its metered part of the period only: from its first interval (when
+metering began) to the end of the period or now, whichever is first. Time before metering began and
+time still to come are neither covered nor "no data"; rated hours are prorated to the elapsed part.
 """
 
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Sequence
-from dataclasses import dataclass
-from datetime import date, datetime, timedelta
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime, timedelta
+from functools import cache
+from importlib import resources
 from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -39,6 +48,7 @@ COLUMNS: list[tuple[str, str, str]] = [
     ("run_h", "Run hours (h)", "运行机时 (h)"),
     ("effective_h", "Effective hours (h)", "有效机时 (h)"),
     ("service_h", "Service hours (h)", "服务机时 (h)"),
+    ("internal_h", "Internal service hours (h)", "对内服务机时 (h)"),
     ("external_h", "External service hours (h)", "对外服务机时 (h)"),
     ("rated_h", "Rated hours (h)", "定额机时 (h)"),
     ("utilisation_pct", "Utilisation (%)", "机时利用率 (%)"),
@@ -49,8 +59,117 @@ COLUMNS: list[tuple[str, str, str]] = [
     ("unknown_h", "Unknown (h)", "状态未知 (h)"),
     ("unverified_h", "Unverified (h)", "未验证 (h)"),
     ("uncovered_h", "No data (h)", "无数据 (h)"),
+    ("metered_h", "Metered time (h)", "计量时长 (h)"),
 ]
+REGISTRY_COLUMNS: list[tuple[str, str, str]] = [
+    ("category", "Category", "分类编码"),
+    ("category_name", "Category name", "分类名称"),
+    ("kind", "General/special", "通用/专用"),
+    ("department", "Department", "所在部门"),
+    ("value_wan", "Value (10k yuan)", "原值（万元）"),
+    ("share_mode", "Share mode", "共享模式"),
+    ("metered_from", "Metered since", "计量起始时间"),
+]
+"""Registry facts beside an instrument's hours (instrument sheet only), after the figures."""
 TOTAL = ("TOTAL", "合计")
+MS_KEYS = {
+    "run_h": "run_ms",
+    "effective_h": "effective_ms",
+    "service_h": "service_ms",
+    "internal_h": "internal_ms",
+    "external_h": "external_ms",
+    "rated_h": "rated_ms",
+    "standby_h": "standby_ms",
+    "off_h": "off_ms",
+    "unknown_h": "unknown_ms",
+    "unverified_h": "unverified_ms",
+    "uncovered_h": "uncovered_ms",
+    "metered_h": "period_ms",
+}
+"""Each hours column and the exact milliseconds behind it (seconds in JSON and CSV)."""
+DEFINITIONS: dict[str, tuple[str, str]] = {
+    "key": (
+        "The row: instrument code, owning unit, category code or local month.",
+        "本行对象：仪器编号、管理单位、分类编码或月份。",
+    ),
+    "name": ("Instrument name from the registry.", "仪器名称（来自仪器台账）。"),
+    "unit": ("Owning unit from the registry.", "管理单位（来自仪器台账）。"),
+    "instruments": ("Instruments in the row.", "本行仪器台数。"),
+    "run_h": (
+        "Time in RUNNING state, from signed intervals.",
+        "运行状态（RUNNING）时长，来自签名的计量区间。",
+    ),
+    "effective_h": (
+        "Running time plus standby directly before a run (up to the prep allowance) and directly after it (up to the post allowance); idle running is not excluded by the meter.",
+        "有效机时 = 运行时长 + 紧邻运行前的待机（至多准备时间）+ 紧邻运行后的待机（至多后处理时间）。",
+    ),
+    "service_h": (
+        "Effective time inside any service record (booking) of the instrument; overlapping bookings count once.",
+        "服务机时：落在服务记录（预约）时段内的有效机时；重叠预约只计一次。",
+    ),
+    "internal_h": (
+        "Service hours that are not external (service type 120).",
+        "对内服务机时：服务类型 120（对内）的服务机时。",
+    ),
+    "external_h": (
+        "Effective time inside an external service record (service type 130).",
+        "对外服务机时：落在对外（130）服务记录内的有效机时。",
+    ),
+    "rated_h": (
+        "Rated hours (定额机时): the registry's own or the policy's yearly figure (general/special), prorated to the elapsed part of the period (up to now).",
+        "定额机时：台账值或政策年定额（通用/专用），按本期已过时长折算。",
+    ),
+    "utilisation_pct": ("Effective hours / rated hours.", "机时利用率 = 有效机时 / 定额机时。"),
+    "sharing_pct": ("External service hours / effective hours.", "共享率 = 对外服务机时 / 有效机时。"),
+    "coverage_pct": (
+        "Share of the metered time whose state is known (running, standby or off).",
+        "数据覆盖率：计量时长中状态已知（运行、待机、关机）的比例。",
+    ),
+    "standby_h": ("Powered but not running (STANDBY).", "待机：通电未运行。"),
+    "off_h": ("Switched off (OFF).", "关机：仪器断电或关闭。"),
+    "unknown_h": (
+        "The agent reported the state could not be read (UNKNOWN), e.g. the instrument or its meter did not answer.",
+        "状态未知：采集端报告无法读取状态（如仪器或电表无响应）。",
+    ),
+    "unverified_h": (
+        "Covered by signed intervals that do not link into their agent's chain (a gap or break before them): counted in no state.",
+        "未验证：签名区间未能接入该采集端的哈希链（前有缺口或断链），不计入任何状态。",
+    ),
+    "uncovered_h": (
+        "Metered time with no interval at all (agent or network down). Time before metering began and time still to come are not counted.",
+        "无数据：计量时长内没有任何区间（采集端或网络中断）；计量开始前和尚未到来的时间不计。",
+    ),
+    "metered_h": (
+        "The metered part of the period: from when metering began (the instrument's first interval) to the period end or now, whichever is first.",
+        "计量时长：自计量开始（首个区间）至期末或当前时刻（取早者）。",
+    ),
+    "category": ("6-digit category code (分类编码) from the registry.", "分类编码（6位，来自台账）。"),
+    "category_name": (
+        "The category's name from the national large-instrument classification, first and second level; the code alone when not listed.",
+        "分类名称（国家大型科学仪器设备分类的一、二级名称；未收录时只显示编码）。",
+    ),
+    "kind": (
+        "General (通用) or special (专用) instrument: decides the policy's rated hours.",
+        "通用或专用仪器，决定默认定额机时。",
+    ),
+    "department": ("Department (所在部门) from the registry.", "所在部门（来自台账）。"),
+    "value_wan": (
+        "Original value in 10,000 yuan (原值，万元) from the registry.",
+        "原值（万元，来自台账）。",
+    ),
+    "share_mode": ("Share mode (共享模式) from the registry.", "共享模式（来自台账）。"),
+    "metered_from": (
+        "When metering of this instrument began: the start of its first interval (local time).",
+        "计量起始时间：该仪器首个计量区间的开始时间（当地时间）。",
+    ),
+}
+SHEET_NAMES = {
+    "about": ("About", "说明"),
+    "instrument": ("By instrument", "按仪器"),
+    "unit": ("By unit", "按单位"),
+    "category": ("By category", "按类别"),
+    "month": ("By month", "按月份"),
+}
 
 
 class PeriodError(ValueError):
@@ -78,28 +197,77 @@ class Row:
     name: str
     unit: str
     hours: Hours
+    info: dict[str, object] = field(default_factory=dict)
+    """The registry row (instrument rows), for the registry columns."""
+    metered_from: int | None = None
 
-    def values(self) -> dict[str, Any]:
+    def exact_ms(self) -> dict[str, int]:
         h = self.hours
         return {
+            k: (h.service_ms - h.external_ms if k == "internal_h" else getattr(h, ms))
+            for k, ms in MS_KEYS.items()
+        }
+
+    def seconds(self) -> dict[str, int | float]:
+        """Exact seconds behind each hours column (a whole number, or milliseconds as decimals)."""
+        return {k.removesuffix("_h") + "_s": _seconds(ms) for k, ms in self.exact_ms().items()}
+
+    def values(self, exact: bool = False) -> dict[str, Any]:
+        """Hours rounded to 0.01 h and percentages to 0.1 % (``exact``: hours unrounded)."""
+        h = self.hours
+
+        def hrs(ms: int) -> float:
+            return ms / H if exact else round(ms / H, 2)
+
+        out: dict[str, Any] = {
             "key": self.key,
             "name": self.name,
             "unit": self.unit,
             "instruments": h.instruments,
-            "run_h": round(h.run_ms / H, 2),
-            "effective_h": round(h.effective_ms / H, 2),
-            "service_h": round(h.service_ms / H, 2),
-            "external_h": round(h.external_ms / H, 2),
-            "rated_h": round(h.rated_ms / H, 2),
-            "utilisation_pct": round(100 * h.effective_ms / h.rated_ms, 1) if h.rated_ms else None,
-            "sharing_pct": round(100 * h.external_ms / h.effective_ms, 1) if h.effective_ms else None,
-            "coverage_pct": round(100 * h.coverage, 1),
-            "standby_h": round(h.standby_ms / H, 2),
-            "off_h": round(h.off_ms / H, 2),
-            "unknown_h": round(h.unknown_ms / H, 2),
-            "unverified_h": round(h.unverified_ms / H, 2),
-            "uncovered_h": round(h.uncovered_ms / H, 2),
         }
+        out.update({k: hrs(ms) for k, ms in self.exact_ms().items()})
+        out["utilisation_pct"] = round(100 * h.effective_ms / h.rated_ms, 1) if h.rated_ms else None
+        out["sharing_pct"] = round(100 * h.external_ms / h.effective_ms, 1) if h.effective_ms else None
+        out["coverage_pct"] = round(100 * h.coverage, 1) if h.period_ms else None
+        code = str(self.info.get("category") or "")
+        out["category"] = code
+        out["category_name"] = category_name(code) if code else ""
+        out["kind"] = (
+            {"general": "通用", "special": "专用"}.get(str(self.info.get("kind") or ""), "")
+            if self.info
+            else ""
+        )
+        out["department"] = str(self.info.get("department") or "")
+        out["value_wan"] = stored_number(self.info, "value_wan") if self.info else None
+        out["share_mode"] = str(self.info.get("share_mode") or "")
+        out["metered_from"] = self.metered_from
+        return out
+
+
+def _seconds(ms: int) -> int | float:
+    return ms // 1000 if ms % 1000 == 0 else ms / 1000
+
+
+@cache
+def categories() -> dict[str, str]:
+    """The shipped classification (collector/categories.tsv): 2- and 4-digit prefixes to names."""
+    text = resources.files("labmeter.collector").joinpath("categories.tsv").read_text(encoding="utf-8")
+    out = {}
+    for line in text.splitlines():
+        if line.strip() and not line.startswith("#"):
+            code, name = line.split("\t", 1)
+            out[code.strip()] = name.strip()
+    return out
+
+
+def category_name(code: str) -> str:
+    """``分析仪器 / 电子光学仪器`` for 010101; the first level alone when the second is not listed; the
+    code itself when neither is (the shipped list has the first two levels only)."""
+    table = categories()
+    top, second = table.get(code[:2]), table.get(code[:4])
+    if top and second:
+        return f"{top} / {second}"
+    return top or code
 
 
 def rated_ms(info: dict[str, object], policy: PolicyConfig, period_ms: int) -> int:
@@ -114,13 +282,38 @@ def rated_ms(info: dict[str, object], policy: PolicyConfig, period_ms: int) -> i
     return round(yearly * H * period_ms / YEAR_MS)
 
 
-def per_instrument(ledger: Ledger, a: int, b: int, policy: PolicyConfig) -> dict[str, Hours]:
-    """Hours and rated hours per instrument in [a, b), from rollups and the intervals at the edges."""
+def metered_span(first_ms: int | None, a: int, b: int, now_ms: int) -> tuple[int, int]:
+    """The part of [a, b) an instrument was metered in: from its first interval to b or now."""
+    hi = min(b, now_ms)
+    lo = hi if first_ms is None else max(a, first_ms)
+    return lo, max(lo, hi)
+
+
+def per_instrument(
+    ledger: Ledger,
+    a: int,
+    b: int,
+    policy: PolicyConfig,
+    now_ms: int | None = None,
+    first: dict[str, int] | None = None,
+) -> dict[str, Hours]:
+    """Hours and rated hours per instrument in [a, b), from rollups and the intervals at the edges, each
+    judged on its metered part (``period_ms``): no data and coverage count only there. Rated hours are
+    prorated to the elapsed part of the period (to now), as the live view does."""
+    now = int(time.time() * 1000) if now_ms is None else now_ms
     rollups = Rollups(ledger, policy)
     out = rollups.hours(a, b)
     registry = rollups.registry()
+    if first is None:
+        first = ledger.first_interval_ms()
     for code, h in out.items():
-        h.rated_ms = rated_ms(registry.get(code, {}), policy, b - a)
+        covered = h.period_ms - h.uncovered_ms
+        lo, hi = metered_span(first.get(code), a, b, now)
+        # intervals past "now" (an agent's clock ahead of ours, a simulated clock) are metered time too
+        h.period_ms = max(hi - lo, covered)
+        h.uncovered_ms = h.period_ms - covered
+        elapsed = min(b, max(now, lo + h.period_ms)) - a
+        h.rated_ms = rated_ms(registry.get(code, {}), policy, max(0, elapsed))
     return dict(sorted(out.items()))
 
 
@@ -138,11 +331,17 @@ def months(a: int, b: int, tz: ZoneInfo) -> list[tuple[str, int, int]]:
 
 
 def hours_reports(
-    ledger: Ledger, a: int, b: int, policy: PolicyConfig, groupings: Sequence[str], tz: ZoneInfo | None = None
+    ledger: Ledger,
+    a: int,
+    b: int,
+    policy: PolicyConfig,
+    groupings: Sequence[str],
+    tz: ZoneInfo | None = None,
+    now_ms: int | None = None,
 ) -> dict[str, list[Row]]:
     """Several groupings of one period, computing the per-instrument hours once."""
-    hours = per_instrument(ledger, a, b, policy) if b > a else None
-    return {by: hours_report(ledger, a, b, policy, by, tz, hours) for by in groupings}
+    hours = per_instrument(ledger, a, b, policy, now_ms) if b > a else None
+    return {by: hours_report(ledger, a, b, policy, by, tz, hours, now_ms) for by in groupings}
 
 
 def hours_report(
@@ -153,6 +352,7 @@ def hours_report(
     by: str = "instrument",
     tz: ZoneInfo | None = None,
     hours: dict[str, Hours] | None = None,
+    now_ms: int | None = None,
 ) -> list[Row]:
     """Rows for one grouping, and a totals row last; ``hours`` per instrument if already computed."""
     if b <= a:
@@ -160,24 +360,36 @@ def hours_report(
     if by not in GROUPINGS:
         raise PeriodError(f"--by {by!r}: use one of {', '.join(GROUPINGS)}")
     rows: list[Row] = []
+    first = ledger.first_interval_ms()
     if by == "month":
         for label, lo, hi in months(a, b, tz or ZoneInfo(policy.timezone)):
             row = Row(label, "", "", Hours())
-            for h in per_instrument(ledger, lo, hi, policy).values():
+            for h in per_instrument(ledger, lo, hi, policy, now_ms, first).values():
                 row.hours.add(h)
             rows.append(row)
     else:
         if hours is None:
-            hours = per_instrument(ledger, a, b, policy)
+            hours = per_instrument(ledger, a, b, policy, now_ms, first)
         registry = {str(i["code"]): i for i in ledger.instruments()}
         for code, h in hours.items():
-            info = registry.get(code, {})
-            rows.append(Row(code, str(info.get("name") or ""), str(info.get("unit") or ""), h))
+            info = registry.get(code, {"code": code})
+            rows.append(
+                Row(code, str(info.get("name") or ""), str(info.get("unit") or ""), h, info, first.get(code))
+            )
         if by in ("unit", "category"):
             groups: dict[str, Row] = {}
             for r in rows:
                 label = str(registry.get(r.key, {}).get(by) or "-")
-                g = groups.setdefault(label, Row(label, "", label if by == "unit" else "", Hours()))
+                g = groups.setdefault(
+                    label,
+                    Row(
+                        label,
+                        "",
+                        label if by == "unit" else "",
+                        Hours(),
+                        {"category": label} if by == "category" and label != "-" else {},
+                    ),
+                )
                 g.hours.add(r.hours)
             rows = [groups[k] for k in sorted(groups)]
     total = Row(TOTAL[0], "", "", Hours())
@@ -188,28 +400,136 @@ def hours_report(
     return [*rows, total]
 
 
-def columns_for(by: str) -> list[tuple[str, str, str]]:
+def columns_for(by: str, registry: bool = False) -> list[tuple[str, str, str]]:
+    """The columns of a grouping; ``registry``: with the registry facts (files, not the terminal table)."""
     keep = [c for c in COLUMNS if not (by != "instrument" and c[0] in ("name", "unit"))]
     if by == "instrument":
         keep = [c for c in keep if c[0] != "instruments"]
+        if registry:
+            keep += REGISTRY_COLUMNS
+    elif by == "category" and registry:
+        keep = [REGISTRY_COLUMNS[1], *keep]
     en, zh = KEY_HEADERS[by]
     return [("key", en, zh), *keep]
 
 
-def render(rows: list[Row], fmt: str, lang: str = "zh", by: str = "instrument") -> str:
-    cols = columns_for(by)
-    header = [zh if lang == "zh" else en for _, en, zh in cols]
+def report_meta(
+    ledger: Ledger,
+    a: int,
+    b: int,
+    policy: PolicyConfig,
+    tz: ZoneInfo,
+    groupings: Sequence[str],
+    now_ms: int | None = None,
+) -> dict[str, Any]:
+    """What a report file says about itself: period, basis, provenance, caveats and column definitions."""
+    from labmeter import __version__
+    from labmeter.collector.rollup import allowances_ms
+
+    now = int(time.time() * 1000) if now_ms is None else now_ms
+    own = {}
+    for info in ledger.instruments():
+        prep, post = allowances_ms(info, policy)
+        if (prep, post) != (policy.prep_allowance_s * 1000, policy.post_allowance_s * 1000):
+            own[str(info["code"])] = {"prep_allowance_s": prep // 1000, "post_allowance_s": post // 1000}
+    caveats = [
+        "Each instrument is judged on its metered part of the period: from its first interval to the period end or now. Time before metering began and time still to come are not 'no data'; time still to come carries no rated hours.",
+        "Hours are computed from the agents' signed intervals; service hours are effective time inside imported service records, not booking length.",
+        "Tables round hours to 0.01 h; JSON and CSV carry the exact seconds (*_s), XLSX cells the exact hours.",
+    ]
+    if b > now:
+        caveats.insert(0, f"The period is not over: it is counted up to {_local(now, tz)} (generated at).")
+    cols: dict[str, tuple[str, str, str]] = {}
+    for n, by in enumerate(groupings):
+        for c in columns_for(by, registry=True):
+            cols.setdefault(c[0] if c[0] != "key" or n == 0 else f"key_{by}", c)
+    return {
+        "period": {
+            "from": _local(a, tz),
+            "to": _local(b, tz),
+            "from_ms": a,
+            "to_ms": b,
+            "to_is_exclusive": True,
+        },
+        "timezone": tz.key,
+        "groupings": list(groupings),
+        "generated_at": _local(now, tz),
+        "generated_ms": now,
+        "counted_up_to": _local(min(b, now), tz),
+        "labmeter_version": __version__,
+        "ledger": ledger.name,
+        "allowances": {
+            "prep_allowance_s": policy.prep_allowance_s,
+            "post_allowance_s": policy.post_allowance_s,
+            "instruments_with_their_own": own,
+        },
+        "rated_hours_basis": {
+            "general_h_per_year": policy.rated_hours_general,
+            "special_h_per_year": policy.rated_hours_special,
+            "year_h": YEAR_MS / H,
+            "rule": "the registry's rated_hours (定额机时) if given, else the policy's figure for general (通用) or special (专用), prorated to the elapsed part of the period (up to the generation time) over a 365-day year",
+        },
+        "caveats": caveats,
+        "columns": {
+            key: {"en": en, "zh": zh, "definition": DEFINITIONS[k][0], "定义": DEFINITIONS[k][1]}
+            for key, (k, en, zh) in cols.items()
+        },
+    }
+
+
+def _local(ms: int, tz: ZoneInfo) -> str:
+    return datetime.fromtimestamp(ms / 1000, tz).isoformat(timespec="seconds")
+
+
+def _row_cells(d: dict[str, Any], cols: list[tuple[str, str, str]], tz: ZoneInfo | None) -> list[Any]:
+    out = []
+    for k, _, _ in cols:
+        v = d[k]
+        if k == "metered_from" and isinstance(v, int):
+            v = _local(v, tz or UTC)  # type: ignore[arg-type]
+        out.append(v)
+    return out
+
+
+def render(
+    rows: list[Row],
+    fmt: str,
+    lang: str = "zh",
+    by: str = "instrument",
+    meta: dict[str, Any] | None = None,
+    bom: bool = False,
+    tz: ZoneInfo | None = None,
+) -> str:
+    """A table, CSV (``bom``: with a UTF-8 BOM, for Excel) or JSON (with ``meta`` and exact seconds)."""
     data = [r.values() for r in rows]
     if lang == "zh" and data:
         data[-1]["key"] = TOTAL[1]
     if fmt == "json":
-        return (
-            json.dumps([{k: d[k] for k, _, _ in cols} for d in data[:-1]], ensure_ascii=False, indent=2)
-            + "\n"
-        )
+        cols = columns_for(by, registry=True)
+
+        def item(r: Row, d: dict[str, Any]) -> dict[str, Any]:
+            return {**{k: d[k] for k, _, _ in cols}, "seconds": r.seconds()}
+
+        doc: dict[str, Any] = {
+            "rows": [item(r, d) for r, d in zip(rows[:-1], data[:-1], strict=True)],
+            "total": item(rows[-1], data[-1]) if rows else None,
+        }
+        if meta is not None:
+            doc = {"meta": meta, **doc}
+        return json.dumps(doc, ensure_ascii=False, indent=2) + "\n"
     if fmt == "csv":
-        return to_csv([header, *(["" if d[k] is None else d[k] for k, _, _ in cols] for d in data)])
-    shown = [c for c in cols if c[0] not in ("name", "unit", "standby_h", "off_h")]
+        cols = columns_for(by, registry=True)
+        secs = [k for k in MS_KEYS if any(c[0] == k for c in cols)]
+        header = [zh if lang == "zh" else en for _, en, zh in cols]
+        header += [_seconds_header(k, lang) for k in secs]
+        body = [
+            ["" if v is None else v for v in _row_cells(d, cols, tz)]
+            + [r.seconds()[k.removesuffix("_h") + "_s"] for k in secs]
+            for r, d in zip(rows, data, strict=True)
+        ]
+        return ("\ufeff" if bom else "") + to_csv([header, *body])
+    cols = columns_for(by)
+    shown = [c for c in cols if c[0] not in ("name", "unit", "standby_h", "off_h", "internal_h", "metered_h")]
     cells = [[(zh if lang == "zh" else en) for _, en, zh in shown]]
     cells += [[_fmt(d[k]) for k, _, _ in shown] for d in data]
     widths = [max(_width(row[i]) for row in cells) for i in range(len(shown))]
@@ -223,37 +543,102 @@ def render(rows: list[Row], fmt: str, lang: str = "zh", by: str = "instrument") 
     return "\n".join(lines) + "\n"
 
 
-def write_xlsx(path: Path, sheets: dict[str, list[Row]], lang: str = "zh") -> None:
-    """One sheet per grouping: header row frozen, units in the headers, a totals row last."""
+def _seconds_header(key: str, lang: str) -> str:
+    col = next(c for c in COLUMNS if c[0] == key)
+    return (col[2] if lang == "zh" else col[1]).replace("(h)", "(s)")
+
+
+def write_xlsx(
+    path: Path,
+    sheets: dict[str, list[Row]],
+    lang: str = "zh",
+    meta: dict[str, Any] | None = None,
+    tz: ZoneInfo | None = None,
+) -> None:
+    """An About (说明) sheet first when ``meta`` is given, then one sheet per grouping: header frozen and
+    filtered, columns wide enough for CJK text, exact hours shown to 0.01 h, a totals row last."""
     from openpyxl import Workbook
-    from openpyxl.styles import Font
+    from openpyxl.styles import Alignment, Font
     from openpyxl.utils import get_column_letter
 
-    names = {
-        "instrument": ("By instrument", "按仪器"),
-        "unit": ("By unit", "按单位"),
-        "category": ("By category", "按类别"),
-        "month": ("By month", "按月份"),
-    }
+    zh = lang == "zh"
     wb = Workbook()
     wb.remove(wb.active)
+    if meta is not None:
+        _about_sheet(wb.create_sheet(SHEET_NAMES["about"][1 if zh else 0]), meta, zh)
     for by, rows in sheets.items():
-        ws = wb.create_sheet(names[by][1] if lang == "zh" else names[by][0])
-        cols = columns_for(by)
-        append_row(ws, [zh if lang == "zh" else en for _, en, zh in cols])
+        ws = wb.create_sheet(SHEET_NAMES[by][1 if zh else 0])
+        cols = columns_for(by, registry=True)
+        header = [czh if zh else en for _, en, czh in cols]
+        append_row(ws, header)
         for cell in ws[1]:
             cell.font = Font(bold=True)
-        data = [r.values() for r in rows]
-        if lang == "zh" and data:
+            cell.alignment = Alignment(wrap_text=True, vertical="top")
+        data = [r.values(exact=True) for r in rows]
+        if zh and data:
             data[-1]["key"] = TOTAL[1]
         for d in data:
-            append_row(ws, [d[k] for k, _, _ in cols])
+            append_row(ws, _row_cells(d, cols, tz))
         for cell in ws[ws.max_row]:
             cell.font = Font(bold=True)
+        for i, (k, _, _) in enumerate(cols, start=1):
+            fmt = "0.00" if k.endswith("_h") else "0.0" if k.endswith("_pct") else None
+            if fmt:
+                for (cell,) in ws.iter_rows(min_row=2, min_col=i, max_col=i):
+                    cell.number_format = fmt
         ws.freeze_panes = "B2"
-        for i, (_, en, zh) in enumerate(cols, start=1):
-            ws.column_dimensions[get_column_letter(i)].width = max(10, len(zh if lang == "zh" else en) + 4)
+        ws.auto_filter.ref = f"A1:{get_column_letter(len(cols))}{max(1, ws.max_row - 1)}"
+        for i in range(1, len(cols) + 1):
+            letter = get_column_letter(i)
+            widest = max(_width(_fmt(c.value)) for (c,) in ws.iter_rows(min_col=i, max_col=i))
+            ws.column_dimensions[letter].width = min(60, max(10, widest + 3))
     wb.save(path)
+
+
+def _about_sheet(ws: Any, meta: dict[str, Any], zh: bool) -> None:
+    """Period, basis, provenance and caveats as label/value rows, then every column's definition."""
+    from openpyxl.styles import Alignment, Font
+
+    p, allow, rated = meta["period"], meta["allowances"], meta["rated_hours_basis"]
+    own = allow["instruments_with_their_own"]
+    rows: list[tuple[str, Any]] = [
+        ("统计期间 Period", f"{p['from']} – {p['to']}（不含终点 end exclusive）"),
+        ("时区 Time zone", meta["timezone"]),
+        ("统计截至 Counted up to", meta["counted_up_to"]),
+        ("生成时间 Generated at", meta["generated_at"]),
+        ("labmeter 版本 Version", meta["labmeter_version"]),
+        ("账本 Ledger", meta["ledger"]),
+        ("准备时间 Prep allowance (s)", allow["prep_allowance_s"]),
+        ("后处理时间 Post allowance (s)", allow["post_allowance_s"]),
+        (
+            "自有准备/后处理时间 Instruments with their own allowances",
+            "; ".join(
+                f"{c}: {v['prep_allowance_s']} s / {v['post_allowance_s']} s" for c, v in sorted(own.items())
+            )
+            or "-",
+        ),
+        ("通用仪器年定额机时 Rated hours, general (h/year)", rated["general_h_per_year"]),
+        ("专用仪器年定额机时 Rated hours, special (h/year)", rated["special_h_per_year"]),
+        ("定额机时规则 Rated-hours rule", rated["rule"]),
+    ]
+    rows += [(f"说明 Caveat {n}", c) for n, c in enumerate(meta["caveats"], start=1)]
+    append_row(ws, ["项目 Item", "内容 Value"])
+    for label, value in rows:
+        append_row(ws, [label, value])
+    append_row(ws, [])
+    append_row(ws, ["列名 Column", "定义 Definition" if not zh else "定义", "Definition"])
+    header_row = ws.max_row
+    for col in meta["columns"].values():
+        append_row(ws, [f"{col['zh']} / {col['en']}", col["定义"], col["definition"]])
+    for r in (1, header_row):
+        for cell in ws[r]:
+            cell.font = Font(bold=True)
+    ws.column_dimensions["A"].width = 44
+    ws.column_dimensions["B"].width = 70
+    ws.column_dimensions["C"].width = 70
+    for row in ws.iter_rows(min_row=2):
+        for cell in row:
+            cell.alignment = Alignment(wrap_text=True, vertical="top")
 
 
 def _fmt(v: object) -> str:

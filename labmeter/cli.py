@@ -773,47 +773,126 @@ def collector_export_keys(cfg_path: Path, out: Path | None) -> None:
 def collector_import(file: Path, cfg_path: Path) -> None:
     """Add or update instruments from a CSV or XLSX sheet (all rows or none).
 
-    Columns (English or Chinese headers): code 仪器编号, name 仪器名称, unit 管理单位, department 所在部门,
-    category 分类编码 (6 digits), kind 仪器类型 (general 通用 / special 专用), value_wan 原值（万元）,
-    rated_hours 定额机时, share_mode 共享模式. Numbers must be finite and not negative (rated_hours
-    at most 8784, allowances at most a day); every bad cell is named by row and column.
+    Columns (English or Chinese headers, synonyms such as 设备编号 accepted; title rows above the header
+    are skipped): code 仪器编号, name 仪器名称, unit 管理单位, department 所在部门, category 分类编码
+    (6 digits; a leading zero Excel dropped is restored), kind 仪器类型 (general 通用 / special 专用),
+    value_wan 原值（万元）, rated_hours 定额机时, share_mode 共享模式. CSV may be UTF-8 (with or without
+    BOM) or GBK/GB18030. Numbers must be finite and not negative (rated_hours at most 8784, allowances at
+    most a day); every bad cell is named by row and column.
     """
     from labmeter.collector.registry import ImportError_, import_instruments
 
     cfg = load_collector(cfg_path)
     ledger = open_ledger(cfg)
+    notes: list[str] = []
     try:
-        n = import_instruments(ledger, file)
+        n = import_instruments(ledger, file, notes)
     except ImportError_ as exc:
         fail(str(exc))
     finally:
         ledger.close()
+    for note in notes:
+        click.echo(f"note: {note}", err=True)
     click.echo(f"{n} instrument(s) imported")
 
 
 @collector_group.command("import-services")
 @click.argument("file", type=click.Path(path_type=Path, exists=True, dir_okay=False))
 @click.option("--instrument", help="Instrument the file is about (for a per-instrument sheet or calendar).")
+@click.option(
+    "--replace",
+    is_flag=True,
+    help="First remove each instrument's stored records that start within the file's span for it.",
+)
 @config_option("collector.toml")
 @click.option("--tz", help="Time zone of times without one (default: the config's [policy] timezone).")
-def collector_import_services(file: Path, instrument: str | None, cfg_path: Path, tz: str | None) -> None:
-    """Import service records (bookings, usage logs) from CSV, XLSX or iCalendar (all rows or none).
+def collector_import_services(
+    file: Path, instrument: str | None, replace: bool, cfg_path: Path, tz: str | None
+) -> None:
+    """Import service records (bookings, usage logs) from CSV, XLSX or iCalendar as one batch (all rows or none).
 
     Columns: instrument 仪器编号, start 开始时间, end 结束时间, applicant 申请人, applicant_unit 申请单位,
     service_type 服务类型 (120 internal 对内 / 130 external 对外), direction 服务方向 (135-138), amount 金额.
-    A record identical to one already imported (instrument, start, end, applicant) is skipped.
+    Times: 2026-03-02 08:30, Excel's 2026/3/2 8:30, 2026年3月2日 8:30 or date-time cells. A record identical
+    to one already imported (instrument, start, end, applicant) is skipped; to correct records, import
+    the corrected file with --replace, or remove a batch with `collector services delete BATCH`.
     """
     from labmeter.collector.registry import ImportError_, import_services
 
     cfg = load_collector(cfg_path)
     ledger = open_ledger(cfg)
     try:
-        res = import_services(ledger, file, zone_for(tz, cfg), instrument)
+        res = import_services(ledger, file, zone_for(tz, cfg), instrument, replace=replace)
     except ImportError_ as exc:
         fail(str(exc))
     finally:
         ledger.close()
-    click.echo(f"{res.added} service record(s) imported, {res.duplicates} already present")
+    for note in res.notes:
+        click.echo(f"note: {note}", err=True)
+    msg = f"batch {res.batch}: {res.added} service record(s) imported, {res.duplicates} already present"
+    if replace:
+        msg += f", {res.replaced} replaced"
+    click.echo(msg)
+    if res.differ:
+        click.echo(
+            f"warning: {res.differ} of the records already present differ from the stored ones (unit, type, "
+            "direction or amount); the stored ones were kept. Import with --replace to correct them.",
+            err=True,
+        )
+
+
+@collector_group.group("services")
+def services_group() -> None:
+    """Service-record import batches: list them, delete one."""
+
+
+@services_group.command("list")
+@config_option("collector.toml")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option("--tz", help="Time zone for the times shown (default: the config's [policy] timezone).")
+def services_list(cfg_path: Path, as_json: bool, tz: str | None) -> None:
+    """Every import batch: id, file, when imported, records it holds, instruments and time span."""
+    cfg = load_collector(cfg_path)
+    zone = zone_for(tz, cfg)
+    ledger = open_ledger(cfg)
+    try:
+        batches = ledger.service_batches()
+    finally:
+        ledger.close()
+    if as_json:
+        click.echo(json.dumps(batches, ensure_ascii=False, indent=2))
+        return
+    if not batches:
+        click.echo("no service records imported")
+
+    def when(ms: object) -> str:
+        if not isinstance(ms, int):
+            return "-"
+        return datetime.fromtimestamp(ms / 1000, zone).strftime("%Y-%m-%d %H:%M")
+
+    for b in batches:
+        bid = "-" if b["batch"] is None else str(b["batch"])
+        codes = b["instruments"] if isinstance(b["instruments"], list) else []
+        click.echo(
+            f"{bid:>5}  {when(b['imported_ms'])}  {b['records']:>6} record(s)  {when(b['from_ms'])} .. "
+            f"{when(b['to_ms'])}  {','.join(map(str, codes)) or '-'}  {log.printable(str(b['source']))}"
+        )
+
+
+@services_group.command("delete")
+@click.argument("batch", type=int)
+@config_option("collector.toml")
+def services_delete(batch: int, cfg_path: Path) -> None:
+    """Remove one import batch and all of its service records (reports recompute the hours)."""
+    cfg = load_collector(cfg_path)
+    ledger = open_ledger(cfg)
+    try:
+        n = ledger.delete_service_batch(batch)
+    finally:
+        ledger.close()
+    if n is None:
+        fail(f"no batch {batch} (see `labmeter collector services list`)", code=1)
+    click.echo(f"batch {batch} deleted: {n} service record(s) removed")
 
 
 @collector_group.command("rejections")
@@ -863,11 +942,25 @@ def collector_rejections(hours: int, cfg_path: Path) -> None:
     show_default=True,
     help="Language of the column names.",
 )
+@click.option("--no-bom", is_flag=True, help="CSV without the UTF-8 BOM (Excel needs it to read UTF-8).")
 @click.option("--tz", help="Time zone for days and months (default: the config's [policy] timezone).")
 def report_hours(
-    start: str, end: str, cfg_path: Path, by: str, fmt: str, out: Path | None, lang: str, tz: str | None
+    start: str,
+    end: str,
+    cfg_path: Path,
+    by: str,
+    fmt: str,
+    out: Path | None,
+    lang: str,
+    no_bom: bool,
+    tz: str | None,
 ) -> None:
-    """Run, effective, service and external hours, utilisation, sharing rate and coverage."""
+    """Run, effective, service and external hours, utilisation, sharing rate and coverage.
+
+    XLSX has an About (说明) sheet and JSON a "meta" object: period, time zone, allowances, rated-hours
+    basis, generation time, version, ledger, caveats and every column's definition. JSON and CSV carry
+    exact seconds beside the hours. Each instrument counts from when its metering began up to now.
+    """
     from labmeter.collector.report import (
         GROUPINGS,
         PeriodError,
@@ -875,6 +968,7 @@ def report_hours(
         hours_reports,
         parse_time,
         render,
+        report_meta,
         write_xlsx,
     )
 
@@ -887,10 +981,14 @@ def report_hours(
         a, b = parse_time(start, zone), parse_time(end, zone, end=True)
         if fmt == "xlsx":
             assert out is not None
-            write_xlsx(out, hours_reports(ledger, a, b, cfg.policy, GROUPINGS, zone), lang)
+            meta = report_meta(ledger, a, b, cfg.policy, zone, GROUPINGS)
+            sheets = hours_reports(ledger, a, b, cfg.policy, GROUPINGS, zone, meta["generated_ms"])
+            write_xlsx(out, sheets, lang, meta, zone)
             click.echo(f"written {out}")
             return
-        text = render(hours_report(ledger, a, b, cfg.policy, by, zone), fmt, lang, by)
+        meta = report_meta(ledger, a, b, cfg.policy, zone, [by])
+        rows = hours_report(ledger, a, b, cfg.policy, by, zone, now_ms=meta["generated_ms"])
+        text = render(rows, fmt, lang, by, meta, bom=not no_bom, tz=zone)
     except PeriodError as exc:
         fail(str(exc))
     finally:
@@ -907,21 +1005,34 @@ def report_hours(
 @click.option(
     "--output", "-o", "out", required=True, type=click.Path(path_type=Path), help="FILE.json or FILE.xlsx"
 )
+@click.option("--ins-code", default="", help="The unit's code at the national platform (insCode).")
 @config_option("collector.toml")
 @click.option("--tz", help="Time zone for days and months (default: the config's [policy] timezone).")
-def report_national(year: int, out: Path, cfg_path: Path, tz: str | None) -> None:
-    """National sharing-platform export: runMachine and serviceMachine per instrument, and service records."""
-    from labmeter.collector.national import national_export, write_national
+def report_national(year: int, out: Path, ins_code: str, cfg_path: Path, tz: str | None) -> None:
+    """National sharing-platform export: instrument records (runMachine, serviceMachine) and service records.
 
+    The platform's field names and codes (docs/national.md); exact times and seconds beside them under
+    "labmeter". The format follows the extension (.json or .xlsx; anything else is refused). Warns
+    when the year is not over or has little or no coverage.
+    """
+    from labmeter.collector.national import ExportError, format_for, national_export, write_national
+
+    try:
+        format_for(out)
+    except ExportError as exc:
+        fail(str(exc))
     cfg = load_collector(cfg_path)
     ledger = open_ledger(cfg)
     try:
-        data = national_export(ledger, year, cfg.policy, zone_for(tz, cfg))
+        data = national_export(ledger, year, cfg.policy, zone_for(tz, cfg), ins_code)
     finally:
         ledger.close()
     write_national(data, out)
+    for warning in data["warnings"]:
+        click.echo(f"warning: {warning}", err=True)
     click.echo(
-        f"{len(data['instruments'])} instrument(s), {len(data['serviceRecords'])} service record(s) -> {out}"
+        f"{len(data['instruments']['instruList'])} instrument(s), "
+        f"{len(data['serviceRecords']['instruList'])} service record(s) -> {out}"
     )
 
 
@@ -1019,7 +1130,8 @@ def report_evidence(instrument: str, start: str, end: str, out: Path, cfg_path: 
     if not bundle["intervals"]:
         fail(f"no intervals for instrument {instrument!r} in that period", code=1)
     click.echo(
-        f"{bundle['intervals']} signed interval(s) written to {out}, countersigned by collector key "
+        f"{bundle['intervals']} signed interval(s) and {bundle['services']} service record(s) written to "
+        f"{out}, countersigned by collector key "
         f"{signing.key_id(key.public_key())}; check with: labmeter verify {out} --trust KEYS.json"
     )
 
@@ -1069,6 +1181,8 @@ def verify(folder: Path, trust_file: Path | None, fingerprints: tuple[str, ...])
     for agent, (n, good) in res.counts.items():
         click.echo(f"intervals   {agent}: {n} in the bundle, {good} with a valid signature")
     click.echo(f"intervals   {res.checked} in all")
+    if res.services is not None:
+        click.echo(f"services    {res.services} service record(s)")
     for s, e in res.gaps:
         click.echo(f"gap         {iso(s)} to {iso(e)} ({(e - s) / H:.3f} h, no interval)")
     for r in res.restarts:
@@ -1077,7 +1191,8 @@ def verify(folder: Path, trust_file: Path | None, fingerprints: tuple[str, ...])
         click.echo(f"note        {note}")
     for f in res.findings:
         click.echo(f"DISCREPANCY {f}")
-    for key in ("run_ms", "effective_ms", "unknown_ms", "unverified_ms", "uncovered_ms"):
+    shown = ("run_ms", "effective_ms", "unknown_ms", "unverified_ms", "uncovered_ms")
+    for key in (*shown, *(k for k in evidence.SERVICE_CLAIMS if k in res.recomputed)):
         claimed = f"{res.claimed[key] / H:10.3f} h" if key in res.claimed else "      none"
         click.echo(
             f"{key.removesuffix('_ms'):>11}: claimed {claimed}, recomputed {res.recomputed.get(key, 0) / H:10.3f} h"

@@ -5,12 +5,17 @@ A bundle is a folder:
 - ``bundle.json``: format, instrument, period, allowances, the agents' public keys, the hours the
   collector claims and (format 2) the spans of the period no interval covers (``gaps``);
 - ``intervals.jsonl``: one signed envelope per line, exactly as the agent sent it;
-- ``manifest.json`` (format 2): the collector's countersignature, an envelope
+- ``services.jsonl`` (format 3): the instrument's service records overlapping the period, one JSON
+  object a line (id, start_ms, end_ms, service_type 120/130, direction, applicant_unit, amount), so
+  the service and external service hours (claimed as ``service_ms`` and ``external_ms``) can be
+  recomputed: effective time inside any record, and inside an external one;
+- ``manifest.json`` (format 2 and 3): the collector's countersignature, an envelope
   ``{"key", "kid", "body", "sig"}`` whose ``body`` is the exact JSON text it signed: format,
   instrument, period, claims and the SHA-256 of every other file. Editing any file, or the claims,
   breaks it; only the collector's key can make a new one.
 
-Format 1 bundles (no gaps, no manifest) still verify, with a note that nothing countersigns them.
+Format 2 bundles (no service records) verify as before; format 1 bundles (no gaps, no manifest) still
+verify, with a note that nothing countersigns them.
 
 The key list (``labmeter collector export-keys``) is what an evaluator trusts instead of the keys inside
 a bundle, published by the owner or the bureau apart from any bundle.
@@ -28,11 +33,23 @@ from typing import Any
 from labmeter import signing
 
 FORMAT_V1 = "labmeter-evidence/1"
-FORMAT = "labmeter-evidence/2"
-VERSIONS = {FORMAT_V1: 1, FORMAT: 2}
-BUNDLE, INTERVALS, MANIFEST = "bundle.json", "intervals.jsonl", "manifest.json"
-COUNTERSIGNED = (BUNDLE, INTERVALS)
-"""The files whose hashes the manifest carries."""
+FORMAT_V2 = "labmeter-evidence/2"
+FORMAT = "labmeter-evidence/3"
+VERSIONS = {FORMAT_V1: 1, FORMAT_V2: 2, FORMAT: 3}
+BUNDLE, INTERVALS, SERVICES, MANIFEST = "bundle.json", "intervals.jsonl", "services.jsonl", "manifest.json"
+COUNTERSIGNED = (BUNDLE, INTERVALS, SERVICES)
+"""The files whose hashes the manifest of a current bundle carries."""
+SERVICE_CLAIMS = ("service_ms", "external_ms")
+"""Claims a format 3 bundle adds, recomputed from its service records."""
+SERVICE_FIELDS = ("id", "start_ms", "end_ms", "service_type", "direction", "applicant_unit", "amount")
+"""What a bundle carries of each service record (not the applicant's name: it is not needed to check hours)."""
+
+
+def countersigned(fmt: str) -> tuple[str, ...]:
+    """The files a bundle of format ``fmt`` has hashed in its manifest."""
+    return COUNTERSIGNED if VERSIONS.get(fmt, 0) >= 3 else (BUNDLE, INTERVALS)
+
+
 KEYS_FORMAT = "labmeter-keys/1"
 
 
@@ -49,7 +66,7 @@ def manifest_body(bundle: dict[str, Any], files: dict[str, bytes]) -> str:
             "from_ms": bundle["from_ms"],
             "to_ms": bundle["to_ms"],
             "claimed": bundle["claimed"],
-            "files": {name: file_hash(files[name]) for name in COUNTERSIGNED},
+            "files": {name: file_hash(files[name]) for name in countersigned(bundle["format"])},
         },
         sort_keys=True,
         separators=(",", ":"),

@@ -6,8 +6,9 @@ list from ``labmeter collector export-keys``, or fingerprints): every agent key 
 countersigning key must be in it. The checks, each a function below: keys against the trust
 source; every signature; the chains (each ``prev`` is the SHA-256 of the previous body, no seq
 missing) and contiguity; coverage (every span of the period no interval covers must be declared
-as a gap); the claimed hours against a recomputation; the collector's countersignature over the
-claims and every file. Every discrepancy is named.
+as a gap); the claimed hours against a recomputation, service and external service hours (format 3)
+from the bundle's service records; the collector's countersignature over the claims and every file.
+Every discrepancy is named.
 
 A link with ``prev = GENESIS`` begins a new chain (an agent that lost its state); it is listed,
 not a discrepancy, and the time before it, with no interval, counts as no data.
@@ -77,6 +78,8 @@ class Result:
     """Where an agent began a new chain (prev = GENESIS), e.g. after losing its state directory."""
     trust: str | None = None
     """The trust source the keys were checked against; None: they were not checked."""
+    services: int | None = None
+    """Service records in the bundle (format 3); None: the format carries none."""
 
     @property
     def ok(self) -> bool:
@@ -120,6 +123,19 @@ class Bundle:
     manifest: dict[str, str] | None
     listed: int | None = None
     """How many intervals bundle.json says intervals.jsonl holds."""
+    services: list[ServiceLine] | None = None
+    """Format 3: the service records of services.jsonl."""
+
+
+@dataclass
+class ServiceLine:
+    """One service record of services.jsonl, type-checked, with its line number for findings."""
+
+    n: int
+    id: Any
+    start_ms: int
+    end_ms: int
+    external: bool
 
 
 # reading ----------------------------------------------------------------------
@@ -205,6 +221,10 @@ def load_bundle(folder: Path) -> Bundle:
                 "a list of [start_ms, end_ms] pairs",
             )
         ]
+    services = None
+    if version >= 3:
+        files[evidence.SERVICES] = _read(folder / evidence.SERVICES)
+        services = _services(folder / evidence.SERVICES, files[evidence.SERVICES])
     manifest = None
     mpath = folder / evidence.MANIFEST
     if mpath.exists():
@@ -229,7 +249,28 @@ def load_bundle(folder: Path) -> Bundle:
         files,
         manifest,
         doc["intervals"] if _int(doc.get("intervals")) else None,
+        services,
     )
+
+
+def _services(path: Path, data: bytes) -> list[ServiceLine]:
+    """services.jsonl: one object a line with integer times (end after start) and type 120 or 130."""
+    out = []
+    for n, raw in enumerate(data.splitlines(), start=1):
+        if not raw.strip():
+            continue
+        rec = _json(Path(f"{path}:{n}"), raw)
+        if not isinstance(rec, dict):
+            raise BundleError(f"{path}:{n}: not a JSON object")
+        start, end = rec.get("start_ms"), rec.get("end_ms")
+        if not (_int(start) and _int(end) and end > start):  # type: ignore[operator]
+            raise BundleError(f"{path}:{n}: start_ms and end_ms must be integers, end after start")
+        if rec.get("service_type") not in (120, 130):
+            raise BundleError(
+                f"{path}:{n}: service_type must be 120 or 130, not {json.dumps(rec.get('service_type'))[:20]}"
+            )
+        out.append(ServiceLine(n, rec.get("id"), int(start), int(end), rec["service_type"] == 130))  # type: ignore[arg-type]
+    return out
 
 
 def _lines(path: Path, data: bytes) -> list[Line]:
@@ -429,12 +470,18 @@ def _minus(xs: list[tuple[int, int]], ys: list[tuple[int, int]]) -> list[tuple[i
 
 def check_claims(b: Bundle, rows: list[tuple[int, int, str, bool]], res: Result) -> None:
     """The claimed hours against the hour rules applied to the verified intervals; missing claims count."""
-    h = compute(rows, b.from_ms, b.to_ms, b.prep_s * 1000, b.post_s * 1000)
+    windows = [(x.start_ms, x.end_ms, x.external) for x in b.services or []]
+    h = compute(rows, b.from_ms, b.to_ms, b.prep_s * 1000, b.post_s * 1000, windows)
     res.recomputed = h.totals()
+    claims: tuple[str, ...] = CLAIMS
+    if b.services is not None:
+        res.recomputed.update(service_ms=h.service_ms, external_ms=h.external_ms)
+        claims += evidence.SERVICE_CLAIMS
+        res.services = len(b.services)
     if not b.claimed:
         res.findings.append(Finding("claims", "bundle.json claims no hours ('claimed' is missing or empty)"))
         return
-    missing = [k for k in CLAIMS if k not in b.claimed]
+    missing = [k for k in claims if k not in b.claimed]
     if missing:
         res.findings.append(Finding("claims", f"no claim for {', '.join(missing)}"))
     for key, claimed in b.claimed.items():
@@ -515,7 +562,7 @@ def check_countersignature(b: Bundle, trust: evidence.Trust | None, res: Result)
             res.findings.append(
                 Finding(where, f"the collector signed {_difference(key, value, actual[key])}")
             )
-    for name in evidence.COUNTERSIGNED:
+    for name in evidence.countersigned(b.format):
         if not isinstance(files, dict) or files.get(name) != evidence.file_hash(b.files[name]):
             res.findings.append(
                 Finding(where, f"{name} changed after the collector signed it (SHA-256 differs)")

@@ -312,9 +312,12 @@ def test_format_1_bundle_verifies_with_a_note(genuine: tuple[Path, Path], tmp_pa
     old = tmp_path / "old"
     shutil.copytree(folder, old)
     (old / evidence.MANIFEST).unlink()
+    (old / evidence.SERVICES).unlink()
     doc = load(old)
     doc["format"] = evidence.FORMAT_V1
-    del doc["gaps"]
+    del doc["gaps"], doc["services"]
+    for key in evidence.SERVICE_CLAIMS:
+        del doc["claimed"][key]
     save(old, doc)
     code, out = run_verify(str(old), "--trust", str(keys))
     assert code == 0, out

@@ -75,12 +75,12 @@ def test_instrument_sheet_xlsx_and_reimport_updates(ledger: Ledger, tmp_path: Pa
 def test_bad_instrument_sheet(ledger: Ledger, tmp_path: Path) -> None:
     f = tmp_path / "bad.csv"
     f.write_text(
-        "code,kind,category,rated_hours\nCZ-C,general,12345,\n,general,,\nCZ-D,sometimes,,x\nCZ-C,general,,\n"
+        "code,kind,category,rated_hours\nCZ-C,general,1234,\n,general,,\nCZ-D,sometimes,,x\nCZ-C,general,,\n"
     )
     with pytest.raises(ImportError_) as err:
         import_instruments(ledger, f)
     msg = str(err.value)
-    assert "row 2: column 'category': '12345' is not a 6-digit category code" in msg
+    assert "row 2: column 'category': '1234' is not a 6-digit category code" in msg
     assert "row 3: column 'code': empty" in msg
     assert "row 4: column 'kind': 'sometimes' is not general/通用 or special/专用" in msg
     assert "row 4: column 'rated_hours': 'x' is not a number" in msg
