@@ -14,8 +14,9 @@ from pymodbus.client import AsyncModbusSerialClient, AsyncModbusTcpClient
 from pymodbus.client.mixin import ModbusClientMixin
 from pymodbus.exceptions import ModbusException
 
+from labmeter import winsys
 from labmeter.drivers.base import Cause, DriverBase, Sample, sane_power
-from labmeter.drivers.modbus import DATA_TYPES, ModbusProfile, ModbusSource, Register
+from labmeter.drivers.modbus import DATA_TYPES, ModbusProfile, ModbusSource, Register, rtu_port
 from labmeter.wire import State
 
 log = logging.getLogger("labmeter.drivers.modbus")
@@ -48,7 +49,7 @@ class ModbusDriver(DriverBase):
         else:
             q = {k: v[-1] for k, v in parse_qs(url.query).items()}
             client = AsyncModbusSerialClient(
-                url.path,
+                winsys.serial_device(rtu_port(source.url)),
                 baudrate=int(q.get("baud", 9600)),
                 parity=q.get("parity", "N"),
                 stopbits=int(q.get("stop", 1)),
