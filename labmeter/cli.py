@@ -116,13 +116,17 @@ def run_until_signal(main: Callable[[asyncio.Event], Awaitable[None]]) -> None:
             timer.start()
 
         if winsys.WINDOWS:  # no add_signal_handler there: Ctrl-C, Ctrl-Break and closing the console
-            winsys.on_console_stop(lambda: loop.call_soon_threadsafe(on_signal))
+            winsys.on_console_stop(lambda: loop.call_soon_threadsafe(on_signal), done)
         else:
             for sig in (signal.SIGINT, signal.SIGTERM):
                 loop.add_signal_handler(sig, on_signal)
         await main(stop)
 
-    asyncio.run(runner())
+    done = threading.Event()  # a closed console window waits for this (Windows)
+    try:
+        asyncio.run(runner())
+    finally:
+        done.set()
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})

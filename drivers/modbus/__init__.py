@@ -64,7 +64,7 @@ class ModbusSource(Source, tag=NAME, frozen=True, kw_only=True):
     def __post_init__(self) -> None:
         if not re.match(r"^(tcp://[^/:]+(:\d+)?|rtu:///.+|rtu://COM[1-9]\d{0,2}/?(\?.*)?)$", self.url, re.I):
             raise ValueError(
-                "url must be tcp://host:port, rtu:///dev/ttyX?baud=9600 or (Windows) rtu://COM12?baud=9600 "
+                "url must be tcp://host:port or rtu:///dev/ttyX?baud=9600 (Windows: rtu://COM12?baud=9600) "
                 f"(got {self.url!r})"
             )
         if self.profile == "generic" and self.register is None:
