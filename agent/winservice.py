@@ -231,7 +231,8 @@ class AgentService(win32serviceutil.ServiceFramework):
             await run_agent(cfg, self.stop)
 
         try:
-            asyncio.run(main())
+            with asyncio.Runner(loop_factory=winsys.loop_factory()) as runner:
+                runner.run(main())
         except signing.KeyFileError as exc:
             agent_log.error("%s", exc)
         except Exception:

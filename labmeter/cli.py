@@ -124,7 +124,8 @@ def run_until_signal(main: Callable[[asyncio.Event], Awaitable[None]]) -> None:
 
     done = threading.Event()  # a closed console window waits for this (Windows)
     try:
-        asyncio.run(runner())
+        with asyncio.Runner(loop_factory=winsys.loop_factory()) as r:
+            r.run(runner())
     finally:
         done.set()
 

@@ -6,6 +6,7 @@ The string and list building here is pure, so the Linux suite tests it; only ``p
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import os
 import re
@@ -63,6 +64,16 @@ def service_command(python: str, config: Path | str) -> str:
 def failure_args() -> list[str]:
     """``sc failure`` for the service: the SCM restarts an agent that died."""
     return ["sc", "failure", SERVICE_NAME, *FAILURE_ACTIONS]
+
+
+def loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """The selector event loop on Windows, not the default proactor (IOCP) one.
+
+    Under Wine the proactor's ``_poll`` crashed the process at shutdown (an access violation reading
+    STATUS_CANCELLED as an address, 2 runs in 6); the agent needs a few sockets, which ``select``
+    handles, and pymodbus and pyserial poll serial ports in either loop.
+    """
+    return asyncio.SelectorEventLoop if WINDOWS else None
 
 
 CTRL_C, CTRL_BREAK, CTRL_CLOSE, CTRL_LOGOFF, CTRL_SHUTDOWN = 0, 1, 2, 5, 6
