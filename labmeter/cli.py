@@ -11,10 +11,10 @@ import signal
 import sys
 import threading
 import tomllib
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import click
@@ -80,6 +80,13 @@ def zone_for(tz: str | None, cfg: config.CollectorConfig) -> ZoneInfo:
 
 
 SHUTDOWN_GRACE_S = 15.0
+T = TypeVar("T")
+
+
+def run_once(coro: Coroutine[Any, Any, T]) -> T:
+    """asyncio.run with the event loop the agent uses on this platform (``winsys.loop_factory``)."""
+    with asyncio.Runner(loop_factory=winsys.loop_factory()) as runner:
+        return runner.run(coro)
 
 
 def run_until_signal(main: Callable[[asyncio.Event], Awaitable[None]]) -> None:
@@ -252,7 +259,7 @@ def agent_probe(cfg_path: Path, instrument: str | None, reads: int) -> None:
     cfg = load_agent(cfg_path)
     if instrument and instrument not in {i.id for i in cfg.instrument}:
         fail(f"{cfg_path}: no instrument {instrument!r}")
-    results = asyncio.run(probe(cfg, instrument, reads))
+    results = run_once(probe(cfg, instrument, reads))
     for r in results:
         click.echo(f"{r.instrument}:")
         for line in r.lines:
@@ -282,7 +289,7 @@ def agent_calibrate(cfg_path: Path, instrument: str, minutes: float, write: bool
     if inst is None:
         fail(f"{cfg_path}: no instrument {instrument!r}")
     click.echo(f"recording {instrument} for {minutes:g} min (every {inst.poll_s:g} s)...")
-    values, errors = asyncio.run(record(cfg, inst, minutes * 60))
+    values, errors = run_once(record(cfg, inst, minutes * 60))
     click.echo(f"{len(values)} reading(s), {errors} failed")
     try:
         s = suggest(find_levels(values))
