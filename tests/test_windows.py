@@ -264,3 +264,38 @@ def test_the_agent_imports_none_of_the_collector_libraries() -> None:
         [__import__("sys").executable, "-c", code], capture_output=True, text=True, check=True
     )
     assert out.stdout.strip() == "[]"
+
+
+def test_console_stop_handler(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ctrl-C, Ctrl-Break, close and shutdown stop the agent; log-off does not (a fake win32api)."""
+    import sys
+    import threading
+    import types
+
+    handlers: list[object] = []
+    fake = types.ModuleType("win32api")
+    fake.SetConsoleCtrlHandler = lambda h, add: handlers.append(h)  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "win32api", fake)
+    stops: list[int] = []
+    done = threading.Event()
+    done.set()
+    winsys.on_console_stop(lambda: stops.append(1), done)
+    (handler,) = handlers
+    assert callable(handler)
+    for event in (winsys.CTRL_C, winsys.CTRL_BREAK, winsys.CTRL_CLOSE, winsys.CTRL_SHUTDOWN):
+        assert handler(event) is True  # handled: the C runtime's SIGINT path does not run as well
+    assert len(stops) == 4
+    assert handler(winsys.CTRL_LOGOFF) is True and len(stops) == 4
+
+
+def test_windows_event_loop_is_the_selector_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    import asyncio
+
+    assert winsys.loop_factory() is None
+    monkeypatch.setattr(winsys, "WINDOWS", True)
+    assert winsys.loop_factory() is asyncio.SelectorEventLoop
+
+
+def test_service_entry_point_is_refused_off_windows() -> None:
+    out = CliRunner().invoke(cli.app, ["agent", "service"])
+    assert out.exit_code == 2 and "Windows service's entry point" in out.output
