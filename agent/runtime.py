@@ -15,14 +15,14 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from labmeter import __version__, signing, wire
+from labmeter import __version__, signing, winsys, wire
 from labmeter.agent.classifier import Classifier
 from labmeter.agent.control import AckGate, Pin, load_pin, pin_path
 from labmeter.agent.outbox import AgentStore, Checkpoint, DiskFull, Signer
 from labmeter.agent.power import PowerDownsampler
 from labmeter.agent.power import publish as publish_power
 from labmeter.agent.timeline import Span, Timeline, split
-from labmeter.clock import Clock
+from labmeter.clock import Clock, clock_from_env
 from labmeter.config import AgentConfig, InstrumentConfig
 from labmeter.drivers import registry
 from labmeter.drivers.base import Capability, Driver, Reading, Sample
@@ -44,12 +44,19 @@ def pseudonym(salt: bytes, card: str) -> str:
 
 
 def load_or_create_salt(path: Path) -> bytes:
+    """The sign-in salt; on Windows its ACL is set before it is written and checked when it is read
+    (a salt others can read is still used, so no sign-in is lost, but logged with the fix)."""
     if path.exists():
+        problem = winsys.secret_problem(path)
+        if problem:
+            log.error("sign-in salt %s", problem)
         return path.read_bytes()
     path.parent.mkdir(parents=True, exist_ok=True)
     salt = os.urandom(32)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
+        if winsys.WINDOWS:
+            winsys.protect(path)
         os.write(fd, salt)
     finally:
         os.close(fd)
@@ -557,3 +564,22 @@ class Agent:
         left = self.store.pending_count()
         self.store.close()
         log.info("agent %s stopped; %d message(s) wait in the outbox", self.id, left)
+
+
+async def run_agent(cfg: AgentConfig, stop: asyncio.Event) -> None:
+    """The agent until ``stop`` is set, from a console (`agent run`) or the Windows service."""
+    warned = False
+    while True:
+        try:
+            agent = Agent(cfg, clock_from_env())
+            break
+        except DiskFull as exc:  # waiting here, not exiting: a restart would only meet the same disk
+            if not warned:
+                log.error("%s; waiting for space before starting", exc)
+                warned = True
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(5.0):
+                    await stop.wait()
+            if stop.is_set():
+                return
+    await agent.run(stop)

@@ -11,15 +11,15 @@ import signal
 import sys
 import threading
 import tomllib
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import click
 
-from labmeter import __version__, config, log, signing
+from labmeter import __version__, config, log, signing, winsys
 
 if TYPE_CHECKING:
     from labmeter.collector.ledger import Ledger
@@ -80,10 +80,17 @@ def zone_for(tz: str | None, cfg: config.CollectorConfig) -> ZoneInfo:
 
 
 SHUTDOWN_GRACE_S = 15.0
+T = TypeVar("T")
+
+
+def run_once(coro: Coroutine[Any, Any, T]) -> T:
+    """asyncio.run with the event loop the agent uses on this platform (``winsys.loop_factory``)."""
+    with asyncio.Runner(loop_factory=winsys.loop_factory()) as runner:
+        return runner.run(coro)
 
 
 def run_until_signal(main: Callable[[asyncio.Event], Awaitable[None]]) -> None:
-    """Run a service until SIGINT or SIGTERM, then let it shut down cleanly.
+    """Run a service until SIGINT or SIGTERM (Windows: Ctrl-C or Ctrl-Break), then let it shut down cleanly.
 
     A shutdown that hangs (a library waiting on a dead socket) must not keep a
     service from stopping: after ``SHUTDOWN_GRACE_S``, or at a second signal, the
@@ -115,11 +122,19 @@ def run_until_signal(main: Callable[[asyncio.Event], Awaitable[None]]) -> None:
             timer.daemon = True
             timer.start()
 
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, on_signal)
+        if winsys.WINDOWS:  # no add_signal_handler there: Ctrl-C, Ctrl-Break and closing the console
+            winsys.on_console_stop(lambda: loop.call_soon_threadsafe(on_signal), done)
+        else:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.add_signal_handler(sig, on_signal)
         await main(stop)
 
-    asyncio.run(runner())
+    done = threading.Event()  # a closed console window waits for this (Windows)
+    try:
+        with asyncio.Runner(loop_factory=winsys.loop_factory()) as r:
+            r.run(runner())
+    finally:
+        done.set()
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -133,14 +148,31 @@ def agent_group() -> None:
     """Run and manage the agent beside the instruments."""
 
 
+COLLECTOR_DEPS = ("aiohttp", "amqtt", "openpyxl", "icalendar", "influxdb_client")
+
+
+def need_collector_deps() -> None:
+    """The collector's libraries come with the ``collector`` extra; an agent-only install has none of them."""
+    from importlib.util import find_spec
+
+    missing = [m for m in COLLECTOR_DEPS if find_spec(m) is None]
+    if missing:
+        fail(
+            f"this command needs the collector's dependencies ({', '.join(missing)} missing): "
+            "pip install 'labmeter[collector]'"
+        )
+
+
 @app.group("collector")
 def collector_group() -> None:
     """Run the collector and manage its registry."""
+    need_collector_deps()
 
 
 @app.group("report")
 def report_group() -> None:
     """Reports from the ledger."""
+    need_collector_deps()
     log.setup()  # progress, such as rebuilding rollups after allowances changed, goes to stderr
 
 
@@ -153,7 +185,7 @@ def report_group() -> None:
     help="The collector's public key (ed25519:..., from `labmeter collector key`): pinned in the config.",
 )
 def agent_enroll(cfg_path: Path, force: bool, collector_key: str | None) -> None:
-    """Create the agent's Ed25519 key (mode 0600) and print the command that registers it.
+    """Create the agent's Ed25519 key (mode 0600; on Windows an ACL) and print the command that registers it.
 
     With --collector-key, also pin the collector's key ([agent] collector_key in the config), so the agent
     obeys only acknowledgements that collector signed.
@@ -177,7 +209,8 @@ def agent_enroll(cfg_path: Path, force: bool, collector_key: str | None) -> None
     if key is None:
         return
     pub = signing.public_key_text(key.public_key())
-    click.echo(f"key written to {cfg.agent.key_file} (mode 0600)")
+    protection = "readable by SYSTEM, Administrators and you only" if winsys.WINDOWS else "mode 0600"
+    click.echo(f"key written to {cfg.agent.key_file} ({protection})")
     click.echo(f"public key: {pub}")
     inst = " ".join(f"--instrument {i.id}" for i in cfg.instrument)
     click.echo("register it on the collector with:")
@@ -204,35 +237,13 @@ def _pin_collector_key(cfg_path: Path, key_text: str) -> None:
 @verbose_option
 def agent_run(cfg_path: Path, verbose: bool) -> None:
     """Poll the instruments and send signed intervals to the collector."""
-    from labmeter.agent.outbox import DiskFull
-    from labmeter.agent.runtime import Agent
-    from labmeter.clock import clock_from_env
-
     log.setup(verbose)
     cfg = load_agent(cfg_path)
-
-    async def main(stop: asyncio.Event) -> None:
-        warned = False
-        while True:
-            try:
-                agent = Agent(cfg, clock_from_env())
-                break
-            except signing.KeyFileError as exc:
-                fail(str(exc))
-            except DiskFull as exc:  # waiting here, not exiting: a restart would only meet the same disk
-                if not warned:
-                    logging.getLogger("labmeter.agent").error("%s; waiting for space before starting", exc)
-                    warned = True
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(5.0):
-                        await stop.wait()
-                if stop.is_set():
-                    return
-        await agent.run(stop)
+    from labmeter.agent.runtime import run_agent
 
     try:
-        run_until_signal(main)
-    except config.ConfigError as exc:
+        run_until_signal(lambda stop: run_agent(cfg, stop))
+    except (config.ConfigError, signing.KeyFileError) as exc:
         fail(str(exc))
 
 
@@ -249,7 +260,7 @@ def agent_probe(cfg_path: Path, instrument: str | None, reads: int) -> None:
     cfg = load_agent(cfg_path)
     if instrument and instrument not in {i.id for i in cfg.instrument}:
         fail(f"{cfg_path}: no instrument {instrument!r}")
-    results = asyncio.run(probe(cfg, instrument, reads, link=instrument is None))
+    results = run_once(probe(cfg, instrument, reads, link=instrument is None))
     for r in results:
         click.echo(f"{r.instrument}:")
         for line in r.lines:
@@ -291,7 +302,7 @@ def agent_calibrate(cfg_path: Path, instrument: str, minutes: float, write: bool
         shown[0] = now
         click.echo(f"\r  {p.line()}\x1b[K" if tty else f"  {p.line()}", nl=not tty)
 
-    values, errors = asyncio.run(record(cfg, inst, minutes * 60, show))
+    values, errors = run_once(record(cfg, inst, minutes * 60, show))
     if tty:
         click.echo()
     click.echo(f"{len(values)} reading(s), {errors} failed")
@@ -316,19 +327,23 @@ def agent_calibrate(cfg_path: Path, instrument: str, minutes: float, write: bool
 
 
 @agent_group.command("install")
-@config_option("/etc/labmeter/agent.toml")
+@config_option(str(winsys.program_data() / "agent.toml") if winsys.WINDOWS else "/etc/labmeter/agent.toml")
 @click.option("--dry-run", is_flag=True, help="Print the unit instead of installing it.")
 @click.option(
     "--unit-dir", type=click.Path(path_type=Path), default=Path("/etc/systemd/system"), show_default=True
 )
 @click.option("--no-enable", is_flag=True, help="Write the unit but do not enable and start it.")
 def agent_install(cfg_path: Path, dry_run: bool, unit_dir: Path, no_enable: bool) -> None:
-    """Validate the config, then write, enable and start the labmeter-agent systemd unit."""
+    """Validate the config, then write, enable and start the labmeter-agent systemd unit
+    (on Windows: register and start the labmeter-agent service)."""
     import shutil
     import subprocess
     from importlib import resources
 
     cfg = load_agent(cfg_path)
+    if winsys.WINDOWS:
+        _windows_install(cfg_path, cfg, dry_run, no_enable)
+        return
     exe = shutil.which("labmeter") or str(Path(sys.argv[0]).resolve())
     unit = resources.files("labmeter.systemd").joinpath("labmeter-agent.service").read_text(encoding="utf-8")
     unit = unit.replace("/opt/labmeter/bin/labmeter", exe).replace(
@@ -385,6 +400,62 @@ def _check_sandbox(unit: str, cfg_path: Path, cfg: config.AgentConfig, exe: str)
             f"{cfg_path}: the labmeter-agent unit (ProtectSystem=strict, ProtectHome, PrivateTmp) would not "
             "start with this config:\n  " + "\n  ".join(found)
         )
+
+
+def _windows_install(cfg_path: Path, cfg: config.AgentConfig, dry_run: bool, no_start: bool) -> None:
+    from labmeter.agent import winservice
+
+    try:
+        signing.load_private_key(cfg.agent.key_file)
+    except signing.KeyFileError as exc:
+        fail(f"{exc}; run `labmeter agent enroll --config {cfg_path}` first")
+    command = winsys.service_command(sys.executable, cfg_path.resolve())
+    if dry_run:
+        click.echo(f"service {winsys.SERVICE_NAME}: {command}")
+        return
+    try:
+        winservice.install(command, start=not no_start)
+    except winservice.ServiceError as exc:
+        fail(str(exc))
+    click.echo(f"service {winsys.SERVICE_NAME} installed (automatic start, restarted on failure): {command}")
+    if not no_start:
+        click.echo(
+            f"started; its log is {cfg.agent.state_dir / 'agent.log'}, `sc query {winsys.SERVICE_NAME}`"
+        )
+
+
+@agent_group.command("uninstall")
+@config_option(str(winsys.program_data() / "agent.toml") if winsys.WINDOWS else "/etc/labmeter/agent.toml")
+def agent_uninstall(cfg_path: Path) -> None:
+    """Stop and remove the labmeter-agent service (Windows) or systemd unit; key and state are kept."""
+    if winsys.WINDOWS:
+        from labmeter.agent import winservice
+
+        try:
+            winservice.uninstall()
+        except winservice.ServiceError as exc:
+            fail(str(exc))
+        click.echo(f"service {winsys.SERVICE_NAME} stopped and removed; key and state are kept")
+        return
+    import subprocess
+
+    subprocess.run(["systemctl", "disable", "--now", "labmeter-agent.service"])
+    unit = Path("/etc/systemd/system/labmeter-agent.service")
+    with contextlib.suppress(FileNotFoundError):
+        unit.unlink()
+    subprocess.run(["systemctl", "daemon-reload"])
+    click.echo("labmeter-agent disabled and removed; key and state are kept")
+
+
+@agent_group.command("service", hidden=True)
+@config_option(str(winsys.program_data() / "agent.toml"))
+def agent_service(cfg_path: Path) -> None:
+    """What the Windows service control manager starts (registered by `agent install`)."""
+    if not winsys.WINDOWS:
+        fail("`agent service` is the Windows service's entry point; on Linux use `agent run` under systemd")
+    from labmeter.agent import winservice
+
+    winservice.host(cfg_path)
 
 
 @agent_group.command("status")
@@ -1221,6 +1292,7 @@ def verify(folder: Path, trust_file: Path | None, fingerprints: tuple[str, ...])
 @verbose_option
 def broker(listen: str, verbose: bool) -> None:
     """Run the built-in MQTT broker on its own (the collector starts it itself when embedded = true)."""
+    need_collector_deps()
     from labmeter.collector.broker import EmbeddedBroker
     from labmeter.netutil import split_listen
 
@@ -1251,6 +1323,7 @@ def broker(listen: str, verbose: bool) -> None:
 @click.option("--port", type=int, default=0, help="Port for the built-in broker (default: a free one).")
 def demo(duration: float, directory: Path | None, port: int) -> None:
     """A simulated lab end to end: built-in broker, collector, agent, Modbus meters and a Tasmota plug."""
+    need_collector_deps()
     from labmeter.demo import run_demo
 
     log.setup(quiet=True)

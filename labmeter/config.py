@@ -18,6 +18,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 import msgspec
 from msgspec import Meta, Struct, field
 
+from labmeter import winsys
 from labmeter.netutil import redact_text, redact_url, split_listen
 
 ID_PATTERN = r"^[A-Za-z0-9._-]{1,64}$"
@@ -49,10 +50,19 @@ class BrokerConfig(Section, frozen=True, kw_only=True):
             )
 
 
+def _default_state_dir() -> Path:
+    """Windows: ``%ProgramData%\\labmeter``; elsewhere none (the key must be placed on purpose)."""
+    return winsys.program_data() if winsys.WINDOWS else Path()
+
+
+def _default_key_file() -> Path:
+    return winsys.program_data() / "agent.key" if winsys.WINDOWS else Path()
+
+
 class AgentSection(Section, frozen=True, kw_only=True):
     id: Id
-    key_file: Path
-    state_dir: Path
+    key_file: Path = field(default_factory=_default_key_file)
+    state_dir: Path = field(default_factory=_default_state_dir)
     bucket_s: Annotated[int, Meta(ge=60, le=86400)] = 3600
     checkpoint_s: Annotated[float, Meta(gt=0, le=300)] = 5
     heartbeat_s: Annotated[float, Meta(gt=0, le=3600)] = 30
@@ -62,6 +72,10 @@ class AgentSection(Section, frozen=True, kw_only=True):
     """The collector's public key ("ed25519:..."), pinned: only acknowledgements it signed count."""
 
     def __post_init__(self) -> None:
+        for name in ("key_file", "state_dir"):
+            if getattr(self, name) == Path():
+                example = "/var/lib/labmeter/agent.key" if name == "key_file" else "/var/lib/labmeter"
+                raise ValueError(f"{name} is needed, e.g. {name} = {example!r}")
         if 86400 % self.bucket_s:
             raise ValueError(
                 f"bucket_s must divide a day evenly, e.g. 900, 1800 or 3600 (got {self.bucket_s})"
@@ -266,7 +280,28 @@ def parse(text: str, model: type[M], name: str = "<config>", base: Path | None =
         cfg = msgspec.convert(data, model, dec_hook=_dec_hook)
     except msgspec.ValidationError as exc:
         raise ConfigError(redact_text(_describe(str(exc), data, text, name, model))) from None
+    if winsys.WINDOWS:
+        _refuse_posix_paths(cfg, name)
     return _rebase(cfg, base) if base is not None else cfg
+
+
+def _refuse_posix_paths(cfg: Struct, name: str) -> None:
+    """On Windows ``/var/lib/labmeter`` has no drive and would silently become ``C:\\var\\lib\\labmeter``."""
+
+    def walk(obj: Any, where: str) -> None:
+        if isinstance(obj, Path) and winsys.posix_rooted(str(obj)):
+            raise ConfigError(
+                f"{name}: {where} = {str(obj)!r} is a POSIX path; on Windows give a full path such as "
+                f"'C:\\ProgramData\\labmeter\\...' (or leave the key out for the default in %ProgramData%)"
+            )
+        if isinstance(obj, Struct):
+            for k in obj.__struct_fields__:
+                walk(getattr(obj, k), f"{where}.{k}" if where else k)
+        elif isinstance(obj, list):
+            for i, x in enumerate(obj):
+                walk(x, f"{where}[{i}]")
+
+    walk(cfg, "")
 
 
 def replace(cfg: M, **changes: Any) -> M:

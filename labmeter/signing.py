@@ -18,6 +18,8 @@ from pathlib import Path
 from nacl.exceptions import BadSignatureError
 from nacl.signing import SigningKey, VerifyKey
 
+from labmeter import winsys
+
 KEY_PREFIX = "ed25519:"
 # DER of a PKCS#8 Ed25519 private key is this fixed prefix followed by the 32-byte seed (RFC 8410).
 _PKCS8_PREFIX = bytes.fromhex("302e020100300506032b657004220420")
@@ -63,10 +65,19 @@ def generate_key_file(path: Path, force: bool = False) -> PrivateKey:
     fd, name = tempfile.mkstemp(dir=path.parent, prefix=f"{path.name}.", suffix=".tmp")  # mode 0600
     tmp = Path(name)
     try:
+        if winsys.WINDOWS:  # mode bits mean nothing there: the ACL is set while the file is still empty
+            try:
+                winsys.protect(tmp)
+            except OSError as exc:
+                os.close(fd)
+                fd = -1
+                tmp.unlink()
+                raise KeyFileError(str(exc)) from None
         os.write(fd, key.pem())
         os.fsync(fd)
     finally:
-        os.close(fd)
+        if fd >= 0:
+            os.close(fd)
     os.chmod(tmp, 0o600)
     if force:
         os.replace(tmp, path)
@@ -105,7 +116,11 @@ def load_private_key(path: Path) -> PrivateKey:
         raise KeyFileError(f"{path}: no key file; create one with `labmeter agent enroll`") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise KeyFileError(f"{path}: cannot read key file ({exc})") from None
-    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+    if winsys.WINDOWS:
+        problem = winsys.secret_problem(path)
+        if problem:
+            raise KeyFileError(problem)
+    elif mode & (stat.S_IRWXG | stat.S_IRWXO):
         raise KeyFileError(
             f"{path}: private key is readable by others (mode {mode & 0o777:o}); run chmod 600 {path}"
         )

@@ -16,6 +16,7 @@ from urllib.parse import parse_qs, urlparse
 import msgspec
 from msgspec import Meta
 
+from labmeter import winsys
 from labmeter.clock import Clock
 from labmeter.config import BrokerConfig, InstrumentConfig, Section, Source
 from labmeter.drivers.base import Cause, Driver, Plugin, Sample
@@ -85,8 +86,11 @@ class ModbusSource(Source, tag=NAME, frozen=True, kw_only=True):
     timeout_s: Annotated[float, Meta(gt=0, le=30)] = 1.0
 
     def __post_init__(self) -> None:
-        if not re.match(r"^(tcp://[^/:]+(:\d+)?|rtu:///.+)$", self.url):
-            raise ValueError(f"url must be tcp://host:port or rtu:///dev/ttyX?baud=9600 (got {self.url!r})")
+        if not re.match(r"^(tcp://[^/:]+(:\d+)?|rtu:///.+|rtu://COM[1-9]\d{0,2}/?(\?.*)?)$", self.url, re.I):
+            raise ValueError(
+                "url must be tcp://host:port or rtu:///dev/ttyX?baud=9600 (Windows: rtu://COM12?baud=9600) "
+                f"(got {self.url!r})"
+            )
         if self.profile == "generic" and self.register is None:
             raise ValueError(
                 "profile 'generic' needs an [instrument.source.register] table (function, address, type)"
@@ -223,9 +227,16 @@ def build(
     return driver
 
 
+def rtu_port(url: str) -> str:
+    """The serial port of an ``rtu://`` URL: ``rtu:///dev/ttyUSB0`` -> /dev/ttyUSB0; ``rtu://COM12`` and
+    ``rtu:///COM12`` -> COM12 (Windows port names are not paths)."""
+    u = urlparse(url)
+    name = winsys.com_name(u.netloc) or winsys.com_name(u.path)
+    return name or u.path
+
+
 def check(src: ModbusSource) -> str | None:
-    url = urlparse(src.url)
-    return port_problem(url.path) if url.scheme == "rtu" else None
+    return port_problem(rtu_port(src.url)) if src.url.startswith("rtu:") else None
 
 
 def diagnose(inst: InstrumentConfig[Any], sample: Sample) -> str:
@@ -233,7 +244,7 @@ def diagnose(inst: InstrumentConfig[Any], sample: Sample) -> str:
     error = sample.error or ""
     url = urlparse(src.url)
     tcp = url.scheme == "tcp"
-    where = f"{url.hostname}:{url.port or 502}" if tcp else url.path
+    where = f"{url.hostname}:{url.port or 502}" if tcp else rtu_port(src.url)
     if sample.cause is Cause.ABSURD:
         return (
             f"the value read is absurd ({error.split(': ', 1)[-1]}): the word order, data type or scale of "

@@ -13,6 +13,7 @@ from urllib.parse import parse_qs, urlparse
 from pymodbus.client import AsyncModbusSerialClient, AsyncModbusTcpClient
 from pymodbus.exceptions import ModbusException
 
+from labmeter import winsys
 from labmeter.drivers.base import Cause, DriverBase, Sample, Verification, sane_power
 from labmeter.drivers.modbus import (
     DATA_TYPES,
@@ -28,6 +29,7 @@ from labmeter.drivers.modbus import (
     exception_name,
     other_order,
     power_problem,
+    rtu_port,
 )
 from labmeter.wire import State
 
@@ -62,7 +64,7 @@ class ModbusDriver(DriverBase):
         else:
             q = {k: v[-1] for k, v in parse_qs(url.query).items()}
             client = AsyncModbusSerialClient(
-                url.path,
+                winsys.serial_device(rtu_port(source.url)),
                 baudrate=int(q.get("baud", 9600)),
                 parity=q.get("parity", "N"),
                 stopbits=int(q.get("stop", 1)),

@@ -46,7 +46,7 @@ class SerialSource(Source, tag=NAME, frozen=True, kw_only=True):
             raise ValueError("signin_regex needs a (?P<card>...) group, e.g. 'CARD:(?P<card>\\d+)'")
         if not self.url:
             raise ValueError(
-                "url is needed (/dev/serial/by-id/..., usb-serial://SERIALNO, /dev/ttyUSB0 or loop://)"
+                "url is needed (/dev/serial/by-id/..., usb-serial://SERIALNO, /dev/ttyUSB0, COM3 on Windows or loop://)"
             )
         if self.regex is not None:
             try:

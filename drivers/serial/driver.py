@@ -11,16 +11,25 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
-import termios
+import sys
 import threading
 from typing import Any
 
 import serial
 
+from labmeter import winsys
 from labmeter.clock import Clock
 from labmeter.drivers.base import Capability, Cause, DriverBase, Latest, Sample, sane_power
 from labmeter.drivers.serial import SerialSource
 from labmeter.wire import State
+
+PORT_ERRORS: tuple[type[Exception], ...]
+if sys.platform == "win32":
+    PORT_ERRORS = (OSError, serial.SerialException, ValueError)
+else:  # termios is POSIX-only: pyserial's tcsetattr failures on a pty or a vanished adapter
+    import termios
+
+    PORT_ERRORS = (OSError, serial.SerialException, ValueError, termios.error)
 
 MODEM_LINES = {"CTS": "cts", "DSR": "dsr", "DCD": "cd", "RI": "ri"}
 
@@ -131,7 +140,7 @@ class SerialDriver(DriverBase):
         with self._lock:
             try:
                 return self._modem() if self.src.mode == "modem" else self._query()
-            except (OSError, serial.SerialException, ValueError, termios.error) as exc:
+            except PORT_ERRORS as exc:
                 self._drop()
                 return Sample(error=f"{self.where}: {exc}", cause=Cause.PORT)
 
@@ -176,9 +185,10 @@ class SerialDriver(DriverBase):
 
 
 def resolve_port(url: str) -> str:
-    """``usb-serial://SERIALNO`` is the USB adapter with that serial number, wherever it enumerated this time."""
+    """``usb-serial://SERIALNO`` is the USB adapter with that serial number, wherever it enumerated this time;
+    on Windows ``COM12`` opens as ``\\\\.\\COM12``."""
     if not url.startswith("usb-serial://"):
-        return url
+        return winsys.serial_device(url)
     from serial.tools import list_ports
 
     wanted = url.removeprefix("usb-serial://")
