@@ -181,12 +181,13 @@ cat >sim_rtu.py <<'EOF'
 import asyncio, struct, sys
 from pymodbus.server import ModbusSerialServer
 from pymodbus.simulator import DataType, SimData, SimDevice
-async def action(fc, start, address, count, regs, values):  # SDM120 on RS-485: FC04, 0x000C, float32
-    if fc == 4:
+async def action(fc, start, address, count, regs, values):  # SDM120 on RS-485: FC04, float32 power 0x000C,
+    if fc == 4:                                               # mains voltage 0x0000, frequency 0x0046 (probe checks them)
         try: watts = float(open(sys.argv[2]).read())
         except (OSError, ValueError): watts = 0.0
-        off = 0x000C - start
-        if 0 <= off < len(regs) - 1: regs[off:off + 2] = list(struct.unpack(">HH", struct.pack(">f", watts)))
+        for reg, value in ((0x0000, 230.0), (0x000C, watts), (0x0046, 50.0)):
+            off = reg - start
+            if 0 <= off < len(regs) - 1: regs[off:off + 2] = list(struct.unpack(">HH", struct.pack(">f", value)))
 async def main():
     dev = SimDevice(id=1, simdata=[SimData(0, count=0x50, values=0, datatype=DataType.REGISTERS)], action=action)
     await ModbusSerialServer(dev, port=sys.argv[1], baudrate=9600).serve_forever()
