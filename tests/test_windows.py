@@ -299,3 +299,21 @@ def test_windows_event_loop_is_the_selector_one(monkeypatch: pytest.MonkeyPatch)
 def test_service_entry_point_is_refused_off_windows() -> None:
     out = CliRunner().invoke(cli.app, ["agent", "service"])
     assert out.exit_code == 2 and "Windows service's entry point" in out.output
+
+
+def test_usb_serial_finds_the_adapter_in_the_windows_port_list(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The port list names COM12; pyserial must open it as \\\\.\\COM12 (COM10 and above open no other way).
+    The Windows port list itself is mocked: under Wine 8 `list_ports` fails (docs/windows.md)."""
+    from types import SimpleNamespace
+
+    from serial.tools import list_ports
+
+    adapters = [
+        SimpleNamespace(serial_number="A10K5XYZ", device="COM12"),
+        SimpleNamespace(serial_number="B", device="COM3"),
+    ]
+    monkeypatch.setattr(list_ports, "comports", lambda: adapters)
+    monkeypatch.setattr(winsys, "WINDOWS", True)
+    assert resolve_port("usb-serial://A10K5XYZ") == "\\\\.\\COM12"
+    monkeypatch.setattr(winsys, "WINDOWS", False)
+    assert resolve_port("usb-serial://A10K5XYZ") == "COM12"

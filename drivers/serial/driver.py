@@ -194,7 +194,7 @@ def resolve_port(url: str) -> str:
     wanted = url.removeprefix("usb-serial://")
     for p in list_ports.comports():
         if p.serial_number == wanted:
-            return str(p.device)
+            return winsys.serial_device(str(p.device))  # COM12 from the port list opens as \\.\COM12
     raise serial.SerialException(f"no USB serial adapter with serial number {wanted!r} is plugged in")
 
 
