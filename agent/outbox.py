@@ -15,7 +15,7 @@ from pathlib import Path
 
 from labmeter.agent.timeline import Span
 
-from labmeter import signing, wire
+from labmeter import signing, statefile, wire
 from labmeter.wire import State
 
 SCHEMA = """
@@ -56,20 +56,37 @@ class Signer:
     kid: str
 
 
+RESET_FIX = (
+    "restore it from a backup (docs/deploy.md), or run `labmeter agent reset-state --config {config}` "
+    "to move it aside and start new chains"
+)
+
+
 class AgentStore:
     def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA synchronous=FULL")
-        self.db.executescript(SCHEMA)
-        columns = {r[1] for r in self.db.execute("PRAGMA table_info(chain)")}
+        """Open the state file, creating it only if it does not exist; an existing one that is empty,
+        cut short or damaged (quick_check, at every start: the file is small) raises StateFileError."""
+        self.path = path
+        self.db = statefile.connect(path, RESET_FIX, self._setup)
+
+    @staticmethod
+    def _setup(db: sqlite3.Connection) -> None:
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute(
+            "PRAGMA synchronous=FULL"
+        )  # a row is on disk before it is sent, a chain head before it moves
+        db.executescript(SCHEMA)
+        columns = {r[1] for r in db.execute("PRAGMA table_info(chain)")}
         # a state directory from before chains started at the clock: its chains began at 1
         if "first" not in columns:
-            self.db.execute("ALTER TABLE chain ADD COLUMN first INTEGER NOT NULL DEFAULT 1")
+            db.execute("ALTER TABLE chain ADD COLUMN first INTEGER NOT NULL DEFAULT 1")
 
     def close(self) -> None:
         self.db.close()
+
+    def check(self, full: bool = True) -> list[str]:
+        """``PRAGMA integrity_check`` (or quick_check) problems; empty when the file is sound."""
+        return statefile.check(self.db, full)
 
     def emit(
         self,

@@ -8,7 +8,11 @@ throwaway local server) and acknowledges.
 
     .venv/bin/python -m benchmarks.ingest [--messages 20000] [--runs 3] [--ledgers sqlite,postgresql]
 
-Each run measures both rates afresh; the median ratio is the result.
+Each run measures both rates afresh; the median ratio is the result. Ledgers:
+``sqlite`` as shipped (synchronous=FULL: a commit is on disk before it is acknowledged),
+``sqlite-normal`` the earlier synchronous=NORMAL (for comparison), ``postgresql`` on a
+server with fsync off (as the tests run it), ``postgresql-durable`` on one with fsync on
+and synchronous_commit as shipped (on).
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import paho.mqtt.client as paho
 from labmeter.collector.ledger import Ledger
@@ -29,7 +34,12 @@ from labmeter.collector.service import Collector
 from benchmarks.common import free_port, start_mosquitto
 from labmeter import config, signing, wire
 
+if TYPE_CHECKING:
+    from tests.postgres import PostgresServer
+
 AGENTS, INSTRUMENTS_PER_AGENT = 10, 10
+LEDGERS = ("sqlite", "sqlite-normal", "postgresql", "postgresql-durable")
+SHIPPED_SYNCHRONOUS = Ledger.synchronous
 T0 = 1_767_225_600_000  # 2026-01-01T00:00:00Z
 
 
@@ -160,15 +170,19 @@ def main() -> None:
     ap.add_argument(
         "--ledgers",
         default="sqlite,postgresql",
-        help="comma-separated: sqlite, postgresql (a throwaway server)",
+        help="comma-separated: " + ", ".join(LEDGERS) + " (PostgreSQL: a throwaway local server)",
     )
     args = ap.parse_args()
     kinds = args.ledgers.split(",")
-    pg = None
-    if "postgresql" in kinds:
-        from tests.postgres import PostgresServer
+    unknown = set(kinds) - set(LEDGERS)
+    if unknown:
+        ap.error(f"--ledgers: unknown {', '.join(sorted(unknown))} (choose from {', '.join(LEDGERS)})")
+    servers: dict[str, PostgresServer] = {}
+    for kind in kinds:
+        if kind.startswith("postgresql"):
+            from tests.postgres import PostgresServer
 
-        pg = PostgresServer().start()
+            servers[kind] = PostgresServer(fsync=kind == "postgresql-durable").start()
     results: dict[str, list[tuple[float, float]]] = {k: [] for k in kinds}
     try:
         for run in range(args.runs):
@@ -176,13 +190,15 @@ def main() -> None:
                 with tempfile.TemporaryDirectory() as d:
                     tmp = Path(d)
                     msgs, registry = make_messages(tmp, args.messages)
-                    url = pg.new_database() if kind == "postgresql" and pg else "sqlite"
+                    url = servers[kind].new_database() if kind in servers else "sqlite"
                     port = free_port()
                     broker = start_mosquitto(tmp, port)
+                    Ledger.synchronous = "NORMAL" if kind == "sqlite-normal" else SHIPPED_SYNCHRONOUS
                     try:
                         raw = raw_rate(port, msgs)
                         coll = collector_rate(port, tmp, msgs, registry, url)
                     finally:
+                        Ledger.synchronous = SHIPPED_SYNCHRONOUS
                         broker.terminate()
                         broker.wait()
                 results[kind].append((raw, coll))
@@ -192,14 +208,14 @@ def main() -> None:
                     flush=True,
                 )
     finally:
-        if pg is not None:
-            pg.stop()
+        for server in servers.values():
+            server.stop()
     for kind, pairs in results.items():
         ratios = sorted(c / r for r, c in pairs)
         print(
             f"{kind}: {args.messages} messages per run; collector median {statistics.median(c for _, c in pairs):.0f} "
             f"msg/s; median ratio {statistics.median(ratios):.2f} (min {ratios[0]:.2f}, max {ratios[-1]:.2f}; "
-            "target >= 0.5)"
+            f"target >= 0.5) {'PASS' if statistics.median(ratios) >= 0.5 else 'FAIL'}"
         )
 
 

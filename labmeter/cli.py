@@ -14,12 +14,17 @@ import tomllib
 from collections.abc import Awaitable, Callable
 from datetime import datetime
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import click
 
 from labmeter import __version__, config, log, signing
+from labmeter.statefile import StateFileError
+
+if TYPE_CHECKING:
+    from labmeter.agent.outbox import AgentStore
+    from labmeter.collector.ledger import Ledger
 
 
 def fail(message: str, code: int = 2) -> NoReturn:
@@ -53,6 +58,28 @@ def load_collector(path: Path) -> config.CollectorConfig:
     try:
         return config.load(path, config.CollectorConfig)
     except config.ConfigError as exc:
+        fail(str(exc))
+
+
+def open_store(cfg: config.AgentConfig, cfg_path: Path) -> AgentStore:
+    """The agent's state file, or a one-line error naming it and the fix."""
+    from labmeter.agent.outbox import AgentStore
+
+    try:
+        return AgentStore(cfg.agent.state_dir / "agent.db")
+    except StateFileError as exc:
+        fail(exc.message(cfg_path))
+
+
+def open_ledger(cfg: config.CollectorConfig, cfg_path: Path) -> Ledger:
+    """The ledger, or a one-line error naming it and the fix."""
+    from labmeter.collector.ledger import Ledger, LedgerError
+
+    try:
+        return Ledger.open(cfg.collector.ledger, cfg.collector.data_dir)
+    except StateFileError as exc:
+        fail(exc.message(cfg_path))
+    except LedgerError as exc:
         fail(str(exc))
 
 
@@ -164,6 +191,8 @@ def agent_run(cfg_path: Path, verbose: bool) -> None:
             agent = Agent(cfg, clock_from_env())
         except signing.KeyFileError as exc:
             fail(str(exc))
+        except StateFileError as exc:
+            fail(exc.message(cfg_path))
         await agent.run(stop)
 
     run_until_signal(main)
@@ -274,16 +303,16 @@ def agent_install(cfg_path: Path, dry_run: bool, unit_dir: Path, no_enable: bool
 @config_option("agent.toml")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def agent_status(cfg_path: Path, as_json: bool) -> None:
-    """Show the outbox: what waits for the collector's acknowledgement, and what it rejected."""
-    from labmeter.agent.outbox import AgentStore
-
+    """Show the outbox: what waits for the collector's acknowledgement, what it rejected, and whether
+    the state file is sound (PRAGMA integrity_check; exit status 1 if not)."""
     cfg = load_agent(cfg_path)
-    store = AgentStore(cfg.agent.state_dir / "agent.db")
+    store = open_store(cfg, cfg_path)
+    problems = store.check(full=True)
     summary = store.summary()
     store.close()
     if as_json:
-        click.echo(json.dumps(summary, indent=2))
-        return
+        click.echo(json.dumps({**summary, "integrity": problems or "ok"}, indent=2))
+        sys.exit(1 if problems else 0)
     chain = summary["chain"]
     pending = summary["pending"]
     dead = summary["dead"]
@@ -305,19 +334,85 @@ def agent_status(cfg_path: Path, as_json: bool) -> None:
         click.echo(f"rejected by the collector ({len(dead)}); fix the cause, then `labmeter agent resend`:")
         for d in dead[-20:]:
             click.echo(f"  {d['instrument']} seq {d['seq']}: {d['reason']}")
+    path = cfg.agent.state_dir / "agent.db"
+    if problems:
+        click.echo(f"state file {path}: DAMAGED (integrity_check: {'; '.join(problems)})")
+        click.echo(f"  restore it from a backup, or: labmeter agent reset-state --config {cfg_path}")
+        sys.exit(1)
+    click.echo(f"state file {path}: OK (integrity_check)")
 
 
 @agent_group.command("resend")
 @config_option("agent.toml")
 def agent_resend(cfg_path: Path) -> None:
     """Put rejected messages back in the outbox, once their cause is fixed."""
-    from labmeter.agent.outbox import AgentStore
-
     cfg = load_agent(cfg_path)
-    store = AgentStore(cfg.agent.state_dir / "agent.db")
+    store = open_store(cfg, cfg_path)
     n = store.resend_dead()
     store.close()
     click.echo(f"{n} message(s) queued again")
+
+
+@agent_group.command("reset-state")
+@config_option("agent.toml")
+@click.option(
+    "--force", is_flag=True, help="Also when the file is sound: its unacknowledged intervals are lost."
+)
+def agent_reset_state(cfg_path: Path, force: bool) -> None:
+    """Move a damaged state file (agent.db) aside, so that the next start begins new chains.
+
+    Stop the agent first. The old file stays beside the new one, renamed agent.db.damaged-<UTC time>.
+    """
+    from labmeter.agent.outbox import AgentStore
+
+    cfg = load_agent(cfg_path)
+    path = cfg.agent.state_dir / "agent.db"
+    problem = _reset_precheck(
+        path, force, lambda: AgentStore(path), lambda s: s.pending_count(), "interval(s) not yet acknowledged"
+    )
+    target = _move_aside(path)
+    click.echo(f"moved {path} to {target} ({problem})")
+    click.echo(
+        "the next `labmeter agent run` starts new chains above the old seqs; what the old file held "
+        "that the collector had not acknowledged is not sent (the collector reports that time as no data)"
+    )
+
+
+def _reset_precheck(
+    path: Path, force: bool, opener: Callable[[], Any], held: Callable[[Any], int], what: str
+) -> str:
+    """Why ``path`` may be moved aside (damaged, or --force); fails when it is absent, in use or sound."""
+    from labmeter import statefile
+
+    if not path.exists():
+        fail(f"{path} does not exist: nothing to reset (the next start creates it)", code=1)
+    if statefile.in_use(path):
+        fail(f"{path} is open in another process: stop the service first", code=1)
+    try:
+        store = opener()
+    except StateFileError as exc:
+        return exc.problem
+    try:
+        problems = store.check(full=True)
+        n = held(store)
+    except Exception as exc:  # damage that integrity_check itself trips over
+        return f"unreadable: {exc}"
+    finally:
+        store.close()
+    if problems:
+        return "damaged: " + "; ".join(problems)
+    if not force:
+        fail(f"{path} is sound ({n} {what}); nothing to reset. --force moves it aside anyway", code=1)
+    return f"sound, moved with --force; it held {n} {what}"
+
+
+def _move_aside(path: Path) -> Path:
+    from labmeter import statefile
+
+    try:
+        return statefile.move_aside(path)
+    except OSError as exc:
+        fail(f"cannot move {path} aside: {exc.strerror or exc}")
 
 
 # collector ------------------------------------------------------------------
@@ -333,9 +428,113 @@ def collector_run(cfg_path: Path, verbose: bool) -> None:
     cfg = load_collector(cfg_path)
 
     async def main(stop: asyncio.Event) -> None:
-        await Collector(cfg, clock_from_env()).run(stop)
+        from labmeter.collector.ledger import LedgerError
+
+        try:
+            collector = Collector(cfg, clock_from_env())
+        except StateFileError as exc:
+            fail(exc.message(cfg_path))
+        except LedgerError as exc:
+            fail(str(exc))
+        await collector.run(stop)
 
     run_until_signal(main)
+
+
+@collector_group.command("check")
+@config_option("collector.toml")
+@click.option("--quick", is_flag=True, help="SQLite: PRAGMA quick_check (O(N)) instead of integrity_check.")
+def collector_check(cfg_path: Path, quick: bool) -> None:
+    """Check the config, the ledger (SQLite: PRAGMA integrity_check; PostgreSQL: connection and schema)
+    and the collector's key; exit status 1 if anything is wrong.
+
+    On PostgreSQL the pages themselves are not read: that is the server's job (initdb --data-checksums,
+    pg_amcheck).
+    """
+    import time
+
+    from labmeter.collector.ledger import Ledger, LedgerError
+
+    cfg = load_collector(cfg_path)
+    click.echo(f"config  {cfg_path}: OK")
+    ok = True
+    url = cfg.collector.ledger
+    path = Ledger.sqlite_path(url, cfg.collector.data_dir)
+    name = str(path) if path else url.split("@")[-1]
+    if path is not None and not path.exists():
+        click.echo(f"ledger  {path}: not created yet (the first `collector run` or `add-agent` creates it)")
+    else:
+        try:
+            t0 = time.monotonic()
+            ledger = Ledger.open(url, cfg.collector.data_dir)
+            try:
+                problems = ledger.check(full=not quick)
+                counts = ledger.counts()
+            finally:
+                ledger.close()
+            how = ("quick_check" if quick else "integrity_check") if path else "connection and schema"
+            took = time.monotonic() - t0
+        except StateFileError as exc:
+            problems, how = [exc.problem], ""
+        except LedgerError as exc:
+            problems, how = [str(exc)], ""
+        except Exception as exc:  # damage that the check itself trips over
+            problems, how = [f"unreadable: {exc}"], ""
+        if problems:
+            ok = False
+            click.echo(f"ledger  {name}: DAMAGED {'(' + how + ') ' if how else ''}{'; '.join(problems)}")
+            if path is not None:
+                click.echo(
+                    f"  restore it from a backup, or: labmeter collector reset-ledger --config {cfg_path}"
+                )
+        else:
+            click.echo(
+                f"ledger  {name}: OK ({how}, {took:.1f} s; {counts['agents']} agent(s), "
+                f"{counts['instruments']} instrument(s), {counts['intervals']} interval(s), "
+                f"{counts['rejections']} rejection(s))"
+            )
+            if path is None:
+                click.echo("  not checked here: the server's pages (use data checksums and pg_amcheck)")
+    key_path = cfg.collector.key_path
+    if not key_path.exists():
+        click.echo(f"key     {key_path}: not created yet (the first `collector run` creates it)")
+    else:
+        try:
+            key = signing.load_private_key(key_path)
+            click.echo(f"key     {key_path}: OK (agents pin {signing.public_key_text(key.public_key())})")
+        except signing.KeyFileError as exc:
+            ok = False
+            click.echo(f"key     {exc}")
+    sys.exit(0 if ok else 1)
+
+
+@collector_group.command("reset-ledger")
+@config_option("collector.toml")
+@click.option("--force", is_flag=True, help="Also when the ledger is sound: everything in it is set aside.")
+def collector_reset_ledger(cfg_path: Path, force: bool) -> None:
+    """Move a damaged SQLite ledger aside, so that the next start begins an empty one.
+
+    Stop the collector first. The old file stays beside the new one, renamed ledger.sqlite.damaged-<UTC time>.
+    """
+    from labmeter.collector.ledger import Ledger
+
+    cfg = load_collector(cfg_path)
+    path = Ledger.sqlite_path(cfg.collector.ledger, cfg.collector.data_dir)
+    if path is None:
+        fail(
+            "the ledger is on PostgreSQL, not in a file: restore it with pg_restore, or drop and "
+            "create the database yourself (docs/deploy.md)",
+            code=1,
+        )
+    problem = _reset_precheck(
+        path, force, lambda: Ledger(path), lambda s: s.counts()["intervals"], "interval(s)"
+    )
+    target = _move_aside(path)
+    click.echo(f"moved {path} to {target} ({problem})")
+    click.echo(
+        "the next start creates an empty ledger: register the agents again (`labmeter collector add-agent`) "
+        "and import the instruments; agents then resend what they still hold unacknowledged"
+    )
 
 
 @collector_group.command("add-agent")
@@ -358,7 +557,6 @@ def collector_add_agent(
     agent_id: str, key: str, instruments: tuple[str, ...], cfg_path: Path, mosquitto_dir: Path | None
 ) -> None:
     """Register an agent's public key and the instruments it may report."""
-    from labmeter.collector.ledger import Ledger
     from labmeter.wire import ID_RE
 
     cfg = load_collector(cfg_path)
@@ -369,7 +567,7 @@ def collector_add_agent(
         pub = signing.parse_public_key(key)
     except signing.KeyFileError as exc:
         fail(str(exc))
-    ledger = Ledger.open(cfg.collector.ledger, cfg.collector.data_dir)
+    ledger = open_ledger(cfg, cfg_path)
     ledger.add_agent(agent_id, key, signing.key_id(pub), instruments)
     ledger.close()
     click.echo(f"agent {agent_id} registered for {', '.join(instruments)}")
@@ -410,11 +608,10 @@ def collector_import(file: Path, cfg_path: Path) -> None:
     category 分类编码 (6 digits), kind 仪器类型 (general 通用 / special 专用), value_wan 原值（万元）,
     rated_hours 定额机时, share_mode 共享模式.
     """
-    from labmeter.collector.ledger import Ledger
     from labmeter.collector.registry import ImportError_, import_instruments
 
     cfg = load_collector(cfg_path)
-    ledger = Ledger.open(cfg.collector.ledger, cfg.collector.data_dir)
+    ledger = open_ledger(cfg, cfg_path)
     try:
         n = import_instruments(ledger, file)
     except ImportError_ as exc:
@@ -436,11 +633,10 @@ def collector_import_services(file: Path, instrument: str | None, cfg_path: Path
     service_type 服务类型 (120 internal 对内 / 130 external 对外), direction 服务方向 (135-138), amount 金额.
     A record identical to one already imported (instrument, start, end, applicant) is skipped.
     """
-    from labmeter.collector.ledger import Ledger
     from labmeter.collector.registry import ImportError_, import_services
 
     cfg = load_collector(cfg_path)
-    ledger = Ledger.open(cfg.collector.ledger, cfg.collector.data_dir)
+    ledger = open_ledger(cfg, cfg_path)
     try:
         res = import_services(ledger, file, zone_for(tz, cfg), instrument)
     except ImportError_ as exc:
@@ -480,7 +676,6 @@ def report_hours(
     start: str, end: str, cfg_path: Path, by: str, fmt: str, out: Path | None, lang: str, tz: str | None
 ) -> None:
     """Run, effective, service and external hours, utilisation, sharing rate and coverage."""
-    from labmeter.collector.ledger import Ledger
     from labmeter.collector.report import (
         GROUPINGS,
         PeriodError,
@@ -495,7 +690,7 @@ def report_hours(
     zone = zone_for(tz, cfg)
     if fmt == "xlsx" and out is None:
         fail("--format xlsx needs --output FILE.xlsx")
-    ledger = Ledger.open(cfg.collector.ledger, cfg.collector.data_dir)
+    ledger = open_ledger(cfg, cfg_path)
     try:
         a, b = parse_time(start, zone), parse_time(end, zone, end=True)
         if fmt == "xlsx":
@@ -524,11 +719,10 @@ def report_hours(
 @click.option("--tz", help="Time zone for days and months (default: the config's [policy] timezone).")
 def report_national(year: int, out: Path, cfg_path: Path, tz: str | None) -> None:
     """National sharing-platform export: runMachine and serviceMachine per instrument, and service records."""
-    from labmeter.collector.ledger import Ledger
     from labmeter.collector.national import national_export, write_national
 
     cfg = load_collector(cfg_path)
-    ledger = Ledger.open(cfg.collector.ledger, cfg.collector.data_dir)
+    ledger = open_ledger(cfg, cfg_path)
     try:
         data = national_export(ledger, year, cfg.policy, zone_for(tz, cfg))
     finally:
@@ -564,13 +758,12 @@ def report_findings(
     start: str, end: str, cfg_path: Path, low_use: float, min_coverage: float, as_json: bool, tz: str | None
 ) -> None:
     """Instruments to act on: low use, poor coverage (agents down, unknown time), no data at all."""
-    from labmeter.collector.ledger import Ledger
     from labmeter.collector.national import findings
     from labmeter.collector.report import PeriodError, parse_time
 
     cfg = load_collector(cfg_path)
     zone = zone_for(tz, cfg)
-    ledger = Ledger.open(cfg.collector.ledger, cfg.collector.data_dir)
+    ledger = open_ledger(cfg, cfg_path)
     try:
         res = findings(
             ledger,
@@ -611,13 +804,12 @@ def report_findings(
 def report_evidence(instrument: str, start: str, end: str, out: Path, cfg_path: Path, tz: str | None) -> None:
     """Write the signed intervals and public keys behind an instrument's hours, for `labmeter verify`."""
     from labmeter.collector.evidence import write_bundle
-    from labmeter.collector.ledger import Ledger
     from labmeter.collector.report import PeriodError, parse_time
     from labmeter.collector.rollup import allowances_ms
 
     cfg = load_collector(cfg_path)
     zone = zone_for(tz, cfg)
-    ledger = Ledger.open(cfg.collector.ledger, cfg.collector.data_dir)
+    ledger = open_ledger(cfg, cfg_path)
     try:
         a, b = parse_time(start, zone), parse_time(end, zone, end=True)
         info = next((i for i in ledger.instruments() if i["code"] == instrument), {})
