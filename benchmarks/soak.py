@@ -24,6 +24,7 @@ import contextlib
 import hashlib
 import itertools
 import json
+import logging
 import multiprocessing as mp
 import random
 import shutil
@@ -213,6 +214,7 @@ def worker(args: dict[str, Any]) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     with open(Path(args["dir"]) / f"worker-{args['worker']}.log", "ab") as log:  # gmqtt prints to stdout
         os.dup2(log.fileno(), 1)
+    logging.getLogger("gmqtt").setLevel(logging.ERROR)  # a warning per write to a socket the kill closed
     asyncio.run(worker_main(args))
 
 

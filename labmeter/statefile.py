@@ -111,7 +111,11 @@ def connect(
             raise StateFileError(
                 path, "locked by another process", "stop it, or wait and try again"
             ) from None
-        raise StateFileError(path, f"unreadable ({exc})", fix) from None
+        if isinstance(exc, sqlite3.OperationalError) and "unable to open" in str(exc):
+            raise StateFileError(
+                path, f"cannot be opened ({exc})", "check the folder, owner and mode"
+            ) from None
+        raise StateFileError(path, f"damaged ({exc})", fix) from None
     except StateFileError:
         if db is not None:
             db.close()
