@@ -236,7 +236,8 @@ class Ledger:
     def check(self, full: bool = True) -> list[str]:
         """Problems with the ledger, empty when none. SQLite: ``PRAGMA integrity_check`` (``full``) or
         ``quick_check`` over every page. PostgreSQL: every table and column of the schema is there and
-        readable; pages are the server's to check (data checksums, pg_amcheck)."""
+        readable, and fsync and synchronous_commit are not off (an acknowledgement follows the commit);
+        pages are the server's to check (data checksums, pg_amcheck)."""
         if self.path is not None:
             return statefile.check(self.db, full)
         expected = expected_columns()
@@ -253,7 +254,23 @@ class Ledger:
                 problems.append(f"table {table} lacks column(s) {', '.join(sorted(columns - found[table]))}")
             else:
                 self.db.execute(f"SELECT * FROM {table} LIMIT 1").fetchall()
+        settings = self.server_settings()
+        if settings.get("fsync") != "on":
+            problems.append(
+                "the server runs with fsync off: a crash of its machine can lose acknowledged intervals"
+            )
+        if settings.get("synchronous_commit") == "off":
+            problems.append(
+                "synchronous_commit is off: a crash of the server can lose acknowledged intervals"
+            )
         return problems
+
+    def server_settings(self) -> dict[str, str]:
+        """PostgreSQL's durability settings as the collector's connection sees them (empty on SQLite)."""
+        if self.path is not None:
+            return {}
+        names = ("fsync", "synchronous_commit", "data_checksums", "server_version")
+        return {n: str(self.db.execute(f"SHOW {n}").fetchone()[0]) for n in names}
 
     def counts(self) -> dict[str, int]:
         """Rows in the tables a person recognises, for check and status output."""

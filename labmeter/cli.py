@@ -470,19 +470,21 @@ def collector_check(cfg_path: Path, quick: bool) -> None:
             try:
                 problems = ledger.check(full=not quick)
                 counts = ledger.counts()
+                settings = ledger.server_settings()
             finally:
                 ledger.close()
             how = ("quick_check" if quick else "integrity_check") if path else "connection and schema"
             took = time.monotonic() - t0
         except StateFileError as exc:
-            problems, how = [exc.problem], ""
+            problems, how, settings = [exc.problem], "", {}
         except LedgerError as exc:
-            problems, how = [str(exc)], ""
+            problems, how, settings = [str(exc)], "", {}
         except Exception as exc:  # damage that the check itself trips over
-            problems, how = [f"unreadable: {exc}"], ""
+            problems, how, settings = [f"damaged: {exc}"], "", {}
         if problems:
             ok = False
-            click.echo(f"ledger  {name}: DAMAGED {'(' + how + ') ' if how else ''}{'; '.join(problems)}")
+            label = "DAMAGED" if path is not None else "PROBLEM"
+            click.echo(f"ledger  {name}: {label} {'(' + how + ') ' if how else ''}{'; '.join(problems)}")
             if path is not None:
                 click.echo(
                     f"  restore it from a backup, or: labmeter collector reset-ledger --config {cfg_path}"
@@ -493,8 +495,12 @@ def collector_check(cfg_path: Path, quick: bool) -> None:
                 f"{counts['instruments']} instrument(s), {counts['intervals']} interval(s), "
                 f"{counts['rejections']} rejection(s))"
             )
-            if path is None:
-                click.echo("  not checked here: the server's pages (use data checksums and pg_amcheck)")
+        if path is None and settings:
+            click.echo(
+                f"  PostgreSQL {settings['server_version']}: fsync {settings['fsync']}, synchronous_commit "
+                f"{settings['synchronous_commit']}, data_checksums {settings['data_checksums']}; not checked "
+                "here: the server's pages (initdb --data-checksums, pg_amcheck)"
+            )
     key_path = cfg.collector.key_path
     if not key_path.exists():
         click.echo(f"key     {key_path}: not created yet (the first `collector run` creates it)")

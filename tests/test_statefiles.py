@@ -240,21 +240,38 @@ def test_collector_check_shows_config_ledger_and_key(tmp_path: Path) -> None:
 
 
 def test_collector_check_on_postgresql(postgres: Any, tmp_path: Path) -> None:
-    """Connection and schema; what it cannot see (pages) it says."""
+    """Connection, schema and the server's durability settings; what it cannot see (pages) it says."""
+    from tests.postgres import PostgresServer
+
+    durable = PostgresServer(fsync=True).start()
+    try:
+        url = durable.new_database()
+        (tmp_path / "collector.toml").write_text(f'[collector]\ndata_dir = "{tmp_path}"\nledger = "{url}"\n')
+        Ledger.open(url, tmp_path).close()
+        proc = cli(tmp_path, "collector", "check", "--config", "collector.toml")
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        assert "OK (connection and schema" in proc.stdout and "pg_amcheck" in proc.stdout
+        assert "fsync on, synchronous_commit on" in proc.stdout
+        assert "test-only-secret" not in proc.stdout
+        import psycopg
+
+        with psycopg.connect(url, autocommit=True) as conn:
+            conn.execute("ALTER TABLE intervals DROP COLUMN clock_step_ms")
+        proc = cli(tmp_path, "collector", "check", "--config", "collector.toml")
+        assert proc.returncode == 1
+        assert "PROBLEM (connection and schema) table intervals lacks column(s) clock_step_ms" in proc.stdout
+    finally:
+        durable.stop()
+    # the test server runs with fsync off: fine for throwaway data, never for a ledger
     url = postgres.new_database()
     (tmp_path / "collector.toml").write_text(f'[collector]\ndata_dir = "{tmp_path}"\nledger = "{url}"\n')
     Ledger.open(url, tmp_path).close()
     proc = cli(tmp_path, "collector", "check", "--config", "collector.toml")
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "OK (connection and schema" in proc.stdout and "pg_amcheck" in proc.stdout
-    assert "test-only-secret" not in proc.stdout
-    import psycopg
-
-    with psycopg.connect(url, autocommit=True) as conn:
-        conn.execute("ALTER TABLE intervals DROP COLUMN clock_step_ms")
-    proc = cli(tmp_path, "collector", "check", "--config", "collector.toml")
     assert proc.returncode == 1
-    assert "DAMAGED (connection and schema) table intervals lacks column(s) clock_step_ms" in proc.stdout
+    assert (
+        "the server runs with fsync off: a crash of its machine can lose acknowledged intervals"
+        in proc.stdout
+    )
 
 
 # durable acknowledgements --------------------------------------------------------
