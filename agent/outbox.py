@@ -72,9 +72,8 @@ class AgentStore:
     @staticmethod
     def _setup(db: sqlite3.Connection) -> None:
         db.execute("PRAGMA journal_mode=WAL")
-        db.execute(
-            "PRAGMA synchronous=FULL"
-        )  # a row is on disk before it is sent, a chain head before it moves
+        # FULL: a row is on disk before it is sent, a chain head before it moves
+        db.execute("PRAGMA synchronous=FULL")
         db.executescript(SCHEMA)
         columns = {r[1] for r in db.execute("PRAGMA table_info(chain)")}
         # a state directory from before chains started at the clock: its chains began at 1
