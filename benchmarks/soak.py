@@ -214,7 +214,8 @@ def worker(args: dict[str, Any]) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     with open(Path(args["dir"]) / f"worker-{args['worker']}.log", "ab") as log:  # gmqtt prints to stdout
         os.dup2(log.fileno(), 1)
-    logging.getLogger("gmqtt").setLevel(logging.ERROR)  # a warning per write to a socket the kill closed
+    for name in ("gmqtt", "labmeter.mqtt"):  # a warning per agent and kill: 1,000 lines each time
+        logging.getLogger(name).setLevel(logging.ERROR)
     asyncio.run(worker_main(args))
 
 
