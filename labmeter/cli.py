@@ -61,14 +61,21 @@ def load_collector(path: Path) -> config.CollectorConfig:
         fail(str(exc))
 
 
+# (file, the command that checks it) of the state files this command opened: an SQLite error met later
+# (a damaged page that the start-up checks do not read) is reported against them, not as a traceback
+_opened: list[tuple[str, str]] = []
+
+
 def open_store(cfg: config.AgentConfig, cfg_path: Path) -> AgentStore:
     """The agent's state file, or a one-line error naming it and the fix."""
     from labmeter.agent.outbox import AgentStore
 
     try:
-        return AgentStore(cfg.agent.state_dir / "agent.db")
+        store = AgentStore(cfg.agent.state_dir / "agent.db")
     except StateFileError as exc:
         fail(exc.message(cfg_path))
+    _opened.append((str(store.path), f"labmeter agent status --config {cfg_path}"))
+    return store
 
 
 def open_ledger(cfg: config.CollectorConfig, cfg_path: Path) -> Ledger:
@@ -76,11 +83,13 @@ def open_ledger(cfg: config.CollectorConfig, cfg_path: Path) -> Ledger:
     from labmeter.collector.ledger import Ledger, LedgerError
 
     try:
-        return Ledger.open(cfg.collector.ledger, cfg.collector.data_dir)
+        ledger = Ledger.open(cfg.collector.ledger, cfg.collector.data_dir)
     except StateFileError as exc:
         fail(exc.message(cfg_path))
     except LedgerError as exc:
         fail(str(exc))
+    _opened.append((ledger.name, f"labmeter collector check --config {cfg_path}"))
+    return ledger
 
 
 def zone_for(tz: str | None, cfg: config.CollectorConfig) -> ZoneInfo:
@@ -926,4 +935,11 @@ def sim(spec_file: Path, verbose: bool) -> None:
 
 
 def main() -> None:
-    app()
+    import sqlite3
+
+    try:
+        app()
+    except sqlite3.DatabaseError as exc:
+        where, check = _opened[-1] if _opened else ("a state file", "labmeter collector check")
+        what = str(exc) if isinstance(exc, sqlite3.OperationalError) else f"damaged ({exc})"
+        fail(f"{where}: {what}; `{check}` checks it and says what to do")
