@@ -442,6 +442,11 @@ def report(
         f"drain time          {drain:>9.1f} s (target <= {DRAIN_TARGET_S:.0f} s; from the restart after the final outage)"
     )
     print(f"collector exit      {collector_rc!s:>9}  (SIGTERM at the end; 0 = clean)")
+    log = (work / "collector.log").read_text(errors="replace").splitlines()
+    errors = [ln for ln in log if " ERROR " in ln or ln.startswith("Traceback")]
+    print(f"collector errors    {len(errors):>9}  (ERROR lines and tracebacks in its log over all its runs)")
+    for ln in errors[:5]:
+        print(f"  {ln[:160]}")
     failed = [k for k, ok in checks.items() if not ok]
     print("PASS" if not failed else f"FAIL: {', '.join(failed)}")
     if failed:
