@@ -131,7 +131,7 @@ def in_use(path: Path) -> bool:
     shm = path.with_name(path.name + "-shm")
     try:
         fd = os.open(shm, os.O_RDWR)
-    except FileNotFoundError:
+    except OSError:  # none (nobody has it open), or not ours to open: moving the file then fails, clearly
         return False
     try:
         fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, 128)
