@@ -23,7 +23,7 @@ from labmeter.collector.service import Collector
 from labmeter import signing
 from labmeter.wire import State
 from tests.conftest import LABMETER
-from tests.lab import collector_config, make_agent_key, register, store_schedule
+from tests.lab import collector_config, make_agent_key, register, store_schedule, wait_for
 
 CASES = sorted((Path(__file__).parent / "testcases" / "statefiles").iterdir())
 T0 = 1_767_225_600_000  # 2026-01-01T00:00:00Z
@@ -117,6 +117,8 @@ def test_a_damaged_state_file_stops_start_up_until_reset(case: Path, tmp_path: P
     assert f"moved {path} to {moved[0]}" in proc.stdout
     assert not path.exists()
 
+    starts_and_stops(tmp_path, ["agent" if agent else "collector", "run", "--config", cfg])
+    assert path.exists()
     if agent:  # a fresh state file, sound
         proc = cli(tmp_path, "agent", "status", "--config", cfg)
         assert proc.returncode == 0, proc.stderr
@@ -130,6 +132,19 @@ def test_a_damaged_state_file_stops_start_up_until_reset(case: Path, tmp_path: P
         assert proc.returncode == 0, proc.stdout + proc.stderr
         assert f"ledger  {path}: OK (integrity_check" in proc.stdout
     assert moved[0].read_bytes() == damaged  # the old file is kept as it was
+
+
+def starts_and_stops(tmp: Path, args: list[str]) -> None:
+    """The service starts (says it is running), then stops cleanly on SIGTERM."""
+    log = tmp / "service.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen([*LABMETER, *args], cwd=tmp, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        wait_for(lambda: " running" in log.read_text(), timeout=30, what=f"{args[0]} running")
+    finally:
+        proc.terminate()
+        assert proc.wait(30) == 0, log.read_text()
+    assert "Traceback" not in log.read_text()
 
 
 def test_a_file_that_does_not_exist_is_new(tmp_path: Path) -> None:
