@@ -14,7 +14,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from labmeter import signing, wire
+from labmeter import signing, statefile, wire
 from labmeter.agent.timeline import Span
 from labmeter.wire import State
 
@@ -74,28 +74,39 @@ class Signer:
     kid: str
 
 
+RESET_FIX = (
+    "restore it from a backup (docs/deploy.md), or run `labmeter agent reset-state --config {config}` "
+    "to move it aside and start new chains"
+)
+
+
 class AgentStore:
     def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        """Open the state file, creating it only if it does not exist; an existing one that is empty,
+        cut short or damaged (quick_check, at every start: the file is small) raises StateFileError."""
         self.path = path
-        self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         try:
-            self.db.execute("PRAGMA journal_mode=WAL")
-            self.db.execute("PRAGMA synchronous=FULL")
-            self.db.executescript(SCHEMA)
-            # a state directory from before chains started at the clock: its chains began at 1
-            if "first" not in self._columns("chain"):
-                self.db.execute("ALTER TABLE chain ADD COLUMN first INTEGER NOT NULL DEFAULT 1")
-            if "clock_step_ms" not in self._columns("checkpoint"):
-                self.db.execute("ALTER TABLE checkpoint ADD COLUMN clock_step_ms INTEGER NOT NULL DEFAULT 0")
+            self.db = statefile.connect(path, RESET_FIX, self._setup)
         except sqlite3.OperationalError as exc:
-            self.db.close()
             if _is_disk_full(exc):
                 raise DiskFull(path) from None
             raise
 
-    def _columns(self, table: str) -> set[str]:
-        return {r[1] for r in self.db.execute(f"PRAGMA table_info({table})")}
+    @staticmethod
+    def _setup(db: sqlite3.Connection) -> None:
+        db.execute("PRAGMA journal_mode=WAL")
+        # FULL: a row is on disk before it is sent, a chain head before it moves
+        db.execute("PRAGMA synchronous=FULL")
+        db.executescript(SCHEMA)
+
+        def columns(table: str) -> set[str]:
+            return {r[1] for r in db.execute(f"PRAGMA table_info({table})")}
+
+        # a state directory from before chains started at the clock: its chains began at 1
+        if "first" not in columns("chain"):
+            db.execute("ALTER TABLE chain ADD COLUMN first INTEGER NOT NULL DEFAULT 1")
+        if "clock_step_ms" not in columns("checkpoint"):
+            db.execute("ALTER TABLE checkpoint ADD COLUMN clock_step_ms INTEGER NOT NULL DEFAULT 0")
 
     @contextlib.contextmanager
     def _transaction(self, immediate: bool = True) -> Iterator[sqlite3.Cursor]:
@@ -119,6 +130,10 @@ class AgentStore:
 
     def close(self) -> None:
         self.db.close()
+
+    def check(self, full: bool = True) -> list[str]:
+        """``PRAGMA integrity_check`` (or quick_check) problems; empty when the file is sound."""
+        return statefile.check(self.db, full)
 
     def emit(
         self,

@@ -7,8 +7,13 @@ collector verifies signatures, stores in the ledger (SQLite, and PostgreSQL on a
 throwaway local server) and acknowledges.
 
     .venv/bin/python -m benchmarks.ingest [--messages 20000] [--runs 3] [--ledgers sqlite,postgresql]
+    .venv/bin/python -m benchmarks.ingest --store-only [--runs 3] [--ledgers ...]   # the ledger's commits alone
 
-Each run measures both rates afresh; the median ratio is the result.
+Each run measures both rates afresh; the median ratio is the result. Ledgers:
+``sqlite`` as shipped (synchronous=FULL: a commit is on disk before it is acknowledged),
+``sqlite-normal`` the earlier synchronous=NORMAL (for comparison), ``postgresql`` on a
+server with fsync off (as the tests run it), ``postgresql-durable`` on one with fsync on
+and synchronous_commit as shipped (on).
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import paho.mqtt.client as paho
 
@@ -29,7 +35,12 @@ from labmeter import config, signing, wire
 from labmeter.collector.ledger import Ledger
 from labmeter.collector.service import Collector
 
+if TYPE_CHECKING:
+    from tests.postgres import PostgresServer
+
 AGENTS, INSTRUMENTS_PER_AGENT = 10, 10
+LEDGERS = ("sqlite", "sqlite-normal", "postgresql", "postgresql-durable")
+SHIPPED_SYNCHRONOUS = Ledger.synchronous
 T0 = 1_767_225_600_000  # 2026-01-01T00:00:00Z
 
 
@@ -153,6 +164,52 @@ def collector_rate(
     return n / asyncio.run(session(wait_all=True))
 
 
+def store_rates(kinds: list[str], servers: dict[str, PostgresServer], runs: int) -> None:
+    """The ledger alone: seconds per commit and per interval for batches of 1, 50 and 2,000, each kind
+    in turn on a fresh ledger, ``runs`` times (no broker, no signatures: the durability cost is here)."""
+    from labmeter.collector.ledger import StoredInterval
+    from labmeter.wire import load_body, open_envelope, parse_interval
+
+    results: dict[tuple[str, int], list[float]] = {}
+    with tempfile.TemporaryDirectory() as d:
+        msgs, _registry = make_messages(Path(d), 20_000)
+        rows = []
+        for _topic, payload in msgs:
+            env = open_envelope(payload)
+            rows.append(
+                (
+                    StoredInterval.of(parse_interval(load_body(env.body)), wire.body_hash(env.body), payload),
+                    None,
+                )
+            )
+        for run in range(runs):
+            for kind in kinds:
+                for batch in (1, 50, 2000):
+                    n = min(len(rows), 400 * batch)
+                    with tempfile.TemporaryDirectory() as ld:
+                        url = servers[kind].new_database() if kind in servers else "sqlite"
+                        Ledger.synchronous = "NORMAL" if kind == "sqlite-normal" else SHIPPED_SYNCHRONOUS
+                        ledger = Ledger.open(url, Path(ld))
+                        t0 = time.perf_counter()
+                        for i in range(0, n, batch):
+                            ledger.store(rows[i : i + batch], [])
+                        elapsed = time.perf_counter() - t0
+                        ledger.close()
+                        Ledger.synchronous = SHIPPED_SYNCHRONOUS
+                    results.setdefault((kind, batch), []).append(elapsed / (n / batch))
+                    print(
+                        f"run {run + 1}: {kind:<18} batches of {batch:>4}: {1000 * elapsed / (n / batch):7.2f} ms "
+                        f"per commit, {1e6 * elapsed / n:6.1f} us per interval",
+                        flush=True,
+                    )
+    for (kind, batch), per_commit in results.items():
+        med = statistics.median(per_commit)
+        print(
+            f"{kind:<18} batches of {batch:>4}: median {1000 * med:7.2f} ms per commit, "
+            f"{1e6 * med / batch:6.1f} us per interval, {batch / med:8.0f} intervals/s"
+        )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--messages", type=int, default=20_000)
@@ -160,15 +217,29 @@ def main() -> None:
     ap.add_argument(
         "--ledgers",
         default="sqlite,postgresql",
-        help="comma-separated: sqlite, postgresql (a throwaway server)",
+        help="comma-separated: " + ", ".join(LEDGERS) + " (PostgreSQL: a throwaway local server)",
+    )
+    ap.add_argument(
+        "--store-only", action="store_true", help="time the ledger's commits alone (batches of 1, 50, 2000)"
     )
     args = ap.parse_args()
     kinds = args.ledgers.split(",")
-    pg = None
-    if "postgresql" in kinds:
-        from tests.postgres import PostgresServer
+    unknown = set(kinds) - set(LEDGERS)
+    if unknown:
+        ap.error(f"--ledgers: unknown {', '.join(sorted(unknown))} (choose from {', '.join(LEDGERS)})")
+    servers: dict[str, PostgresServer] = {}
+    for kind in kinds:
+        if kind.startswith("postgresql"):
+            from tests.postgres import PostgresServer
 
-        pg = PostgresServer().start()
+            servers[kind] = PostgresServer(fsync=kind == "postgresql-durable").start()
+    if args.store_only:
+        try:
+            store_rates(kinds, servers, args.runs)
+        finally:
+            for server in servers.values():
+                server.stop()
+        return
     results: dict[str, list[tuple[float, float]]] = {k: [] for k in kinds}
     try:
         for run in range(args.runs):
@@ -176,13 +247,15 @@ def main() -> None:
                 with tempfile.TemporaryDirectory() as d:
                     tmp = Path(d)
                     msgs, registry = make_messages(tmp, args.messages)
-                    url = pg.new_database() if kind == "postgresql" and pg else "sqlite"
+                    url = servers[kind].new_database() if kind in servers else "sqlite"
                     port = free_port()
                     broker = start_mosquitto(tmp, port)
+                    Ledger.synchronous = "NORMAL" if kind == "sqlite-normal" else SHIPPED_SYNCHRONOUS
                     try:
                         raw = raw_rate(port, msgs)
                         coll = collector_rate(port, tmp, msgs, registry, url)
                     finally:
+                        Ledger.synchronous = SHIPPED_SYNCHRONOUS
                         broker.terminate()
                         broker.wait()
                 results[kind].append((raw, coll))
@@ -192,8 +265,8 @@ def main() -> None:
                     flush=True,
                 )
     finally:
-        if pg is not None:
-            pg.stop()
+        for server in servers.values():
+            server.stop()
     verdicts = Verdicts()
     for kind, pairs in results.items():
         ratios = sorted(c / r for r, c in pairs)

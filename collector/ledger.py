@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from labmeter import statefile
 from labmeter.netutil import redact_text, redact_url
 from labmeter.wire import (
     GENESIS,
@@ -155,6 +156,17 @@ REJECTION_RETAIN_MS = 90 * 86_400_000
 REJECTION_OTHER = ("(other reasons)", "(other topics)")
 
 
+def expected_columns() -> dict[str, set[str]]:
+    """Each table of SCHEMA and its columns (read from SCHEMA itself, in a scratch in-memory database)."""
+    mem = sqlite3.connect(":memory:")
+    try:
+        mem.executescript(SCHEMA)
+        tables = [r[0] for r in mem.execute("SELECT name FROM sqlite_master WHERE type='table'")]
+        return {t: {r[1] for r in mem.execute(f"PRAGMA table_info({t})")} for t in tables}
+    finally:
+        mem.close()
+
+
 @dataclass(frozen=True)
 class StoredInterval:
     agent: str
@@ -208,14 +220,28 @@ class LedgerError(Exception):
     pass
 
 
+RESET_FIX = (
+    "restore it from a backup (docs/deploy.md), or run `labmeter collector reset-ledger --config {config}` "
+    "to move it aside and start an empty ledger"
+)
+
+
 class Ledger:
-    def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
-        db.execute("PRAGMA journal_mode=WAL")
-        db.execute("PRAGMA synchronous=NORMAL")
+    # FULL: a commit is on disk before the collector acknowledges it, and the agent deletes its copy on
+    # that acknowledgement. WAL with NORMAL may lose the last commits on a power cut (docs/decisions.md).
+    synchronous = "FULL"
+
+    def __init__(self, path: Path, quick_check: bool = False) -> None:
+        """Open (or create, if the file does not exist) an SQLite ledger; an existing file that is empty,
+        cut short or not SQLite raises StateFileError, and so does damage ``quick_check`` finds."""
         self.path: Path | None = path
-        self._setup(db, str(path))
+
+        def setup(db: sqlite3.Connection) -> None:
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute(f"PRAGMA synchronous={self.synchronous}")
+            self._setup(db, str(path))
+
+        statefile.connect(path, RESET_FIX, setup, quick_check=quick_check, timeout=30)
 
     def _setup(self, db: Any, name: str) -> None:
         self.db = db
@@ -286,12 +312,21 @@ class Ledger:
                         cur.execute(f"ALTER TABLE service_records ADD COLUMN {ddl}")
         self.db.execute("CREATE INDEX IF NOT EXISTS service_batch ON service_records (batch)")
 
-    @classmethod
-    def open(cls, url: str, data_dir: Path) -> Ledger:
+    @staticmethod
+    def sqlite_path(url: str, data_dir: Path) -> Path | None:
+        """The file of an SQLite ledger URL; None for any other kind."""
         if url == "sqlite":
-            return cls(data_dir / "ledger.sqlite")
+            return data_dir / "ledger.sqlite"
         if url.startswith("sqlite:///"):
-            return cls(Path(url.removeprefix("sqlite:///")))
+            return Path(url.removeprefix("sqlite:///"))
+        return None
+
+    @classmethod
+    def open(cls, url: str, data_dir: Path, quick_check: bool = False) -> Ledger:
+        """``quick_check``: read every page of an SQLite ledger before use (the collector does, at start-up)."""
+        path = cls.sqlite_path(url, data_dir)
+        if path is not None:
+            return cls(path, quick_check)
         if url.startswith(("postgresql://", "postgres://")):
             from labmeter.collector import pg
 
@@ -311,6 +346,52 @@ class Ledger:
 
     def close(self) -> None:
         self.db.close()
+
+    def check(self, full: bool = True) -> list[str]:
+        """Problems with the ledger, empty when none. SQLite: ``PRAGMA integrity_check`` (``full``) or
+        ``quick_check`` over every page. PostgreSQL: every table and column of the schema is there and
+        readable, and fsync and synchronous_commit are not off (an acknowledgement follows the commit);
+        pages are the server's to check (data checksums, pg_amcheck)."""
+        if self.path is not None:
+            return statefile.check(self.db, full)
+        expected = expected_columns()
+        found: dict[str, set[str]] = {}
+        for table, column in self.db.execute(
+            "SELECT table_name, column_name FROM information_schema.columns WHERE table_schema = current_schema()"
+        ):
+            found.setdefault(table, set()).add(column)
+        problems = []
+        for table, columns in expected.items():
+            if table not in found:
+                problems.append(f"table {table} is missing")
+            elif columns - found[table]:
+                problems.append(f"table {table} lacks column(s) {', '.join(sorted(columns - found[table]))}")
+            else:
+                self.db.execute(f"SELECT * FROM {table} LIMIT 1").fetchall()
+        settings = self.server_settings()
+        if settings.get("fsync") != "on":
+            problems.append(
+                "the server runs with fsync off: a crash of its machine can lose acknowledged intervals"
+            )
+        if settings.get("synchronous_commit") == "off":
+            problems.append(
+                "synchronous_commit is off: a crash of the server can lose acknowledged intervals"
+            )
+        return problems
+
+    def server_settings(self) -> dict[str, str]:
+        """PostgreSQL's durability settings as the collector's connection sees them (empty on SQLite)."""
+        if self.path is not None:
+            return {}
+        names = ("fsync", "synchronous_commit", "data_checksums", "server_version")
+        return {n: str(self.db.execute(f"SHOW {n}").fetchone()[0]) for n in names}
+
+    def counts(self) -> dict[str, int]:
+        """Rows in the tables a person recognises, for check and status output."""
+        return {
+            t: int(self.db.execute(f"SELECT count(*) FROM {t}").fetchone()[0])
+            for t in ("agents", "instruments", "intervals", "rejections")
+        }
 
     # registry -------------------------------------------------------------
     def add_agent(self, agent: str, pubkey: str, kid: str, instruments: Iterable[str]) -> None:

@@ -130,7 +130,7 @@ class Collector:
     def __init__(self, cfg: CollectorConfig, clock: Clock | None = None) -> None:
         self.cfg = cfg
         self.clock = clock or Clock()
-        self.ledger = Ledger.open(cfg.collector.ledger, cfg.collector.data_dir)
+        self.ledger = Ledger.open(cfg.collector.ledger, cfg.collector.data_dir, quick_check=True)
         self.verifier = Verifier(self.ledger, self.clock, cfg.collector.max_future_s)
         self.watermarks = Watermarks(self.ledger)
         self.live = LiveState()

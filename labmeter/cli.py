@@ -20,8 +20,10 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 import click
 
 from labmeter import __version__, config, log, signing, winsys
+from labmeter.statefile import StateFileError
 
 if TYPE_CHECKING:
+    from labmeter.agent.outbox import AgentStore
     from labmeter.collector.ledger import Ledger
 
 
@@ -61,14 +63,35 @@ def load_collector(path: Path) -> config.CollectorConfig:
         fail(str(exc))
 
 
-def open_ledger(cfg: config.CollectorConfig) -> Ledger:
-    """The collector's ledger, or a clear error (its URL without any password) instead of a traceback."""
+# (file, the command that checks it) of the state files this command opened: an SQLite error met later
+# (a damaged page that the start-up checks do not read) is reported against them, not as a traceback
+_opened: list[tuple[str, str]] = []
+
+
+def open_store(cfg: config.AgentConfig, cfg_path: Path) -> AgentStore:
+    """The agent's state file, or a one-line error naming it and the fix."""
+    from labmeter.agent.outbox import AgentStore
+
+    try:
+        store = AgentStore(cfg.agent.state_dir / "agent.db")
+    except StateFileError as exc:
+        fail(exc.message(cfg_path))
+    _opened.append((str(store.path), f"labmeter agent status --config {cfg_path}"))
+    return store
+
+
+def open_ledger(cfg: config.CollectorConfig, cfg_path: Path) -> Ledger:
+    """The ledger, or a one-line error naming it and the fix."""
     from labmeter.collector.ledger import Ledger, LedgerError
 
     try:
-        return Ledger.open(cfg.collector.ledger, cfg.collector.data_dir)
+        ledger = Ledger.open(cfg.collector.ledger, cfg.collector.data_dir)
+    except StateFileError as exc:
+        fail(exc.message(cfg_path))
     except LedgerError as exc:
         fail(str(exc))
+    _opened.append((ledger.name, f"labmeter collector check --config {cfg_path}"))
+    return ledger
 
 
 def zone_for(tz: str | None, cfg: config.CollectorConfig) -> ZoneInfo:
@@ -245,6 +268,8 @@ def agent_run(cfg_path: Path, verbose: bool) -> None:
         run_until_signal(lambda stop: run_agent(cfg, stop))
     except (config.ConfigError, signing.KeyFileError) as exc:
         fail(str(exc))
+    except StateFileError as exc:
+        fail(exc.message(cfg_path))
 
 
 @agent_group.command("probe")
@@ -462,12 +487,13 @@ def agent_service(cfg_path: Path) -> None:
 @config_option("agent.toml")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def agent_status(cfg_path: Path, as_json: bool) -> None:
-    """Show the outbox: what waits for the collector's acknowledgement, and what it rejected."""
+    """Show the outbox: what waits for the collector's acknowledgement, what it rejected, and whether
+    the state file is sound (PRAGMA integrity_check; exit status 1 if not)."""
     from labmeter.agent.control import load_pin
-    from labmeter.agent.outbox import AgentStore
 
     cfg = load_agent(cfg_path)
-    store = AgentStore(cfg.agent.state_dir / "agent.db")
+    store = open_store(cfg, cfg_path)
+    problems = store.check(full=True)
     summary = store.summary()
     store.close()
     try:
@@ -484,8 +510,8 @@ def agent_status(cfg_path: Path, as_json: bool) -> None:
         summary["collector_key"] = {"error": str(exc)}
         pinned = f"collector key: {exc}"
     if as_json:
-        click.echo(json.dumps(summary, indent=2))
-        return
+        click.echo(json.dumps({**summary, "integrity": problems or "ok"}, indent=2))
+        sys.exit(1 if problems else 0)
     chain = summary["chain"]
     pending = summary["pending"]
     dead = summary["dead"]
@@ -516,19 +542,85 @@ def agent_status(cfg_path: Path, as_json: bool) -> None:
         click.echo(f"rejected by the collector ({len(dead)}); fix the cause, then `labmeter agent resend`:")
         for d in dead[-20:]:
             click.echo(f"  {d['instrument']} seq {d['seq']} at {local(d['at'])}: {d['reason']}")
+    path = cfg.agent.state_dir / "agent.db"
+    if problems:
+        click.echo(f"state file {path}: DAMAGED (integrity_check: {'; '.join(problems)})")
+        click.echo(f"  restore it from a backup, or: labmeter agent reset-state --config {cfg_path}")
+        sys.exit(1)
+    click.echo(f"state file {path}: OK (integrity_check)")
 
 
 @agent_group.command("resend")
 @config_option("agent.toml")
 def agent_resend(cfg_path: Path) -> None:
     """Put rejected messages back in the outbox, once their cause is fixed."""
-    from labmeter.agent.outbox import AgentStore
-
     cfg = load_agent(cfg_path)
-    store = AgentStore(cfg.agent.state_dir / "agent.db")
+    store = open_store(cfg, cfg_path)
     n = store.resend_dead()
     store.close()
     click.echo(f"{n} message(s) queued again")
+
+
+@agent_group.command("reset-state")
+@config_option("agent.toml")
+@click.option(
+    "--force", is_flag=True, help="Also when the file is sound: its unacknowledged intervals are lost."
+)
+def agent_reset_state(cfg_path: Path, force: bool) -> None:
+    """Move a damaged state file (agent.db) aside, so that the next start begins new chains.
+
+    Stop the agent first. The old file stays beside the new one, renamed agent.db.damaged-<UTC time>.
+    """
+    from labmeter.agent.outbox import AgentStore
+
+    cfg = load_agent(cfg_path)
+    path = cfg.agent.state_dir / "agent.db"
+    problem = _reset_precheck(
+        path, force, lambda: AgentStore(path), lambda s: s.pending_count(), "interval(s) not yet acknowledged"
+    )
+    target = _move_aside(path)
+    click.echo(f"moved {path} to {target} ({problem})")
+    click.echo(
+        "the next `labmeter agent run` starts new chains above the old seqs; what the old file held "
+        "that the collector had not acknowledged is not sent (the collector reports that time as no data)"
+    )
+
+
+def _reset_precheck(
+    path: Path, force: bool, opener: Callable[[], Any], held: Callable[[Any], int], what: str
+) -> str:
+    """Why ``path`` may be moved aside (damaged, or --force); fails when it is absent, in use or sound."""
+    from labmeter import statefile
+
+    if not path.exists():
+        fail(f"{path} does not exist: nothing to reset (the next start creates it)", code=1)
+    if statefile.in_use(path):
+        fail(f"{path} is open in another process: stop the service first", code=1)
+    try:
+        store = opener()
+    except StateFileError as exc:
+        return exc.problem
+    try:
+        problems = store.check(full=True)
+        n = held(store)
+    except Exception as exc:  # damage that integrity_check itself trips over
+        return f"unreadable: {exc}"
+    finally:
+        store.close()
+    if problems:
+        return "damaged: " + "; ".join(problems)
+    if not force:
+        fail(f"{path} is sound ({n} {what}); nothing to reset. --force moves it aside anyway", code=1)
+    return f"sound, moved with --force; it held {n} {what}"
+
+
+def _move_aside(path: Path) -> Path:
+    from labmeter import statefile
+
+    try:
+        return statefile.move_aside(path)
+    except OSError as exc:
+        fail(f"cannot move {path} aside: {exc.strerror or exc}")
 
 
 # collector ------------------------------------------------------------------
@@ -545,8 +637,16 @@ def collector_run(cfg_path: Path, verbose: bool) -> None:
     cfg = load_collector(cfg_path)
 
     async def main(stop: asyncio.Event) -> None:
+        from labmeter.collector.ledger import LedgerError
+
         try:
-            await Collector(cfg, clock_from_env()).run(stop)
+            collector = Collector(cfg, clock_from_env())
+        except StateFileError as exc:
+            fail(exc.message(cfg_path))
+        except LedgerError as exc:
+            fail(str(exc))
+        try:
+            await collector.run(stop)
         except signing.KeyFileError as exc:
             fail(f"[collector] key_file: {exc}")
 
@@ -555,6 +655,108 @@ def collector_run(cfg_path: Path, verbose: bool) -> None:
         run_until_signal(main)
     except (config.ConfigError, LedgerError) as exc:
         fail(str(exc))
+
+
+@collector_group.command("check")
+@config_option("collector.toml")
+@click.option("--quick", is_flag=True, help="SQLite: PRAGMA quick_check (O(N)) instead of integrity_check.")
+def collector_check(cfg_path: Path, quick: bool) -> None:
+    """Check the config, the ledger (SQLite: PRAGMA integrity_check; PostgreSQL: connection and schema)
+    and the collector's key; exit status 1 if anything is wrong.
+
+    On PostgreSQL the pages themselves are not read: that is the server's job (initdb --data-checksums,
+    pg_amcheck).
+    """
+    import time
+
+    from labmeter.collector.ledger import Ledger, LedgerError
+
+    cfg = load_collector(cfg_path)
+    click.echo(f"config  {cfg_path}: OK")
+    ok = True
+    url = cfg.collector.ledger
+    path = Ledger.sqlite_path(url, cfg.collector.data_dir)
+    name = str(path) if path else url.split("@")[-1]
+    if path is not None and not path.exists():
+        click.echo(f"ledger  {path}: not created yet (the first `collector run` or `add-agent` creates it)")
+    else:
+        try:
+            t0 = time.monotonic()
+            ledger = Ledger.open(url, cfg.collector.data_dir)
+            try:
+                problems = ledger.check(full=not quick)
+                counts = ledger.counts()
+                settings = ledger.server_settings()
+            finally:
+                ledger.close()
+            how = ("quick_check" if quick else "integrity_check") if path else "connection and schema"
+            took = time.monotonic() - t0
+        except StateFileError as exc:
+            problems, how, settings = [exc.problem], "", {}
+        except LedgerError as exc:
+            problems, how, settings = [str(exc)], "", {}
+        except Exception as exc:  # damage that the check itself trips over
+            problems, how, settings = [f"damaged: {exc}"], "", {}
+        if problems:
+            ok = False
+            label = "DAMAGED" if path is not None else "PROBLEM"
+            click.echo(f"ledger  {name}: {label} {'(' + how + ') ' if how else ''}{'; '.join(problems)}")
+            if path is not None:
+                click.echo(
+                    f"  restore it from a backup, or: labmeter collector reset-ledger --config {cfg_path}"
+                )
+        else:
+            click.echo(
+                f"ledger  {name}: OK ({how}, {took:.1f} s; {counts['agents']} agent(s), "
+                f"{counts['instruments']} instrument(s), {counts['intervals']} interval(s), "
+                f"{counts['rejections']} rejection(s))"
+            )
+        if path is None and settings:
+            click.echo(
+                f"  PostgreSQL {settings['server_version']}: fsync {settings['fsync']}, synchronous_commit "
+                f"{settings['synchronous_commit']}, data_checksums {settings['data_checksums']}; not checked "
+                "here: the server's pages (initdb --data-checksums, pg_amcheck)"
+            )
+    key_path = cfg.collector.key_path
+    if not key_path.exists():
+        click.echo(f"key     {key_path}: not created yet (the first `collector run` creates it)")
+    else:
+        try:
+            key = signing.load_private_key(key_path)
+            click.echo(f"key     {key_path}: OK (agents pin {signing.public_key_text(key.public_key())})")
+        except signing.KeyFileError as exc:
+            ok = False
+            click.echo(f"key     {exc}")
+    sys.exit(0 if ok else 1)
+
+
+@collector_group.command("reset-ledger")
+@config_option("collector.toml")
+@click.option("--force", is_flag=True, help="Also when the ledger is sound: everything in it is set aside.")
+def collector_reset_ledger(cfg_path: Path, force: bool) -> None:
+    """Move a damaged SQLite ledger aside, so that the next start begins an empty one.
+
+    Stop the collector first. The old file stays beside the new one, renamed ledger.sqlite.damaged-<UTC time>.
+    """
+    from labmeter.collector.ledger import Ledger
+
+    cfg = load_collector(cfg_path)
+    path = Ledger.sqlite_path(cfg.collector.ledger, cfg.collector.data_dir)
+    if path is None:
+        fail(
+            "the ledger is on PostgreSQL, not in a file: restore it with pg_restore, or drop and "
+            "create the database yourself (docs/deploy.md)",
+            code=1,
+        )
+    problem = _reset_precheck(
+        path, force, lambda: Ledger(path), lambda s: s.counts()["intervals"], "interval(s)"
+    )
+    target = _move_aside(path)
+    click.echo(f"moved {path} to {target} ({problem})")
+    click.echo(
+        "the next start creates an empty ledger: register the agents again (`labmeter collector add-agent`) "
+        "and import the instruments; agents then resend what they still hold unacknowledged"
+    )
 
 
 @collector_group.command("add-agent")
@@ -608,7 +810,7 @@ def collector_add_agent(
         pub = signing.parse_public_key(key)
     except signing.KeyFileError as exc:
         fail(str(exc))
-    ledger = open_ledger(cfg)
+    ledger = open_ledger(cfg, cfg_path)
     ledger.add_agent(agent_id, key, signing.key_id(pub), instruments)
     ledger.close()
     click.echo(
@@ -818,7 +1020,7 @@ def collector_export_keys(cfg_path: Path, out: Path | None) -> None:
         pub = collector_key(cfg.collector).public_key()
     except signing.KeyFileError as exc:
         fail(str(exc))
-    ledger = open_ledger(cfg)
+    ledger = open_ledger(cfg, cfg_path)
     try:
         doc = export_keys(ledger, pub, int(time.time() * 1000))
     finally:
@@ -854,7 +1056,7 @@ def collector_import(file: Path, cfg_path: Path) -> None:
     from labmeter.collector.registry import ImportError_, import_instruments
 
     cfg = load_collector(cfg_path)
-    ledger = open_ledger(cfg)
+    ledger = open_ledger(cfg, cfg_path)
     notes: list[str] = []
     try:
         n = import_instruments(ledger, file, notes)
@@ -891,7 +1093,7 @@ def collector_import_services(
     from labmeter.collector.registry import ImportError_, import_services
 
     cfg = load_collector(cfg_path)
-    ledger = open_ledger(cfg)
+    ledger = open_ledger(cfg, cfg_path)
     try:
         res = import_services(ledger, file, zone_for(tz, cfg), instrument, replace=replace)
     except ImportError_ as exc:
@@ -925,7 +1127,7 @@ def services_list(cfg_path: Path, as_json: bool, tz: str | None) -> None:
     """Every import batch: id, file, when imported, records it holds, instruments and time span."""
     cfg = load_collector(cfg_path)
     zone = zone_for(tz, cfg)
-    ledger = open_ledger(cfg)
+    ledger = open_ledger(cfg, cfg_path)
     try:
         batches = ledger.service_batches()
     finally:
@@ -956,7 +1158,7 @@ def services_list(cfg_path: Path, as_json: bool, tz: str | None) -> None:
 def services_delete(batch: int, cfg_path: Path) -> None:
     """Remove one import batch and all of its service records (reports recompute the hours)."""
     cfg = load_collector(cfg_path)
-    ledger = open_ledger(cfg)
+    ledger = open_ledger(cfg, cfg_path)
     try:
         n = ledger.delete_service_batch(batch)
     finally:
@@ -1047,7 +1249,7 @@ def report_hours(
     zone = zone_for(tz, cfg)
     if fmt == "xlsx" and out is None:
         fail("--format xlsx needs --output FILE.xlsx")
-    ledger = open_ledger(cfg)
+    ledger = open_ledger(cfg, cfg_path)
     try:
         a, b = parse_time(start, zone), parse_time(end, zone, end=True)
         if fmt == "xlsx":
@@ -1093,7 +1295,7 @@ def report_national(year: int, out: Path, ins_code: str, cfg_path: Path, tz: str
     except ExportError as exc:
         fail(str(exc))
     cfg = load_collector(cfg_path)
-    ledger = open_ledger(cfg)
+    ledger = open_ledger(cfg, cfg_path)
     try:
         data = national_export(ledger, year, cfg.policy, zone_for(tz, cfg), ins_code)
     finally:
@@ -1137,7 +1339,7 @@ def report_findings(
 
     cfg = load_collector(cfg_path)
     zone = zone_for(tz, cfg)
-    ledger = open_ledger(cfg)
+    ledger = open_ledger(cfg, cfg_path)
     try:
         res = findings(
             ledger,
@@ -1188,7 +1390,7 @@ def report_evidence(instrument: str, start: str, end: str, out: Path, cfg_path: 
         key = collector_key(cfg.collector)
     except signing.KeyFileError as exc:
         fail(str(exc))
-    ledger = open_ledger(cfg)
+    ledger = open_ledger(cfg, cfg_path)
     try:
         a, b = parse_time(start, zone), parse_time(end, zone, end=True)
         info = next((i for i in ledger.instruments() if i["code"] == instrument), {})
@@ -1356,4 +1558,11 @@ def sim(spec_file: Path, verbose: bool) -> None:
 
 
 def main() -> None:
-    app()
+    import sqlite3
+
+    try:
+        app()
+    except sqlite3.DatabaseError as exc:
+        where, check = _opened[-1] if _opened else ("a state file", "labmeter collector check")
+        what = str(exc) if isinstance(exc, sqlite3.OperationalError) else f"damaged ({exc})"
+        fail(f"{where}: {what}; `{check}` checks it and says what to do")
