@@ -106,39 +106,100 @@ def cli(cwd: Path, *args: str, ok: bool = True) -> str:
     return proc.stdout
 
 
-def expected(code: str, a: int, b: int) -> dict[str, float]:
-    run = run_h(code, a, b)
-    rated = RATED[code] * ((b - a) / 3_600_000) / YEAR_H
-    external = {"CZ-G": run_h("CZ-G", max(a, t(APR1, 6)), min(b, t(APR1, 8)))}.get(code, 0.0)
-    internal = {"CZ-G": run_h("CZ-G", max(a, t(MAR31, 10)), min(b, t(MAR31, 12)))}.get(code, 0.0)
+def seconds(code: str, a: int, b: int) -> dict[str, float]:
+    """The exact figures (seconds) of ``code`` in [a, b) from the schedule, the period being over."""
+    run = run_h(code, a, b) * 3600
+    rated = RATED[code] * ((b - a) / 3_600_000) / YEAR_H * 3600
+    external = {"CZ-G": run_h("CZ-G", max(a, t(APR1, 6)), min(b, t(APR1, 8)))}.get(code, 0.0) * 3600
+    internal = {"CZ-G": run_h("CZ-G", max(a, t(MAR31, 10)), min(b, t(MAR31, 12)))}.get(code, 0.0) * 3600
+    # docs/decisions.md "Reports count each instrument's metered part only": metered time runs from the
+    # instrument's first interval (the schedule's first span) to the period end; what the schedule does
+    # not cover of it is no data
+    metered = known = 0.0
+    if code in RUNS:
+        first, last = spans(code)[0][0], spans(code)[-1][1]
+        metered = max(0, b - max(a, first)) / 1000
+        known = max(0, min(b, last) - max(a, first)) / 1000
     return {
-        "run_h": round(run, 2),
-        "effective_h": round(run, 2),
-        "service_h": round(internal + external, 2),
-        "external_h": round(external, 2),
-        "rated_h": round(rated, 2),
-        "utilisation_pct": round(100 * run / rated, 1),
+        "run_s": run,
+        "effective_s": run,
+        "service_s": internal + external,
+        "internal_s": internal,
+        "external_s": external,
+        "rated_s": round(rated, 3),
+        "standby_s": 0,
+        "off_s": known - run,
+        "unknown_s": 0,
+        "unverified_s": 0,
+        "uncovered_s": metered - known,
+        "metered_s": metered,
     }
 
 
-def check_row(got: dict[str, object], want: dict[str, float]) -> None:
+def expected(code: str, a: int, b: int) -> dict[str, float | None]:
+    sec = seconds(code, a, b)
+    hours = {f"{k[:-2]}_h": round(v / 3600, 2) for k, v in sec.items()}
+    return {
+        **hours,
+        "utilisation_pct": round(100 * sec["effective_s"] / sec["rated_s"], 1),
+        "sharing_pct": round(100 * sec["external_s"] / sec["effective_s"], 1) if sec["effective_s"] else None,
+        # coverage is known time over metered time (docs/decisions.md, as above): none without metering
+        "coverage_pct": (
+            round(100 * (1 - sec["uncovered_s"] / sec["metered_s"]), 1) if sec["metered_s"] else None
+        ),
+    }
+
+
+def check_row(got: dict[str, object], want: dict[str, float | None]) -> None:
     for key, value in want.items():
         assert got[key] == value, f"{got.get('key')} {key}: {got[key]} != {value}"
+
+
+def check_seconds(got: dict[str, object], want: dict[str, float]) -> None:
+    """The exact seconds beside the hours: each the schedule's, and each hour figure its seconds / 3600."""
+    sec = got["seconds"]
+    assert isinstance(sec, dict)
+    assert sec == want, f"{got.get('key')}: {sec} != {want}"
+    for key, value in sec.items():
+        assert got[f"{key[:-2]}_h"] == round(value / 3600, 2), (got.get("key"), key)
+
+
+def hours_json(
+    site: Path, *args: str
+) -> tuple[dict[str, dict[str, object]], dict[str, object], dict[str, object]]:
+    """``report hours --format json``: its rows by key, its total row and its meta."""
+    data = json.loads(cli(site, "report", "hours", *args, "--format", "json"))
+    assert set(data) == {"meta", "rows", "total"}, list(data)
+    return {r["key"]: r for r in data["rows"]}, data["total"], data["meta"]
 
 
 A, B = t(MAR31, 0), t(APR2, 0)
 
 
 def test_hours_json_by_instrument_checks_every_figure_and_the_800_h_default(site: Path) -> None:
-    rows = {r["key"]: r for r in json.loads(cli(site, "report", "hours", *PERIOD, "--format", "json"))}
+    rows, total, meta = hours_json(site, *PERIOD)
     assert set(rows) == {"CZ-G", "CZ-S", "CZ-N"}
-    for code in ("CZ-G", "CZ-S"):
+    for code in ("CZ-G", "CZ-S", "CZ-N"):
         check_row(rows[code], expected(code, A, B))
+        check_seconds(rows[code], seconds(code, A, B))
     # the special instrument without rated hours of its own gets 800 h a year, prorated to two days
     assert rows["CZ-S"]["rated_h"] == round(800 * PERIOD_H / YEAR_H, 2) != rows["CZ-G"]["rated_h"]
     assert rows["CZ-G"]["sharing_pct"] == round(100 * 2 / 5, 1)
-    assert rows["CZ-N"]["run_h"] == 0 and rows["CZ-N"]["coverage_pct"] == 0
+    # CZ-N has no interval: nothing metered, so neither covered nor no data (docs/decisions.md, "Reports
+    # count each instrument's metered part only"); it still owes its rated hours
+    assert rows["CZ-N"]["run_h"] == 0 and rows["CZ-N"]["coverage_pct"] is None
+    assert rows["CZ-N"]["metered_from"] is None and rows["CZ-N"]["uncovered_h"] == 0
+    assert rows["CZ-G"]["metered_from"] == rows["CZ-S"]["metered_from"] == A
     assert rows["CZ-G"]["name"] == "X射线衍射仪" and rows["CZ-S"]["unit"] == "分析测试中心"
+    # the total row: every exact figure the sum of the instruments'
+    sums = {k: sum(seconds(c, A, B)[k] for c in RATED) for k in seconds("CZ-G", A, B)}
+    assert total["key"] == "合计"
+    assert total["seconds"] == pytest.approx(sums, abs=0.001), total["seconds"]
+    assert total["run_h"] == round(sums["run_s"] / 3600, 2) and total["internal_h"] == 2.0
+    # meta says which period and zone it is about, and that the whole period was counted (it is over)
+    assert (meta["period"]["from_ms"], meta["period"]["to_ms"], meta["timezone"]) == (A, B, "Asia/Shanghai")
+    assert meta["counted_up_to"] == "2026-04-02T00:00:00+08:00"
+    assert {"run_h", "internal_h", "metered_h"} <= set(meta["columns"])
 
 
 @pytest.mark.parametrize("by", ["unit", "category", "month"])
@@ -152,11 +213,25 @@ def test_hours_csv_in_every_grouping_and_language(site: Path, by: str) -> None:
         ("en", "TOTAL", {"unit": "Unit", "category": "Category", "month": "Month"}),
     ):
         text = cli(site, "report", "hours", *PERIOD, "--by", by, "--format", "csv", "--lang", lang)
-        table = list(csv.reader(io.StringIO(text.lstrip("\ufeff"))))
+        assert text.startswith("\ufeff"), text[:20]  # for Excel on Chinese Windows (docs/decisions.md)
+        bare = cli(
+            site, "report", "hours", *PERIOD, "--by", by, "--format", "csv", "--lang", lang, "--no-bom"
+        )
+        assert bare == text[1:]
+        table = list(csv.reader(io.StringIO(bare)))
         header, body = table[0], table[1:]
         assert header[0] == first[by], header
         run_col = header.index("运行机时 (h)" if lang == "zh" else "Run hours (h)")
+        run_s_col = header.index("运行机时 (s)" if lang == "zh" else "Run hours (s)")
         got = {r[0]: float(r[run_col]) for r in body}
+        assert {r[0]: float(r[run_s_col]) for r in body} == {k: v * 3600 for k, v in got.items()}
+        service = (
+            ["服务机时", "对内服务机时", "对外服务机时"]
+            if lang == "zh"
+            else ["Service", "Internal service", "External service"]
+        )
+        cols = [header.index(f"{c} (h)" if lang == "zh" else f"{c} hours (h)") for c in service]
+        assert cols == sorted(cols) and cols[1] == cols[0] + 1 == cols[2] - 1, header
         assert list(got)[-1] == total
         assert got[total] == round(run_h("CZ-G", A, B) + run_h("CZ-S", A, B), 2)
         if by == "month":
@@ -176,14 +251,18 @@ def test_hours_csv_in_every_grouping_and_language(site: Path, by: str) -> None:
 def test_hours_tz_moves_the_day(site: Path) -> None:
     """The same calendar day in UTC and in Shanghai holds different running: 04-01 06:00 local is 03-31 UTC."""
     day = ["--from", "2026-03-31", "--to", "2026-03-31"]
-    local = {r["key"]: r for r in json.loads(cli(site, "report", "hours", *day, "--format", "json"))}
-    utc = {
-        r["key"]: r for r in json.loads(cli(site, "report", "hours", *day, "--format", "json", "--tz", "UTC"))
-    }
+    local, _, _ = hours_json(site, *day)
+    utc, _, meta = hours_json(site, *day, "--tz", "UTC")
+    assert meta["timezone"] == "UTC"
     utc_a = int(datetime(2026, 3, 31, tzinfo=ZoneInfo("UTC")).timestamp() * 1000)
+    utc_b = utc_a + 24 * 3_600_000
     assert local["CZ-G"]["run_h"] == run_h("CZ-G", A, t(APR1, 0)) == 3.0
-    assert utc["CZ-G"]["run_h"] == run_h("CZ-G", utc_a, utc_a + 24 * 3_600_000) == 5.0
-    check_row(utc["CZ-G"], expected("CZ-G", utc_a, utc_a + 24 * 3_600_000))
+    assert utc["CZ-G"]["run_h"] == run_h("CZ-G", utc_a, utc_b) == 5.0
+    for code in RATED:
+        check_row(local[code], expected(code, A, t(APR1, 0)))
+        check_seconds(local[code], seconds(code, A, t(APR1, 0)))
+        check_row(utc[code], expected(code, utc_a, utc_b))
+        check_seconds(utc[code], seconds(code, utc_a, utc_b))
 
 
 def test_hours_table_and_output_file(site: Path, tmp_path: Path) -> None:
@@ -208,12 +287,21 @@ def test_hours_xlsx_has_every_grouping(site: Path, tmp_path: Path) -> None:
         cli(site, "report", "hours", *PERIOD, "--format", "xlsx", "-o", str(out)).strip() == f"written {out}"
     )
     wb = load_workbook(out)
-    assert wb.sheetnames == ["按仪器", "按单位", "按类别", "按月份"]
+    assert wb.sheetnames == ["说明", "按仪器", "按单位", "按类别", "按月份"]
+    about = {r[0]: r[1] for r in wb["说明"].iter_rows(values_only=True) if r[0]}
+    assert (
+        about["时区 Time zone"] == "Asia/Shanghai" and "2026-03-31T00:00:00+08:00" in about["统计期间 Period"]
+    )
     ws = wb["按仪器"]
     header = [c.value for c in ws[1]]
     rows = {r[0]: dict(zip(header, r, strict=True)) for r in ws.iter_rows(min_row=2, values_only=True)}
-    want = expected("CZ-S", A, B)
-    assert rows["CZ-S"]["运行机时 (h)"] == want["run_h"] and rows["CZ-S"]["定额机时 (h)"] == want["rated_h"]
+    # XLSX cells hold exact hours (docs/decisions.md): the schedule's seconds / 3600, rated hours to the ms
+    for code in ("CZ-G", "CZ-S"):
+        want = seconds(code, A, B)
+        assert rows[code]["运行机时 (h)"] == want["run_s"] / 3600
+        assert rows[code]["对内服务机时 (h)"] == want["internal_s"] / 3600
+        assert rows[code]["计量时长 (h)"] == want["metered_s"] / 3600
+        assert rows[code]["定额机时 (h)"] == pytest.approx(want["rated_s"] / 3600, abs=1e-9)
     by_month = list(wb["按月份"].iter_rows(values_only=True))
     run_col = by_month[0].index("运行机时 (h)")
     months = {r[0]: r[run_col] for r in by_month[1:]}
@@ -221,7 +309,7 @@ def test_hours_xlsx_has_every_grouping(site: Path, tmp_path: Path) -> None:
     assert months["2026-04"] == run_h("CZ-G", t(APR1, 0), B) + run_h("CZ-S", A, B)
     en = tmp_path / "en.xlsx"
     cli(site, "report", "hours", *PERIOD, "--format", "xlsx", "--lang", "en", "-o", str(en))
-    assert load_workbook(en).sheetnames == ["By instrument", "By unit", "By category", "By month"]
+    assert load_workbook(en).sheetnames == ["About", "By instrument", "By unit", "By category", "By month"]
     proc = subprocess.run(
         [*LABMETER, "report", "hours", *PERIOD, "--format", "xlsx", "-c", str(site / "collector.toml")],
         capture_output=True,
@@ -237,23 +325,54 @@ def test_national_json_and_xlsx(site: Path, tmp_path: Path) -> None:
     said = cli(site, "report", "national", "--year", "2026", "-o", str(out))
     assert said.strip() == f"3 instrument(s), 2 service record(s) -> {out}"
     data = json.loads(out.read_text(encoding="utf-8"))
-    inst = {i["instrumentCode"]: i for i in data["instruments"]}
-    assert inst["CZ-G"]["runMachine"] == run_h("CZ-G", A, B)
-    assert inst["CZ-S"]["runMachine"] == run_h("CZ-S", A, B)
+    assert list(data) == ["format", "meta", "warnings", "instruments", "serviceRecords"], list(data)
+    assert (data["instruments"]["instruType"], data["serviceRecords"]["instruType"]) == (4, 6)
+    inst = {i["innerId"]: i for i in data["instruments"]["instruList"]}
+    assert set(inst) == set(RATED)
+    # the platform's figures to 0.1 h; the exact ones under each record's `labmeter` (docs/national.md)
+    year_a = t((1, 1), 0)
+    for code in RATED:
+        want = seconds(code, year_a, t((12, 31), 0) + 86_400_000)
+        got = inst[code]["labmeter"]
+        assert (got["run_s"], got["effective_s"], got["service_s"], got["external_s"]) == (
+            want["run_s"],
+            want["effective_s"],
+            want["service_s"],
+            want["external_s"],
+        ), code
+        assert got["known_s"] == ((B - A) / 1000 if code in RUNS else 0), code
+        assert inst[code]["runMachine"] == round(run_h(code, A, B), 1)
+        assert inst[code]["serviceMachine"] == round(want["service_s"] / 3600, 1)
     assert inst["CZ-G"]["serviceMachine"] == 4.0 and inst["CZ-S"]["serviceMachine"] == 0
-    ext = [r for r in data["serviceRecords"] if r["serviceType"] == 130]
-    assert [(r["instrumentCode"], r["startTime"], r["endTime"], r["amount"]) for r in ext] == [
-        ("CZ-G", "2026-04-01 06:00", "2026-04-01 08:00", 500.0)
+    records = data["serviceRecords"]["instruList"]
+    ext = [r for r in records if r["serviceType"] == 130]
+    assert [(r["innerId"], r["startTime"], r["endTime"], r["amounts"]) for r in ext] == [
+        ("CZ-G", "2026-04-01 06", "2026-04-01 08", 500.0)
     ]
+    # each record's metered service time: the run inside its booking
+    for r in records:
+        a, b = (int(datetime.fromisoformat(r["labmeter"][k]).timestamp() * 1000) for k in ("start", "end"))
+        assert r["labmeter"]["service_s"] == run_h(r["innerId"], a, b) * 3600 == r["labmeter"]["booked_s"]
+    # CZ-N's zeros are not a measurement, and the file says so
+    assert any("CZ-N" in w and "no metered data" in w for w in data["warnings"]), data["warnings"]
     # a year in UTC: the same runs, all inside 2026 in either zone
     utc = tmp_path / "national-utc.xlsx"
     cli(site, "report", "national", "--year", "2026", "--tz", "UTC", "-o", str(utc))
     wb = load_workbook(utc)
-    codes = {r[0]: r for r in wb["仪器机时"].iter_rows(min_row=2, values_only=True)}
-    assert codes["CZ-G"][3] == run_h("CZ-G", A, B) and wb["服务记录"].max_row == 3
+    assert wb.sheetnames == ["说明", "仪器机时", "服务记录"]
+    sheet = list(wb["仪器机时"].iter_rows(values_only=True))
+    run_col = sheet[0].index("年总运行机时 runMachine (h, 0.1)")
+    exact_col = sheet[0].index("运行机时 exact (s, labmeter)")
+    codes = {r[0]: r for r in sheet[1:]}
+    for code in RATED:
+        assert codes[code][run_col] == round(run_h(code, A, B), 1)
+        assert codes[code][exact_col] == run_h(code, A, B) * 3600
+    assert wb["服务记录"].max_row == 3
     empty = tmp_path / "national-2025.json"
     cli(site, "report", "national", "--year", "2025", "-o", str(empty))
-    assert all(i["runMachine"] == 0 for i in json.loads(empty.read_text())["instruments"])
+    past = json.loads(empty.read_text())
+    assert all(i["runMachine"] == 0 for i in past["instruments"]["instruList"])
+    assert past["serviceRecords"]["instruList"] == []
 
 
 def test_findings_text_and_json(site: Path) -> None:
@@ -265,6 +384,13 @@ def test_findings_text_and_json(site: Path) -> None:
     text = cli(site, "report", "findings", *PERIOD, "--low-use", "95", "--tz", "UTC")
     assert "Low use (< 95% of rated hours) 低使用率: 2" in text
     assert "No data 无数据: 1" in text and "  CZ-N  无人测量的仪器  化学学院" in text
+    # in UTC the period runs 8 h past the last interval (04-02 00:00 local), inside the metered part
+    utc_a, utc_b = (int(datetime(2026, *d, tzinfo=ZoneInfo("UTC")).timestamp() * 1000) for d in (MAR31, APR2))
+    for code in RUNS:
+        want = expected(code, utc_a, utc_b)
+        line = f"coverage_pct {want['coverage_pct']}, unknown_h 0.0, no_data_h {want['uncovered_h']}"
+        assert f"  {code}  " in text and line in text, text
+    assert "Poor coverage (< 90% known) 数据覆盖不足: 2" in text
 
 
 def test_evidence_bundle_verifies_and_claims_the_report_hours(site: Path, tmp_path: Path) -> None:
@@ -278,12 +404,16 @@ def test_evidence_bundle_verifies_and_claims_the_report_hours(site: Path, tmp_pa
         [*LABMETER, "verify", str(out), "--trust", str(keys)], capture_output=True, text=True, timeout=60
     )
     assert ok.returncode == 0 and "OK:" in ok.stdout, ok.stdout + ok.stderr
-    utc = next(
-        r
-        for r in json.loads(cli(site, "report", "hours", *PERIOD, "--format", "json", "--tz", "UTC"))
-        if r["key"] == "CZ-G"
-    )
-    for key in ("run", "effective"):
+    utc = hours_json(site, *PERIOD, "--tz", "UTC")[0]["CZ-G"]
+    assert "(format 3)" in ok.stdout and "services    2 service record(s)" in ok.stdout, ok.stdout
+    services = [json.loads(x) for x in (out / "services.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert [(r["service_type"], r["amount"]) for r in services] == [(120, 0.0), (130, 500.0)]
+    assert "张三" not in (out / "services.jsonl").read_text(encoding="utf-8")  # the applicant stays out
+    # the UTC period runs 8 h past the last interval (04-02 00:00 local): that part is no data, in both
+    utc_a, utc_b = (int(datetime(2026, *d, tzinfo=ZoneInfo("UTC")).timestamp() * 1000) for d in (MAR31, APR2))
+    check_row(utc, expected("CZ-G", utc_a, utc_b))
+    assert utc["uncovered_h"] == 8.0
+    for key in ("run", "effective", "service", "external", "uncovered"):
         hours = utc[f"{key}_h"]
         assert f"{key:>11}: claimed {hours:10.3f} h, recomputed {hours:10.3f} h" in ok.stdout, ok.stdout
     none = subprocess.run(
