@@ -6,7 +6,6 @@ only `agent reset-state` / `collector reset-ledger` move one aside. Also: the in
 from __future__ import annotations
 
 import asyncio
-import json
 import random
 import sqlite3
 import subprocess
@@ -16,14 +15,14 @@ from typing import Any
 
 import pytest
 
-from labmeter import signing
+from labmeter import signing, wire
 from labmeter.agent.outbox import AgentStore, Signer
 from labmeter.agent.timeline import Span
 from labmeter.collector.ledger import Ledger
-from labmeter.collector.service import Collector
+from labmeter.collector.service import Collector, LedgerUnavailable
 from labmeter.wire import State
 from tests.conftest import LABMETER
-from tests.lab import collector_config, make_agent_key, register, store_schedule, wait_for
+from tests.lab import ack_body, collector_config, make_agent_key, register, store_schedule, wait_for
 
 CASES = sorted((Path(__file__).parent / "testcases" / "statefiles").iterdir())
 T0 = 1_767_225_600_000  # 2026-01-01T00:00:00Z
@@ -103,7 +102,12 @@ def test_a_damaged_state_file_stops_start_up_until_reset(case: Path, tmp_path: P
         proc = cli(tmp_path, *args, "--config", cfg)
         assert proc.returncode == 2, (args, proc.stdout, proc.stderr)
         assert "Traceback" not in proc.stderr, proc.stderr
-        lines = [ln for ln in proc.stderr.splitlines() if "labmeter.rollups" not in ln]  # report progress
+        # report progress, and the first start's notice that the collector key was created
+        lines = [
+            ln
+            for ln in proc.stderr.splitlines()
+            if "labmeter.rollups" not in ln and "created the collector key" not in ln
+        ]
         assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
         assert expected in lines[0], lines[0]
         assert path.read_bytes() == damaged, f"{args} changed the damaged file"
@@ -316,7 +320,7 @@ class RecordingLink:
         other = sqlite3.connect(self.ledger_path)  # another connection sees only committed rows
         stored = other.execute("SELECT count(*) FROM intervals").fetchone()[0]
         other.close()
-        self.acks.append((json.loads(payload), stored))
+        self.acks.append((ack_body(payload), stored))
         return True
 
 
@@ -325,25 +329,29 @@ def test_an_ack_goes_out_only_after_the_commit(tmp_path: Path) -> None:
     key, pub, kid = make_agent_key(tmp_path, "a1")
     register(cfg, "a1", pub, kid, ["I1"])
     collector = Collector(cfg)
+    collector.key = signing.PrivateKey.generate()
     link = RecordingLink(cfg.collector.data_dir / "ledger.sqlite")
     collector.link = link  # type: ignore[assignment]
     store = AgentStore(tmp_path / "a1.db")
     rows = store.emit(Signer("a1", key, kid), "I1", [Span(T0, T0 + 60_000, State.RUNNING)], None)
     batch = [(r.topic, r.payload) for r in rows]
 
-    real_store = collector.ledger.store
+    real_store, real_writable = collector.ledger.store, collector.ledger.writable
 
-    def failing_store(*args: Any) -> Any:
+    def full_disk(*args: Any) -> Any:
         raise sqlite3.OperationalError("database or disk is full")
 
-    collector.ledger.store = failing_store  # type: ignore[method-assign]
-    with pytest.raises(sqlite3.OperationalError):
+    # the ledger takes no write at all (a full disk): the batch waits whole, nothing is acknowledged
+    collector.ledger.store = full_disk  # type: ignore[method-assign]
+    collector.ledger.writable = lambda: False  # type: ignore[method-assign]
+    with pytest.raises(LedgerUnavailable):
         asyncio.run(collector.process(batch))
-    assert link.acks == []  # nothing stored, nothing acknowledged
+    assert link.acks == []
 
-    collector.ledger.store = real_store  # type: ignore[method-assign]
+    collector.ledger.store, collector.ledger.writable = real_store, real_writable  # type: ignore[method-assign]
     asyncio.run(collector.process(batch))
     ((ack, stored_then),) = link.acks
-    assert ack["acks"] == {"I1": rows[0].seq} and stored_then == 1
+    sha = wire.body_hash(wire.open_envelope(rows[0].payload).body)
+    assert ack["acks"] == {"I1": {"seq": rows[0].seq, "sha256": sha}} and stored_then == 1
     collector.ledger.close()
     store.close()
