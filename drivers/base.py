@@ -11,7 +11,7 @@ from typing import Any, Protocol
 
 from labmeter.clock import Clock
 from labmeter.config import BrokerConfig, InstrumentConfig, Source
-from labmeter.wire import State
+from labmeter.wire import MAX_ENERGY_WH, State
 
 
 class Cause(enum.Enum):
@@ -183,12 +183,8 @@ def sane_power(value: float, what: str) -> Sample:
     return Sample(power_w=abs(value), raw=value)
 
 
-MAX_COUNTER_WH = 1e12
-"""An energy counter beyond this (a billion kWh) is a misread, not a meter."""
-
-
 def sane_energy(value: float | None) -> float | None:
     """A counter reading in Wh, or None where it cannot be one (NaN, negative, absurd)."""
-    if value is None or not math.isfinite(value) or not 0 <= value <= MAX_COUNTER_WH:
+    if value is None or not math.isfinite(value) or not 0 <= value <= MAX_ENERGY_WH:
         return None
     return value
