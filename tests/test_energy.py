@@ -273,3 +273,14 @@ def test_a_step_across_the_window_boundary_is_split_and_sums_exactly() -> None:
     assert PowerDownsampler().feed(EPOCH, 100.0, 5.0) is None
     [only] = feed(PowerDownsampler(), [(EPOCH, 100.0, 5.0)])
     assert only.energy_wh is None  # one read measures no energy: absent, not zero
+
+
+def test_the_broker_acl_lets_the_agent_read_the_energy_topics() -> None:
+    """The energy topic is subscribed, so the ACL made from the driver's topics must grant it too."""
+    from labmeter.collector.mosquitto import source_subscriptions
+    from labmeter.drivers.mqtt import MqttSource
+
+    gen1 = MqttSource(topic="shellies/p1/relay/0/power", format="shelly-gen1")
+    assert "shellies/p1/relay/0/energy" in source_subscriptions(gen1)
+    esp = MqttSource(topic="n/sensor/power/state", format="esphome", energy_topic="n/sensor/energy/state")
+    assert source_subscriptions(esp) == ("n/sensor/power/state", "n/sensor/energy/state", "n/status")

@@ -151,6 +151,31 @@ FORMATS: dict[str, Format] = {
 }
 
 
+def format_of(source: MqttSource) -> Format:
+    """The source's format, with its own JSON paths and energy topic where it sets them."""
+    if source.format == "json":
+        fmt = Format(
+            lambda _t: source.availability_topic,
+            (source.payload_online.lower(),),
+            (source.payload_offline.lower(),),
+            _json_power(source.json_path or "power"),
+            energy=_json_energy(source.energy_path, source.energy_unit) if source.energy_path else _no_energy,
+        )
+    else:
+        fmt = FORMATS[source.format]
+    if source.energy_topic:
+        fmt = replace(fmt, energy_topic=lambda _t: source.energy_topic, energy_unit=source.energy_unit)
+    return fmt
+
+
+def source_topics(source: MqttSource) -> tuple[str, ...]:
+    """Every topic the driver subscribes to for this source: the broker's ACL is made from this."""
+    fmt = format_of(source)
+    avail, energy = fmt.availability(source.topic), fmt.energy_topic(source.topic)
+    topics = [source.topic, *fmt.extra_topics(source.topic), *(t for t in (energy, avail) if t)]
+    return tuple(dict.fromkeys(topics))
+
+
 @dataclass(frozen=True)
 class NoMessage:
     """What probe can say when no power message came: whether the availability topic spoke, and as whom."""
@@ -167,20 +192,7 @@ class PlugDriver(DriverBase):
         self, source: MqttSource, broker: BrokerConfig, client_id: str, stale_after_s: float, clock: Clock
     ):
         self.topic = source.topic
-        if source.format == "json":
-            fmt = Format(
-                lambda _t: source.availability_topic,
-                (source.payload_online.lower(),),
-                (source.payload_offline.lower(),),
-                _json_power(source.json_path or "power"),
-                energy=_json_energy(source.energy_path, source.energy_unit)
-                if source.energy_path
-                else _no_energy,
-            )
-        else:
-            fmt = FORMATS[source.format]
-        if source.energy_topic:
-            fmt = replace(fmt, energy_topic=lambda _t: source.energy_topic, energy_unit=source.energy_unit)
+        fmt = format_of(source)
         self.format = fmt
         self.availability_topic = fmt.availability(source.topic)
         self.extra = fmt.extra_topics(source.topic)
@@ -190,11 +202,7 @@ class PlugDriver(DriverBase):
         self.stale_after_s = stale_after_s
         self._energy: tuple[float, float] | None = None  # (Wh, mono) from energy_topic
         self._online: bool | None = None
-        subs = [(self.topic, 1), *((t, 1) for t in self.extra)]
-        if self.energy_topic:
-            subs.append((self.energy_topic, 1))
-        if self.availability_topic:
-            subs.append((self.availability_topic, 1))
+        subs = [(t, 1) for t in source_topics(source)]
         self.broker = source.broker or broker
         self.link = MqttLink(self.broker, client_id, on_message=self._on_message, subscriptions=tuple(subs))
 
