@@ -284,3 +284,45 @@ def test_the_broker_acl_lets_the_agent_read_the_energy_topics() -> None:
     assert "shellies/p1/relay/0/energy" in source_subscriptions(gen1)
     esp = MqttSource(topic="n/sensor/power/state", format="esphome", energy_topic="n/sensor/energy/state")
     assert source_subscriptions(esp) == ("n/sensor/power/state", "n/sensor/energy/state", "n/status")
+
+
+def plug_day(counts_energy: bool) -> tuple[float, float, list[float | None]]:
+    """The simulated Tasmota plug's messages (every 10 s), read by the mqtt driver every 5 s of simulated time.
+
+    The broker is left out (a simulated day through it would take a day): the messages go in where the
+    transport delivers them, as in tests/drivers/mqtt/."""
+    from labmeter.config import BrokerConfig
+    from labmeter.drivers.mqtt import MqttSource
+    from labmeter.drivers.mqtt.driver import PlugDriver
+    from labmeter.drivers.mqtt.sim import SimPlug
+
+    sched, clock = day(), FixedClock(EPOCH)
+    start, end = EPOCH + 7 * 3_600_000, EPOCH + 20 * 3_600_000
+    broker = BrokerConfig(url="mqtt://127.0.0.1:1")
+
+    async def main() -> tuple[list[Window], list[float | None]]:
+        plug = SimPlug("tele/p/SENSOR", broker, sched, clock, 10, counts_energy=counts_energy)
+        driver = PlugDriver(MqttSource(topic="tele/p/SENSOR"), broker, "t", 60, clock)
+        ds = PowerDownsampler(max_gap_ms=15_000)
+        windows, counters = [], []
+        for at in range(start, end + 1, 5_000):
+            clock.ms = at
+            if at % 10_000 == 0:
+                driver._on_message("tele/p/SENSOR", plug.message(at))
+            sample = await driver.read()
+            counters.append(sample.energy_wh)
+            if (w := ds.feed(at, sample.power_w, sample.energy_wh)) is not None:
+                windows.append(w)
+        return windows + [w for w in [ds.close()] if w is not None], counters
+
+    windows, counters = asyncio.run(main())
+    return energy(windows), sched.energy_wh(end) - sched.energy_wh(start), counters
+
+
+def test_a_plug_that_reports_only_power_is_integrated_and_one_that_counts_gives_its_counter() -> None:
+    got, truth, counters = plug_day(False)
+    assert counters == [None] * len(counters)
+    assert abs(got - truth) <= 0.01 * truth, (got, truth)
+    got, truth, counters = plug_day(True)
+    assert all(c is not None for c in counters)
+    assert abs(got - truth) <= 0.01 * truth, (got, truth)
