@@ -106,9 +106,7 @@ def test_no_test_module_imports_another() -> None:
     offenders = {}
     for path in sorted((ROOT / "tests").rglob("*.py")):
         name = ".".join(path.relative_to(ROOT).with_suffix("").parts)
-        found = {
-            m for m in imports(name, path) if m.split(".")[-1].startswith("test_") and m.startswith("tests.")
-        }
+        found = {m for m in imports(name, path) if m.split(".")[-1].startswith("test_") and m.startswith("tests.")}
         if found:
             offenders[name] = sorted(found)
     assert offenders == {}
