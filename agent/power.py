@@ -28,34 +28,87 @@ class Window:
     energy_wh: float | None
 
 
+Point = tuple[int, float]
+"""(time in UTC ms, value)."""
+
+DEFAULT_MAX_GAP_MS = 10_000
+"""Steps between reads longer than this count no energy (the runner passes three poll intervals)."""
+
+
 class PowerDownsampler:
     """Feed it every reading; it returns a window when a reading lands in the next one.
 
-    A window without a valid reading is never sent (no data, not zero watts).
+    A window without a valid reading is never sent (no data, not zero watts). Its energy is the meter's
+    counter difference over each step between reads where the counter was read at both ends, else the
+    trapezoid of the power between two successful reads; a step is split at the window boundary in
+    proportion. A step longer than ``max_gap_ms``, a failed read, or a counter that went down (reset,
+    rollover, a new meter) counts nothing and starts afresh, so energy is never negative, doubled or
+    invented. ``energy_wh`` is None for a window in which no step could be measured.
     """
 
-    def __init__(self, window_ms: int = wire.POWER_WINDOW_MS) -> None:
+    def __init__(self, window_ms: int = wire.POWER_WINDOW_MS, max_gap_ms: int = DEFAULT_MAX_GAP_MS) -> None:
         self.window_ms = window_ms
+        self.max_gap_ms = max_gap_ms
         self._start: int | None = None
         self._n = 0
         self._sum = 0.0
         self._min = math.inf
         self._max = -math.inf
         self._energy: float | None = None
+        self._power: Point | None = None  # the last successful read without a counter
+        self._counter: Point | None = None  # the last counter reading (the base of the next step)
 
     def feed(self, at_ms: int, power_w: float | None, energy_wh: float | None = None) -> Window | None:
         start = at_ms - at_ms % self.window_ms
-        done = self.close() if self._start is not None and start != self._start else None
+        ok = power_w is not None and math.isfinite(power_w) and abs(power_w) <= wire.MAX_POWER_W
+        counter = energy_wh if ok and energy_wh is not None and math.isfinite(energy_wh) else None
+        if counter is not None and not 0 <= counter <= wire.MAX_ENERGY_WH:
+            counter = None
+        step = self._step(at_ms, power_w if ok else None, counter)
+        done = None
+        if self._start is not None and start != self._start:
+            if step is not None and self._start < start and step[0] < start:
+                before = step[1] * (start - step[0]) / (at_ms - step[0]) if at_ms > step[0] else 0.0
+                self._add_energy(before)
+                step = (step[0], step[1] - before)
+            done = self.close()
         if self._start is None:
             self._start = start
-        if power_w is not None and math.isfinite(power_w) and abs(power_w) <= wire.MAX_POWER_W:
+        if step is not None:
+            self._add_energy(step[1])
+        if ok and power_w is not None:
             self._n += 1
             self._sum += power_w
             self._min = min(self._min, power_w)
             self._max = max(self._max, power_w)
-            if energy_wh is not None and math.isfinite(energy_wh) and 0 <= energy_wh <= wire.MAX_ENERGY_WH:
-                self._energy = energy_wh
         return done
+
+    def _step(self, at_ms: int, power_w: float | None, counter: float | None) -> tuple[int, float] | None:
+        """The energy since the previous read, as (its start, Wh), or None when it cannot be measured."""
+        prev_p, prev_c = self._power, self._counter
+        if power_w is None:  # a failed read: the next step starts afresh (a counter base may bridge it)
+            self._power = None
+            if prev_c is not None and at_ms - prev_c[0] > self.max_gap_ms:
+                self._counter = None
+            return None
+        if counter is not None:
+            self._counter, self._power = (at_ms, counter), None
+            if prev_c is None or not 0 < at_ms - prev_c[0] <= self.max_gap_ms or counter < prev_c[1]:
+                return None  # the first counter reading, a gap, or a reset / rollover / new meter: a new base
+            wh = counter - prev_c[1]
+            if wh > wire.MAX_POWER_W * (at_ms - prev_c[0]) / 3_600_000:
+                return None  # more than any instrument draws: a jump to a new meter's count, not energy
+            return prev_c[0], wh
+        self._power = (at_ms, power_w)
+        if prev_c is not None and at_ms - prev_c[0] <= self.max_gap_ms:
+            return None  # the counter missed one read: its next reading covers this step
+        self._counter = None
+        if prev_p is None or not 0 < at_ms - prev_p[0] <= self.max_gap_ms:
+            return None
+        return prev_p[0], (prev_p[1] + power_w) / 2 * (at_ms - prev_p[0]) / 3_600_000
+
+    def _add_energy(self, wh: float) -> None:
+        self._energy = (self._energy or 0.0) + max(0.0, wh)
 
     def close(self) -> Window | None:
         """The window so far (None if it holds no reading); the next reading opens a new one."""
@@ -65,7 +118,10 @@ class PowerDownsampler:
         if start is None or n == 0:
             return None
         mean = min(max(total / n, lo), hi)
-        return Window(start, start + self.window_ms, n, round(mean, 3), round(lo, 3), round(hi, 3), energy)
+        if energy is not None and not energy <= wire.max_window_energy_wh(self.window_ms):
+            energy = None
+        e = None if energy is None else round(energy, 6)
+        return Window(start, start + self.window_ms, n, round(mean, 3), round(lo, 3), round(hi, 3), e)
 
 
 def power_body(agent: str, instrument: str, w: Window) -> wire.Power:

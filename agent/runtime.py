@@ -99,7 +99,7 @@ class InstrumentRunner:
         self.timeline = Timeline(agent.bucket_ms, 0)
         self.last: Reading | None = None
         self._open_sent_at = -1e18
-        self.power = PowerDownsampler()
+        self.power = PowerDownsampler(max_gap_ms=round(3 * cfg.poll_s * 1000))
         self._failing_since: float | None = None  # the current episode of failed reads, for the log
         self._failed = 0
         self._errors_seen: set[str] = set()
@@ -169,7 +169,7 @@ class InstrumentRunner:
         reading = Reading.of(sample, self.agent.clock.mono(), now_ms)
         self._log_episode(reading)
         self.last = reading
-        publish_power(self.agent, self.id, self.power.feed(now_ms, reading.power_w))
+        publish_power(self.agent, self.id, self.power.feed(now_ms, reading.power_w, reading.energy_wh))
         before = self.timeline.state
         change = self.classifier.update(reading)
         spans = self.timeline.advance(now_ms, change.state, change.since_ms)

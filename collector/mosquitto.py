@@ -91,18 +91,11 @@ def agent_acl(agent: str, plug_topics: Sequence[str] = ()) -> str:
 
 
 def source_subscriptions(source: MqttSource) -> tuple[str, ...]:
-    """The topics the mqtt driver subscribes to for this source (its topic, availability, extras).
+    """The topics the mqtt driver subscribes to for this source (its topic, availability, extras,
+    energy): the driver's own list, so the ACL follows the driver."""
+    from labmeter.drivers.mqtt.driver import source_topics
 
-    Taken from the driver's own format table, so the ACL follows the driver."""
-    from labmeter.drivers.mqtt.driver import FORMATS
-
-    if source.format == "json":
-        topics = [source.topic, *([source.availability_topic] if source.availability_topic else [])]
-    else:
-        fmt = FORMATS[source.format]
-        avail = fmt.availability(source.topic)
-        topics = [source.topic, *fmt.extra_topics(source.topic), *([avail] if avail else [])]
-    return tuple(dict.fromkeys(topics))
+    return source_topics(source)
 
 
 @dataclass(frozen=True)

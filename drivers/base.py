@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,7 +11,7 @@ from typing import Any, Protocol
 
 from labmeter.clock import Clock
 from labmeter.config import BrokerConfig, InstrumentConfig, Source
-from labmeter.wire import State
+from labmeter.wire import MAX_ENERGY_WH, State
 
 
 class Cause(enum.Enum):
@@ -31,13 +32,17 @@ class Cause(enum.Enum):
 
 @dataclass(frozen=True)
 class Sample:
-    """One read: a power in watts or a status, or an error saying why there is neither."""
+    """One read: a power in watts or a status, or an error saying why there is neither.
+
+    ``energy_wh`` is the meter's own cumulative energy counter in Wh where the source has one (it may
+    reset or roll over: the power downsampler deals with that); None where it has none or its read failed."""
 
     power_w: float | None = None
     status: State | None = None
     error: str | None = None
     raw: Any = None
     cause: Cause | None = None
+    energy_wh: float | None = None
 
 
 @dataclass(frozen=True)
@@ -51,10 +56,20 @@ class Reading:
     error: str | None = None
     raw: Any = None
     cause: Cause | None = None
+    energy_wh: float | None = None
 
     @classmethod
     def of(cls, sample: Sample, mono: float, at_ms: int) -> Reading:
-        return cls(mono, at_ms, sample.power_w, sample.status, sample.error, sample.raw, sample.cause)
+        return cls(
+            mono,
+            at_ms,
+            sample.power_w,
+            sample.status,
+            sample.error,
+            sample.raw,
+            sample.cause,
+            sample.energy_wh,
+        )
 
 
 @dataclass(frozen=True)
@@ -166,3 +181,10 @@ def sane_power(value: float, what: str) -> Sample:
             cause=Cause.ABSURD,
         )
     return Sample(power_w=abs(value), raw=value)
+
+
+def sane_energy(value: float | None) -> float | None:
+    """A counter reading in Wh, or None where it cannot be one (NaN, negative, absurd)."""
+    if value is None or not math.isfinite(value) or not 0 <= value <= MAX_ENERGY_WH:
+        return None
+    return value

@@ -43,6 +43,22 @@ class Schedule:
         level = self.levels[self.state_at((wall_ms - self.epoch_ms) / 1000)]
         return max(0.0, level * (1 + self._rng.uniform(-self.noise, self.noise)))
 
+    def energy_wh(self, wall_ms: int) -> float:
+        """The exact integral of the levels (without noise) from the start to ``wall_ms``, in Wh: what an
+        ideal meter's energy counter has counted, the ground truth energy tests compare against."""
+        t_end = (wall_ms - self.epoch_ms) / 1000
+        total, t, state = 0.0, 0.0, "OFF"
+        for at, s in self.points:
+            if at >= t_end:
+                break
+            if at > t:
+                total += self.levels[state] * (at - t)
+                t = at
+            state = s
+        if t_end > t:
+            total += self.levels[state] * (t_end - t)
+        return total / 3600
+
 
 def schedules_from(spec: dict[str, Any], epoch_ms: int) -> Schedule:
     return Schedule(

@@ -589,7 +589,14 @@ def seal_status(key: signing.PrivateKey, kid: str, st: AgentStatus) -> bytes:
 POWER_WINDOW_MS = 60_000
 MAX_POWER_WINDOW_MS = 600_000
 MAX_POWER_W = 10_000_000.0  # 10 MW: far above any instrument, far below what breaks a float sum
-MAX_ENERGY_WH = 1e12
+MAX_ENERGY_WH = 1e12  # a meter's energy counter beyond this (a billion kWh) is a misread
+
+
+def max_window_energy_wh(window_ms: int) -> float:
+    """The most energy a power window can hold: MAX_POWER_W for its whole length."""
+    return MAX_POWER_W * window_ms / 3_600_000
+
+
 MAX_POWER_SAMPLES = 100_000
 
 
@@ -603,7 +610,8 @@ def is_power_topic(topic: str) -> bool:
 
 class Power(msgspec.Struct, frozen=True):
     """Power over ``[start, end)``: ``n`` readings, their mean, min and max in watts; ``energy_wh`` is the
-    meter's own energy counter at the end, where it has one."""
+    energy used in the window (from the meter's counter where it has one, else power integrated between
+    reads), absent where it could not be measured."""
 
     agent: str
     instrument: str
@@ -657,8 +665,11 @@ def decode_power(body_text: str) -> Power:
     slack = 1e-6 * max(1.0, abs(p.max_w))
     if not p.min_w <= p.max_w or not p.min_w - slack <= p.mean_w <= p.max_w + slack:
         raise WireError("power needs min_w <= mean_w <= max_w")
-    if p.energy_wh is not None and not (math.isfinite(p.energy_wh) and 0 <= p.energy_wh <= MAX_ENERGY_WH):
-        raise WireError(f"energy_wh must be within 0 .. {MAX_ENERGY_WH:.0f}")
+    most = max_window_energy_wh(p.end - p.start)
+    if p.energy_wh is not None and not (math.isfinite(p.energy_wh) and 0 <= p.energy_wh <= most):
+        raise WireError(
+            f"energy_wh must be within 0 .. {most:.0f} Wh (at most {MAX_POWER_W:.0f} W for the window)"
+        )
     return p
 
 

@@ -1,6 +1,6 @@
 """Each driver's data-driven cases (tests/drivers/<driver>/<case>/), named after the mistake or fault
 they guard: an ``instrument.toml`` that must fail with ``expected_error.txt``, or one whose driver,
-fed ``feed.txt``, must read what ``expected.txt`` says (``power W``, ``status STATE`` or ``cause CAUSE``).
+fed ``feed.txt``, must read what ``expected.txt`` says (``power W`` with ``energy WH`` where it reads the counter, ``status STATE`` or ``cause CAUSE``).
 No device is involved: the feed goes in where the transport would deliver it."""
 
 from __future__ import annotations
@@ -43,7 +43,8 @@ def shown(sample: Sample) -> str:
         return f"cause {sample.cause.value}"
     if sample.status is not None:
         return f"status {sample.status.value}"
-    return f"power {sample.power_w:g}"
+    energy = "" if sample.energy_wh is None else f" energy {sample.energy_wh:g}"
+    return f"power {sample.power_w:g}{energy}"
 
 
 def test_every_driver_has_cases() -> None:

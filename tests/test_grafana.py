@@ -62,6 +62,7 @@ def test_both_dashboards_have_the_panels_operators_ask_for() -> None:
         "Utilisation per unit",
         "State timeline",
         "Power",
+        "Energy per instrument",
         "Unknown time",
         "Agents down",
     ):
@@ -143,7 +144,14 @@ def test_every_metricsql_panel_returns_what_the_ledger_predicts(vm: Victoria, tm
                     body = {"agent": agent, "instrument": code, "start": w, "end": w + 60_000, "n": 60}
                     level = POWER[state]
                     sink.on_live(
-                        "power", {**body, "mean_w": level, "min_w": level * 0.98, "max_w": level * 1.02}
+                        "power",
+                        {
+                            **body,
+                            "mean_w": level,
+                            "min_w": level * 0.98,
+                            "max_w": level * 1.02,
+                            "energy_wh": round(level / 60, 6),  # as the agent rounds it
+                        },
                     )
         await sink.flush()
         checked.add(panel(dash, "Effective time not yet final")["title"])
@@ -209,6 +217,13 @@ def test_every_metricsql_panel_returns_what_the_ledger_predicts(vm: Victoria, tm
         for code, points in curves.items():
             for ts, v in points.items():
                 assert v == pytest.approx(POWER[str(state_at(code, ts - ts % 60_000))] * factor), (code, ts)
+    kwh: dict[str, float] = {}
+    for code, (_agent, spans) in DAY.items():
+        for start, end, state in spans:
+            n = len(range(max(start, power_from), min(end, power_to), 60_000))
+            if n:
+                kwh[code] = kwh.get(code, 0.0) + n * round(POWER[state] / 60, 6) / 1000
+    approx(instant("Energy per instrument"), kwh, 1e-9)
     assert checked == {p["title"] for p in dash["panels"]}, "every panel is run"
     ledger.close()
     assert YEAR_MS == 365 * 86_400_000  # the dashboards prorate rated hours by 31536000 s

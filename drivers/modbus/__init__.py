@@ -67,6 +67,18 @@ class CheckRegister(Section, frozen=True, kw_only=True):
     scale: float = 1.0
 
 
+class EnergyRegister(Section, frozen=True, kw_only=True):
+    """The meter's import active-energy counter; ``scale`` turns its value into Wh (1000 for kWh).
+
+    Read in the same poll as ``[power]``, with its word order; a failed read leaves the energy out,
+    never the power."""
+
+    function: Literal[3, 4] = 4
+    address: Annotated[int, Meta(ge=0, le=0xFFFF)]
+    type: Literal["float32", "int32", "uint32", "uint16"] = "float32"
+    scale: Annotated[float, Meta(gt=0)] = 1000.0
+
+
 PLAUSIBLE: dict[str, tuple[float, float, str]] = {
     "voltage": (80.0, 500.0, "V"),  # 100-127 V and 220-240 V mains, 400 V between phases
     "frequency": (45.0, 65.0, "Hz"),
@@ -82,6 +94,7 @@ class ModbusSource(Source, tag=NAME, frozen=True, kw_only=True):
     url: str
     profile: str = "generic"
     register: Register | None = None
+    energy: EnergyRegister | None = None
     device_id: Annotated[int, Meta(ge=0, le=247)] = 1
     timeout_s: Annotated[float, Meta(gt=0, le=30)] = 1.0
 
@@ -102,6 +115,7 @@ class ModbusProfile(Section, frozen=True, kw_only=True):
     driver: Literal["modbus"]
     doc: str = ""
     power: Register
+    energy: EnergyRegister | None = None
     voltage: CheckRegister | None = None
     frequency: CheckRegister | None = None
 
@@ -217,13 +231,23 @@ def modbus_checks(src: ModbusSource, profiles: Path | None) -> dict[str, CheckRe
     return {} if src.register is not None else load_profile(src.profile, profiles).checks()
 
 
+def modbus_energy(src: ModbusSource, profiles: Path | None) -> EnergyRegister | None:
+    """The energy counter to read: the source's own ``energy`` table, else its profile's (none for a
+    source with its own ``register`` table and no ``energy``)."""
+    if src.energy is not None or src.register is not None:
+        return src.energy
+    return load_profile(src.profile, profiles).energy
+
+
 def build(
     inst: InstrumentConfig[Any], agent_id: str, broker: BrokerConfig, clock: Clock, profiles: Path | None
 ) -> Driver:
     from labmeter.drivers.modbus.driver import ModbusDriver
 
     src: ModbusSource = inst.source
-    driver: ModbusDriver = ModbusDriver(src, modbus_register(src, profiles), modbus_checks(src, profiles))
+    driver: ModbusDriver = ModbusDriver(
+        src, modbus_register(src, profiles), modbus_checks(src, profiles), modbus_energy(src, profiles)
+    )
     return driver
 
 

@@ -14,12 +14,13 @@ from pymodbus.client import AsyncModbusSerialClient, AsyncModbusTcpClient
 from pymodbus.exceptions import ModbusException
 
 from labmeter import winsys
-from labmeter.drivers.base import Cause, DriverBase, Sample, Verification, sane_power
+from labmeter.drivers.base import Cause, DriverBase, Sample, Verification, sane_energy, sane_power
 from labmeter.drivers.modbus import (
     DATA_TYPES,
     ORDER_WORDS,
     PLAUSIBLE,
     CheckRegister,
+    EnergyRegister,
     ModbusProfile,
     ModbusSource,
     Refusal,
@@ -44,12 +45,15 @@ class ModbusDriver(DriverBase):
         source: ModbusSource,
         register: Register | ModbusProfile,
         checks: dict[str, CheckRegister] | None = None,
+        energy: EnergyRegister | None = None,
     ) -> None:
         self.source = source
         if isinstance(register, ModbusProfile):
             self.register, self.checks = register.power, register.checks()
+            energy = energy or register.energy
         else:
             self.register, self.checks = register, checks or {}
+        self.energy = energy
         self.where = source.url
         url = urlparse(source.url)
         client: AsyncModbusTcpClient | AsyncModbusSerialClient
@@ -149,7 +153,25 @@ class ModbusDriver(DriverBase):
                 cause=Cause.ABSURD,
             )
         sample = sane_power(value * reg.scale, self.where)
-        return Sample(power_w=sample.power_w, raw=words)
+        if sample.power_w is None:
+            return sample
+        return Sample(power_w=sample.power_w, raw=words, energy_wh=await self._read_energy())
+
+    async def _read_energy(self) -> float | None:
+        """The energy counter in Wh, or None: its failure never fails the power reading. A meter that
+        refuses the register (no such address) is not asked again until the agent restarts."""
+        en = self.energy
+        if en is None:
+            return None
+        got = await self._request(en.function, en.address, DATA_TYPES[en.type][1])
+        if isinstance(got, Sample):
+            if got.cause is Cause.REJECTED:
+                log.warning(
+                    "%s: energy register refused (%s): energy is integrated from power", self.where, got.error
+                )
+                self.energy = None
+            return None
+        return sane_energy(decode([int(w) for w in got], en.type, self.register.word_order) * en.scale)
 
     async def verify(self) -> Verification:
         """Which word order the meter uses, from its check registers (mains voltage and frequency read in

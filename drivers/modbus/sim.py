@@ -10,7 +10,7 @@ from pymodbus.server import ModbusTcpServer
 from pymodbus.simulator import DataType, SimData, SimDevice
 
 from labmeter.clock import Clock
-from labmeter.drivers.modbus import DATA_TYPES, CheckRegister, Register, load_profile
+from labmeter.drivers.modbus import DATA_TYPES, CheckRegister, EnergyRegister, Register, load_profile
 from labmeter.drivers.sim import Schedule
 from labmeter.netutil import split_listen
 
@@ -25,18 +25,29 @@ def encode(value: float, type_: str, word_order: str) -> list[int]:
 
 class SimMeter:
     """A meter serving the schedule's power where its profile's ``[power]`` register is
-    (by default an Eastron SDM120: float32 in input registers 0x000C-0x000D), and 230 V / 50 Hz in its
-    check registers, so ``agent probe`` can confirm the word order."""
+    (by default an Eastron SDM120: float32 in input registers 0x000C-0x000D), 230 V / 50 Hz in its
+    check registers, so ``agent probe`` can confirm the word order, and the running integral of the
+    schedule in its ``[energy]`` counter (which can roll over at ``wrap_wh`` or be reset)."""
 
     MAINS: ClassVar[dict[str, float]] = {"voltage": 230.0, "frequency": 50.0}
 
     PROFILE = "eastron-sdm120"
 
     def __init__(
-        self, listen: str, schedule: Schedule, clock: Clock, device_id: int = 1, profile: str = PROFILE
+        self,
+        listen: str,
+        schedule: Schedule,
+        clock: Clock,
+        device_id: int = 1,
+        profile: str = PROFILE,
+        counter_wh: float = 0.0,
+        wrap_wh: float | None = None,
     ) -> None:
         prof = load_profile(profile)
         self.register = prof.power
+        self.energy = prof.energy
+        self.counter_wh = counter_wh  # what the energy counter read at the schedule's start
+        self.wrap_wh = wrap_wh  # where it rolls over to 0, as a display with fixed digits does
         self.checks = prof.checks()
         if self.register.type == "bit":
             raise ValueError(f"profile {profile!r}: the simulator serves register profiles, not bits")
@@ -44,7 +55,9 @@ class SimMeter:
         self.schedule = schedule
         self.clock = clock
         self.reads = 0
-        regs: list[Register | CheckRegister] = [self.register, *self.checks.values()]
+        regs: list[Register | CheckRegister | EnergyRegister] = [self.register, *self.checks.values()]
+        if self.energy is not None:
+            regs.append(self.energy)
         ends = [r.address + DATA_TYPES[r.type][1] for r in regs]
         size = max(0x50, *ends)
         registers = [SimData(0, count=size, values=0, datatype=DataType.REGISTERS)]
@@ -68,6 +81,12 @@ class SimMeter:
             off = reg.address - start_address
             if off >= 0 and off + len(words) <= len(current_registers):
                 current_registers[off : off + len(words)] = words
+        en = self.energy
+        if en is not None and function_code == en.function:
+            words = encode(self.counter_at(self.clock.wall_ms()) / en.scale, en.type, reg.word_order)
+            off = en.address - start_address
+            if off >= 0 and off + len(words) <= len(current_registers):
+                current_registers[off : off + len(words)] = words
         for name, check in self.checks.items():
             if function_code == check.function:
                 words = encode(self.MAINS[name] / check.scale, check.type, reg.word_order)
@@ -75,6 +94,15 @@ class SimMeter:
                 if off >= 0 and off + len(words) <= len(current_registers):
                     current_registers[off : off + len(words)] = words
         return None
+
+    def counter_at(self, wall_ms: int) -> float:
+        """The import-energy counter in Wh: the running integral of the schedule's levels."""
+        wh = self.counter_wh + self.schedule.energy_wh(wall_ms)
+        return wh % self.wrap_wh if self.wrap_wh else wh
+
+    def reset_counter(self) -> None:
+        """Zero the counter now, as a meter's reset (or a replacement meter) does."""
+        self.counter_wh = -self.schedule.energy_wh(self.clock.wall_ms())
 
     async def start(self) -> None:
         await self.server.serve_forever(background=True)

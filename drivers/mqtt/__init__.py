@@ -22,6 +22,9 @@ class MqttSource(Source, tag=NAME, frozen=True, kw_only=True):
     topic: str
     format: Literal["tasmota", "shelly-gen1", "shelly-gen2", "zigbee2mqtt", "esphome", "json"] = "tasmota"
     json_path: str | None = None
+    energy_path: str | None = None  # format "json": where the message holds the energy counter
+    energy_topic: str | None = None  # format "esphome" or "json": a topic carrying the counter as a number
+    energy_unit: Literal["Wh", "kWh", "Wmin"] = "kWh"  # of energy_path / energy_topic
     availability_topic: str | None = None
     payload_online: str = "online"
     payload_offline: str = "offline"
@@ -30,6 +33,17 @@ class MqttSource(Source, tag=NAME, frozen=True, kw_only=True):
     def __post_init__(self) -> None:
         if self.format == "json" and not self.json_path:
             raise ValueError('json_path is needed with format = \'json\' (e.g. "ENERGY.Power" or "power")')
+        if self.energy_path and self.format != "json":
+            raise ValueError(
+                f"energy_path goes with format = 'json' (format {self.format!r} knows where its energy is)"
+            )
+        if self.energy_topic and self.format not in ("esphome", "json"):
+            raise ValueError(
+                f"energy_topic goes with format = 'esphome' or 'json' (format {self.format!r} knows where "
+                "its energy is)"
+            )
+        if self.energy_topic and self.energy_topic in (self.topic, self.availability_topic):
+            raise ValueError("energy_topic must differ from topic and availability_topic")
 
 
 def build(

@@ -17,13 +17,20 @@ class SimPlug:
     """A Tasmota plug: ``tele/<t>/SENSOR`` every ``every_s``, retained ``tele/<t>/LWT`` Online/Offline."""
 
     def __init__(
-        self, topic: str, broker: BrokerConfig, schedule: Schedule, clock: Clock, every_s: float
+        self,
+        topic: str,
+        broker: BrokerConfig,
+        schedule: Schedule,
+        clock: Clock,
+        every_s: float,
+        counts_energy: bool = False,
     ) -> None:
         self.topic = topic
         self.prefix = topic.rpartition("/")[0]
         self.schedule = schedule
         self.clock = clock
         self.every_s = every_s
+        self.counts_energy = counts_energy  # ENERGY.Total in kWh (3 decimals, as Tasmota sends it)
         self.link = MqttLink(
             broker,
             f"sim-{self.prefix.replace('/', '-')}",
@@ -35,14 +42,24 @@ class SimPlug:
     def _online(self) -> None:
         self.link.publish(f"{self.prefix}/LWT", b"Online", retain=True)
 
+    def message(self, now: int) -> bytes:
+        """The SENSOR message at ``now``: the schedule's power, and its running integral as the counter."""
+        energy: dict[str, Any] = {
+            "Power": round(self.schedule.power_at(now), 1),
+            "Voltage": 229,
+            "Current": 0.5,
+        }
+        if self.counts_energy:
+            energy["Total"] = round(self.schedule.energy_wh(now) / 1000, 3)
+        msg = {
+            "Time": datetime.fromtimestamp(now / 1000, UTC).strftime("%Y-%m-%dT%H:%M:%S"),
+            "ENERGY": energy,
+        }
+        return json.dumps(msg).encode()
+
     async def _run(self) -> None:
         while True:
-            now = self.clock.wall_ms()
-            msg: dict[str, Any] = {
-                "Time": datetime.fromtimestamp(now / 1000, UTC).strftime("%Y-%m-%dT%H:%M:%S"),
-                "ENERGY": {"Power": round(self.schedule.power_at(now), 1), "Voltage": 229, "Current": 0.5},
-            }
-            self.link.publish(self.topic, json.dumps(msg).encode(), qos=0)
+            self.link.publish(self.topic, self.message(self.clock.wall_ms()), qos=0)
             await self.clock.sleep(self.every_s)
 
     async def start(self) -> None:
