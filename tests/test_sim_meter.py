@@ -1,4 +1,4 @@
-"""The simulated SDM120 (labmeter/sim.py) that the demo, the scenarios and the benchmarks poll: read over real
+"""The simulated SDM120 (drivers/modbus/sim.py) that the demo, the scenarios and the benchmarks poll: read over real
 Modbus TCP by an independent client (pyModbusTCP), its input registers 0x000C-0x000D hold the schedule's
 power as a big-endian float32, changing when the schedule does."""
 
@@ -10,7 +10,8 @@ import struct
 from pyModbusTCP.client import ModbusClient
 
 from labmeter.clock import Clock
-from labmeter.sim import Schedule, SimMeter
+from labmeter.drivers.modbus.sim import SimMeter
+from labmeter.drivers.sim import Schedule
 from tests.conftest import free_port
 
 
