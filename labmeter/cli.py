@@ -358,7 +358,12 @@ def agent_calibrate(cfg_path: Path, instrument: str, minutes: float, write: bool
     "--unit-dir", type=click.Path(path_type=Path), default=Path("/etc/systemd/system"), show_default=True
 )
 @click.option("--no-enable", is_flag=True, help="Write the unit but do not enable and start it.")
-def agent_install(cfg_path: Path, dry_run: bool, unit_dir: Path, no_enable: bool) -> None:
+@click.option(
+    "--exe",
+    type=click.Path(path_type=Path),
+    help="The labmeter executable the unit runs (default: the one on PATH, e.g. a venv's bin/labmeter).",
+)
+def agent_install(cfg_path: Path, dry_run: bool, unit_dir: Path, no_enable: bool, exe: Path | None) -> None:
     """Validate the config, then write, enable and start the labmeter-agent systemd unit
     (on Windows: register and start the labmeter-agent service)."""
     import shutil
@@ -369,12 +374,12 @@ def agent_install(cfg_path: Path, dry_run: bool, unit_dir: Path, no_enable: bool
     if winsys.WINDOWS:
         _windows_install(cfg_path, cfg, dry_run, no_enable)
         return
-    exe = shutil.which("labmeter") or str(Path(sys.argv[0]).resolve())
+    program = str(exe) if exe else shutil.which("labmeter") or str(Path(sys.argv[0]).resolve())
     unit = resources.files("labmeter.systemd").joinpath("labmeter-agent.service").read_text(encoding="utf-8")
-    unit = unit.replace("/opt/labmeter/bin/labmeter", exe).replace(
+    unit = unit.replace("/opt/labmeter/bin/labmeter", program).replace(
         "/etc/labmeter/agent.toml", str(cfg_path.resolve())
     )
-    _check_sandbox(unit, cfg_path, cfg, exe)
+    _check_sandbox(unit, cfg_path, cfg, program)
     if not cfg.agent.key_file.exists() and not dry_run:
         fail(f"{cfg.agent.key_file}: no key yet; run `labmeter agent enroll --config {cfg_path}` first")
     if dry_run:

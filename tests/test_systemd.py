@@ -69,11 +69,19 @@ def etc_dir() -> Iterator[Path]:
 SANDBOX = sorted((ROOT / "tests" / "testcases" / "sandbox").iterdir())
 
 
+# The unit's own executable, as installed for it: wherever this checkout (and its venv) happens to live, CI may
+# clone it under /tmp, which the unit's PrivateTmp hides; the check would rightly refuse that.
+UNIT_EXE = "/opt/labmeter/venv/bin/labmeter"
+
+
 @pytest.mark.parametrize("case", SANDBOX, ids=[c.name for c in SANDBOX])
-def test_install_checks_every_path_against_the_sandbox(case: Path, tmp_path: Path) -> None:
-    """testcases/sandbox/<case>/: a config the unit could run with, or the path it could not use."""
+def test_install_checks_every_path_against_the_sandbox(case: Path, tmp_path: Path, etc_dir: Path) -> None:
+    """testcases/sandbox/<case>/: a config the unit could run with, or the path it could not use. The config
+    is copied to a folder the unit can read, so only the paths inside it are under test."""
+    config = etc_dir / "agent.toml"
+    config.write_text((case / "agent.toml").read_text())
     out = subprocess.run(
-        [*LABMETER, "agent", "install", "-c", str(case / "agent.toml"), "--dry-run"],
+        [*LABMETER, "agent", "install", "-c", str(config), "--dry-run", "--exe", UNIT_EXE],
         capture_output=True,
         text=True,
         timeout=60,
@@ -85,7 +93,17 @@ def test_install_checks_every_path_against_the_sandbox(case: Path, tmp_path: Pat
         assert len([ln for ln in out.stderr.splitlines() if "the service cannot" in ln]) == 1, out.stderr
         # the real install refuses the same, before writing anything
         real = subprocess.run(
-            [*LABMETER, "agent", "install", "-c", str(case / "agent.toml"), "--unit-dir", str(tmp_path)],
+            [
+                *LABMETER,
+                "agent",
+                "install",
+                "-c",
+                str(config),
+                "--unit-dir",
+                str(tmp_path),
+                "--exe",
+                UNIT_EXE,
+            ],
             capture_output=True,
             text=True,
             timeout=60,
@@ -120,13 +138,16 @@ def test_install_dry_run_and_write(etc_dir: Path) -> None:
         .replace('state_dir = "state"', 'state_dir = "/var/lib/labmeter"')
     )
     dry = subprocess.run(
-        [*LABMETER, "agent", "install", "-c", str(good), "--dry-run"],
+        [*LABMETER, "agent", "install", "-c", str(good), "--dry-run", "--exe", UNIT_EXE],
         capture_output=True,
         text=True,
         timeout=60,
     )
     assert dry.returncode == 0, dry.stderr
-    assert f"agent run --config {good}" in dry.stdout and "/opt/labmeter/bin" not in dry.stdout
+    assert (
+        f"ExecStart={UNIT_EXE} agent run --config {good}" in dry.stdout
+        and "/opt/labmeter/bin" not in dry.stdout
+    )
     bad = subprocess.run(
         [*LABMETER, "agent", "install", "-c", str(case), "--dry-run"],
         capture_output=True,
@@ -135,7 +156,18 @@ def test_install_dry_run_and_write(etc_dir: Path) -> None:
     )
     assert bad.returncode == 2 and "did you mean 'run_above_w'" in bad.stderr
     nokey = subprocess.run(
-        [*LABMETER, "agent", "install", "-c", str(good), "--unit-dir", str(tmp_path), "--no-enable"],
+        [
+            *LABMETER,
+            "agent",
+            "install",
+            "-c",
+            str(good),
+            "--unit-dir",
+            str(tmp_path),
+            "--no-enable",
+            "--exe",
+            UNIT_EXE,
+        ],
         capture_output=True,
         text=True,
         timeout=60,
@@ -145,7 +177,18 @@ def test_install_dry_run_and_write(etc_dir: Path) -> None:
         [*LABMETER, "agent", "enroll", "-c", str(good)], check=True, capture_output=True, timeout=60
     )
     ok = subprocess.run(
-        [*LABMETER, "agent", "install", "-c", str(good), "--unit-dir", str(tmp_path), "--no-enable"],
+        [
+            *LABMETER,
+            "agent",
+            "install",
+            "-c",
+            str(good),
+            "--unit-dir",
+            str(tmp_path),
+            "--no-enable",
+            "--exe",
+            UNIT_EXE,
+        ],
         capture_output=True,
         text=True,
         timeout=60,
@@ -265,3 +308,19 @@ def test_agent_runs_under_the_units_sandbox(mosquitto: BrokerProcess, meter: int
     assert made and all(p.stat().st_uid == NOBODY and p.stat().st_mode & 0o077 == 0 for p in made), [
         (p.name, oct(p.stat().st_mode), p.stat().st_uid) for p in made
     ]
+
+
+def test_install_refuses_an_executable_the_unit_cannot_see(etc_dir: Path) -> None:
+    """A labmeter from a venv under /tmp (PrivateTmp) or /home (ProtectHome) is not there for the unit."""
+    config = etc_dir / "agent.toml"
+    config.write_text(
+        (ROOT / "tests" / "testcases" / "sandbox" / "ok_etc_and_var_lib" / "agent.toml").read_text()
+    )
+    for exe in ("/tmp/venv/bin/labmeter", "/home/lab/venv/bin/labmeter"):
+        out = subprocess.run(
+            [*LABMETER, "agent", "install", "-c", str(config), "--dry-run", "--exe", exe],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert out.returncode == 2 and exe in out.stderr and "Traceback" not in out.stderr, out.stderr
