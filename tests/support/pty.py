@@ -52,11 +52,17 @@ class Instrument:
     def __init__(self, path: str, answer: Callable[[bytes], bytes | None], terminator: bytes = b"\n") -> None:
         self.path, self.answer, self.terminator = path, answer, terminator
         self.stop = threading.Event()
+        self.ready = threading.Event()
         self.thread = threading.Thread(target=self.run, daemon=True)
         self.thread.start()
+        # pyserial flushes the input buffer when it opens the port: a query sent before that is lost, and the
+        # first read would time out for a reason no real instrument has
+        if not self.ready.wait(5):
+            raise RuntimeError(f"the fake instrument could not open {path}")
 
     def run(self) -> None:
         with serial.Serial(self.path, 9600, timeout=0.05) as port:
+            self.ready.set()
             while not self.stop.is_set():
                 req = port.read_until(self.terminator)
                 reply = self.answer(req)
