@@ -259,7 +259,8 @@ def test_sigterm_stops_the_agent_in_every_state(kind: str, tmp_path: Path) -> No
             broker.start()
             lab.start("agent")
             finish(lab)
-        assert check_hours(lab)["backlog"] == (backlog, backlog)
+        # a stop's UNKNOWN breaks standby-run adjacency (machine_hours): an allowance may fall on either side
+        assert check_hours(lab, eff_tol_s=PREP_S + POST_S)["backlog"] == (backlog, backlog)
     finally:
         broker.stop()
 
