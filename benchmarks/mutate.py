@@ -596,7 +596,9 @@ def worker() -> None:
 
 class Worker:
     def __init__(self, tree: Path) -> None:
-        env = dict(os.environ, PYTHONPATH=str(tree), PYTHONDONTWRITEBYTECODE="1")
+        tmp = tree / ".tmp"
+        tmp.mkdir()
+        env = dict(os.environ, PYTHONPATH=str(tree), PYTHONDONTWRITEBYTECODE="1", TMPDIR=str(tmp))
         self.proc = subprocess.Popen(
             [sys.executable, str(tree / "benchmarks" / "mutate.py"), "--worker"],
             cwd=tree,
@@ -641,11 +643,13 @@ def select(m: Mutant, base: dict[str, Any], order: list[str]) -> list[str]:
     return out
 
 
-def run(files: list[str], jobs: int, budget: float, only: str | None) -> dict[str, Any]:
+def run(files: list[str], jobs: int, budget: float, only: str | None, exclude: set[str]) -> dict[str, Any]:
     import select as sel
 
     t_start = time.monotonic()
-    work = Path(tempfile.mkdtemp(prefix="labmeter-mutate-"))
+    shm = Path("/dev/shm")  # tests fsync their ledgers: on a disk shared with other jobs that dominates
+    work = Path(tempfile.mkdtemp(prefix="labmeter-mutate-", dir=shm if shm.is_dir() else None))
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so the finally below removes the copies
     report: dict[str, Any] = {"modules": {}, "mutants": []}
     workers: list[Worker] = []
     try:
@@ -653,7 +657,7 @@ def run(files: list[str], jobs: int, budget: float, only: str | None) -> dict[st
         workers = [Worker(t) for t in trees]
         for file in files:
             prefixes, tests = MODULES[file]
-            tests = tuple(t for t in tests if (ROOT / t).exists())
+            tests = tuple(t for t in tests if (ROOT / t).exists() and t not in exclude)
             mutants = generate(file, prefixes)
             if only:
                 mutants = [m for m in mutants if only in f"{m.file}:{m.line}"]
@@ -676,6 +680,7 @@ def run(files: list[str], jobs: int, budget: float, only: str | None) -> dict[st
                     queue.append(m)
             queue.reverse()
             idle = list(workers)
+            done = 0
             busy: dict[int, tuple[Worker, Mutant]] = {}
             while queue or busy:
                 over = time.monotonic() - t_start > budget
@@ -696,6 +701,11 @@ def run(files: list[str], jobs: int, budget: float, only: str | None) -> dict[st
                     r = w.receive()
                     m.outcome, m.seconds = r["outcome"], r["seconds"]
                     idle.append(w)
+                    done += 1
+                    if done % 25 == 0:
+                        print(
+                            f"  {done}/{len(mutants)} in {time.monotonic() - t_start:.0f} s", file=sys.stderr
+                        )
                     if m.outcome in ("survived",) or m.outcome.startswith("error"):
                         print(f"  {m.outcome}: {m.file}:{m.line} {m.what}", file=sys.stderr, flush=True)
             counts: dict[str, int] = {}
@@ -743,6 +753,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--budget", type=float, default=1800, help="seconds; mutants left then are 'not run'")
     ap.add_argument("--json", type=Path, help="write every mutant and its outcome here")
     ap.add_argument("--list", action="store_true", help="print the mutants and exit")
+    ap.add_argument(
+        "--exclude",
+        action="append",
+        default=[],
+        help="leave this test file out of the maps (the 'before' score)",
+    )
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
@@ -759,7 +775,7 @@ def main(argv: list[str] | None = None) -> int:
             for m in generate(f, MODULES[f][0]):
                 print(f"{m.file}:{m.line} ({m.func or m.const_name}) {m.what}")
         return 0
-    report = run(files, args.jobs, args.budget, args.only)
+    report = run(files, args.jobs, args.budget, args.only, set(args.exclude))
     if args.json:
         args.json.write_text(json.dumps(report, indent=1))
     _print(report)
