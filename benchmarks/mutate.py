@@ -242,7 +242,8 @@ class _Gen(ast.NodeVisitor):
     def visit_Expr(self, node: ast.Expr) -> None:
         if _is_log_call(node.value):
             return
-        if isinstance(node.value, ast.Call | ast.Await):
+        if isinstance(node.value, ast.Call | ast.Await) and "super()" not in _src(node):
+            # (deleting super().__init__ changes the code's free variables: not swappable in place)
             self.add(node, f"delete `{_src(node)[:60]}`", "pass")
         self.generic_visit(node)
 
@@ -410,17 +411,25 @@ class _Tracer:
     """Lines of the target files each test reaches, in this thread and the threads it starts."""
 
     def __init__(self, files: set[str]) -> None:
-        self.files = files
+        self.files = files  # real paths: a module imported through labmeter/collector -> ../collector
+        self.seen: dict[str, str | None] = {}
         self.hits: set[tuple[str, int]] = set()
 
     def __call__(self, frame: Any, event: str, arg: Any) -> Any:
-        if event == "call" and frame.f_code.co_filename in self.files:
-            return self._local
-        return None
+        if event != "call":
+            return None
+        name = frame.f_code.co_filename
+        real = self.seen.get(name, "")
+        if real == "":
+            real = os.path.realpath(name)
+            real = self.seen[name] = real if real in self.files else None
+        return self._local if real is not None else None
 
     def _local(self, frame: Any, event: str, arg: Any) -> Any:
         if event == "line":
-            self.hits.add((frame.f_code.co_filename, frame.f_lineno))
+            real = self.seen.get(frame.f_code.co_filename)
+            if real is not None:
+                self.hits.add((real, frame.f_lineno))
         return self._local
 
 
@@ -430,6 +439,7 @@ class _CoveragePlugin:
         self.lines: dict[str, dict[str, list[int]]] = {}
         self.seconds: dict[str, float] = {}
         self.passed: set[str] = set()
+        self.failed: set[str] = set()
 
     def pytest_runtest_call(self, item: Any) -> None:
         pass
@@ -460,6 +470,10 @@ class _CoveragePlugin:
             self.passed.add(report.nodeid)
         if report.failed:
             self.passed.discard(report.nodeid)
+            self.failed.add(report.nodeid)
+
+
+_CHILD: list[int] = []
 
 
 def _fork_run(fn: Any, timeout: float) -> tuple[str, float]:
@@ -469,6 +483,7 @@ def _fork_run(fn: Any, timeout: float) -> tuple[str, float]:
     if pid == 0:
         code = 3
         try:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
             os.setpgid(0, 0)
             devnull = os.open(os.devnull, os.O_WRONLY)
             os.dup2(devnull, 1)
@@ -478,6 +493,7 @@ def _fork_run(fn: Any, timeout: float) -> tuple[str, float]:
             code = 3
         finally:
             os._exit(code)
+    _CHILD[:] = [pid]
     deadline = t0 + timeout
     while True:
         done, status = os.waitpid(pid, os.WNOHANG)
@@ -531,6 +547,13 @@ def worker() -> None:
     import importlib
 
     tree = Path.cwd()
+
+    def stop(*_: object) -> None:
+        for pid in _CHILD:
+            _reap_group(pid)
+        os._exit(143)
+
+    signal.signal(signal.SIGTERM, stop)
     sys.path.insert(0, str(tree))
     sys.dont_write_bytecode = True
     import pytest
@@ -551,13 +574,19 @@ def worker() -> None:
                 rc = pytest.main([*base[:-2], "--timeout=300", *tests], plugins=[plugin])
                 out.write_text(
                     json.dumps(
-                        {"lines": plugin.lines, "seconds": plugin.seconds, "passed": sorted(plugin.passed)}
+                        {
+                            "lines": plugin.lines,
+                            "seconds": plugin.seconds,
+                            "passed": sorted(plugin.passed),
+                            "failed": sorted(plugin.failed),
+                        }
                     )
                 )
                 return int(rc)
 
             outcome, secs = _fork_run(run_baseline, task["timeout"])
-            data = json.loads(out.read_text()) if out.exists() else {"lines": {}, "seconds": {}, "passed": []}
+            empty = {"lines": {}, "seconds": {}, "passed": [], "failed": []}
+            data = json.loads(out.read_text()) if out.exists() else empty
             out.unlink(missing_ok=True)
             # warm this process for the mutants: the test modules, imported once
             for t in task["tests"]:
@@ -624,7 +653,11 @@ class Worker:
     def close(self) -> None:
         if self.proc.stdin:
             self.proc.stdin.close()
-        self.proc.wait(timeout=30)
+        try:
+            self.proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            self.proc.terminate()  # it stops the test run it is in (its process group) too
+            self.proc.wait(timeout=10)
 
 
 def select(m: Mutant, base: dict[str, Any], order: list[str]) -> list[str]:
@@ -671,6 +704,8 @@ def run(files: list[str], jobs: int, budget: float, only: str | None, exclude: s
                 file=sys.stderr,
                 flush=True,
             )
+            for node in base["failed"]:
+                print(f"  failed unmutated (left out): {node}", file=sys.stderr, flush=True)
             queue: list[Mutant] = []
             for m in mutants:
                 m.tests = select(m, base, order)
