@@ -71,6 +71,7 @@ MODULES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
             "_chain_of",
         ),
         (
+            "tests/test_ledger_store.py",
             "tests/test_ingest_checks.py",
             "tests/test_watermarks.py",
             "tests/test_ingest_store.py",

@@ -1,0 +1,147 @@
+"""The ledger's store path on its own: what a batch leaves behind for the watermark, the reports and the
+rejection counts (SQLite in process; tests/test_ledger_backends.py runs shared promises on PostgreSQL too)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from labmeter import signing, wire
+from labmeter.collector import ledger as ledger_mod
+from labmeter.collector.ledger import Ledger, Rejection, StoredInterval
+
+H = 3_600_000
+T0 = 1_780_000_000_000 // H * H
+
+
+@pytest.fixture
+def ledger(tmp_path: Path) -> Iterator[Ledger]:
+    db = Ledger(tmp_path / "ledger.sqlite")
+    yield db
+    db.close()
+
+
+KEY = signing.PrivateKey.generate()
+KID = signing.key_id(KEY.public_key())
+
+
+def link(
+    seq: int, prev: str, start: int, end: int, state: str = "RUNNING", instrument: str = "I1"
+) -> StoredInterval:
+    iv = wire.Interval("a1", instrument, seq, prev, start, end, state)
+    body = wire.dump_body(iv.body())
+    return StoredInterval.of(iv, wire.body_hash(body), wire.seal(KEY, KID, body))
+
+
+def chain(n: int, minutes: int = 10, first: int = 1) -> list[StoredInterval]:
+    out, prev = [], wire.GENESIS
+    for i in range(n):
+        s = link(first + i, prev, T0 + i * minutes * 60_000, T0 + (i + 1) * minutes * 60_000)
+        prev = s.sha
+        out.append(s)
+    return out
+
+
+def authentic(iv: StoredInterval, reason: str = "state is not one of") -> Rejection:
+    return Rejection(
+        reason, wire.interval_topic(iv.agent, iv.instrument), iv.envelope, iv.agent, iv.instrument, iv.seq,
+        True, iv.sha, iv.prev == wire.GENESIS, iv.instrument, True,
+    )  # fmt: skip
+
+
+def test_stored_interval_keeps_every_field_of_its_body() -> None:
+    iv = wire.Interval("a1", "I1", 7, "3" * 64, T0, T0 + H, "STANDBY", None, -250)
+    s = StoredInterval.of(iv, "f" * 64, b"env")
+    assert (s.agent, s.instrument, s.seq, s.prev, s.start_ms, s.end_ms, s.state) == (
+        "a1", "I1", 7, "3" * 64, T0, T0 + H, "STANDBY",
+    )  # fmt: skip
+    assert (s.sha, s.clock_step_ms, s.envelope) == ("f" * 64, -250, b"env")
+
+
+def test_handled_seqs_are_stored_and_authentically_rejected_links_only(ledger: Ledger) -> None:
+    links = chain(4)
+    ledger.store([(links[0], None), (links[1], None)], [])
+    forged = Rejection("bad signature", wire.interval_topic("a1", "I1"), links[3].envelope, "a1", "I1", 4)
+    ledger.store([], [authentic(links[2]), forged])
+    assert ledger.handled_seqs("a1", "I1") == [(1, True), (2, False), (3, False)]
+    assert ledger.handled_seqs("a1", "I1", above=1) == [(2, False), (3, False)]
+    assert ledger.handled_seqs("a1", "I2") == [] and ledger.handled_seqs("b1", "I1") == []
+
+
+def test_a_signin_chain_counts_its_own_rows_and_rejections(ledger: Ledger) -> None:
+    def signin(seq: int, prev: str) -> tuple[str, str, int, int, str, str, bytes]:
+        body = wire.dump_body(wire.SignIn("a1", "I1", seq, prev, T0, "ab" * 16).body())
+        return ("a1", "I1", seq, T0, "ab" * 16, wire.body_hash(body), wire.seal(KEY, KID, body))
+
+    first = signin(1, wire.GENESIS)
+    ledger.store([], [], [first, signin(2, first[5])])
+    assert ledger.handled_seqs("a1", "I1@signin") == [(1, True), (2, False)]
+    assert ledger.handled_seqs("a1", "I1") == []
+
+
+def test_a_duplicate_is_harmless_and_a_different_body_is_an_authentic_conflict(ledger: Ledger) -> None:
+    links = chain(2)
+    assert ledger.store([(s, None) for s in links], []) == []
+    assert ledger.store([(links[1], None)], []) == []  # the same body again: no conflict
+    other = link(2, links[0].sha, links[1].start_ms, links[1].end_ms, "OFF")
+    (c,) = ledger.store([(other, None)], [])
+    assert (c.seq, c.authentic, c.body_sha, c.chain, c.instrument, c.agent) == (
+        2,
+        True,
+        other.sha,
+        "I1",
+        "I1",
+        "a1",
+    )
+    assert c.reason == wire.conflict_reason(2) and c.topic == wire.interval_topic("a1", "I1")
+    assert ledger.db.execute("SELECT state FROM intervals WHERE seq = 2").fetchone()[0] == "RUNNING"
+    kept = ledger.db.execute("SELECT seq, authentic, chain, sha FROM rejections").fetchall()
+    assert kept == [(2, 1, "I1", other.sha)]
+
+
+def test_the_longest_interval_only_grows_and_survives_a_reopen(ledger: Ledger, tmp_path: Path) -> None:
+    ledger.store([(link(1, wire.GENESIS, T0, T0 + 2 * H), None)], [])
+    ledger.store([(link(2, "1" * 64, T0 + 2 * H, T0 + 2 * H + 60_000), None)], [])
+    assert ledger.longest_interval_ms() == 2 * H
+    ledger.store([(link(3, "2" * 64, T0 + 3 * H, T0 + 6 * H), None)], [])
+    assert ledger.longest_interval_ms() == 3 * H
+    again = Ledger(tmp_path / "ledger.sqlite")
+    assert again.longest_interval_ms() == 3 * H
+    again.close()
+
+
+def test_a_stored_instrument_is_listed_once(ledger: Ledger) -> None:
+    ledger.store([(s, None) for s in chain(2)], [])
+    ledger.store([(link(9, wire.GENESIS, T0, T0 + H, instrument="I2"), None)], [])
+    codes = [r[0] for r in ledger.db.execute("SELECT code FROM instruments ORDER BY code")]
+    assert codes == ["I1", "I2"]
+
+
+def test_a_late_predecessor_marks_its_successor_for_the_rollups(ledger: Ledger) -> None:
+    links = chain(3)
+    ledger.store([(links[2], None)], [])
+    with ledger.transaction() as cur:
+        ledger.clear_dirty(cur, [d[0] for d in ledger.dirty(cur, 100)])
+    ledger.store([(links[1], None)], [])  # seq 3 links now: its span must be recomputed too
+    with ledger.transaction() as cur:
+        spans = {(d[2], d[3]) for d in ledger.dirty(cur, 100)}
+    assert (links[2].start_ms, links[2].end_ms) in spans
+    assert (links[1].start_ms, links[1].end_ms) in spans
+
+
+def test_unauthenticated_rejections_are_counted_not_kept(
+    ledger: Ledger, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(ledger_mod, "REJECTION_KEYS", 4)
+    junk = [Rejection(f"reason {i}", f"t/{i}", b"x" * 100) for i in range(6)]
+    ledger.store([], [*junk, junk[0]])
+    assert ledger.db.execute("SELECT count(*) FROM rejections").fetchone()[0] == 0
+    counts = {(r, t): n for r, t, n, _ in ledger.rejection_summary()}
+    assert counts[("reason 0", "t/0")] == 2
+    assert sum(counts.values()) == 7
+    assert len(counts) == 4 and counts[ledger_mod.REJECTION_OTHER] == 3  # the cap: the rest as "other"
+    ledger.store([], [junk[5], Rejection("new", "t/new", b"")])
+    counts = {(r, t): n for r, t, n, _ in ledger.rejection_summary()}
+    assert counts[ledger_mod.REJECTION_OTHER] == 5 and len(counts) == 4
