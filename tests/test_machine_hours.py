@@ -155,3 +155,9 @@ def test_coverage_is_known_time_over_the_period_and_zero_for_no_period() -> None
         "uncovered_ms",
     }
     assert h.totals()["unknown_ms"] == 200
+
+
+def test_spread_over_no_bucket_is_empty() -> None:
+    assert mh.spread([(0, 10)], []) == []
+    assert mh.spread([(0, 10)], [5]) == []
+    assert mh.compute_buckets([(0, 10, "RUNNING", True)], [], 0, 0) == []
