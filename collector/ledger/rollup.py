@@ -25,11 +25,11 @@ from labmeter.collector.ledger import ROLLUP_VALUES, Ledger
 from labmeter.collector.ledger.pg import Busy
 from labmeter.collector.registry import stored_number
 from labmeter.config import PolicyConfig
+from labmeter.machine_hours import HOUR_MS as H
 from labmeter.machine_hours import Hours, compute, compute_buckets
 
 log = logging.getLogger("labmeter.rollups")
 
-H = 3_600_000
 HOUR, DAY, MONTH = 0, 1, 2
 CHUNK_DAYS = 31  # the longest stretch judged at once when rebuilding
 STEP = 500  # stale marks taken per transaction, so ingest never waits long

@@ -29,6 +29,7 @@ from aiohttp import web
 from labmeter.collector.ledger.rollup import Calendar, Rollups
 from labmeter.collector.reports.hours import GROUPINGS, YEAR_MS, hours_report, rated_ms
 from labmeter.config import ConfigError
+from labmeter.machine_hours import HOUR_MS as H
 from labmeter.netutil import is_loopback, split_listen
 from labmeter.wire import ID_RE
 
@@ -36,7 +37,6 @@ if TYPE_CHECKING:
     from labmeter.collector.service import Collector
 
 log = logging.getLogger("labmeter.web")
-H = 3_600_000
 DAY = 24 * H
 CACHE_S = 10.0
 AGENT_DOWN_AFTER_S = 90.0

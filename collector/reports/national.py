@@ -25,9 +25,9 @@ from labmeter.collector.registry import stored_number
 from labmeter.collector.reports.cells import append_row
 from labmeter.collector.reports.hours import category_name, per_instrument
 from labmeter.config import PolicyConfig
+from labmeter.machine_hours import HOUR_MS as H
 from labmeter.machine_hours import compute
 
-H = 3_600_000
 FORMAT = "labmeter-national/1"
 INSTRUMENT_TYPE, SERVICE_TYPE = 4, 6
 """``instruType`` of instrument and service records."""
