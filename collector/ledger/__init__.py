@@ -14,7 +14,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from labmeter import statefile
 from labmeter.netutil import redact_text, redact_url
@@ -224,6 +224,23 @@ RESET_FIX = (
     "restore it from a backup (docs/deploy.md), or run `labmeter collector reset-ledger --config {config}` "
     "to move it aside and start an empty ledger"
 )
+
+
+class IntervalRow(NamedTuple):
+    """A stored interval as the hour rules read it; ``linked``: its prev matches the stored predecessor
+    (the machine-hour rules count only linked time as verified)."""
+
+    instrument: str
+    agent: str
+    seq: int
+    start_ms: int
+    end_ms: int
+    state: str
+    linked: bool
+
+    def span(self) -> tuple[int, int, str, bool]:
+        """(start, end, state, linked): the segment the hour rules take."""
+        return self.start_ms, self.end_ms, self.state, self.linked
 
 
 @dataclass(frozen=True)
@@ -880,7 +897,7 @@ class Ledger:
         )
 
     # reports --------------------------------------------------------------
-    def intervals_between(self, start_ms: int, end_ms: int, instrument: str | None = None) -> list[tuple]:
+    def intervals_between(self, start_ms: int, end_ms: int, instrument: str | None = None) -> list[IntervalRow]:
         """Intervals overlapping [start, end) with a ``linked`` flag: prev matches the stored predecessor."""
         sql = (
             "SELECT i.instrument, i.agent, i.seq, i.start_ms, i.end_ms, i.state, "
@@ -896,7 +913,8 @@ class Ledger:
         else:  # instrument by instrument along the time index, never a scan of the whole table
             sql = sql.replace("FROM intervals i", "FROM instruments c CROSS JOIN intervals i", 1)
             sql += " AND i.instrument = c.code"
-        return self.db.execute(sql + " ORDER BY i.instrument, i.start_ms", args).fetchall()
+        rows = self.db.execute(sql + " ORDER BY i.instrument, i.start_ms", args).fetchall()
+        return [IntervalRow(r[0], r[1], r[2], r[3], r[4], r[5], bool(r[6])) for r in rows]
 
     def envelopes(self, agent: str, instrument: str, first: int, last: int) -> list[bytes]:
         """The stored envelopes of seqs first..last of one chain, in order, exactly as the agent sent them."""

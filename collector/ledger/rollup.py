@@ -219,7 +219,7 @@ class Rollups:
         cal = self.calendar
         pad = max(prep, post)
         rows = [
-            (r[3], r[4], r[5], bool(r[6])) for r in self.ledger.intervals_between(lo - pad, hi + pad, code)
+            r.span() for r in self.ledger.intervals_between(lo - pad, hi + pad, code)
         ]
         windows = self.ledger.service_windows(lo, hi, code).get(code, [])
         bounds = list(range(lo, hi + 1, H))

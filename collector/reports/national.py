@@ -168,7 +168,7 @@ def _service_record(
     code, s, e, st = str(r["instrument"]), int(r["start_ms"]), int(r["end_ms"]), int(r["service_type"])
     prep, post = allowances_ms(registry.get(code, {}), policy)
     pad = max(prep, post)
-    rows = [(x[3], x[4], x[5], bool(x[6])) for x in ledger.intervals_between(s - pad, e + pad, code)]
+    rows = [x.span() for x in ledger.intervals_between(s - pad, e + pad, code)]
     h = compute(rows, s, e, prep, post, [(s, e, st == 130)])
     return {
         "recordInnerId": str(r["id"]),
