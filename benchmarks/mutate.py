@@ -60,7 +60,7 @@ MODULES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
         ("AckGate",),
         ("tests/test_ack_gate.py", "tests/test_control_path.py", "tests/test_control_path_live.py"),
     ),
-    "collector/ledger.py": (
+    "collector/ledger/__init__.py": (
         (
             "StoredInterval",
             "Rejection",
