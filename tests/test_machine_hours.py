@@ -11,7 +11,7 @@ from __future__ import annotations
 from datetime import timedelta
 from itertools import pairwise
 
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from labmeter import machine_hours as mh
@@ -64,6 +64,22 @@ cuts = st.lists(st.integers(1, SPAN - 1), max_size=4, unique=True).map(lambda c:
 
 
 @settings(max_examples=200, database=None, derandomize=True, deadline=None)
+# a row wholly inside the one before it leaves no empty segment that would cut the standby off the run
+@example(
+    rows=[(0, 10, "RUNNING", True), (5, 10, "OFF", True), (10, 20, "STANDBY", True)],
+    bounds=[0, SPAN],
+    prep=0,
+    post=6,
+    windows=[],
+)
+# two contiguous standby rows are one stretch: the post-run allowance reaches into the second
+@example(
+    rows=[(0, 10, "RUNNING", True), (10, 15, "STANDBY", True), (15, 20, "STANDBY", True)],
+    bounds=[0, SPAN],
+    prep=0,
+    post=8,
+    windows=[],
+)
 @given(
     rows=st.lists(row, max_size=7),
     bounds=cuts,
@@ -129,8 +145,10 @@ def test_union_and_intersect_keep_exactly_the_shared_time(
     ux, uy = mh.union(xs), mh.union(ys)
     units = range(2 * SPAN + 10)
     assert {t for s, e in ux for t in range(s, e)} == {t for s, e in xs for t in range(s, e)}
+    assert all(e > s for s, e in ux)
     assert all(x[1] < y[0] for x, y in pairwise(ux))  # sorted, apart: overlapping bookings count once
     both = mh.intersect(ux, uy)
+    assert all(e > s for s, e in both)
     assert [t for s, e in both for t in range(s, e)] == [
         t for t in units if any(s <= t < e for s, e in xs) and any(s <= t < e for s, e in ys)
     ]
