@@ -600,10 +600,13 @@ def worker() -> None:
             empty = {"lines": {}, "seconds": {}, "passed": [], "failed": []}
             data = json.loads(out.read_text()) if out.exists() else empty
             out.unlink(missing_ok=True)
-            # warm this process for the mutants: the test modules, imported once
+            # warm this process for the mutants: what the test modules import, imported once; the test
+            # modules themselves again in each child (module-level values such as NOW = time.time() go stale)
             for t in task["tests"]:
                 with contextlib.suppress(Exception):
                     importlib.import_module(Path(t).with_suffix("").as_posix().replace("/", "."))
+            for name in [n for n in sys.modules if n.startswith("tests.test_")]:
+                del sys.modules[name]
             data["outcome"], data["seconds_total"] = outcome, secs
             print(json.dumps(data), flush=True)
         elif task["kind"] == "mutant":
