@@ -13,6 +13,7 @@ import json
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,7 @@ H = 3_600_000
 NOW = int(time.time() * 1000)
 T0 = NOW // H * H - 5 * H
 USER = "ab" * 16
+Y2000 = int(datetime(2000, 1, 1, tzinfo=UTC).timestamp() * 1000)  # the earliest time a body may name
 
 
 class Agent:
@@ -172,7 +174,7 @@ CASES: dict[str, tuple[str, Any, str, bool, bool]] = {
     "end_not_after_start": (ITOPIC, lambda lab: lab.a.seal(iv(lab, end=T0)), "not after start", True, True),
     "start_before_2000": (
         ITOPIC,
-        lambda lab: lab.a.seal(iv(lab, start=verify.EARLIEST_MS - H, end=verify.EARLIEST_MS - 1)),
+        lambda lab: lab.a.seal(iv(lab, start=Y2000 - H, end=Y2000 - 1)),
         "before 2000",
         True,
         True,
@@ -193,7 +195,7 @@ CASES: dict[str, tuple[str, Any, str, bool, bool]] = {
     ),
     "signin_before_2000": (
         wire.signin_topic("a1", "I1"),
-        lambda lab: lab.a.seal(wire.SignIn("a1", "I1", 3, "2" * 64, verify.EARLIEST_MS - 1, USER).body()),
+        lambda lab: lab.a.seal(wire.SignIn("a1", "I1", 3, "2" * 64, Y2000 - 1, USER).body()),
         "sign-in time",
         True,
         True,
@@ -207,7 +209,7 @@ CASES: dict[str, tuple[str, Any, str, bool, bool]] = {
     ),
     "open_interval_before_2000": (
         wire.open_topic("a1", "I1"),
-        lambda lab: lab.a.seal(open_body(verify.EARLIEST_MS - 1)),
+        lambda lab: lab.a.seal(open_body(Y2000 - 1)),
         "open interval start",
         False,
         False,
@@ -249,16 +251,16 @@ def test_the_limits_themselves_are_accepted(lab: Lab) -> None:
     edge = v.clock.wall_ms() + v.max_future_ms - 1000
     late = v.check(ITOPIC, lab.a.seal(iv(lab, start=edge - H, end=edge)))
     assert isinstance(late, Accepted)
-    old = v.check(ITOPIC, lab.a.seal(iv(lab, start=verify.EARLIEST_MS, end=verify.EARLIEST_MS + H)))
-    assert isinstance(old, Accepted) and old.interval.start_ms == verify.EARLIEST_MS
+    old = v.check(ITOPIC, lab.a.seal(iv(lab, start=Y2000, end=Y2000 + H)))
+    assert isinstance(old, Accepted) and old.interval.start_ms == Y2000
     si = v.check(
         wire.signin_topic("a1", "I1"),
-        lab.a.seal(wire.SignIn("a1", "I1", 1, wire.GENESIS, verify.EARLIEST_MS, USER).body()),
+        lab.a.seal(wire.SignIn("a1", "I1", 1, wire.GENESIS, Y2000, USER).body()),
     )
-    assert isinstance(si, AcceptedSignIn) and si.signin.at == verify.EARLIEST_MS
+    assert isinstance(si, AcceptedSignIn) and si.signin.at == Y2000
     op = v.check(
         wire.open_topic("a1", "I1"),
-        lab.a.seal(open_body(verify.EARLIEST_MS, "OFF")),
+        lab.a.seal(open_body(Y2000, "OFF")),
     )
     assert isinstance(op, OpenState) and op.agent == "a1" and op.body["state"] == "OFF"
 
@@ -361,7 +363,7 @@ POWER_CASES: dict[str, tuple[str, Any, str, bool]] = {
     ),
     "before_2000": (
         wire.power_topic("a1", "I1"),
-        lambda lab: lab.a.seal(power(start=verify.EARLIEST_MS - 60_000, end=verify.EARLIEST_MS - 1)),
+        lambda lab: lab.a.seal(power(start=Y2000 - 60_000, end=Y2000 - 1)),
         "implausible",
         True,
     ),
