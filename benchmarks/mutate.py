@@ -296,6 +296,10 @@ class _Gen(ast.NodeVisitor):
     def visit_Assert(self, node: ast.Assert) -> None:
         return
 
+    def visit_AnnAssign(self, node: ast.AnnAssign) -> None:
+        if node.value is not None:  # the annotation is never evaluated (from __future__ import annotations)
+            self.visit(node.value)
+
     # expressions
     def visit_Compare(self, node: ast.Compare) -> None:
         for i, op in enumerate(node.ops):

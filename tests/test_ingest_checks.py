@@ -108,6 +108,20 @@ CASES: dict[str, tuple[str, Any, str, bool, bool]] = {
         False,
         False,
     ),
+    "agent_topic_of_another_kind": (
+        "labmeter/v1/a1/ack",
+        lambda lab: lab.a.seal(iv(lab)),
+        "unknown message kind",
+        False,
+        False,
+    ),
+    "status_on_an_instrument_topic": (
+        "labmeter/v1/a1/I1/status",
+        lambda lab: lab.a.seal(iv(lab)),
+        "unknown message kind",
+        False,
+        False,
+    ),
     "not_json": (ITOPIC, lambda lab: b'{"kid": "x", "body": ', "JSON", False, False),
     "unknown_agent": (
         wire.interval_topic("ghost", "I1"),
