@@ -91,6 +91,7 @@ MODULES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
             "AgentStore.ack_matching",
         ),
         (
+            "tests/test_outbox_acks.py",
             "tests/test_outbox.py",
             "tests/test_watermarks.py",
             "tests/test_control_path.py",
