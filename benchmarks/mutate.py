@@ -105,7 +105,12 @@ MODULES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     ),
     "labmeter/evidence.py": (
         (),
-        ("tests/test_evidence_trust.py", "tests/test_evidence.py", "tests/test_evidence_services.py"),
+        (
+            "tests/test_evidence_keys.py",
+            "tests/test_evidence_trust.py",
+            "tests/test_evidence.py",
+            "tests/test_evidence_services.py",
+        ),
     ),
     "labmeter/verify.py": (
         (),
