@@ -700,7 +700,9 @@ def select(m: Mutant, base: dict[str, Any], order: list[str]) -> list[str]:
     return out
 
 
-def run(files: list[str], jobs: int, budget: float, only: str | None, exclude: set[str]) -> dict[str, Any]:
+def run(
+    files: list[str], jobs: int, budget: float, only: str | None, exclude: set[str], out: Path | None = None
+) -> dict[str, Any]:
     import select as sel
 
     t_start = time.monotonic()
@@ -776,6 +778,8 @@ def run(files: list[str], jobs: int, budget: float, only: str | None, exclude: s
             report["modules"][file] = counts
             report["mutants"].extend(asdict(m) for m in mutants)
             print(f"{file}: {counts}", file=sys.stderr, flush=True)
+            if out is not None:  # after each module: a run cut short keeps what it measured
+                out.write_text(json.dumps(report, indent=1))
     finally:
         for w in workers:
             try:
@@ -834,7 +838,7 @@ def main(argv: list[str] | None = None) -> int:
             for m in generate(f, MODULES[f][0]):
                 print(f"{m.file}:{m.line} ({m.func or m.const_name}) {m.what}")
         return 0
-    report = run(files, args.jobs, args.budget, args.only, set(args.exclude))
+    report = run(files, args.jobs, args.budget, args.only, set(args.exclude), args.json)
     if args.json:
         args.json.write_text(json.dumps(report, indent=1))
     _print(report)
