@@ -719,7 +719,8 @@ def run(
             tests = tuple(t for t in tests if (ROOT / t).exists() and t not in exclude)
             mutants = generate(file, prefixes)
             if only:
-                mutants = [m for m in mutants if only in f"{m.file}:{m.line}"]
+                wanted = only.split(",")
+                mutants = [m for m in mutants if any(f"{m.file}:{m.line}".endswith(w) for w in wanted)]
             w0 = workers[0]
             w0.send({"kind": "baseline", "files": [file], "tests": list(tests), "timeout": 1800})
             base = w0.receive()
@@ -811,7 +812,10 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--module", action="append", help="a file of MODULES (repeatable)")
     ap.add_argument("--all", action="store_true", help="every file of MODULES")
-    ap.add_argument("--only", help="only mutants whose file:line contains this (e.g. verify.py:212)")
+    ap.add_argument(
+        "--only",
+        help="only mutants at these file:line ends, comma-separated (e.g. verify.py:212,verify.py:228)",
+    )
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--budget", type=float, default=1800, help="seconds; mutants left then are 'not run'")
     ap.add_argument("--json", type=Path, help="write every mutant and its outcome here")
