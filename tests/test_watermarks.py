@@ -90,3 +90,20 @@ def test_a_chain_begun_above_an_older_one_is_reported_once(tmp_path: Path) -> No
     marks.add("a1", "XRD", S, True)  # resent: reported once
     assert marks.restarts == [("a1", "XRD", S)]
     ledger.close()
+
+
+def test_only_seqs_beyond_a_gap_are_held_in_memory(tmp_path: Path) -> None:
+    """The watermark's memory is bounded by its gaps: passed seqs, repeats and an abandoned chain's tail go."""
+    ledger = Ledger(tmp_path / "ledger.sqlite")
+    marks = Watermarks(ledger)
+    key = ("a1", "XRD")
+    for seq in (1, 2, 3, 2, 1):
+        marks.add(*key, seq, seq == 1)
+    assert marks.upto[key] == 3 and marks.above[key] == set()
+    marks.add(*key, 5)
+    marks.add(*key, 7)
+    assert marks.above[key] == {5, 7}
+    assert marks.add(*key, S, True) == S  # a new chain: the old chain's gap and tail are abandoned
+    assert marks.above[key] == set()
+    assert marks.add(*key, S + 2, True) == S + 2  # a chain begun two above the watermark jumps too
+    ledger.close()
