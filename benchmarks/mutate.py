@@ -748,7 +748,7 @@ def run(
                 over = time.monotonic() - t_start > budget
                 while idle and queue and not over:
                     w, m = idle.pop(), queue.pop()
-                    timeout = 10 + 3 * sum(base["seconds"].get(t, 1.0) for t in m.tests)
+                    timeout = 60 + 3 * sum(base["seconds"].get(t, 1.0) for t in m.tests)
                     w.send({"kind": "mutant", "mutant": asdict(m), "timeout": timeout})
                     busy[w.proc.stdout.fileno()] = (w, m)  # type: ignore[union-attr]
                 if over and queue:
