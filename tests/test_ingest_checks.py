@@ -571,3 +571,46 @@ def test_signins_are_stored_and_acknowledged_on_their_own_chain(collector: Any) 
     acks = run_batch(c, link, [(wire.signin_topic("a1", "I1"), wire.seal(a.key, a.kid, body))])
     assert acks["a1"]["acks"] == {"I1@signin": {"seq": 1, "sha256": wire.body_hash(body)}}
     assert c.ledger.recent_signins("I1") and c.stats["signins"] == 1
+
+
+class FixedClock(Clock):
+    def __init__(self, now_ms: int) -> None:
+        super().__init__()
+        self.now = now_ms
+
+    def wall_ms(self) -> int:
+        return self.now
+
+
+def test_max_future_is_inclusive_to_the_millisecond(lab: Lab) -> None:
+    """``max_future_s`` is how far ahead a body may be: exactly that far passes, one millisecond more fails."""
+    now = NOW // 1000 * 1000
+    v = Verifier(lab.ledger, FixedClock(now), 300)
+    edge = now + 300_000
+    assert isinstance(v.check(ITOPIC, lab.a.seal(iv(lab, start=edge - H, end=edge))), Accepted)
+    late = lab.a.seal(iv(lab, start=edge - H, end=edge + 1))
+    with pytest.raises(Rejected, match="future"):
+        v.check(ITOPIC, late)
+    signin = wire.signin_topic("a1", "I1")
+    assert isinstance(
+        v.check(signin, lab.a.seal(wire.SignIn("a1", "I1", 1, wire.GENESIS, edge, USER).body())),
+        AcceptedSignIn,
+    )
+    with pytest.raises(Rejected, match="sign-in time"):
+        v.check(signin, lab.a.seal(wire.SignIn("a1", "I1", 1, wire.GENESIS, edge + 1, USER).body()))
+    opened = wire.open_topic("a1", "I1")
+    assert isinstance(v.check(opened, lab.a.seal(open_body(edge))), OpenState)
+    assert isinstance(v.check(opened, lab.a.seal(open_body(now - 60_000))), OpenState)  # the usual case
+    with pytest.raises(Rejected, match="open interval start"):
+        v.check(opened, lab.a.seal(open_body(edge + 1)))
+
+
+def test_a_newcomers_status_is_recognised_once_the_snapshot_is_old(lab: Lab) -> None:
+    c = Agent(lab.tmp, "c1")
+    lab.ledger.add_agent("c1", c.pub, c.kid, ["I3"])
+    payload = c.seal(status(c))
+    s = lab.verifier.check(wire.status_topic("c1"), payload)
+    assert isinstance(s, Status) and not s.registered
+    lab.verifier._loaded -= verify.RELOAD_EVERY_S + 1
+    s = lab.verifier.check(wire.status_topic("c1"), payload)
+    assert isinstance(s, Status) and s.registered and s.online
