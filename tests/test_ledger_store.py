@@ -3,6 +3,7 @@ rejection counts (SQLite in process; tests/test_ledger_backends.py runs shared p
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -145,3 +146,18 @@ def test_unauthenticated_rejections_are_counted_not_kept(
     ledger.store([], [junk[5], Rejection("new", "t/new", b"")])
     counts = {(r, t): n for r, t, n, _ in ledger.rejection_summary()}
     assert counts[ledger_mod.REJECTION_OTHER] == 5 and len(counts) == 4
+
+
+def test_a_ledger_without_intervals_assumes_the_longest_one_and_stamps_the_time_received(
+    ledger: Ledger,
+) -> None:
+    before = int(time.time() * 1000)
+    ledger.store([], [Rejection("bad signature", "t/x", b"")])
+    assert ledger.longest_interval_ms() == wire.MAX_INTERVAL_MS  # no interval yet: any may reach back a day
+    ledger.store(
+        [(link(1, wire.GENESIS, T0, T0 + H), None)], [authentic(link(2, "1" * 64, T0 + H, T0 + 2 * H))]
+    )
+    after = int(time.time() * 1000)
+    (received,) = ledger.db.execute("SELECT received_ms FROM intervals").fetchone()
+    (at,) = ledger.db.execute("SELECT at_ms FROM rejections").fetchone()
+    assert before <= received <= after and before <= at <= after

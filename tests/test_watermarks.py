@@ -23,6 +23,7 @@ CASES = {
     "then_its_first": ([(1, True), (2, False), (S + 1, False), (S, True)], S + 1),
     "old_chain_gap_abandoned": ([(1, True), (3, False), (S, True)], S),
     "older_chain_start_late": ([(S, True), (S + 1, False), (1, True)], S + 1),
+    "first_link_missing": ([(2, False)], 0),
 }
 
 
@@ -97,13 +98,13 @@ def test_only_seqs_beyond_a_gap_are_held_in_memory(tmp_path: Path) -> None:
     ledger = Ledger(tmp_path / "ledger.sqlite")
     marks = Watermarks(ledger)
     key = ("a1", "XRD")
-    for seq in (1, 2, 3, 2, 1):
+    for seq in (1, 2, 3, 3, 2, 1):
         marks.add(*key, seq, seq == 1)
     assert marks.upto[key] == 3 and marks.above[key] == set()
     marks.add(*key, 5)
     marks.add(*key, 7)
     assert marks.above[key] == {5, 7}
-    assert marks.add(*key, S, True) == S  # a new chain: the old chain's gap and tail are abandoned
+    assert marks.add(*key, 8, True) == 8  # a new chain: the old chain's gap and tail are abandoned
     assert marks.above[key] == set()
-    assert marks.add(*key, S + 2, True) == S + 2  # a chain begun two above the watermark jumps too
+    assert marks.add(*key, 10, True) == 10  # a chain begun two above the watermark jumps too
     ledger.close()
