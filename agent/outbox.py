@@ -345,6 +345,21 @@ class AgentStore:
             )
             return cur.execute("DELETE FROM dead").rowcount
 
+    def gone(self) -> dict[str, tuple[int, int]]:
+        """Per chain, (where the current chain began, the seq at and below which this state holds nothing).
+
+        What lies at or below that seq was acknowledged and deleted, or re-sent under new seqs: this
+        agent will never send it again. The signed status says so (``wire.AgentStatus.gone``), so a
+        collector whose ledger lost those links (restored from an older backup) can stop waiting.
+        Dead letters count as held: ``agent resend`` may still send them.
+        """
+        rows = self.db.execute(
+            "SELECT c.instrument, c.first, c.seq, (SELECT MIN(seq) FROM (SELECT seq FROM outbox "
+            "WHERE instrument=c.instrument UNION ALL SELECT seq FROM dead WHERE instrument=c.instrument)) "
+            "FROM chain c ORDER BY c.instrument"
+        ).fetchall()
+        return {chain: (first, head if held is None else held - 1) for chain, first, head, held in rows}
+
     def pending_count(self) -> int:
         return int(self.db.execute("SELECT count(*) FROM outbox").fetchone()[0])
 

@@ -213,6 +213,7 @@ class Agent:
         self.runners: list[InstrumentRunner] = []
         # each broker connection has a number; its last will, signed in advance, says "offline" for it
         self._conn = 0
+        self._gone_turn = 0
         self._will_conn = self.store.next_connection(self.timebase.now_ms())
         self.link = MqttLink(
             cfg.broker,
@@ -253,8 +254,20 @@ class Agent:
             conn,
             self.store.pending_count(),
             __version__[:32],
+            self._gone(),
         )
         return wire.seal_status(self.signer.key, self.signer.kid, st)
+
+    def _gone(self) -> dict[str, tuple[int, int]]:
+        """What this agent will never send again, per chain (see ``AgentStore.gone``); with more chains than
+        one status may name, each status names the next ones in turn."""
+        gone = self.store.gone()
+        if len(gone) <= wire.MAX_GONE:
+            return gone
+        chains = sorted(gone)
+        self._gone_turn = (self._gone_turn + wire.MAX_GONE) % len(chains)
+        picked = (chains[self._gone_turn :] + chains[: self._gone_turn])[: wire.MAX_GONE]
+        return {c: gone[c] for c in picked}
 
     def _will(self) -> Will:
         return Will(wire.status_topic(self.id), self._status("offline", self._will_conn))

@@ -83,6 +83,9 @@ CREATE TABLE IF NOT EXISTS rollup_dirty (
     id INTEGER PRIMARY KEY, instrument TEXT NOT NULL, from_ms INTEGER NOT NULL, to_ms INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS rollup_basis (instrument TEXT PRIMARY KEY, basis TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS holes (
+    agent TEXT NOT NULL, chain TEXT NOT NULL, first_seq INTEGER NOT NULL, last_seq INTEGER NOT NULL,
+    at_ms INTEGER NOT NULL, statement BLOB NOT NULL, PRIMARY KEY (agent, chain, first_seq)) WITHOUT ROWID;
 """
 ROLLUP_VALUES = (
     "run_ms",
@@ -843,6 +846,79 @@ class Ledger:
             )
         ]
         return sorted(set(rows))
+
+    def _handled_in(self, cur: Any, agent: str, chain: str, lo: int, hi: int) -> set[int]:
+        """The seqs in [lo, hi] of a chain that are stored or authentically rejected."""
+        if chain.endswith("@signin"):
+            sql = "SELECT seq FROM signins WHERE agent=? AND instrument=? AND seq BETWEEN ? AND ?"
+            code = chain.removesuffix("@signin")
+        else:
+            sql = "SELECT seq FROM intervals WHERE agent=? AND instrument=? AND seq BETWEEN ? AND ?"
+            code = chain
+        seqs = {int(r[0]) for r in cur.execute(sql, (agent, code, lo, hi)).fetchall()}
+        seqs |= {
+            int(r[0])
+            for r in cur.execute(
+                "SELECT seq FROM rejections WHERE agent=? AND chain=? AND authentic=1 AND seq BETWEEN ? AND ?",
+                (agent, chain, lo, hi),
+            ).fetchall()
+        }
+        return seqs
+
+    def record_holes(
+        self, agent: str, chain: str, lo: int, hi: int, statement: bytes
+    ) -> list[tuple[int, int]]:
+        """Record the seqs in [lo, hi] the ledger does not hold as holes, on the agent's signed word.
+
+        ``statement`` is the agent's signed status saying it holds none of them any more (see
+        ``wire.AgentStatus.gone``): with it kept, anyone can check why the acknowledgement
+        watermark passed them. Returns the (first, last) runs recorded; seqs stored meanwhile (by
+        another collector on this ledger) are not holes.
+        """
+        now = int(time.time() * 1000)
+        with self.transaction() as cur:
+            have = sorted(self._handled_in(cur, agent, chain, lo, hi))
+            runs: list[tuple[int, int]] = []
+            start = lo
+            for s in [*have, hi + 1]:
+                if s > start:
+                    runs.append((start, s - 1))
+                start = s + 1
+            cur.executemany(
+                "INSERT INTO holes VALUES (?,?,?,?,?,?) ON CONFLICT DO NOTHING",
+                [(agent, chain, a, b, now, statement) for a, b in runs],
+            )
+        return runs
+
+    def holes(
+        self, agent: str | None = None, chain: str | None = None
+    ) -> list[tuple[str, str, int, int, int]]:
+        """(agent, chain, first seq, last seq, recorded at) of the recorded holes, in order."""
+        sql = "SELECT agent, chain, first_seq, last_seq, at_ms FROM holes"
+        args: list[object] = []
+        if agent is not None and chain is not None:
+            sql += " WHERE agent=? AND chain=?"
+            args = [agent, chain]
+        return [
+            (str(a), str(c), int(f), int(last), int(t))
+            for a, c, f, last, t in self.db.execute(sql + " ORDER BY agent, chain, first_seq", args)
+        ]
+
+    def body_sha(self, agent: str, chain: str, seq: int) -> str | None:
+        """The hash of the body stored (or authentically rejected) at a chain's seq, for an acknowledgement."""
+        if chain.endswith("@signin"):
+            sql = "SELECT sha FROM signins WHERE agent=? AND instrument=? AND seq=?"
+            code = chain.removesuffix("@signin")
+        else:
+            sql = "SELECT sha FROM intervals WHERE agent=? AND instrument=? AND seq=?"
+            code = chain
+        row = self.db.execute(sql, (agent, code, seq)).fetchone()
+        if row is None:
+            row = self.db.execute(
+                "SELECT sha FROM rejections WHERE agent=? AND chain=? AND authentic=1 AND seq=? AND sha IS NOT NULL",
+                (agent, chain, seq),
+            ).fetchone()
+        return str(row[0]) if row else None
 
     def received_between(self, after_ms: int, upto_ms: int) -> list[tuple[str, str, int, int, str]]:
         """(instrument, agent, start, end, state) of intervals stored in (after, upto]: what a sink has not sent."""

@@ -78,17 +78,56 @@ class Watermarks:
         """(agent, chain, seq) of chains begun above an older one, for the collector to report once."""
         self._reported: set[tuple[str, str, int]] = set()
 
+    def _load(self, key: tuple[str, str]) -> None:
+        if key in self.upto:
+            return
+        self.upto[key] = 0
+        for s, start in self.ledger.handled_seqs(*key):
+            self._push(key, s, start)
+        for *_, last, _ in self.ledger.holes(*key):  # each recorded on the agent's word for all below it
+            self._cover(key, last)
+
     def add(self, agent: str, instrument: str, seq: int, starts_chain: bool = False) -> int:
         key = (agent, instrument)
-        if key not in self.upto:
-            self.upto[key] = 0
-            for s, start in self.ledger.handled_seqs(agent, instrument):
-                self._push(key, s, start)
+        self._load(key)
         self._push(key, seq, starts_chain)
         if starts_chain and self.lowest[key] < seq and (agent, instrument, seq) not in self._reported:
             self._reported.add((agent, instrument, seq))
             self.restarts.append((agent, instrument, seq))
         return self.upto[key]
+
+    def gone(self, agent: str, chain: str, first: int, upto: int, statement: bytes) -> list[tuple[int, int]]:
+        """The agent's signed status says it holds nothing of ``chain`` at or below ``upto`` and will send none
+        of it again (its current chain began at ``first``): the watermark stops waiting for those seqs.
+
+        The links of the current chain the ledger lacks there (it was restored from an older backup,
+        or reset) are recorded as holes with the statement, before the watermark moves; below
+        ``first`` the agent's older chains ended somewhere, as when a new chain's first link
+        arrives. Returns the holes recorded. Raises whatever the ledger raises: nothing moves then.
+        """
+        key = (agent, chain)
+        self._load(key)
+        if upto <= self.upto[key]:
+            return []
+        runs: list[tuple[int, int]] = []
+        lo = max(self.upto[key] + 1, first)
+        if lo <= upto:
+            runs = self.ledger.record_holes(agent, chain, lo, upto, statement)
+        self._cover(key, upto)
+        return runs
+
+    def _cover(self, key: tuple[str, str], last: int) -> None:
+        """Nothing at or below ``last`` will come any more: move the watermark over it."""
+        upto = self.upto[key]
+        if last <= upto:
+            return
+        above = self.above[key]
+        above.difference_update([s for s in above if s <= last])
+        upto = last
+        while upto + 1 in above:
+            upto += 1
+            above.discard(upto)
+        self.upto[key] = upto
 
     def fill_gaps(self, agent: str, instrument: str) -> int:
         """Look in the ledger for seqs missing above the watermark (with a shared subscription another
@@ -203,7 +242,7 @@ class Collector:
                 rejected.append(Rejection(f"internal error: {type(exc).__name__}", topic, payload))
                 continue
             if isinstance(result, Status):
-                self._agent_status(result)
+                self._agent_status(result, payload)
             else:
                 pending.append(result)
         for p, ok in zip(pending, await self._check_signatures(pending), strict=True):
@@ -320,7 +359,7 @@ class Collector:
         self._store_part(items[:half], conflicts, failed)
         self._store_part(items[half:], conflicts, failed)
 
-    def _agent_status(self, s: Status) -> None:
+    def _agent_status(self, s: Status, payload: bytes = b"") -> None:
         """Live agent state, from registered agents' signed status only, newest by the agent's own order.
 
         An unsigned or invalid status never counts as online; from a registered agent that has sent no valid
@@ -349,6 +388,8 @@ class Collector:
                     "order": None,
                 }
             return
+        if r.gone:  # true whenever it was signed: even a replayed or older status may say it
+            self._gone(s.agent, r.gone, payload)
         if known is not None and known.get("order") is not None and r.order() <= known["order"]:
             self.stats["status_ignored"] += 1  # a replayed or older status
             return
@@ -363,6 +404,39 @@ class Collector:
             "order": r.order(),
         }
         self._publish("agent", {"agent": s.agent, "online": r.online and fresh})
+
+    def _gone(self, agent: str, gone: dict[str, tuple[int, int]], statement: bytes) -> None:
+        """An agent's signed word that it will never send some seqs again: stop waiting for them, and
+        acknowledge what is stored above (see ``Watermarks.gone``). Only enrolled chains count."""
+        entries: dict[str, wire.AckEntry] = {}
+        for chain, (first, upto) in gone.items():
+            if (agent, chain.removesuffix("@signin")) not in self.verifier.enrolled:
+                continue
+            key = (agent, chain)
+            try:
+                before = self.watermarks.upto.get(key)
+                runs = self.watermarks.gone(agent, chain, first, upto, statement)
+                after = self.watermarks.upto[key]
+                sha = self.ledger.body_sha(agent, chain, after) if after != before else None
+            except Exception as exc:  # no write: nothing moved; the next status says it again
+                self._log_limited("gone", "cannot record the seqs agent %s no longer holds: %s", agent, exc)
+                continue
+            if runs:
+                self.stats["holes"] += len(runs)
+                log.warning(
+                    "agent %s %s: seq(s) %s are in no ledger and its signed status says it holds them no "
+                    "more (the ledger was restored from an older backup, or reset): recorded as a hole, "
+                    "reported as no data",
+                    agent,
+                    chain,
+                    ", ".join(f"{a}-{b}" if b > a else str(a) for a, b in runs[:5])
+                    + (f" and {len(runs) - 5} more run(s)" if len(runs) > 5 else ""),
+                )
+            if sha is not None:
+                entries[chain] = wire.AckEntry(after, sha)
+        if entries and self.link is not None and self.key is not None:
+            for out in wire.seal_acks(self.key, agent, self.clock.wall_ms(), entries, []):
+                self.link.publish(wire.ack_topic(agent), out)
 
     async def _check_signatures(self, pending: list[Pending]) -> list[bool]:
         """Two helper threads check the batch while the event loop goes on receiving."""

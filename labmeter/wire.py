@@ -530,9 +530,20 @@ def is_legacy_ack(payload: bytes) -> bool:
     return isinstance(obj, dict) and "acks" in obj and "body" not in obj
 
 
+MAX_GONE = 64
+"""Chains one status may speak for in ``gone`` (an agent with more rotates them through its heartbeats)."""
+
+
 class AgentStatus(msgspec.Struct, frozen=True):
     """A signed heartbeat. ``conn`` names the agent's broker connection (it only grows), so the order
-    (conn, offline after online, at) tells which of two statuses is newer; a replayed older one loses."""
+    (conn, offline after online, at) tells which of two statuses is newer; a replayed older one loses.
+
+    ``gone`` maps a chain to ``[first, upto]``: its current chain began at seq ``first``, and this
+    agent holds no link at or below ``upto`` (pending or dead) and will never send one again: they
+    were acknowledged and deleted, or re-sent under new seqs. A collector whose ledger lacks some of
+    them (restored from an older backup) records them as a hole instead of waiting for ever. The
+    statement only grows truer with time, so a replayed one is harmless.
+    """
 
     agent: str
     status: str
@@ -540,11 +551,12 @@ class AgentStatus(msgspec.Struct, frozen=True):
     conn: int
     pending: int = 0
     version: str = ""
+    gone: dict[str, tuple[int, int]] = msgspec.field(default_factory=dict)
     v: int = VERSION
     kind: str = "status"
 
     def body(self) -> dict[str, Any]:
-        return {
+        body: dict[str, Any] = {
             "v": VERSION,
             "kind": "status",
             "agent": self.agent,
@@ -554,6 +566,9 @@ class AgentStatus(msgspec.Struct, frozen=True):
             "pending": self.pending,
             "version": self.version,
         }
+        if self.gone:
+            body["gone"] = {c: [first, upto] for c, (first, upto) in self.gone.items()}
+        return body
 
     @property
     def online(self) -> bool:
@@ -576,6 +591,13 @@ def decode_status(body_text: str) -> AgentStatus:
         raise WireError("status needs an agent id and a version of at most 32 characters")
     if not all(0 <= n <= MAX_SEQ for n in (st.at, st.conn, st.pending)):
         raise WireError("status times and counts must be within 0 .. 2^63-1")
+    if len(st.gone) > MAX_GONE:
+        raise WireError(f"status speaks for {len(st.gone)} chains in gone, more than {MAX_GONE}")
+    for chain, (first, upto) in st.gone.items():
+        if not CHAIN_RE.match(chain) or not _seq_ok(first) or not 0 <= upto <= MAX_SEQ:
+            raise WireError(
+                f"gone entry {chain[:70]!r} needs a chain name, 1 <= first < 2^63, 0 <= upto < 2^63"
+            )
     return st
 
 
