@@ -114,13 +114,19 @@ def check_hours(
     extra_tol_s: float = 0.0,
     codes: tuple[str, ...] = tuple(INSTRUMENTS),
     eff_tol_s: float = 0.0,
+    holes: bool = False,
 ) -> dict[str, object]:
-    """Chains whole, no unverified time, hours equal to the schedule within the sampling bound, nothing counted twice."""
+    """Chains whole, no unverified time, hours equal to the schedule within the sampling bound, nothing counted twice.
+
+    With ``holes``, a chain may skip the seqs of a recorded hole, and the one interval after each hole
+    (whose predecessor nobody holds) is unverified: the truth does not count its time either.
+    """
     from labmeter.collector.hours import compute
 
     a, b = EPOCH_MS + WINDOW[0] * 1000, EPOCH_MS + WINDOW[1] * 1000
     ledger = lab.ledger()
     out: dict[str, object] = {}
+    recorded = {(c, f, last) for _, c, f, last, _ in ledger.holes()} if holes else set()
     try:
         backlog = ledger.db.execute(
             "SELECT COUNT(*), COUNT(DISTINCT start_ms) FROM intervals WHERE instrument=? AND end_ms<=?",
@@ -131,24 +137,26 @@ def check_hours(
             chain = ledger.db.execute(
                 "SELECT seq, prev FROM intervals WHERE instrument=? ORDER BY seq", (code,)
             ).fetchall()
+            after_hole = {last + 1 for c, _, last in recorded if c == code}
             for (s0, _), (s1, p1) in itertools.pairwise(chain):
-                assert s1 == s0 + 1 or p1 == GENESIS, f"{code}: chain has a gap after seq {s0}"
+                hole = (code, s0 + 1, s1 - 1) in recorded
+                assert s1 == s0 + 1 or p1 == GENESIS or hole, f"{code}: chain has a gap after seq {s0}"
             if code not in codes:
                 continue
-            rows = [
-                (r[3], r[4], r[5], bool(r[6]))
-                for r in ledger.intervals_between(a - PREP_S * 1000, b + PREP_S * 1000, code)
-            ]
+            found = ledger.intervals_between(a - PREP_S * 1000, b + PREP_S * 1000, code)
+            rows = [(r[3], r[4], r[5], bool(r[6])) for r in found]
             h = compute(rows, a, b, PREP_S * 1000, POST_S * 1000)
-            assert h.unverified_ms == 0, f"{code}: {h.unverified_ms} ms unverified"
+            unlinked = [r for r in found if not r[6]]
+            assert all(r[2] in after_hole for r in unlinked), f"{code}: unverified {unlinked}"
+            assert h.unverified_ms == 0 or unlinked, f"{code}: {h.unverified_ms} ms unverified"
             known = h.run_ms + h.standby_ms + h.off_ms + h.unknown_ms + h.unverified_ms + h.uncovered_ms
             assert known == h.period_ms, f"{code}: states add up to {known} of {h.period_ms} ms"
             assert h.uncovered_ms <= uncovered_s * 1000, f"{code}: {h.uncovered_ms} ms with no interval"
             lag = POLL_S + period_s + 0.5
             unknown = [
                 ((s - EPOCH_MS) / 1000 - lag, (e - EPOCH_MS) / 1000)
-                for s, e, st, _ in rows
-                if st == "UNKNOWN"
+                for s, e, st, linked in rows
+                if st == "UNKNOWN" or not linked
             ]
             gaps = [
                 ((e0 - EPOCH_MS) / 1000 - lag, (s1 - EPOCH_MS) / 1000)
@@ -180,13 +188,17 @@ def check_hours(
 
 
 def seen_after(rows: list[tuple[int, int, str, bool]], t: float, state: str) -> float:
-    """How long after simulated second ``t`` the ledger first shows ``state`` or loses sight (UNKNOWN, a gap)."""
+    """How long after simulated second ``t`` the ledger first shows ``state`` or loses sight (UNKNOWN, a gap,
+    an unverified interval)."""
     at = EPOCH_MS + t * 1000
-    for start, end, st, _ in sorted(rows):
-        if end <= at:
-            continue
-        if st == state or st == "UNKNOWN":
-            return max(0.0, (start - at) / 1000)
+    prev_end = None
+    for start, end, st, linked in sorted(rows):
+        if end > at:
+            if prev_end is not None and start > prev_end:  # no interval covers the time between
+                return max(0.0, (prev_end - at) / 1000)
+            if st == state or st == "UNKNOWN" or not linked:
+                return max(0.0, (start - at) / 1000)
+        prev_end = end
     return 0.0
 
 
@@ -328,6 +340,54 @@ def test_agent_restored_from_an_earlier_state_backup(mosquitto: BrokerProcess, t
         assert hours[code].run_ms > 100_000, code  # type: ignore[attr-defined]
     restarts = lab.log("collector").count("began a new chain")
     assert restarts == len(INSTRUMENTS), lab.log("collector")
+
+
+def backup_ledger(lab: Lab, dest: Path) -> None:
+    """A consistent copy of the running collector's ledger, as ``sqlite3 ledger.sqlite .backup`` takes it."""
+    src = sqlite3.connect(lab.tmp / "collector-data" / "ledger.sqlite", timeout=10)
+    dst = sqlite3.connect(dest)
+    try:
+        src.backup(dst)
+    finally:
+        src.close()
+        dst.close()
+
+
+def test_ledger_restored_from_an_earlier_backup(mosquitto: BrokerProcess, tmp_path: Path) -> None:
+    """What was acknowledged after the backup is gone for good: the agents' signed word makes it an explicit
+    hole, and everything measured after the restore is stored and acknowledged (the outbox drains)."""
+    lab = Lab(tmp_path, mosquitto)
+    backup = tmp_path / "ledger-backup.sqlite"
+    with running(lab):
+        lab.sleep_until(150)
+        backup_ledger(lab, backup)
+        lab.sleep_until(330)
+        lab.stop("collector", kill=True)
+        data = tmp_path / "collector-data"
+        for f in data.glob("ledger.sqlite*"):
+            f.unlink()
+        backup.rename(data / "ledger.sqlite")
+        lab.start("collector")
+        wait_for(lambda: "recorded as a hole" in lab.log("collector"), 30, what="the holes recorded")
+        finish(lab)
+    assert lab.outbox_left() == 0
+    ledger = lab.ledger()
+    try:
+        holes = ledger.holes()
+        rows = ledger.db.execute("SELECT instrument, seq, end_ms FROM intervals").fetchall()
+    finally:
+        ledger.close()
+    assert sorted(c for _, c, *_ in holes) == sorted(INSTRUMENTS), holes  # one hole per chain, nothing else
+    for _, code, first, last, _ in holes:
+        ends = {seq: end for c, seq, end in rows if c == code}
+        assert all(seq not in ends for seq in range(first, last + 1))
+        # the hole lies between the backup and the restore, by the ends of the links around it
+        assert (ends[first - 1] - EPOCH_MS) / 1000 <= 150 + 10, (code, first, ends[first - 1])
+        assert (ends[last + 1] - EPOCH_MS) / 1000 >= 300, (code, last, ends[last + 1])
+    # all the rest is counted: the lost span is no data, never OFF or RUNNING
+    hours = check_hours(lab, uncovered_s=330 - 150 + 60, eff_tol_s=PREP_S + POST_S, holes=True)
+    for code in INSTRUMENTS:
+        assert hours[code].uncovered_ms >= 100_000, code  # type: ignore[attr-defined]
 
 
 def mount_tmpfs(path: Path, size: str) -> None:
