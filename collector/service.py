@@ -53,6 +53,22 @@ class LedgerUnavailable(Exception):
     """The ledger takes no write at all (disk full, database down): the batch waits, nothing is lost."""
 
 
+SQLITE_FULL = 13
+PG_DISK_FULL = "53100"
+
+
+def disk_full(exc: BaseException) -> bool:
+    """Whether an error, or one it was raised from, is the ledger's file system being full."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if getattr(seen, "sqlite_errorcode", None) == SQLITE_FULL or "disk is full" in str(seen):
+            return True
+        if getattr(seen, "sqlstate", None) == PG_DISK_FULL:
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
 def topic_of(item: Accepted | AcceptedSignIn | Rejection) -> str:
     if isinstance(item, Accepted):
         return wire.interval_topic(item.interval.agent, item.interval.instrument)
@@ -180,6 +196,8 @@ class Collector:
         self._wake = asyncio.Event()
         self._idle = True
         self._last_log: dict[str, float] = {}
+        self._full = False
+        """The ledger's disk is full (said once; "space again" when a batch commits)."""
         self.broker: EmbeddedBroker | None = None
         self.link: MqttLink | None = None
         self.web: LiveView | None = None
@@ -556,10 +574,16 @@ class Collector:
             self._inbox_bytes -= sum(len(p) for _, p in batch)
             try:
                 await self.process(batch)
+                if self._full:
+                    self._full = False
+                    log.warning("ledger has space again: %s; storing what waited", self.ledger.name)
             except LedgerUnavailable as exc:
-                self._log_limited(
-                    "ledger", "the ledger takes no writes (%s); retrying %d message(s)", exc, len(batch)
-                )
+                if disk_full(exc):
+                    self._ledger_full()
+                else:
+                    self._log_limited(
+                        "ledger", "the ledger takes no writes (%s); retrying %d message(s)", exc, len(batch)
+                    )
                 self.inbox.extendleft(reversed(batch))
                 self._inbox_bytes += sum(len(p) for _, p in batch)
                 await asyncio.sleep(1.0)
@@ -572,6 +596,16 @@ class Collector:
                 self.stats["dropped"] += len(batch)
             await asyncio.sleep(0)
 
+    def _ledger_full(self) -> None:
+        """Say once per episode that the ledger's disk is full (a batch is retried every second)."""
+        if not self._full:
+            self._full = True
+            log.error(
+                "disk full: %s; acknowledging nothing until space returns (agents keep and resend what "
+                "is not acknowledged)",
+                self.ledger.name,
+            )
+
     async def _rollups(self) -> None:
         """Keep report rollups current between reports, a short transaction at a time. During a burst of
         ingest this waits (up to ROLLUP_DEFER_S): reports refresh for themselves, so nothing reads stale."""
@@ -582,8 +616,11 @@ class Collector:
                 try:
                     while rollups.refresh(steps=1, wait=False):
                         await asyncio.sleep(0)
-                except Exception:
-                    log.exception("refreshing rollups failed; retrying")
+                except Exception as exc:
+                    if disk_full(exc):  # reports refresh for themselves meanwhile
+                        self._ledger_full()
+                    else:
+                        log.exception("refreshing rollups failed; retrying")
                 last = time.monotonic()
             await asyncio.sleep(ROLLUP_EVERY_S)
 

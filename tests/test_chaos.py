@@ -437,6 +437,37 @@ def test_agent_state_disk_fills_up_and_frees_again(mosquitto: BrokerProcess, tmp
         subprocess.run(["umount", "-l", str(state)], check=False)
 
 
+def test_ledger_disk_fills_up_and_frees_again(mosquitto: BrokerProcess, tmp_path: Path) -> None:
+    """The ledger's file system fills up: the collector says so once, acknowledges nothing it could not
+    commit, keeps running, and stores everything once space returns (the agents resend it)."""
+    data = tmp_path / "collector-data"
+    mount_tmpfs(data, "16m")
+    lab = Lab(tmp_path, mosquitto)
+    try:
+        with running(lab):
+            lab.sleep_until(200)
+            fill(data / "filler")
+            wait_for(
+                lambda: "disk full: " in lab.log("collector"),
+                60,
+                what="the collector saying the disk is full",
+            )
+            held = lab.outbox_left()
+            lab.sleep_until(400)
+            assert lab.procs["collector"].poll() is None, lab.log("collector")
+            assert lab.outbox_left() > held, "acknowledged while the ledger could not commit"
+            (data / "filler").unlink()
+            wait_for(lambda: "space again" in lab.log("collector"), 60, what="the ledger writing again")
+            finish(lab)
+        log = (tmp_path / "collector.log").read_text()
+        assert "Traceback" not in log, log
+        assert log.count("disk full: collector-data/ledger.sqlite") == 1, log  # said once, not per batch
+        assert lab.outbox_left() == 0
+        check_hours(lab)
+    finally:
+        subprocess.run(["umount", "-l", str(data)], check=False)
+
+
 def test_wall_clock_steps_forward_and_back(mosquitto: BrokerProcess, tmp_path: Path) -> None:
     """Every step is on the interval where it happened; the intervals around it are verified time."""
     shift = tmp_path / "clock-shift"
