@@ -236,6 +236,12 @@ class AgentStore:
             with self._transaction(immediate=False) as cur:
                 cur.executemany("UPDATE outbox SET sent_at=? WHERE id=?", [(at, i) for i in ids])
 
+    def outstanding(self, resend_before: float) -> int:
+        """Rows sent since ``resend_before`` and not acknowledged yet: what is on its way to the collector."""
+        return int(
+            self.db.execute("SELECT count(*) FROM outbox WHERE sent_at >= ?", (resend_before,)).fetchone()[0]
+        )
+
     def mark_all_unsent(self) -> None:
         """After a reconnect everything unacknowledged goes out again, oldest first."""
         with self._transaction(immediate=False) as cur:

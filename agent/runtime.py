@@ -35,6 +35,11 @@ CLOCK_STEP_TOLERANCE_MS = 2000
 PUBLISH_CHUNK = 200  # rows published between two yields to the event loop
 WRITE_BUFFER_HIGH = 1 << 20  # socket bytes queued before publishing waits for the network
 MAX_INFLIGHT = 5000  # publishes the broker has not acknowledged before publishing waits (ids end at 65,535)
+MAX_UNACKED = 2000
+"""Rows sent and not yet acknowledged by the collector (within resend_after_s) before publishing waits for
+acks: end-to-end flow control. A broker's PUBACK says nothing about its deliveries to the collector;
+the built-in broker gives each delivery 5 s and then drops it, so a burst larger than the collector
+stores in that time was mostly lost (docs/performance.md, "Built-in broker drain")."""
 MAX_UNWRITTEN = 10_000  # intervals and sign-ins held in memory while the state disk is full (~7 MB)
 
 
@@ -415,6 +420,8 @@ class Agent:
                     )
                 else:
                     self.acked += n
+                    if n:
+                        self.kick.set()  # room for more under MAX_UNACKED
         except DiskFull as exc:  # the collector sends it again when we resend
             self._disk_full(exc)
 
@@ -456,6 +463,10 @@ class Agent:
 
     async def _publish_batch(self, resend_before: float, limit: int = 1000) -> bool:
         """Publish one batch, yielding between chunks; stops at once when the link goes. True: more wait."""
+        room = MAX_UNACKED - self.store.outstanding(resend_before)
+        if room <= 0:
+            return False  # an ack kicks the publisher again
+        limit = min(limit, room)
         rows = self.store.unsent(resend_before, limit)
         now = time.time()
         sent: list[int] = []

@@ -43,6 +43,8 @@ MAX_INBOX = 100_000
 MAX_INBOX_BYTES = 64 * 1024 * 1024
 """Beyond either bound a message is dropped on arrival: agents resend whatever is not acknowledged."""
 MAX_REASON_KEYS = 200
+MAX_GATHER_S = 0.25
+"""The longest a batch waits for more messages before its commit (group commit, see ``_ingest``)."""
 ROLLUP_EVERY_S = 2.0
 ROLLUP_DEFER_S = 30.0
 STATUS_FRESH_MS = 600_000
@@ -197,6 +199,8 @@ class Collector:
         self._idle = True
         self._last_log: dict[str, float] = {}
         self._full = False
+        self._commit_s = 0.0
+        """How long the last batch took to process and commit (the group-commit wait, see _ingest)."""
         """The ledger's disk is full (said once; "space again" when a batch commits)."""
         self.broker: EmbeddedBroker | None = None
         self.link: MqttLink | None = None
@@ -570,10 +574,18 @@ class Collector:
                 self._wake.clear()
                 continue
             self._idle = False
+            if len(self.inbox) < BATCH and self._commit_s > 0.002:
+                # group commit: a commit holds the event loop for its fsync, and the built-in broker runs on
+                # this loop (amqtt drops a delivery not acknowledged within 5 s). Gathering for as long as
+                # the last commit took keeps committing to at most about half the loop's time, however
+                # slowly messages trickle in (docs/performance.md, "Built-in broker drain").
+                await asyncio.sleep(min(self._commit_s, MAX_GATHER_S))
             batch = [self.inbox.popleft() for _ in range(min(BATCH, len(self.inbox)))]
             self._inbox_bytes -= sum(len(p) for _, p in batch)
             try:
+                started = time.perf_counter()
                 await self.process(batch)
+                self._commit_s = time.perf_counter() - started
                 if self._full:
                     self._full = False
                     log.warning("ledger has space again: %s; storing what waited", self.ledger.name)
