@@ -55,6 +55,25 @@ def write_bundle(
         "intervals": len(envelopes),
         "services": len(services),
     }
+    # links lost with a restored ledger, each with the agent's signed word that it holds them no more
+    holes = [
+        {
+            "agent": agent,
+            "chain": instrument,
+            "first_seq": f,
+            "last_seq": last,
+            "statement": st.decode("utf-8", "replace"),
+        }
+        for agent in agents
+        for f, last, st in ledger.hole_statements(
+            agent,
+            instrument,
+            min(r[2] for r in rows if r[1] == agent) - 1,
+            max(r[2] for r in rows if r[1] == agent) + 1,
+        )
+    ]
+    if holes:
+        bundle["holes"] = holes
     files = {
         evidence.BUNDLE: (json.dumps(bundle, indent=2, ensure_ascii=False) + "\n").encode(),
         evidence.INTERVALS: b"".join(env.rstrip(b"\n") + b"\n" for env in envelopes),

@@ -904,6 +904,17 @@ class Ledger:
             for a, c, f, last, t in self.db.execute(sql + " ORDER BY agent, chain, first_seq", args)
         ]
 
+    def hole_statements(self, agent: str, chain: str, lo: int, hi: int) -> list[tuple[int, int, bytes]]:
+        """(first seq, last seq, the agent's signed statement) of the holes of a chain touching [lo, hi]."""
+        return [
+            (int(f), int(last), bytes(st))
+            for f, last, st in self.db.execute(
+                "SELECT first_seq, last_seq, statement FROM holes WHERE agent=? AND chain=? AND last_seq>=? "
+                "AND first_seq<=? ORDER BY first_seq",
+                (agent, chain, lo, hi),
+            )
+        ]
+
     def body_sha(self, agent: str, chain: str, seq: int) -> str | None:
         """The hash of the body stored (or authentically rejected) at a chain's seq, for an acknowledgement."""
         if chain.endswith("@signin"):

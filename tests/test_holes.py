@@ -217,3 +217,24 @@ def test_a_re_chained_agent_says_its_old_seqs_are_gone(tmp_path: Path) -> None:
         assert store.gone()["XRD"] == (moved[0].seq, moved[0].seq - 1)
     finally:
         store.close()
+
+
+def test_the_evidence_bundle_carries_the_hole_and_the_agents_statement(tmp_path: Path) -> None:
+    from labmeter.collector.evidence import write_bundle
+
+    lab, c = _after_restore(tmp_path)
+    try:
+        statement = _status(lab, {"I1": (1, 5)})
+        process(c, [(wire.status_topic("agent-a"), statement)])
+        out = tmp_path / "bundle"
+        key = signing.generate_key_file(tmp_path / "collector.key")
+        bundle = write_bundle(c.ledger, "I1", T0, T0 + 5 * H, 900, 600, out, key)
+    finally:
+        _close(c)
+    [hole] = bundle["holes"]
+    assert (hole["agent"], hole["chain"], hole["first_seq"], hole["last_seq"]) == ("agent-a", "I1", 3, 5)
+    env = wire.open_envelope(hole["statement"].encode())
+    pub = lab.keys["agent-a"][0].public_key()
+    assert signing.verify(pub, env.body.encode(), env.sig)  # checkable with the agent's key alone
+    assert wire.decode_status(env.body).gone == {"I1": (1, 5)}
+    assert json.loads((out / "bundle.json").read_text())["holes"] == bundle["holes"]
