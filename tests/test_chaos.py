@@ -121,7 +121,7 @@ def check_hours(
     With ``holes``, a chain may skip the seqs of a recorded hole, and the one interval after each hole
     (whose predecessor nobody holds) is unverified: the truth does not count its time either.
     """
-    from labmeter.collector.hours import compute
+    from labmeter.machine_hours import compute
 
     a, b = EPOCH_MS + WINDOW[0] * 1000, EPOCH_MS + WINDOW[1] * 1000
     ledger = lab.ledger()
@@ -144,10 +144,10 @@ def check_hours(
             if code not in codes:
                 continue
             found = ledger.intervals_between(a - PREP_S * 1000, b + PREP_S * 1000, code)
-            rows = [(r[3], r[4], r[5], bool(r[6])) for r in found]
+            rows = [r.span() for r in found]
             h = compute(rows, a, b, PREP_S * 1000, POST_S * 1000)
-            unlinked = [r for r in found if not r[6]]
-            assert all(r[2] in after_hole for r in unlinked), f"{code}: unverified {unlinked}"
+            unlinked = [r for r in found if not r.linked]
+            assert all(r.seq in after_hole for r in unlinked), f"{code}: unverified {unlinked}"
             assert h.unverified_ms == 0 or unlinked, f"{code}: {h.unverified_ms} ms unverified"
             known = h.run_ms + h.standby_ms + h.off_ms + h.unknown_ms + h.unverified_ms + h.uncovered_ms
             assert known == h.period_ms, f"{code}: states add up to {known} of {h.period_ms} ms"

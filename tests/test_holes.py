@@ -220,7 +220,7 @@ def test_a_re_chained_agent_says_its_old_seqs_are_gone(tmp_path: Path) -> None:
 
 
 def test_the_evidence_bundle_carries_the_hole_and_the_agents_statement(tmp_path: Path) -> None:
-    from labmeter.collector.evidence import write_bundle
+    from labmeter.collector.reports.evidence import write_bundle
 
     lab, c = _after_restore(tmp_path)
     try:
