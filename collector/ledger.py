@@ -14,7 +14,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from labmeter import statefile
 from labmeter.netutil import redact_text, redact_url
@@ -124,6 +124,34 @@ SERVICE_COLUMNS = (
     "service_way",
     "content",
 )
+
+
+class StateRow(NamedTuple):
+    """One stored interval as the hour rules read it (``labmeter.machine_hours.merge``)."""
+
+    start_ms: int
+    end_ms: int
+    state: str
+    linked: bool
+
+
+class SignInRow(NamedTuple):
+    instrument: str
+    agent: str
+    at_ms: int
+    user: str
+
+
+class BookingRow(NamedTuple):
+    """A service record as the reconciliation reads it."""
+
+    id: int
+    instrument: str
+    start_ms: int
+    end_ms: int
+    applicant: str
+    applicant_unit: str
+    service_type: int
 
 
 @dataclass(frozen=True)
@@ -880,6 +908,42 @@ class Ledger:
             sql = sql.replace("FROM intervals i", "FROM instruments c CROSS JOIN intervals i", 1)
             sql += " AND i.instrument = c.code"
         return self.db.execute(sql + " ORDER BY i.instrument, i.start_ms", args).fetchall()
+
+    def states_between(self, start_ms: int, end_ms: int, instrument: str) -> list[StateRow]:
+        """One instrument's intervals overlapping [start, end), with the ``linked`` flag, oldest first."""
+        return [
+            StateRow(int(r[3]), int(r[4]), str(r[5]), bool(r[6]))
+            for r in self.intervals_between(start_ms, end_ms, instrument)
+        ]
+
+    def signins_between(self, start_ms: int, end_ms: int, instrument: str | None = None) -> list[SignInRow]:
+        """Sign-ins at [start, end), oldest first."""
+        sql = 'SELECT instrument, agent, at_ms, "user" FROM signins WHERE at_ms >= ? AND at_ms < ?'
+        args: tuple[object, ...] = (start_ms, end_ms)
+        if instrument is not None:
+            sql += " AND instrument = ?"
+            args += (instrument,)
+        return [
+            SignInRow(str(i), str(g), int(t), str(u))
+            for i, g, t, u in self.db.execute(sql + " ORDER BY instrument, at_ms", args)
+        ]
+
+    def bookings_between(self, start_ms: int, end_ms: int, instrument: str | None = None) -> list[BookingRow]:
+        """Service records overlapping [start, end), by instrument and start."""
+        sql = (
+            "SELECT id, instrument, start_ms, end_ms, applicant, applicant_unit, service_type "
+            "FROM service_records WHERE start_ms < ? AND end_ms > ?"
+        )
+        args: tuple[object, ...] = (end_ms, start_ms)
+        if instrument is not None:
+            sql += " AND instrument = ?"
+            args += (instrument,)
+        return [
+            BookingRow(
+                int(r[0]), str(r[1]), int(r[2]), int(r[3]), str(r[4] or ""), str(r[5] or ""), int(r[6])
+            )
+            for r in self.db.execute(sql + " ORDER BY instrument, start_ms, end_ms, id", args)
+        ]
 
     def envelopes(self, agent: str, instrument: str, first: int, last: int) -> list[bytes]:
         """The stored envelopes of seqs first..last of one chain, in order, exactly as the agent sent them."""

@@ -1373,6 +1373,79 @@ def report_findings(
             click.echo(f"  {item['instrument']}  {item['name']}  {item['unit']}  {extra}")
 
 
+@report_group.command("reconcile")
+@click.option("--from", "start", required=True, help="First day (2026-01-01) or time, local.")
+@click.option("--to", "end", required=True, help="Last day (inclusive) or end time, local.")
+@config_option("collector.toml")
+@click.option("--instrument", help="One instrument only (code).")
+@click.option(
+    "--part",
+    type=click.Choice(["all", "records", "findings", "summary"]),
+    default="all",
+    show_default=True,
+    help="Which table (CSV holds one; XLSX always has all).",
+)
+@click.option(
+    "--format", "fmt", type=click.Choice(["table", "csv", "json", "xlsx"]), default="table", show_default=True
+)
+@click.option(
+    "--output", "-o", "out", type=click.Path(path_type=Path), help="File to write (needed for xlsx)."
+)
+@click.option(
+    "--lang",
+    type=click.Choice(["zh", "en"]),
+    default="zh",
+    show_default=True,
+    help="Language of the column names.",
+)
+@click.option("--no-bom", is_flag=True, help="CSV without the UTF-8 BOM (Excel needs it to read UTF-8).")
+@click.option("--tz", help="Time zone for days (default: the config's [policy] timezone).")
+def report_reconcile(
+    start: str,
+    end: str,
+    cfg_path: Path,
+    instrument: str | None,
+    part: str,
+    fmt: str,
+    out: Path | None,
+    lang: str,
+    no_bom: bool,
+    tz: str | None,
+) -> None:
+    """Each booking against the meter: run and effective time inside it, and the findings.
+
+    Findings (thresholds in [policy], docs/reconcile.md): booked but not used, running with no booking and
+    no sign-in (per day), sign-in without running, long powered idle (空载), overlapping bookings, bookings
+    outside metered time. A per-instrument summary: booked hours, used share, unattributed run, idle.
+    """
+    from labmeter.collector.reconcile import reconcile, render, write_xlsx
+    from labmeter.collector.report import PeriodError, parse_time
+
+    cfg = load_collector(cfg_path)
+    zone = zone_for(tz, cfg)
+    if fmt == "xlsx" and out is None:
+        fail("--format xlsx needs --output FILE.xlsx")
+    ledger = open_ledger(cfg, cfg_path)
+    try:
+        a, b = parse_time(start, zone), parse_time(end, zone, end=True)
+        rec = reconcile(ledger, a, b, cfg.policy, zone, instrument)
+        if fmt == "xlsx":
+            assert out is not None
+            write_xlsx(out, rec, lang, zone)
+            click.echo(f"written {out}")
+            return
+        text = render(rec, fmt, lang, zone, part, bom=not no_bom)
+    except PeriodError as exc:
+        fail(str(exc))
+    finally:
+        ledger.close()
+    if out is not None:
+        out.write_text(text, encoding="utf-8")
+        click.echo(f"written {out}")
+    else:
+        sys.stdout.write(text)
+
+
 @report_group.command("evidence")
 @click.option("--instrument", required=True, help="Instrument code.")
 @click.option("--from", "start", required=True, help="First day (2026-01-01) or time, local.")
