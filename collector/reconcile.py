@@ -124,8 +124,8 @@ RECORD_COLUMNS = [
         "Used (%)",
         "预约使用率 (%)",
         "pct",
-        "Effective time / booked time.",
-        "预约使用率 = 有效机时 / 预约时长。",
+        "Effective time / booked time; empty when the meter knew no state inside the booking.",
+        "预约使用率 = 有效机时 / 预约时长；预约时段内无已知状态时为空。",
     ),
     Column(
         "known",
@@ -156,8 +156,8 @@ RECORD_COLUMNS = [
         "Findings",
         "发现",
         "text",
-        "The findings that name this record (see the findings table).",
-        "涉及本记录的发现（见发现表）。",
+        "The findings that name this record (see the findings table; a list of codes in JSON).",
+        "涉及本记录的发现（见发现表；JSON 中为类型代码列表）。",
     ),
 ]
 FINDING_COLUMNS = [
@@ -368,6 +368,12 @@ KINDS: dict[str, tuple[str, str, str | None, str, str]] = {
 }
 
 
+def label(code: str, lang: str) -> str:
+    """A finding's name in the report's language."""
+    en, zh = KINDS[code][:2]
+    return zh if lang == "zh" else en
+
+
 @dataclass
 class RecordRow:
     """One service record and what the meter saw inside it (other figures per record are added here)."""
@@ -384,7 +390,8 @@ class RecordRow:
     def booked_ms(self) -> int:
         return self.booking.end_ms - self.booking.start_ms
 
-    def values(self) -> dict[str, Any]:
+    def values(self, lang: str | None = None) -> dict[str, Any]:
+        """Raw values by column key; ``findings`` as codes, or as labels in ``lang``."""
         b, h = self.booking, self.hours
         return {
             "id": b.id,
@@ -398,11 +405,15 @@ class RecordRow:
             "booked": self.booked_ms,
             "run": h.run_ms,
             "effective": h.effective_ms,
-            "used_pct": _pct(h.effective_ms, self.booked_ms),
+            "used_pct": _pct(h.effective_ms, self.booked_ms) if h.known_ms else None,
             "known": h.known_ms,
             "first_run": self.first_run_ms,
             "last_run": self.last_run_ms,
-            "findings": ", ".join(self.findings),
+            "findings": (
+                list(self.findings)
+                if lang is None
+                else ("、" if lang == "zh" else ", ").join(label(c, lang) for c in self.findings)
+            ),
         }
 
 
@@ -419,9 +430,8 @@ class Finding:
     day: str = ""
 
     def values(self, lang: str = "zh") -> dict[str, Any]:
-        en, zh = KINDS[self.code][:2]
         return {
-            "kind": zh if lang == "zh" else en,
+            "kind": label(self.code, lang),
             "code": self.code,
             "instrument": self.instrument,
             "day": self.day,
@@ -803,10 +813,10 @@ def _seconds(ms: int) -> int | float:
     return ms // 1000 if ms % 1000 == 0 else ms / 1000
 
 
-def table_rows(rec: Reconciliation, part: str, lang: str) -> list[dict[str, Any]]:
-    """The raw values (ms, ints, text) of one table's rows."""
+def table_rows(rec: Reconciliation, part: str, lang: str, codes: bool = False) -> list[dict[str, Any]]:
+    """The raw values (ms, ints, text) of one table's rows; ``codes``: a record's findings as codes (JSON)."""
     if part == "records":
-        return [r.values() for r in rec.records]
+        return [r.values(None if codes else lang) for r in rec.records]
     if part == "findings":
         return [f.values(lang) for f in rec.findings]
     return [r.values() for r in rec.summary]
@@ -832,7 +842,7 @@ def render(
         doc: dict[str, Any] = {"meta": rec.meta}
         for p in parts:
             cols = TABLES[p][0]
-            doc[p] = [_json_row(cols, d, tz) for d in table_rows(rec, p, lang)]
+            doc[p] = [_json_row(cols, d, tz) for d in table_rows(rec, p, lang, codes=True)]
         return json.dumps(doc, ensure_ascii=False, indent=2) + "\n"
     if fmt == "csv":
         if part == "all":

@@ -92,6 +92,7 @@ def test_json_carries_exact_seconds_meta_and_every_part(site: tuple[Path, dict[s
     r4 = records[ids["R4"]]
     assert (r4["run_s"], r4["effective_s"], r4["used_pct"]) == (90 * 60, 100 * 60, round(100 * 100 / 120, 1))
     assert r4["first_run"] == "2026-03-03T15:00:00+08:00" and r4["last_run_ms"] == t(3, 16, 30)
+    assert records[ids["R3"]]["findings"] == ["overlap"] and records[ids["R6"]]["used_pct"] is None
     assert records[ids["R2"]]["applicant"] == HOSTILE["R2"]  # JSON keeps the text as it is
     assert [(f["code"], f["time_s"]) for f in data["findings"]] == [
         (f.code, f.time_ms // 1000)
@@ -114,6 +115,7 @@ def test_csv_each_part_with_bom_and_formula_safe(site: tuple[Path, dict[str, int
     by_id = {int(r[0]): dict(zip(header, r, strict=True)) for r in rows[1:]}
     for name, hostile in HOSTILE.items():
         assert by_id[ids[name]]["申请人"] == "'" + hostile  # a formula to no spreadsheet
+    assert by_id[ids["R2"]]["发现"] == "预约未使用" and by_id[ids["R7"]]["预约使用率 (%)"] == ""
     assert float(by_id[ids["R1"]]["有效机时 (h)"]) == round(145 / 60, 2)
     assert float(by_id[ids["R1"]]["有效机时 (s)"]) == 145 * 60
     out = tmp_path / "findings.csv"
