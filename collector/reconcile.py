@@ -592,7 +592,8 @@ def reconcile(
     codes = sorted(
         c
         for c in set(registry) | set(bookings)
-        if (instrument is None or c == instrument) and (c in bookings or c in signed_in or c in first)
+        if (instrument is None or c == instrument)
+        and (c in bookings or c in signed_in or first.get(c, b) < b)
     )
     out = Reconciliation([], [], [], meta(ledger, a, b, policy, tz, now_ms))
     days = local_days(a, b, tz)

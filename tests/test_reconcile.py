@@ -6,6 +6,7 @@ overlap from 5 min)."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -240,3 +241,11 @@ def test_local_days_and_interval_arithmetic() -> None:
     ]
     assert minus([(0, 10), (20, 30)], [(2, 4), (8, 22)]) == [(0, 2), (4, 8), (22, 30)]
     assert minus([(5, 6)], []) == [(5, 6)]
+
+
+def test_the_week_on_every_ledger_backend(any_ledger: Ledger, tmp_path: Path) -> None:
+    """The sign-in, booking and state queries behind the reconciliation give the same findings on PostgreSQL."""
+    ids = build(tmp_path, any_ledger)
+    rec = reconcile(any_ledger, *WEEK, POLICY, TZ)
+    assert rec.findings == expected_findings(ids)
+    assert [r.values()["effective"] for r in rec.records] == [RECORDS[n][2] for n in ids]
