@@ -18,7 +18,7 @@ from openpyxl import load_workbook
 from labmeter import config
 from labmeter.cli import app
 from labmeter.collector.ledger import Ledger
-from labmeter.collector.reconcile import KINDS, THRESHOLDS, reconcile
+from labmeter.collector.reports.reconcile import KINDS, THRESHOLDS, reconcile
 from tests.conftest import LABMETER
 from tests.support.reconcile_week import TZ, WEEK, build, t
 

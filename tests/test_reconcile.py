@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 
 from labmeter.collector.ledger import Ledger
-from labmeter.collector.reconcile import KINDS, Finding, local_days, minus, reconcile
-from labmeter.collector.report import PeriodError
+from labmeter.collector.reports.hours import PeriodError
+from labmeter.collector.reports.reconcile import KINDS, Finding, local_days, minus, reconcile
 from labmeter.config import PolicyConfig
 from tests.support.reconcile_week import SIGNINS, TZ, WEEK, build, t
 
@@ -172,7 +172,7 @@ def test_summary_per_instrument(week: tuple[Ledger, dict[str, int]]) -> None:
 
 def test_the_same_hours_as_report_hours(week: tuple[Ledger, dict[str, int]]) -> None:
     """One definition: the summary's run and effective time are the hours report's for the same week."""
-    from labmeter.collector.report import hours_report
+    from labmeter.collector.reports.hours import hours_report
 
     ledger, _ = week
     hours = {r.key: r.hours for r in hours_report(ledger, *WEEK, POLICY, "instrument", TZ)}

@@ -23,10 +23,10 @@ from pathlib import Path
 from typing import Any, NamedTuple
 from zoneinfo import ZoneInfo
 
-from labmeter.collector.cells import append_row, to_csv
 from labmeter.collector.ledger import BookingRow, Ledger
-from labmeter.collector.report import PeriodError
-from labmeter.collector.rollup import allowances_ms
+from labmeter.collector.ledger.rollup import allowances_ms
+from labmeter.collector.reports.cells import append_row, to_csv
+from labmeter.collector.reports.hours import PeriodError
 from labmeter.config import PolicyConfig
 from labmeter.log import printable
 from labmeter.machine_hours import HOUR_MS, Hours, Segment, compute, merge, spread, union
