@@ -15,21 +15,22 @@ from __future__ import annotations
 
 import json
 import time
-from bisect import bisect_right
+from bisect import bisect_left, bisect_right
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from itertools import accumulate
 from pathlib import Path
 from typing import Any, NamedTuple
 from zoneinfo import ZoneInfo
 
-from labmeter.collector.ledger import BookingRow, Ledger
+from labmeter.collector.ledger import BookingRow, Ledger, SignInRow
 from labmeter.collector.ledger.rollup import allowances_ms
 from labmeter.collector.reports.cells import append_row, to_csv
 from labmeter.collector.reports.hours import PeriodError
 from labmeter.config import PolicyConfig
 from labmeter.log import printable
-from labmeter.machine_hours import HOUR_MS, Hours, Segment, compute, merge, spread, union
+from labmeter.machine_hours import HOUR_MS, Hours, Segment, compute_buckets, merge, spread, union
 
 PARTS = ("records", "findings", "summary")
 THRESHOLDS = (
@@ -523,48 +524,52 @@ def minus(xs: Iterable[tuple[int, int]], ys: list[tuple[int, int]]) -> list[tupl
     return out
 
 
+_SUMMED = ("run_ms", "standby_ms", "off_ms", "unknown_ms", "unverified_ms", "effective_ms", "uncovered_ms")
+
+
 class _Timeline:
-    """One instrument's merged segments, and the hour rules over any span of them without rescanning all."""
+    """One instrument's merged segments, judged once by the hour rules and split at every edge a span asked
+    about will have (``machine_hours.compute_buckets``: the buckets add up to what ``compute`` gives for any
+    run of them), so each booking, standby stretch or sign-in window costs a lookup, not a recount."""
 
     def __init__(self, segs: list[Segment], prep_ms: int, post_ms: int) -> None:
         self.segs = segs
         self.ends = [s.end for s in segs]
         self.prep_ms, self.post_ms = prep_ms, post_ms
-        self.pad = max(prep_ms, post_ms)
+        self.bounds: list[int] = []
+        self.sums: dict[str, list[int]] = {}
 
-    def near(self, lo: int, hi: int) -> list[tuple[int, int, str, bool]]:
-        """The segments reaching [lo - pad, hi + pad): enough for the rules to judge [lo, hi) as a whole would."""
-        i = bisect_right(self.ends, lo - self.pad)
-        out = []
-        for s in self.segs[i:]:
-            if s.start >= hi + self.pad:
-                break
-            out.append((s.start, s.end, s.kind, True))
-        return out
+    def judge(self, edges: Iterable[int]) -> None:
+        """Judge the timeline once, split at ``edges`` (every start and end :meth:`hours` will be asked)."""
+        self.bounds = sorted(set(edges))
+        rows = [(s.start, s.end, s.kind, True) for s in self.segs]
+        buckets = (
+            compute_buckets(rows, self.bounds, self.prep_ms, self.post_ms) if len(self.bounds) > 1 else []
+        )
+        self.sums = {k: list(accumulate((getattr(h, k) for h in buckets), initial=0)) for k in _SUMMED}
 
     def hours(self, lo: int, hi: int) -> Hours:
-        return compute(self.near(lo, hi), lo, hi, self.prep_ms, self.post_ms)
+        """The hours of [lo, hi); both must be among the judged edges."""
+        i, j = bisect_left(self.bounds, lo), bisect_left(self.bounds, hi)
+        if i >= len(self.bounds) or j >= len(self.bounds) or (self.bounds[i], self.bounds[j]) != (lo, hi):
+            raise ValueError(f"[{lo}, {hi}) was not among the judged edges")
+        return Hours(period_ms=hi - lo, instruments=1, **{k: v[j] - v[i] for k, v in self.sums.items()})
 
     def runs(self, lo: int, hi: int) -> list[tuple[int, int]]:
         """RUNNING stretches overlapping [lo, hi), unclipped."""
-        i = bisect_right(self.ends, lo)
-        out = []
-        for s in self.segs[i:]:
-            if s.start >= hi:
-                break
-            if s.kind == "RUNNING":
-                out.append((s.start, s.end))
-        return out
+        return self._of("RUNNING", lo, hi)
 
     def standby(self, lo: int, hi: int) -> list[tuple[int, int]]:
         """STANDBY stretches clipped to [lo, hi)."""
-        i = bisect_right(self.ends, lo)
+        return [(max(lo, s), min(hi, e)) for s, e in self._of("STANDBY", lo, hi)]
+
+    def _of(self, kind: str, lo: int, hi: int) -> list[tuple[int, int]]:
         out = []
-        for s in self.segs[i:]:
+        for s in self.segs[bisect_right(self.ends, lo) :]:
             if s.start >= hi:
                 break
-            if s.kind == "STANDBY":
-                out.append((max(lo, s.start), min(hi, s.end)))
+            if s.kind == kind:
+                out.append((s.start, s.end))
         return out
 
 
@@ -621,6 +626,19 @@ def _instrument(
     lo = min([a, *(bk.start_ms for bk in around)]) - max(prep, post) - window
     hi = max([b, *(bk.end_ms for bk in around)]) + max(prep, post) + window
     tl = _Timeline(merge(ledger.states_between(lo, hi, code)), prep, post)
+    runs = tl.runs(a, b)
+    signins = ledger.signins_between(min([a, *(s for s, _ in runs)]) - window, b, code)
+    booked = union((bk.start_ms, bk.end_ms) for bk in mine)
+    standby = tl.standby(a, b)
+    windows = [(si.at_ms, si.at_ms + window) for si in signins if a <= si.at_ms < b]
+    tl.judge(
+        [
+            a,
+            b,
+            *(x for bk in mine for x in (bk.start_ms, bk.end_ms)),
+            *(x for span in standby + windows for x in span),
+        ]
+    )
     name = str(info.get("name") or "")
     row = SummaryRow(code, name, str(info.get("unit") or ""), records=len(mine))
     records: dict[int, RecordRow] = {}
@@ -652,17 +670,15 @@ def _instrument(
                 )
             )
             row.unused += 1
-    booked = union((bk.start_ms, bk.end_ms) for bk in mine)
     row.booked_ms = sum(e - s for s, e in booked)
     row.used_ms = sum(tl.hours(s, e).effective_ms for s, e in booked)
     period = tl.hours(a, b)
     row.run_ms, row.effective_ms = period.run_ms, period.effective_ms
     row.idle_ms = period.standby_ms - (period.effective_ms - period.run_ms)
     _overlaps(code, around, a, b, policy, records, out)
-    _attribution(ledger, code, tl, around, a, b, policy, days, row, out)
-    for s, e in tl.standby(a, b):
-        h = tl.hours(s, e)
-        idle = (e - s) - h.effective_ms
+    _attribution(code, tl, runs, signins, around, a, b, policy, days, row, out)
+    for s, e in standby:
+        idle = (e - s) - tl.hours(s, e).effective_ms
         if idle >= policy.idle_min_s * 1000 and idle > 0:
             out.findings.append(Finding("idle", code, s, e, idle, policy.idle_min_s))
     out.records += records.values()
@@ -679,13 +695,13 @@ def _overlaps(
     out: Reconciliation,
 ) -> None:
     """Pairs of bookings that overlap by the threshold or more, in the period where the overlap begins."""
-    ordered = sorted(around, key=lambda bk: (bk.start_ms, bk.end_ms, bk.id))
-    for j, later in enumerate(ordered):
-        if not a <= later.start_ms < b:
-            continue
-        for earlier in ordered[:j]:
+    active: list[BookingRow] = []  # earlier bookings still open
+    for later in sorted(around, key=lambda bk: (bk.start_ms, bk.end_ms, bk.id)):
+        active = [bk for bk in active if bk.end_ms > later.start_ms]
+        judged = a <= later.start_ms < b
+        for earlier in active if judged else ():
             overlap = min(earlier.end_ms, later.end_ms) - later.start_ms
-            if overlap <= 0 or overlap < policy.overlap_min_s * 1000:
+            if overlap < policy.overlap_min_s * 1000:
                 continue
             ids = (earlier.id, later.id)
             out.findings.append(
@@ -703,12 +719,14 @@ def _overlaps(
             for i in ids:
                 if i in records and "overlap" not in records[i].findings:
                     records[i].findings.append("overlap")
+        active.append(later)
 
 
 def _attribution(
-    ledger: Ledger,
     code: str,
     tl: _Timeline,
+    runs: list[tuple[int, int]],
+    signins: list[SignInRow],
     around: list[BookingRow],
     a: int,
     b: int,
@@ -721,9 +739,6 @@ def _attribution(
 
     A sign-in attributes a whole run: one under way when it happened or starting within the window after."""
     window = policy.signin_window_s * 1000
-    runs = tl.runs(a, b)
-    since = min([a, *(s for s, _ in runs)]) - window
-    signins = ledger.signins_between(since, b, code)
     times = [s.at_ms for s in signins]
 
     def signed(run: tuple[int, int]) -> bool:
@@ -743,11 +758,15 @@ def _attribution(
                     "unattributed", code, inside[0][0], inside[-1][1], n, policy.unattributed_min_s, day=day
                 )
             )
-    all_runs = tl.runs(since, b + window)
+    later = tl.runs(a, b + window)
+    starts = [s for s, _ in later]
     for si in signins:
         if not a <= si.at_ms < b:
             continue
-        if any(s - window <= si.at_ms < e for s, e in all_runs):
+        # the last run starting by the window's end: if it has not ended by the sign-in, it was under way
+        # or started in the window (runs are disjoint and sorted)
+        k = bisect_right(starts, si.at_ms + window) - 1
+        if k >= 0 and later[k][1] > si.at_ms:
             continue
         if tl.hours(si.at_ms, si.at_ms + window).known_ms == 0:
             continue  # the meter saw nothing then: not judged
