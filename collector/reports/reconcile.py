@@ -1,8 +1,8 @@
 """Reconciliation: what each booking (service record) claimed against what the instrument's own state showed.
 
 Every figure comes from the hour rules of ``labmeter.machine_hours`` (the ones ``report hours`` uses):
-a booking's run and effective time are ``compute`` over the booking, idle time is standby that is not
-effective. What is new here is only who the time belongs to: running inside a booking, or in a run a
+a booking's run and effective time are those of the rules over the booking, idle time is standby that is
+not effective. What is new here is only who the time belongs to: running inside a booking, or in a run a
 sign-in started, is attributed; the rest is unattributed use. A finding is raised against a threshold in
 ``[policy]`` (docs/reconcile.md); a booking the meter saw nothing of is reported as such, never as
 unused.
