@@ -29,6 +29,7 @@ HOSTILE = {
     "R5": "+1-1",
     "R1": "-2+3",
 }
+CONTROL = {"R3": "\x1b[2J王五\r\nx"}  # a terminal escape and a line break in a name
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +39,7 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, int]
     cfg = config.load(tmp / "collector.toml", config.CollectorConfig)
     ledger = Ledger.open(cfg.collector.ledger, cfg.collector.data_dir)
     try:
-        ids = build(tmp, ledger, HOSTILE)
+        ids = build(tmp, ledger, HOSTILE | CONTROL)
     finally:
         ledger.close()
     return tmp, ids
@@ -151,6 +152,9 @@ def test_table_in_both_languages(site: tuple[Path, dict[str, int]], tmp_path: Pa
     zh = ok(cwd, *PERIOD)
     assert "服务记录核对 (9)" in zh and "发现 (10)" in zh and "按仪器汇总 (2)" in zh
     assert "预约未使用" in zh and "无计量数据无法核对" in zh and "长时间空载" in zh
+    # control characters from the lab's sheet neither reach the terminal nor break a row
+    assert "\x1b" not in zh and "\r" not in zh and "[2J王五x" in zh
+    assert all("[2J王五x" in line for line in zh.splitlines() if "王五" in line)
     out = tmp_path / "r.txt"
     ok(cwd, *PERIOD, "--lang", "en", "-o", str(out))
     en = out.read_text(encoding="utf-8")
