@@ -28,9 +28,9 @@ from labmeter.collector.registry import stored_number
 from labmeter.collector.reports.cells import append_row, to_csv
 from labmeter.config import PolicyConfig
 from labmeter.log import printable
+from labmeter.machine_hours import HOUR_MS as H
 from labmeter.machine_hours import Hours
 
-H = 3_600_000
 YEAR_MS = 365 * 86_400_000
 GROUPINGS = ("instrument", "unit", "category", "month")
 
