@@ -185,7 +185,7 @@ def test_xlsx_about_sheet_and_text_cells(site: tuple[Path, dict[str, int]], tmp_
     assert rows[ids["R4"]]["有效机时 (h)"].value == pytest.approx(100 / 60, abs=1e-12)  # exact hours
     assert rows[ids["R4"]]["首次运行"].value == "2026-03-03T15:00:00+08:00"
     en = tmp_path / "en.xlsx"
-    ok(cwd, *PERIOD, "--format", "xlsx", "--lang", "en", "-o", str(en))
+    ok(cwd, *PERIOD, "--lang", "en", "-o", str(en))  # the suffix picks the format
     assert load_workbook(en).sheetnames == ["About", "Records", "Findings", "By instrument"]
 
 
@@ -196,6 +196,7 @@ def test_xlsx_about_sheet_and_text_cells(site: tuple[Path, dict[str, int]], tmp_
         ([*PERIOD, "--instrument", "CZ-X"], "--instrument 'CZ-X': no such instrument"),
         ([*PERIOD, "--format", "csv"], "a CSV file holds one table: add --part"),
         ([*PERIOD, "--format", "xlsx"], "--format xlsx needs --output"),
+        ([*PERIOD, "--format", "csv", "-o", "r.json"], "the file name says json, but --format is csv"),
         ([*PERIOD, "--tz", "Mars/Base"], "--tz 'Mars/Base': unknown time zone"),
         (["--from", "2026-13-01", "--to", "2026-03-02"], "'2026-13-01' is not a date"),
     ],
@@ -204,6 +205,7 @@ def test_xlsx_about_sheet_and_text_cells(site: tuple[Path, dict[str, int]], tmp_
         "unknown_instrument",
         "csv_without_part",
         "xlsx_without_output",
+        "suffix_contradicts_format",
         "bad_tz",
         "bad_date",
     ],

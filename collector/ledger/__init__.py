@@ -127,15 +127,6 @@ SERVICE_COLUMNS = (
 )
 
 
-class StateRow(NamedTuple):
-    """One stored interval as the hour rules read it (``labmeter.machine_hours.merge``)."""
-
-    start_ms: int
-    end_ms: int
-    state: str
-    linked: bool
-
-
 class SignInRow(NamedTuple):
     instrument: str
     agent: str
@@ -926,7 +917,9 @@ class Ledger:
         )
 
     # reports --------------------------------------------------------------
-    def intervals_between(self, start_ms: int, end_ms: int, instrument: str | None = None) -> list[IntervalRow]:
+    def intervals_between(
+        self, start_ms: int, end_ms: int, instrument: str | None = None
+    ) -> list[IntervalRow]:
         """Intervals overlapping [start, end) with a ``linked`` flag: prev matches the stored predecessor."""
         sql = (
             "SELECT i.instrument, i.agent, i.seq, i.start_ms, i.end_ms, i.state, "
@@ -944,13 +937,6 @@ class Ledger:
             sql += " AND i.instrument = c.code"
         rows = self.db.execute(sql + " ORDER BY i.instrument, i.start_ms", args).fetchall()
         return [IntervalRow(r[0], r[1], r[2], r[3], r[4], r[5], bool(r[6])) for r in rows]
-
-    def states_between(self, start_ms: int, end_ms: int, instrument: str) -> list[StateRow]:
-        """One instrument's intervals overlapping [start, end), with the ``linked`` flag, oldest first."""
-        return [
-            StateRow(int(r[3]), int(r[4]), str(r[5]), bool(r[6]))
-            for r in self.intervals_between(start_ms, end_ms, instrument)
-        ]
 
     def signins_between(self, start_ms: int, end_ms: int, instrument: str | None = None) -> list[SignInRow]:
         """Sign-ins at [start, end), oldest first."""

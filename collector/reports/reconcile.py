@@ -625,7 +625,7 @@ def _instrument(
     mine = [bk for bk in around if a <= bk.start_ms < b]
     lo = min([a, *(bk.start_ms for bk in around)]) - max(prep, post) - window
     hi = max([b, *(bk.end_ms for bk in around)]) + max(prep, post) + window
-    tl = _Timeline(merge(ledger.states_between(lo, hi, code)), prep, post)
+    tl = _Timeline(merge(r.span() for r in ledger.intervals_between(lo, hi, code)), prep, post)
     runs = tl.runs(a, b)
     signins = ledger.signins_between(min([a, *(s for s, _ in runs)]) - window, b, code)
     booked = union((bk.start_ms, bk.end_ms) for bk in mine)

@@ -200,6 +200,9 @@ def report_findings(
             click.echo(f"  {item['instrument']}  {item['name']}  {item['unit']}  {extra}")
 
 
+RECONCILE_FORMATS = ("table", "csv", "json", "xlsx")
+
+
 @report_group.command("reconcile")
 @period_options("days")
 @config_option("collector.toml")
@@ -211,12 +214,7 @@ def report_findings(
     show_default=True,
     help="Which table (CSV holds one; XLSX always has all).",
 )
-@click.option(
-    "--format", "fmt", type=click.Choice(["table", "csv", "json", "xlsx"]), default="table", show_default=True
-)
-@click.option(
-    "--output", "-o", "out", type=click.Path(path_type=Path), help="File to write (needed for xlsx)."
-)
+@output_options(RECONCILE_FORMATS)
 @click.option(
     "--lang",
     type=click.Choice(["zh", "en"]),
@@ -231,7 +229,7 @@ def report_reconcile(
     cfg_path: Path,
     instrument: str | None,
     part: str,
-    fmt: str,
+    fmt: str | None,
     out: Path | None,
     lang: str,
     no_bom: bool,
@@ -248,8 +246,7 @@ def report_reconcile(
 
     cfg = load_collector(cfg_path)
     zone = zone_for(tz, cfg)
-    if fmt == "xlsx" and out is None:
-        fail("--format xlsx needs --output FILE.xlsx")
+    fmt = choose_format(fmt, out, RECONCILE_FORMATS, "report reconcile")
     ledger = open_ledger(cfg, cfg_path)
     try:
         a, b = parse_time(start, zone), parse_time(end, zone, end=True)
