@@ -27,6 +27,7 @@ from zoneinfo import ZoneInfo
 from labmeter.collector.ledger import BookingRow, Ledger, SignInRow
 from labmeter.collector.ledger.rollup import allowances_ms
 from labmeter.collector.reports.cells import append_row, to_csv
+from labmeter.collector.reports.formats import FormatError
 from labmeter.collector.reports.hours import PeriodError
 from labmeter.config import PolicyConfig
 from labmeter.log import printable
@@ -866,7 +867,7 @@ def render(
         return json.dumps(doc, ensure_ascii=False, indent=2) + "\n"
     if fmt == "csv":
         if part == "all":
-            raise PeriodError("a CSV file holds one table: add --part records, findings or summary")
+            raise FormatError("a CSV file holds one table: add --part records, findings or summary")
         cols = TABLES[part][0]
         hours = [c for c in cols if c.kind == "hours"]
         header = [c.zh if lang == "zh" else c.en for c in cols]

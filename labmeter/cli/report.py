@@ -241,6 +241,7 @@ def report_reconcile(
     no sign-in (per day), sign-in without running, long powered idle (空载), overlapping bookings, bookings
     outside metered time. A per-instrument summary: booked hours, used share, unattributed run, idle.
     """
+    from labmeter.collector.reports.formats import FormatError
     from labmeter.collector.reports.hours import PeriodError, parse_time
     from labmeter.collector.reports.reconcile import reconcile, render, write_xlsx
 
@@ -257,7 +258,7 @@ def report_reconcile(
             click.echo(f"written {out}")
             return
         text = render(rec, fmt, lang, zone, part, bom=not no_bom)
-    except PeriodError as exc:
+    except (PeriodError, FormatError) as exc:
         fail(str(exc))
     finally:
         ledger.close()
