@@ -211,13 +211,21 @@ def test_thresholds_move_findings(week: tuple[Ledger, dict[str, int]]) -> None:
 
 def test_records_count_in_the_period_they_start(week: tuple[Ledger, dict[str, int]]) -> None:
     """03-04 to 03-05 only: no record starts there, yet the midnight run is unattributed on both days."""
-    ledger, _ = week
+    ledger, ids = week
     rec = reconcile(ledger, t(4, 0), t(6, 0), POLICY, TZ)
     assert rec.records == []
     assert [(f.code, f.day, f.time_ms) for f in rec.findings if f.code == "unattributed"] == [
         ("unattributed", "2026-03-04", 3 * H),
         ("unattributed", "2026-03-05", H + 30 * MIN),
     ]
+    # generated on 03-06 at 00:00: the bookings from then on (R5, R7, R6) have not begun, so they are no
+    # records yet and not "unchecked"; the overlap of R3 and R4, a fact of the bookings, stays
+    early = reconcile(ledger, *WEEK, POLICY, TZ, now_ms=t(6, 0))
+    assert [r.booking.id for r in early.records] == [ids[n] for n in ("R1", "R9", "R2", "R3", "R4", "RB")]
+    assert [f.records for f in early.findings if f.code == "overlap"] == [(ids["R3"], ids["R4"])]
+    assert "unchecked" not in {f.code for f in early.findings} and early.meta["counted_up_to"].startswith(
+        "2026-03-06T00:00"
+    )
     # a period that starts at 03-03 15:30 has R3 and R4 started before it: their overlap began before too
     late = reconcile(ledger, t(3, 15, 30), t(4, 0), POLICY, TZ)
     assert not [f for f in late.findings if f.code == "overlap"] and late.records == []

@@ -602,9 +602,12 @@ def reconcile(
         and (c in bookings or c in signed_in or first.get(c, b) < b)
     )
     out = Reconciliation([], [], [], meta(ledger, a, b, policy, tz, now_ms))
+    now = out.meta["generated_ms"]
     days = local_days(a, b, tz)
     for code in codes:
-        _instrument(ledger, code, registry.get(code, {}), bookings.get(code, []), a, b, policy, days, out)
+        _instrument(
+            ledger, code, registry.get(code, {}), bookings.get(code, []), a, b, now, policy, days, out
+        )
     out.findings.sort(key=lambda f: (f.instrument, f.start_ms, list(KINDS).index(f.code), f.records))
     return out
 
@@ -616,14 +619,16 @@ def _instrument(
     around: list[BookingRow],
     a: int,
     b: int,
+    now: int,
     policy: PolicyConfig,
     days: list[tuple[str, int, int]],
     out: Reconciliation,
 ) -> None:
-    """One instrument's records, findings and summary row, appended to ``out``."""
+    """One instrument's records, findings and summary row, appended to ``out``. A booking that has not
+    begun by ``now`` is not a record yet: the meter cannot have seen it."""
     prep, post = allowances_ms(info, policy)
     window = policy.signin_window_s * 1000
-    mine = [bk for bk in around if a <= bk.start_ms < b]
+    mine = [bk for bk in around if a <= bk.start_ms < min(b, now)]
     lo = min([a, *(bk.start_ms for bk in around)]) - max(prep, post) - window
     hi = max([b, *(bk.end_ms for bk in around)]) + max(prep, post) + window
     tl = _Timeline(merge(r.span() for r in ledger.intervals_between(lo, hi, code)), prep, post)
@@ -802,6 +807,7 @@ def meta(
         "timezone": tz.key,
         "generated_at": _local(now, tz),
         "generated_ms": now,
+        "counted_up_to": _local(min(b, now), tz),
         "labmeter_version": __version__,
         "ledger": ledger.name,
         "allowances": {
@@ -810,7 +816,7 @@ def meta(
         },
         "thresholds": {k: getattr(policy, k) for k in THRESHOLDS},
         "rules": [
-            "Service records are counted in the period they start in, and measured over their whole booking.",
+            "Service records are counted in the period they start in, and measured over their whole booking; one that has not begun by the generation time is left out until it has.",
             "Run, effective and idle time follow the hour rules of report hours (one definition); an instrument's own prep/post allowances from the registry apply.",
             "Running is attributed when it lies inside a booking of the instrument, or in a run that a sign-in was under way at or started (the run starts within signin_window_s after the sign-in).",
             "A booking or sign-in the meter knew no state for is not judged as unused: such bookings are listed as cannot be checked; such sign-ins are left out.",
