@@ -586,7 +586,7 @@ def reconcile(
     """Records, findings and the per-instrument summary of [a, b); ``instrument`` alone if given."""
     if b <= a:
         raise PeriodError("--to must be after --from")
-    registry = {str(i["code"]): i for i in ledger.instruments()}
+    registry = ledger.instruments_by_code()
     if instrument is not None and instrument not in registry:
         known = ", ".join(sorted(registry)[:10]) or "none registered"
         raise PeriodError(f"--instrument {instrument!r}: no such instrument in the ledger (known: {known})")
