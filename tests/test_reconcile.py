@@ -257,3 +257,16 @@ def test_the_week_on_every_ledger_backend(any_ledger: Ledger, tmp_path: Path) ->
     rec = reconcile(any_ledger, *WEEK, POLICY, TZ)
     assert rec.findings == expected_findings(ids)
     assert [r.values()["effective"] for r in rec.records] == [RECORDS[n][2] for n in ids]
+
+
+def test_a_run_under_way_at_the_start_keeps_its_sign_in(week: tuple[Ledger, dict[str, int]]) -> None:
+    """From 03-05 11:45: the run that S1 (09:50) started at 10:10 is still attributed, though S1 and S3
+    (11:00) lie more than the window before the period; the 15:00 run is not."""
+    ledger, _ = week
+    rec = reconcile(ledger, t(5, 11, 45), t(5, 16), POLICY, TZ)
+    (row,) = [r for r in rec.summary if r.instrument == "CZ-A"]
+    assert row.unattributed_ms == 30 * MIN  # 15:00-15:30 only, not 11:45-12:00
+    assert [(f.code, f.time_ms) for f in rec.findings] == [
+        ("signin_unused", 30 * MIN),  # S2 at 14:00
+        ("unattributed", 30 * MIN),
+    ]

@@ -65,7 +65,6 @@ CREATE TABLE IF NOT EXISTS signins (
     agent TEXT NOT NULL, instrument TEXT NOT NULL, seq INTEGER NOT NULL, at_ms INTEGER NOT NULL, "user" TEXT NOT NULL,
     sha TEXT NOT NULL, envelope BLOB NOT NULL, received_ms INTEGER NOT NULL,
     PRIMARY KEY (agent, instrument, seq)) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS signins_time ON signins (instrument, at_ms);
 CREATE TABLE IF NOT EXISTS rejections (
     id INTEGER PRIMARY KEY, at_ms INTEGER NOT NULL, agent TEXT, instrument TEXT, seq INTEGER,
     authentic INTEGER NOT NULL DEFAULT 0, reason TEXT NOT NULL, topic TEXT NOT NULL, payload BLOB NOT NULL,

@@ -594,7 +594,11 @@ def reconcile(
     for bk in ledger.bookings_between(a, b, instrument):
         bookings.setdefault(bk.instrument, []).append(bk)
     first = ledger.first_interval_ms()
-    signed_in = {s.instrument for s in ledger.signins_between(a, b, instrument)}
+    window = policy.signin_window_s * 1000
+    signins: dict[str, list[SignInRow]] = {}
+    for si in ledger.signins_between(a - window, b, instrument):  # one pass, not one per instrument
+        signins.setdefault(si.instrument, []).append(si)
+    signed_in = {c for c, rows in signins.items() if any(si.at_ms >= a for si in rows)}
     codes = sorted(
         c
         for c in set(registry) | set(bookings)
@@ -606,7 +610,17 @@ def reconcile(
     days = local_days(a, b, tz)
     for code in codes:
         _instrument(
-            ledger, code, registry.get(code, {}), bookings.get(code, []), a, b, now, policy, days, out
+            ledger,
+            code,
+            registry.get(code, {}),
+            bookings.get(code, []),
+            signins.get(code, []),
+            a,
+            b,
+            now,
+            policy,
+            days,
+            out,
         )
     out.findings.sort(key=lambda f: (f.instrument, f.start_ms, list(KINDS).index(f.code), f.records))
     return out
@@ -617,6 +631,7 @@ def _instrument(
     code: str,
     info: dict[str, object],
     around: list[BookingRow],
+    signins: list[SignInRow],
     a: int,
     b: int,
     now: int,
@@ -624,8 +639,9 @@ def _instrument(
     days: list[tuple[str, int, int]],
     out: Reconciliation,
 ) -> None:
-    """One instrument's records, findings and summary row, appended to ``out``. A booking that has not
-    begun by ``now`` is not a record yet: the meter cannot have seen it."""
+    """One instrument's records, findings and summary row, appended to ``out``; ``signins`` are its own of
+    [a - window, b). A booking that has not begun by ``now`` is not a record yet: the meter cannot have
+    seen it."""
     prep, post = allowances_ms(info, policy)
     window = policy.signin_window_s * 1000
     mine = [bk for bk in around if a <= bk.start_ms < min(b, now)]
@@ -633,7 +649,8 @@ def _instrument(
     hi = max([b, *(bk.end_ms for bk in around)]) + max(prep, post) + window
     tl = _Timeline(merge(r.span() for r in ledger.intervals_between(lo, hi, code)), prep, post)
     runs = tl.runs(a, b)
-    signins = ledger.signins_between(min([a, *(s for s, _ in runs)]) - window, b, code)
+    if runs and runs[0][0] < a:  # a run under way at the start: a sign-in long before may have started it
+        signins = ledger.signins_between(runs[0][0] - window, a - window, code) + signins
     booked = union((bk.start_ms, bk.end_ms) for bk in mine)
     standby = tl.standby(a, b)
     windows = [(si.at_ms, si.at_ms + window) for si in signins if a <= si.at_ms < b]
