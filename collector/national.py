@@ -22,7 +22,7 @@ from zoneinfo import ZoneInfo
 from labmeter.collector.cells import append_row
 from labmeter.collector.ledger import Ledger
 from labmeter.collector.registry import stored_number
-from labmeter.collector.report import category_name, per_instrument
+from labmeter.collector.report import category_name, category_warnings, metering_starts, per_instrument
 from labmeter.collector.rollup import allowances_ms
 from labmeter.config import PolicyConfig
 from labmeter.machine_hours import compute
@@ -86,7 +86,8 @@ def national_export(
     now = int(time.time() * 1000) if now_ms is None else now_ms
     a = int(datetime(year, 1, 1, tzinfo=tz).timestamp() * 1000)
     b = int(datetime(year + 1, 1, 1, tzinfo=tz).timestamp() * 1000)
-    hours = per_instrument(ledger, a, b, policy, now)
+    starts = metering_starts(ledger)
+    hours = per_instrument(ledger, a, b, policy, now, starts)
     registry = {str(i["code"]): i for i in ledger.instruments()}
     elapsed = max(0, min(b, now) - a)
     warnings: list[str] = []
@@ -100,6 +101,7 @@ def national_export(
             f"no metered data at all in {year}: every runMachine and serviceMachine is 0 because "
             "nothing was measured, not because the instruments were idle; do not submit these as measured"
         )
+    warnings += category_warnings(registry)
     instruments = []
     for code, h in hours.items():
         info = registry.get(code, {"code": code})
@@ -131,9 +133,12 @@ def national_export(
                     "effective_s": _seconds(h.effective_ms),
                     "service_s": _seconds(h.service_ms),
                     "external_s": _seconds(h.external_ms),
+                    "meteredFrom": _exact(starts[code], tz) if code in starts else None,
                     "metered_s": _seconds(h.period_ms),
+                    "notMetered_s": _seconds(h.not_metered_ms),
                     "known_s": _seconds(h.known_ms),
                     "coverageOfYearPct": round(100 * share, 1),
+                    "coverageOfMeteredPct": round(100 * h.coverage, 1) if h.period_ms else None,
                 },
             }
         )
@@ -211,6 +216,9 @@ INSTRUMENT_SHEET = [
     ("labmeter.service_s", "服务机时 exact (s, labmeter)"),
     ("labmeter.external_s", "对外服务机时 exact (s, labmeter)"),
     ("labmeter.coverageOfYearPct", "全年数据覆盖率 (%, labmeter)"),
+    ("labmeter.coverageOfMeteredPct", "计量时长内覆盖率 (%, labmeter)"),
+    ("labmeter.meteredFrom", "计量起始时间 (labmeter)"),
+    ("labmeter.notMetered_s", "未计量 (s, labmeter)"),
     ("labmeter.unit", "管理单位 (labmeter)"),
 ]
 SERVICE_SHEET = [

@@ -52,6 +52,14 @@ INSTRUMENT_HEADERS = {
     "share_mode": ("share_mode", "共享模式", "共享方式"),
     "prep_allowance_s": ("prep_allowance_s", "准备时间(秒)"),
     "post_allowance_s": ("post_allowance_s", "后处理时间(秒)"),
+    "metering_start": (
+        "metering_start",
+        "计量开始日期",
+        "计量开始时间",
+        "计量起始日期",
+        "开始计量日期",
+        "机时计量开始日期",
+    ),
 }
 SERVICE_HEADERS = {
     "instrument": ("instrument", "仪器编号", "设备编号", "仪器设备编号", "仪器代码", "编号"),
@@ -294,9 +302,15 @@ def _header_names(problem: str, cols: dict[str, str]) -> str:
     return problem
 
 
-def import_instruments(ledger: Ledger, path: Path, notes: list[str] | None = None) -> int:
+def import_instruments(
+    ledger: Ledger, path: Path, notes: list[str] | None = None, tz: ZoneInfo | None = None
+) -> int:
     """Add or update the instruments of a sheet; ``notes`` collects how it was read (encoding, header row,
-    restored leading zeros)."""
+    restored leading zeros, category codes the shipped classification does not list). ``tz``: the zone
+    a metering start date is local to (the policy's)."""
+    from labmeter.collector.report import category_problem
+
+    zone = tz or ZoneInfo("UTC")
     table = read_table(path, INSTRUMENT_HEADERS)
     cols = _columns(table, INSTRUMENT_HEADERS, ("code",))
     seen: set[str] = set()
@@ -313,14 +327,19 @@ def import_instruments(ledger: Ledger, path: Path, notes: list[str] | None = Non
         if kind is None:
             problems.append(f"column 'kind': {row['kind']!r} is not general/通用 or special/专用")
         category = row.get("category", "")
-        if category.isdigit() and len(category) == 5:
+        if category.isascii() and category.isdigit() and len(category) == 5:
             problems.append(
                 f"note: column 'category': {category} read as 0{category} (Excel drops a leading zero; "
                 "format the column as text to keep it)"
             )
             category = "0" + category
-        if category and not (category.isdigit() and len(category) == 6):
-            problems.append(f"column 'category': {category!r} is not a 6-digit category code (e.g. 030101)")
+        if category and not (category.isascii() and category.isdigit() and len(category) == 6):
+            problems.append(
+                f"column 'category': {category!r} is not a 6-digit category code of ASCII "
+                "digits (e.g. 030101)"
+            )
+        elif category and (unknown := category_problem(category)):
+            problems.append(f"note: column 'category': {unknown}")
         rec: dict[str, object] = {
             "code": code,
             "name": row.get("name", ""),
@@ -335,6 +354,8 @@ def import_instruments(ledger: Ledger, path: Path, notes: list[str] | None = Non
         for key in ("prep_allowance_s", "post_allowance_s"):
             value = _bounded(row.get(key, ""), key, problems)
             rec[key] = None if value is None else int(value)
+        start = row.get("metering_start", "")
+        rec["metering_start_ms"] = _time(start, "metering_start", zone, problems) if start else None
         return rec
 
     rows = _validate(table, cols, check)
