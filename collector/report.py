@@ -325,10 +325,15 @@ def rated_ms(info: dict[str, object], policy: PolicyConfig, period_ms: int) -> i
 
 
 def metering_start(info: dict[str, object], first_ms: int | None) -> int | None:
-    """When an instrument's metering began: the registry's metering start if imported, else its first
-    interval (None: never metered). docs/decisions.md says why the registry's date wins."""
+    """When an instrument's metering began: the earlier of the registry's metering start (计量开始日期)
+    and its first interval (None: never metered). A registry date before the first interval makes the
+    time between no data (the agent should have reported); intervals before a later registry date are
+    measurements all the same (docs/decisions.md "Metering starts at the registry's date")."""
     v = info.get("metering_start_ms")
-    return int(v) if isinstance(v, int | float) and not isinstance(v, bool) else first_ms
+    registry = int(v) if isinstance(v, int | float) and not isinstance(v, bool) else None
+    if registry is None or first_ms is None:
+        return first_ms if registry is None else registry
+    return min(registry, first_ms)
 
 
 def metering_starts(ledger: Ledger) -> dict[str, int]:
