@@ -308,7 +308,7 @@ def import_instruments(
     """Add or update the instruments of a sheet; ``notes`` collects how it was read (encoding, header row,
     restored leading zeros, category codes the shipped classification does not list). ``tz``: the zone
     a metering start date is local to (the policy's)."""
-    from labmeter.collector.report import category_problem
+    from labmeter.collector.reports.hours import category_problem
 
     zone = tz or ZoneInfo("UTC")
     table = read_table(path, INSTRUMENT_HEADERS)

@@ -33,8 +33,8 @@ from influxdb_client import WritePrecision
 from influxdb_client.client.influxdb_client_async import InfluxDBClientAsync
 
 from labmeter.collector.ledger import SINK_VALUES, Ledger
-from labmeter.collector.report import YEAR_MS, rated_ms
-from labmeter.collector.rollup import HOUR, Rollups, allowances_ms
+from labmeter.collector.ledger.rollup import HOUR, Rollups, allowances_ms
+from labmeter.collector.reports.hours import YEAR_MS, rated_ms
 from labmeter.config import InfluxConfig, PolicyConfig, read_secret
 from labmeter.netutil import redact_text, redact_url
 

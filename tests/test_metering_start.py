@@ -20,9 +20,8 @@ import pytest
 from openpyxl import load_workbook
 
 from labmeter.collector.ledger import Ledger
-from labmeter.collector.national import findings, national_export
 from labmeter.collector.registry import import_instruments
-from labmeter.collector.report import (
+from labmeter.collector.reports.hours import (
     UNKNOWN_CATEGORY,
     category_name,
     hours_report,
@@ -31,6 +30,7 @@ from labmeter.collector.report import (
     report_meta,
     write_xlsx,
 )
+from labmeter.collector.reports.national import findings, national_export
 from labmeter.config import PolicyConfig
 from tests.lab import store_schedule
 

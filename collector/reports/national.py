@@ -19,11 +19,11 @@ from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
 
-from labmeter.collector.cells import append_row
 from labmeter.collector.ledger import Ledger
+from labmeter.collector.ledger.rollup import allowances_ms
 from labmeter.collector.registry import stored_number
-from labmeter.collector.report import category_name, category_warnings, metering_starts, per_instrument
-from labmeter.collector.rollup import allowances_ms
+from labmeter.collector.reports.cells import append_row
+from labmeter.collector.reports.hours import category_name, category_warnings, metering_starts, per_instrument
 from labmeter.config import PolicyConfig
 from labmeter.machine_hours import compute
 

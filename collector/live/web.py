@@ -26,8 +26,8 @@ from zoneinfo import ZoneInfo
 import msgspec
 from aiohttp import web
 
-from labmeter.collector.report import GROUPINGS, hours_report, metered_rated_ms, metering_starts
-from labmeter.collector.rollup import Calendar, Rollups
+from labmeter.collector.ledger.rollup import Calendar, Rollups
+from labmeter.collector.reports.hours import GROUPINGS, hours_report, metered_rated_ms, metering_starts
 from labmeter.config import ConfigError
 from labmeter.netutil import is_loopback, split_listen
 from labmeter.wire import ID_RE
@@ -329,7 +329,7 @@ class LiveView:
         return web.json_response({"agents": self.agents()}, dumps=_dumps)
 
     async def api_openapi(self, request: web.Request) -> web.Response:
-        spec = resources.files("labmeter.collector").joinpath("openapi.json").read_text(encoding="utf-8")
+        spec = resources.files("labmeter.collector.live").joinpath("openapi.json").read_text(encoding="utf-8")
         return web.Response(text=spec, content_type="application/json")
 
     async def events(self, request: web.Request) -> web.StreamResponse:
@@ -386,7 +386,7 @@ def _page_and_policy(name: str) -> tuple[str, str]:
     """A page and its Content-Security-Policy: only the page's own inline script runs (by its hash), so
     markup that reached the page some other way could run nothing; the pages build their content from
     text nodes anyway."""
-    html = resources.files("labmeter.collector").joinpath(name).read_text(encoding="utf-8")
+    html = resources.files("labmeter.collector.live").joinpath(name).read_text(encoding="utf-8")
     hashes = [
         "'sha256-" + base64.b64encode(hashlib.sha256(m.encode()).digest()).decode() + "'"
         for m in re.findall(r"<script>(.*?)</script>", html, flags=re.S)

@@ -337,7 +337,7 @@ class Ledger:
         if path is not None:
             return cls(path, quick_check)
         if url.startswith(("postgresql://", "postgres://")):
-            from labmeter.collector import pg
+            from labmeter.collector.ledger import pg
 
             try:
                 db = pg.Database(url)

@@ -24,13 +24,13 @@ from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
 
-from labmeter.collector.cells import append_row, to_csv
-from labmeter.collector.hours import Hours
 from labmeter.collector.ledger import Ledger
+from labmeter.collector.ledger.rollup import Rollups
 from labmeter.collector.registry import stored_number
-from labmeter.collector.rollup import Rollups
+from labmeter.collector.reports.cells import append_row, to_csv
 from labmeter.config import PolicyConfig
 from labmeter.log import printable
+from labmeter.machine_hours import Hours
 
 H = 3_600_000
 YEAR_MS = 365 * 86_400_000
@@ -153,7 +153,7 @@ DEFINITIONS: dict[str, tuple[str, str]] = {
     ),
     "category": ("6-digit category code (分类编码) from the registry.", "分类编码（6位，来自台账）。"),
     "category_name": (
-        "The category's name at every level its code has (大类 / 中类 / 小类) from the shipped classification (collector/categories.tsv); a 小类 name the table lacks is left out, and a code whose 大类 or 中类 is not listed reads 未收录分类编码 and is named in the caveats.",
+        "The category's name at every level its code has (大类 / 中类 / 小类) from the shipped classification (collector/reports/categories.tsv); a 小类 name the table lacks is left out, and a code whose 大类 or 中类 is not listed reads 未收录分类编码 and is named in the caveats.",
         "分类名称：按编码各级（大类 / 中类 / 小类）列出名称；分类表未收录的小类名称不显示；大类或中类未收录的编码显示“未收录分类编码”，并在说明中逐台列出。",
     ),
     "kind": (
@@ -261,8 +261,10 @@ UNKNOWN_CATEGORY = "未收录分类编码"
 
 @cache
 def categories() -> dict[str, str]:
-    """The shipped classification (collector/categories.tsv): 2-, 4- and 6-digit codes to names."""
-    text = resources.files("labmeter.collector").joinpath("categories.tsv").read_text(encoding="utf-8")
+    """The shipped classification (collector/reports/categories.tsv): 2-, 4- and 6-digit codes to names."""
+    text = (
+        resources.files("labmeter.collector.reports").joinpath("categories.tsv").read_text(encoding="utf-8")
+    )
     out = {}
     for line in text.splitlines():
         if line.strip() and not line.startswith("#"):
@@ -506,7 +508,7 @@ def report_meta(
 ) -> dict[str, Any]:
     """What a report file says about itself: period, basis, provenance, caveats and column definitions."""
     from labmeter import __version__
-    from labmeter.collector.rollup import allowances_ms
+    from labmeter.collector.ledger.rollup import allowances_ms
 
     now = int(time.time() * 1000) if now_ms is None else now_ms
     own = {}
