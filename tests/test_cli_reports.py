@@ -437,3 +437,28 @@ def test_evidence_bundle_verifies_and_claims_the_report_hours(site: Path, tmp_pa
         timeout=60,
     )
     assert none.returncode == 1 and "no intervals for instrument 'CZ-N'" in none.stderr
+
+
+def test_output_extension_decides_the_format_or_is_refused(site: Path, tmp_path: Path) -> None:
+    """``-o x.csv`` writes CSV with Excel's BOM (it used to write the text table into x.csv), ``-o x.json``
+    JSON; an extension that contradicts --format, and Excel 97's .xls, are refused before anything runs."""
+    as_csv, as_json = tmp_path / "hours.csv", tmp_path / "hours.json"
+    cli(site, "report", "hours", *PERIOD, "-o", str(as_csv))
+    cli(site, "report", "hours", *PERIOD, "-o", str(as_json))
+    data = as_csv.read_bytes()
+    assert data.startswith(b"\xef\xbb\xbf")
+    header = next(csv.reader(io.StringIO(data.decode("utf-8-sig"))))
+    assert header[0] == "仪器编号" and "未计量 (h)" in header and "运行机时 (s)" in header
+    assert set(json.loads(as_json.read_text(encoding="utf-8"))) == {"meta", "rows", "total"}
+    for args, said in (
+        (["--format", "json", "-o", str(tmp_path / "x.csv")], "is a .csv file but --format is json"),
+        (["-o", str(tmp_path / "x.xls")], ".xls is not written; use .xlsx"),
+    ):
+        proc = subprocess.run(
+            [*LABMETER, "report", "hours", *PERIOD, *args, "-c", str(site / "collector.toml")],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert proc.returncode == 2 and said in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    assert not (tmp_path / "x.csv").exists() and not (tmp_path / "x.xls").exists()

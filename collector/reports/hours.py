@@ -184,6 +184,26 @@ class PeriodError(ValueError):
     pass
 
 
+FILE_FORMATS = {".csv": "csv", ".json": "json", ".xlsx": "xlsx"}
+
+
+def output_format(fmt: str | None, out: Path | None) -> str:
+    """The format to write: ``--format`` if given, else ``-o``'s extension (.csv, .json, .xlsx), else the
+    text table. A ``-o`` extension that contradicts ``--format`` is refused: a file named x.csv holding a
+    text table (or JSON) would open as garbage in Excel."""
+    ext = out.suffix.lower() if out is not None else ""
+    implied = FILE_FORMATS.get(ext)
+    if ext == ".xls":
+        raise PeriodError(f"{out}: Excel 97-2003 .xls is not written; use .xlsx (or .csv)")
+    if fmt is None:
+        return implied or "table"
+    if implied is not None and implied != fmt:
+        raise PeriodError(f"-o {out} is a .{implied} file but --format is {fmt}: drop --format or match them")
+    if fmt == "xlsx" and out is None:
+        raise PeriodError("--format xlsx needs --output FILE.xlsx")
+    return fmt
+
+
 def parse_time(text: str, tz: ZoneInfo, end: bool = False) -> int:
     """A date (local midnight; as --to, the end of that day) or an ISO time, to UTC ms."""
     try:

@@ -39,7 +39,11 @@ def report_group() -> None:
     help="Grouping (XLSX has a sheet for each).",
 )
 @click.option(
-    "--format", "fmt", type=click.Choice(["table", "csv", "json", "xlsx"]), default="table", show_default=True
+    "--format",
+    "fmt",
+    type=click.Choice(["table", "csv", "json", "xlsx"]),
+    default=None,
+    help="Default: from -o's extension (.csv, .json, .xlsx), else the text table.",
 )
 @click.option(
     "--output", "-o", "out", type=click.Path(path_type=Path), help="File to write (needed for xlsx)."
@@ -57,7 +61,7 @@ def report_hours(
     end: str,
     cfg_path: Path,
     by: str,
-    fmt: str,
+    fmt: str | None,
     out: Path | None,
     lang: str,
     no_bom: bool,
@@ -74,6 +78,7 @@ def report_hours(
         PeriodError,
         hours_report,
         hours_reports,
+        output_format,
         parse_time,
         render,
         report_meta,
@@ -82,8 +87,10 @@ def report_hours(
 
     cfg = load_collector(cfg_path)
     zone = zone_for(tz, cfg)
-    if fmt == "xlsx" and out is None:
-        fail("--format xlsx needs --output FILE.xlsx")
+    try:
+        fmt = output_format(fmt, out)
+    except PeriodError as exc:
+        fail(str(exc))
     ledger = open_ledger(cfg, cfg_path)
     try:
         a, b = parse_time(start, zone), parse_time(end, zone, end=True)
