@@ -80,6 +80,9 @@ HEADER_SEARCH_ROWS = 10
 ENCODINGS = ("utf-8-sig", "gb18030")
 """CSV text encodings tried in turn: UTF-8 with or without BOM, then GB18030 (a superset of GBK and
 GB2312, what Excel on Chinese Windows writes for "CSV (逗号分隔)")."""
+METERING_START_FROM_MS = 946_684_800_000
+"""2000-01-01 UTC: a metering start before it is a typo (no agent ran then)."""
+YEAR_AHEAD_MS = 366 * 86_400_000
 EXCEL_EPOCH = datetime(1899, 12, 30)
 SERIAL_RANGE = (20_000.0, 80_000.0)
 """Excel serial date-times read as such (1954 to 2119); outside it a number is no time."""
@@ -311,6 +314,7 @@ def import_instruments(
     from labmeter.collector.reports.hours import category_problem
 
     zone = tz or ZoneInfo("UTC")
+    now_ms = int(time.time() * 1000)
     table = read_table(path, INSTRUMENT_HEADERS)
     cols = _columns(table, INSTRUMENT_HEADERS, ("code",))
     seen: set[str] = set()
@@ -355,7 +359,14 @@ def import_instruments(
             value = _bounded(row.get(key, ""), key, problems)
             rec[key] = None if value is None else int(value)
         start = row.get("metering_start", "")
-        rec["metering_start_ms"] = _time(start, "metering_start", zone, problems) if start else None
+        start_ms = _time(start, "metering_start", zone, problems) if start else None
+        if start_ms is not None and not METERING_START_FROM_MS <= start_ms <= now_ms + YEAR_AHEAD_MS:
+            problems.append(
+                f"column 'metering_start': {start!r} is before 2000 or more than a year ahead: a typo? "
+                "(use the date metering of this instrument began, e.g. 2026-03-02)"
+            )
+            start_ms = None
+        rec["metering_start_ms"] = start_ms
         return rec
 
     rows = _validate(table, cols, check)
