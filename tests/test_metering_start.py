@@ -193,3 +193,34 @@ def test_live_view_proration_is_the_reports_rule() -> None:
     assert metered_rated_ms({"rated_hours": 100.0}, POLICY, day, now, now, t(5, 6)) == round(
         100 * H * 12 / YEAR_H
     )
+
+
+def test_metering_start_is_stored_and_old_ledgers_gain_the_column(any_ledger: Ledger, tmp_path: Path) -> None:
+    """The column on SQLite and PostgreSQL; a registry re-imported without a date clears it."""
+    (tmp_path / "a.csv").write_text("code,metering_start\nCZ-A,2026-03-04\n", encoding="utf-8")
+    import_instruments(any_ledger, tmp_path / "a.csv", tz=TZ)
+    (got,) = any_ledger.instruments()
+    assert got["metering_start_ms"] == t(4)
+    (tmp_path / "b.csv").write_text("code\nCZ-A\n", encoding="utf-8")
+    import_instruments(any_ledger, tmp_path / "b.csv", tz=TZ)
+    assert any_ledger.instruments()[0]["metering_start_ms"] is None
+
+
+def test_a_ledger_from_before_metering_starts_is_migrated(tmp_path: Path) -> None:
+    import sqlite3
+
+    path = tmp_path / "old.sqlite"
+    db = sqlite3.connect(path)
+    db.executescript(
+        "CREATE TABLE instruments (code TEXT PRIMARY KEY, name TEXT NOT NULL DEFAULT '', unit TEXT NOT NULL DEFAULT '',"
+        " department TEXT NOT NULL DEFAULT '', category TEXT NOT NULL DEFAULT '', kind TEXT NOT NULL DEFAULT 'general',"
+        " value_wan REAL, rated_hours REAL, share_mode TEXT NOT NULL DEFAULT '',"
+        " prep_allowance_s INTEGER, post_allowance_s INTEGER);"
+        "INSERT INTO instruments (code, name) VALUES ('CZ-OLD', '旧仪器');"
+    )
+    db.commit()
+    db.close()
+    ledger = Ledger(path)
+    assert ledger.instruments() == [{**ledger.instruments()[0], "code": "CZ-OLD", "metering_start_ms": None}]
+    assert ledger.check() == []
+    ledger.close()
