@@ -224,3 +224,45 @@ def test_a_ledger_from_before_metering_starts_is_migrated(tmp_path: Path) -> Non
     assert ledger.instruments() == [{**ledger.instruments()[0], "code": "CZ-OLD", "metering_start_ms": None}]
     assert ledger.check() == []
     ledger.close()
+
+
+def test_hostile_category_and_code_in_the_ledger_reach_no_terminal_or_formula(tmp_path: Path) -> None:
+    """A category and a code written straight into the ledger (an older writer, a hand edit) with escape
+    sequences and a formula: the national export's warnings name them without the escapes, and the XLSX
+    keeps the formula as text."""
+    import subprocess
+    import sys
+
+    (tmp_path / "collector.toml").write_text(f'[collector]\ndata_dir = "{tmp_path / "data"}"\n')
+    led = Ledger(tmp_path / "data" / "ledger.sqlite")
+    bad = {"code": "CZ-\x1b]0;owned\x07X", "category": '=HYPERLINK("http://x")\x1b[2J', "kind": "general"}
+    led.upsert_instruments([{"name": "x", "unit": "", "department": "", "share_mode": "", **bad}])
+    led.close()
+    assert category_name(str(bad["category"])) == UNKNOWN_CATEGORY
+    out = tmp_path / "n.xlsx"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "labmeter",
+            "report",
+            "national",
+            "--year",
+            "2026",
+            "-o",
+            str(out),
+            "-c",
+            str(tmp_path / "collector.toml"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "\x1b" not in proc.stderr and "\x07" not in proc.stderr
+    assert "is not in the shipped classification" in proc.stderr and "CZ-]0;ownedX" in proc.stderr
+    cells = [
+        c for ws in load_workbook(out) for row in ws.iter_rows() for c in row if isinstance(c.value, str)
+    ]
+    assert any(c.value.startswith("=HYPERLINK") for c in cells)
+    assert all(c.data_type == "s" for c in cells)
