@@ -25,11 +25,11 @@ from labmeter.collector.ledger import ROLLUP_VALUES, Ledger
 from labmeter.collector.ledger.pg import Busy
 from labmeter.collector.registry import stored_number
 from labmeter.config import PolicyConfig
+from labmeter.machine_hours import HOUR_MS as H
 from labmeter.machine_hours import Hours, compute, compute_buckets
 
 log = logging.getLogger("labmeter.rollups")
 
-H = 3_600_000
 HOUR, DAY, MONTH = 0, 1, 2
 CHUNK_DAYS = 31  # the longest stretch judged at once when rebuilding
 STEP = 500  # stale marks taken per transaction, so ingest never waits long
@@ -218,9 +218,7 @@ class Rollups:
         """Recompute the hours of [lo, hi), and the days wholly inside it."""
         cal = self.calendar
         pad = max(prep, post)
-        rows = [
-            (r[3], r[4], r[5], bool(r[6])) for r in self.ledger.intervals_between(lo - pad, hi + pad, code)
-        ]
+        rows = [r.span() for r in self.ledger.intervals_between(lo - pad, hi + pad, code)]
         windows = self.ledger.service_windows(lo, hi, code).get(code, [])
         bounds = list(range(lo, hi + 1, H))
         hours = compute_buckets(rows, bounds, prep, post, windows) if rows else []

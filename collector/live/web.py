@@ -29,6 +29,7 @@ from aiohttp import web
 from labmeter.collector.ledger.rollup import Calendar, Rollups
 from labmeter.collector.reports.hours import GROUPINGS, hours_report, metered_rated_ms, metering_starts
 from labmeter.config import ConfigError
+from labmeter.machine_hours import HOUR_MS as H
 from labmeter.netutil import is_loopback, split_listen
 from labmeter.wire import ID_RE
 
@@ -36,7 +37,6 @@ if TYPE_CHECKING:
     from labmeter.collector.service import Collector
 
 log = logging.getLogger("labmeter.web")
-H = 3_600_000
 DAY = 24 * H
 CACHE_S = 10.0
 AGENT_DOWN_AFTER_S = 90.0
@@ -274,7 +274,8 @@ class LiveView:
             raise BadRequest("from, to: a timeline spans at most 31 days")
         rows = self.collector.ledger.intervals_between(a, b, code)
         intervals = [
-            {"start": max(r[3], a), "end": min(r[4], b), "state": r[5], "verified": bool(r[6])} for r in rows
+            {"start": max(r.start_ms, a), "end": min(r.end_ms, b), "state": r.state, "verified": r.linked}
+            for r in rows
         ]
         live = self.collector.live.instruments.get(code)
         if (

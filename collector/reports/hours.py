@@ -30,9 +30,9 @@ from labmeter.collector.registry import stored_number
 from labmeter.collector.reports.cells import append_row, to_csv
 from labmeter.config import PolicyConfig
 from labmeter.log import printable
+from labmeter.machine_hours import HOUR_MS as H
 from labmeter.machine_hours import Hours
 
-H = 3_600_000
 YEAR_MS = 365 * 86_400_000
 GROUPINGS = ("instrument", "unit", "category", "month")
 
@@ -182,26 +182,6 @@ SHEET_NAMES = {
 
 class PeriodError(ValueError):
     pass
-
-
-FILE_FORMATS = {".csv": "csv", ".json": "json", ".xlsx": "xlsx"}
-
-
-def output_format(fmt: str | None, out: Path | None) -> str:
-    """The format to write: ``--format`` if given, else ``-o``'s extension (.csv, .json, .xlsx), else the
-    text table. A ``-o`` extension that contradicts ``--format`` is refused: a file named x.csv holding a
-    text table (or JSON) would open as garbage in Excel."""
-    ext = out.suffix.lower() if out is not None else ""
-    implied = FILE_FORMATS.get(ext)
-    if ext == ".xls":
-        raise PeriodError(f"{out}: Excel 97-2003 .xls is not written; use .xlsx (or .csv)")
-    if fmt is None:
-        return implied or "table"
-    if implied is not None and implied != fmt:
-        raise PeriodError(f"-o {out} is a .{implied} file but --format is {fmt}: drop --format or match them")
-    if fmt == "xlsx" and out is None:
-        raise PeriodError("--format xlsx needs --output FILE.xlsx")
-    return fmt
 
 
 def parse_time(text: str, tz: ZoneInfo, end: bool = False) -> int:
