@@ -454,7 +454,7 @@ def hours_report(
     else:
         if hours is None:
             hours = per_instrument(ledger, a, b, policy, now_ms, first)
-        registry = {str(i["code"]): i for i in ledger.instruments()}
+        registry = ledger.instruments_by_code()
         for code, h in hours.items():
             info = registry.get(code, {"code": code})
             rows.append(
@@ -512,7 +512,7 @@ def report_meta(
 
     now = int(time.time() * 1000) if now_ms is None else now_ms
     own = {}
-    registry = {str(i["code"]): i for i in ledger.instruments()}
+    registry = ledger.instruments_by_code()
     for info in registry.values():
         prep, post = allowances_ms(info, policy)
         if (prep, post) != (policy.prep_allowance_s * 1000, policy.post_allowance_s * 1000):
