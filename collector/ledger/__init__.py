@@ -39,7 +39,7 @@ CREATE TABLE IF NOT EXISTS instruments (
     code TEXT PRIMARY KEY, name TEXT NOT NULL DEFAULT '', unit TEXT NOT NULL DEFAULT '',
     department TEXT NOT NULL DEFAULT '', category TEXT NOT NULL DEFAULT '', kind TEXT NOT NULL DEFAULT 'general',
     value_wan REAL, rated_hours REAL, share_mode TEXT NOT NULL DEFAULT '',
-    prep_allowance_s INTEGER, post_allowance_s INTEGER);
+    prep_allowance_s INTEGER, post_allowance_s INTEGER, metering_start_ms INTEGER);
 CREATE TABLE IF NOT EXISTS service_records (
     id INTEGER PRIMARY KEY, instrument TEXT NOT NULL, start_ms INTEGER NOT NULL, end_ms INTEGER NOT NULL,
     applicant TEXT NOT NULL DEFAULT '', applicant_unit TEXT NOT NULL DEFAULT '',
@@ -110,6 +110,7 @@ INSTRUMENT_COLUMNS = (
     "share_mode",
     "prep_allowance_s",
     "post_allowance_s",
+    "metering_start_ms",
 )
 SERVICE_COLUMNS = (
     "instrument",
@@ -310,6 +311,7 @@ class Ledger:
         self._longest = int(row[0]) if row else 0
         self._migrate_rejections()
         self._migrate_service_batches()
+        self._migrate_metering_start()
         self._pruned_window = -1
 
     def _columns(self, table: str) -> set[str]:
@@ -363,6 +365,13 @@ class Ledger:
                     if col not in self._columns("service_records"):
                         cur.execute(f"ALTER TABLE service_records ADD COLUMN {ddl}")
         self.db.execute("CREATE INDEX IF NOT EXISTS service_batch ON service_records (batch)")
+
+    def _migrate_metering_start(self) -> None:
+        """Instruments carry the registry's metering start (NULL: metering began at the first interval)."""
+        if "metering_start_ms" not in self._columns("instruments"):
+            with self.transaction(exclusive=True) as cur:
+                if "metering_start_ms" not in self._columns("instruments"):
+                    cur.execute("ALTER TABLE instruments ADD COLUMN metering_start_ms BIGINT")
 
     @staticmethod
     def sqlite_path(url: str, data_dir: Path) -> Path | None:
