@@ -18,8 +18,8 @@ FOLDERS = {
     "collector": "labmeter.collector",
     "drivers": "labmeter.drivers",
 }
-# the command line is the roof: it may import every side (to be split into labmeter/cli/ later)
-ROOF = {"labmeter.cli", "labmeter.demo", "labmeter.top", "labmeter.__main__"}
+# the command line (labmeter/cli/) is the roof: it may import every side
+ROOF = ("labmeter.cli", "labmeter.__main__")
 ABOVE_CORE = ("labmeter.agent", "labmeter.collector", "labmeter.drivers")
 
 
@@ -61,11 +61,21 @@ MODULES = modules()
 
 def test_the_core_imports_nothing_above_it() -> None:
     core = {n: p for n, p in MODULES.items() if within(n, ("labmeter",)) and not within(n, ABOVE_CORE)}
-    assert "labmeter.config" in core and "labmeter.cli" in core
+    assert "labmeter.config" in core and "labmeter.cli.report" in core
     wrong = {
-        n: sorted(m for m in imports(n, p) if within(m, ABOVE_CORE)) for n, p in core.items() if n not in ROOF
+        n: sorted(m for m in imports(n, p) if within(m, ABOVE_CORE))
+        for n, p in core.items()
+        if not within(n, ROOF)
     }
     assert not {n: m for n, m in wrong.items() if m}, wrong
+
+
+def test_verify_needs_neither_the_collector_nor_the_agent() -> None:
+    """`labmeter verify` is the auditor's: it must run from the core alone, on a machine without the
+    collector (its code and its ledger)."""
+    verify = MODULES["labmeter.cli.verify"]
+    wrong = sorted(m for m in imports("labmeter.cli.verify", verify) if within(m, ABOVE_CORE))
+    assert not wrong, wrong
 
 
 def test_drivers_import_neither_agent_nor_collector() -> None:
