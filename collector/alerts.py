@@ -439,7 +439,8 @@ class Alerter:
         if dropped:
             log.warning("dropped %d undelivered alert message(s) of channels no longer configured", dropped)
         self._stored_seen = stored()
-        self._last_stored = self.started_ms
+        before = self.active.get("no_intervals")  # nothing stored since before a restart: still silent
+        self._last_stored = before.since_ms if before else self.started_ms
         self._coverage_day: int | None = None
         self.counts: Counter[str] = Counter()
         """fired, resolved, reminded, delivered, failed (attempts), given_up, dropped_active."""
@@ -476,7 +477,7 @@ class Alerter:
         self, now: int, enrolled: set[tuple[str, str]], registry: dict[str, dict[str, Any]]
     ) -> list[Assessment]:
         """An agent is heard from by its verified "online" status; silence counts from then (or from this
-        collector's start, for an agent not heard from since)."""
+        collector's start, for an agent not heard from since, unless it was already silent before)."""
         limit = self.cfg.agent_silent_min * MIN_MS
         registered = set(self.ledger.agent_keys())
         mine = {k.split(":", 1)[1] for k, a in self.active.items() if a.rule == "agent_silent"}
@@ -489,7 +490,9 @@ class Alerter:
             a = self.live.agents.get(agent) or {}
             received = a.get("received") if a.get("verified") is True else None
             heard = isinstance(received, int) and not isinstance(received, bool)
-            since = int(received) if heard else self.started_ms  # type: ignore[arg-type]
+            active = self.active.get(key)
+            # not heard from since this collector started: silent since then, or since before a restart
+            since = int(received) if heard else (active.since_ms if active else self.started_ms)  # type: ignore[arg-type]
             online = heard and a.get("online") is True and now - since < limit
             codes = sorted(c for ag, c in enrolled if ag == agent)
             subject = {"agent": agent, "instruments": [self._info(c, registry) for c in codes[:10]]}

@@ -14,8 +14,10 @@ import logging
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import pytest
 from click.testing import CliRunner
@@ -264,6 +266,28 @@ def test_a_restart_neither_repeats_nor_forgets(world: World) -> None:
     assert "持续了 50 分钟" in world.rx.texts()[4], "the recovery counts from before the restart"
 
 
+@pytest.mark.parametrize("rule", ["agent_silent", "no_intervals"])
+def test_a_restart_does_not_mistake_its_own_start_for_a_recovery(world: World, rule: str) -> None:
+    """Silence counted from the collector's start would end an alert raised before the restart."""
+    _, minutes, clear, _ = RULES[rule]
+    al = world.alerter(_config_with_only(world, rule))
+    assert al.evaluate(T0 + minutes * MIN) == 3
+    world.reopen()
+    world.clock.now = T0 + 2 * minutes * MIN
+    al2 = world.alerter(_config_with_only(world, rule))
+    assert al2.evaluate(world.clock.now + MIN) == 0 and set(al2.active) == set(al.active)
+    world.clock.now += 5 * MIN
+    clear(world)
+    assert al2.evaluate(world.clock.now) == 3
+    deliver(al2)
+    assert f"{_duration_text(2 * minutes + 5)}" in world.rx.texts()[-1]
+
+
+def _duration_text(minutes: int) -> str:
+    h, m = divmod(minutes, 60)
+    return f"{h} 小时 {m} 分钟" if h else f"{m} 分钟"
+
+
 def test_a_message_queued_before_a_restart_is_delivered_once_after(world: World) -> None:
     world.rx.status = 503
     al = world.alerter(config.replace(world.cfg(), unknown_min=0, no_intervals_min=0))
@@ -463,3 +487,71 @@ url = "{bad.url("/hook")}"
         assert WECOM_KEY not in result.output and DING_SECRET not in result.output
     finally:
         bad.close()
+
+
+def test_coverage_under_the_threshold_fires_for_the_day_and_recovers(world: World) -> None:
+    from labmeter.collector.rollup import Calendar
+    from tests.lab import store_schedule
+
+    cal = Calendar(ZoneInfo("Asia/Shanghai"))
+    d0 = cal.day_floor(T0)
+    d1, d2 = cal.next_day(d0), cal.next_day(cal.next_day(d0))
+    store_schedule(world.tmp, world.ledger, AGENT, CODE, [(d0, d1, "RUNNING")])  # all of d0, none of d1
+    store_schedule(
+        world.tmp, world.ledger, "pc-2", "XRD-2", [(d0, d0 + 6 * 3_600_000, "OFF"), (d1, d2, "OFF")]
+    )
+    cfg = config.replace(
+        world.cfg(), agent_silent_min=0, unknown_min=0, no_intervals_min=0, coverage_below_pct=80
+    )
+    al = world.alerter(cfg)
+    assert al.evaluate(d1 + 30 * MIN) == 0, "a day is judged an hour after it ends"
+    assert al.evaluate(d1 + 61 * MIN) == 3  # XRD-2 covered 25 % of d0; ICP-01 all of it
+    assert al.evaluate(d1 + 120 * MIN) == 0
+    deliver(al)
+    day0 = datetime.fromtimestamp(d0 / 1000, ZoneInfo("Asia/Shanghai")).strftime("%Y-%m-%d")
+    assert all("XRD-2" in t and day0 in t and "25.0%" in t and "80%" in t for t in world.rx.texts())
+    assert al.evaluate(d2 + 61 * MIN) == 6  # d1: ICP-01 uncovered (fires), XRD-2 covered (recovers)
+    deliver(al)
+    later = world.rx.texts()[3:]
+    assert sum("ICP-01" in t and "告警" in t for t in later) == 3
+    assert sum("XRD-2" in t and "恢复" in t and "100.0%" in t for t in later) == 3
+
+
+def test_the_running_collector_alerts_once_across_a_restart(tmp_path: Path) -> None:
+    """`collector run` with [alerts]: both registered agents are silent; the alert is sent once, and a
+    restarted collector sends it no second time."""
+    lab = make_lab(tmp_path)
+    rx = WebhookReceiver()
+    text = f"""[collector]
+data_dir = "{tmp_path / "collector"}"
+[broker]
+embedded = true
+listen = "127.0.0.1:{free_port()}"
+[alerts]
+check_every_s = 1
+agent_silent_min = 0.01
+unknown_min = 0
+no_intervals_min = 0
+[[alerts.webhook]]
+url = "{rx.url("/hook")}"
+"""
+    cfg = config.parse(text, config.CollectorConfig)
+    del lab
+
+    async def run_for(seconds: float, until_hits: int | None = None) -> None:
+        c = Collector(cfg)
+        stop = asyncio.Event()
+        task = asyncio.create_task(c.run(stop))
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline and (until_hits is None or len(rx.hits) < until_hits):
+            await asyncio.sleep(0.1)
+        stop.set()
+        await task
+
+    try:
+        asyncio.run(run_for(15, until_hits=2))
+        assert sorted(h.body["key"] for h in rx.hits) == ["agent_silent:agent-a", "agent_silent:agent-b"]
+        asyncio.run(run_for(2.5))
+        assert len(rx.hits) == 2, [h.body["key"] for h in rx.hits]
+    finally:
+        rx.close()
