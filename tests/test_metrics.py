@@ -85,3 +85,33 @@ def test_metrics_count_what_the_collector_did(tmp_path: Path) -> None:
     assert m["labmeter_rollup_backlog_ranges"] >= 1  # stored intervals mark their rollups stale
     assert "labmeter_ingest_intervals_per_second" in m
     assert 'reason="evil \\"reason\\"\\nlabmeter_agents_online 999"' in text
+
+
+def test_sink_lag_and_alert_queue(tmp_path: Path) -> None:
+    """The sink's lag is its cursor behind the newest stored interval; the alerts' queue is per channel.
+    (The sink here is a stand-in with its counter: the cursor is the ledger's, as the real sink keeps it.)"""
+    from types import SimpleNamespace
+
+    from labmeter import config
+    from labmeter.collector.alerts import Alerter
+    from labmeter.collector.metrics import Metrics
+    from labmeter.collector.sink_influx import CURSOR
+
+    lab = make_lab(tmp_path)
+    c = Collector(lab.cfg)
+    try:
+        process(c, genuine_start(lab))
+        newest = c.ledger.last_received_ms()
+        assert newest is not None
+        c.ledger.set_sink_cursor(CURSOR, newest - 42_000)
+        c.sink = SimpleNamespace(dropped=3)  # type: ignore[assignment]
+        cfg = config.AlertsConfig(webhook=[config.WebhookChannel(url="http://127.0.0.1:9/hook")])
+        c.alerts = Alerter(cfg, c.ledger, c.live, c.cfg.policy, c.clock, lambda: 0)
+        c.alerts.started_ms -= 3_600_000
+        c.alerts.evaluate()
+        m = parse(Metrics(c).render(0))
+        assert m["labmeter_sink_lag_seconds"] == 42 and m["labmeter_sink_points_dropped_total"] == 3
+        assert m['labmeter_alert_queue_messages{channel="webhook-1"}'] == 2  # the two silent agents
+        assert m["labmeter_alerts_active"] == 2 and m['labmeter_alert_events_total{kind="fired"}'] == 2
+    finally:
+        c.ledger.close()
