@@ -301,6 +301,7 @@ class WecomSender:
 
     def __init__(self, ch: WecomChannel) -> None:
         key = config.read_secret(ch.key_file, "alerts WeCom key file")
+        hide(urllib.parse.quote(key, safe=""))
         self.url = f"{ch.url}?key={urllib.parse.quote(key, safe='')}"
 
     async def send(self, msg: Message, session: aiohttp.ClientSession) -> None:
@@ -320,6 +321,7 @@ class DingtalkSender:
     def __init__(self, ch: DingtalkChannel) -> None:
         self.base = ch.url
         self.token = config.read_secret(ch.token_file, "alerts DingTalk token file")
+        hide(urllib.parse.quote(self.token, safe=""))
         self.secret = (
             config.read_secret(ch.secret_file, "alerts DingTalk secret file") if ch.secret_file else None
         )
@@ -623,8 +625,14 @@ class Alerter:
         try:
             async with asyncio.timeout(SEND_TIMEOUT_S + 1):
                 await sender.send(msg, session)
-        except (DeliveryError, TimeoutError) as exc:
-            reason = str(exc) if isinstance(exc, DeliveryError) else "no answer in time"
+        except Exception as exc:  # a refusal, a timeout, or a sender's bug: counted against this message
+            reason = (
+                str(exc)
+                if isinstance(exc, DeliveryError)
+                else "no answer in time"
+                if isinstance(exc, TimeoutError)
+                else _reason(exc)
+            )
             self.counts["failed"] += 1
             if item.attempts + 1 >= self.cfg.max_attempts:
                 self.ledger.alert_done(item.id)
