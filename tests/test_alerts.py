@@ -555,3 +555,27 @@ url = "{rx.url("/hook")}"
         assert len(rx.hits) == 2, [h.body["key"] for h in rx.hits]
     finally:
         rx.close()
+
+
+def test_a_reminder_only_when_asked_for(world: World) -> None:
+    cfg = config.replace(_config_with_only(world, "unknown"), remind_h=2)
+    al = world.alerter(cfg)
+    _unknown_setup(world)
+    assert al.evaluate(T0 + 30 * MIN) == 3
+    assert al.evaluate(T0 + 149 * MIN) == 0
+    assert al.evaluate(T0 + 150 * MIN) == 3  # two hours after it was sent
+    assert al.evaluate(T0 + 151 * MIN) == 0
+    deliver(al)
+    events = [h.body["event"] for h in world.rx.hits if h.path == "/hook"]
+    assert events == ["firing", "reminder"]
+    assert "仍在告警" in world.rx.texts()[-1]
+
+
+def test_a_missing_secret_file_stops_start_up_naming_it(world: World) -> None:
+    cfg = world.cfg()
+    (world.tmp / "ding.secret").unlink()
+    full = config.replace(
+        config.parse(f'[collector]\ndata_dir = "{world.tmp}"\n', config.CollectorConfig), alerts=cfg
+    )
+    with pytest.raises(config.ConfigError, match=r"ding\.secret: cannot read alerts dingtalk-1 secret file"):
+        config.check_secret_files(full)
