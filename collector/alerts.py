@@ -160,6 +160,8 @@ class Assessment:
     holding: bool
     since_ms: int
     subject: dict[str, Any] = field(default_factory=dict)
+    quiet: bool = False
+    """Cleared without a recovery message: the subject left the registry, or its rule was turned off."""
 
 
 @dataclass(frozen=True)
@@ -469,7 +471,15 @@ class Alerter:
             out += self._no_intervals(now, enrolled)
         if cfg.coverage_below_pct:
             out += self._coverage(now, enrolled, registry)
+        on = {r for r, minutes in zip(RULES, self._limits(), strict=True) if minutes}
+        out += [
+            Assessment(k, a.rule, False, now, quiet=True) for k, a in self.active.items() if a.rule not in on
+        ]
         return out
+
+    def _limits(self) -> tuple[float, ...]:
+        c = self.cfg
+        return (c.agent_silent_min, c.unknown_min, c.no_intervals_min, c.coverage_below_pct)
 
     def _info(self, code: str, registry: dict[str, dict[str, Any]]) -> dict[str, str]:
         info = registry.get(code, {})
@@ -487,7 +497,7 @@ class Alerter:
         for agent in sorted(registered | mine):
             key = f"agent_silent:{agent}"
             if agent not in registered:  # removed from the registry: nothing left to wait for
-                out.append(Assessment(key, "agent_silent", False, now))
+                out.append(Assessment(key, "agent_silent", False, now, quiet=True))
                 continue
             a = self.live.agents.get(agent) or {}
             received = a.get("received") if a.get("verified") is True else None
@@ -589,8 +599,7 @@ class Alerter:
         except ValueError:
             subject = a.subject
         msg = compose("resolved", active.rule, a.key, active.since_ms, now, subject, self.cfg.lang, self.tz)
-        gone = active.rule == "agent_silent" and not a.subject  # removed from the registry: nothing recovered
-        rows = [] if gone else self._queue_rows(msg)
+        rows = [] if a.quiet else self._queue_rows(msg)
         self.ledger.close_alert(a.key, rows, now, MAX_QUEUED)
         del self.active[a.key]
         self.counts["resolved"] += 1

@@ -579,3 +579,11 @@ def test_a_missing_secret_file_stops_start_up_naming_it(world: World) -> None:
     )
     with pytest.raises(config.ConfigError, match=r"ding\.secret: cannot read alerts dingtalk-1 secret file"):
         config.check_secret_files(full)
+
+
+def test_turning_a_rule_off_clears_its_alerts_without_a_message(world: World) -> None:
+    al = world.alerter(_config_with_only(world, "agent_silent"))
+    assert al.evaluate(T0 + 10 * MIN) == 3
+    world.reopen()
+    al2 = world.alerter(config.replace(_config_with_only(world, "agent_silent"), agent_silent_min=0))
+    assert al2.evaluate(T0 + 11 * MIN) == 0 and al2.active == {} and world.ledger.active_alerts() == []
