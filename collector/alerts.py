@@ -35,7 +35,7 @@ from zoneinfo import ZoneInfo
 
 from labmeter import config
 from labmeter.collector.ledger import ActiveAlert, Ledger
-from labmeter.collector.rollup import Calendar, Rollups
+from labmeter.collector.ledger.rollup import Calendar, Rollups
 from labmeter.config import (
     AlertChannel,
     AlertsConfig,
@@ -46,6 +46,7 @@ from labmeter.config import (
     WecomChannel,
 )
 from labmeter.log import hide, printable, redact
+from labmeter.machine_hours import HOUR_MS
 
 if TYPE_CHECKING:
     import aiohttp
@@ -62,7 +63,7 @@ MAX_ACTIVE = 20_000
 SEND_TIMEOUT_S = 15.0
 MAX_BACKOFF_S = 600.0
 ROBOT_TEXT_BYTES = 2000  # WeCom takes at most 2048 bytes of text content
-COVERAGE_AFTER_MS = 3_600_000  # a day's coverage is judged an hour after it ends: late intervals come in
+COVERAGE_AFTER_MS = HOUR_MS  # a day's coverage is judged an hour after it ends: late intervals come in
 
 RULES = ("agent_silent", "unknown", "no_intervals", "coverage")
 NAMES = {
@@ -563,7 +564,7 @@ class Alerter:
         """Assess every rule and queue the messages for what fired, recovered or is due a reminder."""
         now = self.clock.wall_ms() if now is None else now
         queued = 0
-        remind_ms = self.cfg.remind_h * 3_600_000
+        remind_ms = self.cfg.remind_h * HOUR_MS
         for a in self.assess(now):
             active = self.active.get(a.key)
             if a.holding and active is None:

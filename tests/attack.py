@@ -16,9 +16,9 @@ from pathlib import Path
 from typing import Any
 
 from labmeter import config, signing, wire
-from labmeter.collector.hours import Hours, compute
 from labmeter.collector.ledger import Ledger
 from labmeter.collector.service import Collector, Watermarks
+from labmeter.machine_hours import Hours, compute
 
 H = 3_600_000
 T0 = int(time.time() * 1000) // H * H - 6 * H

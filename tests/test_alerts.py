@@ -500,7 +500,7 @@ url = "{bad.url("/hook")}"
 
 
 def test_coverage_under_the_threshold_fires_for_the_day_and_recovers(world: World) -> None:
-    from labmeter.collector.rollup import Calendar
+    from labmeter.collector.ledger.rollup import Calendar
     from tests.lab import store_schedule
 
     cal = Calendar(ZoneInfo("Asia/Shanghai"))

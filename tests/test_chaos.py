@@ -116,7 +116,7 @@ def check_hours(
     eff_tol_s: float = 0.0,
 ) -> dict[str, object]:
     """Chains whole, no unverified time, hours equal to the schedule within the sampling bound, nothing counted twice."""
-    from labmeter.collector.hours import compute
+    from labmeter.machine_hours import compute
 
     a, b = EPOCH_MS + WINDOW[0] * 1000, EPOCH_MS + WINDOW[1] * 1000
     ledger = lab.ledger()

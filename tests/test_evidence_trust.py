@@ -23,8 +23,8 @@ from click.testing import CliRunner
 from labmeter import evidence, signing, wire
 from labmeter.cli import app
 from labmeter.cli.verify import VERIFY_UNTRUSTED
-from labmeter.collector.evidence import export_keys, write_bundle
 from labmeter.collector.ledger import Ledger
+from labmeter.collector.reports.evidence import export_keys, write_bundle
 from labmeter.verify import BundleError, verify_bundle
 from tests.lab import store_schedule
 

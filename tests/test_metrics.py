@@ -10,8 +10,8 @@ import urllib.request
 from pathlib import Path
 
 from labmeter import wire
+from labmeter.collector.live.web import LiveView
 from labmeter.collector.service import Collector
-from labmeter.collector.web import LiveView
 from tests.attack import genuine_start, make_lab, process
 
 LINE = re.compile(r'^labmeter_[a-z_]+(\{[a-z_]+="(?:[^"\\\n]|\\.)*"\})? -?[0-9.e+]+$')

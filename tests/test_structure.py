@@ -104,11 +104,20 @@ def test_the_check_sees_every_kind_of_import(tmp_path: Path, source: str, expect
     assert expected <= got and any(within(m, ABOVE_CORE) for m in got)
 
 
-def test_every_driver_folder_is_installed() -> None:
-    """A driver folder missing from pyproject's packages would work in the source tree but not in a wheel."""
-    packages = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
-    folders = {p.parent.name for p in (ROOT / "drivers").glob("*/__init__.py")}
-    assert folders and {f"labmeter.drivers.{f}" for f in folders} <= set(packages)
+def test_every_package_folder_is_installed() -> None:
+    """A package missing from pyproject's packages (a driver, a collector role, the CLI) would work in the
+    source tree but not in a wheel; a folder of modules without __init__.py would not be a package at all."""
+    packages = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    folders = {n for n, p in MODULES.items() if p.name == "__init__.py"}
+    with_modules = {
+        ".".join([FOLDERS[d.relative_to(ROOT).parts[0]], *d.relative_to(ROOT).parts[1:]])
+        for top in FOLDERS
+        for d in (ROOT / top).rglob("*")
+        if d.is_dir() and any(d.glob("*.py"))
+    }
+    assert "labmeter.collector.ledger" in folders and "labmeter.cli" in folders
+    assert with_modules <= folders, sorted(with_modules - folders)
+    assert folders <= packages, sorted(folders - packages)
 
 
 def test_no_test_module_imports_another() -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import sys
 from datetime import datetime
 from pathlib import Path
@@ -199,24 +198,27 @@ def agent_install(cfg_path: Path, dry_run: bool, unit_dir: Path, no_enable: bool
     (on Windows: register and start the labmeter-agent service)."""
     import shutil
     import subprocess
-    from importlib import resources
+
+    from labmeter.agent import install
 
     cfg = load_agent(cfg_path)
     if winsys.WINDOWS:
         _windows_install(cfg_path, cfg, dry_run, no_enable)
         return
     program = str(exe) if exe else shutil.which("labmeter") or str(Path(sys.argv[0]).resolve())
-    unit = resources.files("labmeter.systemd").joinpath("labmeter-agent.service").read_text(encoding="utf-8")
-    unit = unit.replace("/opt/labmeter/bin/labmeter", program).replace(
-        "/etc/labmeter/agent.toml", str(cfg_path.resolve())
-    )
-    _check_sandbox(unit, cfg_path, cfg, program)
+    unit = install.systemd_unit(program, cfg_path)
+    found = install.sandbox_problems(unit, cfg_path, cfg, program)
+    if found:
+        fail(
+            f"{cfg_path}: the labmeter-agent unit (ProtectSystem=strict, ProtectHome, PrivateTmp) would not "
+            "start with this config:\n  " + "\n  ".join(found)
+        )
     if not cfg.agent.key_file.exists() and not dry_run:
         fail(f"{cfg.agent.key_file}: no key yet; run `labmeter agent enroll --config {cfg_path}` first")
     if dry_run:
         click.echo(unit, nl=False)
         return
-    target = unit_dir / "labmeter-agent.service"
+    target = unit_dir / install.UNIT_NAME
     target.write_text(unit, encoding="utf-8")
     click.echo(f"written {target}")
     if not no_enable:
@@ -227,40 +229,6 @@ def agent_install(cfg_path: Path, dry_run: bool, unit_dir: Path, no_enable: bool
             if subprocess.run(cmd).returncode != 0:
                 fail(f"`{' '.join(cmd)}` failed")
         click.echo("labmeter-agent enabled and started; `journalctl -u labmeter-agent -f` shows its log")
-
-
-def _check_sandbox(unit: str, cfg_path: Path, cfg: config.AgentConfig, exe: str) -> None:
-    """Refuse a config whose files the unit's sandbox hides or keeps read-only (the agent logs to the
-    journal, so there is no log file to check)."""
-    from pathlib import PurePosixPath
-
-    from labmeter import sandbox
-
-    def real(p: Path | str) -> PurePosixPath:
-        return PurePosixPath(os.path.realpath(p))
-
-    reads = [("--config", real(cfg_path)), ("the labmeter executable", real(exe))]
-    reads.append(("[agent] key_file", real(cfg.agent.key_file)))
-    brokers: list[tuple[str, config.BrokerConfig]] = [("[broker]", cfg.broker)]
-    for i in cfg.instrument:
-        own = getattr(i.source, "broker", None)  # a source with its own broker (mqtt plugs)
-        if isinstance(own, config.BrokerConfig):
-            brokers.append((f"instrument {i.id} [instrument.source.broker]", own))
-    for where, b in brokers:
-        for name in ("password_file", "ca_file", "cert_file", "key_file"):
-            value = getattr(b, name)
-            if value is not None:
-                reads.append((f"{where} {name}", real(value)))
-    if cfg.profiles_dir is not None:
-        reads.append(("profiles_dir", real(cfg.profiles_dir)))
-    found = sandbox.problems(
-        sandbox.parse_unit(unit), reads, [("[agent] state_dir", real(cfg.agent.state_dir))]
-    )
-    if found:
-        fail(
-            f"{cfg_path}: the labmeter-agent unit (ProtectSystem=strict, ProtectHome, PrivateTmp) would not "
-            "start with this config:\n  " + "\n  ".join(found)
-        )
 
 
 def _windows_install(cfg_path: Path, cfg: config.AgentConfig, dry_run: bool, no_start: bool) -> None:

@@ -446,8 +446,8 @@ def collector_export_keys(cfg_path: Path, out: Path | None) -> None:
     """Write the agents' and the collector's public keys and fingerprints, to publish for `verify --trust`."""
     import time
 
-    from labmeter.collector.evidence import export_keys
     from labmeter.collector.identity import collector_key
+    from labmeter.collector.reports.evidence import export_keys
 
     cfg = load_collector(cfg_path)
     try:

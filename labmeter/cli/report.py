@@ -69,7 +69,7 @@ def report_hours(
     basis, generation time, version, ledger, caveats and every column's definition. JSON and CSV carry
     exact seconds beside the hours. Each instrument counts from when its metering began up to now.
     """
-    from labmeter.collector.report import (
+    from labmeter.collector.reports.hours import (
         GROUPINGS,
         PeriodError,
         hours_report,
@@ -123,7 +123,7 @@ def report_national(year: int, out: Path, ins_code: str, cfg_path: Path, tz: str
     "labmeter". The format follows the extension (.json or .xlsx; anything else is refused). Warns
     when the year is not over or has little or no coverage.
     """
-    from labmeter.collector.national import ExportError, format_for, national_export, write_national
+    from labmeter.collector.reports.national import ExportError, format_for, national_export, write_national
 
     try:
         format_for(out)
@@ -167,8 +167,8 @@ def report_findings(
     start: str, end: str, cfg_path: Path, low_use: float, min_coverage: float, as_json: bool, tz: str | None
 ) -> None:
     """Instruments to act on: low use, poor coverage (agents down, unknown time), no data at all."""
-    from labmeter.collector.national import findings
-    from labmeter.collector.report import PeriodError, parse_time
+    from labmeter.collector.reports.hours import PeriodError, parse_time
+    from labmeter.collector.reports.national import findings
 
     cfg = load_collector(cfg_path)
     zone = zone_for(tz, cfg)
@@ -210,10 +210,10 @@ def report_findings(
 @config_option("collector.toml")
 def report_evidence(instrument: str, start: str, end: str, out: Path, cfg_path: Path, tz: str | None) -> None:
     """Write the signed intervals and public keys behind an instrument's hours, countersigned, for `labmeter verify`."""
-    from labmeter.collector.evidence import write_bundle
     from labmeter.collector.identity import collector_key
-    from labmeter.collector.report import PeriodError, parse_time
-    from labmeter.collector.rollup import allowances_ms
+    from labmeter.collector.ledger.rollup import allowances_ms
+    from labmeter.collector.reports.evidence import write_bundle
+    from labmeter.collector.reports.hours import PeriodError, parse_time
 
     cfg = load_collector(cfg_path)
     zone = zone_for(tz, cfg)

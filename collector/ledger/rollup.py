@@ -3,7 +3,7 @@
 A report over [a, b) is cut into the largest calendar buckets it covers (months, then
 days, then hours) read from rollups, and the few minutes left at its edges, computed
 from intervals. Rollups are judged the same way a direct computation is (see
-:func:`~labmeter.collector.hours.compute_buckets`), so both give the same hours.
+:func:`~labmeter.machine_hours.compute_buckets`), so both give the same hours.
 
 Ingest notes which time went stale in the same transaction that stores intervals or
 service records; :meth:`Rollups.refresh` recomputes that time. Reports refresh first,
@@ -21,15 +21,15 @@ from datetime import date, datetime, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo
 
-from labmeter.collector.hours import Hours, compute, compute_buckets
 from labmeter.collector.ledger import ROLLUP_VALUES, Ledger
-from labmeter.collector.pg import Busy
+from labmeter.collector.ledger.pg import Busy
 from labmeter.collector.registry import stored_number
 from labmeter.config import PolicyConfig
+from labmeter.machine_hours import HOUR_MS as H
+from labmeter.machine_hours import Hours, compute, compute_buckets
 
 log = logging.getLogger("labmeter.rollups")
 
-H = 3_600_000
 HOUR, DAY, MONTH = 0, 1, 2
 CHUNK_DAYS = 31  # the longest stretch judged at once when rebuilding
 STEP = 500  # stale marks taken per transaction, so ingest never waits long

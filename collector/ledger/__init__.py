@@ -227,6 +227,21 @@ RESET_FIX = (
 )
 
 
+@dataclass(frozen=True)
+class Backend:
+    """What a ledger's database can do, named, so that code asks for a capability instead of guessing
+    the backend from a missing file path."""
+
+    name: str
+    pages_checked_here: bool  # integrity_check reads every page; PostgreSQL leaves pages to the server
+    server_durability: bool  # fsync and synchronous_commit are the server's settings, to be reported
+    lock_nowait: bool  # an exclusive lock can be tried without waiting (PostgreSQL's NOWAIT)
+
+
+SQLITE = Backend("sqlite", pages_checked_here=True, server_durability=False, lock_nowait=False)
+POSTGRESQL = Backend("postgresql", pages_checked_here=False, server_durability=True, lock_nowait=True)
+
+
 class Ledger:
     # FULL: a commit is on disk before the collector acknowledges it, and the agent deletes its copy on
     # that acknowledgement. WAL with NORMAL may lose the last commits on a power cut (docs/decisions.md).
@@ -236,6 +251,7 @@ class Ledger:
         """Open (or create, if the file does not exist) an SQLite ledger; an existing file that is empty,
         cut short or not SQLite raises StateFileError, and so does damage ``quick_check`` finds."""
         self.path: Path | None = path
+        self.backend = SQLITE
 
         def setup(db: sqlite3.Connection) -> None:
             db.execute("PRAGMA journal_mode=WAL")
@@ -271,7 +287,7 @@ class Ledger:
         chain, so it no longer counts for the watermark the replay moved."""
         probe = (
             "SELECT 1 FROM sqlite_master WHERE name='rejections_once'"
-            if self.path is not None
+            if self.backend is SQLITE
             else "SELECT 1 FROM pg_indexes WHERE indexname='rejections_once'"
         )
         if self.db.execute(probe).fetchone():
@@ -329,7 +345,7 @@ class Ledger:
         if path is not None:
             return cls(path, quick_check)
         if url.startswith(("postgresql://", "postgres://")):
-            from labmeter.collector import pg
+            from labmeter.collector.ledger import pg
 
             try:
                 db = pg.Database(url)
@@ -339,6 +355,7 @@ class Ledger:
                 raise LedgerError(f"ledger {redact_url(url)}: {redact_text(str(exc).strip(), url)}") from None
             ledger = cls.__new__(cls)
             ledger.path = None
+            ledger.backend = POSTGRESQL
             ledger._setup(db, redact_url(url))
             return ledger
         raise LedgerError(
@@ -353,7 +370,7 @@ class Ledger:
         ``quick_check`` over every page. PostgreSQL: every table and column of the schema is there and
         readable, and fsync and synchronous_commit are not off (an acknowledgement follows the commit);
         pages are the server's to check (data checksums, pg_amcheck)."""
-        if self.path is not None:
+        if self.backend.pages_checked_here:
             return statefile.check(self.db, full)
         expected = expected_columns()
         found: dict[str, set[str]] = {}
@@ -382,7 +399,7 @@ class Ledger:
 
     def server_settings(self) -> dict[str, str]:
         """PostgreSQL's durability settings as the collector's connection sees them (empty on SQLite)."""
-        if self.path is not None:
+        if not self.backend.server_durability:
             return {}
         names = ("fsync", "synchronous_commit", "data_checksums", "server_version")
         return {n: str(self.db.execute(f"SHOW {n}").fetchone()[0]) for n in names}
@@ -905,7 +922,7 @@ class Ledger:
         (rollups are refreshed under it). Without ``wait``, raises Busy if another holds it (PostgreSQL;
         on SQLite the only other writers are this host's report commands, and it waits)."""
         cur = self.db.cursor()
-        nowait = not wait and self.path is None
+        nowait = not wait and self.backend.lock_nowait
         cur.execute(
             ("BEGIN EXCLUSIVE NOWAIT" if nowait else "BEGIN EXCLUSIVE") if exclusive else "BEGIN IMMEDIATE"
         )

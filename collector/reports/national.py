@@ -19,15 +19,15 @@ from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
 
-from labmeter.collector.cells import append_row
 from labmeter.collector.ledger import Ledger
+from labmeter.collector.ledger.rollup import allowances_ms
 from labmeter.collector.registry import stored_number
-from labmeter.collector.report import category_name, per_instrument
-from labmeter.collector.rollup import allowances_ms
+from labmeter.collector.reports.cells import append_row
+from labmeter.collector.reports.hours import category_name, per_instrument
 from labmeter.config import PolicyConfig
+from labmeter.machine_hours import HOUR_MS as H
 from labmeter.machine_hours import compute
 
-H = 3_600_000
 FORMAT = "labmeter-national/1"
 INSTRUMENT_TYPE, SERVICE_TYPE = 4, 6
 """``instruType`` of instrument and service records."""
