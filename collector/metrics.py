@@ -86,7 +86,9 @@ class Metrics:
         pending = sum(
             p
             for a in c.live.agents.values()
-            if isinstance(p := a.get("pending"), int) and not isinstance(p, bool)
+            if a.get("verified") is True
+            and isinstance(p := a.get("pending"), int)
+            and not isinstance(p, bool)
         )
         metric(
             "ack_backlog_messages",

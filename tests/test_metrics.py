@@ -115,3 +115,19 @@ def test_sink_lag_and_alert_queue(tmp_path: Path) -> None:
         assert m["labmeter_alerts_active"] == 2 and m['labmeter_alert_events_total{kind="fired"}'] == 2
     finally:
         c.ledger.close()
+
+
+def test_odd_live_values_neither_break_nor_inflate_the_exposition(tmp_path: Path) -> None:
+    from labmeter.collector.metrics import Metrics
+
+    lab = make_lab(tmp_path)
+    c = Collector(lab.cfg)
+    try:
+        c.live.agents["agent-a"] = {"verified": True, "online": True, "received": "soon", "pending": True}
+        c.live.agents["agent-b"] = {"verified": True, "online": "yes", "received": None, "pending": "7"}
+        c.live.agents["agent-c"] = {"verified": False, "pending": 5}  # an unsigned status says nothing
+        c.live.agents["agent-d"] = {"verified": True, "pending": 4}
+        m = parse(Metrics(c).render(0))
+        assert m["labmeter_ack_backlog_messages"] == 4 and m["labmeter_agents_registered"] == 2
+    finally:
+        c.ledger.close()
