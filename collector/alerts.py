@@ -63,6 +63,7 @@ MAX_ACTIVE = 20_000
 SEND_TIMEOUT_S = 15.0
 MAX_BACKOFF_S = 600.0
 ROBOT_TEXT_BYTES = 2000  # WeCom takes at most 2048 bytes of text content
+COVERAGE_REFRESH_STEPS = 4  # rollup transactions the check may do itself; the collector's task does the rest
 COVERAGE_AFTER_MS = HOUR_MS  # a day's coverage is judged an hour after it ends: late intervals come in
 
 RULES = ("agent_silent", "unknown", "no_intervals", "coverage")
@@ -542,7 +543,9 @@ class Alerter:
         if now < today + COVERAGE_AFTER_MS or self._coverage_day == day:
             return []
         rollups = Rollups(self.ledger, self.policy)
-        rollups.refresh(wait=False)
+        rollups.refresh(steps=COVERAGE_REFRESH_STEPS, wait=False)
+        if self.ledger.rollup_backlog():  # not current yet: judged at a later check, not from stale rollups
+            return []
         totals = rollups.totals(day, today, ("covered_ms",))
         self._coverage_day = day
         threshold = self.cfg.coverage_below_pct

@@ -499,7 +499,9 @@ url = "{bad.url("/hook")}"
         bad.close()
 
 
-def test_coverage_under_the_threshold_fires_for_the_day_and_recovers(world: World) -> None:
+def test_coverage_under_the_threshold_fires_for_the_day_and_recovers(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from labmeter.collector.ledger.rollup import Calendar
     from tests.lab import store_schedule
 
@@ -515,7 +517,10 @@ def test_coverage_under_the_threshold_fires_for_the_day_and_recovers(world: Worl
     )
     al = world.alerter(cfg)
     assert al.evaluate(d1 + 30 * MIN) == 0, "a day is judged an hour after it ends"
-    assert al.evaluate(d1 + 61 * MIN) == 3  # XRD-2 covered 25 % of d0; ICP-01 all of it
+    monkeypatch.setattr(alerts, "COVERAGE_REFRESH_STEPS", 0)
+    assert al.evaluate(d1 + 61 * MIN) == 0, "stale rollups: judged later, not from them"
+    monkeypatch.undo()
+    assert al.evaluate(d1 + 62 * MIN) == 3  # XRD-2 covered 25 % of d0; ICP-01 all of it
     assert al.evaluate(d1 + 120 * MIN) == 0
     deliver(al)
     day0 = datetime.fromtimestamp(d0 / 1000, ZoneInfo("Asia/Shanghai")).strftime("%Y-%m-%d")
