@@ -62,6 +62,9 @@ the ledger without end)."""
 MAX_ACTIVE = 20_000
 SEND_TIMEOUT_S = 15.0
 MAX_BACKOFF_S = 600.0
+GROUP_AT = 5  # more alerts than this of one rule in one check go out as one message
+GROUP_SHOWN = 20
+GROUP_KEYS = 500
 ROBOT_TEXT_BYTES = 2000  # WeCom takes at most 2048 bytes of text content
 COVERAGE_REFRESH_STEPS = 4  # rollup transactions the check may do itself; the collector's task does the rest
 COVERAGE_AFTER_MS = HOUR_MS  # a day's coverage is judged an hour after it ends: late intervals come in
@@ -495,6 +498,9 @@ class Alerter:
         limit = self.cfg.agent_silent_min * MIN_MS
         registered = set(self.ledger.agent_keys())
         mine = {k.split(":", 1)[1] for k, a in self.active.items() if a.rule == "agent_silent"}
+        codes_of: dict[str, list[str]] = {}
+        for ag, code in sorted(enrolled):
+            codes_of.setdefault(ag, []).append(code)
         out = []
         for agent in sorted(registered | mine):
             key = f"agent_silent:{agent}"
@@ -508,7 +514,7 @@ class Alerter:
             # not heard from since this collector started: silent since then, or since before a restart
             since = int(received) if heard else (active.since_ms if active else self.started_ms)  # type: ignore[arg-type]
             online = heard and a.get("online") is True and now - since < limit
-            codes = sorted(c for ag, c in enrolled if ag == agent)
+            codes = codes_of.get(agent, [])
             subject = {"agent": agent, "instruments": [self._info(c, registry) for c in codes[:10]]}
             out.append(Assessment(key, "agent_silent", not online and now - since >= limit, since, subject))
         return out
@@ -564,52 +570,78 @@ class Alerter:
 
     # acting ------------------------------------------------------------------
     def evaluate(self, now: int | None = None) -> int:
-        """Assess every rule and queue the messages for what fired, recovered or is due a reminder."""
+        """Assess every rule, then record what fired, recovered or is due a reminder and queue its messages,
+        all in one transaction; returns the messages queued (one per channel each)."""
         now = self.clock.wall_ms() if now is None else now
-        queued = 0
         remind_ms = self.cfg.remind_h * HOUR_MS
+        events: dict[tuple[str, str], list[tuple[Assessment, ActiveAlert | None]]] = {}
+        opened: list[ActiveAlert] = []
+        closed: list[str] = []
         for a in self.assess(now):
             active = self.active.get(a.key)
             if a.holding and active is None:
-                if len(self.active) >= MAX_ACTIVE:
+                if len(self.active) + len(opened) >= MAX_ACTIVE:
                     self.counts["dropped_active"] += 1
                     continue
-                queued += self._fire(a, now, "firing")
+                event = "firing"
             elif a.holding and active is not None and remind_ms and now - active.fired_ms >= remind_ms:
-                queued += self._fire(a, now, "reminder", active)
+                event = "reminder"
             elif not a.holding and active is not None:
-                queued += self._resolve(a, active, now)
-        return queued
-
-    def _queue_rows(self, msg: Message) -> list[tuple[str, str]]:
-        body = msg.encode()
-        return [(name, body) for name in self.channels]
-
-    def _fire(self, a: Assessment, now: int, event: str, active: ActiveAlert | None = None) -> int:
-        since = active.since_ms if active is not None else a.since_ms
-        msg = compose(event, a.rule, a.key, since, now, a.subject, self.cfg.lang, self.tz)
-        row = ActiveAlert(a.key, a.rule, since, now, json.dumps(a.subject, ensure_ascii=False))
-        rows = self._queue_rows(msg)
-        self.ledger.open_alert(row, rows, MAX_QUEUED)
-        self.active[a.key] = row
-        self.counts["fired" if event == "firing" else "reminded"] += 1
-        log.warning("alert %s: %s", event, msg.title)
+                event = "resolved"
+            else:
+                continue
+            if event == "resolved":
+                closed.append(a.key)
+            else:
+                since = active.since_ms if active is not None else a.since_ms
+                opened.append(
+                    ActiveAlert(a.key, a.rule, since, now, json.dumps(a.subject, ensure_ascii=False))
+                )
+            if not a.quiet:
+                events.setdefault((event, a.rule), []).append((a, active))
+            self.counts[{"firing": "fired", "reminder": "reminded", "resolved": "resolved"}[event]] += 1
+        if not opened and not closed:
+            return 0
+        messages = [
+            m for (event, rule), items in events.items() for m in self._messages(event, rule, items, now)
+        ]
+        rows = [(name, m.encode()) for m in messages for name in self.channels]
+        self.ledger.record_alerts(opened, closed, rows, now, MAX_QUEUED)
+        for row in opened:
+            self.active[row.key] = row
+        for key in closed:
+            del self.active[key]
+        for m in messages:
+            (log.info if m.event == "resolved" else log.warning)("alert %s: %s", m.event, m.title)
         self._notify()
         return len(rows)
 
-    def _resolve(self, a: Assessment, active: ActiveAlert, now: int) -> int:
-        try:
-            subject = {**json.loads(active.subject), **a.subject}
-        except ValueError:
+    def _messages(
+        self, event: str, rule: str, items: list[tuple[Assessment, ActiveAlert | None]], now: int
+    ) -> list[Message]:
+        """A message per alert; past GROUP_AT alike in one check (a broker outage silences every agent at
+        once) one message naming them, so a group robot is not flooded nor its rate limit hit."""
+        single = []
+        for a, active in items:
             subject = a.subject
-        msg = compose("resolved", active.rule, a.key, active.since_ms, now, subject, self.cfg.lang, self.tz)
-        rows = [] if a.quiet else self._queue_rows(msg)
-        self.ledger.close_alert(a.key, rows, now, MAX_QUEUED)
-        del self.active[a.key]
-        self.counts["resolved"] += 1
-        log.info("alert resolved: %s", msg.title)
-        self._notify()
-        return len(rows)
+            if active is not None and event == "resolved":
+                with contextlib.suppress(ValueError):
+                    subject = {**json.loads(active.subject), **a.subject}
+            since = active.since_ms if active is not None else a.since_ms
+            single.append(compose(event, rule, a.key, since, now, subject, self.cfg.lang, self.tz))
+        if len(single) <= GROUP_AT:
+            return single
+        lang = self.cfg.lang
+        shown = [m.text.split("\n", 1)[1] for m in single[:GROUP_SHOWN]]
+        rest = len(single) - len(shown)
+        if rest:
+            shown.append(f"…另有 {rest} 项" if lang == "zh-CN" else f"... and {rest} more")
+        title = f"[labmeter] {EVENTS[lang][event]}: {NAMES[lang][rule]} ×{len(single)}"
+        subject = {"count": len(single), "keys": [m.key for m in single[:GROUP_KEYS]]}
+        since = min(m.since_ms for m in single)
+        return [
+            Message(event, rule, f"{rule}:*", title, "\n".join([title, *shown]), now, since, lang, subject)
+        ]
 
     # delivering --------------------------------------------------------------
     def _notify(self) -> None:

@@ -331,11 +331,29 @@ def test_a_500_is_retried_then_given_up_and_the_queue_is_bounded(
     assert al.counts["given_up"] == 3 and al.queued() == {}
     assert al.backoff_s(0) == 5 and al.backoff_s(3) == 40 and al.backoff_s(30) == alerts.MAX_BACKOFF_S
     monkeypatch.setattr(alerts, "MAX_QUEUED", 20)
-    for i in range(50):
+    for i in range(50):  # one more instrument stuck at each check, while the receiver fails
         world.live.instruments[f"X{i:02d}"] = {"state": "UNKNOWN", "start": T0}
-    al.evaluate(T0 + 60 * MIN)
+        assert al.evaluate(T0 + (60 + i) * MIN) == 3
     assert al.queued() == {"wecom-1": 20, "dingtalk-1": 20, "webhook-1": 20}
     assert len(al.active) == 51
+
+
+def test_a_storm_of_alike_alerts_is_one_message(world: World) -> None:
+    """A broker outage silences every agent at once: the group gets one message naming them, not 300."""
+    for i in range(300):
+        world.ledger.add_agent(f"pc-{i:03d}", "ed25519:AAAA", "kid", [f"I{i:03d}"])
+    al = world.alerter(_config_with_only(world, "agent_silent"))
+    assert al.evaluate(T0 + 10 * MIN) == 3 and len(al.active) == 301
+    deliver(al)
+    hook = next(h.body for h in world.rx.hits if h.path == "/hook")
+    assert hook["key"] == "agent_silent:*" and hook["subject"]["count"] == 301
+    assert "×301" in hook["title"] and "另有 281 项" in hook["text"] and "pc-000" in hook["text"]
+    for i in range(300):
+        world.live.agents[f"pc-{i:03d}"] = {"online": True, "verified": True, "received": T0 + 11 * MIN}
+    assert al.evaluate(T0 + 11 * MIN) == 3  # 300 recover together, one message; lab-pc-1 is still silent
+    deliver(al)
+    assert "恢复" in world.rx.texts()[-1] and "×300" in world.rx.texts()[-1]
+    assert set(al.active) == {f"agent_silent:{AGENT}"}
 
 
 def test_a_down_or_slow_receiver_does_not_stall_ingest(tmp_path: Path) -> None:

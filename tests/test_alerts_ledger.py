@@ -1,4 +1,4 @@
-"""The alerts' two ledger tables on SQLite and PostgreSQL: an alert and its messages are written together,
+"""The alerts' two ledger tables on SQLite and PostgreSQL: a check's alerts and messages are written together,
 each channel's queue is bounded (the oldest go) and delivered in order, and a channel no longer
 configured loses its queue."""
 
@@ -13,11 +13,9 @@ def test_alert_state_and_queue(any_ledger: Any) -> None:
     ledger = any_ledger
     assert ledger.active_alerts() == [] and ledger.next_alert_message("hook") is None
     a = ActiveAlert("unknown:X1", "unknown", 1000, 2000, '{"code": "X1", "name": "质谱仪"}')
-    ledger.open_alert(a, [("hook", "m1"), ("robot", "m1")], keep=3)
+    ledger.record_alerts([a], [], [("hook", "m1"), ("robot", "m1")], 2000, keep=3)
     assert ledger.active_alerts() == [a]
-    ledger.open_alert(
-        a._replace(fired_ms=9000), [("hook", "m2")], keep=3
-    )  # a reminder: same alert, newer time
+    ledger.record_alerts([a._replace(fired_ms=9000)], [], [("hook", "m2")], 9000, keep=3)  # a reminder
     assert ledger.active_alerts() == [a._replace(fired_ms=9000)]
     assert ledger.alert_queue() == {"hook": 2, "robot": 1}
     first = ledger.next_alert_message("hook")
@@ -28,7 +26,7 @@ def test_alert_state_and_queue(any_ledger: Any) -> None:
     ledger.alert_done(first.id)
     nxt = ledger.next_alert_message("hook")
     assert nxt is not None and nxt.body == "m2"
-    ledger.close_alert("unknown:X1", [("hook", f"r{i}") for i in range(5)], 10_000, keep=3)
+    ledger.record_alerts([], ["unknown:X1"], [("hook", f"r{i}") for i in range(5)], 10_000, keep=3)
     assert ledger.active_alerts() == []
     assert ledger.alert_queue() == {"hook": 3, "robot": 1}  # bounded: m2, r0, r1 went
     bodies = []
@@ -37,5 +35,5 @@ def test_alert_state_and_queue(any_ledger: Any) -> None:
         ledger.alert_done(item.id)
     assert bodies == ["r2", "r3", "r4"]
     assert ledger.drop_alert_channels(["hook"]) == 1 and ledger.alert_queue() == {}
-    ledger.open_alert(a, [("robot", "x")], keep=3)
+    ledger.record_alerts([a], [], [("robot", "x")], 2000, keep=3)
     assert ledger.drop_alert_channels([]) == 1

@@ -1084,22 +1084,24 @@ class Ledger:
             )
         ]
 
-    def open_alert(self, alert: ActiveAlert, messages: Sequence[tuple[str, str]], keep: int) -> None:
-        """Record an alert as active and queue its messages in one transaction: after a crash it is
-        either active with its messages queued, or neither (and fires again)."""
+    def record_alerts(
+        self,
+        opened: Sequence[ActiveAlert],
+        closed: Sequence[str],
+        messages: Sequence[tuple[str, str]],
+        now_ms: int,
+        keep: int,
+    ) -> None:
+        """One check's outcome in one transaction: alerts that fired (or were reminded of), alerts that
+        cleared, and their (channel, body) messages. After a crash either all of it happened or none (and
+        the next check decides again)."""
         self._alert_schema()
         with self.transaction() as cur:
-            cur.execute(
+            cur.executemany(
                 "INSERT INTO alerts VALUES (?,?,?,?,?) ON CONFLICT(key) DO UPDATE SET fired_ms=excluded.fired_ms",
-                tuple(alert),
+                [tuple(a) for a in opened],
             )
-            self._queue_alert_messages(cur, messages, alert.fired_ms, keep)
-
-    def close_alert(self, key: str, messages: Sequence[tuple[str, str]], now_ms: int, keep: int) -> None:
-        """Forget an active alert and queue its recovery messages, in one transaction."""
-        self._alert_schema()
-        with self.transaction() as cur:
-            cur.execute("DELETE FROM alerts WHERE key=?", (key,))
+            cur.executemany("DELETE FROM alerts WHERE key=?", [(k,) for k in closed])
             self._queue_alert_messages(cur, messages, now_ms, keep)
 
     def _queue_alert_messages(
