@@ -451,6 +451,7 @@ class Alerter:
         before = self.active.get("no_intervals")  # nothing stored since before a restart: still silent
         self._last_stored = before.since_ms if before else self.started_ms
         self._coverage_day: int | None = None
+        self._registry: dict[str, dict[str, Any]] | None = None
         self.counts: Counter[str] = Counter()
         """fired, resolved, reminded, delivered, failed (attempts), given_up, dropped_active."""
         self._wake: dict[str, asyncio.Event] = {}
@@ -460,22 +461,20 @@ class Alerter:
 
     # assessing ---------------------------------------------------------------
     def assess(self, now: int) -> list[Assessment]:
+        """What each rule finds now: every subject whose condition holds, and every active alert's subject
+        that the rule judged (a subject neither holding nor active is left out: nothing to do)."""
         cfg = self.cfg
         enrolled = self.ledger.enrolments()
-        registry = (
-            {str(i["code"]): i for i in self.ledger.instruments()}
-            if enrolled or self.live.instruments
-            else {}
-        )
+        self._registry = None  # read once per check, and only if a message needs names
         out: list[Assessment] = []
         if cfg.agent_silent_min:
-            out += self._agents(now, enrolled, registry)
+            out += self._agents(now, enrolled)
         if cfg.unknown_min:
-            out += self._unknown(now, registry)
+            out += self._unknown(now)
         if cfg.no_intervals_min:
             out += self._no_intervals(now, enrolled)
         if cfg.coverage_below_pct:
-            out += self._coverage(now, enrolled, registry)
+            out += self._coverage(now, enrolled)
         on = {r for r, minutes in zip(RULES, self._limits(), strict=True) if minutes}
         out += [
             Assessment(k, a.rule, False, now, quiet=True) for k, a in self.active.items() if a.rule not in on
@@ -486,13 +485,19 @@ class Alerter:
         c = self.cfg
         return (c.agent_silent_min, c.unknown_min, c.no_intervals_min, c.coverage_below_pct)
 
-    def _info(self, code: str, registry: dict[str, dict[str, Any]]) -> dict[str, str]:
-        info = registry.get(code, {})
+    def _matters(self, holding: bool, active: ActiveAlert | None, now: int) -> bool:
+        """Whether an assessment can change anything: a new alert, a recovery, or a reminder due."""
+        if active is None:
+            return holding
+        return not holding or bool(self.cfg.remind_h and now - active.fired_ms >= self.cfg.remind_h * HOUR_MS)
+
+    def _info(self, code: str) -> dict[str, str]:
+        if self._registry is None:
+            self._registry = {str(i["code"]): i for i in self.ledger.instruments()}
+        info = self._registry.get(code, {})
         return {"code": code, "name": str(info.get("name") or ""), "unit": str(info.get("unit") or "")}
 
-    def _agents(
-        self, now: int, enrolled: set[tuple[str, str]], registry: dict[str, dict[str, Any]]
-    ) -> list[Assessment]:
+    def _agents(self, now: int, enrolled: set[tuple[str, str]]) -> list[Assessment]:
         """An agent is heard from by its verified "online" status; silence counts from then (or from this
         collector's start, for an agent not heard from since, unless it was already silent before)."""
         limit = self.cfg.agent_silent_min * MIN_MS
@@ -514,12 +519,14 @@ class Alerter:
             # not heard from since this collector started: silent since then, or since before a restart
             since = int(received) if heard else (active.since_ms if active else self.started_ms)  # type: ignore[arg-type]
             online = heard and a.get("online") is True and now - since < limit
-            codes = codes_of.get(agent, [])
-            subject = {"agent": agent, "instruments": [self._info(c, registry) for c in codes[:10]]}
-            out.append(Assessment(key, "agent_silent", not online and now - since >= limit, since, subject))
+            holding = not online and now - since >= limit
+            if not self._matters(holding, active, now):
+                continue
+            subject = {"agent": agent, "instruments": [self._info(c) for c in codes_of.get(agent, [])[:10]]}
+            out.append(Assessment(key, "agent_silent", holding, since, subject))
         return out
 
-    def _unknown(self, now: int, registry: dict[str, dict[str, Any]]) -> list[Assessment]:
+    def _unknown(self, now: int) -> list[Assessment]:
         """Only instruments with live state are judged: after a restart an active alert waits for the
         instrument's next verified state rather than recovering for want of one."""
         limit = self.cfg.unknown_min * MIN_MS
@@ -529,7 +536,9 @@ class Alerter:
             if not isinstance(start, int) or isinstance(start, bool):
                 continue
             holding = live.get("state") == "UNKNOWN" and now - start >= limit
-            out.append(Assessment(f"unknown:{code}", "unknown", holding, start, self._info(code, registry)))
+            key = f"unknown:{code}"
+            if self._matters(holding, self.active.get(key), now):
+                out.append(Assessment(key, "unknown", holding, start, self._info(code)))
         return out
 
     def _no_intervals(self, now: int, enrolled: set[tuple[str, str]]) -> list[Assessment]:
@@ -539,9 +548,7 @@ class Alerter:
         holding = bool(enrolled) and now - self._last_stored >= self.cfg.no_intervals_min * MIN_MS
         return [Assessment("no_intervals", "no_intervals", holding, self._last_stored)]
 
-    def _coverage(
-        self, now: int, enrolled: set[tuple[str, str]], registry: dict[str, dict[str, Any]]
-    ) -> list[Assessment]:
+    def _coverage(self, now: int, enrolled: set[tuple[str, str]]) -> list[Assessment]:
         """Once a day, an hour after it ended: the share of the previous local day that enrolled
         instruments' stored intervals cover."""
         today = self.calendar.day_floor(now)
@@ -560,7 +567,7 @@ class Alerter:
         for code in sorted({c for _, c in enrolled}):
             pct = 100 * totals.get(code, [0])[0] / (today - day)
             subject = {
-                **self._info(code, registry),
+                **self._info(code),
                 "day": label,
                 "pct": f"{pct:.1f}",
                 "threshold": f"{threshold:g}",
