@@ -137,7 +137,7 @@ def process(collector: Collector, batch: list[tuple[str, bytes]]) -> None:
 
 
 def hours_of(ledger: Ledger, code: str) -> Hours:
-    rows = [(r[3], r[4], r[5], bool(r[6])) for r in ledger.intervals_between(T0 - H, T0 + 12 * H, code)]
+    rows = [r.span() for r in ledger.intervals_between(T0 - H, T0 + 12 * H, code)]
     return compute(rows, T0 - H, T0 + 12 * H, 15 * 60_000, 10 * 60_000)
 
 

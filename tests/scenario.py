@@ -280,10 +280,7 @@ def check_against_truth(lab: Lab, variant: str, marks: dict[str, float]) -> None
             for (s0, _), (s1, p1) in itertools.pairwise(chain):
                 assert s1 == s0 + 1 or p1 == GENESIS, f"{code}: chain has a gap after seq {s0}"
             assert len(starts) == (2 if variant == "agent_state_lost" else 1), f"{code}: chains {starts}"
-            rows = [
-                (r[3], r[4], r[5], bool(r[6]))
-                for r in ledger.intervals_between(a - PREP_S * 1000, b + PREP_S * 1000, code)
-            ]
+            rows = [r.span() for r in ledger.intervals_between(a - PREP_S * 1000, b + PREP_S * 1000, code)]
             conflicts = ledger.db.execute(
                 "SELECT COUNT(*) FROM rejections WHERE instrument=? AND reason LIKE 'conflict%'", (code,)
             ).fetchone()[0]

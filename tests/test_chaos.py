@@ -135,10 +135,7 @@ def check_hours(
                 assert s1 == s0 + 1 or p1 == GENESIS, f"{code}: chain has a gap after seq {s0}"
             if code not in codes:
                 continue
-            rows = [
-                (r[3], r[4], r[5], bool(r[6]))
-                for r in ledger.intervals_between(a - PREP_S * 1000, b + PREP_S * 1000, code)
-            ]
+            rows = [r.span() for r in ledger.intervals_between(a - PREP_S * 1000, b + PREP_S * 1000, code)]
             h = compute(rows, a, b, PREP_S * 1000, POST_S * 1000)
             assert h.unverified_ms == 0, f"{code}: {h.unverified_ms} ms unverified"
             known = h.run_ms + h.standby_ms + h.off_ms + h.unknown_ms + h.unverified_ms + h.uncovered_ms

@@ -227,6 +227,23 @@ RESET_FIX = (
 )
 
 
+class IntervalRow(NamedTuple):
+    """A stored interval as the hour rules read it; ``linked``: its prev matches the stored predecessor
+    (the machine-hour rules count only linked time as verified)."""
+
+    instrument: str
+    agent: str
+    seq: int
+    start_ms: int
+    end_ms: int
+    state: str
+    linked: bool
+
+    def span(self) -> tuple[int, int, str, bool]:
+        """(start, end, state, linked): the segment the hour rules take."""
+        return self.start_ms, self.end_ms, self.state, self.linked
+
+
 @dataclass(frozen=True)
 class Backend:
     """What a ledger's database can do, named, so that code asks for a capability instead of guessing
@@ -644,6 +661,10 @@ class Ledger:
             for r in self.db.execute(f"SELECT {','.join(cols)} FROM instruments")
         ]
 
+    def instruments_by_code(self) -> dict[str, dict[str, object]]:
+        """The registry keyed by instrument code, as every report and view looks it up."""
+        return {str(i["code"]): i for i in self.instruments()}
+
     # ingest ---------------------------------------------------------------
     def store(
         self,
@@ -881,7 +902,7 @@ class Ledger:
         )
 
     # reports --------------------------------------------------------------
-    def intervals_between(self, start_ms: int, end_ms: int, instrument: str | None = None) -> list[tuple]:
+    def intervals_between(self, start_ms: int, end_ms: int, instrument: str | None = None) -> list[IntervalRow]:
         """Intervals overlapping [start, end) with a ``linked`` flag: prev matches the stored predecessor."""
         sql = (
             "SELECT i.instrument, i.agent, i.seq, i.start_ms, i.end_ms, i.state, "
@@ -897,7 +918,8 @@ class Ledger:
         else:  # instrument by instrument along the time index, never a scan of the whole table
             sql = sql.replace("FROM intervals i", "FROM instruments c CROSS JOIN intervals i", 1)
             sql += " AND i.instrument = c.code"
-        return self.db.execute(sql + " ORDER BY i.instrument, i.start_ms", args).fetchall()
+        rows = self.db.execute(sql + " ORDER BY i.instrument, i.start_ms", args).fetchall()
+        return [IntervalRow(r[0], r[1], r[2], r[3], r[4], r[5], bool(r[6])) for r in rows]
 
     def envelopes(self, agent: str, instrument: str, first: int, last: int) -> list[bytes]:
         """The stored envelopes of seqs first..last of one chain, in order, exactly as the agent sent them."""

@@ -131,7 +131,7 @@ class Rollups:
     def registry(self) -> dict[str, dict[str, object]]:
         """The instruments table as of the last refresh (read once per report or page refresh)."""
         if self._registry is None:
-            self._registry = {str(i["code"]): i for i in self.ledger.instruments()}
+            self._registry = self.ledger.instruments_by_code()
         return self._registry
 
     def _basis(self, info: dict[str, object]) -> str:
@@ -219,7 +219,7 @@ class Rollups:
         cal = self.calendar
         pad = max(prep, post)
         rows = [
-            (r[3], r[4], r[5], bool(r[6])) for r in self.ledger.intervals_between(lo - pad, hi + pad, code)
+            r.span() for r in self.ledger.intervals_between(lo - pad, hi + pad, code)
         ]
         windows = self.ledger.service_windows(lo, hi, code).get(code, [])
         bounds = list(range(lo, hi + 1, H))
@@ -306,7 +306,7 @@ def direct(
     Every registered instrument, or (``with_data_only``) those with intervals or service records in reach.
     """
     if registry is None:
-        registry = {str(i["code"]): i for i in ledger.instruments()}
+        registry = ledger.instruments_by_code()
     pad = max(
         [policy.prep_allowance_s * 1000, policy.post_allowance_s * 1000]
         + [max(allowances_ms(i, policy)) for i in registry.values()]

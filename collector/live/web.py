@@ -151,7 +151,7 @@ class LiveView:
     def instruments(self) -> list[dict[str, Any]]:
         c = self.collector
         now = c.clock.wall_ms()
-        registry = {str(i["code"]): i for i in c.ledger.instruments()}
+        registry = c.ledger.instruments_by_code()
 
         def usage() -> dict[str, dict[str, dict[str, float | None]]]:
             """Hours so far today, this month and this year. Intervals end in the past, so the rollup of
@@ -276,7 +276,7 @@ class LiveView:
             raise BadRequest("from, to: a timeline spans at most 31 days")
         rows = self.collector.ledger.intervals_between(a, b, code)
         intervals = [
-            {"start": max(r[3], a), "end": min(r[4], b), "state": r[5], "verified": bool(r[6])} for r in rows
+            {"start": max(r.start_ms, a), "end": min(r.end_ms, b), "state": r.state, "verified": r.linked} for r in rows
         ]
         live = self.collector.live.instruments.get(code)
         if (

@@ -225,3 +225,29 @@ def move_aside(path: Path) -> Path:
         return statefile.move_aside(path)
     except OSError as exc:
         fail(f"cannot move {path} aside: {exc.strerror or exc}")
+
+
+def output_options(offered: tuple[str, ...]) -> Callable[[Any], Any]:
+    """``--format`` (one of ``offered``; default: what ``-o``'s suffix names, else the first) and ``-o``."""
+
+    def deco(f: Any) -> Any:
+        f = click.option(
+            "--output", "-o", "out", type=click.Path(path_type=Path), help="File to write (needed for xlsx)."
+        )(f)
+        return click.option(
+            "--format",
+            "fmt",
+            type=click.Choice(offered),
+            help=f"{' | '.join(offered)} (default: from the --output suffix, else {offered[0]}).",
+        )(f)
+
+    return deco
+
+
+def choose_format(fmt: str | None, out: Path | None, offered: tuple[str, ...], report: str) -> str:
+    from labmeter.collector.reports.formats import FormatError, choose
+
+    try:
+        return choose(fmt, out, offered, report)
+    except FormatError as exc:
+        fail(str(exc))

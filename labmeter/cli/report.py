@@ -10,11 +10,13 @@ import click
 
 from labmeter import log, signing
 from labmeter.cli.common import (
+    choose_format,
     config_option,
     fail,
     load_collector,
     need_collector_deps,
     open_ledger,
+    output_options,
     period_options,
     tz_option,
     zone_for,
@@ -28,6 +30,9 @@ def report_group() -> None:
     log.setup()  # progress, such as rebuilding rollups after allowances changed, goes to stderr
 
 
+HOURS_FORMATS = ("table", "csv", "json", "xlsx")
+
+
 @report_group.command("hours")
 @period_options()
 @config_option("collector.toml")
@@ -38,12 +43,7 @@ def report_group() -> None:
     show_default=True,
     help="Grouping (XLSX has a sheet for each).",
 )
-@click.option(
-    "--format", "fmt", type=click.Choice(["table", "csv", "json", "xlsx"]), default="table", show_default=True
-)
-@click.option(
-    "--output", "-o", "out", type=click.Path(path_type=Path), help="File to write (needed for xlsx)."
-)
+@output_options(HOURS_FORMATS)
 @click.option(
     "--lang",
     type=click.Choice(["zh", "en"]),
@@ -57,7 +57,7 @@ def report_hours(
     end: str,
     cfg_path: Path,
     by: str,
-    fmt: str,
+    fmt: str | None,
     out: Path | None,
     lang: str,
     no_bom: bool,
@@ -82,8 +82,7 @@ def report_hours(
 
     cfg = load_collector(cfg_path)
     zone = zone_for(tz, cfg)
-    if fmt == "xlsx" and out is None:
-        fail("--format xlsx needs --output FILE.xlsx")
+    fmt = choose_format(fmt, out, HOURS_FORMATS, "report hours")
     ledger = open_ledger(cfg, cfg_path)
     try:
         a, b = parse_time(start, zone), parse_time(end, zone, end=True)
