@@ -493,7 +493,7 @@ class Alerter:
 
     def _info(self, code: str) -> dict[str, str]:
         if self._registry is None:
-            self._registry = {str(i["code"]): i for i in self.ledger.instruments()}
+            self._registry = self.ledger.instruments_by_code()
         info = self._registry.get(code, {})
         return {"code": code, "name": str(info.get("name") or ""), "unit": str(info.get("unit") or "")}
 
