@@ -40,6 +40,7 @@ WECOM_KEY = "wecom-key-5f1e2d3c"
 DING_TOKEN = "ding-token-9a8b7c6d"
 DING_SECRET = "SECding-secret-0011aabb"
 HOOK_PATH_SECRET = "hookpathsecret77"
+HOOK_TOKEN = "hook-bearer-4242"
 T0 = 1_780_000_000_000  # 2026-05-28, on the fake clock
 
 
@@ -65,6 +66,7 @@ class World:
             ("wecom.key", WECOM_KEY),
             ("ding.token", DING_TOKEN),
             ("ding.secret", DING_SECRET),
+            ("hook.token", HOOK_TOKEN),
         ):
             (self.tmp / name).write_text(value + "\n")
         text = f"""
@@ -78,6 +80,7 @@ no_intervals_min = 60
 {extra}
 [[alerts.webhook]]
 url = "{self.rx.url("/hook")}?x={HOOK_PATH_SECRET}"
+token_file = "hook.token"
 [[alerts.wecom]]
 key_file = "wecom.key"
 url = "{self.rx.url("/wecom")}"
@@ -230,6 +233,7 @@ def test_every_channel_gets_its_own_format(world: World) -> None:
     assert hook["event"] == "firing" and hook["rule"] == "unknown" and hook["key"] == f"unknown:{CODE}"
     assert hook["subject"] == {"code": CODE, "name": NAME, "unit": UNIT} and hook["since_ms"] == T0
     assert hook["lang"] == "en" and "has been UNKNOWN since 2026-05-29 04:26" in hook["text"]
+    assert hits["/hook"].headers["Authorization"] == f"Bearer {HOOK_TOKEN}"
     assert hits["/wecom"].query == {"key": WECOM_KEY}
     assert hits["/wecom"].body["msgtype"] == "text" and CODE in hits["/wecom"].body["text"]["content"]
     ding = hits["/dingtalk"]
@@ -435,7 +439,7 @@ to = ["ops@example.org"]
     deliver(al)
     assert al.counts["given_up"] >= 4
     logged = caplog.text + "".join(str(r.args) for r in caplog.records)
-    for secret in (WECOM_KEY, DING_TOKEN, DING_SECRET, HOOK_PATH_SECRET, "mail-password-xyz"):
+    for secret in (WECOM_KEY, DING_TOKEN, DING_SECRET, HOOK_PATH_SECRET, HOOK_TOKEN, "mail-password-xyz"):
         assert secret not in logged, secret
     assert "webhook-1" in logged and "wecom-1" in logged  # failures are named by channel
 
