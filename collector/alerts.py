@@ -639,7 +639,12 @@ class Alerter:
         if len(single) <= GROUP_AT:
             return single
         lang = self.cfg.lang
-        shown = [m.text.split("\n", 1)[1] for m in single[:GROUP_SHOWN]]
+        # one short line each (a robot takes 2,000 bytes): who, and since when
+        shown = [
+            f"- {printable(a.subject.get('agent', ''))[:64] or instrument_label(a.subject, lang)} "
+            f"({_time(m.since_ms, self.tz)})"
+            for (a, _), m in zip(items[:GROUP_SHOWN], single, strict=False)
+        ]
         rest = len(single) - len(shown)
         if rest:
             shown.append(f"…另有 {rest} 项" if lang == "zh-CN" else f"... and {rest} more")

@@ -352,6 +352,8 @@ def test_a_storm_of_alike_alerts_is_one_message(world: World) -> None:
     hook = next(h.body for h in world.rx.hits if h.path == "/hook")
     assert hook["key"] == "agent_silent:*" and hook["subject"]["count"] == 31
     assert "×31" in hook["title"] and "另有 11 项" in hook["text"] and "pc-000" in hook["text"]
+    wecom = next(h.body["text"]["content"] for h in world.rx.hits if h.path == "/wecom")
+    assert "另有 11 项" in wecom and len(wecom.encode()) <= 2048  # whole, within the robot's limit
     for i in range(30):
         world.live.agents[f"pc-{i:03d}"] = {"online": True, "verified": True, "received": T0 + 11 * MIN}
     assert al.evaluate(T0 + 11 * MIN) == 3  # 30 recover together, one message; lab-pc-1 is still silent

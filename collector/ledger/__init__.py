@@ -902,7 +902,9 @@ class Ledger:
         )
 
     # reports --------------------------------------------------------------
-    def intervals_between(self, start_ms: int, end_ms: int, instrument: str | None = None) -> list[IntervalRow]:
+    def intervals_between(
+        self, start_ms: int, end_ms: int, instrument: str | None = None
+    ) -> list[IntervalRow]:
         """Intervals overlapping [start, end) with a ``linked`` flag: prev matches the stored predecessor."""
         sql = (
             "SELECT i.instrument, i.agent, i.seq, i.start_ms, i.end_ms, i.state, "

@@ -276,7 +276,8 @@ class LiveView:
             raise BadRequest("from, to: a timeline spans at most 31 days")
         rows = self.collector.ledger.intervals_between(a, b, code)
         intervals = [
-            {"start": max(r.start_ms, a), "end": min(r.end_ms, b), "state": r.state, "verified": r.linked} for r in rows
+            {"start": max(r.start_ms, a), "end": min(r.end_ms, b), "state": r.state, "verified": r.linked}
+            for r in rows
         ]
         live = self.collector.live.instruments.get(code)
         if (
