@@ -26,6 +26,7 @@ FIELDS = (
     "service_ms",
     "external_ms",
     "rated_ms",
+    "not_metered_ms",
     "instruments",
 )
 
@@ -43,6 +44,8 @@ class Hours:
     service_ms: int = 0
     external_ms: int = 0
     rated_ms: int = 0
+    not_metered_ms: int = 0
+    """Elapsed time of the period before metering began (reports: 未计量), outside ``period_ms``."""
     instruments: int = 0
 
     @property

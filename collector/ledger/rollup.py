@@ -218,9 +218,7 @@ class Rollups:
         """Recompute the hours of [lo, hi), and the days wholly inside it."""
         cal = self.calendar
         pad = max(prep, post)
-        rows = [
-            r.span() for r in self.ledger.intervals_between(lo - pad, hi + pad, code)
-        ]
+        rows = [r.span() for r in self.ledger.intervals_between(lo - pad, hi + pad, code)]
         windows = self.ledger.service_windows(lo, hi, code).get(code, [])
         bounds = list(range(lo, hi + 1, H))
         hours = compute_buckets(rows, bounds, prep, post, windows) if rows else []
