@@ -27,6 +27,8 @@ FIELDS = (
     "external_ms",
     "rated_ms",
     "instruments",
+    "energy_mwh",
+    "energy_ms",
 )
 
 
@@ -44,6 +46,9 @@ class Hours:
     external_ms: int = 0
     rated_ms: int = 0
     instruments: int = 0
+    energy_mwh: int = 0
+    """Energy of the intervals in the period (labmeter.energy); ``energy_ms``: the time they cover."""
+    energy_ms: int = 0
 
     @property
     def known_ms(self) -> int:
