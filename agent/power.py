@@ -99,8 +99,9 @@ class IntervalEnergy:
 
     Steps are kept until an interval that ends at or after them is closed (a state change may be dated
     back to when it began, so a cut can fall inside steps already taken); a step crossing the cut is
-    split in proportion to time. :meth:`take` gives None for an interval no step reaches: unknown, never
-    0. At most ``MAX_STEPS`` steps are held; beyond that the oldest two are merged (a cut inside the
+    split in proportion to time; a step read only after the interval it began in had closed counts in
+    the one it ends in, so no measured energy is lost. :meth:`take` gives None for an interval no step
+    reaches: unknown, never 0. At most ``MAX_STEPS`` steps are held; beyond that the oldest two are merged (a cut inside the
     merged step is then split in proportion over both), so memory stays bounded whatever the poll rate.
     """
 
@@ -129,9 +130,9 @@ class IntervalEnergy:
         total: float | None = None
         keep: list[list[float]] = []
         for s, e, wh in self._held:
-            if e <= start and s < end:  # before this interval (its own was closed without it)
-                continue
-            lo, hi = max(s, start), min(e, end)
+            # a step that began before this interval was read only after the previous one had closed (its
+            # reads failed meanwhile): its early part counts here, where it was measured, not nowhere
+            lo, hi = s, min(e, end)
             if hi > lo:
                 total = (total or 0.0) + wh * (hi - lo) / (e - s)
             if e > end:
