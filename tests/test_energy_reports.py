@@ -17,6 +17,7 @@ import sqlite3
 import subprocess
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 from zoneinfo import ZoneInfo
 
 import pytest
@@ -279,11 +280,28 @@ OLD_SCHEMA = SCHEMA.replace(", energy_mwh INTEGER,\n", ",\n").replace(
 )
 
 
-def test_a_ledger_from_before_energy_is_migrated_and_keeps_what_newer_agents_sent(tmp_path: Path) -> None:
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_a_ledger_from_before_energy_is_migrated_and_keeps_what_newer_agents_sent(
+    backend: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
     assert OLD_SCHEMA != SCHEMA and "energy" not in OLD_SCHEMA
-    path = tmp_path / "ledger.sqlite"
-    db = sqlite3.connect(path)
-    db.executescript(OLD_SCHEMA)
+    if backend == "sqlite":
+        path = tmp_path / "ledger.sqlite"
+        db: Any = sqlite3.connect(path)
+        db.executescript(OLD_SCHEMA)
+
+        def reopen() -> Ledger:
+            return Ledger(path)
+    else:
+        from labmeter.collector.pg import Database
+
+        url = request.getfixturevalue("postgres").new_database()
+        db = Database(url)
+        db.executescript(OLD_SCHEMA)
+
+        def reopen() -> Ledger:
+            return Ledger.open(url, tmp_path)
+
     key = signing.PrivateKey.generate()
     bodies = [
         wire.Interval("a", "X", 1, wire.GENESIS, T0, T0 + H, "RUNNING"),  # an old agent
@@ -291,33 +309,31 @@ def test_a_ledger_from_before_energy_is_migrated_and_keeps_what_newer_agents_sen
     ]
     for iv in bodies:
         text = wire.dump_body(iv.body())
-        db.execute(
-            "INSERT INTO intervals VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
-            (
-                "a",
-                "X",
-                iv.seq,
-                iv.start,
-                iv.end,
-                iv.state,
-                iv.prev,
-                wire.body_hash(text),
-                0,
-                None,
-                wire.seal(key, "k", text),
-                0,
-            ),
+        row = (
+            iv.start,
+            iv.end,
+            iv.state,
+            iv.prev,
+            wire.body_hash(text),
+            0,
+            None,
+            wire.seal(key, "k", text),
+            0,
         )
+        db.execute("INSERT INTO intervals VALUES (?,?,?,?,?,?,?,?,?,?,?,?)", ("a", "X", iv.seq, *row))
     db.execute("INSERT INTO rollups VALUES ('X', 0, ?, 1, 0, 0, 0, 0, 1, 1, 0, 0)", (T0,))
-    db.commit()
+    if backend == "sqlite":
+        db.commit()
     db.close()
-    ledger = Ledger(path)
+    ledger = reopen()
     try:
         got = dict(ledger.db.execute("SELECT seq, energy_mwh FROM intervals").fetchall())
         assert got == {1: None, 2: 750250}
-        assert ledger.db.execute("SELECT energy_mwh, energy_ms FROM rollups").fetchone() == (0, 0)
+        assert tuple(ledger.db.execute("SELECT energy_mwh, energy_ms FROM rollups").fetchone()) == (0, 0)
         assert ledger.db.execute("SELECT COUNT(*) FROM rollup_dirty WHERE instrument='X'").fetchone()[0] >= 1
         assert [r[7] for r in ledger.intervals_between(T0, T0 + 2 * H, "X")] == [None, 750250]
+        # whole mWh of a 10 MW day fit: no 32-bit column on either backend
+        ledger.db.execute("UPDATE intervals SET energy_mwh = ? WHERE seq = 1", (240_000_000_000,))
     finally:
         ledger.close()
-    Ledger(path).close()  # a second open finds nothing to migrate
+    reopen().close()  # a second open finds nothing to migrate
