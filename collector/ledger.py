@@ -330,12 +330,13 @@ class Ledger:
         of those bodies is read back from the stored envelopes and their time marked for the rollups."""
         if "energy_mwh" in self._columns("intervals") and "energy_ms" in self._columns("rollups"):
             return
+        big = "INTEGER" if self.path is not None else "BIGINT"  # as pg.schema() maps a fresh one
         with self.transaction(exclusive=True) as cur:
             if "energy_mwh" not in self._columns("intervals"):
-                cur.execute("ALTER TABLE intervals ADD COLUMN energy_mwh INTEGER")
+                cur.execute(f"ALTER TABLE intervals ADD COLUMN energy_mwh {big}")
             for col in ("energy_mwh", "energy_ms"):
                 if col not in self._columns("rollups"):
-                    cur.execute(f"ALTER TABLE rollups ADD COLUMN {col} INTEGER NOT NULL DEFAULT 0")
+                    cur.execute(f"ALTER TABLE rollups ADD COLUMN {col} {big} NOT NULL DEFAULT 0")
             has_energy = (
                 "CAST(envelope AS TEXT) LIKE '%energy_wh%'"
                 if self.path is not None
