@@ -1,4 +1,4 @@
-"""Every command a user can type is documented: walk the click groups of labmeter/cli.py and find each full
+"""Every command a user can type is documented: walk the click groups of labmeter/cli/ and find each full
 command (`labmeter agent resend`) in README.md or docs/*.md. A new command without a line of docs fails."""
 
 from __future__ import annotations

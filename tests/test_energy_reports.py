@@ -24,8 +24,8 @@ import pytest
 from openpyxl import load_workbook
 
 from labmeter import evidence, signing, wire
-from labmeter.collector.evidence import write_bundle
 from labmeter.collector.ledger import SCHEMA, Ledger
+from labmeter.collector.reports.evidence import write_bundle
 from labmeter.collector.service import Collector
 from labmeter.verify import verify_bundle
 from tests.attack import T0, H, make_lab, process

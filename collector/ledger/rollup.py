@@ -3,7 +3,7 @@
 A report over [a, b) is cut into the largest calendar buckets it covers (months, then
 days, then hours) read from rollups, and the few minutes left at its edges, computed
 from intervals. Rollups are judged the same way a direct computation is (see
-:func:`~labmeter.collector.hours.compute_buckets`), so both give the same hours.
+:func:`~labmeter.machine_hours.compute_buckets`), so both give the same hours.
 
 Ingest notes which time went stale in the same transaction that stores intervals or
 service records; :meth:`Rollups.refresh` recomputes that time. Reports refresh first,
@@ -21,16 +21,16 @@ from datetime import date, datetime, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo
 
-from labmeter.collector.hours import Hours, compute, compute_buckets
 from labmeter.collector.ledger import ROLLUP_VALUES, Ledger
-from labmeter.collector.pg import Busy
+from labmeter.collector.ledger.pg import Busy
 from labmeter.collector.registry import stored_number
 from labmeter.config import PolicyConfig
 from labmeter.energy import energy_buckets, energy_in
+from labmeter.machine_hours import HOUR_MS as H
+from labmeter.machine_hours import Hours, compute, compute_buckets
 
 log = logging.getLogger("labmeter.rollups")
 
-H = 3_600_000
 HOUR, DAY, MONTH = 0, 1, 2
 CHUNK_DAYS = 31  # the longest stretch judged at once when rebuilding
 STEP = 500  # stale marks taken per transaction, so ingest never waits long
@@ -222,13 +222,11 @@ class Rollups:
         cal = self.calendar
         pad = max(prep, post)
         found = self.ledger.intervals_between(lo - pad, hi + pad, code)
-        rows = [(r[3], r[4], r[5], bool(r[6])) for r in found]
+        rows = [r.span() for r in found]
         windows = self.ledger.service_windows(lo, hi, code).get(code, [])
         bounds = list(range(lo, hi + 1, H))
         hours = compute_buckets(rows, bounds, prep, post, windows) if rows else []
-        for h, (mwh, known) in zip(
-            hours, energy_buckets([(r[3], r[4], r[7]) for r in found], bounds), strict=False
-        ):
+        for h, (mwh, known) in zip(hours, energy_buckets([r.energy() for r in found], bounds), strict=False):
             h.energy_mwh, h.energy_ms = mwh, known
         values = [
             (s, _values(h)) for s, h in zip(bounds, hours, strict=False) if h.uncovered_ms < h.period_ms
@@ -321,11 +319,9 @@ def direct(
     )
     per: dict[str, list[tuple[int, int, str, bool]]] = defaultdict(list)
     energy: dict[str, list[tuple[int, int, int | None]]] = defaultdict(list)
-    for instrument, _agent, _seq, start, end, state, linked, mwh in ledger.intervals_between(
-        a - pad, b + pad
-    ):
-        per[instrument].append((start, end, state, bool(linked)))
-        energy[instrument].append((start, end, mwh))
+    for r in ledger.intervals_between(a - pad, b + pad):
+        per[r.instrument].append(r.span())
+        energy[r.instrument].append(r.energy())
     windows = ledger.service_windows(a, b)
     out: dict[str, Hours] = {}
     codes = set(per) | set(windows) if with_data_only else set(registry) | set(per)
