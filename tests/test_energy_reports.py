@@ -293,7 +293,7 @@ def test_a_ledger_from_before_energy_is_migrated_and_keeps_what_newer_agents_sen
         def reopen() -> Ledger:
             return Ledger(path)
     else:
-        from labmeter.collector.pg import Database
+        from labmeter.collector.ledger.pg import Database
 
         url = request.getfixturevalue("postgres").new_database()
         db = Database(url)
