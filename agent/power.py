@@ -101,8 +101,9 @@ class IntervalEnergy:
     back to when it began, so a cut can fall inside steps already taken); a step crossing the cut is
     split in proportion to time; a step read only after the interval it began in had closed counts in
     the one it ends in, so no measured energy is lost. :meth:`take` gives None for an interval no step
-    reaches: unknown, never 0. At most ``MAX_STEPS`` steps are held; beyond that the oldest two are merged (a cut inside the
-    merged step is then split in proportion over both), so memory stays bounded whatever the poll rate.
+    reaches: unknown, never 0. At most ``MAX_STEPS`` steps are held; beyond that the oldest two are
+    merged (a cut inside the merged step is then split in proportion over both), so memory stays
+    bounded whatever the poll rate.
     """
 
     MAX_STEPS = 4096
