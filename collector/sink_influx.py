@@ -149,7 +149,7 @@ class InfluxSink:
     # tags and the registry ---------------------------------------------------
     def _reload(self, force: bool = False) -> None:
         if force or time.monotonic() - self._loaded > 10:
-            self._registry = {str(i["code"]): i for i in self.ledger.instruments()}
+            self._registry = self.ledger.instruments_by_code()
             self._enrolled = self.ledger.enrolments()
             self._loaded = time.monotonic()
 

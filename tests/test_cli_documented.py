@@ -12,7 +12,10 @@ from tests.conftest import ROOT
 
 
 def commands(group: click.Group, prefix: str) -> Iterator[str]:
-    for name, cmd in group.commands.items():
+    ctx = click.Context(group)
+    for name in group.list_commands(ctx):
+        cmd = group.get_command(ctx, name)
+        assert cmd is not None, name
         if cmd.hidden:
             continue
         path = f"{prefix} {name}"

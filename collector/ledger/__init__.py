@@ -713,6 +713,10 @@ class Ledger:
             for r in self.db.execute(f"SELECT {','.join(cols)} FROM instruments")
         ]
 
+    def instruments_by_code(self) -> dict[str, dict[str, object]]:
+        """The registry keyed by instrument code, as every report and view looks it up."""
+        return {str(i["code"]): i for i in self.instruments()}
+
     # ingest ---------------------------------------------------------------
     def store(
         self,

@@ -134,7 +134,7 @@ class Rollups:
     def registry(self) -> dict[str, dict[str, object]]:
         """The instruments table as of the last refresh (read once per report or page refresh)."""
         if self._registry is None:
-            self._registry = {str(i["code"]): i for i in self.ledger.instruments()}
+            self._registry = self.ledger.instruments_by_code()
         return self._registry
 
     def _basis(self, info: dict[str, object]) -> str:
@@ -312,7 +312,7 @@ def direct(
     Every registered instrument, or (``with_data_only``) those with intervals or service records in reach.
     """
     if registry is None:
-        registry = {str(i["code"]): i for i in ledger.instruments()}
+        registry = ledger.instruments_by_code()
     pad = max(
         [policy.prep_allowance_s * 1000, policy.post_allowance_s * 1000]
         + [max(allowances_ms(i, policy)) for i in registry.values()]

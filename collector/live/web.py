@@ -149,7 +149,7 @@ class LiveView:
     def instruments(self) -> list[dict[str, Any]]:
         c = self.collector
         now = c.clock.wall_ms()
-        registry = {str(i["code"]): i for i in c.ledger.instruments()}
+        registry = c.ledger.instruments_by_code()
 
         def usage() -> dict[str, dict[str, dict[str, float | None]]]:
             """Hours so far today, this month and this year. Intervals end in the past, so the rollup of

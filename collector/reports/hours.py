@@ -383,7 +383,7 @@ def hours_report(
     else:
         if hours is None:
             hours = per_instrument(ledger, a, b, policy, now_ms, first)
-        registry = {str(i["code"]): i for i in ledger.instruments()}
+        registry = ledger.instruments_by_code()
         for code, h in hours.items():
             info = registry.get(code, {"code": code})
             rows.append(

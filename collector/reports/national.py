@@ -88,7 +88,7 @@ def national_export(
     a = int(datetime(year, 1, 1, tzinfo=tz).timestamp() * 1000)
     b = int(datetime(year + 1, 1, 1, tzinfo=tz).timestamp() * 1000)
     hours = per_instrument(ledger, a, b, policy, now)
-    registry = {str(i["code"]): i for i in ledger.instruments()}
+    registry = ledger.instruments_by_code()
     elapsed = max(0, min(b, now) - a)
     warnings: list[str] = []
     if now < b:
@@ -293,7 +293,7 @@ def findings(
     """What a bureau should act on: idle instruments, poorly covered ones, and ones nobody measures. Each
     is judged on its metered part of the period, so an unfinished period counts up to now."""
     hours = per_instrument(ledger, a, b, policy, now_ms)
-    registry = {str(i["code"]): i for i in ledger.instruments()}
+    registry = ledger.instruments_by_code()
     enrolled = {inst for _agent, inst in ledger.enrolments()}
     low, poor, none = [], [], []
     for code, h in hours.items():

@@ -3,30 +3,46 @@ imports in a process that runs for years). One module per command group; what th
 
 from __future__ import annotations
 
+import importlib
+
 import click
 
 from labmeter import __version__
-from labmeter.cli import agent, collector, demo, report, top, verify
 from labmeter.cli.common import _opened, fail
 
+# command -> "module:attribute"; a module is imported only when its command runs (or --help lists it),
+# so `labmeter agent run` loads the agent's commands and nothing of the others (urllib for top, ...)
+COMMANDS = {
+    "agent": "labmeter.cli.agent:agent_group",
+    "collector": "labmeter.cli.collector:collector_group",
+    "report": "labmeter.cli.report:report_group",
+    "verify": "labmeter.cli.verify:verify",
+    "broker": "labmeter.cli.collector:broker",
+    "demo": "labmeter.cli.demo:demo",
+    "top": "labmeter.cli.top:top",
+    "sim": "labmeter.cli.demo:sim",
+}
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+
+class LazyGroup(click.Group):
+    """click's documented lazy-loading group: the table above instead of imports at start-up."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted([*super().list_commands(ctx), *COMMANDS])
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name not in COMMANDS:
+            return super().get_command(ctx, cmd_name)
+        module, attr = COMMANDS[cmd_name].split(":")
+        command = getattr(importlib.import_module(module), attr)
+        assert isinstance(command, click.Command)
+        return command
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="labmeter")
 def app() -> None:
     """Verified machine hours for shared scientific instruments."""
-
-
-for command in (
-    agent.agent_group,
-    collector.collector_group,
-    report.report_group,
-    verify.verify,
-    collector.broker,
-    demo.demo,
-    top.top,
-    demo.sim,
-):
-    app.add_command(command)
 
 
 def main() -> None:
