@@ -175,6 +175,12 @@ class PolicyConfig(Section, frozen=True, kw_only=True):
     rated_hours_general: Annotated[float, Meta(gt=0)] = 1400
     rated_hours_special: Annotated[float, Meta(gt=0)] = 800
     timezone: str = "Asia/Shanghai"  # local days and months of the rollups behind reports
+    # report reconcile (docs/reconcile.md): when a booking, a sign-in or idle time becomes a finding
+    unused_booking_run_s: Annotated[int, Meta(ge=0, le=86_400)] = 300
+    unattributed_min_s: Annotated[int, Meta(ge=0, le=86_400)] = 900
+    signin_window_s: Annotated[int, Meta(ge=0, le=86_400)] = 1800
+    idle_min_s: Annotated[int, Meta(ge=0, le=7 * 86_400)] = 7200
+    overlap_min_s: Annotated[int, Meta(ge=0, le=86_400)] = 300
 
     def __post_init__(self) -> None:
         _check_zone(self.timezone)

@@ -134,6 +134,25 @@ SERVICE_COLUMNS = (
 )
 
 
+class SignInRow(NamedTuple):
+    instrument: str
+    agent: str
+    at_ms: int
+    user: str
+
+
+class BookingRow(NamedTuple):
+    """A service record as the reconciliation reads it."""
+
+    id: int
+    instrument: str
+    start_ms: int
+    end_ms: int
+    applicant: str
+    applicant_unit: str
+    service_type: int
+
+
 @dataclass(frozen=True)
 class BatchResult:
     batch: int | None
@@ -975,6 +994,35 @@ class Ledger:
             sql += " AND i.instrument = c.code"
         rows = self.db.execute(sql + " ORDER BY i.instrument, i.start_ms", args).fetchall()
         return [IntervalRow(r[0], r[1], r[2], r[3], r[4], r[5], bool(r[6]), r[7]) for r in rows]
+
+    def signins_between(self, start_ms: int, end_ms: int, instrument: str | None = None) -> list[SignInRow]:
+        """Sign-ins at [start, end), oldest first."""
+        sql = 'SELECT instrument, agent, at_ms, "user" FROM signins WHERE at_ms >= ? AND at_ms < ?'
+        args: tuple[object, ...] = (start_ms, end_ms)
+        if instrument is not None:
+            sql += " AND instrument = ?"
+            args += (instrument,)
+        return [
+            SignInRow(str(i), str(g), int(t), str(u))
+            for i, g, t, u in self.db.execute(sql + " ORDER BY instrument, at_ms", args)
+        ]
+
+    def bookings_between(self, start_ms: int, end_ms: int, instrument: str | None = None) -> list[BookingRow]:
+        """Service records overlapping [start, end), by instrument and start."""
+        sql = (
+            "SELECT id, instrument, start_ms, end_ms, applicant, applicant_unit, service_type "
+            "FROM service_records WHERE start_ms < ? AND end_ms > ?"
+        )
+        args: tuple[object, ...] = (end_ms, start_ms)
+        if instrument is not None:
+            sql += " AND instrument = ?"
+            args += (instrument,)
+        return [
+            BookingRow(
+                int(r[0]), str(r[1]), int(r[2]), int(r[3]), str(r[4] or ""), str(r[5] or ""), int(r[6])
+            )
+            for r in self.db.execute(sql + " ORDER BY instrument, start_ms, end_ms, id", args)
+        ]
 
     def envelopes(self, agent: str, instrument: str, first: int, last: int) -> list[bytes]:
         """The stored envelopes of seqs first..last of one chain, in order, exactly as the agent sent them."""
