@@ -337,3 +337,51 @@ def test_a_ledger_from_before_energy_is_migrated_and_keeps_what_newer_agents_sen
     finally:
         ledger.close()
     reopen().close()  # a second open finds nothing to migrate
+
+
+SERVICES_CSV = (
+    "仪器编号,开始时间,结束时间,申请人,申请单位,服务类型,服务方向,金额\n"
+    "CZ-E,2026-03-31 10:00,2026-03-31 12:00,张三,材料学院,120,135,0\n"
+    "CZ-E,2026-04-01 05:00,2026-04-01 07:00,王五,某某公司,130,136,500\n"
+    "CZ-P,2026-04-01 14:00,2026-04-01 15:00,李四,分析测试中心,120,135,0\n"
+)
+
+
+def test_reconcile_gives_each_record_its_energy_and_its_electricity_cost(site: Path, tmp_path: Path) -> None:
+    (site / "services.csv").write_text(SERVICES_CSV, encoding="utf-8")
+    cli(site, "collector", "import-services", "services.csv")
+    priced = site / "priced.toml"
+    priced.write_text(f'[collector]\ndata_dir = "{site / "data"}"\n[policy]\ntariff_yuan_per_kwh = 0.65\n')
+    proc = subprocess.run(
+        [*LABMETER, "report", "reconcile", *PERIOD, "--format", "json", "-c", str(priced)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads(proc.stdout)
+    got = {(r["instrument"], r["start"][:16]): r for r in doc["records"]}
+    first, second = got[("CZ-E", "2026-03-31T10:00")], got[("CZ-E", "2026-04-01T05:00")]
+    # by hand: 2 h running at 1500 W; then 1 h off at 3.5 W and 1 h running
+    assert first["energy_wh"] == 3000.0 and first["energy_kwh"] == 3.0 and first["cost"] == 1.95
+    assert second["energy_wh"] == 1503.5 and second["cost"] == round(1.5035 * 0.65, 2) == 0.98
+    status_only = got[("CZ-P", "2026-04-01T14:00")]
+    assert status_only["energy_wh"] is None and status_only["cost"] is None  # no source: unknown, no bill
+    assert doc["meta"]["tariff_yuan_per_kwh"] == 0.65
+    unpriced = json.loads(cli(site, "report", "reconcile", *PERIOD, "--format", "json"))
+    assert {r["cost"] for r in unpriced["records"]} == {None}
+    assert {r["energy_wh"] for r in unpriced["records"]} == {3000.0, 1503.5, None}
+    out = tmp_path / "reconcile.xlsx"
+    subprocess.run(
+        [*LABMETER, "report", "reconcile", *PERIOD, "-o", str(out), "-c", str(priced)],
+        check=True,
+        timeout=120,
+    )
+    ws = load_workbook(out)["服务记录核对"]
+    header = [c.value for c in ws[1]]
+    rows = [dict(zip(header, r, strict=True)) for r in ws.iter_rows(min_row=2, values_only=True)]
+    assert sorted((r["电能(kWh)"] or 0, r["电费（元）"] or 0) for r in rows) == [
+        (0, 0),
+        (1.5035, 0.98),
+        (3.0, 1.95),
+    ]
