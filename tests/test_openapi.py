@@ -10,6 +10,7 @@ import json
 import time
 import urllib.error
 import urllib.request
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -82,9 +83,11 @@ def served(tmp_path: Path) -> Any:
 
     cfg = config.parse(f'[collector]\ndata_dir = "{tmp_path}"\n', config.CollectorConfig)
     ledger = Ledger.open(cfg.collector.ledger, cfg.collector.data_dir)
+    # metering began ten days ago (the registry's date): rated hours are prorated to the metered part
+    began = datetime.fromtimestamp(TEN_DAYS_AGO / 1000, UTC).isoformat()
     (tmp_path / "instruments.csv").write_text(
-        "code,name,unit,category,kind,rated_hours\nCZ-G,衍射仪,材料学院,020101,general,\n"
-        "CZ-S,电镜,分析测试中心,030201,special,\n",
+        "code,name,unit,category,kind,rated_hours,metering_start\n"
+        f"CZ-G,衍射仪,材料学院,020101,general,,{began}\nCZ-S,电镜,分析测试中心,030201,special,,{began}\n",
         encoding="utf-8",
     )
     import_instruments(ledger, tmp_path / "instruments.csv")
@@ -192,7 +195,8 @@ def test_every_documented_response_matches_its_schema(served: Any) -> None:
     signins = json.loads(by_url["/api/instruments/CZ-G/signins"][2])["signins"]
     assert [s["user"] for s in signins] == ["user-3", "user-2", "user-1"]  # newest first, all three
     # ten days (and however long the suite ran since this module was imported: the period ends now) of rated
-    # hours: the special instrument gets the policy's 800 h a year, the general one 1400 h
+    # hours, metering having begun then: the special instrument gets the policy's 800 h a year, the general
+    # one 1400 h
     period_h = (time.time() * 1000 - TEN_DAYS_AGO) / H
     rows = {r["key"]: r for r in json.loads(by_url[f"/api/utilisation?from={TEN_DAYS_AGO}"][2])["rows"]}
     assert rows["CZ-S"]["rated_h"] == pytest.approx(800 * period_h / 8760, abs=0.01)

@@ -42,7 +42,7 @@ CREATE TABLE IF NOT EXISTS instruments (
     code TEXT PRIMARY KEY, name TEXT NOT NULL DEFAULT '', unit TEXT NOT NULL DEFAULT '',
     department TEXT NOT NULL DEFAULT '', category TEXT NOT NULL DEFAULT '', kind TEXT NOT NULL DEFAULT 'general',
     value_wan REAL, rated_hours REAL, share_mode TEXT NOT NULL DEFAULT '',
-    prep_allowance_s INTEGER, post_allowance_s INTEGER);
+    prep_allowance_s INTEGER, post_allowance_s INTEGER, metering_start_ms INTEGER);
 CREATE TABLE IF NOT EXISTS service_records (
     id INTEGER PRIMARY KEY, instrument TEXT NOT NULL, start_ms INTEGER NOT NULL, end_ms INTEGER NOT NULL,
     applicant TEXT NOT NULL DEFAULT '', applicant_unit TEXT NOT NULL DEFAULT '',
@@ -118,6 +118,7 @@ INSTRUMENT_COLUMNS = (
     "share_mode",
     "prep_allowance_s",
     "post_allowance_s",
+    "metering_start_ms",
 )
 SERVICE_COLUMNS = (
     "instrument",
@@ -328,6 +329,7 @@ class Ledger:
         self._migrate_rejections()
         self._migrate_service_batches()
         self._migrate_energy()
+        self._migrate_metering_start()
         self._pruned_window = -1
 
     def _columns(self, table: str) -> set[str]:
@@ -416,6 +418,13 @@ class Ledger:
                 "UPDATE intervals SET energy_mwh=? WHERE agent=? AND instrument=? AND seq=?", updates
             )
             self._mark(cur, marks)
+
+    def _migrate_metering_start(self) -> None:
+        """Instruments carry the registry's metering start (NULL: metering began at the first interval)."""
+        if "metering_start_ms" not in self._columns("instruments"):
+            with self.transaction(exclusive=True) as cur:
+                if "metering_start_ms" not in self._columns("instruments"):
+                    cur.execute("ALTER TABLE instruments ADD COLUMN metering_start_ms BIGINT")
 
     @staticmethod
     def sqlite_path(url: str, data_dir: Path) -> Path | None:

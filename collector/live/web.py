@@ -27,7 +27,7 @@ import msgspec
 from aiohttp import web
 
 from labmeter.collector.ledger.rollup import Calendar, Rollups
-from labmeter.collector.reports.hours import GROUPINGS, YEAR_MS, hours_report, rated_ms
+from labmeter.collector.reports.hours import GROUPINGS, hours_report, metered_rated_ms, metering_starts
 from labmeter.config import ConfigError
 from labmeter.machine_hours import HOUR_MS as H
 from labmeter.netutil import is_loopback, split_listen
@@ -158,17 +158,17 @@ class LiveView:
             policy = c.cfg.policy
             rollups = Rollups(c.ledger, policy, registry)
             rollups.refresh()
-            yearly = {code: rated_ms(info, policy, YEAR_MS) for code, info in registry.items()}
-            default = rated_ms({}, policy, YEAR_MS)
+            metered = metering_starts(c.ledger)
             starts = self._period_starts(now)
             # periods end at the page's next midnight or month: nothing is recorded between now and then
             ends = {"today": self.calendar.next_day(now), "month": self.calendar.next_month(now)}
             for name, start in starts.items():
                 columns = ("run_ms", "effective_ms", "energy_mwh", "energy_ms")
                 totals = rollups.totals(start, ends.get(name, ends["month"]), columns)
-                share = max(1, now - start) / YEAR_MS
                 for code, (run, effective, mwh, energy_ms) in totals.items():
-                    rated = yearly.get(code, default) * share
+                    rated = metered_rated_ms(
+                        registry.get(code, {}), policy, start, now, now, metered.get(code)
+                    )
                     out.setdefault(code, {})[name] = {
                         "run_h": round(run / H, 2),
                         "effective_h": round(effective / H, 2),

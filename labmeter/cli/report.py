@@ -136,7 +136,7 @@ def report_national(year: int, out: Path, ins_code: str, cfg_path: Path, tz: str
         ledger.close()
     write_national(data, out)
     for warning in data["warnings"]:
-        click.echo(f"warning: {warning}", err=True)
+        click.echo(f"warning: {log.printable(warning)}", err=True)  # codes from the registry: no escapes
     click.echo(
         f"{len(data['instruments']['instruList'])} instrument(s), "
         f"{len(data['serviceRecords']['instruList'])} service record(s) -> {out}"
