@@ -54,6 +54,7 @@ REQUESTS: dict[str, dict[str, list[str]]] = {
         "404": ["PRIVATE:/public/api/instruments"],
     },
     "/api/openapi.json": {"200": ["/api/openapi.json"]},
+    "/metrics": {"200": ["/metrics"]},
 }
 
 
@@ -188,6 +189,9 @@ def test_every_documented_response_matches_its_schema(served: Any) -> None:
         if want_type == "text/event-stream":
             assert body.startswith(b": hello"), body
             continue
+        if want_type == "text/plain":  # Prometheus exposition (tests/test_metrics.py reads it)
+            assert b"# TYPE labmeter_" in body, body[:300]
+            continue
         jsonschema.Draft202012Validator(schema).validate(json.loads(body))
         checked += 1
     assert checked >= 15
@@ -230,5 +234,5 @@ def test_every_served_route_is_documented(tmp_path: Path) -> None:
         routes = {r.resource.canonical for r in app.router.routes() if r.resource is not None}
     finally:
         collector.ledger.close()
-    api = {r for r in routes if r.startswith(("/api/", "/public/api/"))}
+    api = {r for r in routes if r.startswith(("/api/", "/public/api/", "/metrics"))}
     assert api == set(SPEC["paths"])

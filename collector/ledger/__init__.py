@@ -35,6 +35,7 @@ from labmeter.wire import (
     starts_chain,
 )
 
+MAX_ALERTS = 20_000  # active alerts read back at start (each is an agent, an instrument or the collector)
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS agents (
     id TEXT PRIMARY KEY, pubkey TEXT NOT NULL, kid TEXT NOT NULL, added_ms INTEGER NOT NULL);
@@ -1193,6 +1194,98 @@ class Ledger:
             for r in self.db.execute("SELECT instrument, MIN(from_ms) FROM rollup_dirty GROUP BY instrument")
         }
 
+    def rollup_backlog(self) -> int:
+        """How many marked ranges wait for a rollup refresh (the /metrics rollup lag)."""
+        row = self.db.execute("SELECT COUNT(*) FROM rollup_dirty").fetchone()
+        return int(row[0]) if row else 0
+
+    def last_received_ms(self) -> int | None:
+        """When the newest stored interval arrived (host clock), along the received index."""
+        row = self.db.execute("SELECT MAX(received_ms) FROM intervals").fetchone()
+        return int(row[0]) if row and row[0] is not None else None
+
+    # alerts: which are active, and the messages not yet delivered ----------
+    def _alert_schema(self) -> None:
+        if not getattr(self, "_alerts_ready", False):
+            self.db.executescript(ALERT_SCHEMA)
+            self._alerts_ready = True
+
+    def active_alerts(self, limit: int = MAX_ALERTS) -> list[ActiveAlert]:
+        self._alert_schema()
+        return [
+            ActiveAlert(str(r[0]), str(r[1]), int(r[2]), int(r[3]), str(r[4]))
+            for r in self.db.execute(
+                "SELECT key, rule, since_ms, fired_ms, subject FROM alerts ORDER BY key LIMIT ?", (limit,)
+            )
+        ]
+
+    def record_alerts(
+        self,
+        opened: Sequence[ActiveAlert],
+        closed: Sequence[str],
+        messages: Sequence[tuple[str, str]],
+        now_ms: int,
+        keep: int,
+    ) -> None:
+        """One check's outcome in one transaction: alerts that fired (or were reminded of), alerts that
+        cleared, and their (channel, body) messages. After a crash either all of it happened or none (and
+        the next check decides again)."""
+        self._alert_schema()
+        with self.transaction() as cur:
+            cur.executemany(
+                "INSERT INTO alerts VALUES (?,?,?,?,?) ON CONFLICT(key) DO UPDATE SET fired_ms=excluded.fired_ms",
+                [tuple(a) for a in opened],
+            )
+            cur.executemany("DELETE FROM alerts WHERE key=?", [(k,) for k in closed])
+            self._queue_alert_messages(cur, messages, now_ms, keep)
+
+    def _queue_alert_messages(
+        self, cur: Any, messages: Sequence[tuple[str, str]], now_ms: int, keep: int
+    ) -> None:
+        """Queue (channel, body) rows; each channel keeps at most ``keep``, the oldest go first."""
+        cur.executemany(
+            "INSERT INTO alert_outbox (channel, body, created_ms, attempts) VALUES (?,?,?,0)",
+            [(channel, body, now_ms) for channel, body in messages],
+        )
+        for channel in {c for c, _ in messages}:
+            cur.execute(
+                "DELETE FROM alert_outbox WHERE channel=? AND id NOT IN "
+                "(SELECT id FROM alert_outbox WHERE channel=? ORDER BY id DESC LIMIT ?)",
+                (channel, channel, keep),
+            )
+
+    def next_alert_message(self, channel: str) -> QueuedAlert | None:
+        """The oldest undelivered message of a channel: a channel delivers in order (firing before recovery)."""
+        self._alert_schema()
+        row = self.db.execute(
+            "SELECT id, channel, body, attempts FROM alert_outbox WHERE channel=? ORDER BY id LIMIT 1",
+            (channel,),
+        ).fetchone()
+        return QueuedAlert(int(row[0]), str(row[1]), str(row[2]), int(row[3])) if row else None
+
+    def alert_queue(self) -> dict[str, int]:
+        """Undelivered messages per channel."""
+        self._alert_schema()
+        return {
+            str(r[0]): int(r[1])
+            for r in self.db.execute("SELECT channel, COUNT(*) FROM alert_outbox GROUP BY channel")
+        }
+
+    def alert_attempted(self, id_: int) -> None:
+        self.db.execute("UPDATE alert_outbox SET attempts = attempts + 1 WHERE id=?", (id_,))
+
+    def alert_done(self, id_: int) -> None:
+        """Delivered, or given up: either way never sent again."""
+        self.db.execute("DELETE FROM alert_outbox WHERE id=?", (id_,))
+
+    def drop_alert_channels(self, keep: Iterable[str]) -> int:
+        """Forget the queue of channels no longer configured; returns how many messages went."""
+        self._alert_schema()
+        names = sorted(set(keep))
+        marks = ",".join("?" * len(names)) or "''"
+        cur = self.db.execute(f"DELETE FROM alert_outbox WHERE channel NOT IN ({marks})", names)
+        return max(0, int(cur.rowcount or 0))
+
 
 def _chain_of(agent: object, instrument: object, topic: str, payload: bytes) -> tuple[str | None, str | None]:
     """(chain, body sha) of a stored rejection, from its own body; no chain unless the body names the row's
@@ -1220,3 +1313,30 @@ CREATE TABLE IF NOT EXISTS sink_hours (
     PRIMARY KEY (name, instrument, start_ms)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS sink_lease (name TEXT PRIMARY KEY, holder TEXT NOT NULL, until_ms INTEGER NOT NULL);
 """
+
+ALERT_SCHEMA = """
+CREATE TABLE IF NOT EXISTS alerts (
+    key TEXT PRIMARY KEY, rule TEXT NOT NULL, since_ms INTEGER NOT NULL, fired_ms INTEGER NOT NULL,
+    subject TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS alert_outbox (
+    id INTEGER PRIMARY KEY, channel TEXT NOT NULL, body TEXT NOT NULL, created_ms INTEGER NOT NULL,
+    attempts INTEGER NOT NULL);
+CREATE INDEX IF NOT EXISTS alert_outbox_channel ON alert_outbox (channel, id);
+"""
+
+
+class ActiveAlert(NamedTuple):
+    """An alert that fired and has not recovered; ``subject`` is its JSON (what the recovery names)."""
+
+    key: str
+    rule: str
+    since_ms: int
+    fired_ms: int
+    subject: str
+
+
+class QueuedAlert(NamedTuple):
+    id: int
+    channel: str
+    body: str
+    attempts: int

@@ -34,6 +34,7 @@ from labmeter.netutil import is_loopback, split_listen
 from labmeter.wire import ID_RE
 
 if TYPE_CHECKING:
+    from labmeter.collector.metrics import Metrics
     from labmeter.collector.service import Collector
 
 log = logging.getLogger("labmeter.web")
@@ -112,6 +113,7 @@ class LiveView:
         self._cache: dict[str, tuple[float, Any]] = {}
         self._runner: web.AppRunner | None = None
         self.port: int | None = None
+        self._metrics: Metrics | None = None
         if not is_loopback(split_listen(listen)[0]) and not token:
             raise ConfigError(
                 f"[web] listen = {listen!r} is not loopback: set token_file so the page needs a token"
@@ -340,6 +342,17 @@ class LiveView:
         spec = resources.files("labmeter.collector.live").joinpath("openapi.json").read_text(encoding="utf-8")
         return web.Response(text=spec, content_type="application/json")
 
+    async def metrics(self, request: web.Request) -> web.Response:
+        """Prometheus text format (docs/metrics.md), behind the same token and binding as the API."""
+        from labmeter.collector.metrics import CONTENT_TYPE, Metrics
+
+        if self._metrics is None:
+            self._metrics = Metrics(self.collector)
+        now = self.collector.clock.wall_ms()
+        online = sum(not self._agent_down(a, now) for a in self.collector.verifier.keys)
+        text = self._metrics.render(online)
+        return web.Response(body=text.encode(), headers={"Content-Type": CONTENT_TYPE})
+
     async def events(self, request: web.Request) -> web.StreamResponse:
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
         await resp.prepare(request)
@@ -371,6 +384,7 @@ class LiveView:
         app.router.add_get("/api/openapi.json", self.api_openapi)
         app.router.add_get("/api/instruments/{code}/signins", self.api_signins)
         app.router.add_get("/instrument/{code}", self.instrument_page)
+        app.router.add_get("/metrics", self.metrics)
         if self.public:
             app.router.add_get("/public", self.page)
             app.router.add_get("/public/api/instruments", self.public_api)

@@ -141,6 +141,30 @@ def collector_check(cfg_path: Path, quick: bool) -> None:
     sys.exit(0 if ok else 1)
 
 
+@collector_group.command("alert-test")
+@config_option("collector.toml")
+def collector_alert_test(cfg_path: Path) -> None:
+    """Send one test message to each channel of [alerts] and say, per channel, whether it arrived.
+
+    Exit status 1 if any channel failed (docs/alerts.md says how to set up WeCom and DingTalk robots).
+    """
+    from zoneinfo import ZoneInfo
+
+    from labmeter.collector.alerts import send_test
+
+    log.setup(quiet=True)
+    cfg = load_collector(cfg_path)
+    if cfg.alerts is None:
+        fail(f"{cfg_path}: no [alerts] section; docs/alerts.md shows one")
+    try:
+        results = asyncio.run(send_test(cfg.alerts, ZoneInfo(cfg.policy.timezone)))
+    except config.ConfigError as exc:
+        fail(str(exc))
+    for name, kind, error in results:
+        click.echo(f"{name:<20} {kind:<9} {'sent' if error is None else 'FAILED: ' + error}")
+    sys.exit(1 if any(error is not None for _, _, error in results) else 0)
+
+
 @collector_group.command("reset-ledger")
 @config_option("collector.toml")
 @click.option("--force", is_flag=True, help="Also when the ledger is sound: everything in it is set aside.")
