@@ -30,7 +30,7 @@ from labmeter.collector.ledger.rollup import Rollups
 from labmeter.collector.registry import stored_number
 from labmeter.collector.reports.cells import append_row, to_csv
 from labmeter.config import PolicyConfig
-from labmeter.log import printable
+from labmeter.log import printable, text_width
 from labmeter.machine_hours import HOUR_MS as H
 from labmeter.machine_hours import Hours
 
@@ -638,7 +638,7 @@ def render(
     shown = [c for c in cols if c[0] not in ("name", "unit", "standby_h", "off_h", "internal_h", "metered_h")]
     cells = [[(zh if lang == "zh" else en) for _, en, zh in shown]]
     cells += [[_fmt(d[k]) for k, _, _ in shown] for d in data]
-    widths = [max(_width(row[i]) for row in cells) for i in range(len(shown))]
+    widths = [max(text_width(row[i]) for row in cells) for i in range(len(shown))]
     lines = []
     for n, row in enumerate(cells):
         lines.append(
@@ -704,7 +704,7 @@ def write_xlsx(
         ws.auto_filter.ref = f"A1:{get_column_letter(len(cols))}{max(1, ws.max_row - 1)}"
         for i in range(1, len(cols) + 1):
             letter = get_column_letter(i)
-            widest = max(_width(_fmt(c.value)) for (c,) in ws.iter_rows(min_col=i, max_col=i))
+            widest = max(text_width(_fmt(c.value)) for (c,) in ws.iter_rows(min_col=i, max_col=i))
             ws.column_dimensions[letter].width = min(60, max(10, widest + 3))
     wb.save(path)
 
@@ -768,10 +768,6 @@ def _fmt(v: object) -> str:
     return f"{v:.2f}" if isinstance(v, float) else printable(v)
 
 
-def _width(s: str) -> int:
-    return sum(2 if ord(ch) > 0x2E7F else 1 for ch in s)
-
-
 def _pad(s: str, w: int, left: bool) -> str:
-    space = " " * (w - _width(s))
+    space = " " * (w - text_width(s))
     return s + space if left else space + s

@@ -31,7 +31,7 @@ from labmeter.collector.reports.formats import FormatError
 from labmeter.collector.reports.hours import PeriodError
 from labmeter.config import PolicyConfig
 from labmeter.energy import energy_in
-from labmeter.log import printable
+from labmeter.log import printable, text_width
 from labmeter.machine_hours import HOUR_MS, Hours, Segment, compute_buckets, merge, spread, union
 
 PARTS = ("records", "findings", "summary")
@@ -981,22 +981,18 @@ def _text_table(cols: list[Column], rows: list[dict[str, Any]], lang: str, tz: Z
 
     cells = [[c.zh if lang == "zh" else c.en for c in cols]]
     cells += [[show(c, d[c.key]) for c in cols] for d in rows]
-    widths = [max(_width(r[i]) for r in cells) for i in range(len(cols))]
+    widths = [max(text_width(r[i]) for r in cells) for i in range(len(cols))]
     out = []
     for n, r in enumerate(cells):
         out.append(
             "  ".join(
-                v + " " * (w - _width(v)) if c.kind in ("text", "time") else " " * (w - _width(v)) + v
+                v + " " * (w - text_width(v)) if c.kind in ("text", "time") else " " * (w - text_width(v)) + v
                 for v, w, c in zip(r, widths, cols, strict=True)
             ).rstrip()
         )
         if n == 0:
             out.append("  ".join("-" * w for w in widths))
     return out
-
-
-def _width(s: str) -> int:
-    return sum(2 if ord(ch) > 0x2E7F else 1 for ch in s)
 
 
 def write_xlsx(path: Path, rec: Reconciliation, lang: str, tz: ZoneInfo) -> None:
@@ -1023,7 +1019,7 @@ def write_xlsx(path: Path, rec: Reconciliation, lang: str, tz: ZoneInfo) -> None
             if fmt:
                 for (cell,) in ws.iter_rows(min_row=2, min_col=i, max_col=i):
                     cell.number_format = fmt
-            widest = max(_width(str(x.value or "")) for (x,) in ws.iter_rows(min_col=i, max_col=i))
+            widest = max(text_width(str(x.value or "")) for (x,) in ws.iter_rows(min_col=i, max_col=i))
             ws.column_dimensions[get_column_letter(i)].width = min(60, max(10, widest + 3))
         ws.freeze_panes = "B2"
         ws.auto_filter.ref = f"A1:{get_column_letter(len(cols))}{max(1, ws.max_row)}"
