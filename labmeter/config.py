@@ -181,6 +181,8 @@ class PolicyConfig(Section, frozen=True, kw_only=True):
     signin_window_s: Annotated[int, Meta(ge=0, le=86_400)] = 1800
     idle_min_s: Annotated[int, Meta(ge=0, le=7 * 86_400)] = 7200
     overlap_min_s: Annotated[int, Meta(ge=0, le=86_400)] = 300
+    # report reconcile: electricity price in yuan (元) per kWh; unset, records show energy but no cost
+    tariff_yuan_per_kwh: Annotated[float, Meta(ge=0, le=1000)] | None = None
 
     def __post_init__(self) -> None:
         _check_zone(self.timezone)

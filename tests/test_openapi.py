@@ -95,7 +95,12 @@ def served(tmp_path: Path) -> Any:
     now = int(time.time() * 1000)
     start = now - now % H - 3 * H
     store_schedule(
-        tmp_path, ledger, "pc-g", "CZ-G", [(start, start + H, "OFF"), (start + H, start + 2 * H, "RUNNING")]
+        tmp_path,
+        ledger,
+        "pc-g",
+        "CZ-G",
+        [(start, start + H, "OFF"), (start + H, start + 2 * H, "RUNNING")],
+        energy=lambda a, b: ENERGY_WH[a - start],
     )
     store_schedule(tmp_path, ledger, "pc-s", "CZ-S", [(start, start + 2 * H, "STANDBY")])
     ledger.store_signins(
@@ -134,6 +139,32 @@ def served(tmp_path: Path) -> Any:
         return asyncio.run(main(split))
 
     return run
+
+
+ENERGY_WH = {0: 2.5, H: 900.125}
+"""CZ-G's energy per interval (by its start's hour in the schedule); CZ-S has no energy source."""
+
+
+def test_live_instruments_give_todays_energy_and_public_ones_do_not(served: Any) -> None:
+    from datetime import datetime
+    from zoneinfo import ZoneInfo
+
+    (_, _, private), (_, _, public) = served(["PRIVATE:/api/instruments", "/public/api/instruments"])
+    now = int(time.time() * 1000)
+    start = now - now % H - 3 * H
+    midnight = int(
+        datetime.fromtimestamp(now / 1000, ZoneInfo("Asia/Shanghai"))
+        .replace(hour=0, minute=0, second=0, microsecond=0)
+        .timestamp()
+        * 1000
+    )
+    # each interval is a whole hour, so it is in today or not (the policy's zone is Asia/Shanghai)
+    want = sum(wh for at, wh in ENERGY_WH.items() if start + at >= midnight)
+    rows = {i["code"]: i for i in json.loads(private)["instruments"]}
+    assert (rows["CZ-G"].get("today") or {}).get("energy_wh") == (want or None)
+    assert rows["CZ-G"]["year"]["energy_wh"] == sum(ENERGY_WH.values())
+    assert rows["CZ-S"]["year"]["energy_wh"] is None  # no energy source: unknown, not 0
+    assert all("energy_wh" not in (i.get("year") or {}) for i in json.loads(public)["instruments"])
 
 
 def test_every_documented_response_matches_its_schema(served: Any) -> None:

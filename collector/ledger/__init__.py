@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from labmeter import statefile
+from labmeter.energy import to_mwh
 from labmeter.netutil import redact_text, redact_url
 from labmeter.wire import (
     GENESIS,
@@ -26,7 +27,9 @@ from labmeter.wire import (
     body_hash,
     conflict_reason,
     envelope_starts_chain,
+    load_body,
     open_envelope,
+    parse_interval,
     raw_body,
     signin_chain,
     starts_chain,
@@ -57,7 +60,7 @@ CREATE TABLE IF NOT EXISTS intervals (
     agent TEXT NOT NULL, instrument TEXT NOT NULL, seq INTEGER NOT NULL,
     start_ms INTEGER NOT NULL, end_ms INTEGER NOT NULL, state TEXT NOT NULL,
     prev TEXT NOT NULL, sha TEXT NOT NULL, clock_step_ms INTEGER NOT NULL DEFAULT 0, note TEXT,
-    envelope BLOB NOT NULL, received_ms INTEGER NOT NULL,
+    envelope BLOB NOT NULL, received_ms INTEGER NOT NULL, energy_mwh INTEGER,
     PRIMARY KEY (agent, instrument, seq)) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS intervals_time ON intervals (instrument, start_ms);
 CREATE INDEX IF NOT EXISTS intervals_received ON intervals (received_ms);
@@ -79,6 +82,7 @@ CREATE TABLE IF NOT EXISTS rollups (
     run_ms INTEGER NOT NULL, standby_ms INTEGER NOT NULL, off_ms INTEGER NOT NULL, unknown_ms INTEGER NOT NULL,
     unverified_ms INTEGER NOT NULL, effective_ms INTEGER NOT NULL, covered_ms INTEGER NOT NULL,
     service_ms INTEGER NOT NULL, external_ms INTEGER NOT NULL,
+    energy_mwh INTEGER NOT NULL DEFAULT 0, energy_ms INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (instrument, span, start_ms)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS rollup_dirty (
     id INTEGER PRIMARY KEY, instrument TEXT NOT NULL, from_ms INTEGER NOT NULL, to_ms INTEGER NOT NULL);
@@ -98,7 +102,11 @@ ROLLUP_VALUES = (
     "covered_ms",
     "service_ms",
     "external_ms",
+    "energy_mwh",
+    "energy_ms",
 )
+"""``energy_mwh``: the energy of the intervals in a bucket (labmeter.energy.share); ``energy_ms``: how much
+of the bucket those intervals cover (0: no energy source)."""
 SUMS = ", ".join(f"CAST(SUM({c}) AS INTEGER)" for c in ROLLUP_VALUES)
 
 
@@ -203,6 +211,8 @@ class StoredInterval:
     sha: str
     clock_step_ms: int
     envelope: bytes
+    energy_mwh: int | None = None
+    """The body's ``energy_wh`` in whole mWh; None: unknown (no energy source, or an agent before energy)."""
 
     @classmethod
     def of(cls, iv: Interval, sha: str, envelope: bytes) -> StoredInterval:
@@ -217,6 +227,7 @@ class StoredInterval:
             sha,
             iv.clock_step_ms,
             envelope,
+            to_mwh(iv.energy_wh),
         )
 
 
@@ -261,10 +272,16 @@ class IntervalRow(NamedTuple):
     end_ms: int
     state: str
     linked: bool
+    energy_mwh: int | None = None
+    """The interval's energy in whole mWh; None: unknown (no energy source, or an agent before energy)."""
 
     def span(self) -> tuple[int, int, str, bool]:
         """(start, end, state, linked): the segment the hour rules take."""
         return self.start_ms, self.end_ms, self.state, self.linked
+
+    def energy(self) -> tuple[int, int, int | None]:
+        """(start, end, mWh or None): what labmeter.energy counts."""
+        return self.start_ms, self.end_ms, self.energy_mwh
 
 
 @dataclass(frozen=True)
@@ -315,6 +332,7 @@ class Ledger:
         self._longest = int(row[0]) if row else 0
         self._migrate_rejections()
         self._migrate_service_batches()
+        self._migrate_energy()
         self._migrate_metering_start()
         self._pruned_window = -1
 
@@ -369,6 +387,41 @@ class Ledger:
                     if col not in self._columns("service_records"):
                         cur.execute(f"ALTER TABLE service_records ADD COLUMN {ddl}")
         self.db.execute("CREATE INDEX IF NOT EXISTS service_batch ON service_records (batch)")
+
+    def _migrate_energy(self) -> None:
+        """A ledger from before energy: intervals get ``energy_mwh`` (NULL: unknown, never 0) and rollups
+        their energy sums. A collector before energy stored what newer agents sent whole, so the energy
+        of those bodies is read back from the stored envelopes and their time marked for the rollups."""
+        if "energy_mwh" in self._columns("intervals") and "energy_ms" in self._columns("rollups"):
+            return
+        big = "INTEGER" if self.backend is SQLITE else "BIGINT"  # as pg.schema() maps a fresh one
+        with self.transaction(exclusive=True) as cur:
+            if "energy_mwh" not in self._columns("intervals"):
+                cur.execute(f"ALTER TABLE intervals ADD COLUMN energy_mwh {big}")
+            for col in ("energy_mwh", "energy_ms"):
+                if col not in self._columns("rollups"):
+                    cur.execute(f"ALTER TABLE rollups ADD COLUMN {col} {big} NOT NULL DEFAULT 0")
+            has_energy = (
+                "CAST(envelope AS TEXT) LIKE '%energy_wh%'"
+                if self.backend is SQLITE
+                else "position('energy_wh'::bytea in envelope) > 0"
+            )
+            rows = cur.execute(
+                f"SELECT agent, instrument, seq, start_ms, end_ms, envelope FROM intervals WHERE {has_energy}"
+            ).fetchall()
+            updates, marks = [], []
+            for agent, instrument, seq, start, end, envelope in rows:
+                try:
+                    iv = parse_interval(load_body(open_envelope(bytes(envelope)).body))
+                except WireError:
+                    continue
+                if iv.energy_wh is not None:
+                    updates.append((to_mwh(iv.energy_wh), agent, instrument, seq))
+                    marks.append((instrument, start, end))
+            cur.executemany(
+                "UPDATE intervals SET energy_mwh=? WHERE agent=? AND instrument=? AND seq=?", updates
+            )
+            self._mark(cur, marks)
 
     def _migrate_metering_start(self) -> None:
         """Instruments carry the registry's metering start (NULL: metering began at the first interval)."""
@@ -716,7 +769,7 @@ class Ledger:
                     [(*r, now) for r in signins],
                 )
             cur.executemany(
-                "INSERT INTO intervals VALUES (?,?,?,?,?,?,?,?,?,?,?,?) ON CONFLICT DO NOTHING",
+                "INSERT INTO intervals VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?) ON CONFLICT DO NOTHING",
                 [
                     (
                         iv.agent,
@@ -731,6 +784,7 @@ class Ledger:
                         note,
                         iv.envelope,
                         now,
+                        iv.energy_mwh,
                     )
                     for iv, note in intervals
                 ],
@@ -1024,7 +1078,7 @@ class Ledger:
         sql = (
             "SELECT i.instrument, i.agent, i.seq, i.start_ms, i.end_ms, i.state, "
             "CASE WHEN i.prev = ? OR (p.sha = i.prev AND p.end_ms + i.clock_step_ms = i.start_ms) "
-            "THEN 1 ELSE 0 END "
+            "THEN 1 ELSE 0 END, i.energy_mwh "
             "FROM intervals i LEFT JOIN intervals p ON p.agent = i.agent AND p.instrument = i.instrument "
             "AND p.seq = i.seq - 1 WHERE i.start_ms < ? AND i.start_ms >= ? AND i.end_ms > ?"
         )
@@ -1036,7 +1090,7 @@ class Ledger:
             sql = sql.replace("FROM intervals i", "FROM instruments c CROSS JOIN intervals i", 1)
             sql += " AND i.instrument = c.code"
         rows = self.db.execute(sql + " ORDER BY i.instrument, i.start_ms", args).fetchall()
-        return [IntervalRow(r[0], r[1], r[2], r[3], r[4], r[5], bool(r[6])) for r in rows]
+        return [IntervalRow(r[0], r[1], r[2], r[3], r[4], r[5], bool(r[6]), r[7]) for r in rows]
 
     def signins_between(self, start_ms: int, end_ms: int, instrument: str | None = None) -> list[SignInRow]:
         """Sign-ins at [start, end), oldest first."""

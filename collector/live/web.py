@@ -165,8 +165,9 @@ class LiveView:
             # periods end at the page's next midnight or month: nothing is recorded between now and then
             ends = {"today": self.calendar.next_day(now), "month": self.calendar.next_month(now)}
             for name, start in starts.items():
-                totals = rollups.totals(start, ends.get(name, ends["month"]), ("run_ms", "effective_ms"))
-                for code, (run, effective) in totals.items():
+                columns = ("run_ms", "effective_ms", "energy_mwh", "energy_ms")
+                totals = rollups.totals(start, ends.get(name, ends["month"]), columns)
+                for code, (run, effective, mwh, energy_ms) in totals.items():
                     rated = metered_rated_ms(
                         registry.get(code, {}), policy, start, now, now, metered.get(code)
                     )
@@ -174,6 +175,7 @@ class LiveView:
                         "run_h": round(run / H, 2),
                         "effective_h": round(effective / H, 2),
                         "utilisation_pct": round(100 * effective / rated, 1) if rated else None,
+                        "energy_wh": mwh / 1000 if energy_ms else None,
                     }
             return out
 
@@ -324,6 +326,11 @@ class LiveView:
         if self.public_power:
             keep.append("power_w")
         rows = [{k: i.get(k) for k in keep} for i in self.instruments()]
+        if not self.public_power:  # energy tells what power tells
+            for row in rows:
+                for period in ("today", "month", "year"):
+                    if isinstance(usage := row.get(period), dict):
+                        row[period] = {k: v for k, v in usage.items() if k != "energy_wh"}
         return web.json_response(
             {"now": self.collector.clock.wall_ms(), "tz": str(self.tz), "instruments": rows}, dumps=_dumps
         )

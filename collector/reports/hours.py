@@ -24,12 +24,13 @@ from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
 
+from labmeter import energy
 from labmeter.collector.ledger import Ledger
 from labmeter.collector.ledger.rollup import Rollups
 from labmeter.collector.registry import stored_number
 from labmeter.collector.reports.cells import append_row, to_csv
 from labmeter.config import PolicyConfig
-from labmeter.log import printable
+from labmeter.log import printable, text_width
 from labmeter.machine_hours import HOUR_MS as H
 from labmeter.machine_hours import Hours
 
@@ -56,6 +57,7 @@ COLUMNS: list[tuple[str, str, str]] = [
     ("utilisation_pct", "Utilisation (%)", "机时利用率 (%)"),
     ("sharing_pct", "Sharing rate (%)", "共享率 (%)"),
     ("coverage_pct", "Coverage (%)", "数据覆盖率 (%)"),
+    ("energy_kwh", "Energy (kWh)", "电能(kWh)"),
     ("standby_h", "Standby (h)", "待机 (h)"),
     ("off_h", "Off (h)", "关机 (h)"),
     ("unknown_h", "Unknown (h)", "状态未知 (h)"),
@@ -128,6 +130,10 @@ DEFINITIONS: dict[str, tuple[str, str]] = {
     "coverage_pct": (
         "Share of the metered time whose state is known (running, standby or off).",
         "数据覆盖率：计量时长中状态已知（运行、待机、关机）的比例。",
+    ),
+    "energy_kwh": (
+        "Electrical energy the instrument used, from the energy each signed interval carries (the meter's energy counter where it has one, else its power integrated between reads); an interval crossing the period's edge counts in proportion to time. Empty where no interval in the period carries energy (no energy source, or agents before energy). JSON carries the exact Wh (energy_wh).",
+        "电能：仪器所耗电能，来自各签名区间所带的电能（电表有电能计数器时取计数器差值，否则按读数间功率积分）；跨越期间边界的区间按时长比例计入。期间内无任何区间带电能时为空（无电能来源，或采集端版本较旧）。JSON 给出精确 Wh（energy_wh）。",
     ),
     "standby_h": ("Powered but not running (STANDBY).", "待机：通电未运行。"),
     "off_h": ("Switched off (OFF).", "关机：仪器断电或关闭。"),
@@ -216,6 +222,10 @@ class Row:
             for k, ms in MS_KEYS.items()
         }
 
+    def energy_wh(self) -> float | None:
+        """The exact energy in Wh (whole mWh), None where no interval carried energy."""
+        return energy.wh(self.hours.energy_mwh) if self.hours.energy_ms else None
+
     def seconds(self) -> dict[str, int | float]:
         """Exact seconds behind each hours column (a whole number, or milliseconds as decimals)."""
         return {k.removesuffix("_h") + "_s": _seconds(ms) for k, ms in self.exact_ms().items()}
@@ -237,6 +247,7 @@ class Row:
         out["utilisation_pct"] = round(100 * h.effective_ms / h.rated_ms, 1) if h.rated_ms else None
         out["sharing_pct"] = round(100 * h.external_ms / h.effective_ms, 1) if h.effective_ms else None
         out["coverage_pct"] = round(100 * h.coverage, 1) if h.period_ms else None
+        out["energy_kwh"] = energy.kwh(h.energy_mwh) if h.energy_ms else None
         code = str(self.info.get("category") or "")
         out["category"] = code
         out["category_name"] = category_name(code) if code else ""
@@ -517,6 +528,10 @@ def report_meta(
         prep, post = allowances_ms(info, policy)
         if (prep, post) != (policy.prep_allowance_s * 1000, policy.post_allowance_s * 1000):
             own[str(info["code"])] = {"prep_allowance_s": prep // 1000, "post_allowance_s": post // 1000}
+    rollups = Rollups(ledger, policy)
+    rollups.refresh()
+    with_energy = {code for code, (ms,) in rollups.totals(a, b, ("energy_ms",)).items() if ms}
+    without = sorted(set(rollups.registry()) - with_energy)
     caveats = [
         "Each instrument is judged on its metered part of the period: from its metering start (the registry's, else its first interval) to the period end or now. Time before metering began is 'not metered' (未计量) and time still to come is not counted; neither is 'no data', and neither carries rated hours.",
         "Hours are computed from the agents' signed intervals; service hours are effective time inside imported service records, not booking length.",
@@ -556,6 +571,11 @@ def report_meta(
             "rule": "the registry's rated_hours (定额机时) if given, else the policy's figure for general (通用) or special (专用), prorated to each instrument's metered part of the period (its metering start to the period end or the generation time) over a 365-day year",
         },
         "caveats": caveats,
+        "energy": {
+            "unit": "kWh (JSON energy_wh: Wh)",
+            "instruments_without_energy": without,
+            "rule": "no interval of these instruments in the period carries energy: their source has no power or energy reading, or their agent predates energy",
+        },
         "columns": {
             key: {"en": en, "zh": zh, "definition": DEFINITIONS[k][0], "定义": DEFINITIONS[k][1]}
             for key, (k, en, zh) in cols.items()
@@ -594,7 +614,7 @@ def render(
         cols = columns_for(by, registry=True)
 
         def item(r: Row, d: dict[str, Any]) -> dict[str, Any]:
-            return {**{k: d[k] for k, _, _ in cols}, "seconds": r.seconds()}
+            return {**{k: d[k] for k, _, _ in cols}, "energy_wh": r.energy_wh(), "seconds": r.seconds()}
 
         doc: dict[str, Any] = {
             "rows": [item(r, d) for r, d in zip(rows[:-1], data[:-1], strict=True)],
@@ -618,7 +638,7 @@ def render(
     shown = [c for c in cols if c[0] not in ("name", "unit", "standby_h", "off_h", "internal_h", "metered_h")]
     cells = [[(zh if lang == "zh" else en) for _, en, zh in shown]]
     cells += [[_fmt(d[k]) for k, _, _ in shown] for d in data]
-    widths = [max(_width(row[i]) for row in cells) for i in range(len(shown))]
+    widths = [max(text_width(row[i]) for row in cells) for i in range(len(shown))]
     lines = []
     for n, row in enumerate(cells):
         lines.append(
@@ -668,7 +688,15 @@ def write_xlsx(
         for cell in ws[ws.max_row]:
             cell.font = Font(bold=True)
         for i, (k, _, _) in enumerate(cols, start=1):
-            fmt = "0.00" if k.endswith("_h") else "0.0" if k.endswith("_pct") else None
+            fmt = (
+                "0.00"
+                if k.endswith("_h")
+                else "0.0"
+                if k.endswith("_pct")
+                else "0.000"
+                if k.endswith("_kwh")
+                else None
+            )
             if fmt:
                 for (cell,) in ws.iter_rows(min_row=2, min_col=i, max_col=i):
                     cell.number_format = fmt
@@ -676,7 +704,7 @@ def write_xlsx(
         ws.auto_filter.ref = f"A1:{get_column_letter(len(cols))}{max(1, ws.max_row - 1)}"
         for i in range(1, len(cols) + 1):
             letter = get_column_letter(i)
-            widest = max(_width(_fmt(c.value)) for (c,) in ws.iter_rows(min_col=i, max_col=i))
+            widest = max(text_width(_fmt(c.value)) for (c,) in ws.iter_rows(min_col=i, max_col=i))
             ws.column_dimensions[letter].width = min(60, max(10, widest + 3))
     wb.save(path)
 
@@ -708,6 +736,13 @@ def _about_sheet(ws: Any, meta: dict[str, Any], zh: bool) -> None:
         ("定额机时规则 Rated-hours rule", rated["rule"]),
     ]
     rows += [(f"说明 Caveat {n}", c) for n, c in enumerate(meta["caveats"], start=1)]
+    if "energy" in meta:
+        rows.append(
+            (
+                "无电能来源的仪器 Instruments without an energy source",
+                "; ".join(meta["energy"]["instruments_without_energy"]) or "-",
+            )
+        )
     append_row(ws, ["项目 Item", "内容 Value"])
     for label, value in rows:
         append_row(ws, [label, value])
@@ -733,10 +768,6 @@ def _fmt(v: object) -> str:
     return f"{v:.2f}" if isinstance(v, float) else printable(v)
 
 
-def _width(s: str) -> int:
-    return sum(2 if ord(ch) > 0x2E7F else 1 for ch in s)
-
-
 def _pad(s: str, w: int, left: bool) -> str:
-    space = " " * (w - _width(s))
+    space = " " * (w - text_width(s))
     return s + space if left else space + s

@@ -30,7 +30,8 @@ from labmeter.collector.reports.cells import append_row, to_csv
 from labmeter.collector.reports.formats import FormatError
 from labmeter.collector.reports.hours import PeriodError
 from labmeter.config import PolicyConfig
-from labmeter.log import printable
+from labmeter.energy import energy_in
+from labmeter.log import printable, text_width
 from labmeter.machine_hours import HOUR_MS, Hours, Segment, compute_buckets, merge, spread, union
 
 PARTS = ("records", "findings", "summary")
@@ -48,7 +49,8 @@ class Column(NamedTuple):
     """One column of a reconciliation table: its key, headers, how its value is shown, and its meaning.
 
     ``kind``: ``text``, ``int``, ``time`` (UTC ms, shown as local time), ``hours`` (ms; hours in tables and
-    XLSX, exact seconds beside them in CSV and JSON), ``pct`` (0.1 %)."""
+    XLSX, exact seconds beside them in CSV and JSON), ``pct`` (0.1 %), ``kwh`` (whole mWh; kWh in tables,
+    CSV and XLSX, exact Wh beside them in JSON), ``yuan`` (money, 0.01 yuan)."""
 
     key: str
     en: str
@@ -136,6 +138,22 @@ RECORD_COLUMNS = [
         "hours",
         "Time inside the booking whose state the meter knew (running, standby or off).",
         "预约时段内状态已知（运行、待机、关机）的时长。",
+    ),
+    Column(
+        "energy",
+        "Energy (kWh)",
+        "电能(kWh)",
+        "kwh",
+        "Energy the instrument used inside the booking, from the signed intervals' energy (as in report hours; an interval crossing the booking's edge counts in proportion to time); empty where no interval in it carries energy.",
+        "预约时段内仪器所耗电能，来自签名区间所带的电能（与机时报表同一定义；跨越预约边界的区间按时长比例计入）；时段内无区间带电能时为空。",
+    ),
+    Column(
+        "cost",
+        "Electricity cost (yuan)",
+        "电费（元）",
+        "yuan",
+        "Energy x [policy] tariff_yuan_per_kwh, to 0.01 yuan, for cost-compensation fees; empty without a tariff or without energy.",
+        "电能 × [policy] tariff_yuan_per_kwh（元/kWh），精确到分，用于成本补偿收费；未设电价或无电能时为空。",
     ),
     Column(
         "first_run",
@@ -387,6 +405,10 @@ class RecordRow:
     first_run_ms: int | None
     last_run_ms: int | None
     findings: list[str] = field(default_factory=list)
+    energy_mwh: int | None = None
+    """Energy inside the booking (labmeter.energy); None: no interval in it carries energy."""
+    tariff: float | None = None
+    """[policy] tariff_yuan_per_kwh, for the cost."""
 
     @property
     def booked_ms(self) -> int:
@@ -409,6 +431,12 @@ class RecordRow:
             "effective": h.effective_ms,
             "used_pct": _pct(h.effective_ms, self.booked_ms) if h.known_ms else None,
             "known": h.known_ms,
+            "energy": self.energy_mwh,
+            "cost": (
+                round(self.energy_mwh / 1e6 * self.tariff, 2)
+                if self.energy_mwh is not None and self.tariff is not None
+                else None
+            ),
             "first_run": self.first_run_ms,
             "last_run": self.last_run_ms,
             "findings": (
@@ -647,7 +675,9 @@ def _instrument(
     mine = [bk for bk in around if a <= bk.start_ms < min(b, now)]
     lo = min([a, *(bk.start_ms for bk in around)]) - max(prep, post) - window
     hi = max([b, *(bk.end_ms for bk in around)]) + max(prep, post) + window
-    tl = _Timeline(merge(r.span() for r in ledger.intervals_between(lo, hi, code)), prep, post)
+    found = ledger.intervals_between(lo, hi, code)
+    tl = _Timeline(merge(r.span() for r in found), prep, post)
+    energy_rows = [r.energy() for r in found]
     runs = tl.runs(a, b)
     if runs and runs[0][0] < a:  # a run under way at the start: a sign-in long before may have started it
         signins = ledger.signins_between(runs[0][0] - window, a - window, code) + signins
@@ -669,6 +699,8 @@ def _instrument(
         h = tl.hours(bk.start_ms, bk.end_ms)
         inside = [(max(s, bk.start_ms), min(e, bk.end_ms)) for s, e in tl.runs(bk.start_ms, bk.end_ms)]
         rec = RecordRow(bk, name, h, inside[0][0] if inside else None, inside[-1][1] if inside else None)
+        mwh, with_energy = energy_in(energy_rows, bk.start_ms, bk.end_ms)
+        rec.energy_mwh, rec.tariff = (mwh if with_energy else None), policy.tariff_yuan_per_kwh
         records[bk.id] = rec
         if h.known_ms == 0:
             rec.findings.append("unchecked")
@@ -832,6 +864,7 @@ def meta(
             "post_allowance_s": policy.post_allowance_s,
         },
         "thresholds": {k: getattr(policy, k) for k in THRESHOLDS},
+        "tariff_yuan_per_kwh": policy.tariff_yuan_per_kwh,
         "rules": [
             "Service records are counted in the period they start in, and measured over their whole booking; one that has not begun by the generation time is left out until it has.",
             "Run, effective and idle time follow the hour rules of report hours (one definition); an instrument's own prep/post allowances from the registry apply.",
@@ -874,6 +907,8 @@ def _cell(c: Column, v: Any, tz: ZoneInfo, exact: bool) -> Any:
         return _local(v, tz)
     if c.kind == "hours":
         return v / HOUR_MS if exact else round(v / HOUR_MS, 2)
+    if c.kind == "kwh":
+        return v / 1e6
     return v
 
 
@@ -927,6 +962,9 @@ def _json_row(cols: list[Column], d: dict[str, Any], tz: ZoneInfo) -> dict[str, 
         elif c.kind == "time":
             out[c.key] = None if v is None else _local(v, tz)
             out[f"{c.key}_ms"] = v
+        elif c.kind == "kwh":
+            out[f"{c.key}_kwh"] = None if v is None else v / 1e6
+            out[f"{c.key}_wh"] = None if v is None else v / 1000
         else:
             out[c.key] = v
     return out
@@ -939,26 +977,22 @@ def _text_table(cols: list[Column], rows: list[dict[str, Any]], lang: str, tz: Z
             return "-"
         if c.kind == "time":
             return str(x)[:16].replace("T", " ")
-        return f"{x:.2f}" if isinstance(x, float) and c.kind == "hours" else printable(x)
+        return f"{x:.2f}" if isinstance(x, float) and c.kind in ("hours", "kwh", "yuan") else printable(x)
 
     cells = [[c.zh if lang == "zh" else c.en for c in cols]]
     cells += [[show(c, d[c.key]) for c in cols] for d in rows]
-    widths = [max(_width(r[i]) for r in cells) for i in range(len(cols))]
+    widths = [max(text_width(r[i]) for r in cells) for i in range(len(cols))]
     out = []
     for n, r in enumerate(cells):
         out.append(
             "  ".join(
-                v + " " * (w - _width(v)) if c.kind in ("text", "time") else " " * (w - _width(v)) + v
+                v + " " * (w - text_width(v)) if c.kind in ("text", "time") else " " * (w - text_width(v)) + v
                 for v, w, c in zip(r, widths, cols, strict=True)
             ).rstrip()
         )
         if n == 0:
             out.append("  ".join("-" * w for w in widths))
     return out
-
-
-def _width(s: str) -> int:
-    return sum(2 if ord(ch) > 0x2E7F else 1 for ch in s)
 
 
 def write_xlsx(path: Path, rec: Reconciliation, lang: str, tz: ZoneInfo) -> None:
@@ -981,11 +1015,11 @@ def write_xlsx(path: Path, rec: Reconciliation, lang: str, tz: ZoneInfo) -> None
         for d in table_rows(rec, part, lang):
             append_row(ws, [_cell(c, d[c.key], tz, True) for c in cols])
         for i, c in enumerate(cols, start=1):
-            fmt = {"hours": "0.00", "pct": "0.0"}.get(c.kind)
+            fmt = {"hours": "0.00", "pct": "0.0", "kwh": "0.000", "yuan": "0.00"}.get(c.kind)
             if fmt:
                 for (cell,) in ws.iter_rows(min_row=2, min_col=i, max_col=i):
                     cell.number_format = fmt
-            widest = max(_width(str(x.value or "")) for (x,) in ws.iter_rows(min_col=i, max_col=i))
+            widest = max(text_width(str(x.value or "")) for (x,) in ws.iter_rows(min_col=i, max_col=i))
             ws.column_dimensions[get_column_letter(i)].width = min(60, max(10, widest + 3))
         ws.freeze_panes = "B2"
         ws.auto_filter.ref = f"A1:{get_column_letter(len(cols))}{max(1, ws.max_row)}"
@@ -1006,6 +1040,7 @@ def _about(ws: Any, m: dict[str, Any]) -> None:
         ["准备时间 Prep allowance (s)", m["allowances"]["prep_allowance_s"]],
         ["后处理时间 Post allowance (s)", m["allowances"]["post_allowance_s"]],
         *([f"阈值 Threshold [policy] {k}", v] for k, v in m["thresholds"].items()),
+        ["电价 Tariff [policy] tariff_yuan_per_kwh (元/kWh)", m.get("tariff_yuan_per_kwh") or "-"],
         *([f"规则 Rule {n}", r] for n, r in enumerate(m["rules"], start=1)),
         [],
         ["发现 Finding", "定义", "Definition"],

@@ -7,7 +7,6 @@ import math
 import shutil
 import sys
 import time
-import unicodedata
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
@@ -17,7 +16,7 @@ from zoneinfo import ZoneInfo
 
 import click
 
-from labmeter.log import printable
+from labmeter.log import fit, printable
 from labmeter.netutil import redact_text, redact_url
 
 COLOURS = {"RUNNING": "\033[32m", "STANDBY": "\033[33m", "OFF": "\033[90m", "UNKNOWN": "\033[31m"}
@@ -38,37 +37,6 @@ def _number(v: object, spec: str) -> str:
         if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
         else "-"
     )
-
-
-ELLIPSIS = "…"
-
-
-def cell_width(ch: str) -> int:
-    """Columns a character takes in a terminal: wide and fullwidth (CJK) 2, combining marks 0."""
-    if unicodedata.combining(ch):
-        return 0
-    return 2 if unicodedata.east_asian_width(ch) in ("W", "F") else 1
-
-
-def text_width(text: str) -> int:
-    return sum(cell_width(ch) for ch in text)
-
-
-def fit(text: str, width: int, right: bool = False) -> str:
-    """``text`` padded to exactly ``width`` columns, cut with an ellipsis when it is wider."""
-    if width <= 0:
-        return ""
-    if text_width(text) > width:
-        out, used = [], 0
-        for ch in text:
-            w = cell_width(ch)
-            if used + w > width - 1:
-                break
-            out.append(ch)
-            used += w
-        text = "".join(out) + ELLIPSIS
-    pad = " " * (width - text_width(text))
-    return pad + text if right else text + pad
 
 
 @dataclass(frozen=True)
