@@ -22,6 +22,18 @@ ROOT = Path(__file__).resolve().parent.parent
 LABMETER = [sys.executable, "-m", "labmeter"]
 
 
+# Real processes on the scaled clock (one real second is 40 simulated ones), or the demo's 14 hours in 20 s:
+# what they measure bends when other tests share the CPU, so `make test` runs them after the parallel part,
+# one at a time (pytest -m serial)
+SERIAL_MODULES = {"test_scenario", "test_chaos", "test_scaleout", "test_power", "test_demo"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if item.module is not None and item.module.__name__.rpartition(".")[2] in SERIAL_MODULES:
+            item.add_marker(pytest.mark.serial)
+
+
 def mosquitto_bin() -> str:
     path = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
     if not os.path.exists(path):
