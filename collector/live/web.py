@@ -26,9 +26,10 @@ from zoneinfo import ZoneInfo
 import msgspec
 from aiohttp import web
 
-from labmeter.collector.report import GROUPINGS, YEAR_MS, hours_report, rated_ms
-from labmeter.collector.rollup import Calendar, Rollups
+from labmeter.collector.ledger.rollup import Calendar, Rollups
+from labmeter.collector.reports.hours import GROUPINGS, YEAR_MS, hours_report, rated_ms
 from labmeter.config import ConfigError
+from labmeter.machine_hours import HOUR_MS as H
 from labmeter.netutil import is_loopback, split_listen
 from labmeter.wire import ID_RE
 
@@ -36,7 +37,6 @@ if TYPE_CHECKING:
     from labmeter.collector.service import Collector
 
 log = logging.getLogger("labmeter.web")
-H = 3_600_000
 DAY = 24 * H
 CACHE_S = 10.0
 AGENT_DOWN_AFTER_S = 90.0
@@ -149,7 +149,7 @@ class LiveView:
     def instruments(self) -> list[dict[str, Any]]:
         c = self.collector
         now = c.clock.wall_ms()
-        registry = {str(i["code"]): i for i in c.ledger.instruments()}
+        registry = c.ledger.instruments_by_code()
 
         def usage() -> dict[str, dict[str, dict[str, float | None]]]:
             """Hours so far today, this month and this year. Intervals end in the past, so the rollup of
@@ -274,7 +274,7 @@ class LiveView:
             raise BadRequest("from, to: a timeline spans at most 31 days")
         rows = self.collector.ledger.intervals_between(a, b, code)
         intervals = [
-            {"start": max(r[3], a), "end": min(r[4], b), "state": r[5], "verified": bool(r[6])} for r in rows
+            {"start": max(r.start_ms, a), "end": min(r.end_ms, b), "state": r.state, "verified": r.linked} for r in rows
         ]
         live = self.collector.live.instruments.get(code)
         if (
@@ -329,7 +329,7 @@ class LiveView:
         return web.json_response({"agents": self.agents()}, dumps=_dumps)
 
     async def api_openapi(self, request: web.Request) -> web.Response:
-        spec = resources.files("labmeter.collector").joinpath("openapi.json").read_text(encoding="utf-8")
+        spec = resources.files("labmeter.collector.live").joinpath("openapi.json").read_text(encoding="utf-8")
         return web.Response(text=spec, content_type="application/json")
 
     async def events(self, request: web.Request) -> web.StreamResponse:
@@ -386,7 +386,7 @@ def _page_and_policy(name: str) -> tuple[str, str]:
     """A page and its Content-Security-Policy: only the page's own inline script runs (by its hash), so
     markup that reached the page some other way could run nothing; the pages build their content from
     text nodes anyway."""
-    html = resources.files("labmeter.collector").joinpath(name).read_text(encoding="utf-8")
+    html = resources.files("labmeter.collector.live").joinpath(name).read_text(encoding="utf-8")
     hashes = [
         "'sha256-" + base64.b64encode(hashlib.sha256(m.encode()).digest()).decode() + "'"
         for m in re.findall(r"<script>(.*?)</script>", html, flags=re.S)
