@@ -31,7 +31,7 @@ WINDOW = (20, 680)
 # real seconds from starting the processes to simulated time 0, at least; start_all gives them more on a
 # machine where a CLI start (timed at enrolment) is slow, and fails if they are not all up by then (a late
 # start would silently shorten what the run covers). Time before 0 is simulated too (all OFF).
-HEAD_START_S = 5.0
+HEAD_START_S = 3.0
 HEAD_START_CLI_RUNS = 4  # three processes start at once on two cores: each a CLI start, and some
 READY = {
     "collector": ("connected to broker", "collector running"),
