@@ -31,8 +31,8 @@ WINDOW = (20, 680)
 # real seconds from starting the processes to simulated time 0, at least; start_all gives them more on a
 # machine where a CLI start (timed at enrolment) is slow, and fails if they are not all up by then (a late
 # start would silently shorten what the run covers). Time before 0 is simulated too (all OFF).
-HEAD_START_S = 3.0
-HEAD_START_CLI_RUNS = 4  # three processes start at once on two cores: each a CLI start, and some
+HEAD_START_S = 5.0
+HEAD_START_CLI_RUNS = 6  # three processes start at once on two cores: each several CLI starts
 READY = {
     "collector": ("connected to broker", "collector running"),
     "collector2": ("connected to broker", "collector running"),
