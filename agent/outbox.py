@@ -161,6 +161,7 @@ class AgentStore:
                     span.state.value,
                     span.note,
                     span.clock_step_ms,
+                    span.energy_wh,
                 )
                 body = wire.dump_body(iv.body())
                 prev = wire.body_hash(body)

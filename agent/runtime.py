@@ -19,7 +19,7 @@ from labmeter import __version__, signing, winsys, wire
 from labmeter.agent.classifier import Classifier
 from labmeter.agent.control import AckGate, Pin, load_pin, pin_path
 from labmeter.agent.outbox import AgentStore, Checkpoint, DiskFull, Signer
-from labmeter.agent.power import PowerDownsampler
+from labmeter.agent.power import IntervalEnergy, PowerDownsampler
 from labmeter.agent.power import publish as publish_power
 from labmeter.agent.timeline import Span, Timeline, split
 from labmeter.clock import Clock, clock_from_env
@@ -100,6 +100,7 @@ class InstrumentRunner:
         self.last: Reading | None = None
         self._open_sent_at = -1e18
         self.power = PowerDownsampler(max_gap_ms=round(3 * cfg.poll_s * 1000))
+        self.energy = IntervalEnergy(max_gap_ms=round(3 * cfg.poll_s * 1000))
         self._failing_since: float | None = None  # the current episode of failed reads, for the log
         self._failed = 0
         self._errors_seen: set[str] = set()
@@ -120,6 +121,10 @@ class InstrumentRunner:
                 log.info("%s: agent was down %.0f s; recorded as UNKNOWN", self.id, (start - cp.at_ms) / 1000)
         self.timeline = Timeline(self.agent.bucket_ms, start, State.UNKNOWN)
         self.agent.emit(self.id, spans, Checkpoint(start, State.UNKNOWN, start))
+
+    def with_energy(self, spans: list[Span]) -> list[Span]:
+        """Closed spans with the energy measured in each (recovered and down time carry none)."""
+        return [replace(s, energy_wh=self.energy.take(s.start, s.end)) for s in spans]
 
     def checkpoint(self, now_ms: int) -> Checkpoint:
         t = self.timeline
@@ -170,9 +175,10 @@ class InstrumentRunner:
         self._log_episode(reading)
         self.last = reading
         publish_power(self.agent, self.id, self.power.feed(now_ms, reading.power_w, reading.energy_wh))
+        self.energy.feed(now_ms, reading.power_w, reading.energy_wh)
         before = self.timeline.state
         change = self.classifier.update(reading)
-        spans = self.timeline.advance(now_ms, change.state, change.since_ms)
+        spans = self.with_energy(self.timeline.advance(now_ms, change.state, change.since_ms))
         if spans:
             self.agent.emit(self.id, spans, self.checkpoint(now_ms))
         cards = self.driver.take_signins() if Capability.SIGNINS in self.driver.capabilities else []
@@ -500,7 +506,8 @@ class Agent:
             "wall clock stepped by %+d ms; intervals close at the old time and resume at the new", delta
         )
         for r in self.runners:
-            self.emit(r.id, r.timeline.step(expected_ms, wall_ms), r.checkpoint(wall_ms))
+            self.emit(r.id, r.with_energy(r.timeline.step(expected_ms, wall_ms)), r.checkpoint(wall_ms))
+            r.energy.reset()
 
     async def run(self, stop: asyncio.Event) -> None:
         now = self.timebase.now_ms()
@@ -540,7 +547,7 @@ class Agent:
     async def _shutdown(self) -> None:
         now = self.timebase.now_ms()
         for r in self.runners:
-            spans = r.timeline.close(now)
+            spans = r.with_energy(r.timeline.close(now))
             at = max(now, r.timeline.start)  # never behind what is stored (a clock stepped back)
             self.emit(r.id, spans, Checkpoint(at, State.UNKNOWN, at, r.timeline.clock_step_ms))
         if not self._flush_unwritten():

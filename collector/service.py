@@ -29,6 +29,7 @@ from labmeter.collector.live.web import LiveView
 from labmeter.collector.verify import Accepted, AcceptedSignIn, Pending, Rejected, Status, Verifier
 
 if TYPE_CHECKING:
+    from labmeter.collector.alerts import Alerter
     from labmeter.collector.sink_influx import InfluxSink
 
 from labmeter import config, signing, wire
@@ -145,6 +146,7 @@ class Collector:
         self.link: MqttLink | None = None
         self.web: LiveView | None = None
         self.sink: InfluxSink | None = None
+        self.alerts: Alerter | None = None
         self.live_hooks: list[Callable[[str, dict[str, Any]], None]] = []
         """Called with every live change after the web view (the time-series sink subscribes); must not block."""
         self.ready = asyncio.Event()
@@ -563,6 +565,19 @@ class Collector:
                 self, web_cfg.listen, web_cfg.timezone, token, web_cfg.public, web_cfg.public_power
             )
             await self.web.start()
+        alert_task = None
+        if self.cfg.alerts is not None:
+            from labmeter.collector.alerts import Alerter
+
+            self.alerts = Alerter(
+                self.cfg.alerts,
+                self.ledger,
+                self.live,
+                self.cfg.policy,
+                self.clock,
+                lambda: self.stats["stored"],
+            )
+            alert_task = asyncio.create_task(self.alerts.run(), name="alerts")
         # Ingest allocates many short-lived objects and no cycles worth chasing: keep the start-up heap out
         # of the collector's way and let generation 0 grow, instead of a full scan every few hundred messages.
         gc.freeze()
@@ -574,7 +589,7 @@ class Collector:
         try:
             await stop.wait()
         finally:
-            for task in (ingest, rollup_task):
+            for task in (ingest, rollup_task, *([alert_task] if alert_task else [])):
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task

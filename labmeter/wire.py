@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 from dataclasses import dataclass
 from enum import StrEnum
@@ -193,6 +194,8 @@ class Interval(msgspec.Struct, frozen=True):
     """A closed interval ``[start, end)`` of one state, link ``seq`` in its instrument's chain.
 
     A msgspec struct, so the collector decodes a body straight into it, types checked in C.
+    ``energy_wh``: the energy used in the interval, measured by the agent; absent (None) where it could
+    not be measured and in bodies from agents before energy, which stay version 1 (docs/decisions.md).
     """
 
     agent: str
@@ -204,6 +207,7 @@ class Interval(msgspec.Struct, frozen=True):
     state: str
     note: str | None = None
     clock_step_ms: int = 0
+    energy_wh: float | None = None
     v: int = VERSION
     kind: str = "interval"
 
@@ -223,6 +227,8 @@ class Interval(msgspec.Struct, frozen=True):
             out["note"] = self.note
         if self.clock_step_ms:
             out["clock_step_ms"] = self.clock_step_ms
+        if self.energy_wh is not None:
+            out["energy_wh"] = self.energy_wh
         return out
 
 
@@ -410,7 +416,19 @@ def _checked(iv: Interval) -> Interval:
         raise WireError(f"end {iv.end} is not after start {iv.start}")
     if iv.end - iv.start > MAX_INTERVAL_MS:
         raise WireError(f"interval of {iv.end - iv.start} ms is longer than a day")
+    if iv.energy_wh is not None:
+        check_energy("interval", iv.energy_wh, iv.end - iv.start)
     return iv
+
+
+def check_energy(what: str, energy_wh: float, length_ms: int) -> None:
+    """Energy of a window or interval: finite, not negative, at most MAX_POWER_W for its whole length."""
+    most = max_window_energy_wh(length_ms)
+    if not (math.isfinite(energy_wh) and 0 <= energy_wh <= most):
+        raise WireError(
+            f"energy_wh must be within 0 .. {most:.0f} Wh (at most {MAX_POWER_W:.0f} W for the {what}'s "
+            f"{length_ms} ms), not {energy_wh!r}"
+        )
 
 
 # Control path: signed acknowledgements (collector -> agent) and signed status (agent -> collector) ------
@@ -648,8 +666,6 @@ _power_decoder = msgspec.json.Decoder(Power)
 
 def decode_power(body_text: str) -> Power:
     """A checked power body: ids, a window of at most ten minutes, finite watts in order, a sane count."""
-    import math
-
     p = _decode(_power_decoder, body_text)
     if p.v != VERSION or p.kind != "power":
         raise WireError("body is not a version-1 power")
@@ -665,11 +681,8 @@ def decode_power(body_text: str) -> Power:
     slack = 1e-6 * max(1.0, abs(p.max_w))
     if not p.min_w <= p.max_w or not p.min_w - slack <= p.mean_w <= p.max_w + slack:
         raise WireError("power needs min_w <= mean_w <= max_w")
-    most = max_window_energy_wh(p.end - p.start)
-    if p.energy_wh is not None and not (math.isfinite(p.energy_wh) and 0 <= p.energy_wh <= most):
-        raise WireError(
-            f"energy_wh must be within 0 .. {most:.0f} Wh (at most {MAX_POWER_W:.0f} W for the window)"
-        )
+    if p.energy_wh is not None:
+        check_energy("power", p.energy_wh, p.end - p.start)
     return p
 
 

@@ -15,6 +15,7 @@ from typing import Any
 
 from labmeter import evidence, signing
 from labmeter.collector.ledger import Ledger
+from labmeter.energy import energy_in
 from labmeter.machine_hours import compute, uncovered
 
 
@@ -41,7 +42,14 @@ def write_bundle(
     services = ledger.service_records(a, b, instrument)
     windows = [(int(str(r["start_ms"])), int(str(r["end_ms"])), r["service_type"] == 130) for r in services]
     hours = compute(spans, a, b, prep_s * 1000, post_s * 1000, windows)
-    claimed = {**hours.totals(), "service_ms": hours.service_ms, "external_ms": hours.external_ms}
+    mwh, known = energy_in([r.energy() for r in rows], a, b)
+    claimed = {
+        **hours.totals(),
+        "service_ms": hours.service_ms,
+        "external_ms": hours.external_ms,
+        "energy_mwh": mwh,
+        "energy_ms": known,
+    }
     bundle = {
         "format": evidence.FORMAT,
         "instrument": instrument,
