@@ -266,10 +266,12 @@ def test_sigterm_stops_the_agent_in_every_state(kind: str, tmp_path: Path) -> No
             lab.start("agent")
             wait_for(lambda: "connected to broker" in lab.log("agent").split("stopped;")[-1], 30)
             broker.stop(kill=True)
-            time.sleep(1.0)
+            wait_for(lambda: "lost broker" in lab.log("agent").split("stopped;")[-1], 30, "the agent losing it")
             assert sigterm_seconds(lab) < 8, "broker gone"
             lab.start("agent")  # the broker is still down: the agent never connects
-            time.sleep(2.0)
+            wait_for(
+                lambda: "cannot reach broker" in lab.log("agent").split("stopped;")[-1], 30, "a failed connect"
+            )
             assert sigterm_seconds(lab) < 8, "never connected"
             broker.start()
             lab.start("agent")
@@ -295,8 +297,7 @@ def test_collector_with_the_builtin_broker_sigkilled_during_ingest(tmp_path: Pat
         lab.stop("collector", kill=True)
         assert lab.outbox_left() > 200
         cp0 = checkpoint_at(lab)
-        time.sleep(2.0)
-        assert checkpoint_at(lab) > cp0
+        wait_for(lambda: checkpoint_at(lab) > cp0, 30, "the checkpoint moving on with the collector down")
         lab.start("collector")
         finish(lab)
     # the plug's readings also pass through the killed broker, and the simulated plug replays its
