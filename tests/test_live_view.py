@@ -82,7 +82,7 @@ def test_api_endpoints_and_bad_parameters(lab) -> None:  # type: ignore[no-untyp
     icp = got["CZ-ICP-002"]
     for key in ("run_h", "effective_h"):
         assert icp["today"][key] <= icp["month"][key] <= icp["year"][key], icp
-    assert set(icp["today"]) == {"run_h", "effective_h", "utilisation_pct"}
+    assert set(icp["today"]) == {"run_h", "effective_h", "utilisation_pct", "energy_wh"}
     assert 0 <= icp["today"]["run_h"] <= icp["today"]["effective_h"] <= 1.0
     wait_for(lambda: get(f"{base}/api/agents")[1]["agents"], what="heartbeat")
     agents = get(f"{base}/api/agents")[1]["agents"]

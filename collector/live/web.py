@@ -27,13 +27,14 @@ import msgspec
 from aiohttp import web
 
 from labmeter.collector.ledger.rollup import Calendar, Rollups
-from labmeter.collector.reports.hours import GROUPINGS, YEAR_MS, hours_report, rated_ms
+from labmeter.collector.reports.hours import GROUPINGS, hours_report, metered_rated_ms, metering_starts
 from labmeter.config import ConfigError
 from labmeter.machine_hours import HOUR_MS as H
 from labmeter.netutil import is_loopback, split_listen
 from labmeter.wire import ID_RE
 
 if TYPE_CHECKING:
+    from labmeter.collector.metrics import Metrics
     from labmeter.collector.service import Collector
 
 log = logging.getLogger("labmeter.web")
@@ -112,6 +113,7 @@ class LiveView:
         self._cache: dict[str, tuple[float, Any]] = {}
         self._runner: web.AppRunner | None = None
         self.port: int | None = None
+        self._metrics: Metrics | None = None
         if not is_loopback(split_listen(listen)[0]) and not token:
             raise ConfigError(
                 f"[web] listen = {listen!r} is not loopback: set token_file so the page needs a token"
@@ -158,20 +160,22 @@ class LiveView:
             policy = c.cfg.policy
             rollups = Rollups(c.ledger, policy, registry)
             rollups.refresh()
-            yearly = {code: rated_ms(info, policy, YEAR_MS) for code, info in registry.items()}
-            default = rated_ms({}, policy, YEAR_MS)
+            metered = metering_starts(c.ledger)
             starts = self._period_starts(now)
             # periods end at the page's next midnight or month: nothing is recorded between now and then
             ends = {"today": self.calendar.next_day(now), "month": self.calendar.next_month(now)}
             for name, start in starts.items():
-                totals = rollups.totals(start, ends.get(name, ends["month"]), ("run_ms", "effective_ms"))
-                share = max(1, now - start) / YEAR_MS
-                for code, (run, effective) in totals.items():
-                    rated = yearly.get(code, default) * share
+                columns = ("run_ms", "effective_ms", "energy_mwh", "energy_ms")
+                totals = rollups.totals(start, ends.get(name, ends["month"]), columns)
+                for code, (run, effective, mwh, energy_ms) in totals.items():
+                    rated = metered_rated_ms(
+                        registry.get(code, {}), policy, start, now, now, metered.get(code)
+                    )
                     out.setdefault(code, {})[name] = {
                         "run_h": round(run / H, 2),
                         "effective_h": round(effective / H, 2),
                         "utilisation_pct": round(100 * effective / rated, 1) if rated else None,
+                        "energy_wh": mwh / 1000 if energy_ms else None,
                     }
             return out
 
@@ -274,7 +278,8 @@ class LiveView:
             raise BadRequest("from, to: a timeline spans at most 31 days")
         rows = self.collector.ledger.intervals_between(a, b, code)
         intervals = [
-            {"start": max(r.start_ms, a), "end": min(r.end_ms, b), "state": r.state, "verified": r.linked} for r in rows
+            {"start": max(r.start_ms, a), "end": min(r.end_ms, b), "state": r.state, "verified": r.linked}
+            for r in rows
         ]
         live = self.collector.live.instruments.get(code)
         if (
@@ -321,6 +326,11 @@ class LiveView:
         if self.public_power:
             keep.append("power_w")
         rows = [{k: i.get(k) for k in keep} for i in self.instruments()]
+        if not self.public_power:  # energy tells what power tells
+            for row in rows:
+                for period in ("today", "month", "year"):
+                    if isinstance(usage := row.get(period), dict):
+                        row[period] = {k: v for k, v in usage.items() if k != "energy_wh"}
         return web.json_response(
             {"now": self.collector.clock.wall_ms(), "tz": str(self.tz), "instruments": rows}, dumps=_dumps
         )
@@ -331,6 +341,17 @@ class LiveView:
     async def api_openapi(self, request: web.Request) -> web.Response:
         spec = resources.files("labmeter.collector.live").joinpath("openapi.json").read_text(encoding="utf-8")
         return web.Response(text=spec, content_type="application/json")
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        """Prometheus text format (docs/metrics.md), behind the same token and binding as the API."""
+        from labmeter.collector.metrics import CONTENT_TYPE, Metrics
+
+        if self._metrics is None:
+            self._metrics = Metrics(self.collector)
+        now = self.collector.clock.wall_ms()
+        online = sum(not self._agent_down(a, now) for a in self.collector.verifier.keys)
+        text = self._metrics.render(online)
+        return web.Response(body=text.encode(), headers={"Content-Type": CONTENT_TYPE})
 
     async def events(self, request: web.Request) -> web.StreamResponse:
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
@@ -363,6 +384,7 @@ class LiveView:
         app.router.add_get("/api/openapi.json", self.api_openapi)
         app.router.add_get("/api/instruments/{code}/signins", self.api_signins)
         app.router.add_get("/instrument/{code}", self.instrument_page)
+        app.router.add_get("/metrics", self.metrics)
         if self.public:
             app.router.add_get("/public", self.page)
             app.router.add_get("/public/api/instruments", self.public_api)
