@@ -26,11 +26,12 @@ from zoneinfo import ZoneInfo
 import msgspec
 from aiohttp import web
 
-from labmeter.collector.report import GROUPINGS, YEAR_MS, hours_report, rated_ms
-from labmeter.collector.rollup import Calendar, Rollups
+from labmeter.collector.report import GROUPINGS, hours_report, per_instrument, utilisation_pct
+from labmeter.collector.rollup import Calendar, allowances_ms
 from labmeter.config import ConfigError
+from labmeter.machine_hours import compute
 from labmeter.netutil import is_loopback, split_listen
-from labmeter.wire import ID_RE
+from labmeter.wire import ID_RE, STATES
 
 if TYPE_CHECKING:
     from labmeter.collector.service import Collector
@@ -50,6 +51,7 @@ class BadRequest(web.HTTPBadRequest):
 MAX_MS = 253_402_300_799_999  # 9999-12-31T23:59:59.999Z: past it no date can be shown
 MAX_PERIOD_DAYS = 400  # a utilisation query covers a year and a bit, not centuries
 MAX_SIGNINS = 200
+MAX_SERVICES = 200
 
 
 def _shown(raw: str) -> str:
@@ -108,6 +110,8 @@ class LiveView:
         self.tz = ZoneInfo(tz)
         self.calendar = Calendar(self.tz)
         self.token = token
+        self.agent_down_after_s = AGENT_DOWN_AFTER_S
+        """An agent not heard of for longer is down and its instruments UNKNOWN (a test shortens it)."""
         self.listeners: set[asyncio.Queue[str]] = set()
         self._cache: dict[str, tuple[float, Any]] = {}
         self._runner: web.AppRunner | None = None
@@ -146,63 +150,141 @@ class LiveView:
             "year": cal.day_floor(int(year.timestamp() * 1000)),
         }
 
+    def _periods(self, now: int) -> dict[str, tuple[int, int]]:
+        """Today, this month and this year as `labmeter report hours` takes them (whole local days, the
+        period's end after now): so the report's rated hours, prorated to now, are the page's."""
+        starts = self._period_starts(now)
+        y = datetime.fromtimestamp(starts["year"] / 1000, self.tz)
+        next_year = int(datetime(y.year + 1, 1, 1, tzinfo=self.tz).timestamp() * 1000)
+        return {
+            "today": (starts["today"], self.calendar.next_day(now)),
+            "month": (starts["month"], self.calendar.next_month(now)),
+            "year": (starts["year"], next_year),
+        }
+
+    def _usage(self, now: int, registry: dict[str, dict[str, Any]]) -> dict[str, dict[str, dict[str, Any]]]:
+        """Each instrument's hours today, this month and this year: the report's per-instrument hours
+        (stored, verified intervals) plus the open interval, whose part is given as provisional seconds."""
+        c = self.collector
+        policy = c.cfg.policy
+        first = c.ledger.first_interval_ms()
+        periods = self._periods(now)
+        stored = {
+            name: per_instrument(c.ledger, a, b, policy, now, first) for name, (a, b) in periods.items()
+        }
+        extra = self._provisional(now, registry, {n: a for n, (a, _b) in periods.items()})
+        out: dict[str, dict[str, dict[str, Any]]] = {}
+        for name, per in stored.items():
+            for code, h in per.items():
+                run_p, eff_p = extra.get(code, {}).get(name, (0, 0))
+                run, effective = h.run_ms + run_p, h.effective_ms + eff_p
+                out.setdefault(code, {})[name] = {
+                    "run_h": round(run / H, 2),
+                    "effective_h": round(effective / H, 2),
+                    "rated_h": round(h.rated_ms / H, 2),
+                    "utilisation_pct": utilisation_pct(effective, h.rated_ms),
+                    "provisional_run_s": run_p // 1000,
+                    "provisional_effective_s": eff_p // 1000,
+                }
+        return out
+
+    def _provisional(
+        self, now: int, registry: dict[str, dict[str, Any]], starts: dict[str, int]
+    ) -> dict[str, dict[str, tuple[int, int]]]:
+        """Run and effective ms the open intervals add to each period: the open interval of every instrument
+        whose agent is up, from after its last stored interval to now, judged with the stored ones around it
+        by the same rules (:func:`labmeter.machine_hours.compute`). Agents cut intervals at every hour, so
+        the stored neighbours are in the last two hours: one query for all instruments."""
+        c = self.collector
+        opened: dict[str, tuple[int, str]] = {}
+        for code, live in c.live.instruments.items():
+            start, state, agent = live.get("start"), live.get("state"), live.get("agent")
+            if (
+                isinstance(start, int)
+                and not isinstance(start, bool)
+                and isinstance(state, str)
+                and state in STATES
+                and isinstance(agent, str)
+                and not self._agent_down(agent, now)
+                and start < now
+            ):
+                opened[code] = (start, str(state))
+        if not opened:
+            return {}
+        policy = c.cfg.policy
+        back = now - 2 * H
+        rows: dict[str, list[tuple[int, int, str, bool]]] = {}
+        for r in c.ledger.intervals_between(back, now):
+            if r[0] in opened:
+                rows.setdefault(r[0], []).append((int(r[3]), int(r[4]), str(r[5]), bool(r[6])))
+        out: dict[str, dict[str, tuple[int, int]]] = {}
+        for code, (start, state) in opened.items():
+            near = rows.get(code, [])
+            lo = max([start, *(e for _s, e, _st, _l in near)])
+            if lo >= now:
+                continue
+            prep, post = allowances_ms(registry.get(code, {}), policy)
+            with_open = [*near, (lo, now, state, True)]
+            for name, a in starts.items():
+                w = max(a, lo - prep - post)
+                if w >= now:
+                    continue
+                before, after = compute(near, w, now, prep, post), compute(with_open, w, now, prep, post)
+                run, eff = after.run_ms - before.run_ms, after.effective_ms - before.effective_ms
+                if run or eff:
+                    out.setdefault(code, {})[name] = (run, eff)
+        return out
+
     def instruments(self) -> list[dict[str, Any]]:
+        """Every known instrument, its state now and its hours. The state is UNKNOWN (the last one reported
+        kept as ``last_state``) unless an agent is up for it: a badge from a silent agent is no state."""
         c = self.collector
         now = c.clock.wall_ms()
         registry = {str(i["code"]): i for i in c.ledger.instruments()}
-
-        def usage() -> dict[str, dict[str, dict[str, float | None]]]:
-            """Hours so far today, this month and this year. Intervals end in the past, so the rollup of
-            the whole current day or month holds exactly what has happened in it so far."""
-            out: dict[str, dict[str, dict[str, float | None]]] = {}
-            policy = c.cfg.policy
-            rollups = Rollups(c.ledger, policy, registry)
-            rollups.refresh()
-            yearly = {code: rated_ms(info, policy, YEAR_MS) for code, info in registry.items()}
-            default = rated_ms({}, policy, YEAR_MS)
-            starts = self._period_starts(now)
-            # periods end at the page's next midnight or month: nothing is recorded between now and then
-            ends = {"today": self.calendar.next_day(now), "month": self.calendar.next_month(now)}
-            for name, start in starts.items():
-                totals = rollups.totals(start, ends.get(name, ends["month"]), ("run_ms", "effective_ms"))
-                share = max(1, now - start) / YEAR_MS
-                for code, (run, effective) in totals.items():
-                    rated = yearly.get(code, default) * share
-                    out.setdefault(code, {})[name] = {
-                        "run_h": round(run / H, 2),
-                        "effective_h": round(effective / H, 2),
-                        "utilisation_pct": round(100 * effective / rated, 1) if rated else None,
-                    }
-            return out
-
-        hours = self._cached("usage", usage)
+        hours = self._cached("usage", lambda: self._usage(now, registry))
+        enrolled = self._cached("enrolled", self._enrolled)
         out = []
         for code in sorted(set(registry) | set(c.live.instruments)):
             info = registry.get(code, {})
             live = c.live.instruments.get(code, {})
-            agent = str(live.get("agent", ""))
+            agent = str(live.get("agent", "")) or ", ".join(enrolled.get(code, ()))
+            if not agent:
+                status = "none"
+            elif self._agent_down(str(live.get("agent", "")) or enrolled[code][0], now):
+                status = "down"
+            else:
+                status = "up"
+            last = live.get("state")
             out.append(
                 {
                     "code": code,
                     "name": info.get("name") or "",
                     "unit": info.get("unit") or "",
                     "category": info.get("category") or "",
-                    "state": live.get("state", "UNKNOWN"),
+                    "state": last if status == "up" and last is not None else "UNKNOWN",
+                    "last_state": last,
                     "since": live.get("start"),
                     "power_w": live.get("power_w"),
                     "error": live.get("error"),
                     "agent": agent,
-                    "agent_down": self._agent_down(agent, now) if agent else True,
+                    "agent_status": status,
+                    "agent_down": status != "up",
                     **hours.get(code, {}),
                 }
             )
+        return out
+
+    def _enrolled(self) -> dict[str, list[str]]:
+        out: dict[str, list[str]] = {}
+        for agent, code in sorted(self.collector.ledger.enrolments()):
+            out.setdefault(code, []).append(agent)
         return out
 
     def _agent_down(self, agent: str, now: int) -> bool:
         a = self.collector.live.agents.get(agent)
         if a is None or a.get("online") is not True or (received := _received_ms(a)) is None:
             return True
-        return now - received > AGENT_DOWN_AFTER_S * 1000 * max(1.0, self.collector.clock.scale)
+        return now - received > self.agent_down_after_s * 1000 * max(1.0, self.collector.clock.scale)
 
     def agents(self) -> list[dict[str, Any]]:
         """Registered agents that sent status; an unsigned status shows as "unverified", never online."""
@@ -305,6 +387,40 @@ class LiveView:
             {"from": a, "to": b, "by": by, "rows": [r.values() for r in rows]}, dumps=_dumps
         )
 
+    async def api_instrument(self, request: web.Request) -> web.Response:
+        """One instrument as in the list: what its page shows at the top."""
+        code = self._instrument(request)
+        row = next((i for i in self.instruments() if i["code"] == code), None)
+        if row is None:  # gone between the two reads
+            raise web.HTTPNotFound(
+                text=json.dumps({"error": f"no instrument {code!r}"}), content_type="application/json"
+            )
+        return web.json_response(
+            {"now": self.collector.clock.wall_ms(), "tz": str(self.tz), "instrument": row}, dumps=_dumps
+        )
+
+    async def api_services(self, request: web.Request) -> web.Response:
+        """Service records (bookings) overlapping a range: when, what kind and for which unit; no names."""
+        code = self._instrument(request)
+        now = self.collector.clock.wall_ms()
+        b = _time_param(request, "to", now, self.tz)
+        a = _time_param(request, "from", b - 7 * DAY, self.tz)
+        if b <= a:
+            raise BadRequest("to must be after from")
+        if b - a > 31 * DAY:
+            raise BadRequest("from, to: service records span at most 31 days")
+        rows = self.collector.ledger.service_records(a, b, code)[-MAX_SERVICES:]
+        keep = ("start_ms", "end_ms", "service_type", "direction", "applicant_unit")
+        return web.json_response(
+            {
+                "instrument": code,
+                "from": a,
+                "to": b,
+                "services": [{k: _service_value(r.get(k)) for k in keep} for r in rows],
+            },
+            dumps=_dumps,
+        )
+
     async def api_signins(self, request: web.Request) -> web.Response:
         code = self._instrument(request)
         rows = self.collector.ledger.recent_signins(
@@ -362,6 +478,8 @@ class LiveView:
         app.router.add_get("/api/events", self.events)
         app.router.add_get("/api/openapi.json", self.api_openapi)
         app.router.add_get("/api/instruments/{code}/signins", self.api_signins)
+        app.router.add_get("/api/instruments/{code}/services", self.api_services)
+        app.router.add_get("/api/instruments/{code}", self.api_instrument)
         app.router.add_get("/instrument/{code}", self.instrument_page)
         if self.public:
             app.router.add_get("/public", self.page)
@@ -415,3 +533,9 @@ def _dumps(obj: Any) -> str:
 
 def _int_or_none(value: Any) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _service_value(value: Any) -> int | str | None:
+    if value is None or (isinstance(value, int) and not isinstance(value, bool)):
+        return value
+    return str(value)[:200]
