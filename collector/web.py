@@ -183,8 +183,8 @@ class LiveView:
                     "effective_h": round(effective / H, 2),
                     "rated_h": round(h.rated_ms / H, 2),
                     "utilisation_pct": utilisation_pct(effective, h.rated_ms),
-                    "provisional_run_s": run_p // 1000,
-                    "provisional_effective_s": eff_p // 1000,
+                    "provisional_run_s": run_p / 1000,
+                    "provisional_effective_s": eff_p / 1000,
                 }
         return out
 
