@@ -35,7 +35,10 @@ REQUESTS: dict[str, dict[str, list[str]]] = {
     },
     "/api/instruments/{code}/services": {
         "200": ["/api/instruments/CZ-G/services", "/api/instruments/CZ-S/services?from=0&to=86400000"],
-        "400": ["/api/instruments/CZ-G/services?from=2026-03-02&to=2026-03-01", "/api/instruments/CZ-G/services?to=x"],
+        "400": [
+            "/api/instruments/CZ-G/services?from=2026-03-02&to=2026-03-01",
+            "/api/instruments/CZ-G/services?to=x",
+        ],
         "404": ["/api/instruments/NOPE/services"],
     },
     "/api/instruments/{code}/timeline": {
