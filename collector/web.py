@@ -162,9 +162,10 @@ class LiveView:
             "year": (starts["year"], next_year),
         }
 
-    def _usage(self, now: int, registry: dict[str, dict[str, Any]]) -> dict[str, dict[str, dict[str, Any]]]:
-        """Each instrument's hours today, this month and this year: the report's per-instrument hours
-        (stored, verified intervals) plus the open interval, whose part is given as provisional seconds."""
+    def _usage(self, now: int, registry: dict[str, dict[str, Any]]) -> dict[str, dict[str, tuple[int, ...]]]:
+        """Each instrument's (run, effective, rated, provisional run, provisional effective) ms today, this
+        month and this year: the report's per-instrument hours (stored, verified intervals) and what the
+        open interval adds."""
         c = self.collector
         policy = c.cfg.policy
         first = c.ledger.first_interval_ms()
@@ -173,19 +174,11 @@ class LiveView:
             name: per_instrument(c.ledger, a, b, policy, now, first) for name, (a, b) in periods.items()
         }
         extra = self._provisional(now, registry, {n: a for n, (a, _b) in periods.items()})
-        out: dict[str, dict[str, dict[str, Any]]] = {}
+        out: dict[str, dict[str, tuple[int, ...]]] = {}
         for name, per in stored.items():
             for code, h in per.items():
                 run_p, eff_p = extra.get(code, {}).get(name, (0, 0))
-                run, effective = h.run_ms + run_p, h.effective_ms + eff_p
-                out.setdefault(code, {})[name] = {
-                    "run_h": round(run / H, 2),
-                    "effective_h": round(effective / H, 2),
-                    "rated_h": round(h.rated_ms / H, 2),
-                    "utilisation_pct": utilisation_pct(effective, h.rated_ms),
-                    "provisional_run_s": run_p / 1000,
-                    "provisional_effective_s": eff_p / 1000,
-                }
+                out.setdefault(code, {})[name] = (h.run_ms, h.effective_ms, h.rated_ms, run_p, eff_p)
         return out
 
     def _provisional(
@@ -269,7 +262,7 @@ class LiveView:
                     "agent": agent,
                     "agent_status": status,
                     "agent_down": status != "up",
-                    **hours.get(code, {}),
+                    **{k: _usage_json(v, status == "up") for k, v in hours.get(code, {}).items()},
                 }
             )
         return out
@@ -533,6 +526,21 @@ def _dumps(obj: Any) -> str:
 
 def _int_or_none(value: Any) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _usage_json(v: tuple[int, ...], live: bool) -> dict[str, Any]:
+    """A period's hours as the API gives them; the open interval counts only while its agent is up."""
+    run, effective, rated, run_p, eff_p = v if live else (*v[:3], 0, 0)
+    return {
+        "run_h": round((run + run_p) / H, 2),
+        "effective_h": round((effective + eff_p) / H, 2),
+        "run_s": (run + run_p) / 1000,
+        "effective_s": (effective + eff_p) / 1000,
+        "rated_h": round(rated / H, 2),
+        "utilisation_pct": utilisation_pct(effective + eff_p, rated),
+        "provisional_run_s": run_p / 1000,
+        "provisional_effective_s": eff_p / 1000,
+    }
 
 
 def _service_value(value: Any) -> int | str | None:
