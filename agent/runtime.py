@@ -25,7 +25,7 @@ from labmeter.agent.timeline import Span, Timeline, split
 from labmeter.clock import Clock, clock_from_env
 from labmeter.config import AgentConfig, InstrumentConfig
 from labmeter.drivers import registry
-from labmeter.drivers.base import Capability, Driver, Reading, Sample
+from labmeter.drivers.base import Capability, Cause, Driver, Reading, Sample
 from labmeter.mqtt import MqttLink, Will
 from labmeter.wire import State
 
@@ -149,7 +149,7 @@ class InstrumentRunner:
         if reading.error:
             if self._failing_since is None:
                 self._failing_since, self._failed, self._errors_seen = self.agent.clock.mono(), 0, set()
-                self._startup = self.last is None and "no message yet" in reading.error
+                self._startup = self.last is None and reading.cause is Cause.NO_MESSAGE
             self._failed += 1
             if reading.error not in self._errors_seen and len(self._errors_seen) < 4:
                 self._errors_seen.add(reading.error)

@@ -23,8 +23,8 @@ import aiohttp
 
 from benchmarks.common import Verdicts
 from labmeter import config
+from labmeter.collector.live.web import LiveView
 from labmeter.collector.service import Collector
-from labmeter.collector.web import LiveView
 
 
 async def measure(db: Path, requests: int) -> None:

@@ -27,8 +27,8 @@ from benchmarks.common import Verdicts
 from labmeter import config
 from labmeter.collector import service
 from labmeter.collector.ledger import Ledger
+from labmeter.collector.live.web import LiveView
 from labmeter.collector.service import Collector
-from labmeter.collector.web import LiveView
 from tests.support.browser import CHROMIUM, CHROMIUM_ARGS
 
 SHOWN = """() => {

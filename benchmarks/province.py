@@ -20,7 +20,7 @@ from pathlib import Path
 from zoneinfo import ZoneInfo
 
 from labmeter.collector.ledger import Ledger
-from labmeter.collector.rollup import Calendar, Rollups
+from labmeter.collector.ledger.rollup import Calendar, Rollups
 from labmeter.config import PolicyConfig
 from labmeter.signing import PrivateKey, key_id, public_key_text
 

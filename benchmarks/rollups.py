@@ -16,7 +16,7 @@ from pathlib import Path
 from benchmarks.common import Verdicts
 from benchmarks.province import DAY, POLICY, H, build
 from labmeter.collector.ledger import Ledger
-from labmeter.collector.rollup import Rollups, direct
+from labmeter.collector.ledger.rollup import Rollups, direct
 
 
 def main() -> None:

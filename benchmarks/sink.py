@@ -20,7 +20,7 @@ from pathlib import Path
 
 from benchmarks.province import POLICY, build
 from labmeter.collector.ledger import SINK_VALUES, Ledger
-from labmeter.collector.rollup import HOUR
+from labmeter.collector.ledger.rollup import HOUR
 from labmeter.collector.sink_influx import InfluxSink
 from labmeter.config import InfluxConfig
 from labmeter.netutil import free_port

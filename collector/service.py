@@ -24,9 +24,9 @@ from typing import TYPE_CHECKING, Any
 from labmeter.collector.broker import EmbeddedBroker
 from labmeter.collector.identity import collector_key
 from labmeter.collector.ledger import Ledger, Rejection
-from labmeter.collector.rollup import Rollups
+from labmeter.collector.ledger.rollup import Rollups
+from labmeter.collector.live.web import LiveView
 from labmeter.collector.verify import Accepted, AcceptedSignIn, Pending, Rejected, Status, Verifier
-from labmeter.collector.web import LiveView
 
 if TYPE_CHECKING:
     from labmeter.collector.sink_influx import InfluxSink

@@ -33,14 +33,14 @@ from influxdb_client import WritePrecision
 from influxdb_client.client.influxdb_client_async import InfluxDBClientAsync
 
 from labmeter.collector.ledger import SINK_VALUES, Ledger
-from labmeter.collector.report import YEAR_MS, rated_ms
-from labmeter.collector.rollup import HOUR, Rollups, allowances_ms
+from labmeter.collector.ledger.rollup import HOUR, Rollups, allowances_ms
+from labmeter.collector.reports.hours import YEAR_MS, rated_ms
 from labmeter.config import InfluxConfig, PolicyConfig, read_secret
+from labmeter.machine_hours import HOUR_MS as H
 from labmeter.netutil import redact_text, redact_url
 
 log = logging.getLogger("labmeter.sink")
 
-H = 3_600_000
 STATE_CODE = {"OFF": 0, "STANDBY": 1, "RUNNING": 2, "UNKNOWN": -1}
 STATE_FIELD = {"OFF": "off", "STANDBY": "standby", "RUNNING": "running", "UNKNOWN": "unknown"}
 USAGE = "labmeter_usage"
@@ -149,7 +149,7 @@ class InfluxSink:
     # tags and the registry ---------------------------------------------------
     def _reload(self, force: bool = False) -> None:
         if force or time.monotonic() - self._loaded > 10:
-            self._registry = {str(i["code"]): i for i in self.ledger.instruments()}
+            self._registry = self.ledger.instruments_by_code()
             self._enrolled = self.ledger.enrolments()
             self._loaded = time.monotonic()
 

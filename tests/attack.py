@@ -16,9 +16,9 @@ from pathlib import Path
 from typing import Any
 
 from labmeter import config, signing, wire
-from labmeter.collector.hours import Hours, compute
 from labmeter.collector.ledger import Ledger
 from labmeter.collector.service import Collector, Watermarks
+from labmeter.machine_hours import Hours, compute
 
 H = 3_600_000
 T0 = int(time.time() * 1000) // H * H - 6 * H
@@ -137,7 +137,7 @@ def process(collector: Collector, batch: list[tuple[str, bytes]]) -> None:
 
 
 def hours_of(ledger: Ledger, code: str) -> Hours:
-    rows = [(r[3], r[4], r[5], bool(r[6])) for r in ledger.intervals_between(T0 - H, T0 + 12 * H, code)]
+    rows = [r.span() for r in ledger.intervals_between(T0 - H, T0 + 12 * H, code)]
     return compute(rows, T0 - H, T0 + 12 * H, 15 * 60_000, 10 * 60_000)
 
 

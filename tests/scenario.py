@@ -263,9 +263,9 @@ INSTRUMENTS = {"CZ-XRD-001": (METER_SCHEDULE, 0.0), "CZ-HPLC-002": (PLUG_SCHEDUL
 
 def check_against_truth(lab: Lab, variant: str, marks: dict[str, float]) -> None:
     """The ledger's chains are whole and its hours match the schedules, within what a disruption explains."""
-    from labmeter.collector.hours import compute
-    from labmeter.collector.report import per_instrument
+    from labmeter.collector.reports.hours import per_instrument
     from labmeter.config import PolicyConfig
+    from labmeter.machine_hours import compute
 
     assert lab.outbox_left() == 0, "the outbox did not drain: " + lab.log("agent")
     a, b = EPOCH_MS + WINDOW[0] * 1000, EPOCH_MS + WINDOW[1] * 1000
@@ -280,10 +280,7 @@ def check_against_truth(lab: Lab, variant: str, marks: dict[str, float]) -> None
             for (s0, _), (s1, p1) in itertools.pairwise(chain):
                 assert s1 == s0 + 1 or p1 == GENESIS, f"{code}: chain has a gap after seq {s0}"
             assert len(starts) == (2 if variant == "agent_state_lost" else 1), f"{code}: chains {starts}"
-            rows = [
-                (r[3], r[4], r[5], bool(r[6]))
-                for r in ledger.intervals_between(a - PREP_S * 1000, b + PREP_S * 1000, code)
-            ]
+            rows = [r.span() for r in ledger.intervals_between(a - PREP_S * 1000, b + PREP_S * 1000, code)]
             conflicts = ledger.db.execute(
                 "SELECT COUNT(*) FROM rejections WHERE instrument=? AND reason LIKE 'conflict%'", (code,)
             ).fetchone()[0]
@@ -356,7 +353,7 @@ def truth_state(schedule: list[tuple[int, str]], t: float) -> str:
 def truth_hours(schedule: list[tuple[int, str]], unknown: list[tuple[float, float]]) -> tuple[float, float]:
     """Run and effective seconds in WINDOW by brute force over 0.1 s steps, seconds the ledger says UNKNOWN excluded.
 
-    Written independently of labmeter.collector.hours on purpose: a bug there must not cancel out here.
+    Written independently of labmeter.machine_hours on purpose: a bug there must not cancel out here.
     """
     step = 0.1
     lo, hi = WINDOW[0] - PREP_S - 10, WINDOW[1] + PREP_S + 10

@@ -116,7 +116,7 @@ def check_hours(
     eff_tol_s: float = 0.0,
 ) -> dict[str, object]:
     """Chains whole, no unverified time, hours equal to the schedule within the sampling bound, nothing counted twice."""
-    from labmeter.collector.hours import compute
+    from labmeter.machine_hours import compute
 
     a, b = EPOCH_MS + WINDOW[0] * 1000, EPOCH_MS + WINDOW[1] * 1000
     ledger = lab.ledger()
@@ -135,10 +135,7 @@ def check_hours(
                 assert s1 == s0 + 1 or p1 == GENESIS, f"{code}: chain has a gap after seq {s0}"
             if code not in codes:
                 continue
-            rows = [
-                (r[3], r[4], r[5], bool(r[6]))
-                for r in ledger.intervals_between(a - PREP_S * 1000, b + PREP_S * 1000, code)
-            ]
+            rows = [r.span() for r in ledger.intervals_between(a - PREP_S * 1000, b + PREP_S * 1000, code)]
             h = compute(rows, a, b, PREP_S * 1000, POST_S * 1000)
             assert h.unverified_ms == 0, f"{code}: {h.unverified_ms} ms unverified"
             known = h.run_ms + h.standby_ms + h.off_ms + h.unknown_ms + h.unverified_ms + h.uncovered_ms

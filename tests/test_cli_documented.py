@@ -1,4 +1,4 @@
-"""Every command a user can type is documented: walk the click groups of labmeter/cli.py and find each full
+"""Every command a user can type is documented: walk the click groups of labmeter/cli/ and find each full
 command (`labmeter agent resend`) in README.md or docs/*.md. A new command without a line of docs fails."""
 
 from __future__ import annotations
@@ -12,7 +12,10 @@ from tests.conftest import ROOT
 
 
 def commands(group: click.Group, prefix: str) -> Iterator[str]:
-    for name, cmd in group.commands.items():
+    ctx = click.Context(group)
+    for name in group.list_commands(ctx):
+        cmd = group.get_command(ctx, name)
+        assert cmd is not None, name
         if cmd.hidden:
             continue
         path = f"{prefix} {name}"

@@ -434,3 +434,30 @@ def test_evidence_bundle_verifies_and_claims_the_report_hours(site: Path, tmp_pa
         timeout=60,
     )
     assert none.returncode == 1 and "no intervals for instrument 'CZ-N'" in none.stderr
+
+
+def test_output_suffix_picks_the_format_and_a_contradiction_is_refused(site: Path, tmp_path: Path) -> None:
+    """`-o hours.csv` writes CSV (with the BOM Excel needs), never a terminal table in a .csv file; a
+    --format that the file name contradicts, or a suffix that names no format, is refused and writes nothing."""
+    out = tmp_path / "hours.csv"
+    cli(site, "report", "hours", *PERIOD, "-o", str(out))
+    raw = out.read_bytes()
+    assert raw.startswith(b"\xef\xbb\xbf")
+    header, *body = list(csv.reader(io.StringIO(raw.decode("utf-8-sig"))))
+    run = header.index("运行机时 (h)")
+    assert {r[0]: float(r[run]) for r in body}["CZ-G"] == run_h("CZ-G", A, B)
+    for args, said in (
+        (["--format", "json", "-o", str(tmp_path / "x.csv")], "the file name says csv, but --format is json"),
+        (["-o", str(tmp_path / "x.dat")], ".dat names no format of report hours"),
+        (["--format", "xlsx"], "--format xlsx needs --output FILE.xlsx"),
+    ):
+        res = subprocess.run(
+            [*LABMETER, "report", "hours", *PERIOD, *args, "-c", str(site / "collector.toml")],
+            cwd=site,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert res.returncode == 2 and said in res.stderr, res.stderr
+        assert "Traceback" not in res.stderr
+    assert not (tmp_path / "x.csv").exists() and not (tmp_path / "x.dat").exists()

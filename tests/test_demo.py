@@ -1,5 +1,5 @@
 """`make demo` as a user runs it: the installed `labmeter demo` entry point in a subprocess (with a short
---duration), its printed report checked against the simulated schedule in labmeter/demo.py, and the report
+--duration), its printed report checked against the simulated schedule in labmeter/cli/demolab.py, and the report
 command it suggests re-run through the CLI on the data it kept."""
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from labmeter.cli.demolab import BOOKINGS, DAY_HOURS, INSTRUMENTS
 from labmeter.config import PolicyConfig
-from labmeter.demo import BOOKINGS, DAY_HOURS, INSTRUMENTS
 from tests.conftest import ROOT
 
 H = 3600.0

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from labmeter import signing, wire
-from labmeter.collector.evidence import write_bundle
 from labmeter.collector.ledger import Ledger
+from labmeter.collector.reports.evidence import write_bundle
 from labmeter.verify import H, verify_bundle
 from labmeter.wire import State
 from tests.lab import store_schedule

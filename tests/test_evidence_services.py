@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from labmeter import evidence, signing
-from labmeter.collector.evidence import export_keys, write_bundle
 from labmeter.collector.ledger import Ledger
+from labmeter.collector.reports.evidence import export_keys, write_bundle
 from labmeter.verify import BundleError, H, verify_bundle
 from tests.lab import store_schedule
 
@@ -70,7 +70,7 @@ def findings(folder: Path, keys: Path) -> list[str]:
 def test_bundle_claims_service_hours_that_verify_and_match_the_report(
     bundle: tuple[Path, Path, Ledger],
 ) -> None:
-    from labmeter.collector.report import hours_report
+    from labmeter.collector.reports.hours import hours_report
     from labmeter.config import PolicyConfig
 
     folder, keys, ledger = bundle

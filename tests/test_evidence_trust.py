@@ -21,9 +21,10 @@ import pytest
 from click.testing import CliRunner
 
 from labmeter import evidence, signing, wire
-from labmeter.cli import VERIFY_UNTRUSTED, app
-from labmeter.collector.evidence import export_keys, write_bundle
+from labmeter.cli import app
+from labmeter.cli.verify import VERIFY_UNTRUSTED
 from labmeter.collector.ledger import Ledger
+from labmeter.collector.reports.evidence import export_keys, write_bundle
 from labmeter.verify import BundleError, verify_bundle
 from tests.lab import store_schedule
 

@@ -12,8 +12,8 @@ from typing import Any
 
 import pytest
 
-from labmeter.collector.report import YEAR_MS, rated_ms
-from labmeter.collector.rollup import direct
+from labmeter.collector.ledger.rollup import direct
+from labmeter.collector.reports.hours import YEAR_MS, rated_ms
 from labmeter.collector.sink_influx import SERIES, STATE_CODE, InfluxSink
 from labmeter.config import InfluxConfig
 from tests.conftest import ROOT

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from labmeter.collector.hours import compute
+from labmeter.machine_hours import compute
 
 M = 60_000
 PREP, POST = 15 * M, 10 * M

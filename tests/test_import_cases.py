@@ -122,7 +122,7 @@ def test_a_long_hostile_summary_is_parsed_in_bounded_time() -> None:
 def test_reports_follow_a_replaced_and_a_deleted_batch(tmp_path: Path) -> None:
     """The hours, not just the rows: a corrected import moves the service hours to external, and deleting
     the batch takes them away (the rollups of the time it touched are recomputed)."""
-    from labmeter.collector.report import hours_report
+    from labmeter.collector.reports.hours import hours_report
     from labmeter.config import PolicyConfig
     from tests.lab import store_schedule
 

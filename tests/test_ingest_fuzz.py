@@ -17,8 +17,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from labmeter import wire
-from labmeter.collector.hours import compute
 from labmeter.collector.service import Collector
+from labmeter.machine_hours import compute
 from tests.attack import T0, H, base_body, genuine_start, hours_of, make_lab, process
 
 M = 60_000

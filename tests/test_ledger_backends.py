@@ -129,7 +129,7 @@ def test_postgresql_over_tls_with_a_password_file(tmp_path: Path) -> None:
 def test_background_refresh_gives_way_to_another_collector(postgres: Any, tmp_path: Path) -> None:
     """On a shared PostgreSQL ledger one collector refreshes rollups at a time; the other's background
     refresh gives up at once instead of stalling its ingest, and a report waits for its turn."""
-    from labmeter.collector.rollup import Rollups
+    from labmeter.collector.ledger.rollup import Rollups
     from labmeter.config import PolicyConfig
 
     url = postgres.new_database()
@@ -253,7 +253,7 @@ def test_a_ledger_from_before_is_migrated(
         db.close()
         ledger = Ledger(path)
     else:
-        from labmeter.collector import pg
+        from labmeter.collector.ledger import pg
 
         url = request.getfixturevalue("postgres").new_database()
         old = pg.Database(url)

@@ -175,8 +175,8 @@ def test_top_reads_the_api(lab) -> None:  # type: ignore[no-untyped-def]
 def test_token_required_off_loopback(tmp_path: Path) -> None:
     import asyncio
 
+    from labmeter.collector.live.web import LiveView
     from labmeter.collector.service import Collector
-    from labmeter.collector.web import LiveView
 
     cfg = config.parse(f'[collector]\ndata_dir = "{tmp_path}"\n', config.CollectorConfig)
 
@@ -202,8 +202,8 @@ def test_token_required_off_loopback(tmp_path: Path) -> None:
 def test_public_view_shows_no_private_data(tmp_path: Path) -> None:
     import asyncio
 
+    from labmeter.collector.live.web import LiveView
     from labmeter.collector.service import Collector
-    from labmeter.collector.web import LiveView
 
     cfg = config.parse(f'[collector]\ndata_dir = "{tmp_path}"\n', config.CollectorConfig)
 
@@ -323,9 +323,9 @@ def test_instrument_page(lab, tmp_path: Path) -> None:  # type: ignore[no-untype
 def test_usage_so_far_equals_the_report(tmp_path: Path, page_zone: str) -> None:
     """Today's, this month's and this year's hours on the page equal the report's for [start, now), also
     when the page's time zone is not the one the rollups are kept in."""
-    from labmeter.collector.report import per_instrument
+    from labmeter.collector.live.web import LiveView
+    from labmeter.collector.reports.hours import per_instrument
     from labmeter.collector.service import Collector
-    from labmeter.collector.web import LiveView
     from tests.lab import store_schedule
 
     cfg = config.CollectorConfig(

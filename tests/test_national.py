@@ -12,8 +12,8 @@ from zoneinfo import ZoneInfo
 import pytest
 
 from labmeter.collector.ledger import Ledger
-from labmeter.collector.national import national_export, write_national
 from labmeter.collector.registry import import_instruments, import_services
+from labmeter.collector.reports.national import national_export, write_national
 from labmeter.config import PolicyConfig
 from tests.lab import store_schedule
 

@@ -1,4 +1,4 @@
-"""collector/openapi.json describes what the live view really answers: a real LiveView over a ledger with
+"""collector/live/openapi.json describes what the live view really answers: a real LiveView over a ledger with
 signed intervals, a special instrument, sign-ins and a live agent; every documented path and status code is
 requested and each JSON body validated (jsonschema, OpenAPI 3.1 = JSON Schema 2020-12); every route the app
 serves under /api or /public/api is documented."""
@@ -21,7 +21,7 @@ from labmeter.collector.ledger import Ledger
 from tests.conftest import ROOT
 from tests.lab import store_schedule
 
-SPEC = json.loads((ROOT / "collector" / "openapi.json").read_text(encoding="utf-8"))
+SPEC = json.loads((ROOT / "collector" / "live" / "openapi.json").read_text(encoding="utf-8"))
 H = 3_600_000
 TEN_DAYS_AGO = int(time.time() * 1000) - 240 * H
 
@@ -89,9 +89,9 @@ def schema_for(path: str, status: str) -> tuple[str, dict[str, Any]] | None:
 
 @pytest.fixture
 def served(tmp_path: Path) -> Any:
+    from labmeter.collector.live.web import LiveView
     from labmeter.collector.registry import import_instruments
     from labmeter.collector.service import Collector
-    from labmeter.collector.web import LiveView
 
     cfg = config.parse(f'[collector]\ndata_dir = "{tmp_path}"\n', config.CollectorConfig)
     ledger = Ledger.open(cfg.collector.ledger, cfg.collector.data_dir)
@@ -209,8 +209,8 @@ def test_schemas_are_not_vacuous() -> None:
 
 
 def test_every_served_route_is_documented(tmp_path: Path) -> None:
+    from labmeter.collector.live.web import LiveView
     from labmeter.collector.service import Collector
-    from labmeter.collector.web import LiveView
 
     cfg = config.parse(f'[collector]\ndata_dir = "{tmp_path}"\n', config.CollectorConfig)
     collector = Collector(cfg)

@@ -17,11 +17,11 @@ from zoneinfo import ZoneInfo
 import pytest
 from openpyxl import load_workbook
 
-from labmeter.collector.cells import FORMULA_START
 from labmeter.collector.ledger import Ledger
-from labmeter.collector.national import national_export, write_national
 from labmeter.collector.registry import ImportError_, import_instruments, import_services
-from labmeter.collector.report import GROUPINGS, hours_report, hours_reports, render, write_xlsx
+from labmeter.collector.reports.cells import FORMULA_START
+from labmeter.collector.reports.hours import GROUPINGS, hours_report, hours_reports, render, write_xlsx
+from labmeter.collector.reports.national import national_export, write_national
 from labmeter.config import PolicyConfig
 from tests.lab import store_schedule
 

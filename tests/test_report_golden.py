@@ -13,7 +13,7 @@ from openpyxl import load_workbook
 
 from labmeter.collector.ledger import Ledger
 from labmeter.collector.registry import import_instruments, import_services
-from labmeter.collector.report import hours_report, hours_reports, parse_time, render, write_xlsx
+from labmeter.collector.reports.hours import hours_report, hours_reports, parse_time, render, write_xlsx
 from labmeter.config import PolicyConfig
 from tests.lab import store_schedule
 
@@ -227,7 +227,7 @@ def test_csv_has_chinese_headers_by_default(ledger: Ledger) -> None:
 
 
 def test_national_export_and_findings(ledger: Ledger, tmp_path: Path) -> None:
-    from labmeter.collector.national import findings, national_export, write_national
+    from labmeter.collector.reports.national import findings, national_export, write_national
 
     (tmp_path / "more.csv").write_text("code,name\nCZ-C,无人测量的仪器\n")
     import_instruments(ledger, tmp_path / "more.csv")
@@ -296,7 +296,7 @@ def test_about_sheet_and_every_column_read_back(ledger: Ledger, tmp_path: Path) 
     generation time, version and ledger, a definition for every column of every sheet, and every column
     of the instrument sheet holds what the report computed."""
     from labmeter import __version__
-    from labmeter.collector.report import DEFINITIONS, columns_for, report_meta
+    from labmeter.collector.reports.hours import DEFINITIONS, columns_for, report_meta
 
     groupings = ("instrument", "unit", "category", "month")
     meta = report_meta(ledger, *WEEK, POLICY, TZ, groupings, now_ms=WEEK[1] + H)
@@ -354,8 +354,8 @@ def test_json_seconds_equal_the_evidence_bundles_recomputed_totals(ledger: Ledge
     import json
 
     from labmeter import signing
-    from labmeter.collector.evidence import write_bundle
-    from labmeter.collector.report import report_meta
+    from labmeter.collector.reports.evidence import write_bundle
+    from labmeter.collector.reports.hours import report_meta
     from labmeter.verify import verify_bundle
 
     meta = report_meta(ledger, *WEEK, POLICY, TZ, ["instrument"], now_ms=WEEK[1])
@@ -403,7 +403,7 @@ def test_instrument_installed_mid_period_is_fully_covered_in_its_metered_part(
     assert got["CZ-M"].hours.period_ms == WEEK[1] - installed
     assert m["metered_h"] == round((WEEK[1] - installed) / H, 2) and m["metered_from"] == installed
     assert m["rated_h"] == round(1400 * 7 / 365, 2)  # rated for the elapsed period, as the live view
-    res = __import__("labmeter.collector.national", fromlist=["findings"]).findings(
+    res = __import__("labmeter.collector.reports.national", fromlist=["findings"]).findings(
         ledger, *WEEK, POLICY, low_use_pct=0, min_coverage_pct=99, now_ms=WEEK[1]
     )
     assert "CZ-M" not in [x["instrument"] for x in res["poor_coverage"]]
@@ -419,7 +419,7 @@ def test_time_still_to_come_counts_as_nothing(ledger: Ledger) -> None:
         assert part[code]["coverage_pct"] == week[code]["coverage_pct"]
         assert part[code]["rated_h"] == week[code]["rated_h"]
         assert part[code]["metered_h"] == 168.0
-    from labmeter.collector.national import findings
+    from labmeter.collector.reports.national import findings
 
     res = findings(ledger, *month, POLICY, low_use_pct=0, min_coverage_pct=90, now_ms=WEEK[1])
     assert res["poor_coverage"] == []  # CZ-A's 4 h unknown of 168 h elapsed is 97.6 % known

@@ -16,10 +16,10 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from labmeter.collector.hours import FIELDS
 from labmeter.collector.ledger import Ledger, StoredInterval
-from labmeter.collector.rollup import Calendar, Rollups, direct
+from labmeter.collector.ledger.rollup import Calendar, Rollups, direct
 from labmeter.config import PolicyConfig
+from labmeter.machine_hours import FIELDS
 
 M = 60_000
 H = 60 * M

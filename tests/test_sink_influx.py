@@ -15,7 +15,7 @@ import aiohttp
 import pytest
 
 from labmeter.collector.ledger import Ledger
-from labmeter.collector.rollup import direct
+from labmeter.collector.ledger.rollup import direct
 from labmeter.collector.sink_influx import CURSOR, STATE_CODE, InfluxSink
 from labmeter.config import InfluxConfig
 from tests.victoria import DAY, POLICY, RANGES, H, Victoria, needs_vm, setup_ledger, store, t, vm

@@ -18,8 +18,8 @@ FOLDERS = {
     "collector": "labmeter.collector",
     "drivers": "labmeter.drivers",
 }
-# the command line is the roof: it may import every side (to be split into labmeter/cli/ later)
-ROOF = {"labmeter.cli", "labmeter.demo", "labmeter.top", "labmeter.__main__"}
+# the command line (labmeter/cli/) is the roof: it may import every side
+ROOF = ("labmeter.cli", "labmeter.__main__")
 ABOVE_CORE = ("labmeter.agent", "labmeter.collector", "labmeter.drivers")
 
 
@@ -61,11 +61,21 @@ MODULES = modules()
 
 def test_the_core_imports_nothing_above_it() -> None:
     core = {n: p for n, p in MODULES.items() if within(n, ("labmeter",)) and not within(n, ABOVE_CORE)}
-    assert "labmeter.config" in core and "labmeter.cli" in core
+    assert "labmeter.config" in core and "labmeter.cli.report" in core
     wrong = {
-        n: sorted(m for m in imports(n, p) if within(m, ABOVE_CORE)) for n, p in core.items() if n not in ROOF
+        n: sorted(m for m in imports(n, p) if within(m, ABOVE_CORE))
+        for n, p in core.items()
+        if not within(n, ROOF)
     }
     assert not {n: m for n, m in wrong.items() if m}, wrong
+
+
+def test_verify_needs_neither_the_collector_nor_the_agent() -> None:
+    """`labmeter verify` is the auditor's: it must run from the core alone, on a machine without the
+    collector (its code and its ledger)."""
+    verify = MODULES["labmeter.cli.verify"]
+    wrong = sorted(m for m in imports("labmeter.cli.verify", verify) if within(m, ABOVE_CORE))
+    assert not wrong, wrong
 
 
 def test_drivers_import_neither_agent_nor_collector() -> None:
@@ -94,11 +104,20 @@ def test_the_check_sees_every_kind_of_import(tmp_path: Path, source: str, expect
     assert expected <= got and any(within(m, ABOVE_CORE) for m in got)
 
 
-def test_every_driver_folder_is_installed() -> None:
-    """A driver folder missing from pyproject's packages would work in the source tree but not in a wheel."""
-    packages = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
-    folders = {p.parent.name for p in (ROOT / "drivers").glob("*/__init__.py")}
-    assert folders and {f"labmeter.drivers.{f}" for f in folders} <= set(packages)
+def test_every_package_folder_is_installed() -> None:
+    """A package missing from pyproject's packages (a driver, a collector role, the CLI) would work in the
+    source tree but not in a wheel; a folder of modules without __init__.py would not be a package at all."""
+    packages = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    folders = {n for n, p in MODULES.items() if p.name == "__init__.py"}
+    with_modules = {
+        ".".join([FOLDERS[d.relative_to(ROOT).parts[0]], *d.relative_to(ROOT).parts[1:]])
+        for top in FOLDERS
+        for d in (ROOT / top).rglob("*")
+        if d.is_dir() and any(d.glob("*.py"))
+    }
+    assert "labmeter.collector.ledger" in folders and "labmeter.cli" in folders
+    assert with_modules <= folders, sorted(with_modules - folders)
+    assert folders <= packages, sorted(folders - packages)
 
 
 def test_no_test_module_imports_another() -> None:

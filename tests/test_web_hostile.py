@@ -45,8 +45,8 @@ class ViewThread:
         self.thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
+        from labmeter.collector.live.web import LiveView
         from labmeter.collector.service import Collector
-        from labmeter.collector.web import LiveView
 
         asyncio.set_event_loop(self.loop)
 

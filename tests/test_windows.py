@@ -13,6 +13,7 @@ import pytest
 from click.testing import CliRunner
 
 from labmeter import cli, config, signing, winsys
+from labmeter.cli import common
 from labmeter.drivers import ports
 from labmeter.drivers.modbus import ModbusSource, rtu_port
 from labmeter.drivers.registry import agent_config
@@ -258,7 +259,7 @@ def test_the_agent_imports_none_of_the_collector_libraries() -> None:
         "import sys, labmeter.cli, labmeter.agent.runtime, labmeter.drivers.registry as r\n"
         "for p in r.DRIVERS.values(): p.build.__module__\n"
         "import labmeter.drivers.modbus.driver, labmeter.drivers.serial.driver, labmeter.drivers.mqtt.driver\n"
-        f"print(sorted(m for m in sys.modules if m.split('.')[0] in {cli.COLLECTOR_DEPS!r}))\n"
+        f"print(sorted(m for m in sys.modules if m.split('.')[0] in {common.COLLECTOR_DEPS!r}))\n"
     )
     out = subprocess.run(
         [__import__("sys").executable, "-c", code], capture_output=True, text=True, check=True

@@ -22,15 +22,15 @@ from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
 
-from labmeter.collector.cells import append_row, to_csv
-from labmeter.collector.hours import Hours
 from labmeter.collector.ledger import Ledger
+from labmeter.collector.ledger.rollup import Rollups
 from labmeter.collector.registry import stored_number
-from labmeter.collector.rollup import Rollups
+from labmeter.collector.reports.cells import append_row, to_csv
 from labmeter.config import PolicyConfig
 from labmeter.log import printable
+from labmeter.machine_hours import HOUR_MS as H
+from labmeter.machine_hours import Hours
 
-H = 3_600_000
 YEAR_MS = 365 * 86_400_000
 GROUPINGS = ("instrument", "unit", "category", "month")
 
@@ -250,8 +250,10 @@ def _seconds(ms: int) -> int | float:
 
 @cache
 def categories() -> dict[str, str]:
-    """The shipped classification (collector/categories.tsv): 2- and 4-digit prefixes to names."""
-    text = resources.files("labmeter.collector").joinpath("categories.tsv").read_text(encoding="utf-8")
+    """The shipped classification (collector/reports/categories.tsv): 2- and 4-digit prefixes to names."""
+    text = (
+        resources.files("labmeter.collector.reports").joinpath("categories.tsv").read_text(encoding="utf-8")
+    )
     out = {}
     for line in text.splitlines():
         if line.strip() and not line.startswith("#"):
@@ -375,7 +377,7 @@ def hours_report(
     else:
         if hours is None:
             hours = per_instrument(ledger, a, b, policy, now_ms, first)
-        registry = {str(i["code"]): i for i in ledger.instruments()}
+        registry = ledger.instruments_by_code()
         for code, h in hours.items():
             info = registry.get(code, {"code": code})
             rows.append(
@@ -429,7 +431,7 @@ def report_meta(
 ) -> dict[str, Any]:
     """What a report file says about itself: period, basis, provenance, caveats and column definitions."""
     from labmeter import __version__
-    from labmeter.collector.rollup import allowances_ms
+    from labmeter.collector.ledger.rollup import allowances_ms
 
     now = int(time.time() * 1000) if now_ms is None else now_ms
     own = {}

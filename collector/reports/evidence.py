@@ -31,13 +31,13 @@ def write_bundle(
     """Write the bundle for ``instrument`` over [a, b), countersigned with the collector's ``key``."""
     pad = max(prep_s, post_s) * 1000
     rows = ledger.intervals_between(a - pad, b + pad, instrument)
-    agents = sorted({r[1] for r in rows})
+    agents = sorted({r.agent for r in rows})
     envelopes: list[bytes] = []
     for agent in agents:
-        seqs = [r[2] for r in rows if r[1] == agent]
+        seqs = [r.seq for r in rows if r.agent == agent]
         envelopes += ledger.envelopes(agent, instrument, max(1, min(seqs) - 1), max(seqs))
     keys = {a_: k for a_, (k, _kid) in ledger.agent_keys().items() if a_ in agents}
-    spans = [(r[3], r[4], r[5], bool(r[6])) for r in rows]
+    spans = [r.span() for r in rows]
     services = ledger.service_records(a, b, instrument)
     windows = [(int(str(r["start_ms"])), int(str(r["end_ms"])), r["service_type"] == 130) for r in services]
     hours = compute(spans, a, b, prep_s * 1000, post_s * 1000, windows)

@@ -14,7 +14,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from labmeter import statefile
 from labmeter.netutil import redact_text, redact_url
@@ -226,6 +226,38 @@ RESET_FIX = (
 )
 
 
+class IntervalRow(NamedTuple):
+    """A stored interval as the hour rules read it; ``linked``: its prev matches the stored predecessor
+    (the machine-hour rules count only linked time as verified)."""
+
+    instrument: str
+    agent: str
+    seq: int
+    start_ms: int
+    end_ms: int
+    state: str
+    linked: bool
+
+    def span(self) -> tuple[int, int, str, bool]:
+        """(start, end, state, linked): the segment the hour rules take."""
+        return self.start_ms, self.end_ms, self.state, self.linked
+
+
+@dataclass(frozen=True)
+class Backend:
+    """What a ledger's database can do, named, so that code asks for a capability instead of guessing
+    the backend from a missing file path."""
+
+    name: str
+    pages_checked_here: bool  # integrity_check reads every page; PostgreSQL leaves pages to the server
+    server_durability: bool  # fsync and synchronous_commit are the server's settings, to be reported
+    lock_nowait: bool  # an exclusive lock can be tried without waiting (PostgreSQL's NOWAIT)
+
+
+SQLITE = Backend("sqlite", pages_checked_here=True, server_durability=False, lock_nowait=False)
+POSTGRESQL = Backend("postgresql", pages_checked_here=False, server_durability=True, lock_nowait=True)
+
+
 class Ledger:
     # FULL: a commit is on disk before the collector acknowledges it, and the agent deletes its copy on
     # that acknowledgement. WAL with NORMAL may lose the last commits on a power cut (docs/decisions.md).
@@ -235,6 +267,7 @@ class Ledger:
         """Open (or create, if the file does not exist) an SQLite ledger; an existing file that is empty,
         cut short or not SQLite raises StateFileError, and so does damage ``quick_check`` finds."""
         self.path: Path | None = path
+        self.backend = SQLITE
 
         def setup(db: sqlite3.Connection) -> None:
             db.execute("PRAGMA journal_mode=WAL")
@@ -270,7 +303,7 @@ class Ledger:
         chain, so it no longer counts for the watermark the replay moved."""
         probe = (
             "SELECT 1 FROM sqlite_master WHERE name='rejections_once'"
-            if self.path is not None
+            if self.backend is SQLITE
             else "SELECT 1 FROM pg_indexes WHERE indexname='rejections_once'"
         )
         if self.db.execute(probe).fetchone():
@@ -328,7 +361,7 @@ class Ledger:
         if path is not None:
             return cls(path, quick_check)
         if url.startswith(("postgresql://", "postgres://")):
-            from labmeter.collector import pg
+            from labmeter.collector.ledger import pg
 
             try:
                 db = pg.Database(url)
@@ -338,6 +371,7 @@ class Ledger:
                 raise LedgerError(f"ledger {redact_url(url)}: {redact_text(str(exc).strip(), url)}") from None
             ledger = cls.__new__(cls)
             ledger.path = None
+            ledger.backend = POSTGRESQL
             ledger._setup(db, redact_url(url))
             return ledger
         raise LedgerError(
@@ -352,7 +386,7 @@ class Ledger:
         ``quick_check`` over every page. PostgreSQL: every table and column of the schema is there and
         readable, and fsync and synchronous_commit are not off (an acknowledgement follows the commit);
         pages are the server's to check (data checksums, pg_amcheck)."""
-        if self.path is not None:
+        if self.backend.pages_checked_here:
             return statefile.check(self.db, full)
         expected = expected_columns()
         found: dict[str, set[str]] = {}
@@ -381,7 +415,7 @@ class Ledger:
 
     def server_settings(self) -> dict[str, str]:
         """PostgreSQL's durability settings as the collector's connection sees them (empty on SQLite)."""
-        if self.path is not None:
+        if not self.backend.server_durability:
             return {}
         names = ("fsync", "synchronous_commit", "data_checksums", "server_version")
         return {n: str(self.db.execute(f"SHOW {n}").fetchone()[0]) for n in names}
@@ -626,6 +660,10 @@ class Ledger:
             for r in self.db.execute(f"SELECT {','.join(cols)} FROM instruments")
         ]
 
+    def instruments_by_code(self) -> dict[str, dict[str, object]]:
+        """The registry keyed by instrument code, as every report and view looks it up."""
+        return {str(i["code"]): i for i in self.instruments()}
+
     # ingest ---------------------------------------------------------------
     def store(
         self,
@@ -863,7 +901,9 @@ class Ledger:
         )
 
     # reports --------------------------------------------------------------
-    def intervals_between(self, start_ms: int, end_ms: int, instrument: str | None = None) -> list[tuple]:
+    def intervals_between(
+        self, start_ms: int, end_ms: int, instrument: str | None = None
+    ) -> list[IntervalRow]:
         """Intervals overlapping [start, end) with a ``linked`` flag: prev matches the stored predecessor."""
         sql = (
             "SELECT i.instrument, i.agent, i.seq, i.start_ms, i.end_ms, i.state, "
@@ -879,7 +919,8 @@ class Ledger:
         else:  # instrument by instrument along the time index, never a scan of the whole table
             sql = sql.replace("FROM intervals i", "FROM instruments c CROSS JOIN intervals i", 1)
             sql += " AND i.instrument = c.code"
-        return self.db.execute(sql + " ORDER BY i.instrument, i.start_ms", args).fetchall()
+        rows = self.db.execute(sql + " ORDER BY i.instrument, i.start_ms", args).fetchall()
+        return [IntervalRow(r[0], r[1], r[2], r[3], r[4], r[5], bool(r[6])) for r in rows]
 
     def envelopes(self, agent: str, instrument: str, first: int, last: int) -> list[bytes]:
         """The stored envelopes of seqs first..last of one chain, in order, exactly as the agent sent them."""
@@ -904,7 +945,7 @@ class Ledger:
         (rollups are refreshed under it). Without ``wait``, raises Busy if another holds it (PostgreSQL;
         on SQLite the only other writers are this host's report commands, and it waits)."""
         cur = self.db.cursor()
-        nowait = not wait and self.path is None
+        nowait = not wait and self.backend.lock_nowait
         cur.execute(
             ("BEGIN EXCLUSIVE NOWAIT" if nowait else "BEGIN EXCLUSIVE") if exclusive else "BEGIN IMMEDIATE"
         )

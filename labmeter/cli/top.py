@@ -12,6 +12,8 @@ from datetime import datetime
 from typing import Any
 from zoneinfo import ZoneInfo
 
+import click
+
 from labmeter.log import printable
 from labmeter.netutil import redact_text, redact_url
 
@@ -86,3 +88,13 @@ def run_top(url: str, token: str | None, every: float, once: bool) -> int:
             time.sleep(every)
         except KeyboardInterrupt:
             return 0
+
+
+@click.command("top")
+@click.option("--url", default="http://127.0.0.1:8080", show_default=True, help="The collector's live view.")
+@click.option("--token", envvar="LABMETER_TOKEN", help="Token, when the live view needs one.")
+@click.option("--every", type=float, default=2.0, show_default=True, help="Seconds between refreshes.")
+@click.option("--once", is_flag=True, help="Print once and exit.")
+def top(url: str, token: str | None, every: float, once: bool) -> None:
+    """Live instrument states in the terminal (reads the collector's JSON API)."""
+    sys.exit(run_top(url, token, every, once))

@@ -19,15 +19,16 @@ from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
 
-from labmeter.collector.cells import append_row
 from labmeter.collector.ledger import Ledger
+from labmeter.collector.ledger.rollup import allowances_ms
 from labmeter.collector.registry import stored_number
-from labmeter.collector.report import category_name, per_instrument
-from labmeter.collector.rollup import allowances_ms
+from labmeter.collector.reports.cells import append_row
+from labmeter.collector.reports.formats import FormatError, choose
+from labmeter.collector.reports.hours import category_name, per_instrument
 from labmeter.config import PolicyConfig
+from labmeter.machine_hours import HOUR_MS as H
 from labmeter.machine_hours import compute
 
-H = 3_600_000
 FORMAT = "labmeter-national/1"
 INSTRUMENT_TYPE, SERVICE_TYPE = 4, 6
 """``instruType`` of instrument and service records."""
@@ -36,7 +37,7 @@ SERVICE_TYPE_LABELS = {120: "内部", 130: "外部"}
 DIRECTION_LABELS = {135: "科学研究", 136: "科技开发", 137: "教学", 138: "其他"}
 LOW_COVERAGE = 0.5
 """Below this share of the year's elapsed time with a known state, an instrument's hours are flagged."""
-FORMATS = {".json": "json", ".xlsx": "xlsx"}
+OFFERED = ("json", "xlsx")
 
 
 class ExportError(ValueError):
@@ -45,13 +46,13 @@ class ExportError(ValueError):
 
 def format_for(path: Path) -> str:
     """The output format from the file's extension; anything else is refused, never silently JSON."""
-    fmt = FORMATS.get(path.suffix.lower())
-    if fmt is None:
+    try:
+        return choose(None, path, OFFERED, "the national export")
+    except FormatError:
         raise ExportError(
             f"{path}: the national export is written as .json (what the platform takes) or .xlsx "
             f"(for people); {path.suffix or 'no extension'} is neither (CSV cannot hold its two tables)"
-        )
-    return fmt
+        ) from None
 
 
 def _hour(ms: int, tz: ZoneInfo, up: bool) -> str:
@@ -87,7 +88,7 @@ def national_export(
     a = int(datetime(year, 1, 1, tzinfo=tz).timestamp() * 1000)
     b = int(datetime(year + 1, 1, 1, tzinfo=tz).timestamp() * 1000)
     hours = per_instrument(ledger, a, b, policy, now)
-    registry = {str(i["code"]): i for i in ledger.instruments()}
+    registry = ledger.instruments_by_code()
     elapsed = max(0, min(b, now) - a)
     warnings: list[str] = []
     if now < b:
@@ -168,7 +169,7 @@ def _service_record(
     code, s, e, st = str(r["instrument"]), int(r["start_ms"]), int(r["end_ms"]), int(r["service_type"])
     prep, post = allowances_ms(registry.get(code, {}), policy)
     pad = max(prep, post)
-    rows = [(x[3], x[4], x[5], bool(x[6])) for x in ledger.intervals_between(s - pad, e + pad, code)]
+    rows = [x.span() for x in ledger.intervals_between(s - pad, e + pad, code)]
     h = compute(rows, s, e, prep, post, [(s, e, st == 130)])
     return {
         "recordInnerId": str(r["id"]),
@@ -292,7 +293,7 @@ def findings(
     """What a bureau should act on: idle instruments, poorly covered ones, and ones nobody measures. Each
     is judged on its metered part of the period, so an unfinished period counts up to now."""
     hours = per_instrument(ledger, a, b, policy, now_ms)
-    registry = {str(i["code"]): i for i in ledger.instruments()}
+    registry = ledger.instruments_by_code()
     enrolled = {inst for _agent, inst in ledger.enrolments()}
     low, poor, none = [], [], []
     for code, h in hours.items():

@@ -22,7 +22,7 @@ from labmeter.clock import ScaledClock
 from labmeter.collector.identity import collector_key
 from labmeter.collector.ledger import Ledger
 from labmeter.collector.registry import import_instruments, import_services
-from labmeter.collector.report import hours_report, render
+from labmeter.collector.reports.hours import hours_report, render
 from labmeter.collector.service import Collector
 from labmeter.drivers.registry import agent_config
 from labmeter.drivers.sim import run_sim

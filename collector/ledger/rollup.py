@@ -3,7 +3,7 @@
 A report over [a, b) is cut into the largest calendar buckets it covers (months, then
 days, then hours) read from rollups, and the few minutes left at its edges, computed
 from intervals. Rollups are judged the same way a direct computation is (see
-:func:`~labmeter.collector.hours.compute_buckets`), so both give the same hours.
+:func:`~labmeter.machine_hours.compute_buckets`), so both give the same hours.
 
 Ingest notes which time went stale in the same transaction that stores intervals or
 service records; :meth:`Rollups.refresh` recomputes that time. Reports refresh first,
@@ -21,15 +21,15 @@ from datetime import date, datetime, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo
 
-from labmeter.collector.hours import Hours, compute, compute_buckets
 from labmeter.collector.ledger import ROLLUP_VALUES, Ledger
-from labmeter.collector.pg import Busy
+from labmeter.collector.ledger.pg import Busy
 from labmeter.collector.registry import stored_number
 from labmeter.config import PolicyConfig
+from labmeter.machine_hours import HOUR_MS as H
+from labmeter.machine_hours import Hours, compute, compute_buckets
 
 log = logging.getLogger("labmeter.rollups")
 
-H = 3_600_000
 HOUR, DAY, MONTH = 0, 1, 2
 CHUNK_DAYS = 31  # the longest stretch judged at once when rebuilding
 STEP = 500  # stale marks taken per transaction, so ingest never waits long
@@ -131,7 +131,7 @@ class Rollups:
     def registry(self) -> dict[str, dict[str, object]]:
         """The instruments table as of the last refresh (read once per report or page refresh)."""
         if self._registry is None:
-            self._registry = {str(i["code"]): i for i in self.ledger.instruments()}
+            self._registry = self.ledger.instruments_by_code()
         return self._registry
 
     def _basis(self, info: dict[str, object]) -> str:
@@ -218,9 +218,7 @@ class Rollups:
         """Recompute the hours of [lo, hi), and the days wholly inside it."""
         cal = self.calendar
         pad = max(prep, post)
-        rows = [
-            (r[3], r[4], r[5], bool(r[6])) for r in self.ledger.intervals_between(lo - pad, hi + pad, code)
-        ]
+        rows = [r.span() for r in self.ledger.intervals_between(lo - pad, hi + pad, code)]
         windows = self.ledger.service_windows(lo, hi, code).get(code, [])
         bounds = list(range(lo, hi + 1, H))
         hours = compute_buckets(rows, bounds, prep, post, windows) if rows else []
@@ -306,7 +304,7 @@ def direct(
     Every registered instrument, or (``with_data_only``) those with intervals or service records in reach.
     """
     if registry is None:
-        registry = {str(i["code"]): i for i in ledger.instruments()}
+        registry = ledger.instruments_by_code()
     pad = max(
         [policy.prep_allowance_s * 1000, policy.post_allowance_s * 1000]
         + [max(allowances_ms(i, policy)) for i in registry.values()]

@@ -26,9 +26,10 @@ from zoneinfo import ZoneInfo
 import msgspec
 from aiohttp import web
 
-from labmeter.collector.report import GROUPINGS, hours_report, per_instrument, utilisation_pct
-from labmeter.collector.rollup import Calendar, allowances_ms
+from labmeter.collector.ledger.rollup import Calendar, allowances_ms
+from labmeter.collector.reports.hours import GROUPINGS, hours_report, per_instrument, utilisation_pct
 from labmeter.config import ConfigError
+from labmeter.machine_hours import HOUR_MS as H
 from labmeter.machine_hours import compute
 from labmeter.netutil import is_loopback, split_listen
 from labmeter.wire import ID_RE, STATES
@@ -37,7 +38,6 @@ if TYPE_CHECKING:
     from labmeter.collector.service import Collector
 
 log = logging.getLogger("labmeter.web")
-H = 3_600_000
 DAY = 24 * H
 CACHE_S = 10.0
 AGENT_DOWN_AFTER_S = 90.0
@@ -233,7 +233,7 @@ class LiveView:
         kept as ``last_state``) unless an agent is up for it: a badge from a silent agent is no state."""
         c = self.collector
         now = c.clock.wall_ms()
-        registry = {str(i["code"]): i for i in c.ledger.instruments()}
+        registry = c.ledger.instruments_by_code()
         hours = self._cached("usage", lambda: self._usage(now, registry))
         enrolled = self._cached("enrolled", self._enrolled)
         out = []
@@ -349,7 +349,8 @@ class LiveView:
             raise BadRequest("from, to: a timeline spans at most 31 days")
         rows = self.collector.ledger.intervals_between(a, b, code)
         intervals = [
-            {"start": max(r[3], a), "end": min(r[4], b), "state": r[5], "verified": bool(r[6])} for r in rows
+            {"start": max(r.start_ms, a), "end": min(r.end_ms, b), "state": r.state, "verified": r.linked}
+            for r in rows
         ]
         live = self.collector.live.instruments.get(code)
         if (
@@ -438,7 +439,7 @@ class LiveView:
         return web.json_response({"agents": self.agents()}, dumps=_dumps)
 
     async def api_openapi(self, request: web.Request) -> web.Response:
-        spec = resources.files("labmeter.collector").joinpath("openapi.json").read_text(encoding="utf-8")
+        spec = resources.files("labmeter.collector.live").joinpath("openapi.json").read_text(encoding="utf-8")
         return web.Response(text=spec, content_type="application/json")
 
     async def events(self, request: web.Request) -> web.StreamResponse:
@@ -497,7 +498,7 @@ def _page_and_policy(name: str) -> tuple[str, str]:
     """A page and its Content-Security-Policy: only the page's own inline script runs (by its hash), so
     markup that reached the page some other way could run nothing; the pages build their content from
     text nodes anyway."""
-    html = resources.files("labmeter.collector").joinpath(name).read_text(encoding="utf-8")
+    html = resources.files("labmeter.collector.live").joinpath(name).read_text(encoding="utf-8")
     hashes = [
         "'sha256-" + base64.b64encode(hashlib.sha256(m.encode()).digest()).decode() + "'"
         for m in re.findall(r"<script>(.*?)</script>", html, flags=re.S)
