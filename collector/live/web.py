@@ -40,6 +40,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("labmeter.web")
 DAY = 24 * H
 CACHE_S = 10.0
+STALE_S = 120.0
 AGENT_DOWN_AFTER_S = 90.0
 
 
@@ -114,6 +115,9 @@ class LiveView:
         """An agent not heard of for longer is down and its instruments UNKNOWN (a test shortens it)."""
         self.listeners: set[asyncio.Queue[str]] = set()
         self._cache: dict[str, tuple[float, Any]] = {}
+        self._refreshing: set[str] = set()
+        self.hours_at = 0
+        """When the hours the last ``instruments()`` gave were computed (ms): a page counts on from there."""
         self._runner: web.AppRunner | None = None
         self.port: int | None = None
         if not is_loopback(split_listen(listen)[0]) and not token:
@@ -133,13 +137,31 @@ class LiveView:
 
     # data -----------------------------------------------------------------
     def _cached(self, key: str, make: Any) -> Any:
+        """``make()``, computed at most every CACHE_S. A value up to STALE_S old is answered at once and
+        recomputed after the answer: at province scale the hours take a second or more to compute, and a
+        page must not wait for that on every tenth-second load."""
         hit = self._cache.get(key)
         now = time.monotonic()
         if hit and now - hit[0] < CACHE_S:
             return hit[1]
+        if hit and now - hit[0] < STALE_S:
+            with contextlib.suppress(RuntimeError):  # no event loop: compute now, below
+                loop = asyncio.get_running_loop()
+                if key not in self._refreshing:
+                    self._refreshing.add(key)
+                    loop.call_soon(self._refresh, key, make)
+                return hit[1]
         value = make()
         self._cache[key] = (now, value)
         return value
+
+    def _refresh(self, key: str, make: Any) -> None:
+        try:
+            self._cache[key] = (time.monotonic(), make())
+        except Exception:
+            log.exception("recomputing the live view's %s failed; the last value stays", key)
+        finally:
+            self._refreshing.discard(key)
 
     def _period_starts(self, now: int) -> dict[str, int]:
         cal = self.calendar
@@ -234,7 +256,7 @@ class LiveView:
         c = self.collector
         now = c.clock.wall_ms()
         registry = c.ledger.instruments_by_code()
-        hours = self._cached("usage", lambda: self._usage(now, registry))
+        self.hours_at, hours = self._cached("usage", lambda: (now, self._usage(now, registry)))
         enrolled = self._cached("enrolled", self._enrolled)
         out = []
         for code in sorted(set(registry) | set(c.live.instruments)):
@@ -319,8 +341,14 @@ class LiveView:
         return _page("live.html")
 
     async def api_instruments(self, request: web.Request) -> web.Response:
+        rows = self.instruments()
         return web.json_response(
-            {"now": self.collector.clock.wall_ms(), "tz": str(self.tz), "instruments": self.instruments()},
+            {
+                "now": self.collector.clock.wall_ms(),
+                "hours_at": self.hours_at,
+                "tz": str(self.tz),
+                "instruments": rows,
+            },
             dumps=_dumps,
         )
 
