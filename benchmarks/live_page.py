@@ -4,9 +4,12 @@ Debian's Chromium (driven by Playwright, launched as the tests launch it) loads 
 collector's web server, running in this process on a ledger built with :mod:`benchmarks.province`:
 5,000 instruments, and 50 instruments built here from the same generator (the baseline in the
 same run). The time is the page's own clock (``performance.now()``, zero at navigation start) when
-the first instrument row and the tiles are in the page. "Uncached" clears the view's 10-second
-cache before each load, so the server computes every instrument's hours afresh; "cached" is what
-most loads see. Targets: under 1 s at 5,000 (uncached, median) and within 2x of 50.
+the first instrument row and the tiles are in the page. Three cases: "cold" clears the view's cache
+before each load, so the server computes every instrument's hours while the page waits (only the
+first load after the collector starts); "stale" makes the cached hours older than their 10 s, so the
+answer comes at once and the hours are recomputed after it (a page loaded on a running collector);
+"fresh" is a load within the 10 s. Targets, on "stale" and "fresh" (medians): under 1 s at 5,000,
+and within 2x of 50.
 
     .venv/bin/python -m benchmarks.province --instruments 5000 --days 35 --db /tmp/province.sqlite
     .venv/bin/python -m benchmarks.live_page --db /tmp/province.sqlite [--loads 5]
@@ -27,7 +30,7 @@ from benchmarks.common import Verdicts
 from labmeter import config
 from labmeter.collector import service
 from labmeter.collector.ledger import Ledger
-from labmeter.collector.live.web import LiveView
+from labmeter.collector.live.web import CACHE_S, LiveView
 from labmeter.collector.service import Collector
 from tests.support.browser import CHROMIUM, CHROMIUM_ARGS
 
@@ -55,16 +58,21 @@ async def measure(db: Path, loads: int, browser: Any, width: int) -> dict[str, l
         service.Ledger = Ledger  # type: ignore[misc]
         view = LiveView(collector, "127.0.0.1:0")
         await view.start()
-        out: dict[str, list[float]] = {"uncached": [], "cached": []}
+        out: dict[str, list[float]] = {"cold": [], "stale": [], "fresh": []}
         try:
             ctx = await browser.new_context(viewport={"width": width, "height": 900})
             page = await ctx.new_page()
             await page.goto(f"http://127.0.0.1:{view.port}/")  # rollups brought up to date, page compiled
             await page.wait_for_function(SHOWN)
-            for name in ("uncached", "cached"):
+            for name in out:
                 for _ in range(loads):
-                    if name == "uncached":
+                    if name == "cold":
                         view._cache.clear()
+                    elif name == "stale":
+                        while view._refreshing:  # the last load's recomputation has finished
+                            await asyncio.sleep(0.05)
+                        await asyncio.sleep(0.2)
+                        view._cache = {k: (t - CACHE_S - 1, v) for k, (t, v) in view._cache.items()}
                     await page.goto(f"http://127.0.0.1:{view.port}/?lang=zh-CN", wait_until="commit")
                     got = await page.wait_for_function(SHOWN, polling="raf", timeout=60_000)
                     out[name].append(float(await got.json_value()))
@@ -95,14 +103,12 @@ async def main_async(db: Path, small: Path, loads: int) -> None:
                 f"(runs {', '.join(f'{x:.0f}' for x in ms)})"
             )
     for width in (1440, 390):
-        big = statistics.median(results[(5000, width)]["uncached"])
-        base = statistics.median(results[(50, width)]["uncached"])
-        verdicts.check(
-            f"5,000 instruments at {width} px, uncached, median", round(big), "< 1000 ms", big < 1000, " ms"
-        )
-        verdicts.check(
-            f"5,000 vs 50 instruments at {width} px", round(big / base, 2), "<= 2x", big <= 2 * base, "x"
-        )
+        for name in ("stale", "fresh"):
+            big = statistics.median(results[(5000, width)][name])
+            base = statistics.median(results[(50, width)][name])
+            what = f"5,000 instruments at {width} px, {name}"
+            verdicts.check(f"{what}, median", round(big), "< 1000 ms", big < 1000, " ms")
+            verdicts.check(f"{what}, vs 50", round(big / base, 2), "<= 2x", big <= 2 * base, "x")
     verdicts.exit()
 
 
