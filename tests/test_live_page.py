@@ -35,6 +35,7 @@ pytestmark = pytest.mark.skipif(
 )
 DESK = {"width": 1440, "height": 900}
 PHONE = {"width": 390, "height": 844}
+HOSTILE = "<img src=x onerror=window.__xss=1>X射线衍射仪（未接入）"
 
 
 @pytest.fixture
@@ -58,7 +59,8 @@ def lab(mosquitto: BrokerProcess, tmp_path: Path) -> Iterator[tuple[str, Any, su
     (tmp_path / "agent.toml").write_text(agent_cfg)
     (tmp_path / "instruments.csv").write_text(
         "code,name,unit,category\nCZ-ICP-002,电感耦合等离子体质谱仪,分析测试中心,020302\n"
-        "CZ-NMR-001,核磁共振波谱仪,化学学院,020301\nCZ-XRD-009,X射线衍射仪（未接入）,化学学院,020101\n",
+        "CZ-NMR-001,核磁共振波谱仪,化学学院,020301\n"
+        f'CZ-XRD-009,"{HOSTILE}",化学学院,020101\n',  # a hostile name, imported as a registry would be
         encoding="utf-8",
     )
     (tmp_path / "collector.toml").write_text(
@@ -120,6 +122,9 @@ def test_overview_and_instrument_page_at_desk_and_phone_width(lab, tmp_path: Pat
         assert page.text_content('.row[data-code="CZ-XRD-009"] .c-agent') == "○ no agent enrolled"
         assert page.get_attribute('[data-testid="state-CZ-XRD-009"]', "data-state") == "UNKNOWN"
         assert "labmeter report hours" in page.text_content("#definition")
+        # the imported name is text: shown whole, nothing made of it
+        assert page.text_content('.row[data-code="CZ-XRD-009"] .name') == HOSTILE
+        assert page.evaluate("[window.__xss, document.querySelectorAll('#list img').length]") == [None, 0]
         # today's run hours rise while it runs: the open interval counts (provisional, marked *)
         cell = '[data-testid="run-CZ-ICP-002"]'
         before = int(page.get_attribute(cell, "data-ms") or "-1")

@@ -134,6 +134,12 @@ BAD = [
     ("/api/instruments/CZ-A/signins?limit=100000", "limit="),
     ("/api/instruments/CZ-A/signins?limit=1e3", "limit="),
     ("/api/instruments/CZ%22%3E/signins", "code="),
+    ("/api/instruments/CZ%3Cx%3E", "code="),
+    ("/api/instruments/CZ-A/services?from=yesterday", "from='yesterday'"),
+    ("/api/instruments/CZ-A/services?from=0&to=253402300799999", "from, to"),
+    ("/api/instruments/CZ-A/services?to=%EF%BC%91", "to="),
+    ("/api/instruments/CZ-A/services?from=2026-03-02&to=2026-03-01", "to must be after from"),
+    ("/api/instruments/CZ%0A/services", "code="),
 ]
 
 
@@ -144,6 +150,8 @@ def test_every_bad_parameter_answers_400_naming_it(view: ViewThread) -> None:
         assert len(body["error"]) < 300, (path, body)  # a 5000-digit value is not echoed whole
     assert get(view.base + "/api/instruments/NOPE/timeline")[0] == 404
     assert get(view.base + "/api/instruments/NOPE/signins")[0] == 404
+    assert get(view.base + "/api/instruments/NOPE")[0] == 404
+    assert get(view.base + "/api/instruments/NOPE/services")[0] == 404
     for good in ("/api/instruments/CZ-A/signins?limit=1", "/api/utilisation?by=category&from=2026-03-01"):
         assert get(view.base + good)[0] == 200, good
 
