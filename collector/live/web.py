@@ -116,6 +116,7 @@ class LiveView:
         self.listeners: set[asyncio.Queue[str]] = set()
         self._cache: dict[str, tuple[float, Any]] = {}
         self._refreshing: set[str] = set()
+        self._pending: dict[str, Any] = {}
         self.hours_at = 0
         """When the hours the last ``instruments()`` gave were computed (ms): a page counts on from there."""
         self._runner: web.AppRunner | None = None
@@ -149,11 +150,27 @@ class LiveView:
                 loop = asyncio.get_running_loop()
                 if key not in self._refreshing:
                     self._refreshing.add(key)
-                    loop.call_soon(self._refresh, key, make)
+                    self._pending[key] = make
+                    loop.call_later(1.0, self._refresh_pending)  # if no answer runs them first
                 return hit[1]
         value = make()
         self._cache[key] = (now, value)
         return value
+
+    def _refresh_pending(self) -> None:
+        while self._pending:
+            key, make = self._pending.popitem()
+            self._refresh(key, make)
+
+    async def _answer(self, request: web.Request, body: Any) -> web.Response:
+        """A JSON answer sent before the recomputations it left pending run (they block the loop)."""
+        resp = web.Response(text=_dumps(body), content_type="application/json")
+        if self.token and request.query.get("token"):
+            resp.set_cookie("labmeter_token", self.token, httponly=True, samesite="Strict")
+        await resp.prepare(request)
+        await resp.write_eof()
+        self._refresh_pending()
+        return resp
 
     def _refresh(self, key: str, make: Any) -> None:
         try:
@@ -343,7 +360,7 @@ class LiveView:
             if not hmac.compare_digest(given.encode(), self.token.encode()):
                 raise web.HTTPUnauthorized(text="token required: open /?token=...")
             resp = await handler(request)
-            if request.query.get("token"):
+            if request.query.get("token") and not resp.prepared:  # an _answer has set it already
                 resp.set_cookie("labmeter_token", self.token, httponly=True, samesite="Strict")
             return resp
         return await handler(request)
@@ -353,14 +370,14 @@ class LiveView:
 
     async def api_instruments(self, request: web.Request) -> web.Response:
         rows = self.instruments()
-        return web.json_response(
+        return await self._answer(
+            request,
             {
                 "now": self.collector.clock.wall_ms(),
                 "hours_at": self.hours_at,
                 "tz": str(self.tz),
                 "instruments": rows,
             },
-            dumps=_dumps,
         )
 
     def _instrument(self, request: web.Request) -> str:
@@ -428,8 +445,8 @@ class LiveView:
             raise web.HTTPNotFound(
                 text=json.dumps({"error": f"no instrument {code!r}"}), content_type="application/json"
             )
-        return web.json_response(
-            {"now": self.collector.clock.wall_ms(), "tz": str(self.tz), "instrument": row}, dumps=_dumps
+        return await self._answer(
+            request, {"now": self.collector.clock.wall_ms(), "tz": str(self.tz), "instrument": row}
         )
 
     async def api_services(self, request: web.Request) -> web.Response:
@@ -470,8 +487,8 @@ class LiveView:
         if self.public_power:
             keep.append("power_w")
         rows = [{k: i.get(k) for k in keep} for i in self.instruments()]
-        return web.json_response(
-            {"now": self.collector.clock.wall_ms(), "tz": str(self.tz), "instruments": rows}, dumps=_dumps
+        return await self._answer(
+            request, {"now": self.collector.clock.wall_ms(), "tz": str(self.tz), "instruments": rows}
         )
 
     async def api_agents(self, request: web.Request) -> web.Response:
