@@ -21,5 +21,11 @@ lint: $(VENV)/.installed
 	$(BIN)/ruff check .
 	sh .ci/typecheck
 
+# The suite in two parts: what tolerates sharing the CPU on $(TEST_WORKERS) pytest-xdist workers, then
+# the timing-sensitive modules (marker `serial`, tests/conftest.py) alone; both parts always run.
+TEST_WORKERS ?= 3
+
 test: deps lint
-	$(BIN)/pytest -q
+	@$(BIN)/pytest -q -n $(TEST_WORKERS) -m 'not serial'; a=$$?; \
+	$(BIN)/pytest -q -p no:xdist -m serial; b=$$?; \
+	test $$a -eq 0 -a $$b -eq 0

@@ -161,6 +161,7 @@ class AgentStore:
                     span.state.value,
                     span.note,
                     span.clock_step_ms,
+                    span.energy_wh,
                 )
                 body = wire.dump_body(iv.body())
                 prev = wire.body_hash(body)
@@ -235,6 +236,12 @@ class AgentStore:
         if ids:
             with self._transaction(immediate=False) as cur:
                 cur.executemany("UPDATE outbox SET sent_at=? WHERE id=?", [(at, i) for i in ids])
+
+    def outstanding(self, resend_before: float) -> int:
+        """Rows sent since ``resend_before`` and not acknowledged yet: what is on its way to the collector."""
+        return int(
+            self.db.execute("SELECT count(*) FROM outbox WHERE sent_at >= ?", (resend_before,)).fetchone()[0]
+        )
 
     def mark_all_unsent(self) -> None:
         """After a reconnect everything unacknowledged goes out again, oldest first."""
@@ -344,6 +351,21 @@ class AgentStore:
                 "SELECT instrument, seq, topic, payload, body_sha, at FROM dead ORDER BY instrument, seq"
             )
             return cur.execute("DELETE FROM dead").rowcount
+
+    def gone(self) -> dict[str, tuple[int, int]]:
+        """Per chain, (where the current chain began, the seq at and below which this state holds nothing).
+
+        What lies at or below that seq was acknowledged and deleted, or re-sent under new seqs: this
+        agent will never send it again. The signed status says so (``wire.AgentStatus.gone``), so a
+        collector whose ledger lost those links (restored from an older backup) can stop waiting.
+        Dead letters count as held: ``agent resend`` may still send them.
+        """
+        rows = self.db.execute(
+            "SELECT c.instrument, c.first, c.seq, (SELECT MIN(seq) FROM (SELECT seq FROM outbox "
+            "WHERE instrument=c.instrument UNION ALL SELECT seq FROM dead WHERE instrument=c.instrument)) "
+            "FROM chain c ORDER BY c.instrument"
+        ).fetchall()
+        return {chain: (first, head if held is None else held - 1) for chain, first, head, held in rows}
 
     def pending_count(self) -> int:
         return int(self.db.execute("SELECT count(*) FROM outbox").fetchone()[0])

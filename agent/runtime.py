@@ -19,7 +19,7 @@ from labmeter import __version__, signing, winsys, wire
 from labmeter.agent.classifier import Classifier
 from labmeter.agent.control import AckGate, Pin, load_pin, pin_path
 from labmeter.agent.outbox import AgentStore, Checkpoint, DiskFull, Signer
-from labmeter.agent.power import PowerDownsampler
+from labmeter.agent.power import IntervalEnergy, PowerDownsampler
 from labmeter.agent.power import publish as publish_power
 from labmeter.agent.timeline import Span, Timeline, split
 from labmeter.clock import Clock, clock_from_env
@@ -35,6 +35,11 @@ CLOCK_STEP_TOLERANCE_MS = 2000
 PUBLISH_CHUNK = 200  # rows published between two yields to the event loop
 WRITE_BUFFER_HIGH = 1 << 20  # socket bytes queued before publishing waits for the network
 MAX_INFLIGHT = 5000  # publishes the broker has not acknowledged before publishing waits (ids end at 65,535)
+MAX_UNACKED = 2000
+"""Rows sent and not yet acknowledged by the collector (within resend_after_s) before publishing waits for
+acks: end-to-end flow control. A broker's PUBACK says nothing about its deliveries to the collector;
+the built-in broker gives each delivery 5 s and then drops it, so a burst larger than the collector
+stores in that time was mostly lost (docs/performance.md, "Built-in broker drain")."""
 MAX_UNWRITTEN = 10_000  # intervals and sign-ins held in memory while the state disk is full (~7 MB)
 
 
@@ -100,6 +105,7 @@ class InstrumentRunner:
         self.last: Reading | None = None
         self._open_sent_at = -1e18
         self.power = PowerDownsampler(max_gap_ms=round(3 * cfg.poll_s * 1000))
+        self.energy = IntervalEnergy(max_gap_ms=round(3 * cfg.poll_s * 1000))
         self._failing_since: float | None = None  # the current episode of failed reads, for the log
         self._failed = 0
         self._errors_seen: set[str] = set()
@@ -120,6 +126,10 @@ class InstrumentRunner:
                 log.info("%s: agent was down %.0f s; recorded as UNKNOWN", self.id, (start - cp.at_ms) / 1000)
         self.timeline = Timeline(self.agent.bucket_ms, start, State.UNKNOWN)
         self.agent.emit(self.id, spans, Checkpoint(start, State.UNKNOWN, start))
+
+    def with_energy(self, spans: list[Span]) -> list[Span]:
+        """Closed spans with the energy measured in each (recovered and down time carry none)."""
+        return [replace(s, energy_wh=self.energy.take(s.start, s.end)) for s in spans]
 
     def checkpoint(self, now_ms: int) -> Checkpoint:
         t = self.timeline
@@ -170,9 +180,10 @@ class InstrumentRunner:
         self._log_episode(reading)
         self.last = reading
         publish_power(self.agent, self.id, self.power.feed(now_ms, reading.power_w, reading.energy_wh))
+        self.energy.feed(now_ms, reading.power_w, reading.energy_wh)
         before = self.timeline.state
         change = self.classifier.update(reading)
-        spans = self.timeline.advance(now_ms, change.state, change.since_ms)
+        spans = self.with_energy(self.timeline.advance(now_ms, change.state, change.since_ms))
         if spans:
             self.agent.emit(self.id, spans, self.checkpoint(now_ms))
         cards = self.driver.take_signins() if Capability.SIGNINS in self.driver.capabilities else []
@@ -213,6 +224,7 @@ class Agent:
         self.runners: list[InstrumentRunner] = []
         # each broker connection has a number; its last will, signed in advance, says "offline" for it
         self._conn = 0
+        self._gone_turn = 0
         self._will_conn = self.store.next_connection(self.timebase.now_ms())
         self.link = MqttLink(
             cfg.broker,
@@ -253,8 +265,20 @@ class Agent:
             conn,
             self.store.pending_count(),
             __version__[:32],
+            self._gone(),
         )
         return wire.seal_status(self.signer.key, self.signer.kid, st)
+
+    def _gone(self) -> dict[str, tuple[int, int]]:
+        """What this agent will never send again, per chain (see ``AgentStore.gone``); with more chains than
+        one status may name, each status names the next ones in turn."""
+        gone = self.store.gone()
+        if len(gone) <= wire.MAX_GONE:
+            return gone
+        chains = sorted(gone)
+        self._gone_turn = (self._gone_turn + wire.MAX_GONE) % len(chains)
+        picked = (chains[self._gone_turn :] + chains[: self._gone_turn])[: wire.MAX_GONE]
+        return {c: gone[c] for c in picked}
 
     def _will(self) -> Will:
         return Will(wire.status_topic(self.id), self._status("offline", self._will_conn))
@@ -402,6 +426,8 @@ class Agent:
                     )
                 else:
                     self.acked += n
+                    if n:
+                        self.kick.set()  # room for more under MAX_UNACKED
         except DiskFull as exc:  # the collector sends it again when we resend
             self._disk_full(exc)
 
@@ -443,6 +469,10 @@ class Agent:
 
     async def _publish_batch(self, resend_before: float, limit: int = 1000) -> bool:
         """Publish one batch, yielding between chunks; stops at once when the link goes. True: more wait."""
+        room = MAX_UNACKED - self.store.outstanding(resend_before)
+        if room <= 0:
+            return False  # an ack kicks the publisher again
+        limit = min(limit, room)
         rows = self.store.unsent(resend_before, limit)
         now = time.time()
         sent: list[int] = []
@@ -500,7 +530,8 @@ class Agent:
             "wall clock stepped by %+d ms; intervals close at the old time and resume at the new", delta
         )
         for r in self.runners:
-            self.emit(r.id, r.timeline.step(expected_ms, wall_ms), r.checkpoint(wall_ms))
+            self.emit(r.id, r.with_energy(r.timeline.step(expected_ms, wall_ms)), r.checkpoint(wall_ms))
+            r.energy.reset()
 
     async def run(self, stop: asyncio.Event) -> None:
         now = self.timebase.now_ms()
@@ -540,7 +571,7 @@ class Agent:
     async def _shutdown(self) -> None:
         now = self.timebase.now_ms()
         for r in self.runners:
-            spans = r.timeline.close(now)
+            spans = r.with_energy(r.timeline.close(now))
             at = max(now, r.timeline.start)  # never behind what is stored (a clock stepped back)
             self.emit(r.id, spans, Checkpoint(at, State.UNKNOWN, at, r.timeline.clock_step_ms))
         if not self._flush_unwritten():

@@ -9,13 +9,15 @@ from labmeter.wire import State
 
 @dataclass(frozen=True)
 class Span:
-    """``clock_step_ms``: how far this span's start lies from its predecessor's end (a wall-clock step)."""
+    """``clock_step_ms``: how far this span's start lies from its predecessor's end (a wall-clock step);
+    ``energy_wh``: the energy measured in it (agent.power.IntervalEnergy), None where none was."""
 
     start: int
     end: int
     state: State
     note: str | None = None
     clock_step_ms: int = 0
+    energy_wh: float | None = None
 
 
 class Timeline:

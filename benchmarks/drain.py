@@ -8,6 +8,12 @@ per batch). A ticker task measures the longest time the loop could not run it: w
 polling, acks and SIGTERM waited for.
 
     .venv/bin/python -m benchmarks.drain [--rows 20000] [--dir /var/tmp]
+
+With ``--builtin`` the backlog goes instead through a real collector process holding the built-in
+broker, without and with the agent's limit on rows unacknowledged by the collector (MAX_UNACKED):
+how long until the outbox is empty, and how many deliveries amqtt dropped.
+
+    .venv/bin/python -m benchmarks.drain --builtin --rows 20000 --dir /var/tmp --timeout 120
 """
 
 from __future__ import annotations
@@ -16,13 +22,16 @@ import argparse
 import asyncio
 import sqlite3
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
 from types import MethodType, SimpleNamespace
 
-from benchmarks.common import free_port, start_mosquitto
+from benchmarks.common import free_port, start_mosquitto, wait_port
 from labmeter import signing
+from labmeter.agent import runtime
 from labmeter.agent.outbox import AgentStore, Signer
 from labmeter.agent.runtime import Agent
 from labmeter.agent.timeline import Span
@@ -66,11 +75,13 @@ async def new_drain(store: AgentStore, link: MqttLink, marks: list[float]) -> No
         marks.append(time.perf_counter() - t)
 
     store.mark_sent = timed  # type: ignore[method-assign]
+    window, runtime.MAX_UNACKED = runtime.MAX_UNACKED, 10**9  # no collector acknowledges here
     try:
         while await Agent._publish_batch(agent, time.time() - 3600, BATCH):  # type: ignore[arg-type]
             await asyncio.sleep(0)
     finally:
         store.mark_sent = real  # type: ignore[method-assign]
+        runtime.MAX_UNACKED = window
 
 
 async def run(rows: int, workdir: Path) -> None:
@@ -115,13 +126,110 @@ async def run(rows: int, workdir: Path) -> None:
         broker.wait(10)
 
 
+async def builtin(
+    rows: int, workdir: Path, window: int | None, timeout_s: float, verbose: bool = False
+) -> None:
+    """The backlog drained through a real collector process holding the built-in broker (the single-node
+    default): an agent's publisher and ack handling in this process, the collector verifying, storing
+    and acknowledging. Prints how long until the outbox is empty, or what was left."""
+    from labmeter import wire
+    from labmeter.agent.control import AckGate
+    from labmeter.collector.ledger import Ledger
+    from labmeter.config import AgentSection
+
+    port = free_port()
+    key = signing.generate_key_file(workdir / "agent.key")
+    pub = key.public_key()
+    signer = Signer("bench", key, signing.key_id(pub))
+    data = workdir / "collector-data"
+    ledger = Ledger(data / "ledger.sqlite")
+    ledger.add_agent("bench", signing.public_key_text(pub), signing.key_id(pub), ["I1"])
+    ledger.close()
+    (workdir / "collector.toml").write_text(
+        f'[collector]\ndata_dir = "{data}"\n[broker]\nembedded = true\nlisten = "127.0.0.1:{port}"\n'
+    )
+    store = AgentStore(workdir / "state" / "agent.db")
+    t0 = int(time.time() * 1000) - (rows + 600) * 1000
+    store.emit(signer, "I1", [Span(t0 + i * 1000, t0 + (i + 1) * 1000, State.OFF) for i in range(rows)], None)
+    log = open(workdir / "collector.log", "wb")  # noqa: SIM115
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "labmeter",
+            "collector",
+            "run",
+            "--config",
+            str(workdir / "collector.toml"),
+            *(["--verbose"] if verbose else []),  # amqtt's own warnings (which client timed out)
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        wait_port(port, 30)
+        section = AgentSection(id="bench", key_file=workdir / "agent.key", state_dir=workdir / "state")
+        gate = AckGate(section, None)
+
+        def on_ack(_topic: str, payload: bytes) -> None:
+            ack = gate.open(payload)
+            for chain, e in (ack.acks if ack else {}).items():
+                store.ack_matching(chain, e.seq, e.sha256)
+
+        link = MqttLink(
+            BrokerConfig(url=f"mqtt://127.0.0.1:{port}"),
+            "bench-agent",
+            on_message=on_ack,
+            subscriptions=((wire.ack_topic("bench"), 1),),
+        )
+        await link.start()
+        assert await link.wait_connected(10), "no broker"
+        agent = SimpleNamespace(store=store, link=link, stopping=False)
+        agent._wait_for_network = MethodType(Agent._wait_for_network, agent)
+        if window is not None:
+            runtime.MAX_UNACKED = window
+        resend = 30.0  # the agent's default resend_after_s
+        t = time.perf_counter()
+        left = rows
+        while left and time.perf_counter() - t < timeout_s:
+            await Agent._publish_batch(agent, time.time() - resend)  # type: ignore[arg-type]
+            await asyncio.sleep(0.05)
+            left = store.pending_count()
+        took = time.perf_counter() - t
+        text = (workdir / "collector.log").read_bytes().decode(errors="replace")
+        timeouts = text.count("Timeout waiting for PUBACK")
+        if left:
+            print(f"built-in broker: {left} of {rows} rows still unacknowledged after {took:.0f} s", end="")
+        else:
+            print(f"built-in broker: {rows} rows stored and acknowledged in {took:.1f} s", end="")
+        print(f"; amqtt PUBACK timeouts logged: {timeouts}")
+        await link.stop()
+    finally:
+        proc.terminate()
+        proc.wait(30)
+        store.close()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rows", type=int, default=20_000)
     ap.add_argument("--dir", type=Path, default=None, help="where the state file goes (default: a temp dir)")
+    ap.add_argument(
+        "--builtin", action="store_true", help="drain through a collector holding the built-in broker"
+    )
+    ap.add_argument("--timeout", type=float, default=300.0, help="with --builtin: give up after this")
+    ap.add_argument(
+        "--verbose", action="store_true", help="with --builtin: the collector logs at debug level"
+    )
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(dir=args.dir) as d:
-        asyncio.run(run(args.rows, Path(d)))
+        if args.builtin:
+            for name, window in (("before", 10**9), ("after", runtime.MAX_UNACKED)):
+                print(f"{name}: at most {window:,} rows unacknowledged by the collector", flush=True)
+                (Path(d) / name).mkdir()
+                asyncio.run(builtin(args.rows, Path(d) / name, window, args.timeout, args.verbose))
+        else:
+            asyncio.run(run(args.rows, Path(d)))
 
 
 if __name__ == "__main__":

@@ -99,9 +99,11 @@ def build(path: Path, instruments: int, days: int, end_ms: int, seed: int = 1) -
             for a, b, state in templates[rng.randrange(len(templates))]:
                 seq += 1
                 sha = f"{i:08x}{seq:056x}"
-                rows.append((agent, code, seq, day0 + a, day0 + b, state, prev, sha, 0, None, env, received))
+                rows.append(
+                    (agent, code, seq, day0 + a, day0 + b, state, prev, sha, 0, None, env, received, None)
+                )
                 prev = sha
-        db.executemany("INSERT INTO intervals VALUES (?,?,?,?,?,?,?,?,?,?,?,?)", rows)
+        db.executemany("INSERT INTO intervals VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)", rows)
         bookings = []
         for week in range(days // 7):
             for _ in range(2):

@@ -52,6 +52,14 @@ INSTRUMENT_HEADERS = {
     "share_mode": ("share_mode", "共享模式", "共享方式"),
     "prep_allowance_s": ("prep_allowance_s", "准备时间(秒)"),
     "post_allowance_s": ("post_allowance_s", "后处理时间(秒)"),
+    "metering_start": (
+        "metering_start",
+        "计量开始日期",
+        "计量开始时间",
+        "计量起始日期",
+        "开始计量日期",
+        "机时计量开始日期",
+    ),
 }
 SERVICE_HEADERS = {
     "instrument": ("instrument", "仪器编号", "设备编号", "仪器设备编号", "仪器代码", "编号"),
@@ -72,6 +80,9 @@ HEADER_SEARCH_ROWS = 10
 ENCODINGS = ("utf-8-sig", "gb18030")
 """CSV text encodings tried in turn: UTF-8 with or without BOM, then GB18030 (a superset of GBK and
 GB2312, what Excel on Chinese Windows writes for "CSV (逗号分隔)")."""
+METERING_START_FROM_MS = 946_684_800_000
+"""2000-01-01 UTC: a metering start before it is a typo (no agent ran then)."""
+YEAR_AHEAD_MS = 366 * 86_400_000
 EXCEL_EPOCH = datetime(1899, 12, 30)
 SERIAL_RANGE = (20_000.0, 80_000.0)
 """Excel serial date-times read as such (1954 to 2119); outside it a number is no time."""
@@ -294,9 +305,16 @@ def _header_names(problem: str, cols: dict[str, str]) -> str:
     return problem
 
 
-def import_instruments(ledger: Ledger, path: Path, notes: list[str] | None = None) -> int:
+def import_instruments(
+    ledger: Ledger, path: Path, notes: list[str] | None = None, tz: ZoneInfo | None = None
+) -> int:
     """Add or update the instruments of a sheet; ``notes`` collects how it was read (encoding, header row,
-    restored leading zeros)."""
+    restored leading zeros, category codes the shipped classification does not list). ``tz``: the zone
+    a metering start date is local to (the policy's)."""
+    from labmeter.collector.reports.hours import category_problem
+
+    zone = tz or ZoneInfo("UTC")
+    now_ms = int(time.time() * 1000)
     table = read_table(path, INSTRUMENT_HEADERS)
     cols = _columns(table, INSTRUMENT_HEADERS, ("code",))
     seen: set[str] = set()
@@ -313,14 +331,19 @@ def import_instruments(ledger: Ledger, path: Path, notes: list[str] | None = Non
         if kind is None:
             problems.append(f"column 'kind': {row['kind']!r} is not general/通用 or special/专用")
         category = row.get("category", "")
-        if category.isdigit() and len(category) == 5:
+        if category.isascii() and category.isdigit() and len(category) == 5:
             problems.append(
                 f"note: column 'category': {category} read as 0{category} (Excel drops a leading zero; "
                 "format the column as text to keep it)"
             )
             category = "0" + category
-        if category and not (category.isdigit() and len(category) == 6):
-            problems.append(f"column 'category': {category!r} is not a 6-digit category code (e.g. 030101)")
+        if category and not (category.isascii() and category.isdigit() and len(category) == 6):
+            problems.append(
+                f"column 'category': {category!r} is not a 6-digit category code of ASCII "
+                "digits (e.g. 030101)"
+            )
+        elif category and (unknown := category_problem(category)):
+            problems.append(f"note: column 'category': {unknown}")
         rec: dict[str, object] = {
             "code": code,
             "name": row.get("name", ""),
@@ -335,6 +358,15 @@ def import_instruments(ledger: Ledger, path: Path, notes: list[str] | None = Non
         for key in ("prep_allowance_s", "post_allowance_s"):
             value = _bounded(row.get(key, ""), key, problems)
             rec[key] = None if value is None else int(value)
+        start = row.get("metering_start", "")
+        start_ms = _time(start, "metering_start", zone, problems) if start else None
+        if start_ms is not None and not METERING_START_FROM_MS <= start_ms <= now_ms + YEAR_AHEAD_MS:
+            problems.append(
+                f"column 'metering_start': {start!r} is before 2000 or more than a year ahead: a typo? "
+                "(use the date metering of this instrument began, e.g. 2026-03-02)"
+            )
+            start_ms = None
+        rec["metering_start_ms"] = start_ms
         return rec
 
     rows = _validate(table, cols, check)

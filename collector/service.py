@@ -29,6 +29,7 @@ from labmeter.collector.live.web import LiveView
 from labmeter.collector.verify import Accepted, AcceptedSignIn, Pending, Rejected, Status, Verifier
 
 if TYPE_CHECKING:
+    from labmeter.collector.alerts import Alerter
     from labmeter.collector.sink_influx import InfluxSink
 
 from labmeter import config, signing, wire
@@ -43,6 +44,8 @@ MAX_INBOX = 100_000
 MAX_INBOX_BYTES = 64 * 1024 * 1024
 """Beyond either bound a message is dropped on arrival: agents resend whatever is not acknowledged."""
 MAX_REASON_KEYS = 200
+MAX_GATHER_S = 0.25
+"""The longest a batch waits for more messages before its commit (group commit, see ``_ingest``)."""
 ROLLUP_EVERY_S = 2.0
 ROLLUP_DEFER_S = 30.0
 STATUS_FRESH_MS = 600_000
@@ -51,6 +54,22 @@ STATUS_FRESH_MS = 600_000
 
 class LedgerUnavailable(Exception):
     """The ledger takes no write at all (disk full, database down): the batch waits, nothing is lost."""
+
+
+SQLITE_FULL = 13
+PG_DISK_FULL = "53100"
+
+
+def disk_full(exc: BaseException) -> bool:
+    """Whether an error, or one it was raised from, is the ledger's file system being full."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if getattr(seen, "sqlite_errorcode", None) == SQLITE_FULL or "disk is full" in str(seen):
+            return True
+        if getattr(seen, "sqlstate", None) == PG_DISK_FULL:
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 def topic_of(item: Accepted | AcceptedSignIn | Rejection) -> str:
@@ -78,17 +97,56 @@ class Watermarks:
         """(agent, chain, seq) of chains begun above an older one, for the collector to report once."""
         self._reported: set[tuple[str, str, int]] = set()
 
+    def _load(self, key: tuple[str, str]) -> None:
+        if key in self.upto:
+            return
+        self.upto[key] = 0
+        for s, start in self.ledger.handled_seqs(*key):
+            self._push(key, s, start)
+        for *_, last, _ in self.ledger.holes(*key):  # each recorded on the agent's word for all below it
+            self._cover(key, last)
+
     def add(self, agent: str, instrument: str, seq: int, starts_chain: bool = False) -> int:
         key = (agent, instrument)
-        if key not in self.upto:
-            self.upto[key] = 0
-            for s, start in self.ledger.handled_seqs(agent, instrument):
-                self._push(key, s, start)
+        self._load(key)
         self._push(key, seq, starts_chain)
         if starts_chain and self.lowest[key] < seq and (agent, instrument, seq) not in self._reported:
             self._reported.add((agent, instrument, seq))
             self.restarts.append((agent, instrument, seq))
         return self.upto[key]
+
+    def gone(self, agent: str, chain: str, first: int, upto: int, statement: bytes) -> list[tuple[int, int]]:
+        """The agent's signed status says it holds nothing of ``chain`` at or below ``upto`` and will send none
+        of it again (its current chain began at ``first``): the watermark stops waiting for those seqs.
+
+        The links of the current chain the ledger lacks there (it was restored from an older backup,
+        or reset) are recorded as holes with the statement, before the watermark moves; below
+        ``first`` the agent's older chains ended somewhere, as when a new chain's first link
+        arrives. Returns the holes recorded. Raises whatever the ledger raises: nothing moves then.
+        """
+        key = (agent, chain)
+        self._load(key)
+        if upto <= self.upto[key]:
+            return []
+        runs: list[tuple[int, int]] = []
+        lo = max(self.upto[key] + 1, first)
+        if lo <= upto:
+            runs = self.ledger.record_holes(agent, chain, lo, upto, statement)
+        self._cover(key, upto)
+        return runs
+
+    def _cover(self, key: tuple[str, str], last: int) -> None:
+        """Nothing at or below ``last`` will come any more: move the watermark over it."""
+        upto = self.upto[key]
+        if last <= upto:
+            return
+        above = self.above[key]
+        above.difference_update([s for s in above if s <= last])
+        upto = last
+        while upto + 1 in above:
+            upto += 1
+            above.discard(upto)
+        self.upto[key] = upto
 
     def fill_gaps(self, agent: str, instrument: str) -> int:
         """Look in the ledger for seqs missing above the watermark (with a shared subscription another
@@ -141,10 +199,15 @@ class Collector:
         self._wake = asyncio.Event()
         self._idle = True
         self._last_log: dict[str, float] = {}
+        self._full = False
+        self._commit_s = 0.0
+        """How long the last batch took to process and commit (the group-commit wait, see _ingest)."""
+        """The ledger's disk is full (said once; "space again" when a batch commits)."""
         self.broker: EmbeddedBroker | None = None
         self.link: MqttLink | None = None
         self.web: LiveView | None = None
         self.sink: InfluxSink | None = None
+        self.alerts: Alerter | None = None
         self.live_hooks: list[Callable[[str, dict[str, Any]], None]] = []
         """Called with every live change after the web view (the time-series sink subscribes); must not block."""
         self.ready = asyncio.Event()
@@ -203,7 +266,7 @@ class Collector:
                 rejected.append(Rejection(f"internal error: {type(exc).__name__}", topic, payload))
                 continue
             if isinstance(result, Status):
-                self._agent_status(result)
+                self._agent_status(result, payload)
             else:
                 pending.append(result)
         for p, ok in zip(pending, await self._check_signatures(pending), strict=True):
@@ -320,7 +383,7 @@ class Collector:
         self._store_part(items[:half], conflicts, failed)
         self._store_part(items[half:], conflicts, failed)
 
-    def _agent_status(self, s: Status) -> None:
+    def _agent_status(self, s: Status, payload: bytes = b"") -> None:
         """Live agent state, from registered agents' signed status only, newest by the agent's own order.
 
         An unsigned or invalid status never counts as online; from a registered agent that has sent no valid
@@ -349,6 +412,8 @@ class Collector:
                     "order": None,
                 }
             return
+        if r.gone:  # true whenever it was signed: even a replayed or older status may say it
+            self._gone(s.agent, r.gone, payload)
         if known is not None and known.get("order") is not None and r.order() <= known["order"]:
             self.stats["status_ignored"] += 1  # a replayed or older status
             return
@@ -363,6 +428,39 @@ class Collector:
             "order": r.order(),
         }
         self._publish("agent", {"agent": s.agent, "online": r.online and fresh})
+
+    def _gone(self, agent: str, gone: dict[str, tuple[int, int]], statement: bytes) -> None:
+        """An agent's signed word that it will never send some seqs again: stop waiting for them, and
+        acknowledge what is stored above (see ``Watermarks.gone``). Only enrolled chains count."""
+        entries: dict[str, wire.AckEntry] = {}
+        for chain, (first, upto) in gone.items():
+            if (agent, chain.removesuffix("@signin")) not in self.verifier.enrolled:
+                continue
+            key = (agent, chain)
+            try:
+                before = self.watermarks.upto.get(key)
+                runs = self.watermarks.gone(agent, chain, first, upto, statement)
+                after = self.watermarks.upto[key]
+                sha = self.ledger.body_sha(agent, chain, after) if after != before else None
+            except Exception as exc:  # no write: nothing moved; the next status says it again
+                self._log_limited("gone", "cannot record the seqs agent %s no longer holds: %s", agent, exc)
+                continue
+            if runs:
+                self.stats["holes"] += len(runs)
+                log.warning(
+                    "agent %s %s: seq(s) %s are in no ledger and its signed status says it holds them no "
+                    "more (the ledger was restored from an older backup, or reset): recorded as a hole, "
+                    "reported as no data",
+                    agent,
+                    chain,
+                    ", ".join(f"{a}-{b}" if b > a else str(a) for a, b in runs[:5])
+                    + (f" and {len(runs) - 5} more run(s)" if len(runs) > 5 else ""),
+                )
+            if sha is not None:
+                entries[chain] = wire.AckEntry(after, sha)
+        if entries and self.link is not None and self.key is not None:
+            for out in wire.seal_acks(self.key, agent, self.clock.wall_ms(), entries, []):
+                self.link.publish(wire.ack_topic(agent), out)
 
     async def _check_signatures(self, pending: list[Pending]) -> list[bool]:
         """Two helper threads check the batch while the event loop goes on receiving."""
@@ -478,14 +576,28 @@ class Collector:
                 self._wake.clear()
                 continue
             self._idle = False
+            if len(self.inbox) < BATCH and self._commit_s > 0.002:
+                # group commit: a commit holds the event loop for its fsync, and the built-in broker runs on
+                # this loop (amqtt drops a delivery not acknowledged within 5 s). Gathering for as long as
+                # the last commit took keeps committing to at most about half the loop's time, however
+                # slowly messages trickle in (docs/performance.md, "Built-in broker drain").
+                await asyncio.sleep(min(self._commit_s, MAX_GATHER_S))
             batch = [self.inbox.popleft() for _ in range(min(BATCH, len(self.inbox)))]
             self._inbox_bytes -= sum(len(p) for _, p in batch)
             try:
+                started = time.perf_counter()
                 await self.process(batch)
+                self._commit_s = time.perf_counter() - started
+                if self._full:
+                    self._full = False
+                    log.warning("ledger has space again: %s; storing what waited", self.ledger.name)
             except LedgerUnavailable as exc:
-                self._log_limited(
-                    "ledger", "the ledger takes no writes (%s); retrying %d message(s)", exc, len(batch)
-                )
+                if disk_full(exc):
+                    self._ledger_full()
+                else:
+                    self._log_limited(
+                        "ledger", "the ledger takes no writes (%s); retrying %d message(s)", exc, len(batch)
+                    )
                 self.inbox.extendleft(reversed(batch))
                 self._inbox_bytes += sum(len(p) for _, p in batch)
                 await asyncio.sleep(1.0)
@@ -498,6 +610,16 @@ class Collector:
                 self.stats["dropped"] += len(batch)
             await asyncio.sleep(0)
 
+    def _ledger_full(self) -> None:
+        """Say once per episode that the ledger's disk is full (a batch is retried every second)."""
+        if not self._full:
+            self._full = True
+            log.error(
+                "disk full: %s; acknowledging nothing until space returns (agents keep and resend what "
+                "is not acknowledged)",
+                self.ledger.name,
+            )
+
     async def _rollups(self) -> None:
         """Keep report rollups current between reports, a short transaction at a time. During a burst of
         ingest this waits (up to ROLLUP_DEFER_S): reports refresh for themselves, so nothing reads stale."""
@@ -508,8 +630,11 @@ class Collector:
                 try:
                     while rollups.refresh(steps=1, wait=False):
                         await asyncio.sleep(0)
-                except Exception:
-                    log.exception("refreshing rollups failed; retrying")
+                except Exception as exc:
+                    if disk_full(exc):  # reports refresh for themselves meanwhile
+                        self._ledger_full()
+                    else:
+                        log.exception("refreshing rollups failed; retrying")
                 last = time.monotonic()
             await asyncio.sleep(ROLLUP_EVERY_S)
 
@@ -563,6 +688,19 @@ class Collector:
                 self, web_cfg.listen, web_cfg.timezone, token, web_cfg.public, web_cfg.public_power
             )
             await self.web.start()
+        alert_task = None
+        if self.cfg.alerts is not None:
+            from labmeter.collector.alerts import Alerter
+
+            self.alerts = Alerter(
+                self.cfg.alerts,
+                self.ledger,
+                self.live,
+                self.cfg.policy,
+                self.clock,
+                lambda: self.stats["stored"],
+            )
+            alert_task = asyncio.create_task(self.alerts.run(), name="alerts")
         # Ingest allocates many short-lived objects and no cycles worth chasing: keep the start-up heap out
         # of the collector's way and let generation 0 grow, instead of a full scan every few hundred messages.
         gc.freeze()
@@ -574,7 +712,7 @@ class Collector:
         try:
             await stop.wait()
         finally:
-            for task in (ingest, rollup_task):
+            for task in (ingest, rollup_task, *([alert_task] if alert_task else [])):
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task

@@ -12,7 +12,7 @@ import difflib
 import re
 import tomllib
 from pathlib import Path
-from typing import Annotated, Any, Generic, TypeVar, get_origin
+from typing import Annotated, Any, Generic, Literal, TypeVar, get_origin
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import msgspec
@@ -175,6 +175,14 @@ class PolicyConfig(Section, frozen=True, kw_only=True):
     rated_hours_general: Annotated[float, Meta(gt=0)] = 1400
     rated_hours_special: Annotated[float, Meta(gt=0)] = 800
     timezone: str = "Asia/Shanghai"  # local days and months of the rollups behind reports
+    # report reconcile (docs/reconcile.md): when a booking, a sign-in or idle time becomes a finding
+    unused_booking_run_s: Annotated[int, Meta(ge=0, le=86_400)] = 300
+    unattributed_min_s: Annotated[int, Meta(ge=0, le=86_400)] = 900
+    signin_window_s: Annotated[int, Meta(ge=0, le=86_400)] = 1800
+    idle_min_s: Annotated[int, Meta(ge=0, le=7 * 86_400)] = 7200
+    overlap_min_s: Annotated[int, Meta(ge=0, le=86_400)] = 300
+    # report reconcile: electricity price in yuan (元) per kWh; unset, records show energy but no cost
+    tariff_yuan_per_kwh: Annotated[float, Meta(ge=0, le=1000)] | None = None
 
     def __post_init__(self) -> None:
         _check_zone(self.timezone)
@@ -209,12 +217,121 @@ class InfluxConfig(Section, frozen=True, kw_only=True):
     every_s: Annotated[float, Meta(gt=0, le=3600)] = 5.0
 
 
+_HTTP_URL = re.compile(r"^https?://[^/?#\s]+(/[^\s]*)?$")
+
+
+def _check_http_url(url: str, key: str = "url") -> None:
+    if not _HTTP_URL.match(url):
+        raise ValueError(f"{key} must be http://... or https://... (got {redact_url(url)!r})")
+
+
+class AlertChannel(Section, frozen=True, kw_only=True):
+    name: Annotated[str, Meta(pattern=ID_PATTERN)] | None = None
+    """Names the channel in logs, in ``alert-test`` and in the delivery queue; default kind-N (webhook-1)."""
+
+
+class WebhookChannel(AlertChannel, frozen=True, kw_only=True):
+    """Any HTTP endpoint: each alert as a JSON POST (docs/alerts.md gives the body)."""
+
+    url: str
+    token_file: Path | None = None  # sent as Authorization: Bearer <token>
+
+    def __post_init__(self) -> None:
+        _check_http_url(self.url)
+
+
+class WecomChannel(AlertChannel, frozen=True, kw_only=True):
+    """A WeCom (企业微信) group robot: its webhook key in ``key_file``."""
+
+    key_file: Path
+    url: str = "https://qyapi.weixin.qq.com/cgi-bin/webhook/send"
+
+    def __post_init__(self) -> None:
+        _check_http_url(self.url)
+
+
+class DingtalkChannel(AlertChannel, frozen=True, kw_only=True):
+    """A DingTalk (钉钉) group robot: its access_token in ``token_file``; with 加签, the SEC... secret in
+    ``secret_file``."""
+
+    token_file: Path
+    secret_file: Path | None = None
+    url: str = "https://oapi.dingtalk.com/robot/send"
+
+    def __post_init__(self) -> None:
+        _check_http_url(self.url)
+
+
+class EmailChannel(AlertChannel, frozen=True, kw_only=True):
+    host: str
+    port: Annotated[int, Meta(ge=1, le=65535)] = 587
+    starttls: bool = True
+    username: str | None = None
+    password_file: Path | None = None
+    ca_file: Path | None = None  # the CA that signed the server's certificate, if not a public one
+    sender: Annotated[str, Meta(pattern=r"^[^@\s<>]+@[^@\s<>]+$")]
+    to: Annotated[list[Annotated[str, Meta(pattern=r"^[^@\s<>,]+@[^@\s<>,]+$")]], Meta(min_length=1)]
+
+    def __post_init__(self) -> None:
+        if (self.username is None) != (self.password_file is None):
+            raise ValueError("username and password_file go together: set both, or neither")
+        if self.username is not None and not self.starttls:
+            raise ValueError("starttls is false but a password is set: it would cross the network in clear")
+
+
+class AlertsConfig(Section, frozen=True, kw_only=True):
+    """``[alerts]``: when to tell someone that something stopped, and where. A rule set to 0 is off."""
+
+    lang: Literal["zh-CN", "en"] = "zh-CN"
+    check_every_s: Annotated[float, Meta(ge=1, le=3600)] = 30
+    agent_silent_min: Annotated[float, Meta(ge=0, le=10080)] = 10
+    unknown_min: Annotated[float, Meta(ge=0, le=10080)] = 30
+    no_intervals_min: Annotated[float, Meta(ge=0, le=10080)] = 60
+    coverage_below_pct: Annotated[float, Meta(ge=0, le=100)] = 0
+    """An instrument whose previous day's data coverage is below this; checked once a day after 01:00."""
+    remind_h: Annotated[float, Meta(ge=0, le=720)] = 0  # 0: an active alert is sent once, never repeated
+    max_attempts: Annotated[int, Meta(ge=1, le=50)] = 8
+    webhook: list[WebhookChannel] = []
+    wecom: list[WecomChannel] = []
+    dingtalk: list[DingtalkChannel] = []
+    email: list[EmailChannel] = []
+
+    def __post_init__(self) -> None:
+        names = [name for name, _ in self.channels()]
+        if not names:
+            raise ValueError(
+                "no channel to send alerts to: add [[alerts.wecom]], [[alerts.dingtalk]], [[alerts.webhook]] "
+                "or [[alerts.email]]"
+            )
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"alerts channel names must be unique ({dup[0]!r} appears twice)")
+
+    def channels(self) -> list[tuple[str, AlertChannel]]:
+        """(name, channel) of every configured channel, in a fixed order."""
+        out: list[tuple[str, AlertChannel]] = []
+        for kind in ("wecom", "dingtalk", "webhook", "email"):
+            for i, ch in enumerate(getattr(self, kind)):
+                out.append((ch.name or f"{kind}-{i + 1}", ch))
+        return out
+
+    def secret_files(self) -> list[tuple[Path, str]]:
+        out: list[tuple[Path, str]] = []
+        for name, ch in self.channels():
+            for attr in ("token_file", "key_file", "secret_file", "password_file"):
+                path = getattr(ch, attr, None)
+                if path is not None:
+                    out.append((path, f"alerts {name} {attr.removesuffix('_file')} file"))
+        return out
+
+
 class CollectorConfig(Section, frozen=True, kw_only=True):
     collector: CollectorSection
     broker: CollectorBroker = field(default_factory=CollectorBroker)
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     web: WebConfig | None = None
     influxdb: InfluxConfig | None = None
+    alerts: AlertsConfig | None = None
 
     def __post_init__(self) -> None:
         if self.broker.shared_group and not self.collector.ledger.startswith(
@@ -237,6 +354,7 @@ def check_secret_files(cfg: CollectorConfig) -> None:
         (web.token_file if web else None, "web token file"),
         (influx.token_file if influx else None, "InfluxDB token file"),
         (cfg.broker.password_file if cfg.broker.username else None, "password file"),
+        *(cfg.alerts.secret_files() if cfg.alerts else ()),
     ):
         if path is not None:
             read_secret(path, what)

@@ -8,7 +8,10 @@ A bundle is a folder:
 - ``services.jsonl`` (format 3): the instrument's service records overlapping the period, one JSON
   object a line (id, start_ms, end_ms, service_type 120/130, direction, applicant_unit, amount), so
   the service and external service hours (claimed as ``service_ms`` and ``external_ms``) can be
-  recomputed: effective time inside any record, and inside an external one;
+  recomputed: effective time inside any record, and inside an external one; the energy of the
+  period (``energy_mwh``, whole mWh, and ``energy_ms``, the time covered by intervals that carry
+  energy), recomputed from the intervals' signed ``energy_wh`` (labmeter.energy), claimed by bundles
+  written since energy (older format 3 bundles claim none and verify as before);
 - ``manifest.json`` (format 2 and 3): the collector's countersignature, an envelope
   ``{"key", "kid", "body", "sig"}`` whose ``body`` is the exact JSON text it signed: format,
   instrument, period, claims and the SHA-256 of every other file. Editing any file, or the claims,

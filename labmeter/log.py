@@ -18,6 +18,7 @@ import logging
 import re
 import sys
 import time
+import unicodedata
 
 from labmeter.netutil import REDACTED, redact_text
 
@@ -110,3 +111,35 @@ def setup(verbose: bool = False, quiet: bool = False) -> None:
         logging.getLogger(noisy).setLevel(lib_level)
     if verbose:
         logging.getLogger(GMQTT).setLevel(logging.DEBUG)
+
+
+# display width: terminal columns, the same for `top`, report tables and spreadsheet column widths
+ELLIPSIS = "…"
+
+
+def cell_width(ch: str) -> int:
+    """Columns a character takes in a terminal: wide and fullwidth (CJK) 2, combining marks 0."""
+    if unicodedata.combining(ch):
+        return 0
+    return 2 if unicodedata.east_asian_width(ch) in ("W", "F") else 1
+
+
+def text_width(text: str) -> int:
+    return sum(cell_width(ch) for ch in text)
+
+
+def fit(text: str, width: int, right: bool = False) -> str:
+    """``text`` padded to exactly ``width`` columns, cut with an ellipsis when it is wider."""
+    if width <= 0:
+        return ""
+    if text_width(text) > width:
+        out, used = [], 0
+        for ch in text:
+            w = cell_width(ch)
+            if used + w > width - 1:
+                break
+            out.append(ch)
+            used += w
+        text = "".join(out) + ELLIPSIS
+    pad = " " * (width - text_width(text))
+    return pad + text if right else text + pad

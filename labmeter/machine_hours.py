@@ -26,7 +26,10 @@ FIELDS = (
     "service_ms",
     "external_ms",
     "rated_ms",
+    "not_metered_ms",
     "instruments",
+    "energy_mwh",
+    "energy_ms",
 )
 
 
@@ -43,7 +46,12 @@ class Hours:
     service_ms: int = 0
     external_ms: int = 0
     rated_ms: int = 0
+    not_metered_ms: int = 0
+    """Elapsed time of the period before metering began (reports: 未计量), outside ``period_ms``."""
     instruments: int = 0
+    energy_mwh: int = 0
+    """Energy of the intervals in the period (labmeter.energy); ``energy_ms``: the time they cover."""
+    energy_ms: int = 0
 
     @property
     def known_ms(self) -> int:

@@ -70,7 +70,9 @@ def check(db: sqlite3.Connection, full: bool = True, limit: int = 5) -> list[str
     """
     pragma = "integrity_check" if full else "quick_check"
     rows = [str(r[0]) for r in db.execute(f"PRAGMA {pragma}({int(limit)})")]
-    return [] if rows == ["ok"] else rows
+    # one row may hold several lines ("*** in database main ***\nPage 185: ..."): one problem each,
+    # so the error stays the one line a user reads
+    return [] if rows == ["ok"] else [line.strip() for r in rows for line in r.splitlines() if line.strip()]
 
 
 def connect(

@@ -7,7 +7,7 @@ countersigning key must be in it. The checks, each a function below: keys agains
 source; every signature; the chains (each ``prev`` is the SHA-256 of the previous body, no seq
 missing) and contiguity; coverage (every span of the period no interval covers must be declared
 as a gap); the claimed hours against a recomputation, service and external service hours (format 3)
-from the bundle's service records; the collector's countersignature over the claims and every file.
+from the bundle's service records, energy from the intervals' signed ``energy_wh``; the collector's countersignature over the claims and every file.
 Every discrepancy is named.
 
 A link with ``prev = GENESIS`` begins a new chain (an agent that lost its state); it is listed,
@@ -22,7 +22,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from labmeter import evidence, signing, wire
+from labmeter import energy, evidence, signing, wire
 from labmeter.machine_hours import HOUR_MS, Hours, compute, uncovered, union
 
 H = HOUR_MS
@@ -298,7 +298,7 @@ def verify_bundle(folder: Path, trust: evidence.Trust | None = None) -> Result:
     good = check_signatures(b, checkers, res)
     rows = check_chains(good, res)
     check_coverage(b, rows, res)
-    check_claims(b, rows, res)
+    check_claims(b, rows, res, energy_rows(good))
     check_countersignature(b, trust, res)
     return res
 
@@ -468,11 +468,31 @@ def _minus(xs: list[tuple[int, int]], ys: list[tuple[int, int]]) -> list[tuple[i
     return out
 
 
-def check_claims(b: Bundle, rows: list[tuple[int, int, str, bool]], res: Result) -> None:
-    """The claimed hours against the hour rules applied to the verified intervals; missing claims count."""
+def energy_rows(good: dict[str, dict[int, tuple[wire.Interval, str]]]) -> list[energy.Row]:
+    """(start, end, mWh or None) of every interval with a valid signature: energy counts linked or not,
+    as the collector's reports count it."""
+    return [
+        (iv.start, iv.end, energy.to_mwh(iv.energy_wh))
+        for chain in good.values()
+        for iv, _sha in chain.values()
+    ]
+
+
+def check_claims(
+    b: Bundle,
+    rows: list[tuple[int, int, str, bool]],
+    res: Result,
+    energy_of: list[energy.Row] | None = None,
+) -> None:
+    """The claimed hours against the hour rules applied to the verified intervals; missing claims count.
+
+    Energy (``energy_mwh``, ``energy_ms``) is recomputed from the signed bodies; a bundle from before
+    energy claims none, which is no discrepancy (its intervals carry no energy either)."""
     windows = [(x.start_ms, x.end_ms, x.external) for x in b.services or []]
     h = compute(rows, b.from_ms, b.to_ms, b.prep_s * 1000, b.post_s * 1000, windows)
     res.recomputed = h.totals()
+    mwh, known = energy.energy_in(energy_of or [], b.from_ms, b.to_ms)
+    res.recomputed.update(energy_mwh=mwh, energy_ms=known)
     claims: tuple[str, ...] = CLAIMS
     if b.services is not None:
         res.recomputed.update(service_ms=h.service_ms, external_ms=h.external_ms)
@@ -488,6 +508,10 @@ def check_claims(b: Bundle, rows: list[tuple[int, int, str, bool]], res: Result)
         got = res.recomputed.get(key)
         if got is None:
             res.findings.append(Finding("claims", f"{key!r} is not a quantity labmeter counts"))
+        elif key == "energy_mwh" and got != claimed:
+            res.findings.append(
+                Finding("energy", f"claimed {claimed / 1e6:.6f} kWh, recomputed {got / 1e6:.6f} kWh")
+            )
         elif got != claimed:
             res.findings.append(
                 Finding(
@@ -573,12 +597,18 @@ def _difference(key: str, signed: Any, now: Any) -> str:
     """What differs between a signed manifest field and the bundle's, claims hour by hour."""
     if key == "claimed" and isinstance(signed, dict) and isinstance(now, dict):
         parts = [
-            f"{k} {_hours(signed.get(k))}, bundle.json says {_hours(now.get(k))}"
+            f"{k} {_quantity(k, signed.get(k))}, bundle.json says {_quantity(k, now.get(k))}"
             for k in sorted(set(signed) | set(now))
             if signed.get(k) != now.get(k)
         ]
         return "other claims: " + "; ".join(parts)
     return f"{key} {json.dumps(signed)}, bundle.json says {json.dumps(now)}"
+
+
+def _quantity(key: str, value: Any) -> str:
+    if key == "energy_mwh":
+        return f"{value / 1e6:.6f} kWh" if _int(value) else "none"
+    return _hours(value)
 
 
 def _hours(ms: Any) -> str:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 from dataclasses import dataclass
 from enum import StrEnum
@@ -193,6 +194,8 @@ class Interval(msgspec.Struct, frozen=True):
     """A closed interval ``[start, end)`` of one state, link ``seq`` in its instrument's chain.
 
     A msgspec struct, so the collector decodes a body straight into it, types checked in C.
+    ``energy_wh``: the energy used in the interval, measured by the agent; absent (None) where it could
+    not be measured and in bodies from agents before energy, which stay version 1 (docs/decisions.md).
     """
 
     agent: str
@@ -204,6 +207,7 @@ class Interval(msgspec.Struct, frozen=True):
     state: str
     note: str | None = None
     clock_step_ms: int = 0
+    energy_wh: float | None = None
     v: int = VERSION
     kind: str = "interval"
 
@@ -223,6 +227,8 @@ class Interval(msgspec.Struct, frozen=True):
             out["note"] = self.note
         if self.clock_step_ms:
             out["clock_step_ms"] = self.clock_step_ms
+        if self.energy_wh is not None:
+            out["energy_wh"] = self.energy_wh
         return out
 
 
@@ -410,7 +416,19 @@ def _checked(iv: Interval) -> Interval:
         raise WireError(f"end {iv.end} is not after start {iv.start}")
     if iv.end - iv.start > MAX_INTERVAL_MS:
         raise WireError(f"interval of {iv.end - iv.start} ms is longer than a day")
+    if iv.energy_wh is not None:
+        check_energy("interval", iv.energy_wh, iv.end - iv.start)
     return iv
+
+
+def check_energy(what: str, energy_wh: float, length_ms: int) -> None:
+    """Energy of a window or interval: finite, not negative, at most MAX_POWER_W for its whole length."""
+    most = max_window_energy_wh(length_ms)
+    if not (math.isfinite(energy_wh) and 0 <= energy_wh <= most):
+        raise WireError(
+            f"energy_wh must be within 0 .. {most:.0f} Wh (at most {MAX_POWER_W:.0f} W for the {what}'s "
+            f"{length_ms} ms), not {energy_wh!r}"
+        )
 
 
 # Control path: signed acknowledgements (collector -> agent) and signed status (agent -> collector) ------
@@ -530,9 +548,20 @@ def is_legacy_ack(payload: bytes) -> bool:
     return isinstance(obj, dict) and "acks" in obj and "body" not in obj
 
 
+MAX_GONE = 64
+"""Chains one status may speak for in ``gone`` (an agent with more rotates them through its heartbeats)."""
+
+
 class AgentStatus(msgspec.Struct, frozen=True):
     """A signed heartbeat. ``conn`` names the agent's broker connection (it only grows), so the order
-    (conn, offline after online, at) tells which of two statuses is newer; a replayed older one loses."""
+    (conn, offline after online, at) tells which of two statuses is newer; a replayed older one loses.
+
+    ``gone`` maps a chain to ``[first, upto]``: its current chain began at seq ``first``, and this
+    agent holds no link at or below ``upto`` (pending or dead) and will never send one again: they
+    were acknowledged and deleted, or re-sent under new seqs. A collector whose ledger lacks some of
+    them (restored from an older backup) records them as a hole instead of waiting for ever. The
+    statement only grows truer with time, so a replayed one is harmless.
+    """
 
     agent: str
     status: str
@@ -540,11 +569,12 @@ class AgentStatus(msgspec.Struct, frozen=True):
     conn: int
     pending: int = 0
     version: str = ""
+    gone: dict[str, tuple[int, int]] = msgspec.field(default_factory=dict)
     v: int = VERSION
     kind: str = "status"
 
     def body(self) -> dict[str, Any]:
-        return {
+        body: dict[str, Any] = {
             "v": VERSION,
             "kind": "status",
             "agent": self.agent,
@@ -554,6 +584,9 @@ class AgentStatus(msgspec.Struct, frozen=True):
             "pending": self.pending,
             "version": self.version,
         }
+        if self.gone:
+            body["gone"] = {c: [first, upto] for c, (first, upto) in self.gone.items()}
+        return body
 
     @property
     def online(self) -> bool:
@@ -576,6 +609,13 @@ def decode_status(body_text: str) -> AgentStatus:
         raise WireError("status needs an agent id and a version of at most 32 characters")
     if not all(0 <= n <= MAX_SEQ for n in (st.at, st.conn, st.pending)):
         raise WireError("status times and counts must be within 0 .. 2^63-1")
+    if len(st.gone) > MAX_GONE:
+        raise WireError(f"status speaks for {len(st.gone)} chains in gone, more than {MAX_GONE}")
+    for chain, (first, upto) in st.gone.items():
+        if not CHAIN_RE.match(chain) or not _seq_ok(first) or not 0 <= upto <= MAX_SEQ:
+            raise WireError(
+                f"gone entry {chain[:70]!r} needs a chain name, 1 <= first < 2^63, 0 <= upto < 2^63"
+            )
     return st
 
 
@@ -648,8 +688,6 @@ _power_decoder = msgspec.json.Decoder(Power)
 
 def decode_power(body_text: str) -> Power:
     """A checked power body: ids, a window of at most ten minutes, finite watts in order, a sane count."""
-    import math
-
     p = _decode(_power_decoder, body_text)
     if p.v != VERSION or p.kind != "power":
         raise WireError("body is not a version-1 power")
@@ -665,11 +703,8 @@ def decode_power(body_text: str) -> Power:
     slack = 1e-6 * max(1.0, abs(p.max_w))
     if not p.min_w <= p.max_w or not p.min_w - slack <= p.mean_w <= p.max_w + slack:
         raise WireError("power needs min_w <= mean_w <= max_w")
-    most = max_window_energy_wh(p.end - p.start)
-    if p.energy_wh is not None and not (math.isfinite(p.energy_wh) and 0 <= p.energy_wh <= most):
-        raise WireError(
-            f"energy_wh must be within 0 .. {most:.0f} Wh (at most {MAX_POWER_W:.0f} W for the window)"
-        )
+    if p.energy_wh is not None:
+        check_energy("power", p.energy_wh, p.end - p.start)
     return p
 
 

@@ -22,6 +22,28 @@ ROOT = Path(__file__).resolve().parent.parent
 LABMETER = [sys.executable, "-m", "labmeter"]
 
 
+# Real processes on the scaled clock (one real second is 40 simulated ones), or the demo's 14 hours in 20 s:
+# what they measure bends when other tests share the CPU, so `make test` runs them after the parallel part,
+# one at a time (pytest -m serial)
+SERIAL_MODULES = {"test_scenario", "test_chaos", "test_scaleout", "test_power", "test_demo"}
+
+
+# minutes each: started first, so no worker is still on one of them after the others ran out of tests
+LONG_MODULES = ("test_windows_wine", "test_ingest_fuzz")
+
+
+def module_name(item: pytest.Item) -> str:
+    module = getattr(item, "module", None)  # a pytest.Function has one; other items may not
+    return str(module.__name__).rpartition(".")[2] if module is not None else ""
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if module_name(item) in SERIAL_MODULES:
+            item.add_marker(pytest.mark.serial)
+    items.sort(key=lambda item: module_name(item) not in LONG_MODULES)  # stable: the rest keep their order
+
+
 def mosquitto_bin() -> str:
     path = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
     if not os.path.exists(path):

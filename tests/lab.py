@@ -210,8 +210,10 @@ def store_schedule(
     instrument: str,
     spans: list[tuple[int, int, str]],
     bucket_ms: int = 3_600_000,
+    energy: Callable[[int, int], float | None] | None = None,
 ) -> None:
-    """Sign ``spans`` (start_ms, end_ms, state) as an agent would (cut at bucket boundaries) and store them."""
+    """Sign ``spans`` (start_ms, end_ms, state) as an agent would (cut at bucket boundaries) and store them;
+    ``energy(start, end)`` gives each cut interval's energy_wh (None: none in the body)."""
     from labmeter.agent.outbox import AgentStore, Signer
     from labmeter.agent.timeline import split
     from labmeter.collector.ledger import StoredInterval
@@ -223,6 +225,10 @@ def store_schedule(
     signer = Signer(agent, key, signing.key_id(pub))
     store = AgentStore(tmp / f"{agent}.db")
     cut = [piece for s, e, st in spans for piece in split(s, e, State(st), bucket_ms)]
+    if energy is not None:
+        from dataclasses import replace
+
+        cut = [replace(c, energy_wh=energy(c.start, c.end)) for c in cut]
     rows = store.emit(signer, instrument, cut, None)
     store.close()
     ledger.add_agent(agent, signing.public_key_text(pub), signing.key_id(pub), [instrument])

@@ -56,16 +56,22 @@ def test_unregistered_agent_dead_letters_then_resend(mosquitto: BrokerProcess, t
                 stderr=subprocess.STDOUT,
                 env={**os.environ},
             )
-            time.sleep(1.0)
-            meter.data_bank.set_input_registers(0x000C, words(0.5))  # RUNNING → OFF closes an interval
 
             def dead() -> int:
-                db = sqlite3.connect(tmp_path / "state" / "agent.db")
+                path = tmp_path / "state" / "agent.db"
+                if not path.exists():
+                    return 0  # the agent has not started yet
+                db = sqlite3.connect(path)
                 try:
                     return int(db.execute("SELECT count(*) FROM dead").fetchone()[0])
+                except sqlite3.OperationalError:  # nor created its tables
+                    return 0
                 finally:
                     db.close()
 
+            # the first reading (RUNNING) closes the start-up's UNKNOWN: rejected, so the agent is reading
+            wait_for(lambda: dead() >= 1, 60, what="the agent's first interval rejected")
+            meter.data_bank.set_input_registers(0x000C, words(0.5))  # RUNNING → OFF closes an interval
             wait_for(lambda: dead() >= 2, what="rejected intervals kept as dead letters")
             status = cli(tmp_path, "agent", "status", "--config", "agent.toml")
             assert "unknown agent 'bench-01'" in status.stdout, status.stdout

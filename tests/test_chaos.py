@@ -38,8 +38,8 @@ from tests.scenario import (
 )
 
 BACKLOG = 20_000
-# amqtt (the built-in broker) times out PUBACKs and skips deliveries under a 20,000-message burst, and
-# then never catches up: a broker limit, not the agent's; it gets a backlog it can carry
+# the built-in broker drains 20,000 rows too since the collector's group commit (benchmarks/drain.py
+# --builtin, docs/performance.md), but at about 500 rows/s on this machine: a smaller backlog keeps it quick
 BUILTIN_BACKLOG = 3_000
 BACKLOG_END_MS = EPOCH_MS - 300_000  # before the agent starts on the simulated clock
 XRD = "CZ-XRD-001"
@@ -114,13 +114,19 @@ def check_hours(
     extra_tol_s: float = 0.0,
     codes: tuple[str, ...] = tuple(INSTRUMENTS),
     eff_tol_s: float = 0.0,
+    holes: bool = False,
 ) -> dict[str, object]:
-    """Chains whole, no unverified time, hours equal to the schedule within the sampling bound, nothing counted twice."""
+    """Chains whole, no unverified time, hours equal to the schedule within the sampling bound, nothing counted twice.
+
+    With ``holes``, a chain may skip the seqs of a recorded hole, and the one interval after each hole
+    (whose predecessor nobody holds) is unverified: the truth does not count its time either.
+    """
     from labmeter.machine_hours import compute
 
     a, b = EPOCH_MS + WINDOW[0] * 1000, EPOCH_MS + WINDOW[1] * 1000
     ledger = lab.ledger()
     out: dict[str, object] = {}
+    recorded = merged_holes(ledger.holes()) if holes else {}
     try:
         backlog = ledger.db.execute(
             "SELECT COUNT(*), COUNT(DISTINCT start_ms) FROM intervals WHERE instrument=? AND end_ms<=?",
@@ -131,21 +137,29 @@ def check_hours(
             chain = ledger.db.execute(
                 "SELECT seq, prev FROM intervals WHERE instrument=? ORDER BY seq", (code,)
             ).fetchall()
+            runs = recorded.get(code, [])
+            after_hole = {last + 1 for _, last in runs}
             for (s0, _), (s1, p1) in itertools.pairwise(chain):
-                assert s1 == s0 + 1 or p1 == GENESIS, f"{code}: chain has a gap after seq {s0}"
+                hole = any(f <= s0 + 1 and s1 - 1 <= last for f, last in runs)
+                assert s1 == s0 + 1 or p1 == GENESIS or hole, f"{code}: chain has a gap after seq {s0}"
             if code not in codes:
                 continue
-            rows = [r.span() for r in ledger.intervals_between(a - PREP_S * 1000, b + PREP_S * 1000, code)]
+            found = ledger.intervals_between(a - PREP_S * 1000, b + PREP_S * 1000, code)
+            rows = [r.span() for r in found]
             h = compute(rows, a, b, PREP_S * 1000, POST_S * 1000)
-            assert h.unverified_ms == 0, f"{code}: {h.unverified_ms} ms unverified"
+            unlinked = [
+                r for r in found if not r.linked and r.state != "UNKNOWN"
+            ]  # UNKNOWN is never verified
+            assert all(r.seq in after_hole for r in unlinked), f"{code}: unverified {unlinked}"
+            assert h.unverified_ms == 0 or unlinked, f"{code}: {h.unverified_ms} ms unverified"
             known = h.run_ms + h.standby_ms + h.off_ms + h.unknown_ms + h.unverified_ms + h.uncovered_ms
             assert known == h.period_ms, f"{code}: states add up to {known} of {h.period_ms} ms"
             assert h.uncovered_ms <= uncovered_s * 1000, f"{code}: {h.uncovered_ms} ms with no interval"
             lag = POLL_S + period_s + 0.5
             unknown = [
                 ((s - EPOCH_MS) / 1000 - lag, (e - EPOCH_MS) / 1000)
-                for s, e, st, _ in rows
-                if st == "UNKNOWN"
+                for s, e, st, linked in rows
+                if st == "UNKNOWN" or not linked
             ]
             gaps = [
                 ((e0 - EPOCH_MS) / 1000 - lag, (s1 - EPOCH_MS) / 1000)
@@ -177,13 +191,17 @@ def check_hours(
 
 
 def seen_after(rows: list[tuple[int, int, str, bool]], t: float, state: str) -> float:
-    """How long after simulated second ``t`` the ledger first shows ``state`` or loses sight (UNKNOWN, a gap)."""
+    """How long after simulated second ``t`` the ledger first shows ``state`` or loses sight (UNKNOWN, a gap,
+    an unverified interval)."""
     at = EPOCH_MS + t * 1000
-    for start, end, st, _ in sorted(rows):
-        if end <= at:
-            continue
-        if st == state or st == "UNKNOWN":
-            return max(0.0, (start - at) / 1000)
+    prev_end = None
+    for start, end, st, linked in sorted(rows):
+        if end > at:
+            if prev_end is not None and start > prev_end:  # no interval covers the time between
+                return max(0.0, (prev_end - at) / 1000)
+            if st == state or st == "UNKNOWN" or not linked:
+                return max(0.0, (start - at) / 1000)
+        prev_end = end
     return 0.0
 
 
@@ -229,7 +247,7 @@ def test_broker_sigkill_during_a_20000_row_drain(mosquitto: BrokerProcess, tmp_p
         assert cpu < 0.6, f"the agent used {cpu:.0%} CPU with the broker down"
         mosquitto.start()
         finish(lab)
-    assert "lost broker" in lab.log("agent")
+    assert "lost broker" in (tmp_path / "agent.log").read_text()  # the whole log: lab.log is its tail
     assert check_hours(lab)["backlog"] == (BACKLOG, BACKLOG)
 
 
@@ -248,10 +266,16 @@ def test_sigterm_stops_the_agent_in_every_state(kind: str, tmp_path: Path) -> No
             lab.start("agent")
             wait_for(lambda: "connected to broker" in lab.log("agent").split("stopped;")[-1], 30)
             broker.stop(kill=True)
-            time.sleep(1.0)
+            wait_for(
+                lambda: "lost broker" in lab.log("agent").split("stopped;")[-1], 30, "the agent losing it"
+            )
             assert sigterm_seconds(lab) < 8, "broker gone"
             lab.start("agent")  # the broker is still down: the agent never connects
-            time.sleep(2.0)
+            wait_for(
+                lambda: "cannot reach broker" in lab.log("agent").split("stopped;")[-1],
+                30,
+                "a failed connect",
+            )
             assert sigterm_seconds(lab) < 8, "never connected"
             broker.start()
             lab.start("agent")
@@ -277,8 +301,7 @@ def test_collector_with_the_builtin_broker_sigkilled_during_ingest(tmp_path: Pat
         lab.stop("collector", kill=True)
         assert lab.outbox_left() > 200
         cp0 = checkpoint_at(lab)
-        time.sleep(2.0)
-        assert checkpoint_at(lab) > cp0
+        wait_for(lambda: checkpoint_at(lab) > cp0, 30, "the checkpoint moving on with the collector down")
         lab.start("collector")
         finish(lab)
     # the plug's readings also pass through the killed broker, and the simulated plug replays its
@@ -327,6 +350,72 @@ def test_agent_restored_from_an_earlier_state_backup(mosquitto: BrokerProcess, t
     assert restarts == len(INSTRUMENTS), lab.log("collector")
 
 
+def backup_ledger(lab: Lab, dest: Path) -> None:
+    """A consistent copy of the running collector's ledger, as ``sqlite3 ledger.sqlite .backup`` takes it."""
+    src = sqlite3.connect(lab.tmp / "collector-data" / "ledger.sqlite", timeout=10)
+    dst = sqlite3.connect(dest)
+    try:
+        src.backup(dst)
+    finally:
+        src.close()
+        dst.close()
+
+
+def merged_holes(holes: list[tuple[str, str, int, int, int]]) -> dict[str, list[tuple[int, int]]]:
+    """Per chain, the recorded holes with adjacent ones joined (two statements may each name a part)."""
+    out: dict[str, list[tuple[int, int]]] = {}
+    for _, chain, first, last, _ in sorted(holes, key=lambda h: (h[1], h[2])):
+        runs = out.setdefault(chain, [])
+        if runs and runs[-1][1] + 1 >= first:
+            runs[-1] = (runs[-1][0], max(runs[-1][1], last))
+        else:
+            runs.append((first, last))
+    return out
+
+
+def test_ledger_restored_from_an_earlier_backup(mosquitto: BrokerProcess, tmp_path: Path) -> None:
+    """What was acknowledged after the backup is gone for good: the agents' signed word makes it an explicit
+    hole, and everything measured after the restore is stored and acknowledged (the outbox drains)."""
+    lab = Lab(tmp_path, mosquitto)
+    backup = tmp_path / "ledger-backup.sqlite"
+    with running(lab):
+        lab.sleep_until(150)
+        began = now_s(lab)
+        backup_ledger(lab, backup)  # on a loaded machine this takes real seconds: simulated minutes
+        backed = now_s(lab)
+        lab.sleep_until(max(330, backed + 60))
+        lab.stop("collector", kill=True)
+        killed = now_s(lab)
+        data = tmp_path / "collector-data"
+        for f in data.glob("ledger.sqlite*"):
+            f.unlink()
+        backup.rename(data / "ledger.sqlite")
+        lab.start("collector")
+        wait_for(lambda: "recorded as a hole" in lab.log("collector"), 30, what="the holes recorded")
+        finish(lab)
+    assert lab.outbox_left() == 0
+    ledger = lab.ledger()
+    try:
+        holes = ledger.holes()
+        rows = ledger.db.execute("SELECT instrument, seq, end_ms FROM intervals").fetchall()
+    finally:
+        ledger.close()
+    runs = merged_holes(holes)
+    assert runs and set(runs) <= set(INSTRUMENTS), holes
+    for code, spans in runs.items():
+        ends = {seq: end for c, seq, end in rows if c == code}
+        for first, last in spans:
+            assert all(seq not in ends for seq in range(first, last + 1)), (code, first, last)
+            # the links around a hole: one the backup held, one it did not
+            if first - 1 in ends:
+                assert (ends[first - 1] - EPOCH_MS) / 1000 <= backed + 10, (code, first, ends[first - 1])
+            assert (ends[last + 1] - EPOCH_MS) / 1000 >= began - 10, (code, last, ends[last + 1])
+    # all the rest is counted: the lost span is no data, never OFF or RUNNING
+    hours = check_hours(lab, uncovered_s=killed - began + 60, eff_tol_s=PREP_S + POST_S, holes=True)
+    for code in runs:
+        assert hours[code].uncovered_ms >= 30_000, code  # type: ignore[attr-defined]
+
+
 def mount_tmpfs(path: Path, size: str) -> None:
     path.mkdir(parents=True, exist_ok=True)
     proc = subprocess.run(
@@ -372,6 +461,37 @@ def test_agent_state_disk_fills_up_and_frees_again(mosquitto: BrokerProcess, tmp
         check_hours(lab)
     finally:
         subprocess.run(["umount", "-l", str(state)], check=False)
+
+
+def test_ledger_disk_fills_up_and_frees_again(mosquitto: BrokerProcess, tmp_path: Path) -> None:
+    """The ledger's file system fills up: the collector says so once, acknowledges nothing it could not
+    commit, keeps running, and stores everything once space returns (the agents resend it)."""
+    data = tmp_path / "collector-data"
+    mount_tmpfs(data, "16m")
+    lab = Lab(tmp_path, mosquitto)
+    try:
+        with running(lab):
+            lab.sleep_until(200)
+            fill(data / "filler")
+            wait_for(
+                lambda: "disk full: " in lab.log("collector"),
+                60,
+                what="the collector saying the disk is full",
+            )
+            held = lab.outbox_left()
+            lab.sleep_until(400)
+            assert lab.procs["collector"].poll() is None, lab.log("collector")
+            assert lab.outbox_left() > held, "acknowledged while the ledger could not commit"
+            (data / "filler").unlink()
+            wait_for(lambda: "space again" in lab.log("collector"), 60, what="the ledger writing again")
+            finish(lab)
+        log = (tmp_path / "collector.log").read_text()
+        assert "Traceback" not in log, log
+        assert log.count("disk full: collector-data/ledger.sqlite") == 1, log  # said once, not per batch
+        assert lab.outbox_left() == 0
+        check_hours(lab)
+    finally:
+        subprocess.run(["umount", "-l", str(data)], check=False)
 
 
 def test_wall_clock_steps_forward_and_back(mosquitto: BrokerProcess, tmp_path: Path) -> None:

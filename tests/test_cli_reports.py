@@ -109,7 +109,6 @@ def cli(cwd: Path, *args: str, ok: bool = True) -> str:
 def seconds(code: str, a: int, b: int) -> dict[str, float]:
     """The exact figures (seconds) of ``code`` in [a, b) from the schedule, the period being over."""
     run = run_h(code, a, b) * 3600
-    rated = RATED[code] * ((b - a) / 3_600_000) / YEAR_H * 3600
     external = {"CZ-G": run_h("CZ-G", max(a, t(APR1, 6)), min(b, t(APR1, 8)))}.get(code, 0.0) * 3600
     internal = {"CZ-G": run_h("CZ-G", max(a, t(MAR31, 10)), min(b, t(MAR31, 12)))}.get(code, 0.0) * 3600
     # docs/decisions.md "Reports count each instrument's metered part only": metered time runs from the
@@ -120,6 +119,9 @@ def seconds(code: str, a: int, b: int) -> dict[str, float]:
         first, last = spans(code)[0][0], spans(code)[-1][1]
         metered = max(0, b - max(a, first)) / 1000
         known = max(0, min(b, last) - max(a, first)) / 1000
+    # rated hours are prorated to the metered part (docs/decisions.md "Rated hours follow the metered
+    # part"); the period's time before it is not metered
+    rated = RATED[code] * (metered / 3600) / YEAR_H * 3600
     return {
         "run_s": run,
         "effective_s": run,
@@ -133,6 +135,7 @@ def seconds(code: str, a: int, b: int) -> dict[str, float]:
         "unverified_s": 0,
         "uncovered_s": metered - known,
         "metered_s": metered,
+        "not_metered_s": (b - a) / 1000 - metered,
     }
 
 
@@ -141,7 +144,7 @@ def expected(code: str, a: int, b: int) -> dict[str, float | None]:
     hours = {f"{k[:-2]}_h": round(v / 3600, 2) for k, v in sec.items()}
     return {
         **hours,
-        "utilisation_pct": round(100 * sec["effective_s"] / sec["rated_s"], 1),
+        "utilisation_pct": round(100 * sec["effective_s"] / sec["rated_s"], 1) if sec["rated_s"] else None,
         "sharing_pct": round(100 * sec["external_s"] / sec["effective_s"], 1) if sec["effective_s"] else None,
         # coverage is known time over metered time (docs/decisions.md, as above): none without metering
         "coverage_pct": (

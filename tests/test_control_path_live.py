@@ -75,11 +75,29 @@ def meter() -> Iterator[tuple[ModbusServer, int]]:
         m.stop()
 
 
-def toggle(m: ModbusServer, times: int) -> None:
-    """RUNNING -> OFF -> RUNNING ...: every change closes an interval."""
+def signed(tmp: Path) -> int:
+    """Intervals the agent has signed so far (its chain head), from its state: cheaper than a CLI run."""
+    path = tmp / "state" / "agent.db"
+    if not path.exists():
+        return 0
+    db = sqlite3.connect(path)
+    try:
+        return int(db.execute("SELECT COALESCE(SUM(seq), 0) FROM chain").fetchone()[0])
+    except sqlite3.OperationalError:  # the agent has not created its tables yet
+        return 0
+    finally:
+        db.close()
+
+
+def toggle(m: ModbusServer, times: int, tmp: Path) -> None:
+    """RUNNING -> OFF -> RUNNING ...: every change closes an interval. Each change waits until the agent has
+    signed the interval the last one closed (the first, until its first reading closed the start-up's), so a
+    slow start or a late poll cannot merge two changes into none."""
+    wait_for(lambda: signed(tmp) >= 1, 60, what="the agent's first reading")
     for i in range(times):
-        time.sleep(0.8)
+        n = signed(tmp)
         m.data_bank.set_input_registers(0x000C, words(0.5 if i % 2 == 0 else 900.0))
+        wait_for(lambda n=n: signed(tmp) > n, 30, what=f"the agent seeing change {i + 1}")
 
 
 def test_forged_acks_from_the_broker_delete_nothing(broker: BrokerProcess, tmp_path: Path) -> None:
@@ -102,7 +120,7 @@ def test_forged_acks_from_the_broker_delete_nothing(broker: BrokerProcess, tmp_p
         attacker = Publisher(broker.url, "attacker")
         attacker.subscribe(f"labmeter/v1/{AGENT}/+/interval")  # what the agent sends is visible to anyone
         with agent_process(tmp_path):
-            toggle(m, 3)
+            toggle(m, 3, tmp_path)
             wait_for(lambda: pending(tmp_path) >= 3, what="intervals waiting (no collector yet)")
             seen = {}
             for _topic, payload in list(attacker.received):
@@ -348,7 +366,7 @@ def test_upgrade_keeps_an_existing_ledger_and_agent_working(mosquitto: BrokerPro
             assert f"pinned the collector key {fingerprint} on first use" in log
             assert 'collector_key = "ed25519:' in log
             n = len(seqs)
-            toggle(m, 2)  # new intervals flow and are acknowledged too
+            toggle(m, 2, tmp_path)  # new intervals flow and are acknowledged too
             wait_for(
                 lambda: (
                     len(list(sqlite3.connect(ct.collector.ledger.path).execute("SELECT seq FROM intervals")))

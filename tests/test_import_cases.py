@@ -25,7 +25,7 @@ def run_steps(ledger: Ledger, case: Path) -> tuple[list[str], ServiceImport | No
     for step in json.loads((case / "steps.json").read_text(encoding="utf-8")):
         path = case / step["file"]
         if step["kind"] == "instruments":
-            import_instruments(ledger, path, notes)
+            import_instruments(ledger, path, notes, TZ)
         else:
             last = import_services(
                 ledger, path, TZ, step.get("instrument"), replace=step.get("replace", False), now_ms=1
@@ -59,13 +59,18 @@ def test_import_case(case: Path, tmp_path: Path) -> None:
         for line in err.read_text(encoding="utf-8").splitlines():
             assert line in str(exc.value), f"{line!r} not in:\n{exc.value}"
         assert ledger.service_records(0, 2**62) == []
+        assert {i["code"] for i in ledger.instruments()} == {"CZ-A", "CZ-B"}, "a bad file imported rows"
         return
     expected = json.loads((case / "expected.json").read_text(encoding="utf-8"))
     notes, last = run_steps(ledger, case)
     stored = {str(i["code"]): i for i in ledger.instruments()}
     for code, fields in expected.get("instruments", {}).items():
         assert code in stored, f"{code} not imported"
+        # metering_start_local: the stored metering start as a local time (the cases are in Asia/Shanghai)
+        local_start = fields.pop("metering_start_local", None)
         assert {k: stored[code][k] for k in fields} == fields
+        if local_start is not None:
+            assert local(stored[code]["metering_start_ms"]) == local_start
     if "services" in expected:
         got = services(ledger)
         assert len(got) == len(expected["services"]), got
@@ -73,6 +78,8 @@ def test_import_case(case: Path, tmp_path: Path) -> None:
             assert {k: have[k] for k in want} == want
     for note in expected.get("notes", []):
         assert any(note in n for n in notes), f"no note {note!r} in {notes}"
+    for absent in expected.get("no_notes", []):
+        assert not any(absent in n for n in notes), f"note {absent!r} should not be in {notes}"
     if "result" in expected:
         assert last is not None
         assert {k: getattr(last, k) for k in expected["result"]} == expected["result"]

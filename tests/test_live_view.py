@@ -89,6 +89,7 @@ def test_api_endpoints_and_bad_parameters(lab) -> None:  # type: ignore[no-untyp
         "utilisation_pct",
         "provisional_run_s",
         "provisional_effective_s",
+        "energy_wh",
     }
     assert 0 <= icp["today"]["run_h"] <= icp["today"]["effective_h"] <= 1.0
     # it runs now: the open interval counts, as provisional seconds within the hours

@@ -10,6 +10,7 @@ import json
 import time
 import urllib.error
 import urllib.request
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +67,7 @@ REQUESTS: dict[str, dict[str, list[str]]] = {
         "404": ["PRIVATE:/public/api/instruments"],
     },
     "/api/openapi.json": {"200": ["/api/openapi.json"]},
+    "/metrics": {"200": ["/metrics"]},
 }
 
 
@@ -95,16 +97,23 @@ def served(tmp_path: Path) -> Any:
 
     cfg = config.parse(f'[collector]\ndata_dir = "{tmp_path}"\n', config.CollectorConfig)
     ledger = Ledger.open(cfg.collector.ledger, cfg.collector.data_dir)
+    # metering began ten days ago (the registry's date): rated hours are prorated to the metered part
+    began = datetime.fromtimestamp(TEN_DAYS_AGO / 1000, UTC).isoformat()
     (tmp_path / "instruments.csv").write_text(
-        "code,name,unit,category,kind,rated_hours\nCZ-G,衍射仪,材料学院,020101,general,\n"
-        "CZ-S,电镜,分析测试中心,030201,special,\n",
+        "code,name,unit,category,kind,rated_hours,metering_start\n"
+        f"CZ-G,衍射仪,材料学院,020101,general,,{began}\nCZ-S,电镜,分析测试中心,030201,special,,{began}\n",
         encoding="utf-8",
     )
     import_instruments(ledger, tmp_path / "instruments.csv")
     now = int(time.time() * 1000)
     start = now - now % H - 3 * H
     store_schedule(
-        tmp_path, ledger, "pc-g", "CZ-G", [(start, start + H, "OFF"), (start + H, start + 2 * H, "RUNNING")]
+        tmp_path,
+        ledger,
+        "pc-g",
+        "CZ-G",
+        [(start, start + H, "OFF"), (start + H, start + 2 * H, "RUNNING")],
+        energy=lambda a, b: ENERGY_WH[a - start],
     )
     store_schedule(tmp_path, ledger, "pc-s", "CZ-S", [(start, start + 2 * H, "STANDBY")])
     ledger.store_signins(
@@ -151,6 +160,32 @@ def served(tmp_path: Path) -> Any:
     return run
 
 
+ENERGY_WH = {0: 2.5, H: 900.125}
+"""CZ-G's energy per interval (by its start's hour in the schedule); CZ-S has no energy source."""
+
+
+def test_live_instruments_give_todays_energy_and_public_ones_do_not(served: Any) -> None:
+    from datetime import datetime
+    from zoneinfo import ZoneInfo
+
+    (_, _, private), (_, _, public) = served(["PRIVATE:/api/instruments", "/public/api/instruments"])
+    now = int(time.time() * 1000)
+    start = now - now % H - 3 * H
+    midnight = int(
+        datetime.fromtimestamp(now / 1000, ZoneInfo("Asia/Shanghai"))
+        .replace(hour=0, minute=0, second=0, microsecond=0)
+        .timestamp()
+        * 1000
+    )
+    # each interval is a whole hour, so it is in today or not (the policy's zone is Asia/Shanghai)
+    want = sum(wh for at, wh in ENERGY_WH.items() if start + at >= midnight)
+    rows = {i["code"]: i for i in json.loads(private)["instruments"]}
+    assert (rows["CZ-G"].get("today") or {}).get("energy_wh") == (want or None)
+    assert rows["CZ-G"]["year"]["energy_wh"] == sum(ENERGY_WH.values())
+    assert rows["CZ-S"]["year"]["energy_wh"] is None  # no energy source: unknown, not 0
+    assert all("energy_wh" not in (i.get("year") or {}) for i in json.loads(public)["instruments"])
+
+
 def test_every_documented_response_matches_its_schema(served: Any) -> None:
     assert set(REQUESTS) == set(SPEC["paths"]), "a documented path has no request here, or the reverse"
     cases = [
@@ -173,6 +208,9 @@ def test_every_documented_response_matches_its_schema(served: Any) -> None:
         if want_type == "text/event-stream":
             assert body.startswith(b": hello"), body
             continue
+        if want_type == "text/plain":  # Prometheus exposition (tests/test_metrics.py reads it)
+            assert b"# TYPE labmeter_" in body, body[:300]
+            continue
         jsonschema.Draft202012Validator(schema).validate(json.loads(body))
         checked += 1
     assert checked >= 15
@@ -180,7 +218,8 @@ def test_every_documented_response_matches_its_schema(served: Any) -> None:
     signins = json.loads(by_url["/api/instruments/CZ-G/signins"][2])["signins"]
     assert [s["user"] for s in signins] == ["user-3", "user-2", "user-1"]  # newest first, all three
     # ten days (and however long the suite ran since this module was imported: the period ends now) of rated
-    # hours: the special instrument gets the policy's 800 h a year, the general one 1400 h
+    # hours, metering having begun then: the special instrument gets the policy's 800 h a year, the general
+    # one 1400 h
     period_h = (time.time() * 1000 - TEN_DAYS_AGO) / H
     rows = {r["key"]: r for r in json.loads(by_url[f"/api/utilisation?from={TEN_DAYS_AGO}"][2])["rows"]}
     assert rows["CZ-S"]["rated_h"] == pytest.approx(800 * period_h / 8760, abs=0.01)
@@ -219,5 +258,5 @@ def test_every_served_route_is_documented(tmp_path: Path) -> None:
         routes = {r.resource.canonical for r in app.router.routes() if r.resource is not None}
     finally:
         collector.ledger.close()
-    api = {r for r in routes if r.startswith(("/api/", "/public/api/"))}
+    api = {r for r in routes if r.startswith(("/api/", "/public/api/", "/metrics"))}
     assert api == set(SPEC["paths"])

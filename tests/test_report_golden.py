@@ -402,7 +402,9 @@ def test_instrument_installed_mid_period_is_fully_covered_in_its_metered_part(
     assert m["coverage_pct"] == 100.0 and m["uncovered_h"] == 0.0
     assert got["CZ-M"].hours.period_ms == WEEK[1] - installed
     assert m["metered_h"] == round((WEEK[1] - installed) / H, 2) and m["metered_from"] == installed
-    assert m["rated_h"] == round(1400 * 7 / 365, 2)  # rated for the elapsed period, as the live view
+    # rated for the metered part only: 5 March 12:00 to 9 March 00:00 is 3.5 days of a 365-day year
+    assert m["rated_h"] == round(1400 * 3.5 / 365, 2) == 13.42
+    assert m["not_metered_h"] == 3.5 * 24 and m["uncovered_h"] == 0.0
     res = __import__("labmeter.collector.reports.national", fromlist=["findings"]).findings(
         ledger, *WEEK, POLICY, low_use_pct=0, min_coverage_pct=99, now_ms=WEEK[1]
     )

@@ -20,7 +20,7 @@ from labmeter import config, log
 from labmeter.collector.ledger import Ledger, LedgerError
 from labmeter.netutil import free_port, redact_text, redact_url, url_secrets
 from tests.conftest import LABMETER
-from tests.lab import store_schedule
+from tests.lab import store_schedule, wait_for
 
 URLS = json.loads((Path(__file__).parent / "testcases" / "secrets" / "urls.json").read_text())["cases"]
 SECRET = "pw-Qx7Zk9"  # the password in the URLs below; no output may contain it
@@ -115,16 +115,27 @@ def test_no_secret_in_the_logs_of_a_running_collector(tmp_path: Path) -> None:
     now = int(time.time() * 1000)
     store_schedule(tmp_path, ledger, "a1", "CZ-A", [(now - 7_200_000, now - 3_600_000, "RUNNING")])
     ledger.close()
-    proc = subprocess.Popen(
-        [*LABMETER, "collector", "run", "-v", "-c", str(cfg)],
-        cwd=tmp_path,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    time.sleep(6)  # the sink's first writes wait for rows to settle (2 s), then fail and back off
-    proc.send_signal(signal.SIGTERM)
-    out, err = proc.communicate(timeout=30)
+    errlog = tmp_path / "collector.err"
+    needed = ("cannot reach broker", "time-series store http://127.0.0.1", "token=***", "Connect")
+    with errlog.open("wb") as err_file:
+        proc = subprocess.Popen(
+            [*LABMETER, "collector", "run", "-v", "-c", str(cfg)],
+            cwd=tmp_path,
+            stdout=subprocess.PIPE,
+            stderr=err_file,
+            text=True,
+        )
+        try:
+            # the sink's first writes wait for rows to settle (2 s), then fail: wait for both failures logged
+            wait_for(
+                lambda: all(w in errlog.read_text(errors="replace") for w in needed),
+                60,
+                what="the broker and the sink failures logged",
+            )
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            out, _ = proc.communicate(timeout=30)
+    err = errlog.read_text(errors="replace")
     text = out + err
     assert "cannot reach broker" in err and "time-series store http://127.0.0.1" in err, err
     assert "token=***" in err and "Connect" in err, err

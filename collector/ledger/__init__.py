@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from labmeter import statefile
+from labmeter.energy import to_mwh
 from labmeter.netutil import redact_text, redact_url
 from labmeter.wire import (
     GENESIS,
@@ -26,12 +27,15 @@ from labmeter.wire import (
     body_hash,
     conflict_reason,
     envelope_starts_chain,
+    load_body,
     open_envelope,
+    parse_interval,
     raw_body,
     signin_chain,
     starts_chain,
 )
 
+MAX_ALERTS = 20_000  # active alerts read back at start (each is an agent, an instrument or the collector)
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS agents (
     id TEXT PRIMARY KEY, pubkey TEXT NOT NULL, kid TEXT NOT NULL, added_ms INTEGER NOT NULL);
@@ -39,7 +43,7 @@ CREATE TABLE IF NOT EXISTS instruments (
     code TEXT PRIMARY KEY, name TEXT NOT NULL DEFAULT '', unit TEXT NOT NULL DEFAULT '',
     department TEXT NOT NULL DEFAULT '', category TEXT NOT NULL DEFAULT '', kind TEXT NOT NULL DEFAULT 'general',
     value_wan REAL, rated_hours REAL, share_mode TEXT NOT NULL DEFAULT '',
-    prep_allowance_s INTEGER, post_allowance_s INTEGER);
+    prep_allowance_s INTEGER, post_allowance_s INTEGER, metering_start_ms INTEGER);
 CREATE TABLE IF NOT EXISTS service_records (
     id INTEGER PRIMARY KEY, instrument TEXT NOT NULL, start_ms INTEGER NOT NULL, end_ms INTEGER NOT NULL,
     applicant TEXT NOT NULL DEFAULT '', applicant_unit TEXT NOT NULL DEFAULT '',
@@ -56,7 +60,7 @@ CREATE TABLE IF NOT EXISTS intervals (
     agent TEXT NOT NULL, instrument TEXT NOT NULL, seq INTEGER NOT NULL,
     start_ms INTEGER NOT NULL, end_ms INTEGER NOT NULL, state TEXT NOT NULL,
     prev TEXT NOT NULL, sha TEXT NOT NULL, clock_step_ms INTEGER NOT NULL DEFAULT 0, note TEXT,
-    envelope BLOB NOT NULL, received_ms INTEGER NOT NULL,
+    envelope BLOB NOT NULL, received_ms INTEGER NOT NULL, energy_mwh INTEGER,
     PRIMARY KEY (agent, instrument, seq)) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS intervals_time ON intervals (instrument, start_ms);
 CREATE INDEX IF NOT EXISTS intervals_received ON intervals (received_ms);
@@ -78,11 +82,15 @@ CREATE TABLE IF NOT EXISTS rollups (
     run_ms INTEGER NOT NULL, standby_ms INTEGER NOT NULL, off_ms INTEGER NOT NULL, unknown_ms INTEGER NOT NULL,
     unverified_ms INTEGER NOT NULL, effective_ms INTEGER NOT NULL, covered_ms INTEGER NOT NULL,
     service_ms INTEGER NOT NULL, external_ms INTEGER NOT NULL,
+    energy_mwh INTEGER NOT NULL DEFAULT 0, energy_ms INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (instrument, span, start_ms)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS rollup_dirty (
     id INTEGER PRIMARY KEY, instrument TEXT NOT NULL, from_ms INTEGER NOT NULL, to_ms INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS rollup_basis (instrument TEXT PRIMARY KEY, basis TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS holes (
+    agent TEXT NOT NULL, chain TEXT NOT NULL, first_seq INTEGER NOT NULL, last_seq INTEGER NOT NULL,
+    at_ms INTEGER NOT NULL, statement BLOB NOT NULL, PRIMARY KEY (agent, chain, first_seq)) WITHOUT ROWID;
 """
 ROLLUP_VALUES = (
     "run_ms",
@@ -94,7 +102,11 @@ ROLLUP_VALUES = (
     "covered_ms",
     "service_ms",
     "external_ms",
+    "energy_mwh",
+    "energy_ms",
 )
+"""``energy_mwh``: the energy of the intervals in a bucket (labmeter.energy.share); ``energy_ms``: how much
+of the bucket those intervals cover (0: no energy source)."""
 SUMS = ", ".join(f"CAST(SUM({c}) AS INTEGER)" for c in ROLLUP_VALUES)
 
 
@@ -110,6 +122,7 @@ INSTRUMENT_COLUMNS = (
     "share_mode",
     "prep_allowance_s",
     "post_allowance_s",
+    "metering_start_ms",
 )
 SERVICE_COLUMNS = (
     "instrument",
@@ -124,6 +137,25 @@ SERVICE_COLUMNS = (
     "service_way",
     "content",
 )
+
+
+class SignInRow(NamedTuple):
+    instrument: str
+    agent: str
+    at_ms: int
+    user: str
+
+
+class BookingRow(NamedTuple):
+    """A service record as the reconciliation reads it."""
+
+    id: int
+    instrument: str
+    start_ms: int
+    end_ms: int
+    applicant: str
+    applicant_unit: str
+    service_type: int
 
 
 @dataclass(frozen=True)
@@ -179,6 +211,8 @@ class StoredInterval:
     sha: str
     clock_step_ms: int
     envelope: bytes
+    energy_mwh: int | None = None
+    """The body's ``energy_wh`` in whole mWh; None: unknown (no energy source, or an agent before energy)."""
 
     @classmethod
     def of(cls, iv: Interval, sha: str, envelope: bytes) -> StoredInterval:
@@ -193,6 +227,7 @@ class StoredInterval:
             sha,
             iv.clock_step_ms,
             envelope,
+            to_mwh(iv.energy_wh),
         )
 
 
@@ -237,10 +272,16 @@ class IntervalRow(NamedTuple):
     end_ms: int
     state: str
     linked: bool
+    energy_mwh: int | None = None
+    """The interval's energy in whole mWh; None: unknown (no energy source, or an agent before energy)."""
 
     def span(self) -> tuple[int, int, str, bool]:
         """(start, end, state, linked): the segment the hour rules take."""
         return self.start_ms, self.end_ms, self.state, self.linked
+
+    def energy(self) -> tuple[int, int, int | None]:
+        """(start, end, mWh or None): what labmeter.energy counts."""
+        return self.start_ms, self.end_ms, self.energy_mwh
 
 
 @dataclass(frozen=True)
@@ -291,6 +332,8 @@ class Ledger:
         self._longest = int(row[0]) if row else 0
         self._migrate_rejections()
         self._migrate_service_batches()
+        self._migrate_energy()
+        self._migrate_metering_start()
         self._pruned_window = -1
 
     def _columns(self, table: str) -> set[str]:
@@ -344,6 +387,48 @@ class Ledger:
                     if col not in self._columns("service_records"):
                         cur.execute(f"ALTER TABLE service_records ADD COLUMN {ddl}")
         self.db.execute("CREATE INDEX IF NOT EXISTS service_batch ON service_records (batch)")
+
+    def _migrate_energy(self) -> None:
+        """A ledger from before energy: intervals get ``energy_mwh`` (NULL: unknown, never 0) and rollups
+        their energy sums. A collector before energy stored what newer agents sent whole, so the energy
+        of those bodies is read back from the stored envelopes and their time marked for the rollups."""
+        if "energy_mwh" in self._columns("intervals") and "energy_ms" in self._columns("rollups"):
+            return
+        big = "INTEGER" if self.backend is SQLITE else "BIGINT"  # as pg.schema() maps a fresh one
+        with self.transaction(exclusive=True) as cur:
+            if "energy_mwh" not in self._columns("intervals"):
+                cur.execute(f"ALTER TABLE intervals ADD COLUMN energy_mwh {big}")
+            for col in ("energy_mwh", "energy_ms"):
+                if col not in self._columns("rollups"):
+                    cur.execute(f"ALTER TABLE rollups ADD COLUMN {col} {big} NOT NULL DEFAULT 0")
+            has_energy = (
+                "CAST(envelope AS TEXT) LIKE '%energy_wh%'"
+                if self.backend is SQLITE
+                else "position('energy_wh'::bytea in envelope) > 0"
+            )
+            rows = cur.execute(
+                f"SELECT agent, instrument, seq, start_ms, end_ms, envelope FROM intervals WHERE {has_energy}"
+            ).fetchall()
+            updates, marks = [], []
+            for agent, instrument, seq, start, end, envelope in rows:
+                try:
+                    iv = parse_interval(load_body(open_envelope(bytes(envelope)).body))
+                except WireError:
+                    continue
+                if iv.energy_wh is not None:
+                    updates.append((to_mwh(iv.energy_wh), agent, instrument, seq))
+                    marks.append((instrument, start, end))
+            cur.executemany(
+                "UPDATE intervals SET energy_mwh=? WHERE agent=? AND instrument=? AND seq=?", updates
+            )
+            self._mark(cur, marks)
+
+    def _migrate_metering_start(self) -> None:
+        """Instruments carry the registry's metering start (NULL: metering began at the first interval)."""
+        if "metering_start_ms" not in self._columns("instruments"):
+            with self.transaction(exclusive=True) as cur:
+                if "metering_start_ms" not in self._columns("instruments"):
+                    cur.execute("ALTER TABLE instruments ADD COLUMN metering_start_ms BIGINT")
 
     @staticmethod
     def sqlite_path(url: str, data_dir: Path) -> Path | None:
@@ -684,7 +769,7 @@ class Ledger:
                     [(*r, now) for r in signins],
                 )
             cur.executemany(
-                "INSERT INTO intervals VALUES (?,?,?,?,?,?,?,?,?,?,?,?) ON CONFLICT DO NOTHING",
+                "INSERT INTO intervals VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?) ON CONFLICT DO NOTHING",
                 [
                     (
                         iv.agent,
@@ -699,6 +784,7 @@ class Ledger:
                         note,
                         iv.envelope,
                         now,
+                        iv.energy_mwh,
                     )
                     for iv, note in intervals
                 ],
@@ -882,6 +968,90 @@ class Ledger:
         ]
         return sorted(set(rows))
 
+    def _handled_in(self, cur: Any, agent: str, chain: str, lo: int, hi: int) -> set[int]:
+        """The seqs in [lo, hi] of a chain that are stored or authentically rejected."""
+        if chain.endswith("@signin"):
+            sql = "SELECT seq FROM signins WHERE agent=? AND instrument=? AND seq BETWEEN ? AND ?"
+            code = chain.removesuffix("@signin")
+        else:
+            sql = "SELECT seq FROM intervals WHERE agent=? AND instrument=? AND seq BETWEEN ? AND ?"
+            code = chain
+        seqs = {int(r[0]) for r in cur.execute(sql, (agent, code, lo, hi)).fetchall()}
+        seqs |= {
+            int(r[0])
+            for r in cur.execute(
+                "SELECT seq FROM rejections WHERE agent=? AND chain=? AND authentic=1 AND seq BETWEEN ? AND ?",
+                (agent, chain, lo, hi),
+            ).fetchall()
+        }
+        return seqs
+
+    def record_holes(
+        self, agent: str, chain: str, lo: int, hi: int, statement: bytes
+    ) -> list[tuple[int, int]]:
+        """Record the seqs in [lo, hi] the ledger does not hold as holes, on the agent's signed word.
+
+        ``statement`` is the agent's signed status saying it holds none of them any more (see
+        ``wire.AgentStatus.gone``): with it kept, anyone can check why the acknowledgement
+        watermark passed them. Returns the (first, last) runs recorded; seqs stored meanwhile (by
+        another collector on this ledger) are not holes.
+        """
+        now = int(time.time() * 1000)
+        with self.transaction() as cur:
+            have = sorted(self._handled_in(cur, agent, chain, lo, hi))
+            runs: list[tuple[int, int]] = []
+            start = lo
+            for s in [*have, hi + 1]:
+                if s > start:
+                    runs.append((start, s - 1))
+                start = s + 1
+            cur.executemany(
+                "INSERT INTO holes VALUES (?,?,?,?,?,?) ON CONFLICT DO NOTHING",
+                [(agent, chain, a, b, now, statement) for a, b in runs],
+            )
+        return runs
+
+    def holes(
+        self, agent: str | None = None, chain: str | None = None
+    ) -> list[tuple[str, str, int, int, int]]:
+        """(agent, chain, first seq, last seq, recorded at) of the recorded holes, in order."""
+        sql = "SELECT agent, chain, first_seq, last_seq, at_ms FROM holes"
+        args: list[object] = []
+        if agent is not None and chain is not None:
+            sql += " WHERE agent=? AND chain=?"
+            args = [agent, chain]
+        return [
+            (str(a), str(c), int(f), int(last), int(t))
+            for a, c, f, last, t in self.db.execute(sql + " ORDER BY agent, chain, first_seq", args)
+        ]
+
+    def hole_statements(self, agent: str, chain: str, lo: int, hi: int) -> list[tuple[int, int, bytes]]:
+        """(first seq, last seq, the agent's signed statement) of the holes of a chain touching [lo, hi]."""
+        return [
+            (int(f), int(last), bytes(st))
+            for f, last, st in self.db.execute(
+                "SELECT first_seq, last_seq, statement FROM holes WHERE agent=? AND chain=? AND last_seq>=? "
+                "AND first_seq<=? ORDER BY first_seq",
+                (agent, chain, lo, hi),
+            )
+        ]
+
+    def body_sha(self, agent: str, chain: str, seq: int) -> str | None:
+        """The hash of the body stored (or authentically rejected) at a chain's seq, for an acknowledgement."""
+        if chain.endswith("@signin"):
+            sql = "SELECT sha FROM signins WHERE agent=? AND instrument=? AND seq=?"
+            code = chain.removesuffix("@signin")
+        else:
+            sql = "SELECT sha FROM intervals WHERE agent=? AND instrument=? AND seq=?"
+            code = chain
+        row = self.db.execute(sql, (agent, code, seq)).fetchone()
+        if row is None:
+            row = self.db.execute(
+                "SELECT sha FROM rejections WHERE agent=? AND chain=? AND authentic=1 AND seq=? AND sha IS NOT NULL",
+                (agent, chain, seq),
+            ).fetchone()
+        return str(row[0]) if row else None
+
     def received_between(self, after_ms: int, upto_ms: int) -> list[tuple[str, str, int, int, str]]:
         """(instrument, agent, start, end, state) of intervals stored in (after, upto]: what a sink has not sent."""
         return self.db.execute(
@@ -908,7 +1078,7 @@ class Ledger:
         sql = (
             "SELECT i.instrument, i.agent, i.seq, i.start_ms, i.end_ms, i.state, "
             "CASE WHEN i.prev = ? OR (p.sha = i.prev AND p.end_ms + i.clock_step_ms = i.start_ms) "
-            "THEN 1 ELSE 0 END "
+            "THEN 1 ELSE 0 END, i.energy_mwh "
             "FROM intervals i LEFT JOIN intervals p ON p.agent = i.agent AND p.instrument = i.instrument "
             "AND p.seq = i.seq - 1 WHERE i.start_ms < ? AND i.start_ms >= ? AND i.end_ms > ?"
         )
@@ -920,7 +1090,36 @@ class Ledger:
             sql = sql.replace("FROM intervals i", "FROM instruments c CROSS JOIN intervals i", 1)
             sql += " AND i.instrument = c.code"
         rows = self.db.execute(sql + " ORDER BY i.instrument, i.start_ms", args).fetchall()
-        return [IntervalRow(r[0], r[1], r[2], r[3], r[4], r[5], bool(r[6])) for r in rows]
+        return [IntervalRow(r[0], r[1], r[2], r[3], r[4], r[5], bool(r[6]), r[7]) for r in rows]
+
+    def signins_between(self, start_ms: int, end_ms: int, instrument: str | None = None) -> list[SignInRow]:
+        """Sign-ins at [start, end), oldest first."""
+        sql = 'SELECT instrument, agent, at_ms, "user" FROM signins WHERE at_ms >= ? AND at_ms < ?'
+        args: tuple[object, ...] = (start_ms, end_ms)
+        if instrument is not None:
+            sql += " AND instrument = ?"
+            args += (instrument,)
+        return [
+            SignInRow(str(i), str(g), int(t), str(u))
+            for i, g, t, u in self.db.execute(sql + " ORDER BY instrument, at_ms", args)
+        ]
+
+    def bookings_between(self, start_ms: int, end_ms: int, instrument: str | None = None) -> list[BookingRow]:
+        """Service records overlapping [start, end), by instrument and start."""
+        sql = (
+            "SELECT id, instrument, start_ms, end_ms, applicant, applicant_unit, service_type "
+            "FROM service_records WHERE start_ms < ? AND end_ms > ?"
+        )
+        args: tuple[object, ...] = (end_ms, start_ms)
+        if instrument is not None:
+            sql += " AND instrument = ?"
+            args += (instrument,)
+        return [
+            BookingRow(
+                int(r[0]), str(r[1]), int(r[2]), int(r[3]), str(r[4] or ""), str(r[5] or ""), int(r[6])
+            )
+            for r in self.db.execute(sql + " ORDER BY instrument, start_ms, end_ms, id", args)
+        ]
 
     def envelopes(self, agent: str, instrument: str, first: int, last: int) -> list[bytes]:
         """The stored envelopes of seqs first..last of one chain, in order, exactly as the agent sent them."""
@@ -1082,6 +1281,98 @@ class Ledger:
             for r in self.db.execute("SELECT instrument, MIN(from_ms) FROM rollup_dirty GROUP BY instrument")
         }
 
+    def rollup_backlog(self) -> int:
+        """How many marked ranges wait for a rollup refresh (the /metrics rollup lag)."""
+        row = self.db.execute("SELECT COUNT(*) FROM rollup_dirty").fetchone()
+        return int(row[0]) if row else 0
+
+    def last_received_ms(self) -> int | None:
+        """When the newest stored interval arrived (host clock), along the received index."""
+        row = self.db.execute("SELECT MAX(received_ms) FROM intervals").fetchone()
+        return int(row[0]) if row and row[0] is not None else None
+
+    # alerts: which are active, and the messages not yet delivered ----------
+    def _alert_schema(self) -> None:
+        if not getattr(self, "_alerts_ready", False):
+            self.db.executescript(ALERT_SCHEMA)
+            self._alerts_ready = True
+
+    def active_alerts(self, limit: int = MAX_ALERTS) -> list[ActiveAlert]:
+        self._alert_schema()
+        return [
+            ActiveAlert(str(r[0]), str(r[1]), int(r[2]), int(r[3]), str(r[4]))
+            for r in self.db.execute(
+                "SELECT key, rule, since_ms, fired_ms, subject FROM alerts ORDER BY key LIMIT ?", (limit,)
+            )
+        ]
+
+    def record_alerts(
+        self,
+        opened: Sequence[ActiveAlert],
+        closed: Sequence[str],
+        messages: Sequence[tuple[str, str]],
+        now_ms: int,
+        keep: int,
+    ) -> None:
+        """One check's outcome in one transaction: alerts that fired (or were reminded of), alerts that
+        cleared, and their (channel, body) messages. After a crash either all of it happened or none (and
+        the next check decides again)."""
+        self._alert_schema()
+        with self.transaction() as cur:
+            cur.executemany(
+                "INSERT INTO alerts VALUES (?,?,?,?,?) ON CONFLICT(key) DO UPDATE SET fired_ms=excluded.fired_ms",
+                [tuple(a) for a in opened],
+            )
+            cur.executemany("DELETE FROM alerts WHERE key=?", [(k,) for k in closed])
+            self._queue_alert_messages(cur, messages, now_ms, keep)
+
+    def _queue_alert_messages(
+        self, cur: Any, messages: Sequence[tuple[str, str]], now_ms: int, keep: int
+    ) -> None:
+        """Queue (channel, body) rows; each channel keeps at most ``keep``, the oldest go first."""
+        cur.executemany(
+            "INSERT INTO alert_outbox (channel, body, created_ms, attempts) VALUES (?,?,?,0)",
+            [(channel, body, now_ms) for channel, body in messages],
+        )
+        for channel in {c for c, _ in messages}:
+            cur.execute(
+                "DELETE FROM alert_outbox WHERE channel=? AND id NOT IN "
+                "(SELECT id FROM alert_outbox WHERE channel=? ORDER BY id DESC LIMIT ?)",
+                (channel, channel, keep),
+            )
+
+    def next_alert_message(self, channel: str) -> QueuedAlert | None:
+        """The oldest undelivered message of a channel: a channel delivers in order (firing before recovery)."""
+        self._alert_schema()
+        row = self.db.execute(
+            "SELECT id, channel, body, attempts FROM alert_outbox WHERE channel=? ORDER BY id LIMIT 1",
+            (channel,),
+        ).fetchone()
+        return QueuedAlert(int(row[0]), str(row[1]), str(row[2]), int(row[3])) if row else None
+
+    def alert_queue(self) -> dict[str, int]:
+        """Undelivered messages per channel."""
+        self._alert_schema()
+        return {
+            str(r[0]): int(r[1])
+            for r in self.db.execute("SELECT channel, COUNT(*) FROM alert_outbox GROUP BY channel")
+        }
+
+    def alert_attempted(self, id_: int) -> None:
+        self.db.execute("UPDATE alert_outbox SET attempts = attempts + 1 WHERE id=?", (id_,))
+
+    def alert_done(self, id_: int) -> None:
+        """Delivered, or given up: either way never sent again."""
+        self.db.execute("DELETE FROM alert_outbox WHERE id=?", (id_,))
+
+    def drop_alert_channels(self, keep: Iterable[str]) -> int:
+        """Forget the queue of channels no longer configured; returns how many messages went."""
+        self._alert_schema()
+        names = sorted(set(keep))
+        marks = ",".join("?" * len(names)) or "''"
+        cur = self.db.execute(f"DELETE FROM alert_outbox WHERE channel NOT IN ({marks})", names)
+        return max(0, int(cur.rowcount or 0))
+
 
 def _chain_of(agent: object, instrument: object, topic: str, payload: bytes) -> tuple[str | None, str | None]:
     """(chain, body sha) of a stored rejection, from its own body; no chain unless the body names the row's
@@ -1109,3 +1400,30 @@ CREATE TABLE IF NOT EXISTS sink_hours (
     PRIMARY KEY (name, instrument, start_ms)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS sink_lease (name TEXT PRIMARY KEY, holder TEXT NOT NULL, until_ms INTEGER NOT NULL);
 """
+
+ALERT_SCHEMA = """
+CREATE TABLE IF NOT EXISTS alerts (
+    key TEXT PRIMARY KEY, rule TEXT NOT NULL, since_ms INTEGER NOT NULL, fired_ms INTEGER NOT NULL,
+    subject TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS alert_outbox (
+    id INTEGER PRIMARY KEY, channel TEXT NOT NULL, body TEXT NOT NULL, created_ms INTEGER NOT NULL,
+    attempts INTEGER NOT NULL);
+CREATE INDEX IF NOT EXISTS alert_outbox_channel ON alert_outbox (channel, id);
+"""
+
+
+class ActiveAlert(NamedTuple):
+    """An alert that fired and has not recovered; ``subject`` is its JSON (what the recovery names)."""
+
+    key: str
+    rule: str
+    since_ms: int
+    fired_ms: int
+    subject: str
+
+
+class QueuedAlert(NamedTuple):
+    id: int
+    channel: str
+    body: str
+    attempts: int

@@ -25,6 +25,7 @@ from labmeter.collector.ledger import ROLLUP_VALUES, Ledger
 from labmeter.collector.ledger.pg import Busy
 from labmeter.collector.registry import stored_number
 from labmeter.config import PolicyConfig
+from labmeter.energy import energy_buckets, energy_in
 from labmeter.machine_hours import HOUR_MS as H
 from labmeter.machine_hours import Hours, compute, compute_buckets
 
@@ -115,6 +116,8 @@ def _values(h: Hours) -> tuple[int, ...]:
         covered,
         h.service_ms,
         h.external_ms,
+        h.energy_mwh,
+        h.energy_ms,
     )
 
 
@@ -218,10 +221,13 @@ class Rollups:
         """Recompute the hours of [lo, hi), and the days wholly inside it."""
         cal = self.calendar
         pad = max(prep, post)
-        rows = [r.span() for r in self.ledger.intervals_between(lo - pad, hi + pad, code)]
+        found = self.ledger.intervals_between(lo - pad, hi + pad, code)
+        rows = [r.span() for r in found]
         windows = self.ledger.service_windows(lo, hi, code).get(code, [])
         bounds = list(range(lo, hi + 1, H))
         hours = compute_buckets(rows, bounds, prep, post, windows) if rows else []
+        for h, (mwh, known) in zip(hours, energy_buckets([r.energy() for r in found], bounds), strict=False):
+            h.energy_mwh, h.energy_ms = mwh, known
         values = [
             (s, _values(h)) for s, h in zip(bounds, hours, strict=False) if h.uncovered_ms < h.period_ms
         ]
@@ -275,7 +281,7 @@ def _add(into: dict[str, list[int]], rows: Iterable[tuple[str, Sequence[int]]]) 
 
 
 def _hours(v: Sequence[int], period_ms: int) -> Hours:
-    run, standby, off, unknown, unverified, effective, covered, service, external = v
+    run, standby, off, unknown, unverified, effective, covered, service, external, energy, energy_ms = v
     return Hours(
         period_ms=period_ms,
         run_ms=run,
@@ -287,6 +293,8 @@ def _hours(v: Sequence[int], period_ms: int) -> Hours:
         uncovered_ms=max(0, period_ms - covered),
         service_ms=service,
         external_ms=external,
+        energy_mwh=energy,
+        energy_ms=energy_ms,
         instruments=1,
     )
 
@@ -310,12 +318,15 @@ def direct(
         + [max(allowances_ms(i, policy)) for i in registry.values()]
     )
     per: dict[str, list[tuple[int, int, str, bool]]] = defaultdict(list)
-    for instrument, _agent, _seq, start, end, state, linked in ledger.intervals_between(a - pad, b + pad):
-        per[instrument].append((start, end, state, bool(linked)))
+    energy: dict[str, list[tuple[int, int, int | None]]] = defaultdict(list)
+    for r in ledger.intervals_between(a - pad, b + pad):
+        per[r.instrument].append(r.span())
+        energy[r.instrument].append(r.energy())
     windows = ledger.service_windows(a, b)
     out: dict[str, Hours] = {}
     codes = set(per) | set(windows) if with_data_only else set(registry) | set(per)
     for code in sorted(codes):
         prep, post = allowances_ms(registry.get(code, {}), policy)
-        out[code] = compute(per.get(code, []), a, b, prep, post, windows.get(code, ()))
+        out[code] = h = compute(per.get(code, []), a, b, prep, post, windows.get(code, ()))
+        h.energy_mwh, h.energy_ms = energy_in(energy.get(code, []), a, b)
     return out

@@ -27,7 +27,13 @@ import msgspec
 from aiohttp import web
 
 from labmeter.collector.ledger.rollup import Calendar, allowances_ms
-from labmeter.collector.reports.hours import GROUPINGS, hours_report, per_instrument, utilisation_pct
+from labmeter.collector.reports.hours import (
+    GROUPINGS,
+    hours_report,
+    metering_starts,
+    per_instrument,
+    utilisation_pct,
+)
 from labmeter.config import ConfigError
 from labmeter.machine_hours import HOUR_MS as H
 from labmeter.machine_hours import compute
@@ -35,6 +41,7 @@ from labmeter.netutil import is_loopback, split_listen
 from labmeter.wire import ID_RE, STATES
 
 if TYPE_CHECKING:
+    from labmeter.collector.metrics import Metrics
     from labmeter.collector.service import Collector
 
 log = logging.getLogger("labmeter.web")
@@ -121,6 +128,7 @@ class LiveView:
         """When the hours the last ``instruments()`` gave were computed (ms): a page counts on from there."""
         self._runner: web.AppRunner | None = None
         self.port: int | None = None
+        self._metrics: Metrics | None = None
         if not is_loopback(split_listen(listen)[0]) and not token:
             raise ConfigError(
                 f"[web] listen = {listen!r} is not loopback: set token_file so the page needs a token"
@@ -207,7 +215,7 @@ class LiveView:
         open interval adds."""
         c = self.collector
         policy = c.cfg.policy
-        first = c.ledger.first_interval_ms()
+        first = metering_starts(c.ledger)
         periods = self._periods(now)
         stored = {
             name: per_instrument(c.ledger, a, b, policy, now, first) for name, (a, b) in periods.items()
@@ -217,7 +225,8 @@ class LiveView:
         for name, per in stored.items():
             for code, h in per.items():
                 run_p, eff_p = extra.get(code, {}).get(name, (0, 0))
-                out.setdefault(code, {})[name] = (h.run_ms, h.effective_ms, h.rated_ms, run_p, eff_p)
+                energy = h.energy_mwh if h.energy_ms else -1  # -1: no energy measured
+                out.setdefault(code, {})[name] = (h.run_ms, h.effective_ms, h.rated_ms, run_p, eff_p, energy)
         return out
 
     def _usage_shown(
@@ -487,6 +496,11 @@ class LiveView:
         if self.public_power:
             keep.append("power_w")
         rows = [{k: i.get(k) for k in keep} for i in self.instruments()]
+        if not self.public_power:  # energy tells what power tells
+            for row in rows:
+                for period in ("today", "month", "year"):
+                    if isinstance(usage := row.get(period), dict):
+                        row[period] = {k: v for k, v in usage.items() if k != "energy_wh"}
         return await self._answer(
             request, {"now": self.collector.clock.wall_ms(), "tz": str(self.tz), "instruments": rows}
         )
@@ -497,6 +511,17 @@ class LiveView:
     async def api_openapi(self, request: web.Request) -> web.Response:
         spec = resources.files("labmeter.collector.live").joinpath("openapi.json").read_text(encoding="utf-8")
         return web.Response(text=spec, content_type="application/json")
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        """Prometheus text format (docs/metrics.md), behind the same token and binding as the API."""
+        from labmeter.collector.metrics import CONTENT_TYPE, Metrics
+
+        if self._metrics is None:
+            self._metrics = Metrics(self.collector)
+        now = self.collector.clock.wall_ms()
+        online = sum(not self._agent_down(a, now) for a in self.collector.verifier.keys)
+        text = self._metrics.render(online)
+        return web.Response(body=text.encode(), headers={"Content-Type": CONTENT_TYPE})
 
     async def events(self, request: web.Request) -> web.StreamResponse:
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
@@ -531,6 +556,7 @@ class LiveView:
         app.router.add_get("/api/instruments/{code}/services", self.api_services)
         app.router.add_get("/api/instruments/{code}", self.api_instrument)
         app.router.add_get("/instrument/{code}", self.instrument_page)
+        app.router.add_get("/metrics", self.metrics)
         if self.public:
             app.router.add_get("/public", self.page)
             app.router.add_get("/public/api/instruments", self.public_api)
@@ -587,8 +613,9 @@ def _int_or_none(value: Any) -> int | None:
 
 def _usage_json(v: tuple[int, ...], live: bool) -> dict[str, Any]:
     """A period's hours as the API gives them; the open interval counts only while its agent is up."""
-    run, effective, rated, run_p, eff_p = v if live else (*v[:3], 0, 0)
+    run, effective, rated, run_p, eff_p, mwh = v if live else (*v[:3], 0, 0, v[5])
     return {
+        "energy_wh": mwh / 1000 if mwh >= 0 else None,
         "run_h": round((run + run_p) / H, 2),
         "effective_h": round((effective + eff_p) / H, 2),
         "run_s": (run + run_p) / 1000,

@@ -15,6 +15,7 @@ from typing import Any
 
 from labmeter import evidence, signing
 from labmeter.collector.ledger import Ledger
+from labmeter.energy import energy_in
 from labmeter.machine_hours import compute, uncovered
 
 
@@ -41,7 +42,14 @@ def write_bundle(
     services = ledger.service_records(a, b, instrument)
     windows = [(int(str(r["start_ms"])), int(str(r["end_ms"])), r["service_type"] == 130) for r in services]
     hours = compute(spans, a, b, prep_s * 1000, post_s * 1000, windows)
-    claimed = {**hours.totals(), "service_ms": hours.service_ms, "external_ms": hours.external_ms}
+    mwh, known = energy_in([r.energy() for r in rows], a, b)
+    claimed = {
+        **hours.totals(),
+        "service_ms": hours.service_ms,
+        "external_ms": hours.external_ms,
+        "energy_mwh": mwh,
+        "energy_ms": known,
+    }
     bundle = {
         "format": evidence.FORMAT,
         "instrument": instrument,
@@ -55,6 +63,25 @@ def write_bundle(
         "intervals": len(envelopes),
         "services": len(services),
     }
+    # links lost with a restored ledger, each with the agent's signed word that it holds them no more
+    holes = [
+        {
+            "agent": agent,
+            "chain": instrument,
+            "first_seq": f,
+            "last_seq": last,
+            "statement": st.decode("utf-8", "replace"),
+        }
+        for agent in agents
+        for f, last, st in ledger.hole_statements(
+            agent,
+            instrument,
+            min(r.seq for r in rows if r.agent == agent) - 1,
+            max(r.seq for r in rows if r.agent == agent) + 1,
+        )
+    ]
+    if holes:
+        bundle["holes"] = holes
     files = {
         evidence.BUNDLE: (json.dumps(bundle, indent=2, ensure_ascii=False) + "\n").encode(),
         evidence.INTERVALS: b"".join(env.rstrip(b"\n") + b"\n" for env in envelopes),

@@ -4,9 +4,11 @@ Column names come in English and Chinese (the evaluation forms' own terms). Ever
 itself: XLSX has a 说明 (About) sheet, JSON a ``meta`` object, both with the period, time zone,
 allowances, rated-hours basis, generation time, version, ledger and every column's definition.
 
-An instrument is judged on its metered part of the period only: from its first interval (when
-metering began) to the end of the period or now, whichever is first. Time before metering began and
-time still to come are neither covered nor "no data"; rated hours are prorated to the elapsed part.
+An instrument is judged on its metered part of the period only: from when its metering began (the
+registry's metering start, else its first interval) to the end of the period or now, whichever is
+first. Time before metering began is "not metered" (未计量), time still to come is nothing; neither is
+"no data", and rated hours are prorated to the metered part (``metered_rated_ms``, which the live view
+uses too).
 """
 
 from __future__ import annotations
@@ -22,12 +24,13 @@ from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
 
+from labmeter import energy
 from labmeter.collector.ledger import Ledger
 from labmeter.collector.ledger.rollup import Rollups
 from labmeter.collector.registry import stored_number
 from labmeter.collector.reports.cells import append_row, to_csv
 from labmeter.config import PolicyConfig
-from labmeter.log import printable
+from labmeter.log import printable, text_width
 from labmeter.machine_hours import HOUR_MS as H
 from labmeter.machine_hours import Hours
 
@@ -54,12 +57,14 @@ COLUMNS: list[tuple[str, str, str]] = [
     ("utilisation_pct", "Utilisation (%)", "机时利用率 (%)"),
     ("sharing_pct", "Sharing rate (%)", "共享率 (%)"),
     ("coverage_pct", "Coverage (%)", "数据覆盖率 (%)"),
+    ("energy_kwh", "Energy (kWh)", "电能(kWh)"),
     ("standby_h", "Standby (h)", "待机 (h)"),
     ("off_h", "Off (h)", "关机 (h)"),
     ("unknown_h", "Unknown (h)", "状态未知 (h)"),
     ("unverified_h", "Unverified (h)", "未验证 (h)"),
     ("uncovered_h", "No data (h)", "无数据 (h)"),
     ("metered_h", "Metered time (h)", "计量时长 (h)"),
+    ("not_metered_h", "Not metered (h)", "未计量 (h)"),
 ]
 REGISTRY_COLUMNS: list[tuple[str, str, str]] = [
     ("category", "Category", "分类编码"),
@@ -85,6 +90,7 @@ MS_KEYS = {
     "unverified_h": "unverified_ms",
     "uncovered_h": "uncovered_ms",
     "metered_h": "period_ms",
+    "not_metered_h": "not_metered_ms",
 }
 """Each hours column and the exact milliseconds behind it (seconds in JSON and CSV)."""
 DEFINITIONS: dict[str, tuple[str, str]] = {
@@ -116,14 +122,18 @@ DEFINITIONS: dict[str, tuple[str, str]] = {
         "对外服务机时：落在对外（130）服务记录内的有效机时。",
     ),
     "rated_h": (
-        "Rated hours (定额机时): the registry's own or the policy's yearly figure (general/special), prorated to the elapsed part of the period (up to now).",
-        "定额机时：台账值或政策年定额（通用/专用），按本期已过时长折算。",
+        "Rated hours (定额机时): the registry's own or the policy's yearly figure (general/special), prorated to the metered part of the period (metered time over a 365-day year).",
+        "定额机时：台账值或政策年定额（通用/专用），按本期计量时长折算（计量时长 / 365 天）。",
     ),
     "utilisation_pct": ("Effective hours / rated hours.", "机时利用率 = 有效机时 / 定额机时。"),
     "sharing_pct": ("External service hours / effective hours.", "共享率 = 对外服务机时 / 有效机时。"),
     "coverage_pct": (
         "Share of the metered time whose state is known (running, standby or off).",
         "数据覆盖率：计量时长中状态已知（运行、待机、关机）的比例。",
+    ),
+    "energy_kwh": (
+        "Electrical energy the instrument used, from the energy each signed interval carries (the meter's energy counter where it has one, else its power integrated between reads); an interval crossing the period's edge counts in proportion to time. Empty where no interval in the period carries energy (no energy source, or agents before energy). JSON carries the exact Wh (energy_wh).",
+        "电能：仪器所耗电能，来自各签名区间所带的电能（电表有电能计数器时取计数器差值，否则按读数间功率积分）；跨越期间边界的区间按时长比例计入。期间内无任何区间带电能时为空（无电能来源，或采集端版本较旧）。JSON 给出精确 Wh（energy_wh）。",
     ),
     "standby_h": ("Powered but not running (STANDBY).", "待机：通电未运行。"),
     "off_h": ("Switched off (OFF).", "关机：仪器断电或关闭。"),
@@ -140,13 +150,17 @@ DEFINITIONS: dict[str, tuple[str, str]] = {
         "无数据：计量时长内没有任何区间（采集端或网络中断）；计量开始前和尚未到来的时间不计。",
     ),
     "metered_h": (
-        "The metered part of the period: from when metering began (the instrument's first interval) to the period end or now, whichever is first.",
-        "计量时长：自计量开始（首个区间）至期末或当前时刻（取早者）。",
+        "The metered part of the period: from when metering began (the registry's metering start, else the instrument's first interval) to the period end or now, whichever is first.",
+        "计量时长：自计量开始（台账的计量开始日期，未填则为首个区间）至期末或当前时刻（取早者）。",
+    ),
+    "not_metered_h": (
+        "Elapsed time of the period before metering began: not measured by design, so neither no data nor covered, and it carries no rated hours.",
+        "未计量：本期中计量开始前已过的时间；不属于无数据，也不计入覆盖率和定额机时。",
     ),
     "category": ("6-digit category code (分类编码) from the registry.", "分类编码（6位，来自台账）。"),
     "category_name": (
-        "The category's name from the national large-instrument classification, first and second level; the code alone when not listed.",
-        "分类名称（国家大型科学仪器设备分类的一、二级名称；未收录时只显示编码）。",
+        "The category's name at every level its code has (大类 / 中类 / 小类) from the shipped classification (collector/reports/categories.tsv); a 小类 name the table lacks is left out, and a code whose 大类 or 中类 is not listed reads 未收录分类编码 and is named in the caveats.",
+        "分类名称：按编码各级（大类 / 中类 / 小类）列出名称；分类表未收录的小类名称不显示；大类或中类未收录的编码显示“未收录分类编码”，并在说明中逐台列出。",
     ),
     "kind": (
         "General (通用) or special (专用) instrument: decides the policy's rated hours.",
@@ -159,8 +173,8 @@ DEFINITIONS: dict[str, tuple[str, str]] = {
     ),
     "share_mode": ("Share mode (共享模式) from the registry.", "共享模式（来自台账）。"),
     "metered_from": (
-        "When metering of this instrument began: the start of its first interval (local time).",
-        "计量起始时间：该仪器首个计量区间的开始时间（当地时间）。",
+        "When metering of this instrument began (local time): the registry's metering start (计量开始日期) if imported, else the start of its first interval.",
+        "计量起始时间（当地时间）：台账的计量开始日期；未填时为该仪器首个计量区间的开始时间。",
     ),
 }
 SHEET_NAMES = {
@@ -208,6 +222,10 @@ class Row:
             for k, ms in MS_KEYS.items()
         }
 
+    def energy_wh(self) -> float | None:
+        """The exact energy in Wh (whole mWh), None where no interval carried energy."""
+        return energy.wh(self.hours.energy_mwh) if self.hours.energy_ms else None
+
     def seconds(self) -> dict[str, int | float]:
         """Exact seconds behind each hours column (a whole number, or milliseconds as decimals)."""
         return {k.removesuffix("_h") + "_s": _seconds(ms) for k, ms in self.exact_ms().items()}
@@ -229,6 +247,7 @@ class Row:
         out["utilisation_pct"] = utilisation_pct(h.effective_ms, h.rated_ms)
         out["sharing_pct"] = round(100 * h.external_ms / h.effective_ms, 1) if h.effective_ms else None
         out["coverage_pct"] = round(100 * h.coverage, 1) if h.period_ms else None
+        out["energy_kwh"] = energy.kwh(h.energy_mwh) if h.energy_ms else None
         code = str(self.info.get("category") or "")
         out["category"] = code
         out["category_name"] = category_name(code) if code else ""
@@ -248,9 +267,12 @@ def _seconds(ms: int) -> int | float:
     return ms // 1000 if ms % 1000 == 0 else ms / 1000
 
 
+UNKNOWN_CATEGORY = "未收录分类编码"
+
+
 @cache
 def categories() -> dict[str, str]:
-    """The shipped classification (collector/reports/categories.tsv): 2- and 4-digit prefixes to names."""
+    """The shipped classification (collector/reports/categories.tsv): 2-, 4- and 6-digit codes to names."""
     text = (
         resources.files("labmeter.collector.reports").joinpath("categories.tsv").read_text(encoding="utf-8")
     )
@@ -262,18 +284,49 @@ def categories() -> dict[str, str]:
     return out
 
 
-def category_name(code: str) -> str:
-    """``分析仪器 / 电子光学仪器`` for 010101; the first level alone when the second is not listed; the
-    code itself when neither is (the shipped list has the first two levels only)."""
+def category_levels(code: str) -> list[tuple[str, str | None]]:
+    """The levels a 6-digit code has, each with its name (None where the shipped table lacks it): 大类
+    (2 digits), 中类 (4, unless they are 00) and 小类 (6, unless its last two are 00): 010203 has three,
+    011300 (中类 其他) two, 120000 (其他仪器) one."""
     table = categories()
-    top, second = table.get(code[:2]), table.get(code[:4])
-    if top and second:
-        return f"{top} / {second}"
-    return top or code
+    levels = [code[:2]]
+    if code[2:4] != "00":
+        levels.append(code[:4])
+    if code[4:6] != "00":
+        levels.append(code)
+    return [(c, table.get(c)) for c in levels]
+
+
+def category_problem(code: str) -> str | None:
+    """Why a code is not in the shipped classification (its 大类 or 中类 is not listed), else None. A
+    missing 小类 name is no problem: the table does not ship the third level (see its header)."""
+    for c, name in category_levels(code):
+        if len(c) < 6 and name is None:
+            level = "大类 (first level)" if len(c) == 2 else "中类 (second level)"
+            return f"{code} is not in the shipped classification: no {level} {c}"
+    return None
+
+
+def category_name(code: str) -> str:
+    """``分析仪器 / 电子光学仪器`` for 010101 (its 小类 name is not shipped), ``分析仪器 / 其他`` for 011300,
+    ``其他仪器`` for 120000; UNKNOWN_CATEGORY for a code not in the classification."""
+    if category_problem(code):
+        return UNKNOWN_CATEGORY
+    return " / ".join(name for _c, name in category_levels(code) if name)
+
+
+def category_warnings(registry: dict[str, dict[str, object]]) -> list[str]:
+    """One line per instrument whose category code is not in the shipped classification."""
+    out = []
+    for code, info in sorted(registry.items()):
+        cat = str(info.get("category") or "")
+        if cat and (why := category_problem(cat)):
+            out.append(f"instrument {code}: category {why}; check the registry")
+    return out
 
 
 def rated_ms(info: dict[str, object], policy: PolicyConfig, period_ms: int) -> int:
-    """Rated hours (定额机时) for a year, prorated to the period."""
+    """Rated hours (定额机时) for a year, prorated to ``period_ms``."""
     override = stored_number(info, "rated_hours")
     if override is not None:
         yearly = override
@@ -289,11 +342,51 @@ def utilisation_pct(effective_ms: int, rated_ms: int) -> float | None:
     return round(100 * effective_ms / rated_ms, 1) if rated_ms else None
 
 
-def metered_span(first_ms: int | None, a: int, b: int, now_ms: int) -> tuple[int, int]:
-    """The part of [a, b) an instrument was metered in: from its first interval to b or now."""
+def metering_start(info: dict[str, object], first_ms: int | None) -> int | None:
+    """When an instrument's metering began: the earlier of the registry's metering start (计量开始日期)
+    and its first interval (None: never metered). A registry date before the first interval makes the
+    time between no data (the agent should have reported); intervals before a later registry date are
+    measurements all the same (docs/decisions.md "Metering starts at the registry's date")."""
+    v = info.get("metering_start_ms")
+    registry = int(v) if isinstance(v, int | float) and not isinstance(v, bool) else None
+    if registry is None or first_ms is None:
+        return first_ms if registry is None else registry
+    return min(registry, first_ms)
+
+
+def metering_starts(ledger: Ledger) -> dict[str, int]:
+    """``metering_start`` of every listed instrument that has one."""
+    first = ledger.first_interval_ms()
+    out = {}
+    for info in ledger.instruments():
+        code = str(info["code"])
+        start = metering_start(info, first.get(code))
+        if start is not None:
+            out[code] = start
+    return out
+
+
+def metered_span(start_ms: int | None, a: int, b: int, now_ms: int) -> tuple[int, int]:
+    """The part of [a, b) an instrument was metered in: from its metering start to b or now."""
     hi = min(b, now_ms)
-    lo = hi if first_ms is None else max(a, first_ms)
-    return lo, max(lo, hi)
+    lo = hi if start_ms is None else min(hi, max(a, start_ms))
+    return lo, hi
+
+
+def metered_rated_ms(
+    info: dict[str, object],
+    policy: PolicyConfig,
+    a: int,
+    b: int,
+    now_ms: int,
+    start_ms: int | None,
+    covered_ms: int = 0,
+) -> int:
+    """Rated hours of [a, b) prorated to its metered part: the one rule for reports, findings, the national
+    export and the live view. ``covered_ms``: time covered by intervals (at least that much was metered,
+    even past ``now`` when an agent's clock runs ahead)."""
+    lo, hi = metered_span(start_ms, a, b, now_ms)
+    return rated_ms(info, policy, max(hi - lo, covered_ms))
 
 
 def per_instrument(
@@ -302,25 +395,25 @@ def per_instrument(
     b: int,
     policy: PolicyConfig,
     now_ms: int | None = None,
-    first: dict[str, int] | None = None,
+    starts: dict[str, int] | None = None,
 ) -> dict[str, Hours]:
     """Hours and rated hours per instrument in [a, b), from rollups and the intervals at the edges, each
-    judged on its metered part (``period_ms``): no data and coverage count only there. Rated hours are
-    prorated to the elapsed part of the period (to now), as the live view does."""
+    judged on its metered part (``period_ms``; ``starts``: metering_starts): no data, coverage and rated
+    hours count only there, and the elapsed time before it is ``not_metered_ms``."""
     now = int(time.time() * 1000) if now_ms is None else now_ms
     rollups = Rollups(ledger, policy)
     out = rollups.hours(a, b)
     registry = rollups.registry()
-    if first is None:
-        first = ledger.first_interval_ms()
+    if starts is None:
+        starts = metering_starts(ledger)
     for code, h in out.items():
         covered = h.period_ms - h.uncovered_ms
-        lo, hi = metered_span(first.get(code), a, b, now)
+        lo, hi = metered_span(starts.get(code), a, b, now)
         # intervals past "now" (an agent's clock ahead of ours, a simulated clock) are metered time too
         h.period_ms = max(hi - lo, covered)
         h.uncovered_ms = h.period_ms - covered
-        elapsed = min(b, max(now, lo + h.period_ms)) - a
-        h.rated_ms = rated_ms(registry.get(code, {}), policy, max(0, elapsed))
+        h.not_metered_ms = max(0, min(b, now) - a - h.period_ms)
+        h.rated_ms = metered_rated_ms(registry.get(code, {}), policy, a, b, now, starts.get(code), covered)
     return dict(sorted(out.items()))
 
 
@@ -367,7 +460,7 @@ def hours_report(
     if by not in GROUPINGS:
         raise PeriodError(f"--by {by!r}: use one of {', '.join(GROUPINGS)}")
     rows: list[Row] = []
-    first = ledger.first_interval_ms()
+    first = metering_starts(ledger)
     if by == "month":
         for label, lo, hi in months(a, b, tz or ZoneInfo(policy.timezone)):
             row = Row(label, "", "", Hours())
@@ -435,17 +528,23 @@ def report_meta(
 
     now = int(time.time() * 1000) if now_ms is None else now_ms
     own = {}
-    for info in ledger.instruments():
+    registry = ledger.instruments_by_code()
+    for info in registry.values():
         prep, post = allowances_ms(info, policy)
         if (prep, post) != (policy.prep_allowance_s * 1000, policy.post_allowance_s * 1000):
             own[str(info["code"])] = {"prep_allowance_s": prep // 1000, "post_allowance_s": post // 1000}
+    rollups = Rollups(ledger, policy)
+    rollups.refresh()
+    with_energy = {code for code, (ms,) in rollups.totals(a, b, ("energy_ms",)).items() if ms}
+    without = sorted(set(rollups.registry()) - with_energy)
     caveats = [
-        "Each instrument is judged on its metered part of the period: from its first interval to the period end or now. Time before metering began and time still to come are not 'no data'; time still to come carries no rated hours.",
+        "Each instrument is judged on its metered part of the period: from its metering start (the registry's, else its first interval) to the period end or now. Time before metering began is 'not metered' (未计量) and time still to come is not counted; neither is 'no data', and neither carries rated hours.",
         "Hours are computed from the agents' signed intervals; service hours are effective time inside imported service records, not booking length.",
         "Tables round hours to 0.01 h; JSON and CSV carry the exact seconds (*_s), XLSX cells the exact hours.",
     ]
     if b > now:
         caveats.insert(0, f"The period is not over: it is counted up to {_local(now, tz)} (generated at).")
+    caveats += category_warnings(registry)
     cols: dict[str, tuple[str, str, str]] = {}
     for n, by in enumerate(groupings):
         for c in columns_for(by, registry=True):
@@ -474,9 +573,14 @@ def report_meta(
             "general_h_per_year": policy.rated_hours_general,
             "special_h_per_year": policy.rated_hours_special,
             "year_h": YEAR_MS / H,
-            "rule": "the registry's rated_hours (定额机时) if given, else the policy's figure for general (通用) or special (专用), prorated to the elapsed part of the period (up to the generation time) over a 365-day year",
+            "rule": "the registry's rated_hours (定额机时) if given, else the policy's figure for general (通用) or special (专用), prorated to each instrument's metered part of the period (its metering start to the period end or the generation time) over a 365-day year",
         },
         "caveats": caveats,
+        "energy": {
+            "unit": "kWh (JSON energy_wh: Wh)",
+            "instruments_without_energy": without,
+            "rule": "no interval of these instruments in the period carries energy: their source has no power or energy reading, or their agent predates energy",
+        },
         "columns": {
             key: {"en": en, "zh": zh, "definition": DEFINITIONS[k][0], "定义": DEFINITIONS[k][1]}
             for key, (k, en, zh) in cols.items()
@@ -515,7 +619,7 @@ def render(
         cols = columns_for(by, registry=True)
 
         def item(r: Row, d: dict[str, Any]) -> dict[str, Any]:
-            return {**{k: d[k] for k, _, _ in cols}, "seconds": r.seconds()}
+            return {**{k: d[k] for k, _, _ in cols}, "energy_wh": r.energy_wh(), "seconds": r.seconds()}
 
         doc: dict[str, Any] = {
             "rows": [item(r, d) for r, d in zip(rows[:-1], data[:-1], strict=True)],
@@ -539,7 +643,7 @@ def render(
     shown = [c for c in cols if c[0] not in ("name", "unit", "standby_h", "off_h", "internal_h", "metered_h")]
     cells = [[(zh if lang == "zh" else en) for _, en, zh in shown]]
     cells += [[_fmt(d[k]) for k, _, _ in shown] for d in data]
-    widths = [max(_width(row[i]) for row in cells) for i in range(len(shown))]
+    widths = [max(text_width(row[i]) for row in cells) for i in range(len(shown))]
     lines = []
     for n, row in enumerate(cells):
         lines.append(
@@ -589,7 +693,15 @@ def write_xlsx(
         for cell in ws[ws.max_row]:
             cell.font = Font(bold=True)
         for i, (k, _, _) in enumerate(cols, start=1):
-            fmt = "0.00" if k.endswith("_h") else "0.0" if k.endswith("_pct") else None
+            fmt = (
+                "0.00"
+                if k.endswith("_h")
+                else "0.0"
+                if k.endswith("_pct")
+                else "0.000"
+                if k.endswith("_kwh")
+                else None
+            )
             if fmt:
                 for (cell,) in ws.iter_rows(min_row=2, min_col=i, max_col=i):
                     cell.number_format = fmt
@@ -597,7 +709,7 @@ def write_xlsx(
         ws.auto_filter.ref = f"A1:{get_column_letter(len(cols))}{max(1, ws.max_row - 1)}"
         for i in range(1, len(cols) + 1):
             letter = get_column_letter(i)
-            widest = max(_width(_fmt(c.value)) for (c,) in ws.iter_rows(min_col=i, max_col=i))
+            widest = max(text_width(_fmt(c.value)) for (c,) in ws.iter_rows(min_col=i, max_col=i))
             ws.column_dimensions[letter].width = min(60, max(10, widest + 3))
     wb.save(path)
 
@@ -629,6 +741,13 @@ def _about_sheet(ws: Any, meta: dict[str, Any], zh: bool) -> None:
         ("定额机时规则 Rated-hours rule", rated["rule"]),
     ]
     rows += [(f"说明 Caveat {n}", c) for n, c in enumerate(meta["caveats"], start=1)]
+    if "energy" in meta:
+        rows.append(
+            (
+                "无电能来源的仪器 Instruments without an energy source",
+                "; ".join(meta["energy"]["instruments_without_energy"]) or "-",
+            )
+        )
     append_row(ws, ["项目 Item", "内容 Value"])
     for label, value in rows:
         append_row(ws, [label, value])
@@ -654,10 +773,6 @@ def _fmt(v: object) -> str:
     return f"{v:.2f}" if isinstance(v, float) else printable(v)
 
 
-def _width(s: str) -> int:
-    return sum(2 if ord(ch) > 0x2E7F else 1 for ch in s)
-
-
 def _pad(s: str, w: int, left: bool) -> str:
-    space = " " * (w - _width(s))
+    space = " " * (w - text_width(s))
     return s + space if left else space + s

@@ -24,7 +24,7 @@ from labmeter.collector.ledger.rollup import allowances_ms
 from labmeter.collector.registry import stored_number
 from labmeter.collector.reports.cells import append_row
 from labmeter.collector.reports.formats import FormatError, choose
-from labmeter.collector.reports.hours import category_name, per_instrument
+from labmeter.collector.reports.hours import category_name, category_warnings, metering_starts, per_instrument
 from labmeter.config import PolicyConfig
 from labmeter.machine_hours import HOUR_MS as H
 from labmeter.machine_hours import compute
@@ -87,7 +87,8 @@ def national_export(
     now = int(time.time() * 1000) if now_ms is None else now_ms
     a = int(datetime(year, 1, 1, tzinfo=tz).timestamp() * 1000)
     b = int(datetime(year + 1, 1, 1, tzinfo=tz).timestamp() * 1000)
-    hours = per_instrument(ledger, a, b, policy, now)
+    starts = metering_starts(ledger)
+    hours = per_instrument(ledger, a, b, policy, now, starts)
     registry = ledger.instruments_by_code()
     elapsed = max(0, min(b, now) - a)
     warnings: list[str] = []
@@ -101,6 +102,7 @@ def national_export(
             f"no metered data at all in {year}: every runMachine and serviceMachine is 0 because "
             "nothing was measured, not because the instruments were idle; do not submit these as measured"
         )
+    warnings += category_warnings(registry)
     instruments = []
     for code, h in hours.items():
         info = registry.get(code, {"code": code})
@@ -132,9 +134,12 @@ def national_export(
                     "effective_s": _seconds(h.effective_ms),
                     "service_s": _seconds(h.service_ms),
                     "external_s": _seconds(h.external_ms),
+                    "meteredFrom": _exact(starts[code], tz) if code in starts else None,
                     "metered_s": _seconds(h.period_ms),
+                    "notMetered_s": _seconds(h.not_metered_ms),
                     "known_s": _seconds(h.known_ms),
                     "coverageOfYearPct": round(100 * share, 1),
+                    "coverageOfMeteredPct": round(100 * h.coverage, 1) if h.period_ms else None,
                 },
             }
         )
@@ -212,6 +217,9 @@ INSTRUMENT_SHEET = [
     ("labmeter.service_s", "服务机时 exact (s, labmeter)"),
     ("labmeter.external_s", "对外服务机时 exact (s, labmeter)"),
     ("labmeter.coverageOfYearPct", "全年数据覆盖率 (%, labmeter)"),
+    ("labmeter.coverageOfMeteredPct", "计量时长内覆盖率 (%, labmeter)"),
+    ("labmeter.meteredFrom", "计量起始时间 (labmeter)"),
+    ("labmeter.notMetered_s", "未计量 (s, labmeter)"),
     ("labmeter.unit", "管理单位 (labmeter)"),
 ]
 SERVICE_SHEET = [

@@ -7,6 +7,7 @@ import json
 import sys
 from datetime import datetime
 from pathlib import Path
+from zoneinfo import ZoneInfo
 
 import click
 
@@ -138,6 +139,30 @@ def collector_check(cfg_path: Path, quick: bool) -> None:
             ok = False
             click.echo(f"key     {exc}")
     sys.exit(0 if ok else 1)
+
+
+@collector_group.command("alert-test")
+@config_option("collector.toml")
+def collector_alert_test(cfg_path: Path) -> None:
+    """Send one test message to each channel of [alerts] and say, per channel, whether it arrived.
+
+    Exit status 1 if any channel failed (docs/alerts.md says how to set up WeCom and DingTalk robots).
+    """
+    from zoneinfo import ZoneInfo
+
+    from labmeter.collector.alerts import send_test
+
+    log.setup(quiet=True)
+    cfg = load_collector(cfg_path)
+    if cfg.alerts is None:
+        fail(f"{cfg_path}: no [alerts] section; docs/alerts.md shows one")
+    try:
+        results = asyncio.run(send_test(cfg.alerts, ZoneInfo(cfg.policy.timezone)))
+    except config.ConfigError as exc:
+        fail(str(exc))
+    for name, kind, error in results:
+        click.echo(f"{name:<20} {kind:<9} {'sent' if error is None else 'FAILED: ' + error}")
+    sys.exit(1 if any(error is not None for _, _, error in results) else 0)
 
 
 @collector_group.command("reset-ledger")
@@ -459,7 +484,9 @@ def collector_import(file: Path, cfg_path: Path) -> None:
     Columns (English or Chinese headers, synonyms such as 设备编号 accepted; title rows above the header
     are skipped): code 仪器编号, name 仪器名称, unit 管理单位, department 所在部门, category 分类编码
     (6 digits; a leading zero Excel dropped is restored), kind 仪器类型 (general 通用 / special 专用),
-    value_wan 原值（万元）, rated_hours 定额机时, share_mode 共享模式. CSV may be UTF-8 (with or without
+    value_wan 原值（万元）, rated_hours 定额机时, share_mode 共享模式, metering_start 计量开始日期 (a local date
+    or time in the policy's zone; time before it is "not metered" in reports; without it metering starts
+    at the instrument's first interval). CSV may be UTF-8 (with or without
     BOM) or GBK/GB18030. Numbers must be finite and not negative (rated_hours at most 8784, allowances at
     most a day); every bad cell is named by row and column.
     """
@@ -469,7 +496,7 @@ def collector_import(file: Path, cfg_path: Path) -> None:
     ledger = open_ledger(cfg, cfg_path)
     notes: list[str] = []
     try:
-        n = import_instruments(ledger, file, notes)
+        n = import_instruments(ledger, file, notes, ZoneInfo(cfg.policy.timezone))
     except ImportError_ as exc:
         fail(str(exc))
     finally:

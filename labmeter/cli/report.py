@@ -1,4 +1,4 @@
-"""`labmeter report ...`: hours, national export, findings and evidence bundles from the ledger."""
+"""`labmeter report ...`: hours, national export, findings, reconciliation and evidence bundles from the ledger."""
 
 from __future__ import annotations
 
@@ -136,7 +136,7 @@ def report_national(year: int, out: Path, ins_code: str, cfg_path: Path, tz: str
         ledger.close()
     write_national(data, out)
     for warning in data["warnings"]:
-        click.echo(f"warning: {warning}", err=True)
+        click.echo(f"warning: {log.printable(warning)}", err=True)  # codes from the registry: no escapes
     click.echo(
         f"{len(data['instruments']['instruList'])} instrument(s), "
         f"{len(data['serviceRecords']['instruList'])} service record(s) -> {out}"
@@ -198,6 +198,75 @@ def report_findings(
         for item in res[key]:
             extra = ", ".join(f"{k} {v}" for k, v in item.items() if k not in ("instrument", "name", "unit"))
             click.echo(f"  {item['instrument']}  {item['name']}  {item['unit']}  {extra}")
+
+
+RECONCILE_FORMATS = ("table", "csv", "json", "xlsx")
+
+
+@report_group.command("reconcile")
+@period_options("days")
+@config_option("collector.toml")
+@click.option("--instrument", help="One instrument only (code).")
+@click.option(
+    "--part",
+    type=click.Choice(["all", "records", "findings", "summary"]),
+    default="all",
+    show_default=True,
+    help="Which table (CSV holds one; XLSX always has all).",
+)
+@output_options(RECONCILE_FORMATS)
+@click.option(
+    "--lang",
+    type=click.Choice(["zh", "en"]),
+    default="zh",
+    show_default=True,
+    help="Language of the column names.",
+)
+@click.option("--no-bom", is_flag=True, help="CSV without the UTF-8 BOM (Excel needs it to read UTF-8).")
+def report_reconcile(
+    start: str,
+    end: str,
+    cfg_path: Path,
+    instrument: str | None,
+    part: str,
+    fmt: str | None,
+    out: Path | None,
+    lang: str,
+    no_bom: bool,
+    tz: str | None,
+) -> None:
+    """Each booking against the meter: run and effective time inside it, and the findings.
+
+    Findings (thresholds in [policy], docs/reconcile.md): booked but not used, running with no booking and
+    no sign-in (per day), sign-in without running, long powered idle (空载), overlapping bookings, bookings
+    outside metered time. A per-instrument summary: booked hours, used share, unattributed run, idle.
+    """
+    from labmeter.collector.reports.formats import FormatError
+    from labmeter.collector.reports.hours import PeriodError, parse_time
+    from labmeter.collector.reports.reconcile import reconcile, render, write_xlsx
+
+    cfg = load_collector(cfg_path)
+    zone = zone_for(tz, cfg)
+    fmt = choose_format(fmt, out, RECONCILE_FORMATS, "report reconcile")
+    ledger = open_ledger(cfg, cfg_path)
+    try:
+        a, b = parse_time(start, zone), parse_time(end, zone, end=True)
+        rec = reconcile(ledger, a, b, cfg.policy, zone, instrument)
+        if fmt == "xlsx":
+            assert out is not None
+            write_xlsx(out, rec, lang, zone)
+            click.echo(f"written {out}")
+            return
+        text = render(rec, fmt, lang, zone, part, bom=not no_bom)
+    except (PeriodError, FormatError) as exc:
+        fail(str(exc))
+    finally:
+        ledger.close()
+    if out is not None:
+        out.write_text(text, encoding="utf-8")
+        click.echo(f"written {out}")
+    else:
+        sys.stdout.write(text)
 
 
 @report_group.command("evidence")

@@ -70,6 +70,13 @@ def verify(folder: Path, trust_file: Path | None, fingerprints: tuple[str, ...])
         click.echo(
             f"{key.removesuffix('_ms'):>11}: claimed {claimed}, recomputed {res.recomputed.get(key, 0) / H:10.3f} h"
         )
+    if "energy_mwh" in res.claimed or res.recomputed.get("energy_ms"):
+        claimed = (
+            f"{res.claimed['energy_mwh'] / 1e6:10.3f} kWh" if "energy_mwh" in res.claimed else "      none"
+        )
+        click.echo(
+            f"     energy: claimed {claimed}, recomputed {res.recomputed['energy_mwh'] / 1e6:10.3f} kWh"
+        )
     if not res.ok:
         click.echo(f"FAILED: {len(res.findings)} discrepancy(ies) in {res.checked} interval(s)")
         sys.exit(1)
