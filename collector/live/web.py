@@ -177,7 +177,13 @@ class LiveView:
             resp.set_cookie("labmeter_token", self.token, httponly=True, samesite="Strict")
         await resp.prepare(request)
         await resp.write_eof()
-        self._refresh_pending()
+        if self._pending:  # the answer (megabytes) out of the process first
+            t = request.transport
+            for _ in range(100):
+                if t is None or t.is_closing() or t.get_write_buffer_size() == 0:
+                    break
+                await asyncio.sleep(0.01)
+            self._refresh_pending()
         return resp
 
     def _refresh(self, key: str, make: Any) -> None:
