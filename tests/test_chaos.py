@@ -266,11 +266,15 @@ def test_sigterm_stops_the_agent_in_every_state(kind: str, tmp_path: Path) -> No
             lab.start("agent")
             wait_for(lambda: "connected to broker" in lab.log("agent").split("stopped;")[-1], 30)
             broker.stop(kill=True)
-            wait_for(lambda: "lost broker" in lab.log("agent").split("stopped;")[-1], 30, "the agent losing it")
+            wait_for(
+                lambda: "lost broker" in lab.log("agent").split("stopped;")[-1], 30, "the agent losing it"
+            )
             assert sigterm_seconds(lab) < 8, "broker gone"
             lab.start("agent")  # the broker is still down: the agent never connects
             wait_for(
-                lambda: "cannot reach broker" in lab.log("agent").split("stopped;")[-1], 30, "a failed connect"
+                lambda: "cannot reach broker" in lab.log("agent").split("stopped;")[-1],
+                30,
+                "a failed connect",
             )
             assert sigterm_seconds(lab) < 8, "never connected"
             broker.start()

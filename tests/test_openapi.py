@@ -29,6 +29,19 @@ TEN_DAYS_AGO = int(time.time() * 1000) - 240 * H
 # for each documented path and status: the requests that must produce it
 REQUESTS: dict[str, dict[str, list[str]]] = {
     "/api/instruments": {"200": ["/api/instruments"]},
+    "/api/instruments/{code}": {
+        "200": ["/api/instruments/CZ-G", "/api/instruments/CZ-S"],
+        "400": ["/api/instruments/CZ*G"],
+        "404": ["/api/instruments/NOPE"],
+    },
+    "/api/instruments/{code}/services": {
+        "200": ["/api/instruments/CZ-G/services", "/api/instruments/CZ-S/services?from=0&to=86400000"],
+        "400": [
+            "/api/instruments/CZ-G/services?from=2026-03-02&to=2026-03-01",
+            "/api/instruments/CZ-G/services?to=x",
+        ],
+        "404": ["/api/instruments/NOPE/services"],
+    },
     "/api/instruments/{code}/timeline": {
         "200": ["/api/instruments/CZ-G/timeline", "/api/instruments/CZ-S/timeline?from=0&to=86400000"],
         "400": [
@@ -105,6 +118,12 @@ def served(tmp_path: Path) -> Any:
     store_schedule(tmp_path, ledger, "pc-s", "CZ-S", [(start, start + 2 * H, "STANDBY")])
     ledger.store_signins(
         [("pc-g", "CZ-G", i, start + i * 60_000, f"user-{i}", f"sha{i}", b"{}") for i in (1, 2, 3)]
+    )
+    ledger.add_service_records(
+        [
+            {"instrument": "CZ-G", "start_ms": start + H, "end_ms": start + 2 * H, "service_type": 130}
+            | {"applicant": "someone", "applicant_unit": "物理学院", "direction": 135}
+        ]
     )
     ledger.close()
 
@@ -206,6 +225,11 @@ def test_every_documented_response_matches_its_schema(served: Any) -> None:
     assert rows["CZ-S"]["rated_h"] == pytest.approx(800 * period_h / 8760, abs=0.01)
     assert rows["CZ-G"]["rated_h"] == pytest.approx(1400 * period_h / 8760, abs=0.01)
     assert rows["CZ-G"]["run_h"] == 1.0
+    (record,) = json.loads(by_url["/api/instruments/CZ-G/services"][2])["services"]
+    assert record["service_type"] == 130 and "applicant" not in record  # no names
+    one = json.loads(by_url["/api/instruments/CZ-G"][2])["instrument"]
+    assert one["agent_status"] == "up" and one["state"] == "RUNNING" and one["today"]["provisional_run_s"] > 0
+    assert json.loads(by_url["/api/instruments/CZ-S"][2])["instrument"]["agent_status"] == "down"
 
 
 def test_schemas_are_not_vacuous() -> None:

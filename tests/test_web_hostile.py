@@ -134,6 +134,12 @@ BAD = [
     ("/api/instruments/CZ-A/signins?limit=100000", "limit="),
     ("/api/instruments/CZ-A/signins?limit=1e3", "limit="),
     ("/api/instruments/CZ%22%3E/signins", "code="),
+    ("/api/instruments/CZ%3Cx%3E", "code="),
+    ("/api/instruments/CZ-A/services?from=yesterday", "from='yesterday'"),
+    ("/api/instruments/CZ-A/services?from=0&to=253402300799999", "from, to"),
+    ("/api/instruments/CZ-A/services?to=%EF%BC%91", "to="),
+    ("/api/instruments/CZ-A/services?from=2026-03-02&to=2026-03-01", "to must be after from"),
+    ("/api/instruments/CZ%0A/services", "code="),
 ]
 
 
@@ -144,6 +150,8 @@ def test_every_bad_parameter_answers_400_naming_it(view: ViewThread) -> None:
         assert len(body["error"]) < 300, (path, body)  # a 5000-digit value is not echoed whole
     assert get(view.base + "/api/instruments/NOPE/timeline")[0] == 404
     assert get(view.base + "/api/instruments/NOPE/signins")[0] == 404
+    assert get(view.base + "/api/instruments/NOPE")[0] == 404
+    assert get(view.base + "/api/instruments/NOPE/services")[0] == 404
     for good in ("/api/instruments/CZ-A/signins?limit=1", "/api/utilisation?by=category&from=2026-03-01"):
         assert get(view.base + good)[0] == 200, good
 
@@ -175,7 +183,14 @@ def test_top_prints_hostile_fields_as_plain_text(view: ViewThread) -> None:
     assert not any(ch in out.stdout for ch in "\x1b\x07\r"), repr(out.stdout)
 
 
-PAGES = ["/?lang=en", "/public", "/instrument/CZ-A", "/instrument/" + quote(HOSTILE_CODE, safe="")]
+PAGES = [
+    "/?lang=en",
+    "/public",
+    "/instrument/CZ-A",
+    "/instrument/" + quote(HOSTILE_CODE, safe=""),
+    "/?lang=" + quote(XSS[0], safe="") + "&sort=" + quote(XSS[1], safe=""),  # unknown: the defaults
+    "/instrument/CZ-A?lang=__proto__",
+]
 VIEWPORTS = {"desk": {"width": 1400, "height": 800}, "phone": {"width": 390, "height": 844}}
 
 
@@ -205,15 +220,18 @@ def test_hostile_fields_run_nothing_in_chromium(view: ViewThread, width: str, tm
                 page.wait_for_selector("#signins code")
                 shown = page.inner_text("#signins")
                 assert XSS[0] in shown, shown
+                assert XSS[0] in page.inner_text("#facts")  # the name, as text
             else:
-                page.wait_for_selector('tr[data-code="CZ-A"]')
-                shown = page.inner_text("#groups")
+                page.wait_for_selector('.row[data-code="CZ-A"]')
+                shown = page.inner_text("#list")
                 assert XSS[0] in shown and XSS[1] in shown and HOSTILE_CODE in shown, shown
-                assert page.locator("tr[data-code]").count() == 3
+                assert page.locator("#win [data-code]").count() == 3
                 if not path.startswith("/public"):
+                    # its agent has never been heard of: UNKNOWN, with the last reported state kept aside
                     badge = page.locator('[data-testid="state-CZ-A"]')
-                    assert badge.get_attribute("data-state") == XSS[1]
-                    assert badge.get_attribute("title") == XSS[0]
+                    assert badge.get_attribute("data-state") == "UNKNOWN"
+                    assert badge.get_attribute("data-last-state") == XSS[1]
+                    assert XSS[0] in (badge.get_attribute("title") or "")
                     view.publish(
                         "state",
                         {"instrument": "CZ-A", "state": XSS[0], "start": 1, "error": XSS[1], "agent": XSS[3]},
@@ -222,9 +240,11 @@ def test_hostile_fields_run_nothing_in_chromium(view: ViewThread, width: str, tm
                         "s => document.querySelector('[data-testid=\"state-CZ-A\"]').dataset.state === s",
                         arg=XSS[0],
                     )
-                    href = page.get_attribute(f'tr[data-code="{HOSTILE_CODE}"] a', "href") or ""
+                    href = page.get_attribute(f'.row[data-code="{HOSTILE_CODE}"] a', "href") or ""
                     assert href.startswith("instrument/%3Cimg"), href
             page.wait_for_timeout(300)
+            if width == "phone":  # hostile text never widens the page into horizontal scrolling
+                assert page.evaluate("document.documentElement.scrollWidth") == 390, path
             ran = page.evaluate(
                 "({flag: window.__xss, title: document.title, scripts: document.scripts.length,"
                 " injected: document.querySelectorAll('img, iframe, object, embed, [onerror], [onload], [onmouseover]').length})"

@@ -26,12 +26,19 @@ from zoneinfo import ZoneInfo
 import msgspec
 from aiohttp import web
 
-from labmeter.collector.ledger.rollup import Calendar, Rollups
-from labmeter.collector.reports.hours import GROUPINGS, hours_report, metered_rated_ms, metering_starts
+from labmeter.collector.ledger.rollup import Calendar, allowances_ms
+from labmeter.collector.reports.hours import (
+    GROUPINGS,
+    hours_report,
+    metering_starts,
+    per_instrument,
+    utilisation_pct,
+)
 from labmeter.config import ConfigError
 from labmeter.machine_hours import HOUR_MS as H
+from labmeter.machine_hours import compute
 from labmeter.netutil import is_loopback, split_listen
-from labmeter.wire import ID_RE
+from labmeter.wire import ID_RE, STATES
 
 if TYPE_CHECKING:
     from labmeter.collector.metrics import Metrics
@@ -40,6 +47,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("labmeter.web")
 DAY = 24 * H
 CACHE_S = 10.0
+STALE_S = 120.0
 AGENT_DOWN_AFTER_S = 90.0
 
 
@@ -51,6 +59,7 @@ class BadRequest(web.HTTPBadRequest):
 MAX_MS = 253_402_300_799_999  # 9999-12-31T23:59:59.999Z: past it no date can be shown
 MAX_PERIOD_DAYS = 400  # a utilisation query covers a year and a bit, not centuries
 MAX_SIGNINS = 200
+MAX_SERVICES = 200
 
 
 def _shown(raw: str) -> str:
@@ -109,8 +118,14 @@ class LiveView:
         self.tz = ZoneInfo(tz)
         self.calendar = Calendar(self.tz)
         self.token = token
+        self.agent_down_after_s = AGENT_DOWN_AFTER_S
+        """An agent not heard of for longer is down and its instruments UNKNOWN (a test shortens it)."""
         self.listeners: set[asyncio.Queue[str]] = set()
         self._cache: dict[str, tuple[float, Any]] = {}
+        self._refreshing: set[str] = set()
+        self._pending: dict[str, Any] = {}
+        self.hours_at = 0
+        """When the hours the last ``instruments()`` gave were computed (ms): a page counts on from there."""
         self._runner: web.AppRunner | None = None
         self.port: int | None = None
         self._metrics: Metrics | None = None
@@ -131,13 +146,53 @@ class LiveView:
 
     # data -----------------------------------------------------------------
     def _cached(self, key: str, make: Any) -> Any:
+        """``make()``, computed at most every CACHE_S. A value up to STALE_S old is answered at once and
+        recomputed after the answer: at province scale the hours take a second or more to compute, and a
+        page must not wait for that on every tenth-second load."""
         hit = self._cache.get(key)
         now = time.monotonic()
         if hit and now - hit[0] < CACHE_S:
             return hit[1]
+        if hit and now - hit[0] < STALE_S:
+            with contextlib.suppress(RuntimeError):  # no event loop: compute now, below
+                loop = asyncio.get_running_loop()
+                if key not in self._refreshing:
+                    self._refreshing.add(key)
+                    self._pending[key] = make
+                    loop.call_later(1.0, self._refresh_pending)  # if no answer runs them first
+                return hit[1]
         value = make()
         self._cache[key] = (now, value)
         return value
+
+    def _refresh_pending(self) -> None:
+        while self._pending:
+            key, make = self._pending.popitem()
+            self._refresh(key, make)
+
+    async def _answer(self, request: web.Request, body: Any) -> web.Response:
+        """A JSON answer sent before the recomputations it left pending run (they block the loop)."""
+        resp = web.Response(text=_dumps(body), content_type="application/json")
+        if self.token and request.query.get("token"):
+            resp.set_cookie("labmeter_token", self.token, httponly=True, samesite="Strict")
+        await resp.prepare(request)
+        await resp.write_eof()
+        if self._pending:  # the answer (megabytes) out of the process first
+            t = request.transport
+            for _ in range(100):
+                if t is None or t.is_closing() or t.get_write_buffer_size() == 0:
+                    break
+                await asyncio.sleep(0.01)
+            self._refresh_pending()
+        return resp
+
+    def _refresh(self, key: str, make: Any) -> None:
+        try:
+            self._cache[key] = (time.monotonic(), make())
+        except Exception:
+            log.exception("recomputing the live view's %s failed; the last value stays", key)
+        finally:
+            self._refreshing.discard(key)
 
     def _period_starts(self, now: int) -> dict[str, int]:
         cal = self.calendar
@@ -148,65 +203,146 @@ class LiveView:
             "year": cal.day_floor(int(year.timestamp() * 1000)),
         }
 
+    def _periods(self, now: int) -> dict[str, tuple[int, int]]:
+        """Today, this month and this year as `labmeter report hours` takes them (whole local days, the
+        period's end after now): so the report's rated hours, prorated to now, are the page's."""
+        starts = self._period_starts(now)
+        y = datetime.fromtimestamp(starts["year"] / 1000, self.tz)
+        next_year = int(datetime(y.year + 1, 1, 1, tzinfo=self.tz).timestamp() * 1000)
+        return {
+            "today": (starts["today"], self.calendar.next_day(now)),
+            "month": (starts["month"], self.calendar.next_month(now)),
+            "year": (starts["year"], next_year),
+        }
+
+    def _usage(self, now: int, registry: dict[str, dict[str, Any]]) -> dict[str, dict[str, tuple[int, ...]]]:
+        """Each instrument's (run, effective, rated, provisional run, provisional effective) ms today, this
+        month and this year: the report's per-instrument hours (stored, verified intervals) and what the
+        open interval adds."""
+        c = self.collector
+        policy = c.cfg.policy
+        first = metering_starts(c.ledger)
+        periods = self._periods(now)
+        stored = {
+            name: per_instrument(c.ledger, a, b, policy, now, first) for name, (a, b) in periods.items()
+        }
+        extra = self._provisional(now, registry, {n: a for n, (a, _b) in periods.items()})
+        out: dict[str, dict[str, tuple[int, ...]]] = {}
+        for name, per in stored.items():
+            for code, h in per.items():
+                run_p, eff_p = extra.get(code, {}).get(name, (0, 0))
+                energy = h.energy_mwh if h.energy_ms else -1  # -1: no energy measured
+                out.setdefault(code, {})[name] = (h.run_ms, h.effective_ms, h.rated_ms, run_p, eff_p, energy)
+        return out
+
+    def _usage_shown(
+        self, now: int, registry: dict[str, dict[str, Any]]
+    ) -> dict[str, dict[str, tuple[dict[str, Any], dict[str, Any]]]]:
+        """Each period's hours as the API gives them, without and with the open interval: built once per
+        computation, not per request (5,000 instruments x 3 periods)."""
+        return {
+            code: {k: (_usage_json(v, False), _usage_json(v, True)) for k, v in per.items()}
+            for code, per in self._usage(now, registry).items()
+        }
+
+    def _provisional(
+        self, now: int, registry: dict[str, dict[str, Any]], starts: dict[str, int]
+    ) -> dict[str, dict[str, tuple[int, int]]]:
+        """Run and effective ms the open intervals add to each period: the open interval of every instrument
+        whose agent is up, from after its last stored interval to now, judged with the stored ones around it
+        by the same rules (:func:`labmeter.machine_hours.compute`). Agents cut intervals at every hour, so
+        the stored neighbours are in the last two hours: one query for all instruments."""
+        c = self.collector
+        opened: dict[str, tuple[int, str]] = {}
+        for code, live in c.live.instruments.items():
+            start, state, agent = live.get("start"), live.get("state"), live.get("agent")
+            if (
+                isinstance(start, int)
+                and not isinstance(start, bool)
+                and isinstance(state, str)
+                and state in STATES
+                and isinstance(agent, str)
+                and not self._agent_down(agent, now)
+                and start < now
+            ):
+                opened[code] = (start, str(state))
+        if not opened:
+            return {}
+        policy = c.cfg.policy
+        back = now - 2 * H
+        rows: dict[str, list[tuple[int, int, str, bool]]] = {}
+        for r in c.ledger.intervals_between(back, now):
+            if r[0] in opened:
+                rows.setdefault(r[0], []).append((int(r[3]), int(r[4]), str(r[5]), bool(r[6])))
+        out: dict[str, dict[str, tuple[int, int]]] = {}
+        for code, (start, state) in opened.items():
+            near = rows.get(code, [])
+            lo = max([start, *(e for _s, e, _st, _l in near)])
+            if lo >= now:
+                continue
+            prep, post = allowances_ms(registry.get(code, {}), policy)
+            with_open = [*near, (lo, now, state, True)]
+            for name, a in starts.items():
+                w = max(a, lo - prep - post)
+                if w >= now:
+                    continue
+                before, after = compute(near, w, now, prep, post), compute(with_open, w, now, prep, post)
+                run, eff = after.run_ms - before.run_ms, after.effective_ms - before.effective_ms
+                if run or eff:
+                    out.setdefault(code, {})[name] = (run, eff)
+        return out
+
     def instruments(self) -> list[dict[str, Any]]:
+        """Every known instrument, its state now and its hours. The state is UNKNOWN (the last one reported
+        kept as ``last_state``) unless an agent is up for it: a badge from a silent agent is no state."""
         c = self.collector
         now = c.clock.wall_ms()
-        registry = c.ledger.instruments_by_code()
-
-        def usage() -> dict[str, dict[str, dict[str, float | None]]]:
-            """Hours so far today, this month and this year. Intervals end in the past, so the rollup of
-            the whole current day or month holds exactly what has happened in it so far."""
-            out: dict[str, dict[str, dict[str, float | None]]] = {}
-            policy = c.cfg.policy
-            rollups = Rollups(c.ledger, policy, registry)
-            rollups.refresh()
-            metered = metering_starts(c.ledger)
-            starts = self._period_starts(now)
-            # periods end at the page's next midnight or month: nothing is recorded between now and then
-            ends = {"today": self.calendar.next_day(now), "month": self.calendar.next_month(now)}
-            for name, start in starts.items():
-                columns = ("run_ms", "effective_ms", "energy_mwh", "energy_ms")
-                totals = rollups.totals(start, ends.get(name, ends["month"]), columns)
-                for code, (run, effective, mwh, energy_ms) in totals.items():
-                    rated = metered_rated_ms(
-                        registry.get(code, {}), policy, start, now, now, metered.get(code)
-                    )
-                    out.setdefault(code, {})[name] = {
-                        "run_h": round(run / H, 2),
-                        "effective_h": round(effective / H, 2),
-                        "utilisation_pct": round(100 * effective / rated, 1) if rated else None,
-                        "energy_wh": mwh / 1000 if energy_ms else None,
-                    }
-            return out
-
-        hours = self._cached("usage", usage)
+        # the registry changes on imports only: read with the hours, not on every request
+        registry = self._cached("registry", c.ledger.instruments_by_code)
+        self.hours_at, hours = self._cached("usage", lambda: (now, self._usage_shown(now, registry)))
+        enrolled = self._cached("enrolled", self._enrolled)
         out = []
         for code in sorted(set(registry) | set(c.live.instruments)):
             info = registry.get(code, {})
             live = c.live.instruments.get(code, {})
-            agent = str(live.get("agent", ""))
+            agent = str(live.get("agent", "")) or ", ".join(enrolled.get(code, ()))
+            if not agent:
+                status = "none"
+            elif self._agent_down(str(live.get("agent", "")) or enrolled[code][0], now):
+                status = "down"
+            else:
+                status = "up"
+            last = live.get("state")
             out.append(
                 {
                     "code": code,
                     "name": info.get("name") or "",
                     "unit": info.get("unit") or "",
                     "category": info.get("category") or "",
-                    "state": live.get("state", "UNKNOWN"),
+                    "state": last if status == "up" and last is not None else "UNKNOWN",
+                    "last_state": last,
                     "since": live.get("start"),
                     "power_w": live.get("power_w"),
                     "error": live.get("error"),
                     "agent": agent,
-                    "agent_down": self._agent_down(agent, now) if agent else True,
-                    **hours.get(code, {}),
+                    "agent_status": status,
+                    "agent_down": status != "up",
+                    **{k: v[status == "up"] for k, v in hours.get(code, {}).items()},
                 }
             )
+        return out
+
+    def _enrolled(self) -> dict[str, list[str]]:
+        out: dict[str, list[str]] = {}
+        for agent, code in sorted(self.collector.ledger.enrolments()):
+            out.setdefault(code, []).append(agent)
         return out
 
     def _agent_down(self, agent: str, now: int) -> bool:
         a = self.collector.live.agents.get(agent)
         if a is None or a.get("online") is not True or (received := _received_ms(a)) is None:
             return True
-        return now - received > AGENT_DOWN_AFTER_S * 1000 * max(1.0, self.collector.clock.scale)
+        return now - received > self.agent_down_after_s * 1000 * max(1.0, self.collector.clock.scale)
 
     def agents(self) -> list[dict[str, Any]]:
         """Registered agents that sent status; an unsigned status shows as "unverified", never online."""
@@ -239,7 +375,7 @@ class LiveView:
             if not hmac.compare_digest(given.encode(), self.token.encode()):
                 raise web.HTTPUnauthorized(text="token required: open /?token=...")
             resp = await handler(request)
-            if request.query.get("token"):
+            if request.query.get("token") and not resp.prepared:  # an _answer has set it already
                 resp.set_cookie("labmeter_token", self.token, httponly=True, samesite="Strict")
             return resp
         return await handler(request)
@@ -248,9 +384,15 @@ class LiveView:
         return _page("live.html")
 
     async def api_instruments(self, request: web.Request) -> web.Response:
-        return web.json_response(
-            {"now": self.collector.clock.wall_ms(), "tz": str(self.tz), "instruments": self.instruments()},
-            dumps=_dumps,
+        rows = self.instruments()
+        return await self._answer(
+            request,
+            {
+                "now": self.collector.clock.wall_ms(),
+                "hours_at": self.hours_at,
+                "tz": str(self.tz),
+                "instruments": rows,
+            },
         )
 
     def _instrument(self, request: web.Request) -> str:
@@ -310,6 +452,40 @@ class LiveView:
             {"from": a, "to": b, "by": by, "rows": [r.values() for r in rows]}, dumps=_dumps
         )
 
+    async def api_instrument(self, request: web.Request) -> web.Response:
+        """One instrument as in the list: what its page shows at the top."""
+        code = self._instrument(request)
+        row = next((i for i in self.instruments() if i["code"] == code), None)
+        if row is None:  # gone between the two reads
+            raise web.HTTPNotFound(
+                text=json.dumps({"error": f"no instrument {code!r}"}), content_type="application/json"
+            )
+        return await self._answer(
+            request, {"now": self.collector.clock.wall_ms(), "tz": str(self.tz), "instrument": row}
+        )
+
+    async def api_services(self, request: web.Request) -> web.Response:
+        """Service records (bookings) overlapping a range: when, what kind and for which unit; no names."""
+        code = self._instrument(request)
+        now = self.collector.clock.wall_ms()
+        b = _time_param(request, "to", now, self.tz)
+        a = _time_param(request, "from", b - 7 * DAY, self.tz)
+        if b <= a:
+            raise BadRequest("to must be after from")
+        if b - a > 31 * DAY:
+            raise BadRequest("from, to: service records span at most 31 days")
+        rows = self.collector.ledger.service_records(a, b, code)[-MAX_SERVICES:]
+        keep = ("start_ms", "end_ms", "service_type", "direction", "applicant_unit")
+        return web.json_response(
+            {
+                "instrument": code,
+                "from": a,
+                "to": b,
+                "services": [{k: _service_value(r.get(k)) for k in keep} for r in rows],
+            },
+            dumps=_dumps,
+        )
+
     async def api_signins(self, request: web.Request) -> web.Response:
         code = self._instrument(request)
         rows = self.collector.ledger.recent_signins(
@@ -331,8 +507,8 @@ class LiveView:
                 for period in ("today", "month", "year"):
                     if isinstance(usage := row.get(period), dict):
                         row[period] = {k: v for k, v in usage.items() if k != "energy_wh"}
-        return web.json_response(
-            {"now": self.collector.clock.wall_ms(), "tz": str(self.tz), "instruments": rows}, dumps=_dumps
+        return await self._answer(
+            request, {"now": self.collector.clock.wall_ms(), "tz": str(self.tz), "instruments": rows}
         )
 
     async def api_agents(self, request: web.Request) -> web.Response:
@@ -383,6 +559,8 @@ class LiveView:
         app.router.add_get("/api/events", self.events)
         app.router.add_get("/api/openapi.json", self.api_openapi)
         app.router.add_get("/api/instruments/{code}/signins", self.api_signins)
+        app.router.add_get("/api/instruments/{code}/services", self.api_services)
+        app.router.add_get("/api/instruments/{code}", self.api_instrument)
         app.router.add_get("/instrument/{code}", self.instrument_page)
         app.router.add_get("/metrics", self.metrics)
         if self.public:
@@ -437,3 +615,25 @@ def _dumps(obj: Any) -> str:
 
 def _int_or_none(value: Any) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _usage_json(v: tuple[int, ...], live: bool) -> dict[str, Any]:
+    """A period's hours as the API gives them; the open interval counts only while its agent is up."""
+    run, effective, rated, run_p, eff_p, mwh = v if live else (*v[:3], 0, 0, v[5])
+    return {
+        "energy_wh": mwh / 1000 if mwh >= 0 else None,
+        "run_h": round((run + run_p) / H, 2),
+        "effective_h": round((effective + eff_p) / H, 2),
+        "run_s": (run + run_p) / 1000,
+        "effective_s": (effective + eff_p) / 1000,
+        "rated_h": round(rated / H, 2),
+        "utilisation_pct": utilisation_pct(effective + eff_p, rated),
+        "provisional_run_s": run_p / 1000,
+        "provisional_effective_s": eff_p / 1000,
+    }
+
+
+def _service_value(value: Any) -> int | str | None:
+    if value is None or (isinstance(value, int) and not isinstance(value, bool)):
+        return value
+    return str(value)[:200]

@@ -1,0 +1,135 @@
+"""The overview page in Chromium at province scale: time from navigation until rows and tiles are shown.
+
+Debian's Chromium (driven by Playwright, launched as the tests launch it) loads ``/`` from the
+collector's web server, running in this process on a ledger built with :mod:`benchmarks.province`:
+5,000 instruments, and 50 instruments built here from the same generator (the baseline in the
+same run). The time is the page's own clock (``performance.now()``, zero at navigation start) when
+the first instrument row and the tiles are in the page. Three cases: "cold" clears the view's cache
+before each load, so the server computes every instrument's hours while the page waits (only the
+first load after the collector starts); "stale" makes the cached hours older than their 10 s, so the
+answer comes at once and the hours are recomputed after it (a page loaded on a running collector);
+"fresh" is a load within the 10 s. Targets, on "stale" and "fresh" (medians): under 1 s at 5,000,
+and within 2x of 50.
+
+    .venv/bin/python -m benchmarks.province --instruments 5000 --days 35 --db /tmp/province.sqlite
+    .venv/bin/python -m benchmarks.live_page --db /tmp/province.sqlite [--loads 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from benchmarks.common import Verdicts
+from labmeter import config
+from labmeter.collector import service
+from labmeter.collector.ledger import Ledger
+from labmeter.collector.live.web import CACHE_S, LiveView
+from labmeter.collector.service import Collector
+from tests.support.browser import CHROMIUM, CHROMIUM_ARGS
+
+SHOWN = """() => {
+  const row = document.querySelector('#win [data-code]');
+  const tile = document.querySelector('[data-testid="tile-total"] b');
+  return row && tile && tile.textContent !== '0' ? performance.now() : null;
+}"""
+
+
+def _open_without_check(url: str, data_dir: Path, quick_check: bool = False) -> Ledger:
+    """The collector's start-up integrity check reads the whole file (minutes for a province's gigabytes on
+    a busy machine): a cost of starting, not of loading a page."""
+    return Ledger.open(url, data_dir)
+
+
+async def measure(db: Path, loads: int, browser: Any, width: int) -> dict[str, list[float]]:
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = config.CollectorConfig(
+            collector=config.CollectorSection(data_dir=Path(tmp), ledger=f"sqlite:///{db}"),
+            web=config.WebConfig(listen="127.0.0.1:0"),
+        )
+        service.Ledger = type("Ledger", (Ledger,), {"open": staticmethod(_open_without_check)})  # type: ignore[misc]
+        collector = Collector(cfg)
+        service.Ledger = Ledger  # type: ignore[misc]
+        view = LiveView(collector, "127.0.0.1:0")
+        await view.start()
+        out: dict[str, list[float]] = {"cold": [], "stale": [], "fresh": []}
+        try:
+            ctx = await browser.new_context(viewport={"width": width, "height": 900})
+            page = await ctx.new_page()
+            await page.goto(f"http://127.0.0.1:{view.port}/")  # rollups brought up to date, page compiled
+            await page.wait_for_function(SHOWN)
+            for name in out:
+                for _ in range(loads):
+                    if name == "cold":
+                        view._cache.clear()
+                    elif name == "stale":
+                        while view._refreshing:  # the last load's recomputation has finished
+                            await asyncio.sleep(0.05)
+                        await asyncio.sleep(0.2)
+                        view._cache = {k: (t - CACHE_S - 1, v) for k, (t, v) in view._cache.items()}
+                    await page.goto(f"http://127.0.0.1:{view.port}/?lang=zh-CN", wait_until="commit")
+                    got = await page.wait_for_function(SHOWN, polling="raf", timeout=60_000)
+                    out[name].append(float(await got.json_value()))
+                    rows = await page.locator("#win [data-code]").count()
+                    assert 0 < rows < 200, f"{rows} row elements: the list is not virtual"
+            await ctx.close()
+        finally:
+            await view.stop()
+            collector.ledger.close()
+    return out
+
+
+async def main_async(db: Path, small: Path, loads: int) -> None:
+    from playwright.async_api import async_playwright
+
+    async with async_playwright() as p:
+        browser = await p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        results: dict[tuple[int, int], dict[str, list[float]]] = {}
+        for width in (1440, 390):
+            for n, path in ((50, small), (5000, db)):
+                results[(n, width)] = await measure(path, loads, browser, width)
+        await browser.close()
+    verdicts = Verdicts()
+    for (n, width), r in results.items():
+        for name, ms in r.items():
+            print(
+                f"{n:>5} instruments, {width} px, {name}: median {statistics.median(ms):.0f} ms "
+                f"(runs {', '.join(f'{x:.0f}' for x in ms)})"
+            )
+    for width in (1440, 390):
+        for name in ("stale", "fresh"):
+            big = statistics.median(results[(5000, width)][name])
+            base = statistics.median(results[(50, width)][name])
+            what = f"5,000 instruments at {width} px, {name}"
+            verdicts.check(f"{what}, median", round(big), "< 1000 ms", big < 1000, " ms")
+            verdicts.check(f"{what}, vs 50", round(big / base, 2), "<= 2x", big <= 2 * base, "x")
+    verdicts.exit()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--db", type=Path, required=True, help="the 5,000-instrument ledger (benchmarks.province)")
+    p.add_argument("--small-db", type=Path, help="a 50-instrument ledger; built here (35 days) if not given")
+    p.add_argument("--loads", type=int, default=5)
+    args = p.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        small = args.small_db
+        if small is None:
+            small = Path(tmp) / "province-50.sqlite"
+            db = ("--db", str(small))
+            subprocess.run(
+                [sys.executable, "-m", "benchmarks.province", "--instruments", "50", "--days", "35", *db],
+                check=True,
+                stdout=subprocess.DEVNULL,
+            )
+        asyncio.run(main_async(args.db, small, args.loads))
+
+
+if __name__ == "__main__":
+    main()
