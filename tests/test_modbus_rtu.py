@@ -90,8 +90,11 @@ def test_crc_error_is_an_error(pty: PtyPair, crc_ok: bool) -> None:  # noqa: F81
     frame = bytes([0x01, 0x04, 0x04, 0x44, 0x9A, 0x50, 0x00])  # unit 1, FC04, 4 bytes of 1234.5 as float32
     reply = frame + (crc16(frame) if crc_ok else bytes(a ^ 0xFF for a in crc16(frame)))
 
+    listening = threading.Event()
+
     def device() -> None:
         with serial.Serial(str(pty.a), 9600, timeout=0.1) as port:
+            listening.set()  # pyserial flushes input on open: a request sent before this would be lost
             while not stop.is_set():
                 req = port.read(8)
                 if len(req) == 8:
@@ -101,6 +104,7 @@ def test_crc_error_is_an_error(pty: PtyPair, crc_ok: bool) -> None:  # noqa: F81
 
     t = threading.Thread(target=device, daemon=True)
     t.start()
+    assert listening.wait(10), "the fake device did not open its port"
 
     async def main() -> Sample:
         d = ModbusDriver(source(pty), load_profile("eastron-sdm120"))

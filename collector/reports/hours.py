@@ -581,11 +581,21 @@ def report_meta(
             "instruments_without_energy": without,
             "rule": "no interval of these instruments in the period carries energy: their source has no power or energy reading, or their agent predates energy",
         },
-        "columns": {
-            key: {"en": en, "zh": zh, "definition": DEFINITIONS[k][0], "定义": DEFINITIONS[k][1]}
-            for key, (k, en, zh) in cols.items()
-        },
+        "columns": _with_exact_energy(
+            {
+                key: {"en": en, "zh": zh, "definition": DEFINITIONS[k][0], "定义": DEFINITIONS[k][1]}
+                for key, (k, en, zh) in cols.items()
+            }
+        ),
     }
+
+
+def _with_exact_energy(columns: dict[str, dict[str, str]]) -> dict[str, dict[str, str]]:
+    """JSON rows carry ``energy_wh`` beside ``energy_kwh``: every key a file holds is defined in it."""
+    kwh = columns.get("energy_kwh")
+    if kwh is not None:
+        columns["energy_wh"] = {**kwh, "en": "Energy (Wh, exact; JSON only)", "zh": "电能（Wh，精确；仅 JSON）"}
+    return columns
 
 
 def _local(ms: int, tz: ZoneInfo) -> str:
