@@ -85,7 +85,12 @@ INSTRUMENTS: list[dict[str, Any]] = [
 
 
 def write_configs(
-    d: Path, broker_port: int, web_port: int, meter_ports: dict[str, int], collector_key: str | None = None
+    d: Path,
+    broker_port: int,
+    web_port: int,
+    meter_ports: dict[str, int],
+    metering_start: datetime,
+    collector_key: str | None = None,
 ) -> tuple[Path, Path]:
     pin = f'collector_key = "{collector_key}"\n' if collector_key else ""
     parts = [
@@ -123,8 +128,12 @@ def write_configs(
         encoding="utf-8",
     )
     (d / "instruments.csv").write_text(
-        "code,name,unit,category,kind,rated_hours\n"
-        + "".join(f"{i['id']},{i['name']},{i['unit']},,general,\n" for i in INSTRUMENTS),
+        # metered from the simulated day's start, as an installer records it: rated hours cover the whole day
+        "code,name,unit,category,kind,rated_hours,metering_start\n"
+        + "".join(
+            f"{i['id']},{i['name']},{i['unit']},,general,,{metering_start:%Y-%m-%d %H:%M}\n"
+            for i in INSTRUMENTS
+        ),
         encoding="utf-8",
     )
     return agent_toml, collector_toml
@@ -168,16 +177,16 @@ async def run_demo(duration: float, directory: Path | None, port: int, stop: asy
     broker_port = port or free_port()
     meter_ports = {i["id"]: free_port() for i in INSTRUMENTS if i["kind"] == "meter"}
     web_port = free_port()
-    agent_toml, collector_toml = write_configs(directory, broker_port, web_port, meter_ports)
+    agent_toml, collector_toml = write_configs(directory, broker_port, web_port, meter_ports, today)
     ccfg = config.load(collector_toml, config.CollectorConfig)
     # the agent pins the collector's key from the start, as an installer does at enrolment
     own = signing.public_key_text(collector_key(ccfg.collector).public_key())
-    write_configs(directory, broker_port, web_port, meter_ports, own)
+    write_configs(directory, broker_port, web_port, meter_ports, today, own)
     acfg = config.load(agent_toml, agent_config())
 
     key = signing.generate_key_file(acfg.agent.key_file, force=True)
     ledger = Ledger.open(ccfg.collector.ledger, ccfg.collector.data_dir)
-    import_instruments(ledger, directory / "instruments.csv")
+    import_instruments(ledger, directory / "instruments.csv", tz=TZ)
     pub = key.public_key()
     ledger.add_agent(
         acfg.agent.id, signing.public_key_text(pub), signing.key_id(pub), [i["id"] for i in INSTRUMENTS]
