@@ -315,7 +315,7 @@ APID=$(winpid "python.exe -m labmeter agent run")
 [ -n "$APID" ] || fail "cannot find the agent process"
 cycle
 kill -INT "$APID"
-wait_for "$LOG/agent-run.log" "stopped; 0 message(s) wait" 25 || fail "agent did not stop cleanly on SIGINT"
+wait_for "$LOG/agent-run.log" "stopped; 0 message(s) wait" 60 || fail "agent did not stop cleanly on SIGINT"
 ledger "select instrument, state, (end_ms - start_ms) / 1000.0 from intervals order by instrument, seq" \
   >"$LOG/ledger-run.log"
 for i in $INSTRUMENTS; do
