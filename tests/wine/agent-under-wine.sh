@@ -341,7 +341,7 @@ if [ "$SERVICE" = 1 ]; then
   wait_for "$STATE/agent.log" "running 4 instrument" 30 early || fail "service did not start the agent"
   cycle
   w net stop labmeter-agent >"$LOG/net-stop.log" || fail "net stop"
-  wait_for "$STATE/agent.log" "stopped; 0 message(s) wait" 25 || fail "service did not stop the agent cleanly"
+  wait_for "$STATE/agent.log" "stopped; 0 message(s) wait" 60 || fail "service did not stop the agent cleanly"
   cp "$STATE/agent.log" "$LOG/service-agent.log"
   n=$(ledger "select count(*) from intervals where state = 'RUNNING'")
   [ "$n" -ge 8 ] || fail "expected a second RUNNING interval per instrument from the service (got $n in all)"
