@@ -581,9 +581,15 @@ class Agent:
             rows = self.store.unsent(time.time() + 1)
             for row in rows:
                 self.link.publish(row.topic, row.payload, qos=1)
-            deadline = time.monotonic() + 2.0
-            while self.store.pending_count() and time.monotonic() < deadline:
+            # wait for the acks while they keep coming (a slow collector or machine), at most 5 s, and
+            # 2 s after the last one: a collector that answers nothing costs no more than before
+            deadline, quiet = time.monotonic() + 5.0, time.monotonic() + 2.0
+            left = self.store.pending_count()
+            while left and time.monotonic() < min(deadline, quiet):
                 await asyncio.sleep(0.05)
+                now_left = self.store.pending_count()
+                if now_left < left:
+                    left, quiet = now_left, time.monotonic() + 2.0
             self.link.publish(
                 wire.status_topic(self.id), self._status("offline", self._conn), qos=1, retain=True
             )
