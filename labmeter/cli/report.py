@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -33,6 +34,14 @@ def report_group() -> None:
 HOURS_FORMATS = ("table", "csv", "json", "xlsx")
 
 
+def lang_options(f: Any) -> Any:
+    """``--lang`` (column names) and ``--no-bom``: what every tabular report takes."""
+    f = click.option("--no-bom", is_flag=True, help="CSV without the UTF-8 BOM (Excel needs it to read UTF-8).")(f)
+    return click.option(
+        "--lang", type=click.Choice(["zh", "en"]), default="zh", show_default=True, help="Language of the column names."
+    )(f)
+
+
 @report_group.command("hours")
 @period_options()
 @config_option("collector.toml")
@@ -44,14 +53,7 @@ HOURS_FORMATS = ("table", "csv", "json", "xlsx")
     help="Grouping (XLSX has a sheet for each).",
 )
 @output_options(HOURS_FORMATS)
-@click.option(
-    "--lang",
-    type=click.Choice(["zh", "en"]),
-    default="zh",
-    show_default=True,
-    help="Language of the column names.",
-)
-@click.option("--no-bom", is_flag=True, help="CSV without the UTF-8 BOM (Excel needs it to read UTF-8).")
+@lang_options
 def report_hours(
     start: str,
     end: str,
@@ -215,14 +217,7 @@ RECONCILE_FORMATS = ("table", "csv", "json", "xlsx")
     help="Which table (CSV holds one; XLSX always has all).",
 )
 @output_options(RECONCILE_FORMATS)
-@click.option(
-    "--lang",
-    type=click.Choice(["zh", "en"]),
-    default="zh",
-    show_default=True,
-    help="Language of the column names.",
-)
-@click.option("--no-bom", is_flag=True, help="CSV without the UTF-8 BOM (Excel needs it to read UTF-8).")
+@lang_options
 def report_reconcile(
     start: str,
     end: str,
