@@ -29,6 +29,7 @@ TEN_DAYS_AGO = int(time.time() * 1000) - 240 * H
 # for each documented path and status: the requests that must produce it
 REQUESTS: dict[str, dict[str, list[str]]] = {
     "/api/instruments": {"200": ["/api/instruments"]},
+    "/api/overview": {"200": ["/api/overview"]},
     "/api/instruments/{code}": {
         "200": ["/api/instruments/CZ-G", "/api/instruments/CZ-S"],
         "400": ["/api/instruments/CZ*G"],
@@ -65,6 +66,10 @@ REQUESTS: dict[str, dict[str, list[str]]] = {
     "/public/api/instruments": {
         "200": ["/public/api/instruments"],
         "404": ["PRIVATE:/public/api/instruments"],
+    },
+    "/public/api/overview": {
+        "200": ["/public/api/overview"],
+        "404": ["PRIVATE:/public/api/overview"],
     },
     "/api/openapi.json": {"200": ["/api/openapi.json"]},
     "/metrics": {"200": ["/metrics"]},
@@ -184,6 +189,51 @@ def test_live_instruments_give_todays_energy_and_public_ones_do_not(served: Any)
     assert rows["CZ-G"]["year"]["energy_wh"] == sum(ENERGY_WH.values())
     assert rows["CZ-S"]["year"]["energy_wh"] is None  # no energy source: unknown, not 0
     assert all("energy_wh" not in (i.get("year") or {}) for i in json.loads(public)["instruments"])
+
+
+def _from_rows(body: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The overview's rows back into the list's shape, as the page does ("today.run_s" is today's run_s)."""
+    out: dict[str, dict[str, Any]] = {}
+    for row in body["rows"]:
+        item: dict[str, Any] = {}
+        for column, value in zip(body["columns"], row, strict=True):
+            head, _, key = column.partition(".")
+            if key:
+                item.setdefault(head, {})[key] = value
+            else:
+                item[head] = value
+        out[item["code"]] = item
+    return out
+
+
+def test_the_overview_gives_the_lists_values(served: Any) -> None:
+    """The page reads /api/overview; whoever reads /api/instruments must see the same instruments."""
+    answers = served(
+        [
+            "PRIVATE:/api/instruments",
+            "PRIVATE:/api/overview",
+            "/public/api/instruments",
+            "/public/api/overview",
+        ]
+    )
+    bodies = [json.loads(body) for _, _, body in answers]
+    for listed, overview in ((bodies[0], bodies[1]), (bodies[2], bodies[3])):
+        rows = _from_rows(overview)
+        assert set(rows) == {i["code"] for i in listed["instruments"]} == {"CZ-G", "CZ-S"}
+        for item in listed["instruments"]:
+            got = rows[item["code"]]
+            for key, value in got.items():
+                if isinstance(value, dict):
+                    assert value == {k: item[key][k] for k in value}, (item["code"], key)
+                else:
+                    assert value == item[key], (item["code"], key)
+    private, public = _from_rows(bodies[1]), _from_rows(bodies[3])
+    assert private["CZ-G"]["agent_status"] == "up" and private["CZ-G"]["state"] == "RUNNING"
+    assert private["CZ-S"]["agent_status"] == "down" and private["CZ-S"]["state"] == "UNKNOWN"
+    assert private["CZ-G"]["year"]["energy_wh"] == sum(ENERGY_WH.values())
+    # what the public list leaves out, the public rows leave out
+    assert not {"agent", "agent_status", "error", "last_state", "power_w"} & set(public["CZ-G"])
+    assert "energy_wh" not in public["CZ-G"]["year"] and "hours_at" not in bodies[3]
 
 
 def test_every_documented_response_matches_its_schema(served: Any) -> None:

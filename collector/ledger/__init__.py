@@ -745,6 +745,12 @@ class Ledger:
             for r in self.db.execute(f"SELECT {','.join(cols)} FROM instruments")
         ]
 
+    def instrument(self, code: str) -> dict[str, object] | None:
+        """One instrument's registry row: what a per-instrument request looks up, without the whole registry."""
+        cols = INSTRUMENT_COLUMNS
+        row = self.db.execute(f"SELECT {','.join(cols)} FROM instruments WHERE code=?", (code,)).fetchone()
+        return None if row is None else dict(zip(cols, row, strict=True))
+
     def instruments_by_code(self) -> dict[str, dict[str, object]]:
         """The registry keyed by instrument code, as every report and view looks it up."""
         return {str(i["code"]): i for i in self.instruments()}

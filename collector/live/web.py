@@ -49,6 +49,17 @@ DAY = 24 * H
 CACHE_S = 10.0
 STALE_S = 120.0
 AGENT_DOWN_AFTER_S = 90.0
+PERIODS = ("today", "month", "year")
+LIVE_COLUMNS = ("state", "last_state", "since", "power_w", "error", "agent", "agent_status")
+PERIOD_COLUMNS = (
+    "run_s",
+    "effective_s",
+    "rated_h",
+    "utilisation_pct",
+    "provisional_run_s",
+    "provisional_effective_s",
+    "energy_wh",
+)
 
 
 class BadRequest(web.HTTPBadRequest):
@@ -125,6 +136,8 @@ class LiveView:
         self._refreshing: set[str] = set()
         self._pending: dict[str, Any] = {}
         self.hours_at = 0
+        self._heads: dict[bool, dict[str, tuple[Any, str, str, str]]] = {False: {}, True: {}}
+        """Per view: each instrument's encoded live columns and the live record, status and agent they show."""
         """When the hours the last ``instruments()`` gave were computed (ms): a page counts on from there."""
         self._runner: web.AppRunner | None = None
         self.port: int | None = None
@@ -171,8 +184,9 @@ class LiveView:
             self._refresh(key, make)
 
     async def _answer(self, request: web.Request, body: Any) -> web.Response:
-        """A JSON answer sent before the recomputations it left pending run (they block the loop)."""
-        resp = web.Response(text=_dumps(body), content_type="application/json")
+        """A JSON answer (``body`` encoded here, or already a JSON text) sent before the recomputations it left pending run (they block the loop)."""
+        text = body if isinstance(body, str) else _dumps(body)
+        resp = web.Response(text=text, content_type="application/json")
         if self.token and request.query.get("token"):
             resp.set_cookie("labmeter_token", self.token, httponly=True, samesite="Strict")
         await resp.prepare(request)
@@ -292,45 +306,153 @@ class LiveView:
                     out.setdefault(code, {})[name] = (run, eff)
         return out
 
-    def instruments(self) -> list[dict[str, Any]]:
-        """Every known instrument, its state now and its hours. The state is UNKNOWN (the last one reported
-        kept as ``last_state``) unless an agent is up for it: a badge from a silent agent is no state."""
+    def _snapshot(self) -> tuple[int, dict[str, dict[str, Any]], Any, Any, dict[str, list[str]]]:
+        """Now, the registry, the cached hours (as the list gives them and as the overview's encoded row
+        tails) and the enrolments, as one answer uses them."""
         c = self.collector
         now = c.clock.wall_ms()
         # the registry changes on imports only: read with the hours, not on every request
         registry = self._cached("registry", c.ledger.instruments_by_code)
-        self.hours_at, hours = self._cached("usage", lambda: (now, self._usage_shown(now, registry)))
+        self.hours_at, hours, tails = self._cached("usage", lambda: self._compute(now, registry))
         enrolled = self._cached("enrolled", self._enrolled)
+        return now, registry, hours, tails, enrolled
+
+    def _compute(self, now: int, registry: dict[str, dict[str, Any]]) -> tuple[int, Any, Any]:
+        hours = self._usage_shown(now, registry)
+        views = (False, True) if self.public else (False,)
+        return now, hours, {public: self._tails(registry, hours, public) for public in views}
+
+    def _tails(
+        self, registry: dict[str, dict[str, Any]], hours: Any, public: bool
+    ) -> dict[tuple[str, bool], str]:
+        """Each instrument's overview row after its live columns, encoded, with its agent up and down: built
+        with the hours, so an answer encodes only what changes between recomputations."""
+        return {
+            (code, up): self._tail(registry, hours, public, code, up)
+            for code in hours
+            for up in (True, False)
+        }
+
+    def _tail(
+        self, registry: dict[str, dict[str, Any]], hours: Any, public: bool, code: str, up: bool
+    ) -> str:
+        _live_cols, reg_cols, hour_cols = self._columns(public)
+        info = registry.get(code, {})
+        per = hours.get(code, {})
+        values: list[Any] = [info.get(k) or "" for k in reg_cols]
+        for period in PERIODS:
+            shown = per[period][up] if period in per else {}
+            values += [shown.get(k) for k in hour_cols]
+        return _dumps(values)[1:-1]
+
+    def _agent_status(
+        self,
+        code: str,
+        live: dict[str, Any] | None,
+        enrolled: dict[str, list[str]],
+        now: int,
+        memo: dict[str, bool],
+    ) -> tuple[str, str]:
+        """The agent(s) shown for an instrument, and ``up``, ``down`` or ``none`` (no agent enrolled);
+        ``memo`` keeps each agent's answer for the rest of one request."""
+        reported = str(live.get("agent", "")) if live else ""
+        agent = reported or ", ".join(enrolled.get(code, ()))
+        if not agent:
+            return agent, "none"
+        judged = reported or enrolled[code][0]
+        down = memo.get(judged)
+        if down is None:
+            down = memo[judged] = self._agent_down(judged, now)
+        return agent, "down" if down else "up"
+
+    @staticmethod
+    def _live_fields(live: dict[str, Any] | None, agent: str, status: str) -> dict[str, Any]:
+        """The state is UNKNOWN (the last one reported kept as ``last_state``) unless an agent is up for it:
+        a badge from a silent agent is no state."""
+        live = live or {}
+        last = live.get("state")
+        return {
+            "state": last if status == "up" and last is not None else "UNKNOWN",
+            "last_state": last,
+            "since": live.get("start"),
+            "power_w": live.get("power_w"),
+            "error": live.get("error"),
+            "agent": agent,
+            "agent_status": status,
+        }
+
+    def _codes(self, registry: dict[str, dict[str, Any]]) -> list[str]:
+        return sorted(set(registry) | set(self.collector.live.instruments))
+
+    def instruments(self) -> list[dict[str, Any]]:
+        """Every known instrument, its state now and its hours."""
+        now, registry, hours, _tails, enrolled = self._snapshot()
+        lives, memo = self.collector.live.instruments, dict[str, bool]()
         out = []
-        for code in sorted(set(registry) | set(c.live.instruments)):
+        for code in self._codes(registry):
             info = registry.get(code, {})
-            live = c.live.instruments.get(code, {})
-            agent = str(live.get("agent", "")) or ", ".join(enrolled.get(code, ()))
-            if not agent:
-                status = "none"
-            elif self._agent_down(str(live.get("agent", "")) or enrolled[code][0], now):
-                status = "down"
-            else:
-                status = "up"
-            last = live.get("state")
+            agent, status = self._agent_status(code, lives.get(code), enrolled, now, memo)
+            live = self._live_fields(lives.get(code), agent, status)
             out.append(
                 {
                     "code": code,
                     "name": info.get("name") or "",
                     "unit": info.get("unit") or "",
                     "category": info.get("category") or "",
-                    "state": last if status == "up" and last is not None else "UNKNOWN",
-                    "last_state": last,
-                    "since": live.get("start"),
-                    "power_w": live.get("power_w"),
-                    "error": live.get("error"),
-                    "agent": agent,
+                    "state": live["state"],
+                    "last_state": live["last_state"],
+                    "since": live["since"],
+                    "power_w": live["power_w"],
+                    "error": live["error"],
+                    "agent": live["agent"],
                     "agent_status": status,
                     "agent_down": status != "up",
                     **{k: v[status == "up"] for k, v in hours.get(code, {}).items()},
                 }
             )
         return out
+
+    def _columns(self, public: bool) -> tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]:
+        """The overview's columns: live ones (read per answer), registry ones and each period's hours."""
+        live: tuple[str, ...]
+        if public:
+            live = ("state", "since", "power_w") if self.public_power else ("state", "since")
+            hours = tuple(k for k in PERIOD_COLUMNS if k != "energy_wh" or self.public_power)
+        else:
+            live, hours = LIVE_COLUMNS, PERIOD_COLUMNS
+        return live, ("name", "unit", "category"), hours
+
+    def overview(self, public: bool = False) -> str:
+        """Every instrument as one row of values, the columns named once: the page's data in a quarter of the
+        list's bytes. What comes from the registry and the cached hours is encoded once per recomputation;
+        an answer encodes only the live columns."""
+        now, registry, hours, tails, enrolled = self._snapshot()
+        live_cols, reg_cols, hour_cols = self._columns(public)
+        mine, heads = tails[public], self._heads[public]
+        lives, memo = self.collector.live.instruments, dict[str, bool]()
+        parts = []
+        for code in self._codes(registry):
+            live = lives.get(code)
+            agent, status = self._agent_status(code, live, enrolled, now, memo)
+            held = heads.get(code)
+            if held is None or held[0] is not live or held[1] != status or held[2] != agent:
+                fields = self._live_fields(live, agent, status)
+                held = heads[code] = (
+                    live,
+                    status,
+                    agent,
+                    _dumps([code, *(fields[k] for k in live_cols)])[:-1],
+                )
+            up = status == "up"
+            tail = mine.get((code, up)) or self._tail(registry, hours, public, code, up)
+            parts.append(held[3] + "," + tail + "]")
+        for gone in heads.keys() - lives.keys() - registry.keys():
+            del heads[gone]
+        columns = ["code", *live_cols, *reg_cols, *(f"{p}.{k}" for p in PERIODS for k in hour_cols)]
+        head = {"now": now, "tz": str(self.tz), "columns": columns}
+        if not public:
+            head["hours_at"] = self.hours_at
+        return _dumps(head)[:-1] + ',"rows":[' + ",".join(parts) + "]}"
 
     def _enrolled(self) -> dict[str, list[str]]:
         out: dict[str, list[str]] = {}
@@ -395,15 +517,18 @@ class LiveView:
             },
         )
 
+    async def api_overview(self, request: web.Request) -> web.Response:
+        return await self._answer(request, self.overview())
+
+    async def public_overview(self, request: web.Request) -> web.Response:
+        return await self._answer(request, self.overview(public=True))
+
     def _instrument(self, request: web.Request) -> str:
         """The path's instrument code: 400 if it cannot be one, 404 if no such instrument is known."""
         code = request.match_info["code"]
         if not ID_RE.fullmatch(code):
             raise BadRequest(f"code={_shown(code)}: an instrument code has letters, digits, '.', '_', '-'")
-        known = {str(i["code"]) for i in self.collector.ledger.instruments()} | set(
-            self.collector.live.instruments
-        )
-        if code not in known:
+        if code not in self.collector.live.instruments and self.collector.ledger.instrument(code) is None:
             raise web.HTTPNotFound(
                 text=json.dumps({"error": f"no instrument {code!r}"}), content_type="application/json"
             )
@@ -553,6 +678,7 @@ class LiveView:
         app = web.Application(middlewares=[self._auth])
         app.router.add_get("/", self.page)
         app.router.add_get("/api/instruments", self.api_instruments)
+        app.router.add_get("/api/overview", self.api_overview)
         app.router.add_get("/api/instruments/{code}/timeline", self.api_timeline)
         app.router.add_get("/api/utilisation", self.api_utilisation)
         app.router.add_get("/api/agents", self.api_agents)
@@ -566,6 +692,7 @@ class LiveView:
         if self.public:
             app.router.add_get("/public", self.page)
             app.router.add_get("/public/api/instruments", self.public_api)
+            app.router.add_get("/public/api/overview", self.public_overview)
         return app
 
     async def start(self) -> None:
