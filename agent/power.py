@@ -125,6 +125,21 @@ class IntervalEnergy:
     def reset(self) -> None:
         self.steps.reset()
 
+    def withdraw(self, after_ms: int) -> None:
+        """Take back what was integrated after ``after_ms``: a pushed feed's last value, held by the driver
+        and read again at every poll until the feed was found silent, was not measured past its arrival.
+
+        Only steps still held (not yet in a closed interval) can be taken back; a step across ``after_ms``
+        keeps its share before it, in proportion to time.
+        """
+        keep: list[list[float]] = []
+        for s, e, wh in self._held:
+            if e <= after_ms:
+                keep.append([s, e, wh])
+            elif s < after_ms:
+                keep.append([s, float(after_ms), wh * (after_ms - s) / (e - s)])
+        self._held = keep
+
     def take(self, start: int, end: int) -> float | None:
         """The energy in [start, end) in Wh (whole mWh, at most the one bound for its length),
         None when no measured step overlaps it; steps before ``end`` are dropped."""

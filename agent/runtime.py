@@ -181,6 +181,9 @@ class InstrumentRunner:
         self.last = reading
         publish_power(self.agent, self.id, self.power.feed(now_ms, reading.power_w, reading.energy_wh))
         self.energy.feed(now_ms, reading.power_w, reading.energy_wh)
+        if reading.cause is Cause.STALE and reading.age_s is not None:
+            # the polls since the feed's last message read its held value again: none of it was measured
+            self.energy.withdraw(now_ms - round(reading.age_s * 1000))
         before = self.timeline.state
         change = self.classifier.update(reading)
         spans = self.with_energy(self.timeline.advance(now_ms, change.state, change.since_ms))

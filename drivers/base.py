@@ -35,7 +35,9 @@ class Sample:
     """One read: a power in watts or a status, or an error saying why there is neither.
 
     ``energy_wh`` is the meter's own cumulative energy counter in Wh where the source has one (it may
-    reset or roll over: the power downsampler deals with that); None where it has none or its read failed."""
+    reset or roll over: the power downsampler deals with that); None where it has none or its read failed.
+    ``age_s``: on a pushed feed gone silent (STALE), how long ago its last value arrived, so that the energy
+    the agent integrated from that value while it was held can be taken back (it was not measured)."""
 
     power_w: float | None = None
     status: State | None = None
@@ -43,6 +45,7 @@ class Sample:
     raw: Any = None
     cause: Cause | None = None
     energy_wh: float | None = None
+    age_s: float | None = None
 
 
 @dataclass(frozen=True)
@@ -57,6 +60,7 @@ class Reading:
     raw: Any = None
     cause: Cause | None = None
     energy_wh: float | None = None
+    age_s: float | None = None
 
     @classmethod
     def of(cls, sample: Sample, mono: float, at_ms: int) -> Reading:
@@ -69,6 +73,7 @@ class Reading:
             sample.raw,
             sample.cause,
             sample.energy_wh,
+            sample.age_s,
         )
 
 
@@ -138,9 +143,12 @@ class Latest:
         """The newest sample; else ``none_yet`` (NO_MESSAGE), or ``silent`` (STALE) once it is too old."""
         if self.sample is None:
             return Sample(error=none_yet, cause=Cause.NO_MESSAGE)
-        if self.clock.mono() - self.at > self.stale_after_s:
+        age = self.clock.mono() - self.at
+        if age > self.stale_after_s:
             return Sample(
-                error=f"{silent} for more than stale_after_s={self.stale_after_s:g} s", cause=Cause.STALE
+                error=f"{silent} for more than stale_after_s={self.stale_after_s:g} s",
+                cause=Cause.STALE,
+                age_s=age,
             )
         return self.sample
 

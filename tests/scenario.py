@@ -463,8 +463,9 @@ stamped when it returns, up to its timeout after the meter computed it (the plug
 # messages), which a real-time agent polling every few seconds does not meet. Measured on a quiet 2-core
 # machine: 90-97 % of the truth, never above it. At real time power-only integration is within 0.02 %
 # (tests/test_energy.py); the meter, which has a counter that bridges such gaps, is held to 1 % here.
-# Across a broker outage the plug's feed restarts with gaps on both sides, and a clean CI run saw 48-57 %:
-# half the share there. Why so much is lost around a reconnect is not yet understood (issue #19's note).
+# Broker outages are held to the same share (issue #19): traced step by step, a reconnect loses nothing (the
+# first message after it starts a new base at the poll that ends UNKNOWN), and the one error found was the
+# other way, energy invented from the plug's last message, held by the driver until stale, now taken back.
 POWER_ONLY = {"CZ-HPLC-002": 0.8}
 
 
@@ -507,8 +508,7 @@ def check_energy(code: str, variant: str, rows: list[tuple], a: int, b: int, rep
     if code in POWER_ONLY:
         # nothing is invented, and what is dropped is bounded: see POWER_ONLY
         assert got <= 1.01 * truth + slack, msg
-        share = POWER_ONLY[code] / 2 if variant.startswith(("broker", "defaults_broker")) else POWER_ONLY[code]
-        assert got >= share * truth - slack, msg
+        assert got >= POWER_ONLY[code] * truth - slack, msg
     else:
         assert abs(got - truth) <= 0.01 * truth + slack, msg
     # the report (rollups and the edges computed) sums exactly what the intervals carry, in whole mWh

@@ -9,12 +9,14 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 
 from labmeter import wire
 from labmeter.agent.power import IntervalEnergy
 from labmeter.agent.timeline import Span, Timeline
+from labmeter.clock import Clock
 from labmeter.drivers.sim import Schedule
 from labmeter.wire import State
 
@@ -240,3 +242,71 @@ def test_energy_that_is_not_a_number_is_rejected() -> None:
         body["energy_wh"] = bad
         with pytest.raises(wire.WireError, match="energy_wh"):
             wire.decode_interval(wire.dump_body(body))
+
+
+class Mono(Clock):
+    """Real-time (unscaled) monotonic and wall clocks that move only when the test moves them."""
+
+    def __init__(self) -> None:
+        self.m = 0.0
+
+    def mono(self) -> float:
+        return self.m
+
+    def wall_ms(self) -> int:
+        return EPOCH + round(self.m * 1000)
+
+
+@pytest.mark.parametrize("level_after_w", [1.0, 1200.0])  # the device switches off as the feed stops, or not
+def test_a_feed_silent_until_stale_and_back_counts_only_what_its_messages_measured(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, level_after_w: float
+) -> None:
+    """A broker outage as the runner meets it (issue #19): a plug pushing its power every second, polled every
+    2 s; its last message before the outage is held by the driver and read again at every poll until it is
+    stale_after_s old (UNKNOWN), then the feed comes back. What the polls integrated from the held value is
+    taken back, so the interval before the outage carries no energy past the last message and never more
+    than was drawn, however the device's power changed in the silence."""
+    from labmeter import config, signing
+    from labmeter.agent.runtime import Agent, InstrumentRunner
+    from labmeter.drivers import registry
+    from labmeter.drivers.base import DriverBase, Latest, Sample
+
+    signing.generate_key_file(tmp_path / "agent.key")
+    cfg = config.parse(
+        f'[agent]\nid = "a1"\nkey_file = "{tmp_path / "agent.key"}"\nstate_dir = "{tmp_path / "state"}"\n'
+        '[broker]\nurl = "mqtt://127.0.0.1:1"\n'
+        '[[instrument]]\nid = "P1"\npoll_s = 2\n[instrument.source]\ndriver = "modbus"\n'
+        'url = "tcp://127.0.0.1:1"\nprofile = "eastron-sdm120"\n'
+        "[instrument.states]\noff_below_w = 5\nrun_above_w = 600\n",
+        registry.agent_config(),
+    )
+    clock = Mono()
+    agent = Agent(cfg, clock)
+    runner = InstrumentRunner(cfg.instrument[0], DriverBase(), agent)  # never read: fed by hand below
+    runner.recover(agent.timebase.now_ms())
+    spans: list[Span] = []
+    monkeypatch.setattr(agent, "emit", lambda _i, closed, _cp: spans.extend(closed))
+    latest = Latest(clock, stale_after_s=8.0)
+    down_s, up_s, end_s = 100.5, 150.0, 200.0  # the feed stops and comes back; the device's power changes
+    for tick in range(1, 2 * int(end_s) + 1):  # half seconds
+        clock.m = tick / 2
+        if clock.m == int(clock.m) and not down_s <= clock.m < up_s:
+            latest.put(Sample(power_w=1200.0 if clock.m < down_s else level_after_w))
+        if tick % 4 == 0:
+            runner.step(latest.get("no message yet", "silent"))
+
+    spans += runner.with_energy(runner.timeline.close(agent.timebase.now_ms()))
+
+    after = State.RUNNING if level_after_w > 600 else State.OFF
+    states = [(s.state, (s.start - EPOCH) / 1000, (s.end - EPOCH) / 1000) for s in spans]
+    assert states == [
+        (State.UNKNOWN, 0.0, 2.0),
+        (State.RUNNING, 2.0, 110.0),  # stale at the first poll more than 8 s after the last message
+        (State.UNKNOWN, 110.0, 150.0),
+        (after, 150.0, 200.0),
+    ]
+    measured = [None, 1200.0 * (100 - 2) / 3600, None, level_after_w * 50 / 3600]  # between messages
+    for span, wh in zip(spans, measured, strict=True):
+        assert (span.energy_wh is None) is (wh is None), spans  # the silence is unknown, energy included
+        if wh is not None and span.energy_wh is not None:
+            assert wh - 1e-3 <= span.energy_wh <= wh, spans
