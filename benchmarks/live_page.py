@@ -56,10 +56,9 @@ def _open_without_check(url: str, data_dir: Path, quick_check: bool = False) -> 
 
 
 def _live_state(collector: Collector) -> None:
-    """What a running collector holds: each instrument's last verified state from its agent, agents heard of
-    just now (every tenth one silent, so its instruments show UNKNOWN and "agent down")."""
+    """What a running collector holds: each instrument's last verified state from its agent (every tenth
+    agent silent, so its instruments show UNKNOWN and "agent down")."""
     now = collector.clock.wall_ms()
-    agents: set[str] = set()
     for k, (agent, code) in enumerate(sorted(collector.ledger.enrolments())):
         state = STATES[k % len(STATES)]
         collector.live.instruments[code] = {
@@ -71,14 +70,15 @@ def _live_state(collector: Collector) -> None:
             "error": None,
             "received": now,
         }
-        agents.add(agent)
-    for k, agent in enumerate(sorted(agents)):
+    _heartbeats(collector)
+
+
+def _heartbeats(collector: Collector) -> None:
+    """Agents heard of just now, as their heartbeats keep them; a state record changes only with a state."""
+    now = collector.clock.wall_ms()
+    for k, agent in enumerate(sorted({str(i["agent"]) for i in collector.live.instruments.values()})):
         up = k % 10 != 9
-        collector.live.agents[agent] = {
-            "online": up,
-            "received": now if up else now - 3_600_000,
-            "verified": True,
-        }
+        collector.live.agents[agent] = {"online": up, "received": now if up else now - 3_600_000, "verified": True}
 
 
 async def serve(db: Path) -> None:
@@ -101,7 +101,7 @@ async def serve(db: Path) -> None:
                 while view._refreshing:  # the last load's recomputation has finished
                     await asyncio.sleep(0.05)
                 await asyncio.sleep(0.2)
-                _live_state(collector)  # heartbeats: no agent times out during the run
+                _heartbeats(collector)  # no agent times out during the run
                 if line == "cold":
                     view._cache.clear()
                 elif line == "stale":
