@@ -78,7 +78,11 @@ def _heartbeats(collector: Collector) -> None:
     now = collector.clock.wall_ms()
     for k, agent in enumerate(sorted({str(i["agent"]) for i in collector.live.instruments.values()})):
         up = k % 10 != 9
-        collector.live.agents[agent] = {"online": up, "received": now if up else now - 3_600_000, "verified": True}
+        collector.live.agents[agent] = {
+            "online": up,
+            "received": now if up else now - 3_600_000,
+            "verified": True,
+        }
 
 
 async def serve(db: Path) -> None:

@@ -594,7 +594,11 @@ def _with_exact_energy(columns: dict[str, dict[str, str]]) -> dict[str, dict[str
     """JSON rows carry ``energy_wh`` beside ``energy_kwh``: every key a file holds is defined in it."""
     kwh = columns.get("energy_kwh")
     if kwh is not None:
-        columns["energy_wh"] = {**kwh, "en": "Energy (Wh, exact; JSON only)", "zh": "电能（Wh，精确；仅 JSON）"}
+        columns["energy_wh"] = {
+            **kwh,
+            "en": "Energy (Wh, exact; JSON only)",
+            "zh": "电能（Wh，精确；仅 JSON）",
+        }
     return columns
 
 

@@ -36,9 +36,15 @@ HOURS_FORMATS = ("table", "csv", "json", "xlsx")
 
 def lang_options(f: Any) -> Any:
     """``--lang`` (column names) and ``--no-bom``: what every tabular report takes."""
-    f = click.option("--no-bom", is_flag=True, help="CSV without the UTF-8 BOM (Excel needs it to read UTF-8).")(f)
+    f = click.option(
+        "--no-bom", is_flag=True, help="CSV without the UTF-8 BOM (Excel needs it to read UTF-8)."
+    )(f)
     return click.option(
-        "--lang", type=click.Choice(["zh", "en"]), default="zh", show_default=True, help="Language of the column names."
+        "--lang",
+        type=click.Choice(["zh", "en"]),
+        default="zh",
+        show_default=True,
+        help="Language of the column names.",
     )(f)
 
 
