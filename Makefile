@@ -19,6 +19,7 @@ deps:
 
 lint: $(VENV)/.installed
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	sh .ci/typecheck
 
 # The suite in two parts: what tolerates sharing the CPU on $(TEST_WORKERS) pytest-xdist workers, then
