@@ -18,6 +18,7 @@ import logging
 import math
 import re
 import time
+from collections.abc import Generator
 from datetime import datetime
 from importlib import resources
 from typing import TYPE_CHECKING, Any
@@ -47,6 +48,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("labmeter.web")
 DAY = 24 * H
 CACHE_S = 10.0
+STEP_ROWS = 1000
+"""Instruments formatted between two turns of the event loop while the live view's hours are recomputed."""
 STALE_S = 120.0
 AGENT_DOWN_AFTER_S = 90.0
 PERIODS = ("today", "month", "year")
@@ -135,6 +138,7 @@ class LiveView:
         self._cache: dict[str, tuple[float, Any]] = {}
         self._refreshing: set[str] = set()
         self._pending: dict[str, Any] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
         self.hours_at = 0
         self._heads: dict[bool, dict[str, tuple[Any, str, str, str]]] = {False: {}, True: {}}
         """Per view: each instrument's encoded live columns and the live record, status and agent they show."""
@@ -175,6 +179,8 @@ class LiveView:
                     loop.call_later(1.0, self._refresh_pending)  # if no answer runs them first
                 return hit[1]
         value = make()
+        if isinstance(value, Generator):
+            value = _run_through(value)
         self._cache[key] = (now, value)
         return value
 
@@ -201,8 +207,29 @@ class LiveView:
         return resp
 
     def _refresh(self, key: str, make: Any) -> None:
+        """A recomputation that comes in steps (a generator) runs as a task that yields the loop between
+        them: at province scale a whole one holds it for half a second or more, and ingest waits."""
         try:
-            self._cache[key] = (time.monotonic(), make())
+            value = make()
+            if isinstance(value, Generator):
+                task = asyncio.get_running_loop().create_task(self._step_through(key, value))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+                return
+            self._cache[key] = (time.monotonic(), value)
+        except Exception:
+            log.exception("recomputing the live view's %s failed; the last value stays", key)
+        self._refreshing.discard(key)
+
+    async def _step_through(self, key: str, steps: Generator[None, None, Any]) -> None:
+        try:
+            while True:
+                try:
+                    next(steps)
+                except StopIteration as done:
+                    self._cache[key] = (time.monotonic(), done.value)
+                    return
+                await asyncio.sleep(0)
         except Exception:
             log.exception("recomputing the live view's %s failed; the last value stays", key)
         finally:
@@ -229,7 +256,9 @@ class LiveView:
             "year": (starts["year"], next_year),
         }
 
-    def _usage(self, now: int, registry: dict[str, dict[str, Any]]) -> dict[str, dict[str, tuple[int, ...]]]:
+    def _usage(
+        self, now: int, registry: dict[str, dict[str, Any]]
+    ) -> Generator[None, None, dict[str, dict[str, tuple[int, ...]]]]:
         """Each instrument's (run, effective, rated, provisional run, provisional effective) ms today, this
         month and this year: the report's per-instrument hours (stored, verified intervals) and what the
         open interval adds."""
@@ -237,10 +266,12 @@ class LiveView:
         policy = c.cfg.policy
         first = metering_starts(c.ledger)
         periods = self._periods(now)
-        stored = {
-            name: per_instrument(c.ledger, a, b, policy, now, first) for name, (a, b) in periods.items()
-        }
-        extra = self._provisional(now, registry, {n: a for n, (a, _b) in periods.items()})
+        stored = {}
+        for name, (a, b) in periods.items():
+            yield
+            stored[name] = per_instrument(c.ledger, a, b, policy, now, first)
+        yield
+        extra = yield from self._provisional(now, registry, {n: a for n, (a, _b) in periods.items()})
         out: dict[str, dict[str, tuple[int, ...]]] = {}
         for name, per in stored.items():
             for code, h in per.items():
@@ -251,21 +282,25 @@ class LiveView:
 
     def _usage_shown(
         self, now: int, registry: dict[str, dict[str, Any]]
-    ) -> dict[str, dict[str, tuple[dict[str, Any], dict[str, Any]]]]:
+    ) -> Generator[None, None, dict[str, dict[str, tuple[dict[str, Any], dict[str, Any]]]]]:
         """Each period's hours as the API gives them, without and with the open interval: built once per
         computation, not per request (5,000 instruments x 3 periods)."""
-        return {
-            code: {k: (_usage_json(v, False), _usage_json(v, True)) for k, v in per.items()}
-            for code, per in self._usage(now, registry).items()
-        }
+        usage = yield from self._usage(now, registry)
+        out = {}
+        for k, (code, per) in enumerate(usage.items()):
+            if k % STEP_ROWS == STEP_ROWS - 1:
+                yield
+            out[code] = {p: (_usage_json(v, False), _usage_json(v, True)) for p, v in per.items()}
+        return out
 
     def _provisional(
         self, now: int, registry: dict[str, dict[str, Any]], starts: dict[str, int]
-    ) -> dict[str, dict[str, tuple[int, int]]]:
+    ) -> Generator[None, None, dict[str, dict[str, tuple[int, int]]]]:
         """Run and effective ms the open intervals add to each period: the open interval of every instrument
         whose agent is up, from after its last stored interval to now, judged with the stored ones around it
         by the same rules (:func:`labmeter.machine_hours.compute`). Agents cut intervals at every hour, so
-        the stored neighbours are in the last two hours: one query for all instruments."""
+        the stored neighbours are in the last two hours: one query for all instruments. A period that
+        began before the window judged gives what any other such period gives: judged once."""
         c = self.collector
         opened: dict[str, tuple[int, str]] = {}
         for code, live in c.live.instruments.items():
@@ -289,19 +324,24 @@ class LiveView:
             if r[0] in opened:
                 rows.setdefault(r[0], []).append((int(r[3]), int(r[4]), str(r[5]), bool(r[6])))
         out: dict[str, dict[str, tuple[int, int]]] = {}
-        for code, (start, state) in opened.items():
+        for k, (code, (start, state)) in enumerate(opened.items()):
+            if k % STEP_ROWS == STEP_ROWS - 1:
+                yield
             near = rows.get(code, [])
             lo = max([start, *(e for _s, e, _st, _l in near)])
             if lo >= now:
                 continue
             prep, post = allowances_ms(registry.get(code, {}), policy)
             with_open = [*near, (lo, now, state, True)]
+            judged: dict[int, tuple[int, int]] = {}
             for name, a in starts.items():
                 w = max(a, lo - prep - post)
                 if w >= now:
                     continue
-                before, after = compute(near, w, now, prep, post), compute(with_open, w, now, prep, post)
-                run, eff = after.run_ms - before.run_ms, after.effective_ms - before.effective_ms
+                if w not in judged:
+                    before, after = compute(near, w, now, prep, post), compute(with_open, w, now, prep, post)
+                    judged[w] = (after.run_ms - before.run_ms, after.effective_ms - before.effective_ms)
+                run, eff = judged[w]
                 if run or eff:
                     out.setdefault(code, {})[name] = (run, eff)
         return out
@@ -317,21 +357,28 @@ class LiveView:
         enrolled = self._cached("enrolled", self._enrolled)
         return now, registry, hours, tails, enrolled
 
-    def _compute(self, now: int, registry: dict[str, dict[str, Any]]) -> tuple[int, Any, Any]:
-        hours = self._usage_shown(now, registry)
-        views = (False, True) if self.public else (False,)
-        return now, hours, {public: self._tails(registry, hours, public) for public in views}
+    def _compute(
+        self, now: int, registry: dict[str, dict[str, Any]]
+    ) -> Generator[None, None, tuple[int, Any, Any]]:
+        hours = yield from self._usage_shown(now, registry)
+        tails = {}
+        for public in (False, True) if self.public else (False,):
+            yield
+            tails[public] = yield from self._tails(registry, hours, public)
+        return now, hours, tails
 
     def _tails(
         self, registry: dict[str, dict[str, Any]], hours: Any, public: bool
-    ) -> dict[tuple[str, bool], str]:
+    ) -> Generator[None, None, dict[tuple[str, bool], str]]:
         """Each instrument's overview row after its live columns, encoded, with its agent up and down: built
         with the hours, so an answer encodes only what changes between recomputations."""
-        return {
-            (code, up): self._tail(registry, hours, public, code, up)
-            for code in hours
-            for up in (True, False)
-        }
+        out = {}
+        for k, code in enumerate(hours):
+            if k % STEP_ROWS == STEP_ROWS - 1:
+                yield
+            for up in (True, False):
+                out[(code, up)] = self._tail(registry, hours, public, code, up)
+        return out
 
     def _tail(
         self, registry: dict[str, dict[str, Any]], hours: Any, public: bool, code: str, up: bool
@@ -704,6 +751,8 @@ class LiveView:
         log.info("live view on http://%s:%d/", host, self.port)
 
     async def stop(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
         if self._runner is not None:
             await self._runner.cleanup()
 
@@ -733,6 +782,15 @@ def _page(name: str) -> web.Response:
         charset="utf-8",
         headers={"Content-Security-Policy": policy, "X-Content-Type-Options": "nosniff"},
     )
+
+
+def _run_through(steps: Generator[None, None, Any]) -> Any:
+    """A stepwise computation at once (nothing else to let run: the caller waits for it)."""
+    while True:
+        try:
+            next(steps)
+        except StopIteration as done:
+            return done.value
 
 
 def _dumps(obj: Any) -> str:
