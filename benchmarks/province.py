@@ -89,7 +89,7 @@ def build(path: Path, instruments: int, days: int, end_ms: int, seed: int = 1) -
         [(f"agent-{i // 8:04d}", f"I{i:05d}") for i in range(instruments)],
     )
     env = b"\0" * 16
-    received = int(time.time() * 1000)
+    built = int(time.time() * 1000)
     for i in range(instruments):
         code, agent = f"I{i:05d}", f"agent-{i // 8:04d}"
         rows = []
@@ -99,6 +99,8 @@ def build(path: Path, instruments: int, days: int, end_ms: int, seed: int = 1) -
             for a, b, state in templates[rng.randrange(len(templates))]:
                 seq += 1
                 sha = f"{i:08x}{seq:056x}"
+                # stored about a second after it ended, as from a live agent (a sink reads in that order)
+                received = min(built, day0 + b + 1_000 + i % 1_000)
                 rows.append(
                     (agent, code, seq, day0 + a, day0 + b, state, prev, sha, 0, None, env, received, None)
                 )

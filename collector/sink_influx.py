@@ -65,7 +65,6 @@ SERIES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
 ``<measurement>_<field>``; the dashboards in config/grafana/ read exactly these (tests/test_grafana.py)."""
 
 CURSOR = "influxdb"
-WINDOW_MS = 60_000
 SETTLE_MS = 2_000  # rows stored in the last moments wait for the next round, so none slips past the cursor
 GRACE_MS = 120_000  # an hour is final this long after its allowances have passed
 LOOKBACK_MS = 48 * H  # hours compared with the ledger every round; older ones at start and every RECONCILE_MS
@@ -294,21 +293,23 @@ class InfluxSink:
         sent = 0
         cursor = self.ledger.sink_cursor(CURSOR)
         now = int(time.time() * 1000) - self.settle_ms  # the ledger stamps received_ms with the host's clock
+        saved = time.monotonic()
         while cursor < now:
-            upto = min(now, cursor + WINDOW_MS) if cursor else now
-            rows = self.ledger.received_between(cursor, upto)
-            for i in range(
-                0, len(rows), CHUNK
-            ):  # a catch-up over a long history holds the loop a chunk at a time
-                lines = []
-                for instrument, _agent, start, _end, state in rows[i : i + CHUNK]:
-                    lines.append(state_line(self._tags(instrument), state, start))
-                    self._touched[instrument] = min(self._touched.get(instrument, start), start)
+            # a page at a time: a catch-up over a whole history is one query otherwise (a second or more)
+            rows, cursor = self.ledger.received_between(cursor, now, CHUNK)
+            lines = []
+            for instrument, _agent, start, _end, state in rows:
+                lines.append(state_line(self._tags(instrument), state, start))
+                self._touched[instrument] = min(self._touched.get(instrument, start), start)
+            if lines:
                 await self._write(lines)
                 self._stale = True
                 sent += len(lines)
-            cursor = upto
-            self.ledger.set_sink_cursor(CURSOR, cursor)
+            # kept at most every second and at the end: a restart sends again what came after, points that
+            # overwrite themselves, where a commit per page (an fsync) held the loop
+            if cursor >= now or time.monotonic() - saved >= 1.0:
+                self.ledger.set_sink_cursor(CURSOR, cursor)
+                saved = time.monotonic()
         return sent
 
     async def _send_usage(self) -> int:

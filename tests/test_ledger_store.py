@@ -161,3 +161,33 @@ def test_a_ledger_without_intervals_assumes_the_longest_one_and_stamps_the_time_
     (received,) = ledger.db.execute("SELECT received_ms FROM intervals").fetchone()
     (at,) = ledger.db.execute("SELECT at_ms FROM rejections").fetchone()
     assert before <= received <= after and before <= at <= after
+
+
+@pytest.mark.parametrize("limit", [1, 3, 4, 100])
+def test_a_sinks_catch_up_reads_pages_that_never_split_a_millisecond(tmp_path: Path, limit: int) -> None:
+    """A sink's first catch-up reads the whole history a page at a time (one query held the collector's loop
+    for a second at 200 instruments x 60 days); a batch stores thousands of rows in one millisecond, so a
+    page ends on a whole millisecond or a row would be skipped or sent twice."""
+    from tests.lab import store_schedule
+
+    db = Ledger(tmp_path / "ledger.sqlite")
+    try:
+        store_schedule(tmp_path, db, "pc-1", "CZ-A", [(T0, T0 + 9 * H, "RUNNING")])
+        starts = [r[0] for r in db.db.execute("SELECT start_ms FROM intervals ORDER BY start_ms")]
+        stored_at = [100, 100, 100, 100, 100, 101, 102, 102, 103]  # five rows in one millisecond
+        for start, at in zip(starts, stored_at, strict=True):
+            db.db.execute("UPDATE intervals SET received_ms=? WHERE start_ms=?", (at, start))
+        seen: list[int] = []
+        cursor, pages = 0, 0
+        while cursor < 103:
+            rows, upto = db.received_between(cursor, 103, limit)
+            assert upto > cursor, "no progress"
+            seen += [r[2] for r in rows]
+            assert all(r[0] == "CZ-A" and r[4] == "RUNNING" for r in rows)
+            cursor, pages = upto, pages + 1
+        assert sorted(seen) == starts  # each row once, none skipped
+        assert pages > 1 or limit >= len(starts)
+        everything, upto = db.received_between(0, 103)  # without a limit: all of it, up to the end asked
+        assert sorted(r[2] for r in everything) == starts and upto == 103
+    finally:
+        db.close()

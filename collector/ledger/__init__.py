@@ -1058,13 +1058,29 @@ class Ledger:
             ).fetchone()
         return str(row[0]) if row else None
 
-    def received_between(self, after_ms: int, upto_ms: int) -> list[tuple[str, str, int, int, str]]:
-        """(instrument, agent, start, end, state) of intervals stored in (after, upto]: what a sink has not sent."""
-        return self.db.execute(
-            "SELECT instrument, agent, start_ms, end_ms, state FROM intervals WHERE received_ms > ? AND received_ms <= ? "
-            "ORDER BY received_ms",
-            (after_ms, upto_ms),
-        ).fetchall()
+    def received_between(
+        self, after_ms: int, upto_ms: int, limit: int | None = None
+    ) -> tuple[list[tuple[str, str, int, int, str]], int]:
+        """(instrument, agent, start, end, state) of intervals stored in (after, upto], what a sink has not sent,
+        and how far they reach: ``upto``, or with ``limit`` (a catch-up over a long history, read a page at a
+        time) the last whole millisecond of stores the page holds. A millisecond is never split (a batch
+        stores thousands of rows in one), so a page may hold more than ``limit`` rows."""
+        sql = (
+            "SELECT instrument, agent, start_ms, end_ms, state, received_ms FROM intervals "
+            "WHERE received_ms > ? AND received_ms <= ? ORDER BY received_ms"
+        )
+        if limit is None:
+            rows = self.db.execute(sql, (after_ms, upto_ms)).fetchall()
+            return [tuple(r[:5]) for r in rows], upto_ms
+        rows = self.db.execute(sql + " LIMIT ?", (after_ms, upto_ms, limit + 1)).fetchall()
+        if len(rows) <= limit:
+            return [tuple(r[:5]) for r in rows], upto_ms
+        last = int(rows[-1][5])
+        whole = [r for r in rows if int(r[5]) < last]
+        if whole:
+            return [tuple(r[:5]) for r in whole], int(whole[-1][5])
+        rows = self.db.execute(sql, (last - 1, last)).fetchall()  # one millisecond holds more than a page
+        return [tuple(r[:5]) for r in rows], last
 
     def sink_cursor(self, name: str) -> int:
         row = self.db.execute("SELECT received_ms FROM sink_cursor WHERE name=?", (name,)).fetchone()
