@@ -114,7 +114,13 @@ MODULES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     ),
     "labmeter/verify.py": (
         (),
-        ("tests/test_evidence_trust.py", "tests/test_evidence.py", "tests/test_evidence_services.py"),
+        (
+            "tests/test_evidence_keys.py",
+            "tests/test_evidence_trust.py",
+            "tests/test_evidence.py",
+            "tests/test_evidence_services.py",
+            "tests/test_energy_reports.py",
+        ),
     ),
 }
 
