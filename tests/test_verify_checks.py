@@ -1,0 +1,353 @@
+"""Each check of `labmeter verify` on its own, on bundles built here by hand, not by the collector.
+
+tests/test_evidence_trust.py tampers with a genuine bundle the way an attacker would, so most edits
+are caught by the first check they meet (usually the countersignature). Here a bundle is written as a
+collector would write it, with the edit already made, and countersigned by the *trusted* collector
+key: the check under test is the only one that can catch it. Each case states what verify must say;
+the genuine variants (formats 1 and 2, allowances of 0, a service record per line) must verify.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from labmeter import energy, evidence, signing, wire
+from labmeter.machine_hours import compute, uncovered
+from labmeter.verify import MAX_NAMED, BundleError, KeyCheck, Result, verify_bundle
+
+T0 = 1_772_409_600_000  # 2026-03-02T00:00:00Z
+M = 60_000
+H = 60 * M
+INSTRUMENT = "CZ-XRD-001"
+AGENT = signing.PrivateKey.generate()
+OTHER = signing.PrivateKey.generate()
+COLLECTOR = signing.PrivateKey.generate()
+# minutes after T0: OFF, STANDBY, RUNNING 2 h, STANDBY, RUNNING 1 h, OFF; the period is the whole day
+DAY = [(0, 480, "OFF"), (480, 500, "STANDBY"), (500, 620, "RUNNING"), (620, 700, "STANDBY"), (700, 760, "RUNNING"), (760, 1440, "OFF")]  # fmt: skip
+
+
+def key_text(key: signing.PrivateKey) -> str:
+    return signing.public_key_text(key.public_key())
+
+
+def fingerprint(key: signing.PrivateKey) -> str:
+    return signing.key_id(key.public_key())
+
+
+def trust(
+    agent_key: signing.PrivateKey = AGENT, collector: signing.PrivateKey | None = COLLECTOR
+) -> evidence.Trust:
+    """The published key list: lab-pc enrolled for the instrument, and the collector's key."""
+    return evidence.Trust(
+        agents={
+            "lab-pc": evidence.TrustedAgent(
+                key_text(agent_key), fingerprint(agent_key), frozenset({INSTRUMENT})
+            )
+        },
+        collector=key_text(collector) if collector is not None else None,
+        sources=["the test's key list"],
+    )
+
+
+def chain(
+    spans: list[tuple[int, int, str]], agent: str = "lab-pc", first: int = 1, **extra: Any
+) -> list[dict[str, Any]]:
+    """Interval bodies over ``spans`` (minutes after T0), each ``prev`` the hash of the one before."""
+    out: list[dict[str, Any]] = []
+    prev = wire.GENESIS
+    for i, (a, b, state) in enumerate(spans):
+        iv = wire.Interval(agent, INSTRUMENT, first + i, prev, T0 + a * M, T0 + b * M, state, **extra)
+        out.append(iv.body())
+        prev = wire.body_hash(wire.dump_body(out[-1]))
+    return out
+
+
+@dataclass
+class Draft:
+    """A bundle before it is written: edit any part, then ``write`` it (claims and gaps recomputed from
+    the hour rules unless set, countersigned by ``collector`` unless None)."""
+
+    bodies: list[dict[str, Any]] = field(default_factory=lambda: chain(DAY))
+    signers: dict[str, signing.PrivateKey] = field(default_factory=lambda: {"lab-pc": AGENT})
+    services: list[dict[str, Any]] = field(default_factory=list)
+    fmt: str = evidence.FORMAT
+    from_ms: int = T0
+    to_ms: int = T0 + 1440 * M
+    prep_s: int = 900
+    post_s: int = 600
+    claimed: dict[str, int] | None = None
+    gaps: list[list[int]] | None = None
+    collector: signing.PrivateKey | None = COLLECTOR
+    extra: dict[str, Any] = field(default_factory=dict)
+    drop: tuple[str, ...] = ()
+    lines: list[bytes] | None = None
+    service_lines: list[bytes] | None = None
+
+    def rows(self) -> list[tuple[int, int, str, bool]]:
+        """As verify reads them when every chain is intact: a link is linked unless it is a bundle's first
+        link that does not begin a chain."""
+        first: dict[str, int] = {}
+        for body in self.bodies:
+            first[body["agent"]] = min(first.get(body["agent"], body["seq"]), body["seq"])
+        return [
+            (b["start"], b["end"], b["state"], b["prev"] == wire.GENESIS or b["seq"] != first[b["agent"]])
+            for b in self.bodies
+        ]
+
+    def write(self, folder: Path) -> Path:
+        version = evidence.VERSIONS[self.fmt]
+        windows = [(s["start_ms"], s["end_ms"], s["service_type"] == 130) for s in self.services]
+        h = compute(self.rows(), self.from_ms, self.to_ms, self.prep_s * 1000, self.post_s * 1000, windows)
+        rows = [(b["start"], b["end"], energy.to_mwh(b.get("energy_wh"))) for b in self.bodies]
+        mwh, known = energy.energy_in(rows, self.from_ms, self.to_ms)
+        claimed = {**h.totals(), "energy_mwh": mwh, "energy_ms": known}
+        if version >= 3:
+            claimed.update(service_ms=h.service_ms, external_ms=h.external_ms)
+        doc: dict[str, Any] = {
+            "format": self.fmt,
+            "instrument": INSTRUMENT,
+            "from_ms": self.from_ms,
+            "to_ms": self.to_ms,
+            "prep_allowance_s": self.prep_s,
+            "post_allowance_s": self.post_s,
+            "agents": {a: key_text(k) for a, k in self.signers.items()},
+            "claimed": claimed if self.claimed is None else self.claimed,
+            "intervals": len(self.bodies),
+        }
+        if version >= 2:
+            gaps = uncovered(self.rows(), self.from_ms, self.to_ms)
+            doc["gaps"] = [list(g) for g in gaps] if self.gaps is None else self.gaps
+        if version >= 3:
+            doc["services"] = len(self.services)
+        doc.update(self.extra)
+        for key in self.drop:
+            del doc[key]
+        lines = self.lines
+        if lines is None:
+            lines = [wire.seal(self.signers[b["agent"]], "kid", wire.dump_body(b)) for b in self.bodies]
+        files = {
+            evidence.BUNDLE: json.dumps(doc, indent=2).encode(),
+            evidence.INTERVALS: b"".join(x + b"\n" for x in lines),
+        }
+        if version >= 3:
+            slines = self.service_lines
+            if slines is None:
+                slines = [json.dumps(s, sort_keys=True).encode() for s in self.services]
+            files[evidence.SERVICES] = b"".join(x + b"\n" for x in slines)
+        folder.mkdir(parents=True)
+        for name, data in files.items():
+            (folder / name).write_bytes(data)
+        if self.collector is not None:
+            signed = {**doc, "claimed": doc.get("claimed")}
+            manifest = evidence.countersign(self.collector, evidence.manifest_body(signed, files))
+            (folder / evidence.MANIFEST).write_text(json.dumps(manifest))
+        return folder
+
+
+def service(a: int, b: int, external: bool = False, n: int = 1) -> dict[str, Any]:
+    """A service record over minutes [a, b) after T0."""
+    return {
+        "id": n, "start_ms": T0 + a * M, "end_ms": T0 + b * M, "service_type": 130 if external else 120,
+        "direction": "test", "applicant_unit": "unit", "amount": 0,
+    }  # fmt: skip
+
+
+def problems(res: Result) -> list[str]:
+    return [str(f) for f in res.findings]
+
+
+# genuine variants: each must verify against the key list ----------------------------------------------
+def _format_1(d: Draft) -> None:
+    d.fmt, d.collector = evidence.FORMAT_V1, None
+
+
+def _format_2_with_a_declared_gap(d: Draft) -> None:
+    d.fmt, d.bodies = evidence.FORMAT_V2, chain(DAY[1:])  # nothing before 08:00: a gap the collector declared
+
+
+def _a_gap_in_the_middle_of_a_new_chain(d: Draft) -> None:
+    d.bodies = chain(DAY[:3]) + chain(DAY[4:], first=1000)
+
+
+GENUINE: dict[str, Callable[[Draft], None]] = {
+    "as_the_collector_writes_it": lambda d: None,
+    "no_allowances": lambda d: setattr(d, "prep_s", 0) or setattr(d, "post_s", 0),
+    "format_1": _format_1,
+    "format_2_with_a_declared_gap": _format_2_with_a_declared_gap,
+    "no_interval_count_in_bundle_json": lambda d: setattr(d, "drop", ("intervals",)),
+    "a_new_chain_after_a_declared_gap": _a_gap_in_the_middle_of_a_new_chain,
+    "service_records_internal_and_external": lambda d: setattr(
+        d, "services", [service(500, 560, n=1), service(700, 730, external=True, n=2)]
+    ),
+    "a_blank_line_in_each_file": lambda d: (
+        setattr(d, "lines", [wire.seal(AGENT, "kid", wire.dump_body(b)) for b in d.bodies] + [b"  "]),
+        setattr(d, "services", [service(500, 560)]),
+        setattr(d, "service_lines", [b"", json.dumps(service(500, 560)).encode()]),
+    ),
+}
+
+
+@pytest.mark.parametrize("edit", GENUINE.values(), ids=GENUINE)
+def test_a_genuine_bundle_verifies(edit: Callable[[Draft], None], tmp_path: Path) -> None:
+    d = Draft()
+    edit(d)
+    res = verify_bundle(d.write(tmp_path / "b"), trust())
+    assert res.ok, problems(res)
+    assert res.keys_checked
+
+
+# keys: what each key is reported as, and what an untrusted one costs ----------------------------------
+def _signed_by_other(d: Draft) -> None:
+    d.signers = {"lab-pc": OTHER}
+
+
+A, C, X = fingerprint(AGENT), fingerprint(COLLECTOR), fingerprint(OTHER)
+KEYS: dict[
+    str,
+    tuple[
+        Callable[[Draft], None], Callable[[], evidence.Trust | None], list[tuple[str, str, bool]], list[str]
+    ],
+] = {  # fmt: skip
+    # (edit, trust, keys as (who, status, trusted), findings that must be among the problems)
+    "no_trust_source": (
+        lambda d: None,
+        lambda: None,
+        [("agent lab-pc", "NOT CHECKED", False), ("collector", "NOT CHECKED", False)],
+        [],
+    ),  # fmt: skip
+    "key_list": (
+        lambda d: None,
+        trust,
+        [("agent lab-pc", "trusted", True), ("collector", "trusted", True)],
+        [],
+    ),  # fmt: skip
+    "fingerprints": (
+        lambda d: None,
+        lambda: evidence.add_fingerprints([A, C]),
+        [("agent lab-pc", "trusted", True), ("collector", "trusted", True)],
+        [],
+    ),
+    "agent_key_replaced_in_the_bundle": (
+        _signed_by_other,
+        trust,
+        [("agent lab-pc", f"DIFFERS from trusted {A}", False), ("collector", "trusted", True)],
+        [f"key of agent lab-pc: {X} in the bundle is not the trusted key {A}"],
+    ),
+    "agent_not_enrolled_for_this_instrument": (
+        lambda d: None,
+        lambda: evidence.Trust(
+            agents={"lab-pc": evidence.TrustedAgent(key_text(AGENT), A, frozenset({"CZ-OTHER"}))},
+            collector=key_text(COLLECTOR),
+            sources=["k"],
+        ),
+        [("agent lab-pc", "trusted", True), ("collector", "trusted", True)],
+        [f"key of agent lab-pc: agent lab-pc is not enrolled for {INSTRUMENT} in the trust source"],
+    ),
+    "agent_fingerprint_not_listed": (
+        lambda d: None,
+        lambda: evidence.add_fingerprints([C]),
+        [("agent lab-pc", "NOT TRUSTED", False), ("collector", "trusted", True)],
+        [
+            f"key of agent lab-pc: {A} is not in the trust source",
+            "agent lab-pc: 6 interval(s) not counted: its key is not trusted",
+        ],  # fmt: skip
+    ),
+    "collector_key_differs_from_the_list": (
+        lambda d: setattr(d, "collector", OTHER),
+        trust,
+        [("agent lab-pc", "trusted", True), ("collector", f"DIFFERS from trusted {C}", False)],
+        [f"manifest.json: countersigned by {X}, not by the trusted collector key {C}"],
+    ),
+    "collector_fingerprint_not_listed": (
+        lambda d: None,
+        lambda: evidence.add_fingerprints([A]),
+        [("agent lab-pc", "trusted", True), ("collector", "NOT TRUSTED", False)],
+        [f"manifest.json: collector key {C} is not in the trust source"],
+    ),
+    "an_agent_without_a_key_in_the_bundle": (
+        lambda d: (
+            setattr(d, "signers", {"lab-pc": AGENT, "lab-pc2": OTHER})
+            or d.bodies.extend(chain([(0, 10, "RUNNING")], agent="lab-pc2"))
+            or setattr(d, "extra", {"agents": {"lab-pc": key_text(AGENT)}})
+        ),
+        trust,
+        [("agent lab-pc", "trusted", True), ("collector", "trusted", True)],
+        ["agent lab-pc2: 1 interval(s) not counted: no public key in bundle.json"],
+    ),
+}
+
+
+@pytest.mark.parametrize(("edit", "source", "keys", "found"), KEYS.values(), ids=KEYS)
+def test_each_key_is_reported_with_what_the_trust_source_says(
+    edit: Callable[[Draft], None],
+    source: Callable[[], evidence.Trust | None],
+    keys: list[tuple[str, str, bool]],
+    found: list[str],
+    tmp_path: Path,
+) -> None:
+    d = Draft()
+    edit(d)
+    t = source()
+    res = verify_bundle(d.write(tmp_path / "b"), t)
+    fps = {
+        "agent lab-pc": A if d.signers["lab-pc"] is AGENT else X,
+        "collector": X if d.collector is OTHER else C,
+    }
+    assert res.keys == [KeyCheck(who, fps[who], status, ok) for who, status, ok in keys]
+    got = problems(res)
+    for text in found:
+        assert any(p.startswith(text) for p in got), (text, got)
+    assert res.ok is (not found)
+    assert res.keys_checked is (t is not None and all(ok for _, _, ok in keys))
+
+
+def test_keys_are_checked_only_with_a_trust_source_and_every_key_in_it() -> None:
+    """The CLI's OK (rather than UNCHECKED) rests on this: any untrusted key, or no trust source, is not OK."""
+    trusted, untrusted = (
+        KeyCheck("agent a", A, "trusted", True),
+        KeyCheck("collector", C, "NOT TRUSTED", False),
+    )
+    assert Result(trust="k", keys=[trusted]).keys_checked
+    assert not Result(trust="k", keys=[trusted, untrusted]).keys_checked
+    assert not Result(trust=None, keys=[trusted]).keys_checked
+    assert not Result(trust=None, keys=[]).keys_checked
+
+
+# signatures and instruments ---------------------------------------------------------------------------
+def test_an_interval_of_another_instrument_is_named_and_not_counted(tmp_path: Path) -> None:
+    """Genuinely signed RUNNING hours of another instrument, linked into this one's chain, count for nothing."""
+    d = Draft(bodies=chain(DAY[:5]))
+    other = wire.Interval("lab-pc", "CZ-OTHER", 6, wire.body_hash(wire.dump_body(d.bodies[-1])), T0 + 760 * M, T0 + 1440 * M, "RUNNING")  # fmt: skip
+    d.bodies.append(other.body())
+    res = verify_bundle(d.write(tmp_path / "b"), trust())
+    assert "intervals.jsonl:6 (lab-pc seq 6): belongs to instrument 'CZ-OTHER', not 'CZ-XRD-001'" in problems(
+        res
+    )
+    assert res.recomputed["run_ms"] == 180 * M and res.recomputed["uncovered_ms"] == 680 * M
+    assert res.claimed["run_ms"] == (180 + 680) * M and not res.ok
+    assert res.counts == {"lab-pc": (6, 5)}
+
+
+@pytest.mark.parametrize("forged", [1, MAX_NAMED, MAX_NAMED + 1, MAX_NAMED + 3])
+def test_forged_signatures_are_named_up_to_the_cap_and_the_rest_counted(forged: int, tmp_path: Path) -> None:
+    spans = [(i * 10, (i + 1) * 10, "RUNNING" if i % 2 else "OFF") for i in range(144)]
+    d = Draft(bodies=chain(spans))
+    d.lines = [
+        wire.seal(OTHER if i < forged else AGENT, "kid", wire.dump_body(b)) for i, b in enumerate(d.bodies)
+    ]
+    res = verify_bundle(d.write(tmp_path / "b"), trust())
+    named = [p for p in problems(res) if p.endswith("signature does not match the body (edited or forged)")]
+    assert named == [
+        f"intervals.jsonl:{n} (lab-pc seq {n}): signature does not match the body (edited or forged)"
+        for n in range(1, min(forged, MAX_NAMED) + 1)
+    ]
+    more = [p for p in problems(res) if "more interval(s) whose signature does not match" in p]
+    assert more == ([f"agent lab-pc: {forged - MAX_NAMED} more interval(s) whose signature does not match"] if forged > MAX_NAMED else [])  # fmt: skip
+    assert res.counts == {"lab-pc": (144, 144 - forged)}
+    assert res.recomputed["uncovered_ms"] == forged * 10 * M
