@@ -19,7 +19,7 @@ import pytest
 
 from labmeter import energy, evidence, signing, wire
 from labmeter.machine_hours import compute, uncovered
-from labmeter.verify import MAX_NAMED, BundleError, KeyCheck, Result, verify_bundle
+from labmeter.verify import MAX_NAMED, KeyCheck, Result, verify_bundle
 
 T0 = 1_772_409_600_000  # 2026-03-02T00:00:00Z
 M = 60_000
@@ -29,7 +29,14 @@ AGENT = signing.PrivateKey.generate()
 OTHER = signing.PrivateKey.generate()
 COLLECTOR = signing.PrivateKey.generate()
 # minutes after T0: OFF, STANDBY, RUNNING 2 h, STANDBY, RUNNING 1 h, OFF; the period is the whole day
-DAY = [(0, 480, "OFF"), (480, 500, "STANDBY"), (500, 620, "RUNNING"), (620, 700, "STANDBY"), (700, 760, "RUNNING"), (760, 1440, "OFF")]  # fmt: skip
+DAY = [
+    (0, 480, "OFF"),
+    (480, 500, "STANDBY"),
+    (500, 620, "RUNNING"),
+    (620, 700, "STANDBY"),
+    (700, 760, "RUNNING"),
+    (760, 1440, "OFF"),
+]
 
 
 def key_text(key: signing.PrivateKey) -> str:
@@ -153,9 +160,14 @@ class Draft:
 def service(a: int, b: int, external: bool = False, n: int = 1) -> dict[str, Any]:
     """A service record over minutes [a, b) after T0."""
     return {
-        "id": n, "start_ms": T0 + a * M, "end_ms": T0 + b * M, "service_type": 130 if external else 120,
-        "direction": "test", "applicant_unit": "unit", "amount": 0,
-    }  # fmt: skip
+        "id": n,
+        "start_ms": T0 + a * M,
+        "end_ms": T0 + b * M,
+        "service_type": 130 if external else 120,
+        "direction": "test",
+        "applicant_unit": "unit",
+        "amount": 0,
+    }
 
 
 def problems(res: Result) -> list[str]:
@@ -213,20 +225,20 @@ KEYS: dict[
     tuple[
         Callable[[Draft], None], Callable[[], evidence.Trust | None], list[tuple[str, str, bool]], list[str]
     ],
-] = {  # fmt: skip
+] = {
     # (edit, trust, keys as (who, status, trusted), findings that must be among the problems)
     "no_trust_source": (
         lambda d: None,
         lambda: None,
         [("agent lab-pc", "NOT CHECKED", False), ("collector", "NOT CHECKED", False)],
         [],
-    ),  # fmt: skip
+    ),
     "key_list": (
         lambda d: None,
         trust,
         [("agent lab-pc", "trusted", True), ("collector", "trusted", True)],
         [],
-    ),  # fmt: skip
+    ),
     "fingerprints": (
         lambda d: None,
         lambda: evidence.add_fingerprints([A, C]),
@@ -256,7 +268,7 @@ KEYS: dict[
         [
             f"key of agent lab-pc: {A} is not in the trust source",
             "agent lab-pc: 6 interval(s) not counted: its key is not trusted",
-        ],  # fmt: skip
+        ],
     ),
     "collector_key_differs_from_the_list": (
         lambda d: setattr(d, "collector", OTHER),
@@ -323,7 +335,15 @@ def test_keys_are_checked_only_with_a_trust_source_and_every_key_in_it() -> None
 def test_an_interval_of_another_instrument_is_named_and_not_counted(tmp_path: Path) -> None:
     """Genuinely signed RUNNING hours of another instrument, linked into this one's chain, count for nothing."""
     d = Draft(bodies=chain(DAY[:5]))
-    other = wire.Interval("lab-pc", "CZ-OTHER", 6, wire.body_hash(wire.dump_body(d.bodies[-1])), T0 + 760 * M, T0 + 1440 * M, "RUNNING")  # fmt: skip
+    other = wire.Interval(
+        "lab-pc",
+        "CZ-OTHER",
+        6,
+        wire.body_hash(wire.dump_body(d.bodies[-1])),
+        T0 + 760 * M,
+        T0 + 1440 * M,
+        "RUNNING",
+    )
     d.bodies.append(other.body())
     res = verify_bundle(d.write(tmp_path / "b"), trust())
     assert "intervals.jsonl:6 (lab-pc seq 6): belongs to instrument 'CZ-OTHER', not 'CZ-XRD-001'" in problems(
@@ -348,6 +368,10 @@ def test_forged_signatures_are_named_up_to_the_cap_and_the_rest_counted(forged: 
         for n in range(1, min(forged, MAX_NAMED) + 1)
     ]
     more = [p for p in problems(res) if "more interval(s) whose signature does not match" in p]
-    assert more == ([f"agent lab-pc: {forged - MAX_NAMED} more interval(s) whose signature does not match"] if forged > MAX_NAMED else [])  # fmt: skip
+    assert more == (
+        [f"agent lab-pc: {forged - MAX_NAMED} more interval(s) whose signature does not match"]
+        if forged > MAX_NAMED
+        else []
+    )
     assert res.counts == {"lab-pc": (144, 144 - forged)}
     assert res.recomputed["uncovered_ms"] == forged * 10 * M
