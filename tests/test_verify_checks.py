@@ -19,7 +19,7 @@ import pytest
 
 from labmeter import energy, evidence, signing, wire
 from labmeter.machine_hours import compute, uncovered
-from labmeter.verify import MAX_NAMED, KeyCheck, Result, verify_bundle
+from labmeter.verify import MAX_NAMED, BundleError, KeyCheck, Result, iso, verify_bundle
 
 T0 = 1_772_409_600_000  # 2026-03-02T00:00:00Z
 M = 60_000
@@ -63,16 +63,26 @@ def trust(
 
 
 def chain(
-    spans: list[tuple[int, int, str]], agent: str = "lab-pc", first: int = 1, **extra: Any
+    spans: list[tuple[int, int, str]],
+    agent: str = "lab-pc",
+    first: int = 1,
+    prev: str = wire.GENESIS,
+    **extra: Any,
 ) -> list[dict[str, Any]]:
     """Interval bodies over ``spans`` (minutes after T0), each ``prev`` the hash of the one before."""
     out: list[dict[str, Any]] = []
-    prev = wire.GENESIS
     for i, (a, b, state) in enumerate(spans):
         iv = wire.Interval(agent, INSTRUMENT, first + i, prev, T0 + a * M, T0 + b * M, state, **extra)
         out.append(iv.body())
         prev = wire.body_hash(wire.dump_body(out[-1]))
     return out
+
+
+def relink(bodies: list[dict[str, Any]], start: int = 1) -> list[dict[str, Any]]:
+    """Each body's ``prev`` from ``start`` on made the hash of the one before again, after an edit."""
+    for i in range(max(start, 1), len(bodies)):
+        bodies[i]["prev"] = wire.body_hash(wire.dump_body(bodies[i - 1]))
+    return bodies
 
 
 @dataclass
@@ -197,6 +207,21 @@ GENUINE: dict[str, Callable[[Draft], None]] = {
     "service_records_internal_and_external": lambda d: setattr(
         d, "services", [service(500, 560, n=1), service(700, 730, external=True, n=2)]
     ),
+    "the_first_link_continues_a_chain_outside_the_bundle": lambda d: setattr(
+        d, "bodies", chain(DAY, first=5, prev="ab" * 32)
+    ),
+    "a_clock_step_recorded_in_the_link": lambda d: setattr(
+        d,
+        "bodies",
+        chain(DAY[:3])
+        + relink(
+            [
+                *chain(DAY[:3]),
+                *chain([(625, 700, "STANDBY")], first=4, clock_step_ms=5 * M),
+                *chain(DAY[4:], first=5),
+            ]
+        )[3:],
+    ),
     "a_blank_line_in_each_file": lambda d: (
         setattr(d, "lines", [wire.seal(AGENT, "kid", wire.dump_body(b)) for b in d.bodies] + [b"  "]),
         setattr(d, "services", [service(500, 560)]),
@@ -212,6 +237,10 @@ def test_a_genuine_bundle_verifies(edit: Callable[[Draft], None], tmp_path: Path
     res = verify_bundle(d.write(tmp_path / "b"), trust())
     assert res.ok, problems(res)
     assert res.keys_checked
+    new_chains = [b for b in d.bodies if b["prev"] == wire.GENESIS][1:]
+    assert res.restarts == [
+        f"lab-pc seq {b['seq']}: a new chain begins at {iso(b['start'])}" for b in new_chains
+    ]
 
 
 # keys: what each key is reported as, and what an untrusted one costs ----------------------------------
@@ -375,3 +404,147 @@ def test_forged_signatures_are_named_up_to_the_cap_and_the_rest_counted(forged: 
     )
     assert res.counts == {"lab-pc": (144, 144 - forged)}
     assert res.recomputed["uncovered_ms"] == forged * 10 * M
+
+
+# unreadable bundles: a named error, never a traceback and never a verdict -----------------------------
+def _bundle_json(text: str) -> Callable[[Draft, Path], None]:
+    def edit(d: Draft, folder: Path) -> None:
+        (folder / evidence.BUNDLE).write_text(text)
+
+    return edit
+
+
+def _services_line(line: bytes) -> Callable[[Draft, Path], None]:
+    def edit(d: Draft, folder: Path) -> None:
+        (folder / evidence.SERVICES).write_bytes(
+            json.dumps(service(500, 560)).encode() + b"\n" + line + b"\n"
+        )
+
+    return edit
+
+
+def _drop(key: str) -> Callable[[Draft, Path], None]:
+    def edit(d: Draft, folder: Path) -> None:
+        doc = json.loads((folder / evidence.BUNDLE).read_text())
+        del doc[key]
+        (folder / evidence.BUNDLE).write_text(json.dumps(doc))
+
+    return edit
+
+
+def _set(**values: Any) -> Callable[[Draft, Path], None]:
+    def edit(d: Draft, folder: Path) -> None:
+        doc = json.loads((folder / evidence.BUNDLE).read_text())
+        doc.update(values)
+        (folder / evidence.BUNDLE).write_text(json.dumps(doc))
+
+    return edit
+
+
+BAD = {
+    name: (edit, text)
+    for name, edit, text in [
+        ("not_an_object", _bundle_json("[1, 2]"), "bundle.json: not a JSON object"),
+        *[
+            (f"no_{k}", _drop(k), f"bundle.json: missing {k!r}")
+            for k in (
+                "format",
+                "instrument",
+                "from_ms",
+                "to_ms",
+                "prep_allowance_s",
+                "post_allowance_s",
+                "agents",
+                "gaps",
+            )
+        ],
+        ("empty_period", _set(to_ms=T0), "bundle.json: 'to_ms' is not after 'from_ms'"),
+        ("reversed_period", _set(to_ms=T0 - 1), "bundle.json: 'to_ms' is not after 'from_ms'"),
+        (
+            "negative_allowance",
+            _set(post_allowance_s=-1),
+            "bundle.json: 'post_allowance_s' must be an integer >= 0",
+        ),
+        ("service_not_an_object", _services_line(b"[1]"), "services.jsonl:2: not a JSON object"),
+        (
+            "service_without_times",
+            _services_line(b'{"service_type": 120}'),
+            "services.jsonl:2: start_ms and end_ms must be integers",
+        ),
+        (
+            "service_with_one_time",
+            _services_line(json.dumps({**service(500, 560), "end_ms": "x"}).encode()),
+            "services.jsonl:2: start_ms and end_ms",
+        ),
+        (
+            "service_of_no_time",
+            _services_line(json.dumps(service(500, 500)).encode()),
+            "services.jsonl:2: start_ms and end_ms",
+        ),
+        (
+            "service_ending_before_it_starts",
+            _services_line(json.dumps(service(560, 500)).encode()),
+            "services.jsonl:2: start_ms and end_ms",
+        ),
+        (
+            "service_of_another_type",
+            _services_line(json.dumps({**service(500, 560), "service_type": 121}).encode()),
+            "services.jsonl:2: service_type must be 120 or 130, not 121",
+        ),
+    ]
+}
+
+
+@pytest.mark.parametrize(("edit", "text"), BAD.values(), ids=BAD)
+def test_an_unreadable_bundle_is_a_named_error(
+    edit: Callable[[Draft, Path], None], text: str, tmp_path: Path
+) -> None:
+    d = Draft(services=[service(500, 560)])
+    folder = d.write(tmp_path / "b")
+    edit(d, folder)
+    with pytest.raises(BundleError) as exc:
+        verify_bundle(folder, trust())
+    assert str(exc.value).replace(f"{folder}/", "").startswith(text), str(exc.value)
+
+
+# chains: every break is named, and what follows it counts as unverified ------------------------------
+def _without(*seqs: int) -> Callable[[Draft], None]:
+    def edit(d: Draft) -> None:
+        d.bodies = [b for b in d.bodies if b["seq"] not in seqs]
+
+    return edit
+
+
+def _wrong_prev(d: Draft) -> None:
+    d.bodies[3]["prev"] = "ab" * 32
+    relink(d.bodies, 4)
+
+
+def _moved_start(minutes: int) -> Callable[[Draft], None]:
+    def edit(d: Draft) -> None:
+        d.bodies[3]["start"] += minutes * M
+        relink(d.bodies, 4)
+
+    return edit
+
+
+CHAINS = {
+    # (edit, the finding, unverified minutes recomputed)
+    "one_link_missing": (_without(3), "lab-pc seq 3: missing: the chain breaks here", 80),
+    "two_links_missing": (_without(3, 4), "lab-pc seq 3-4: missing: the chain breaks here", 60),
+    "prev_is_not_the_hash_before": (_wrong_prev, "lab-pc seq 4: prev does not match the previous body's hash", 80),
+    "a_gap_between_links": (_moved_start(10), f"lab-pc seq 4: starts at {T0 + 630 * M}, previous ends at {T0 + 620 * M}", 70),
+    "an_overlap_between_links": (_moved_start(-10), f"lab-pc seq 4: starts at {T0 + 610 * M}, previous ends at {T0 + 620 * M}", 80),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize(("edit", "finding", "unverified"), CHAINS.values(), ids=CHAINS)
+def test_a_broken_chain_is_named_and_the_link_after_it_unverified(
+    edit: Callable[[Draft], None], finding: str, unverified: int, tmp_path: Path
+) -> None:
+    d = Draft()
+    edit(d)
+    res = verify_bundle(d.write(tmp_path / "b"), trust())
+    chain_problems = [p for p in problems(res) if p.startswith("lab-pc seq")]
+    assert chain_problems == [finding]
+    assert res.recomputed["unverified_ms"] == unverified * M
