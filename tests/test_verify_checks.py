@@ -548,3 +548,80 @@ def test_a_broken_chain_is_named_and_the_link_after_it_unverified(
     chain_problems = [p for p in problems(res) if p.startswith("lab-pc seq")]
     assert chain_problems == [finding]
     assert res.recomputed["unverified_ms"] == unverified * M
+
+
+# the countersignature: by the trusted collector, over exactly these claims and files -----------------
+def _manifest(folder: Path) -> dict[str, Any]:
+    return dict(json.loads((folder / evidence.MANIFEST).read_text()))
+
+
+def _resign(folder: Path, edit: Callable[[dict[str, Any]], None]) -> None:
+    """The manifest body edited, then signed again by the trusted collector key."""
+    body = json.loads(_manifest(folder)["body"])
+    edit(body)
+    text = json.dumps(body, sort_keys=True, separators=(",", ":"))
+    (folder / evidence.MANIFEST).write_text(json.dumps(evidence.countersign(COLLECTOR, text)))
+
+
+def _signed(key: str, value: Any) -> Callable[[Path], None]:
+    return lambda folder: _resign(folder, lambda body: body.__setitem__(key, value))
+
+
+def _signed_file_hash(name: str) -> Callable[[Path], None]:
+    return lambda folder: _resign(folder, lambda body: body["files"].__setitem__(name, "0" * 64))
+
+
+def _manifest_field(key: str, value: str) -> Callable[[Path], None]:
+    def edit(folder: Path) -> None:
+        m = _manifest(folder)
+        m[key] = value
+        (folder / evidence.MANIFEST).write_text(json.dumps(m))
+
+    return edit
+
+
+COUNTERSIGNATURES = {
+    # (edit of the written bundle, findings about the manifest, countersignature status)
+    "stripped": (lambda f: (f / evidence.MANIFEST).unlink(), ["manifest.json: missing: a format 2 bundle is countersigned by the collector"], "MISSING"),
+    "kid_of_another_key": (_manifest_field("kid", "0123456789abcdef"), [f"manifest.json: kid '0123456789abcdef' is not the fingerprint of its key ({C})"], f"valid, by collector key {C} (trusted)"),
+    "signature_of_another_body": (_manifest_field("body", "{}"), ["manifest.json: the countersignature does not match the manifest (edited or forged)"], f"BROKEN (key {C})"),
+    "signed_another_format": (_signed("format", evidence.FORMAT_V2), [f'manifest.json: the collector signed format "{evidence.FORMAT_V2}", bundle.json says "{evidence.FORMAT}"'], f"valid, by collector key {C} (trusted)"),
+    "signed_another_instrument": (_signed("instrument", "CZ-OTHER"), ['manifest.json: the collector signed instrument "CZ-OTHER", bundle.json says "CZ-XRD-001"'], f"valid, by collector key {C} (trusted)"),
+    "signed_another_start": (_signed("from_ms", T0 + M), [f"manifest.json: the collector signed from_ms {T0 + M}, bundle.json says {T0}"], f"valid, by collector key {C} (trusted)"),
+    "signed_another_end": (_signed("to_ms", T0 + M), [f"manifest.json: the collector signed to_ms {T0 + M}, bundle.json says {T0 + 1440 * M}"], f"valid, by collector key {C} (trusted)"),
+    "signed_fewer_run_hours": (
+        lambda f: _resign(f, lambda body: body["claimed"].__setitem__("run_ms", body["claimed"]["run_ms"] - H)),
+        ["manifest.json: the collector signed other claims: run_ms 2.000 h, bundle.json says 3.000 h"],
+        f"valid, by collector key {C} (trusted)",
+    ),
+    "signed_no_energy_claim": (
+        lambda f: _resign(f, lambda body: body["claimed"].__setitem__("energy_mwh", 1_500_000)),
+        ["manifest.json: the collector signed other claims: energy_mwh 1.500000 kWh, bundle.json says 0.000000 kWh"],
+        f"valid, by collector key {C} (trusted)",
+    ),
+    **{
+        f"{name.split('.')[0]}_changed_after_signing": (_signed_file_hash(name), [f"manifest.json: {name} changed after the collector signed it (SHA-256 differs)"], f"valid, by collector key {C} (trusted)")
+        for name in evidence.COUNTERSIGNED
+    },
+    "file_hashes_not_an_object": (_signed("files", []), [f"manifest.json: {n} changed after the collector signed it (SHA-256 differs)" for n in evidence.COUNTERSIGNED], f"valid, by collector key {C} (trusted)"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize(("edit", "found", "status"), COUNTERSIGNATURES.values(), ids=COUNTERSIGNATURES)
+def test_the_countersignature_covers_the_claims_and_every_file(
+    edit: Callable[[Path], None], found: list[str], status: str, tmp_path: Path
+) -> None:
+    folder = Draft(services=[service(500, 560)]).write(tmp_path / "b")
+    edit(folder)
+    res = verify_bundle(folder, trust())
+    assert [p for p in problems(res) if p.startswith("manifest.json")] == found
+    assert res.countersignature == status
+    assert not res.ok
+
+
+@pytest.mark.parametrize("body", ["not json", "[]", '{"files": {}}', '{"format": 1}'])
+def test_a_countersigned_body_that_is_no_manifest_is_a_named_error(body: str, tmp_path: Path) -> None:
+    folder = Draft().write(tmp_path / "b")
+    (folder / evidence.MANIFEST).write_text(json.dumps(evidence.countersign(COLLECTOR, body)))
+    with pytest.raises(BundleError, match=r"manifest\.json: body is not a manifest"):
+        verify_bundle(folder, trust())
