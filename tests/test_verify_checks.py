@@ -117,15 +117,20 @@ class Draft:
             for b in self.bodies
         ]
 
-    def write(self, folder: Path) -> Path:
-        version = evidence.VERSIONS[self.fmt]
+    def claims(self) -> dict[str, int]:
+        """What the collector would claim: the hour rules and energy over the bodies as drafted."""
         windows = [(s["start_ms"], s["end_ms"], s["service_type"] == 130) for s in self.services]
         h = compute(self.rows(), self.from_ms, self.to_ms, self.prep_s * 1000, self.post_s * 1000, windows)
         rows = [(b["start"], b["end"], energy.to_mwh(b.get("energy_wh"))) for b in self.bodies]
         mwh, known = energy.energy_in(rows, self.from_ms, self.to_ms)
         claimed = {**h.totals(), "energy_mwh": mwh, "energy_ms": known}
-        if version >= 3:
+        if evidence.VERSIONS[self.fmt] >= 3:
             claimed.update(service_ms=h.service_ms, external_ms=h.external_ms)
+        return claimed
+
+    def write(self, folder: Path) -> Path:
+        version = evidence.VERSIONS[self.fmt]
+        claimed = self.claims()
         doc: dict[str, Any] = {
             "format": self.fmt,
             "instrument": INSTRUMENT,
@@ -625,3 +630,124 @@ def test_a_countersigned_body_that_is_no_manifest_is_a_named_error(body: str, tm
     (folder / evidence.MANIFEST).write_text(json.dumps(evidence.countersign(COLLECTOR, body)))
     with pytest.raises(BundleError, match=r"manifest\.json: body is not a manifest"):
         verify_bundle(folder, trust())
+
+
+# coverage: every span without an interval is a gap the collector declared ------------------------------
+def _spans_with_holes(n: int) -> list[dict[str, Any]]:
+    """``n`` holes of 10 min, each after 50 min of intervals, every interval beginning a new chain."""
+    out: list[dict[str, Any]] = []
+    for i in range(n):
+        out += chain([(i * 60, i * 60 + 50, "RUNNING")], first=1 + 10 * i)
+    return out + chain([(n * 60, 1440, "OFF")], first=1 + 10 * n)
+
+
+def _at(minute: int) -> str:
+    return iso(T0 + minute * M)
+
+
+UNDECLARED = ", and the bundle does not declare it as a gap"
+COVERAGE = {
+    # (bodies, declared gaps in minutes, format, coverage findings)
+    "nothing_covers_the_period": ([], [], evidence.FORMAT, [f"no interval covers any of the period{UNDECLARED}"]),
+    "the_first_interval_starts_late": (chain(DAY[1:]), [], evidence.FORMAT, [f"the first interval starts at {_at(480)}, after the period start{UNDECLARED}"]),
+    "the_last_interval_ends_early": (chain(DAY[:5]), [], evidence.FORMAT, [f"the last interval ends at {_at(760)}, before the period end{UNDECLARED}"]),
+    "a_hole_in_the_middle": (chain(DAY[:3]) + chain(DAY[4:], first=9), [], evidence.FORMAT, [f"no interval covers {_at(620)} to {_at(700)} (1.333 h){UNDECLARED}"]),
+    "a_hole_declared_in_part": (chain(DAY[:3]) + chain(DAY[4:], first=9), [(620, 650)], evidence.FORMAT, [f"no interval covers {_at(650)} to {_at(700)} (0.833 h){UNDECLARED}"]),
+    "a_hole_declared_in_two_parts_around_a_gap": (chain(DAY[:3]) + chain(DAY[4:], first=9), [(620, 640), (660, 700)], evidence.FORMAT, [f"no interval covers {_at(640)} to {_at(660)} (0.333 h){UNDECLARED}"]),
+    "a_declared_gap_that_intervals_cover": (chain(DAY), [(100, 200)], evidence.FORMAT, [f"declared gap {_at(100)} to {_at(200)} is covered by intervals in the bundle"]),
+    "a_declared_gap_reaching_into_intervals": (chain(DAY[:3]) + chain(DAY[4:], first=9), [(600, 700)], evidence.FORMAT, [f"declared gap {_at(600)} to {_at(620)} is covered by intervals in the bundle"]),
+    "holes_up_to_the_cap": (_spans_with_holes(MAX_NAMED), [], evidence.FORMAT, [f"no interval covers {_at(i * 60 + 50)} to {_at(i * 60 + 60)} (0.167 h){UNDECLARED}" for i in range(MAX_NAMED)]),
+    "holes_beyond_the_cap": (_spans_with_holes(MAX_NAMED + 2), [], evidence.FORMAT, [*(f"no interval covers {_at(i * 60 + 50)} to {_at(i * 60 + 60)} (0.167 h){UNDECLARED}" for i in range(MAX_NAMED)), "2 more span(s) like these"]),
+    "format_1_declares_no_gaps": (chain(DAY[1:]), None, evidence.FORMAT_V1, [f"the first interval starts at {_at(480)}, after the period start{UNDECLARED}"]),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize(("bodies", "declared", "fmt", "found"), COVERAGE.values(), ids=COVERAGE)
+def test_every_span_without_an_interval_must_be_a_declared_gap(
+    bodies: list[dict[str, Any]],
+    declared: list[tuple[int, int]] | None,
+    fmt: str,
+    found: list[str],
+    tmp_path: Path,
+) -> None:
+    gaps = None if declared is None else [[T0 + a * M, T0 + b * M] for a, b in declared]
+    d = Draft(bodies=bodies, gaps=gaps, fmt=fmt, collector=None if fmt == evidence.FORMAT_V1 else COLLECTOR)
+    res = verify_bundle(d.write(tmp_path / "b"), trust())
+    assert [str(f.problem) for f in res.findings if f.where == "coverage"] == found
+    assert res.gaps == uncovered(d.rows(), d.from_ms, d.to_ms)
+    note = "format 1 bundles declare no gaps: every uncovered span is a discrepancy"
+    assert (note in res.notes) is (fmt == evidence.FORMAT_V1)
+
+
+def test_a_format_1_bundle_without_uncovered_time_has_no_note_about_gaps(tmp_path: Path) -> None:
+    res = verify_bundle(Draft(fmt=evidence.FORMAT_V1, collector=None).write(tmp_path / "b"), trust())
+    assert res.ok and res.notes == ["format 1 bundle: it carries no countersignature by the collector"]
+    assert res.countersignature == "none (format 1 bundle)"
+
+
+# claims: each one recomputed from the signed intervals and service records --------------------------
+def _claims(**changes: int | None) -> Callable[[Draft], None]:
+    """The collector's claims with some changed (None: left out)."""
+
+    def edit(d: Draft) -> None:
+        claimed = {**d.claims(), **changes}
+        d.claimed = {k: v for k, v in claimed.items() if v is not None}
+
+    return edit
+
+
+def _metered(d: Draft) -> None:
+    d.bodies = chain(DAY[:2]) + chain(DAY[2:], first=3, prev=wire.GENESIS, energy_wh=250.0)
+    d.services = [service(500, 560, n=1), service(700, 760, external=True, n=2)]
+
+
+def _then(*edits: Callable[[Draft], None]) -> Callable[[Draft], None]:
+    def edit(d: Draft) -> None:
+        for e in edits:
+            e(d)
+
+    return edit
+
+
+CLAIMS = {
+    # (edit, findings about claims, hours or energy)
+    "no_claims": (lambda d: setattr(d, "drop", ("claimed",)), ["claims: bundle.json claims no hours ('claimed' is missing or empty)"]),
+    "empty_claims": (lambda d: setattr(d, "claimed", {}), ["claims: bundle.json claims no hours ('claimed' is missing or empty)"]),
+    "run_hours_not_claimed": (_claims(run_ms=None), ["claims: no claim for run_ms"]),
+    "service_hours_not_claimed": (_claims(service_ms=None, external_ms=None), ["claims: no claim for service_ms, external_ms"]),
+    "a_quantity_labmeter_does_not_count": (_claims(bogus_ms=5), ["claims: 'bogus_ms' is not a quantity labmeter counts"]),
+    "an_hour_more_running": (_claims(run_ms=4 * H), ["hours run: claimed 4.000 h, recomputed 3.000 h"]),
+    "effective_hours_edited": (_claims(effective_ms=0), ["hours effective: claimed 0.000 h, recomputed 3.667 h"]),
+    "service_hours_edited": (_then(_metered, _claims(service_ms=3 * H)), ["hours service: claimed 3.000 h, recomputed 2.000 h"]),
+    "external_hours_edited": (_then(_metered, _claims(external_ms=0)), ["hours external: claimed 0.000 h, recomputed 1.000 h"]),
+    "energy_edited": (_then(_metered, _claims(energy_mwh=2_000_000)), ["energy: claimed 2.000000 kWh, recomputed 1.000000 kWh"]),
+    "metered_time_edited": (_then(_metered, _claims(energy_ms=H)), ["hours energy: claimed 1.000 h, recomputed 15.667 h"]),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize(("edit", "found"), CLAIMS.values(), ids=CLAIMS)
+def test_every_claim_is_recomputed_and_a_changed_one_named(
+    edit: Callable[[Draft], None], found: list[str], tmp_path: Path
+) -> None:
+    d = Draft()
+    edit(d)
+    res = verify_bundle(d.write(tmp_path / "b"), trust())
+    assert [
+        p for p in problems(res) if p.split(":")[0] in ("claims", "energy") or p.startswith("hours ")
+    ] == found
+
+
+def test_service_records_and_energy_are_recomputed_from_the_bundle(tmp_path: Path) -> None:
+    d = Draft()
+    _metered(d)
+    res = verify_bundle(d.write(tmp_path / "b"), trust())
+    assert res.ok, problems(res)
+    assert res.services == 2
+    assert (res.recomputed["service_ms"], res.recomputed["external_ms"]) == (
+        2 * H,
+        H,
+    )  # both, the external one
+    # four intervals of 250 Wh from 08:20 on, metered until midnight
+    assert (res.recomputed["energy_mwh"], res.recomputed["energy_ms"]) == (1_000_000, (1440 - 500) * M)
+    old = verify_bundle(Draft(fmt=evidence.FORMAT_V2).write(tmp_path / "v2"), trust())
+    assert old.ok and old.services is None and "service_ms" not in old.recomputed
