@@ -318,6 +318,12 @@ STATUS_CASES: dict[str, tuple[str, Any, str, bool]] = {
     "unknown_agent": ("ghost", lambda lab: lab.a.seal(status(lab.a, agent="ghost")), "unknown agent", False),
     "unsigned": ("a1", lambda lab: wire.dump_body(status(lab.a)).encode(), "unsigned", True),
     "another_key": ("a1", lambda lab: lab.b.seal(status(lab.a)), "not signed by", True),
+    "the_agents_key_id_on_another_keys_signature": (
+        "a1",
+        lambda lab: wire.seal(lab.b.key, lab.a.kid, wire.dump_body(status(lab.a))),
+        "not signed by",
+        True,
+    ),
     "bad_body": ("a1", lambda lab: lab.a.seal(status(lab.a, status="maybe")), "status body", True),
     "names_another_agent": ("a1", lambda lab: lab.a.seal(status(lab.a, agent="b1")), "another agent", True),
     "from_the_future": ("a1", lambda lab: lab.a.seal(status(lab.a, at=NOW + H)), "future", True),
@@ -357,6 +363,18 @@ POWER_CASES: dict[str, tuple[str, Any, str, bool]] = {
         False,
     ),
     "another_key": (wire.power_topic("a1", "I1"), lambda lab: lab.b.seal(power()), "bad signature", False),
+    "the_agents_key_id_on_another_keys_signature": (
+        wire.power_topic("a1", "I1"),
+        lambda lab: wire.seal(lab.b.key, lab.a.kid, wire.dump_body(power())),
+        "bad signature",
+        False,
+    ),
+    "malformed_topic": (
+        "labmeter/v2/a1/I1/power",
+        lambda lab: lab.a.seal(power()),
+        "is not labmeter/v1/",
+        False,
+    ),
     "bad_body": (wire.power_topic("a1", "I1"), lambda lab: lab.a.seal(power(n="x")), "", True),
     "body_names_another_instrument": (
         wire.power_topic("a1", "I1"),
@@ -603,6 +621,16 @@ def test_max_future_is_inclusive_to_the_millisecond(lab: Lab) -> None:
     assert isinstance(v.check(opened, lab.a.seal(open_body(now - 60_000))), OpenState)  # the usual case
     with pytest.raises(Rejected, match="open interval start"):
         v.check(opened, lab.a.seal(open_body(edge + 1)))
+    at_edge = v.check(wire.status_topic("a1"), lab.a.seal(status(lab.a, at=edge)))
+    assert isinstance(at_edge, Status) and at_edge.report is not None
+    beyond = v.check(wire.status_topic("a1"), lab.a.seal(status(lab.a, at=edge + 1)))
+    assert isinstance(beyond, Status) and beyond.report is None and "future" in beyond.problem
+    ptopic = wire.power_topic("a1", "I1")
+    assert v.check_power(ptopic, lab.a.seal(power(start=edge - 60_000, end=edge))).end == edge
+    assert v.check_power(ptopic, lab.a.seal(power(start=Y2000, end=Y2000 + 60_000))).start == Y2000
+    for start, end in ((edge - 60_000, edge + 1), (Y2000 - 1, Y2000 + 60_000)):
+        with pytest.raises(Rejected, match="implausible power window"):
+            v.check_power(ptopic, lab.a.seal(power(start=start, end=end)))
 
 
 def test_a_newcomers_status_is_recognised_once_the_snapshot_is_old(lab: Lab) -> None:
