@@ -446,9 +446,20 @@ def _set(**values: Any) -> Callable[[Draft, Path], None]:
     return edit
 
 
+def _unreadable_intervals(d: Draft, folder: Path) -> None:
+    (folder / evidence.INTERVALS).unlink()
+    (folder / evidence.INTERVALS).mkdir()
+
+
 BAD = {
     name: (edit, text)
     for name, edit, text in [
+        ("intervals_unreadable", _unreadable_intervals, "intervals.jsonl: cannot read (Is a directory)"),
+        (
+            "bundle_json_not_utf8",
+            lambda d, f: (f / evidence.BUNDLE).write_bytes(b'{"format": "\xff"}'),
+            "bundle.json: not UTF-8 text",
+        ),
         ("not_an_object", _bundle_json("[1, 2]"), "bundle.json: not a JSON object"),
         *[
             (f"no_{k}", _drop(k), f"bundle.json: missing {k!r}")
@@ -608,6 +619,16 @@ COUNTERSIGNATURES = {
         f"{name.split('.')[0]}_changed_after_signing": (_signed_file_hash(name), [f"manifest.json: {name} changed after the collector signed it (SHA-256 differs)"], f"valid, by collector key {C} (trusted)")
         for name in evidence.COUNTERSIGNED
     },
+    "signed_without_the_energy_claim": (
+        lambda f: _resign(f, lambda body: body["claimed"].pop("energy_mwh")),
+        ["manifest.json: the collector signed other claims: energy_mwh none, bundle.json says 0.000000 kWh"],
+        f"valid, by collector key {C} (trusted)",
+    ),
+    "signed_a_claim_the_bundle_drops": (
+        lambda f: _resign(f, lambda body: body["claimed"].__setitem__("bogus_ms", H)),
+        ["manifest.json: the collector signed other claims: bogus_ms 1.000 h, bundle.json says none"],
+        f"valid, by collector key {C} (trusted)",
+    ),
     "file_hashes_not_an_object": (_signed("files", []), [f"manifest.json: {n} changed after the collector signed it (SHA-256 differs)" for n in evidence.COUNTERSIGNED], f"valid, by collector key {C} (trusted)"),
 }  # fmt: skip
 
@@ -751,3 +772,11 @@ def test_service_records_and_energy_are_recomputed_from_the_bundle(tmp_path: Pat
     assert (res.recomputed["energy_mwh"], res.recomputed["energy_ms"]) == (1_000_000, (1440 - 500) * M)
     old = verify_bundle(Draft(fmt=evidence.FORMAT_V2).write(tmp_path / "v2"), trust())
     assert old.ok and old.services is None and "service_ms" not in old.recomputed
+
+
+def test_a_format_2_bundle_without_its_countersignature_is_a_discrepancy(tmp_path: Path) -> None:
+    folder = Draft(fmt=evidence.FORMAT_V2).write(tmp_path / "b")
+    (folder / evidence.MANIFEST).unlink()
+    res = verify_bundle(folder, trust())
+    assert problems(res) == ["manifest.json: missing: a format 2 bundle is countersigned by the collector"]
+    assert res.countersignature == "MISSING"
