@@ -9,6 +9,7 @@ the genuine variants (formats 1 and 2, allowances of 0, a service record per lin
 
 from __future__ import annotations
 
+import copy
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -190,48 +191,48 @@ def problems(res: Result) -> list[str]:
 
 
 # genuine variants: each must verify against the key list ----------------------------------------------
-def _format_1(d: Draft) -> None:
-    d.fmt, d.collector = evidence.FORMAT_V1, None
+def draft(**fields: Any) -> Callable[[Draft], None]:
+    """An edit setting fields of the draft (a copy of each list or dict: cases share nothing)."""
+
+    def edit(d: Draft) -> None:
+        for name, value in fields.items():
+            setattr(d, name, copy.deepcopy(value) if isinstance(value, list | dict) else value)
+
+    return edit
 
 
-def _format_2_with_a_declared_gap(d: Draft) -> None:
-    d.fmt, d.bodies = evidence.FORMAT_V2, chain(DAY[1:])  # nothing before 08:00: a gap the collector declared
+def _a_clock_step_recorded_in_the_link(d: Draft) -> None:
+    """The clock stepped 5 min forward before seq 4: its start is the previous end plus the recorded step."""
+    d.bodies = relink(
+        [
+            *chain(DAY[:3]),
+            *chain([(625, 700, "STANDBY")], first=4, clock_step_ms=5 * M),
+            *chain(DAY[4:], first=5),
+        ]
+    )
 
 
-def _a_gap_in_the_middle_of_a_new_chain(d: Draft) -> None:
-    d.bodies = chain(DAY[:3]) + chain(DAY[4:], first=1000)
+def _a_blank_line_in_each_file(d: Draft) -> None:
+    d.lines = [wire.seal(AGENT, "kid", wire.dump_body(b)) for b in d.bodies] + [b"  "]
+    d.services = [service(500, 560)]
+    d.service_lines = [b"", json.dumps(service(500, 560)).encode()]
 
 
 GENUINE: dict[str, Callable[[Draft], None]] = {
-    "as_the_collector_writes_it": lambda d: None,
-    "no_allowances": lambda d: setattr(d, "prep_s", 0) or setattr(d, "post_s", 0),
-    "format_1": _format_1,
-    "format_2_with_a_declared_gap": _format_2_with_a_declared_gap,
-    "no_interval_count_in_bundle_json": lambda d: setattr(d, "drop", ("intervals",)),
-    "a_new_chain_after_a_declared_gap": _a_gap_in_the_middle_of_a_new_chain,
-    "service_records_internal_and_external": lambda d: setattr(
-        d, "services", [service(500, 560, n=1), service(700, 730, external=True, n=2)]
+    "as_the_collector_writes_it": draft(),
+    "no_allowances": draft(prep_s=0, post_s=0),
+    "format_1": draft(fmt=evidence.FORMAT_V1, collector=None),
+    "format_2_with_a_declared_gap": draft(
+        fmt=evidence.FORMAT_V2, bodies=chain(DAY[1:])
+    ),  # nothing before 08:00
+    "no_interval_count_in_bundle_json": draft(drop=("intervals",)),
+    "a_new_chain_after_a_declared_gap": draft(bodies=chain(DAY[:3]) + chain(DAY[4:], first=1000)),
+    "service_records_internal_and_external": draft(
+        services=[service(500, 560, n=1), service(700, 730, external=True, n=2)]
     ),
-    "the_first_link_continues_a_chain_outside_the_bundle": lambda d: setattr(
-        d, "bodies", chain(DAY, first=5, prev="ab" * 32)
-    ),
-    "a_clock_step_recorded_in_the_link": lambda d: setattr(
-        d,
-        "bodies",
-        chain(DAY[:3])
-        + relink(
-            [
-                *chain(DAY[:3]),
-                *chain([(625, 700, "STANDBY")], first=4, clock_step_ms=5 * M),
-                *chain(DAY[4:], first=5),
-            ]
-        )[3:],
-    ),
-    "a_blank_line_in_each_file": lambda d: (
-        setattr(d, "lines", [wire.seal(AGENT, "kid", wire.dump_body(b)) for b in d.bodies] + [b"  "]),
-        setattr(d, "services", [service(500, 560)]),
-        setattr(d, "service_lines", [b"", json.dumps(service(500, 560)).encode()]),
-    ),
+    "the_first_link_continues_a_chain_outside_the_bundle": draft(bodies=chain(DAY, first=5, prev="ab" * 32)),
+    "a_clock_step_recorded_in_the_link": _a_clock_step_recorded_in_the_link,
+    "a_blank_line_in_each_file": _a_blank_line_in_each_file,
 }
 
 
@@ -251,6 +252,13 @@ def test_a_genuine_bundle_verifies(edit: Callable[[Draft], None], tmp_path: Path
 # keys: what each key is reported as, and what an untrusted one costs ----------------------------------
 def _signed_by_other(d: Draft) -> None:
     d.signers = {"lab-pc": OTHER}
+
+
+def _an_agent_without_a_key(d: Draft) -> None:
+    """A second agent's signed interval in the file, its key missing from bundle.json."""
+    d.signers = {"lab-pc": AGENT, "lab-pc2": OTHER}
+    d.bodies += chain([(0, 10, "RUNNING")], agent="lab-pc2")
+    d.extra = {"agents": {"lab-pc": key_text(AGENT)}}
 
 
 A, C, X = fingerprint(AGENT), fingerprint(COLLECTOR), fingerprint(OTHER)
@@ -305,7 +313,7 @@ KEYS: dict[
         ],
     ),
     "collector_key_differs_from_the_list": (
-        lambda d: setattr(d, "collector", OTHER),
+        draft(collector=OTHER),
         trust,
         [("agent lab-pc", "trusted", True), ("collector", f"DIFFERS from trusted {C}", False)],
         [f"manifest.json: countersigned by {X}, not by the trusted collector key {C}"],
@@ -317,11 +325,7 @@ KEYS: dict[
         [f"manifest.json: collector key {C} is not in the trust source"],
     ),
     "an_agent_without_a_key_in_the_bundle": (
-        lambda d: (
-            setattr(d, "signers", {"lab-pc": AGENT, "lab-pc2": OTHER})
-            or d.bodies.extend(chain([(0, 10, "RUNNING")], agent="lab-pc2"))
-            or setattr(d, "extra", {"agents": {"lab-pc": key_text(AGENT)}})
-        ),
+        _an_agent_without_a_key,
         trust,
         [("agent lab-pc", "trusted", True), ("collector", "trusted", True)],
         ["agent lab-pc2: 1 interval(s) not counted: no public key in bundle.json"],
@@ -732,8 +736,8 @@ def _then(*edits: Callable[[Draft], None]) -> Callable[[Draft], None]:
 
 CLAIMS = {
     # (edit, findings about claims, hours or energy)
-    "no_claims": (lambda d: setattr(d, "drop", ("claimed",)), ["claims: bundle.json claims no hours ('claimed' is missing or empty)"]),
-    "empty_claims": (lambda d: setattr(d, "claimed", {}), ["claims: bundle.json claims no hours ('claimed' is missing or empty)"]),
+    "no_claims": (draft(drop=("claimed",)), ["claims: bundle.json claims no hours ('claimed' is missing or empty)"]),
+    "empty_claims": (draft(claimed={}), ["claims: bundle.json claims no hours ('claimed' is missing or empty)"]),
     "run_hours_not_claimed": (_claims(run_ms=None), ["claims: no claim for run_ms"]),
     "service_hours_not_claimed": (_claims(service_ms=None, external_ms=None), ["claims: no claim for service_ms, external_ms"]),
     "a_quantity_labmeter_does_not_count": (_claims(bogus_ms=5), ["claims: 'bogus_ms' is not a quantity labmeter counts"]),
