@@ -115,6 +115,7 @@ MODULES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "labmeter/verify.py": (
         (),
         (
+            "tests/test_verify_checks.py",
             "tests/test_evidence_keys.py",
             "tests/test_evidence_trust.py",
             "tests/test_evidence.py",
