@@ -51,6 +51,7 @@ MODULES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
         (
             "tests/test_ingest_checks.py",
             "tests/test_watermarks.py",
+            "tests/test_holes.py",
             "tests/test_ingest_store.py",
             "tests/test_verification.py",
             "tests/test_ingest_attacks.py",
