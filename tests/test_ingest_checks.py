@@ -591,6 +591,33 @@ def test_signins_are_stored_and_acknowledged_on_their_own_chain(collector: Any) 
     assert c.ledger.recent_signins("I1") and c.stats["signins"] == 1
 
 
+def test_one_batch_of_every_kind_goes_each_its_own_way(collector: Any) -> None:
+    """Intervals, a sign-in, a status, a power window and an open state from one agent in one batch: each
+    reaches its own place (ledger, live agent, live power, live state) and only the first two are acked."""
+    c, a, _b, link = collector
+    links = chain(a, 2)
+    signin = wire.dump_body(wire.SignIn("a1", "I1", 1, wire.GENESIS, NOW - 1000, USER).body())
+    batch = [
+        (ITOPIC, links[0][0]),
+        (wire.status_topic("a1"), a.seal(status(a))),
+        (wire.power_topic("a1", "I1"), a.seal(power())),
+        (wire.open_topic("a1", "I1"), a.seal(open_body(NOW - 60_000))),
+        (wire.signin_topic("a1", "I1"), wire.seal(a.key, a.kid, signin)),
+        (ITOPIC, links[1][0]),
+    ]
+    acks = run_batch(c, link, batch)
+    assert stored(c) == [1, 2] and c.stats["signins"] == 1 and c.stats["rejected"] == 0
+    assert acks["a1"]["acks"] == {
+        "I1": {"seq": 2, "sha256": links[1][1]},
+        "I1@signin": {"seq": 1, "sha256": wire.body_hash(signin)},
+    }
+    assert c.live.agents["a1"]["online"] is True and c.live.agents["a1"]["verified"] is True
+    assert c.live.power["I1"]["mean_w"] == 100.0
+    assert (
+        c.live.instruments["I1"]["state"] == "RUNNING" and c.live.instruments["I1"]["start"] == NOW - 60_000
+    )
+
+
 class FixedClock(Clock):
     def __init__(self, now_ms: int) -> None:
         super().__init__()
