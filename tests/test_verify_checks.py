@@ -392,7 +392,9 @@ def test_an_interval_of_another_instrument_is_named_and_not_counted(tmp_path: Pa
     assert res.counts == {"lab-pc": (6, 5)}
 
 
-@pytest.mark.parametrize("forged", [1, MAX_NAMED, MAX_NAMED + 1, MAX_NAMED + 3])
+@pytest.mark.parametrize(
+    "forged", [1, MAX_NAMED, MAX_NAMED + 1, MAX_NAMED + 3], ids=["one", "the_cap", "one_more", "three_more"]
+)
 def test_forged_signatures_are_named_up_to_the_cap_and_the_rest_counted(forged: int, tmp_path: Path) -> None:
     spans = [(i * 10, (i + 1) * 10, "RUNNING" if i % 2 else "OFF") for i in range(144)]
     d = Draft(bodies=chain(spans))
