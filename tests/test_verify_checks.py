@@ -227,6 +227,7 @@ GENUINE: dict[str, Callable[[Draft], None]] = {
     ),  # nothing before 08:00
     "no_interval_count_in_bundle_json": draft(drop=("intervals",)),
     "a_new_chain_after_a_declared_gap": draft(bodies=chain(DAY[:3]) + chain(DAY[4:], first=1000)),
+    "a_new_chain_at_the_second_link": draft(bodies=chain(DAY[:1]) + chain(DAY[1:], first=1000)),
     "service_records_internal_and_external": draft(
         services=[service(500, 560, n=1), service(700, 730, external=True, n=2)]
     ),
