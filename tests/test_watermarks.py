@@ -131,6 +131,7 @@ GONE = {
     "a gap passed, the seqs above it joined": ([1, 2, 5, 6], [((1, 4), [(3, 4)])], [(7, 7)]),
     "one seq above the gap, not two": ([1, 2, 5, 7], [((1, 4), [(3, 4)])], [(6, 7)]),
     "held seqs below the word are dropped": ([1, 3], [((1, 4), [(2, 2), (4, 4)])], [(5, 5)]),
+    "a held seq at the word's last one": ([1, 4], [((1, 4), [(2, 3)])], [(5, 5)]),
     "nothing new below the watermark": (
         [1, 2, 3],
         [((1, 4), [(4, 4)]), ((1, 3), []), ((1, 4), [])],
