@@ -605,8 +605,11 @@ def test_one_batch_of_every_kind_goes_each_its_own_way(collector: Any) -> None:
         (wire.signin_topic("a1", "I1"), wire.seal(a.key, a.kid, signin)),
         (ITOPIC, links[1][0]),
     ]
+    hooked: list[str] = []
+    c.live_hooks.append(lambda kind, data: hooked.append(kind))
     acks = run_batch(c, link, batch)
     assert stored(c) == [1, 2] and c.stats["signins"] == 1 and c.stats["rejected"] == 0
+    assert sorted(hooked) == ["agent", "power", "state"]
     assert acks["a1"]["acks"] == {
         "I1": {"seq": 2, "sha256": links[1][1]},
         "I1@signin": {"seq": 1, "sha256": wire.body_hash(signin)},
