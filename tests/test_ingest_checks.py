@@ -621,6 +621,30 @@ def test_one_batch_of_every_kind_goes_each_its_own_way(collector: Any) -> None:
     )
 
 
+def test_rejection_reasons_are_counted_by_their_fixed_part_up_to_a_cap(
+    collector: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The status page's counter of reasons: one key per reason's fixed part, the rest as "other" once the
+    cap is reached, so a flood of made-up reasons cannot grow it."""
+    monkeypatch.setattr("labmeter.collector.service.MAX_REASON_KEYS", 2)
+    c, a, b, link = collector
+    body = a.interval("I1", 1, wire.GENESIS, T0, T0 + H)
+    batch = [
+        (wire.interval_topic("ghost", "I1"), a.seal(body)),
+        (ITOPIC, b.seal(body)),
+        (wire.interval_topic("ghost", "I1"), a.seal({**body, "seq": 2})),  # a reason already counted
+        (wire.interval_topic("ghost2", "I1"), a.seal(body)),  # beyond the cap
+        (ITOPIC, wire.seal(b.key, a.kid, wire.dump_body(body))),  # beyond the cap
+    ]
+    run_batch(c, link, batch)
+    assert dict(c.rejections) == {
+        "unknown agent 'ghost'": 2,
+        f"key id '{b.kid}' is not the key registered for agent 'a1'": 1,
+        "other": 2,
+    }
+    assert c.stats["rejected"] == 5
+
+
 class FixedClock(Clock):
     def __init__(self, now_ms: int) -> None:
         super().__init__()
