@@ -696,3 +696,19 @@ def test_a_newcomers_status_is_recognised_once_the_snapshot_is_old(lab: Lab) -> 
     lab.verifier._loaded -= verify.RELOAD_EVERY_S + 1
     s = lab.verifier.check(wire.status_topic("c1"), payload)
     assert isinstance(s, Status) and s.registered and s.online
+
+
+def test_a_newcomers_power_and_new_enrolment_are_recognised_once_the_snapshot_is_old(lab: Lab) -> None:
+    c = Agent(lab.tmp, "c1")
+    lab.ledger.add_agent("c1", c.pub, c.kid, ["I3"])
+    p3, topic3 = c.seal(power("c1", "I3")), wire.power_topic("c1", "I3")
+    with pytest.raises(Rejected, match="unknown agent"):
+        lab.verifier.check_power(topic3, p3)
+    lab.verifier._loaded -= verify.RELOAD_EVERY_S + 1
+    assert lab.verifier.check_power(topic3, p3).instrument == "I3"
+    lab.ledger.add_agent("c1", c.pub, c.kid, ["I3", "I4"])
+    p4, topic4 = c.seal(power("c1", "I4")), wire.power_topic("c1", "I4")
+    with pytest.raises(Rejected, match="not enrolled"):
+        lab.verifier.check_power(topic4, p4)
+    lab.verifier._loaded -= verify.RELOAD_EVERY_S + 1
+    assert lab.verifier.check_power(topic4, p4).instrument == "I4"
