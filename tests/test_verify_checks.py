@@ -4,7 +4,9 @@ tests/test_evidence_trust.py tampers with a genuine bundle the way an attacker w
 are caught by the first check they meet (usually the countersignature). Here a bundle is written as a
 collector would write it, with the edit already made, and countersigned by the *trusted* collector
 key: the check under test is the only one that can catch it. Each case states what verify must say;
-the genuine variants (formats 1 and 2, allowances of 0, a service record per line) must verify.
+the genuine variants (formats 1 to 3, no allowances, new chains, a clock step, blank lines) must verify.
+The claims a draft carries come from labmeter.machine_hours and labmeter.energy directly, never from
+verify itself, so a broken recomputation in verify cannot agree with its own claims.
 """
 
 from __future__ import annotations
