@@ -51,6 +51,7 @@ MODULES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
         (
             "tests/test_ingest_checks.py",
             "tests/test_watermarks.py",
+            "tests/test_holes.py",
             "tests/test_ingest_store.py",
             "tests/test_verification.py",
             "tests/test_ingest_attacks.py",
@@ -114,7 +115,14 @@ MODULES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     ),
     "labmeter/verify.py": (
         (),
-        ("tests/test_evidence_trust.py", "tests/test_evidence.py", "tests/test_evidence_services.py"),
+        (
+            "tests/test_verify_checks.py",
+            "tests/test_evidence_keys.py",
+            "tests/test_evidence_trust.py",
+            "tests/test_evidence.py",
+            "tests/test_evidence_services.py",
+            "tests/test_energy_reports.py",
+        ),
     ),
 }
 

@@ -318,6 +318,12 @@ STATUS_CASES: dict[str, tuple[str, Any, str, bool]] = {
     "unknown_agent": ("ghost", lambda lab: lab.a.seal(status(lab.a, agent="ghost")), "unknown agent", False),
     "unsigned": ("a1", lambda lab: wire.dump_body(status(lab.a)).encode(), "unsigned", True),
     "another_key": ("a1", lambda lab: lab.b.seal(status(lab.a)), "not signed by", True),
+    "the_agents_key_id_on_another_keys_signature": (
+        "a1",
+        lambda lab: wire.seal(lab.b.key, lab.a.kid, wire.dump_body(status(lab.a))),
+        "not signed by",
+        True,
+    ),
     "bad_body": ("a1", lambda lab: lab.a.seal(status(lab.a, status="maybe")), "status body", True),
     "names_another_agent": ("a1", lambda lab: lab.a.seal(status(lab.a, agent="b1")), "another agent", True),
     "from_the_future": ("a1", lambda lab: lab.a.seal(status(lab.a, at=NOW + H)), "future", True),
@@ -357,6 +363,18 @@ POWER_CASES: dict[str, tuple[str, Any, str, bool]] = {
         False,
     ),
     "another_key": (wire.power_topic("a1", "I1"), lambda lab: lab.b.seal(power()), "bad signature", False),
+    "the_agents_key_id_on_another_keys_signature": (
+        wire.power_topic("a1", "I1"),
+        lambda lab: wire.seal(lab.b.key, lab.a.kid, wire.dump_body(power())),
+        "bad signature",
+        False,
+    ),
+    "malformed_topic": (
+        "labmeter/v2/a1/I1/power",
+        lambda lab: lab.a.seal(power()),
+        "is not labmeter/v1/",
+        False,
+    ),
     "bad_body": (wire.power_topic("a1", "I1"), lambda lab: lab.a.seal(power(n="x")), "", True),
     "body_names_another_instrument": (
         wire.power_topic("a1", "I1"),
@@ -573,6 +591,60 @@ def test_signins_are_stored_and_acknowledged_on_their_own_chain(collector: Any) 
     assert c.ledger.recent_signins("I1") and c.stats["signins"] == 1
 
 
+def test_one_batch_of_every_kind_goes_each_its_own_way(collector: Any) -> None:
+    """Intervals, a sign-in, a status, a power window and an open state from one agent in one batch: each
+    reaches its own place (ledger, live agent, live power, live state) and only the first two are acked."""
+    c, a, _b, link = collector
+    links = chain(a, 2)
+    signin = wire.dump_body(wire.SignIn("a1", "I1", 1, wire.GENESIS, NOW - 1000, USER).body())
+    batch = [
+        (ITOPIC, links[0][0]),
+        (wire.status_topic("a1"), a.seal(status(a))),
+        (wire.power_topic("a1", "I1"), a.seal(power())),
+        (wire.open_topic("a1", "I1"), a.seal(open_body(NOW - 60_000))),
+        (wire.signin_topic("a1", "I1"), wire.seal(a.key, a.kid, signin)),
+        (ITOPIC, links[1][0]),
+    ]
+    hooked: list[str] = []
+    c.live_hooks.append(lambda kind, data: hooked.append(kind))
+    acks = run_batch(c, link, batch)
+    assert stored(c) == [1, 2] and c.stats["signins"] == 1 and c.stats["rejected"] == 0
+    assert sorted(hooked) == ["agent", "power", "state"]
+    assert acks["a1"]["acks"] == {
+        "I1": {"seq": 2, "sha256": links[1][1]},
+        "I1@signin": {"seq": 1, "sha256": wire.body_hash(signin)},
+    }
+    assert c.live.agents["a1"]["online"] is True and c.live.agents["a1"]["verified"] is True
+    assert c.live.power["I1"]["mean_w"] == 100.0
+    assert (
+        c.live.instruments["I1"]["state"] == "RUNNING" and c.live.instruments["I1"]["start"] == NOW - 60_000
+    )
+
+
+def test_rejection_reasons_are_counted_by_their_fixed_part_up_to_a_cap(
+    collector: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The status page's counter of reasons: one key per reason's fixed part, the rest as "other" once the
+    cap is reached, so a flood of made-up reasons cannot grow it."""
+    monkeypatch.setattr("labmeter.collector.service.MAX_REASON_KEYS", 2)
+    c, a, b, link = collector
+    body = a.interval("I1", 1, wire.GENESIS, T0, T0 + H)
+    batch = [
+        (wire.interval_topic("ghost", "I1"), a.seal(body)),
+        (ITOPIC, b.seal(body)),
+        (wire.interval_topic("ghost", "I1"), a.seal({**body, "seq": 2})),  # a reason already counted
+        (wire.interval_topic("ghost2", "I1"), a.seal(body)),  # beyond the cap
+        (ITOPIC, wire.seal(b.key, a.kid, wire.dump_body(body))),  # beyond the cap
+    ]
+    run_batch(c, link, batch)
+    assert dict(c.rejections) == {
+        "unknown agent 'ghost'": 2,
+        f"key id '{b.kid}' is not the key registered for agent 'a1'": 1,
+        "other": 2,
+    }
+    assert c.stats["rejected"] == 5
+
+
 class FixedClock(Clock):
     def __init__(self, now_ms: int) -> None:
         super().__init__()
@@ -603,6 +675,16 @@ def test_max_future_is_inclusive_to_the_millisecond(lab: Lab) -> None:
     assert isinstance(v.check(opened, lab.a.seal(open_body(now - 60_000))), OpenState)  # the usual case
     with pytest.raises(Rejected, match="open interval start"):
         v.check(opened, lab.a.seal(open_body(edge + 1)))
+    at_edge = v.check(wire.status_topic("a1"), lab.a.seal(status(lab.a, at=edge)))
+    assert isinstance(at_edge, Status) and at_edge.report is not None
+    beyond = v.check(wire.status_topic("a1"), lab.a.seal(status(lab.a, at=edge + 1)))
+    assert isinstance(beyond, Status) and beyond.report is None and "future" in beyond.problem
+    ptopic = wire.power_topic("a1", "I1")
+    assert v.check_power(ptopic, lab.a.seal(power(start=edge - 60_000, end=edge))).end == edge
+    assert v.check_power(ptopic, lab.a.seal(power(start=Y2000, end=Y2000 + 60_000))).start == Y2000
+    for start, end in ((edge - 60_000, edge + 1), (Y2000 - 1, Y2000 + 60_000)):
+        with pytest.raises(Rejected, match="implausible power window"):
+            v.check_power(ptopic, lab.a.seal(power(start=start, end=end)))
 
 
 def test_a_newcomers_status_is_recognised_once_the_snapshot_is_old(lab: Lab) -> None:
@@ -614,3 +696,19 @@ def test_a_newcomers_status_is_recognised_once_the_snapshot_is_old(lab: Lab) -> 
     lab.verifier._loaded -= verify.RELOAD_EVERY_S + 1
     s = lab.verifier.check(wire.status_topic("c1"), payload)
     assert isinstance(s, Status) and s.registered and s.online
+
+
+def test_a_newcomers_power_and_new_enrolment_are_recognised_once_the_snapshot_is_old(lab: Lab) -> None:
+    c = Agent(lab.tmp, "c1")
+    lab.ledger.add_agent("c1", c.pub, c.kid, ["I3"])
+    p3, topic3 = c.seal(power("c1", "I3")), wire.power_topic("c1", "I3")
+    with pytest.raises(Rejected, match="unknown agent"):
+        lab.verifier.check_power(topic3, p3)
+    lab.verifier._loaded -= verify.RELOAD_EVERY_S + 1
+    assert lab.verifier.check_power(topic3, p3).instrument == "I3"
+    lab.ledger.add_agent("c1", c.pub, c.kid, ["I3", "I4"])
+    p4, topic4 = c.seal(power("c1", "I4")), wire.power_topic("c1", "I4")
+    with pytest.raises(Rejected, match="not enrolled"):
+        lab.verifier.check_power(topic4, p4)
+    lab.verifier._loaded -= verify.RELOAD_EVERY_S + 1
+    assert lab.verifier.check_power(topic4, p4).instrument == "I4"

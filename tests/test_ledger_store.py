@@ -120,16 +120,46 @@ def test_a_stored_instrument_is_listed_once(ledger: Ledger) -> None:
     assert codes == ["I1", "I2"]
 
 
-def test_a_late_predecessor_marks_its_successor_for_the_rollups(ledger: Ledger) -> None:
-    links = chain(3)
-    ledger.store([(links[2], None)], [])
+def stepped_chain() -> list[StoredInterval]:
+    """Seqs 1-4 of 10 min each; the wall clock steps back an hour between seq 2 and seq 3, so seq 3 and 4
+    lie before seq 2 in time (a clock step is recorded in the link, never stretched into an interval)."""
+    m, out, prev, start = 600_000, [], wire.GENESIS, T0
+    for seq in range(1, 5):
+        step = -H if seq == 3 else 0
+        start += step
+        iv = wire.Interval("a1", "I1", seq, prev, start, start + m, "RUNNING", clock_step_ms=step)
+        body = wire.dump_body(iv.body())
+        out.append(StoredInterval.of(iv, wire.body_hash(body), wire.seal(KEY, KID, body)))
+        prev, start = out[-1].sha, start + m
+    return out
+
+
+# (seqs stored first, the late batch, the seq whose span the late batch must mark): a successor stored
+# before its predecessor turns from unverified to verified, so its rollups are stale too
+LATE_PREDECESSORS = {
+    "one_late_link": ("chain", [3], [2], 3),
+    "a_run_of_late_links": ("chain", [4], [2, 3], 4),  # only the run's end has an outside successor
+    "successor_between_two_late_links": ("chain", [3], [2, 4], 3),
+    "successor_outside_the_stretch_after_a_clock_step": ("stepped", [3], [2, 4], 3),
+}
+
+
+@pytest.mark.parametrize(
+    ("kind", "first", "late", "successor"), LATE_PREDECESSORS.values(), ids=LATE_PREDECESSORS
+)
+def test_a_late_predecessor_marks_its_successor_for_the_rollups(
+    ledger: Ledger, kind: str, first: list[int], late: list[int], successor: int
+) -> None:
+    links = {s.seq: s for s in (chain(4) if kind == "chain" else stepped_chain())}
+    ledger.store([(links[n], None) for n in first], [])
     with ledger.transaction() as cur:
         ledger.clear_dirty(cur, [d[0] for d in ledger.dirty(cur, 100)])
-    ledger.store([(links[1], None)], [])  # seq 3 links now: its span must be recomputed too
+    ledger.store([(links[n], None) for n in late], [])
     with ledger.transaction() as cur:
-        spans = {(d[2], d[3]) for d in ledger.dirty(cur, 100)}
-    assert (links[2].start_ms, links[2].end_ms) in spans
-    assert (links[1].start_ms, links[1].end_ms) in spans
+        spans = [(d[2], d[3]) for d in ledger.dirty(cur, 100)]
+    for n in (*late, successor):
+        s = links[n]
+        assert any(a <= s.start_ms and s.end_ms <= b for a, b in spans), (n, spans)
 
 
 def test_unauthenticated_rejections_are_counted_not_kept(

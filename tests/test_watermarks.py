@@ -108,3 +108,64 @@ def test_only_seqs_beyond_a_gap_are_held_in_memory(tmp_path: Path) -> None:
     assert marks.above[key] == set()
     assert marks.add(*key, 10, True) == 10  # a chain begun two above the watermark jumps too
     ledger.close()
+
+
+# the agent's signed word that it holds seqs no more: ``gone`` records holes and moves the watermark over them
+def _store(ledger: Ledger, *seqs: int) -> None:
+    """Links of a1's XRD chain with these seqs in the ledger (their bodies do not matter here)."""
+    from labmeter import signing, wire
+    from labmeter.collector.ledger import StoredInterval
+
+    key = signing.PrivateKey.generate()
+    out = []
+    for seq in seqs:
+        iv = wire.Interval("a1", "XRD", seq, "1" * 64, seq * 60_000, (seq + 1) * 60_000, "OFF")
+        body = wire.dump_body(iv.body())
+        out.append((StoredInterval.of(iv, wire.body_hash(body), wire.seal(key, "k", body)), None))
+    ledger.store(out, [])
+
+
+GONE = {
+    # (seqs in the ledger, then each gone(first, upto) with the holes it must return, then seqs added with the
+    # watermark each must give)
+    "a gap passed, the seqs above it joined": ([1, 2, 5, 6], [((1, 4), [(3, 4)])], [(7, 7)]),
+    "one seq above the gap, not two": ([1, 2, 5, 7], [((1, 4), [(3, 4)])], [(6, 7)]),
+    "held seqs below the word are dropped": ([1, 3], [((1, 4), [(2, 2), (4, 4)])], [(5, 5)]),
+    "a held seq at the word's last one": ([1, 4], [((1, 4), [(2, 3)])], [(5, 5)]),
+    "nothing new below the watermark": (
+        [1, 2, 3],
+        [((1, 4), [(4, 4)]), ((1, 3), []), ((1, 4), [])],
+        [(5, 5)],
+    ),
+    "a second word records only what is new": ([1, 2], [((1, 4), [(3, 4)]), ((1, 6), [(5, 6)])], [(7, 7)]),
+    "below the current chain's first link nothing is a hole": ([1, 2], [((10, 8), [])], [(9, 9)]),
+}
+
+
+@pytest.mark.parametrize(("seqs", "words", "then"), GONE.values(), ids=GONE)
+def test_a_gone_statement_records_holes_and_moves_the_watermark(
+    seqs: list[int],
+    words: list[tuple[tuple[int, int], list[tuple[int, int]]]],
+    then: list[tuple[int, int]],
+    tmp_path: Path,
+) -> None:
+    ledger = Ledger(tmp_path / "ledger.sqlite")
+    _store(ledger, *seqs)
+    marks = Watermarks(ledger)  # a fresh collector: what it knows comes from the ledger
+    for (first, upto), holes in words:
+        assert marks.gone("a1", "XRD", first, upto, b"signed status") == holes
+    for seq, upto in then:
+        assert marks.add("a1", "XRD", seq) == upto
+    assert not marks.above[("a1", "XRD")]  # nothing at or below the watermark is still held
+    ledger.close()
+
+
+def test_a_hole_whose_links_arrived_later_does_not_lower_the_watermark(tmp_path: Path) -> None:
+    """Links the agent sent before its word arrive after it was recorded (another collector, a slow
+    broker): rebuilding the watermark from the ledger must not fall back to the hole's end."""
+    ledger = Ledger(tmp_path / "ledger.sqlite")
+    _store(ledger, 1, 2)
+    assert Watermarks(ledger).gone("a1", "XRD", 1, 4, b"signed status") == [(3, 4)]
+    _store(ledger, 3, 4, 5, 6)
+    assert Watermarks(ledger).add("a1", "XRD", 7) == 7
+    ledger.close()
