@@ -51,4 +51,5 @@ def test_agent_and_service_under_wine() -> None:
         ["bash", str(SCRIPT), "--src", str(ROOT)], capture_output=True, text=True, env=env, timeout=560
     )
     out = "\n".join(line for line in done.stdout.splitlines() if not line.startswith("WARNING: Location"))
-    assert done.returncode == 0 and "PASS after" in out, out[-6000:]
+    steps = "\n".join(line for line in out.splitlines() if line.startswith("["))
+    assert done.returncode == 0 and "PASS after" in out, steps + "\n...\n" + out[-6000:]

@@ -40,6 +40,8 @@ PIDS=()
 FAILED=
 step() { printf '[%4ss] %s\n' $(( $(date +%s) - T0 )) "$*"; }
 fail() { FAILED="$*"; step "FAIL: $*"; finish; }
+# the service's own log, printed last on a failure (the test shows the output's tail)
+keep_service_log() { cp "$STATE/agent.log" "$LOG/zz-service-agent.log" 2>/dev/null || true; }
 bg() { "$@" & PIDS+=($!); }   # a background process of ours, stopped by PID at the end
 
 export WINEPREFIX=$WORK/prefix WINEARCH=win64 WINEDEBUG=-all
@@ -338,10 +340,12 @@ if [ "$SERVICE" = 1 ]; then
   w "$PY" -m labmeter agent install --config 'C:\lmtest\agent.toml' >"$LOG/install.log" || fail "labmeter agent install"
   w sc query labmeter-agent >"$LOG/sc-query.log"
   grep -q RUNNING "$LOG/sc-query.log" || { w net start labmeter-agent >>"$LOG/install.log"; }
-  wait_for "$STATE/agent.log" "running 4 instrument" 30 early || fail "service did not start the agent"
+  wait_for "$STATE/agent.log" "running 4 instrument" 30 early || { keep_service_log; fail "service did not start the agent"; }
   cycle
-  w net stop labmeter-agent >"$LOG/net-stop.log" || fail "net stop"
-  wait_for "$STATE/agent.log" "stopped; 0 message(s) wait" 60 || fail "service did not stop the agent cleanly"
+  w net stop labmeter-agent >"$LOG/net-stop.log" || { keep_service_log; fail "net stop"; }
+  wait_for "$STATE/agent.log" "stopped; " 60 || { keep_service_log; fail "service did not stop the agent (no 'stopped' line in 60 s)"; }
+  grep -q "stopped; 0 message(s) wait" "$STATE/agent.log" \
+    || { keep_service_log; fail "service stopped the agent with messages still unacknowledged"; }
   cp "$STATE/agent.log" "$LOG/service-agent.log"
   n=$(ledger "select count(*) from intervals where state = 'RUNNING'")
   [ "$n" -ge 8 ] || fail "expected a second RUNNING interval per instrument from the service (got $n in all)"
