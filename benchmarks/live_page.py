@@ -91,17 +91,23 @@ def _heartbeats(collector: Collector) -> None:
         }
 
 
+def _collector(db: Path, data_dir: Path) -> Collector:
+    """A collector on ``db`` (not started: no broker) holding a running collector's live state."""
+    cfg = config.CollectorConfig(
+        collector=config.CollectorSection(data_dir=data_dir, ledger=f"sqlite:///{db}"),
+        web=config.WebConfig(listen="127.0.0.1:0"),
+    )
+    service.Ledger = type("Ledger", (Ledger,), {"open": staticmethod(_open_without_check)})
+    collector = Collector(cfg)
+    service.Ledger = Ledger
+    _live_state(collector)
+    return collector
+
+
 async def serve(db: Path) -> None:
     """The collector's live view on ``db``, told over stdin what to do to its cache before each load."""
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = config.CollectorConfig(
-            collector=config.CollectorSection(data_dir=Path(tmp), ledger=f"sqlite:///{db}"),
-            web=config.WebConfig(listen="127.0.0.1:0"),
-        )
-        service.Ledger = type("Ledger", (Ledger,), {"open": staticmethod(_open_without_check)})  # type: ignore[misc]
-        collector = Collector(cfg)
-        service.Ledger = Ledger  # type: ignore[misc]
-        _live_state(collector)
+        collector = _collector(db, Path(tmp))
         view = LiveView(collector, "127.0.0.1:0")
         await view.start()
         print(view.port, flush=True)
@@ -127,14 +133,7 @@ def steps(db: Path, rounds: int = 3) -> None:
     import time
 
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = config.CollectorConfig(
-            collector=config.CollectorSection(data_dir=Path(tmp), ledger=f"sqlite:///{db}"),
-            web=config.WebConfig(listen="127.0.0.1:0"),
-        )
-        service.Ledger = type("Ledger", (Ledger,), {"open": staticmethod(_open_without_check)})  # type: ignore[misc]
-        collector = Collector(cfg)
-        service.Ledger = Ledger  # type: ignore[misc]
-        _live_state(collector)
+        collector = _collector(db, Path(tmp))
         view = LiveView(collector, "127.0.0.1:0")
         view.overview()  # rollups brought up to date
         registry = collector.ledger.instruments_by_code()
